@@ -162,11 +162,11 @@ def _log_probs(table: NgramTable, tokens_BT: jax.Array, mask_BT: jax.Array):
   k, num_tokens = table.order, tokens_BT.shape[1]
   padded_BT = jnp.pad(tokens_BT, ((0, 0), (k, 0)))
   valid_BT = jnp.pad(mask_BT, ((0, 0), (k, 0)))
-  context_BTK = jnp.stack([padded_BT[:, i : i + num_tokens] for i in range(k)], axis=-1)
+  rows = jnp.zeros_like(tokens_BT)
   defined_BT = mask_BT & (jnp.arange(num_tokens) >= k)[None, :]
-  for i in range(k):
+  for i in range(k):  # row index of the context tokens t-k .. t-1, and their validity
+    rows = rows * table.vocab_size + padded_BT[:, i : i + num_tokens]
     defined_BT &= valid_BT[:, i : i + num_tokens]
-  rows = _context_index(context_BTK, k, table.vocab_size)
   lp_BT = jnp.log(table.probs_CV[rows, tokens_BT])
   return jnp.where(defined_BT, lp_BT, 0.0), defined_BT
 

@@ -122,20 +122,21 @@ def windows(x_N: np.ndarray, length: int, *, stride: int | None = None) -> np.nd
   return np.lib.stride_tricks.sliding_window_view(x_N, length)[::stride].copy()
 
 
-def compact_vocab(ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Keeps the `size - 1` most frequent ids and maps every other id to `size - 1`.
+def compact_vocab(ids: np.ndarray, size: int) -> np.ndarray:
+  """The `size - 1` most frequent ids of `ids`, most frequent first (ties: smaller id).
 
   Count tables need V^(k+1) cells, so table models on a 100k vocabulary work on a
-  compact one. Ties in frequency go to the smaller id.
-
-  Returns:
-    (compact ids with the shape of `ids`, kept_original_ids[size - 1] most frequent first).
+  compact one: these ids plus one "other" id for the rest (see `to_compact`).
   """
   if size < 2:
     raise ValueError(f"size: expected >= 2 (one kept token plus 'other'), got {size}")
-  ids = np.asarray(ids)
-  values, counts = np.unique(ids, return_counts=True)
-  kept = values[np.lexsort((values, -counts))][: size - 1].astype(np.int32)
-  lookup = np.full(int(max(values.max(initial=0), kept.max(initial=0))) + 1, size - 1, np.int32)
+  values, counts = np.unique(np.asarray(ids), return_counts=True)
+  return values[np.lexsort((values, -counts))][: size - 1].astype(np.int32)
+
+
+def to_compact(ids: np.ndarray, kept: np.ndarray) -> np.ndarray:
+  """Maps ids to their index in `kept`; ids not kept map to len(kept), the "other" id."""
+  ids, kept = np.asarray(ids), np.asarray(kept)
+  lookup = np.full(int(max(ids.max(initial=0), kept.max(initial=0))) + 1, kept.size, np.int32)
   lookup[kept] = np.arange(kept.size, dtype=np.int32)
-  return lookup[ids], kept
+  return lookup[ids]

@@ -132,3 +132,23 @@ def test_errors():
     bigram.generate(jax.random.key(0), table, jnp.zeros((1, 1), jnp.int32), max_new_tokens=1, temperature=-1)
   with pytest.raises(ValueError, match="eos_id"):
     bigram.generate(jax.random.key(0), table, jnp.zeros((1, 1), jnp.int32), max_new_tokens=1, eos_id=9)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_log_probs_match_a_position_loop(order, np_rng):
+  vocab = 3
+  train = np_rng.integers(0, vocab, 200)
+  table = bigram.fit(train, vocab_size=vocab, order=order, alpha=0.5)
+  probs = np.asarray(table.probs_CV).reshape((vocab,) * order + (vocab,))
+  tokens = np_rng.integers(0, vocab, (2, 12))
+  mask = np.ones_like(tokens, bool)
+  mask[1, 5] = False
+  lp, defined = bigram.log_probs(table, tokens, mask)
+  for b in range(2):
+    for t in range(12):
+      ok = t >= order and mask[b, t - order : t + 1].all()
+      assert bool(defined[b, t]) == ok
+      if ok:
+        assert float(lp[b, t]) == pytest.approx(np.log(probs[tuple(tokens[b, t - order : t + 1])]), rel=1e-5)
+  expected = np.exp(-np.asarray(lp)[np.asarray(defined)].mean())
+  assert bigram.perplexity(table, tokens, mask) == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,75 @@
+"""Shared absl flags and the main function of every benchmark binary and of the suite.
+
+  python -m paperjax.bench.<name> --scale=small --out=results   # one benchmark
+  python -m paperjax.bench --scale=ci --only=bigram.fit          # the suite, filtered
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+
+from absl import app, flags, logging
+
+from paperjax.bench import report
+from paperjax.bench.harness import SCALES, Context, Environment, Result, selects_benchmark
+
+SCALE = flags.DEFINE_enum(
+    "scale", "small", list(SCALES), "ci: seconds (smoke test); small: CPU minutes; paper: the papers' shapes (GPU)."
+)
+OUT = flags.DEFINE_string("out", "results", "Folder for report.md, results.json and plots.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed of every PRNG key and data split.")
+ONLY = flags.DEFINE_list("only", [], "Benchmarks or benchmark.part names to run (default: all).")
+REPEATS = flags.DEFINE_integer("repeats", None, "Timed repeats (median reported); default by scale.")
+
+DEFAULT_REPEATS = {"ci": 2, "small": 5, "paper": 10}
+
+
+def run_benchmarks(runs: Mapping[str, Callable[[Context], Result]]) -> int:
+  """Runs the selected benchmarks, prints the table, writes the report; returns an exit code.
+
+  A benchmark that raises is reported (traceback on stderr) and the others still run;
+  the exit code is then 1.
+  """
+  logging.set_verbosity(logging.WARNING)  # keep jax's backend probing out of the table
+  scale = SCALE.value
+  env = Environment.current(scale)
+  repeats = REPEATS.value or DEFAULT_REPEATS[scale]
+  if repeats < 1:
+    raise app.UsageError(f"--repeats: expected >= 1, got {repeats}")
+  unknown = [o for o in ONLY.value if o.split(".", 1)[0] not in runs]
+  if unknown:
+    raise app.UsageError(f"--only: unknown benchmarks {unknown}; known: {sorted(runs)}")
+  selected = [name for name in runs if selects_benchmark(ONLY.value, name)]
+  results: list[Result] = []
+  failed: list[str] = []
+  for i, name in enumerate(selected, start=1):
+    print(f"[{i}/{len(selected)}] {name} (scale={scale})", file=sys.stderr, flush=True)
+    ctx = Context(name, scale, SEED.value, repeats, tuple(ONLY.value), env)
+    start = time.perf_counter()
+    try:
+      results.append(runs[name](ctx))
+    except Exception:  # keep the rest of the suite; the exit code says it failed
+      traceback.print_exc()
+      failed.append(name)
+    print(f"[{i}/{len(selected)}] {name} done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+  paths = report.write(results, env, OUT.value)
+  print(report.markdown_table([r for result in results for r in result.records]))
+  print(f"\nwrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
+  if failed:
+    print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def main_for(runs: Mapping[str, Callable[[Context], Result]]) -> Callable[[Sequence[str]], int]:
+  """An absl `main` running `runs`; extra positional arguments are an error."""
+
+  def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    return run_benchmarks(runs)
+
+  return main

@@ -1,0 +1,202 @@
+"""The benchmark harness: records, plots, the run context, timing and progress.
+
+A benchmark is a function `run(ctx: Context) -> Result`. It measures, and returns its
+numbers as `Record`s (each beside the paper's value when the paper has one) and its
+curves as `Plot` specs; `report.write` renders them. Nothing here draws or prints the
+table itself, so a benchmark stays a pure measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import jax
+
+Scale = Literal["ci", "small", "paper"]
+SCALES: tuple[Scale, ...] = ("ci", "small", "paper")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+  """Where a number was measured: absolute times mean nothing without it."""
+
+  backend: str
+  device_kind: str
+  device_count: int
+  jax_version: str
+  python: str
+  scale: Scale
+
+  @classmethod
+  def current(cls, scale: Scale) -> Environment:
+    device = jax.devices()[0]
+    return cls(
+        backend=jax.default_backend(),
+        device_kind=device.device_kind,
+        device_count=jax.device_count(),
+        jax_version=jax.__version__,
+        python=platform.python_version(),
+        scale=scale,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One measured number, beside the paper's when there is one.
+
+  `paper_value` is a number, or a qualitative claim ("< 1", "insensitive to order") when
+  the paper states no number; `ratio` = value / paper_value when both are numbers.
+  """
+
+  benchmark: str
+  metric: str
+  value: float
+  unit: str
+  paper_value: float | str | None
+  paper_source: str
+  environment: Environment
+
+  @property
+  def ratio(self) -> float | None:
+    if isinstance(self.paper_value, (int, float)) and self.paper_value != 0:
+      return self.value / self.paper_value
+    return None
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-safe dict: non-finite numbers become the strings 'nan' / 'inf'."""
+    row = {**dataclasses.asdict(self), "ratio": self.ratio}
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+  label: str
+  x: tuple[float, ...]
+  y: tuple[float, ...]
+
+  def __post_init__(self):
+    if len(self.x) != len(self.y):
+      raise ValueError(f"series {self.label!r}: {len(self.x)} x values but {len(self.y)} y values")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plot:
+  """A line plot as data; `name` becomes the PNG file name `<benchmark>_<name>.png`."""
+
+  name: str
+  title: str
+  xlabel: str
+  ylabel: str
+  series: tuple[Series, ...]
+  xscale: Literal["linear", "log"] = "linear"
+  yscale: Literal["linear", "log"] = "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  benchmark: str
+  records: tuple[Record, ...]
+  plots: tuple[Plot, ...] = ()
+  notes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What one benchmark run is asked for (from the shared absl flags)."""
+
+  benchmark: str
+  scale: Scale
+  seed: int
+  repeats: int
+  only: tuple[str, ...]
+  environment: Environment
+
+  def wants(self, part: str) -> bool:
+    """True if `--only` is empty or names this benchmark or `<benchmark>.<part>`."""
+    return not self.only or any(o in (self.benchmark, f"{self.benchmark}.{part}") for o in self.only)
+
+  def record(
+      self,
+      metric: str,
+      value: float,
+      unit: str,
+      paper_value: float | str | None = None,
+      paper_source: str = "",
+  ) -> Record:
+    return Record(
+        self.benchmark, metric, float(value), unit, paper_value, paper_source, self.environment
+    )
+
+
+def selects_benchmark(only: Sequence[str], benchmark: str) -> bool:
+  """Whether `--only` (benchmark or benchmark.part names) selects any of `benchmark`."""
+  return not only or any(o.split(".", 1)[0] == benchmark for o in only)
+
+
+class Timing(NamedTuple):
+  median_s: float
+  times_s: tuple[float, ...]
+
+
+def time_fn(fn: Callable[..., Any], *args, repeats: int = 5, warmup: int = 1, **kwargs) -> Timing:
+  """Median wall time of fn(*args, **kwargs) over `repeats` calls after `warmup` calls.
+
+  Warm-up calls absorb compilation; every call blocks until its outputs are ready, so
+  asynchronous dispatch never hides work. Works for numpy baselines too.
+  """
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"repeats, warmup: expected >= 1 and >= 0, got {repeats}, {warmup}")
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args, **kwargs))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    times.append(time.perf_counter() - start)
+  return Timing(statistics.median(times), tuple(times))
+
+
+def progress(
+    items: Iterable[T],
+    desc: str,
+    *,
+    total: int | None = None,
+    stream=None,
+    min_interval_s: float = 1.0,
+) -> Iterator[T]:
+  """Yields `items`, showing `desc [i/total] elapsed, eta` on stderr.
+
+  On a terminal the line redraws in place; elsewhere (CI logs) a line is printed at most
+  every `min_interval_s` seconds, plus the last.
+  """
+  stream = sys.stderr if stream is None else stream
+  total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+  tty = hasattr(stream, "isatty") and stream.isatty()
+  start = last = time.perf_counter()
+
+  def show(done: int, final: bool) -> None:
+    elapsed = time.perf_counter() - start
+    count = f"{done}/{total}" if total else str(done)
+    eta = f", eta {elapsed / done * (total - done):.0f}s" if total and done and not final else ""
+    line = f"{desc} [{count}] {elapsed:.1f}s{eta}"
+    stream.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
+    stream.flush()
+
+  done = 0
+  for item in items:
+    yield item
+    done += 1
+    now = time.perf_counter()
+    if tty or now - last >= min_interval_s:
+      if not (total and done == total):
+        show(done, final=False)
+      last = now
+  show(done, final=True)

@@ -1,0 +1,129 @@
+"""Writes benchmark results: `report.md`, `results.json` and one PNG per plot.
+
+Every file is written to a temporary name and renamed into place, so an interrupted run
+never leaves a half-written report over a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+from paperjax.bench.harness import Environment, Plot, Record, Result
+
+COLUMNS = ("benchmark", "metric", "value", "unit", "paper", "paper source", "ours / paper")
+
+
+def format_number(x: float | str | None) -> str:
+  if x is None:
+    return "—"
+  if isinstance(x, str):
+    return x
+  if x == 0 or not math.isfinite(x):
+    return str(x)
+  if 1e-3 <= abs(x) < 1e6:
+    return f"{x:.4g}"
+  return f"{x:.3e}"
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+  rows = [COLUMNS, ("---",) * len(COLUMNS)]
+  for r in records:
+    rows.append((
+        r.benchmark,
+        r.metric,
+        format_number(r.value),
+        r.unit,
+        format_number(r.paper_value),
+        r.paper_source or "—",
+        format_number(r.ratio),
+    ))
+  return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
+
+
+def describe(env: Environment) -> str:
+  return (
+      f"backend `{env.backend}`, device `{env.device_kind}` x{env.device_count}, "
+      f"jax {env.jax_version}, Python {env.python}, scale `{env.scale}`"
+  )
+
+
+def render_markdown(results: Sequence[Result], env: Environment, plot_files: dict[str, str]) -> str:
+  lines = [
+      "# paperjax benchmark report",
+      "",
+      f"Measured on {describe(env)}.",
+      "",
+      markdown_table([r for result in results for r in result.records]),
+  ]
+  for result in results:
+    if not (result.notes or result.plots):
+      continue
+    lines += ["", f"## {result.benchmark}", ""]
+    lines += [f"- {note}" for note in result.notes]
+    lines += [f"\n![{p.title}]({plot_files[plot_key(result, p)]})" for p in result.plots]
+  return "\n".join(lines) + "\n"
+
+
+def plot_key(result: Result, plot: Plot) -> str:
+  return f"{result.benchmark}_{plot.name}"
+
+
+def render_png(plot: Plot, path: pathlib.Path) -> None:
+  import matplotlib  # imported here: only reports with plots need it
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for s in plot.series:
+    ax.plot(s.x, s.y, marker="o", label=s.label)
+  ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel, xscale=plot.xscale, yscale=plot.yscale)
+  ax.grid(True, alpha=0.3)
+  if len(plot.series) > 1:
+    ax.legend()
+  fig.tight_layout()
+  _atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+  plt.close(fig)
+
+
+def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -> dict[str, pathlib.Path]:
+  """Writes report.md, results.json and the plots under `out`; returns their paths."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  plot_files: dict[str, str] = {}
+  for result in results:
+    for plot in result.plots:
+      key = plot_key(result, plot)
+      plot_files[key] = f"{key}.png"
+      render_png(plot, out / plot_files[key])
+  payload = {
+      "environment": dataclasses.asdict(env),
+      "records": [r.to_json() for result in results for r in result.records],
+      "plots": [
+          {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **dataclasses.asdict(p)}
+          for result in results
+          for p in result.plots
+      ],
+      "notes": {result.benchmark: list(result.notes) for result in results if result.notes},
+  }
+  paths = {"markdown": out / "report.md", "json": out / "results.json"}
+  _atomic(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))
+  _atomic(paths["json"], lambda f: json.dump(payload, f, indent=2, allow_nan=False))
+  return {**paths, **{key: out / name for key, name in plot_files.items()}}
+
+
+def _atomic(path: pathlib.Path, write_fn, binary: bool = False) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+      write_fn(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise

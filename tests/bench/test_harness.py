@@ -1,0 +1,87 @@
+"""Harness pieces: timing, records, selection, progress and the report files."""
+
+import io
+import json
+import math
+
+import pytest
+
+from paperjax.bench import report
+from paperjax.bench.harness import (
+    Context,
+    Environment,
+    Plot,
+    Result,
+    Series,
+    progress,
+    selects_benchmark,
+    time_fn,
+)
+
+ENV = Environment("cpu", "cpu", 8, "0.0", "3.11", "ci")
+
+
+def _ctx(only=()):
+  return Context("demo", "ci", 0, 2, tuple(only), ENV)
+
+
+def test_time_fn_warms_up_and_takes_the_median():
+  calls = []
+  timing = time_fn(lambda x: calls.append(x) or x, 7, repeats=3, warmup=2)
+  assert calls == [7] * 5
+  assert len(timing.times_s) == 3
+  assert timing.median_s == sorted(timing.times_s)[1]
+  with pytest.raises(ValueError, match="repeats"):
+    time_fn(lambda: None, repeats=0)
+
+
+def test_record_ratio_and_json():
+  ctx = _ctx()
+  assert ctx.record("speed-up", 6.0, "x", 12.0, "paper").ratio == 0.5
+  assert ctx.record("ppl ratio", 0.4, "ratio", "< 1", "explainer").ratio is None
+  assert ctx.record("none", 1.0, "x").ratio is None
+  row = ctx.record("bad", math.nan, "x", 2.0).to_json()
+  assert row["value"] == "nan" and row["ratio"] == "nan"
+  json.dumps(row, allow_nan=False)
+
+
+def test_only_selects_benchmarks_and_parts():
+  assert _ctx().wants("fit")
+  assert _ctx(["demo"]).wants("fit")
+  assert _ctx(["demo.fit"]).wants("fit") and not _ctx(["demo.fit"]).wants("generate")
+  assert not _ctx(["other"]).wants("fit")
+  assert selects_benchmark(["demo.fit"], "demo") and not selects_benchmark(["demox"], "demo")
+  assert selects_benchmark([], "demo")
+
+
+def test_progress_prints_lines_off_a_terminal():
+  stream = io.StringIO()
+  assert list(progress(range(3), "work", stream=stream, min_interval_s=0.0)) == [0, 1, 2]
+  lines = stream.getvalue().splitlines()
+  assert lines[0].startswith("work [1/3]") and "eta" in lines[0]
+  assert lines[-1].startswith("work [3/3]") and "eta" not in lines[-1]
+
+
+def test_series_lengths_must_match():
+  with pytest.raises(ValueError, match="3 x values but 2 y values"):
+    Series("s", (1, 2, 3), (1, 2))
+
+
+def test_report_files(tmp_path):
+  ctx = _ctx()
+  result = Result(
+      "demo",
+      (ctx.record("a|b", 1234.5, "tokens/s", 1000.0, "Paper (2024), Table 1"),),
+      (Plot("curve", "A curve", "x", "y", (Series("s", (1.0, 2.0), (3.0, 4.0)),)),),
+      ("a note",),
+  )
+  paths = report.write([result], ENV, tmp_path / "out")
+  md = paths["markdown"].read_text()
+  assert "| demo | a\\|b | 1234 | tokens/s | 1000 | Paper (2024), Table 1 | 1.234 |" in md
+  assert "- a note" in md and "(demo_curve.png)" in md
+  payload = json.loads(paths["json"].read_text())
+  assert payload["environment"]["backend"] == "cpu"
+  assert payload["records"][0]["ratio"] == pytest.approx(1.2345)
+  assert payload["plots"][0]["series"][0]["y"] == [3.0, 4.0]
+  assert paths["demo_curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo_curve.png", "report.md", "results.json"]

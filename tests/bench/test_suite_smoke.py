@@ -1,0 +1,43 @@
+"""The suite and a single benchmark binary, run as a user would, at --scale=ci."""
+
+import json
+import subprocess
+import sys
+
+from paperjax.bench import registry
+
+RECORD_KEYS = {"benchmark", "metric", "value", "unit", "paper_value", "paper_source", "ratio", "environment"}
+
+
+def _run(*args, cwd):
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_suite_writes_a_well_formed_report(tmp_path):
+  proc = _run("paperjax.bench", "--scale=ci", f"--out={tmp_path}", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  payload = json.loads((tmp_path / "results.json").read_text())
+  assert {r["benchmark"] for r in payload["records"]} == set(registry.BENCHMARKS)
+  for record in payload["records"]:
+    assert set(record) == RECORD_KEYS
+    assert record["environment"]["scale"] == "ci"
+    assert isinstance(record["value"], float)
+  md = (tmp_path / "report.md").read_text()
+  assert md.startswith("# paperjax benchmark report")
+  assert len([line for line in md.splitlines() if line.startswith("| bigram |")]) == len(payload["records"])
+  for plot in payload["plots"]:
+    assert (tmp_path / plot["file"]).read_bytes()[:4] == b"\x89PNG"
+  assert "| bigram |" in proc.stdout  # the table is printed too
+
+
+def test_single_binary_runs_only_the_asked_part(tmp_path):
+  proc = _run("paperjax.bench.bigram", "--scale=ci", "--only=bigram.fit", f"--out={tmp_path}", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = [r["metric"] for r in json.loads((tmp_path / "results.json").read_text())["records"]]
+  assert metrics and all("count" in m for m in metrics)
+
+
+def test_unknown_benchmark_is_a_usage_error(tmp_path):
+  proc = _run("paperjax.bench", "--scale=ci", "--only=nope", f"--out={tmp_path}", cwd=tmp_path)
+  assert proc.returncode != 0
+  assert "--only: unknown benchmarks ['nope']" in proc.stderr
