@@ -130,6 +130,7 @@ def _perplexity(ctx: Context, train_c, val_c, test_c, vocab: int):
       "perplexity",
       tuple(Series(name, ALPHAS, tuple(val_ppl[order])) for order, name in ((0, "unigram"), (1, "bigram"))),
       xscale="log",
+      yscale="log",
   )
   return records, plot
 

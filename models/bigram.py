@@ -92,19 +92,25 @@ def _count(tokens_BT: jax.Array, mask_BT: jax.Array, vocab_size: int, order: int
   return flat.reshape(vocab_size**order, vocab_size)
 
 
-@functools.partial(jax.jit, static_argnames=("alpha",))
 def probabilities(counts_CV: jax.Array, *, alpha: float = 0.0) -> NgramTable:
   """Normalises counts into an `NgramTable` (rows with no data follow the module rule).
 
   P[c, v] = (C[c, v] + alpha) / (sum_v' C[c, v'] + alpha V) where the row has data;
   [v != last(c)] / (V - 1) where it has none (uniform over all V for order 0).
+  `alpha` is traced: sweeping it compiles once.
   """
   num_contexts, vocab_size = counts_CV.shape
   order = round(np.log(num_contexts) / np.log(vocab_size)) if num_contexts > 1 else 0
-  if vocab_size**order != num_contexts or vocab_size < 2:
+  if vocab_size < 2 or vocab_size**order != num_contexts:
     raise ValueError(f"counts_CV: expected shape [V^k, V] with V >= 2, got {counts_CV.shape}")
-  if alpha < 0:
+  if not alpha >= 0:
     raise ValueError(f"alpha: expected >= 0, got {alpha}")
+  return NgramTable(_probabilities(counts_CV, jnp.float32(alpha), order), order)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _probabilities(counts_CV: jax.Array, alpha: jax.Array, order: int) -> jax.Array:
+  num_contexts, vocab_size = counts_CV.shape
   counts_CV = counts_CV.astype(jnp.float32)
   totals_C1 = counts_CV.sum(axis=1, keepdims=True)
   smoothed_CV = (counts_CV + alpha) / (totals_C1 + alpha * vocab_size)
@@ -114,7 +120,7 @@ def probabilities(counts_CV: jax.Array, *, alpha: float = 0.0) -> NgramTable:
     last_C = jnp.arange(num_contexts) % vocab_size  # a context's most recent token
     others_CV = jnp.arange(vocab_size)[None, :] != last_C[:, None]
     empty_CV = others_CV.astype(jnp.float32) / (vocab_size - 1)
-  return NgramTable(jnp.where(totals_C1 > 0, smoothed_CV, empty_CV), order)
+  return jnp.where(totals_C1 > 0, smoothed_CV, empty_CV)
 
 
 def fit(
