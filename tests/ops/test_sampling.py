@@ -37,3 +37,51 @@ def test_sampled_frequencies_match_softmax(key):
 def test_rows_are_independent(key):
   logits = jnp.log(jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
   np.testing.assert_array_equal(sampling.select(key, logits, 1.0), [1, 0])
+
+
+def _support(logits_row):
+  return set(np.flatnonzero(np.isfinite(np.asarray(logits_row))).tolist())
+
+
+def test_top_k_keeps_exactly_k_with_ties_to_lower_ids():
+  logits = jnp.array([[1.0, 3.0, 3.0, 0.5, 3.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+  out = sampling.top_k_logits(logits, 2)
+  assert _support(out[0]) == {1, 2} and _support(out[1]) == {0, 1}
+  np.testing.assert_array_equal(out[1, :2], logits[1, :2])  # kept logits are untouched
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p(np_rng):
+  probs = np.array([0.5, 0.05, 0.3, 0.15])
+  logits = jnp.log(jnp.asarray(probs))[None, :]
+  # Sorted: 0.5, 0.3, 0.15, 0.05 -> masses before: 0, .5, .8, .95.
+  for p, expected in [(0.5, {0}), (0.51, {0, 2}), (0.8, {0, 2}), (0.81, {0, 2, 3}), (1.0, {0, 1, 2, 3}), (0.01, {0})]:
+    assert _support(sampling.top_p_logits(logits, p)[0]) == expected, p
+  # Against a sort-and-loop reference on random rows.
+  logits = np_rng.normal(size=(20, 30)).astype(np.float32)
+  out = np.asarray(sampling.top_p_logits(jnp.asarray(logits), 0.7))
+  for row, got in zip(logits, out):
+    probs = np.exp(row - row.max())
+    probs /= probs.sum()
+    kept, mass = set(), 0.0
+    for i in np.argsort(-row, kind="stable"):
+      if mass >= 0.7:
+        break
+      kept.add(int(i))
+      mass += probs[i]
+    assert _support(got) == kept
+
+
+def test_select_samples_only_inside_the_filtered_support(key):
+  logits = jnp.tile(jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1])), (20_000, 1))
+  top_k = np.asarray(sampling.select(key, logits, 1.0, top_k=2))
+  assert set(np.unique(top_k)) == {0, 1}
+  np.testing.assert_allclose(np.mean(top_k == 0), 0.4 / 0.7, atol=0.015)
+  top_p = np.asarray(sampling.select(key, logits, 1.0, top_p=0.85))
+  assert set(np.unique(top_p)) == {0, 1, 2}
+
+
+def test_filter_errors():
+  with pytest.raises(ValueError, match="top_k"):
+    sampling.top_k_logits(jnp.zeros((1, 3)), 4)
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.top_p_logits(jnp.zeros((1, 3)), 0.0)

@@ -1,0 +1,101 @@
+"""Grouped-query attention with causal, document and key-length masks.
+
+Shapes: B batch, T query time, S key time, H query heads, G kv heads (H % G == 0),
+K head dim, R = H / G query heads per kv head.
+
+  out[b, t, h] = sum_s softmax_s(q[b, t, h] . k[b, s, h // R] / sqrt(K) + mask) v[b, s, h // R]
+
+Query head h reads kv head h // R (Llama 3: G = 8; MHA is G = H, MQA is G = 1). Scores and
+softmax are float32 whatever the input dtype. Masked scores get the float32 minimum rather
+than -inf, so a query with no visible key (a padding row) yields a finite average instead
+of NaN; such rows are the caller's to ignore.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Impl = Literal["reference", "xla"]
+
+
+def make_mask(
+    q_index_BT: jax.Array,
+    kv_index_BS: jax.Array,
+    *,
+    causal: bool = True,
+    q_segment_ids_BT: jax.Array | None = None,
+    kv_segment_ids_BS: jax.Array | None = None,
+    kv_length_B: jax.Array | None = None,
+) -> jax.Array:
+  """mask[b, t, s] = True where query t may attend key s:
+
+    causal:    kv_index[b, s] <= q_index[b, t]   (indices are sequence slots / positions)
+    document:  q_segment[b, t] == kv_segment[b, s]
+    length:    s < kv_length[b]                   (valid cache entries)
+  """
+  mask_BTS = jnp.ones((q_index_BT.shape[0], q_index_BT.shape[1], kv_index_BS.shape[1]), bool)
+  if causal:
+    mask_BTS &= kv_index_BS[:, None, :] <= q_index_BT[:, :, None]
+  if (q_segment_ids_BT is None) != (kv_segment_ids_BS is None):
+    raise ValueError("q_segment_ids_BT, kv_segment_ids_BS: give both or neither")
+  if q_segment_ids_BT is not None:
+    mask_BTS &= q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  if kv_length_B is not None:
+    mask_BTS &= jnp.arange(kv_index_BS.shape[1])[None, None, :] < kv_length_B[:, None, None]
+  return mask_BTS
+
+
+def attention(
+    q_BTHK: jax.Array,
+    k_BSGK: jax.Array,
+    v_BSGK: jax.Array,
+    mask_BTS: jax.Array | None = None,
+    *,
+    impl: Impl = "reference",
+) -> jax.Array:
+  """Grouped-query attention (module equation); returns [B, T, H, K] in q's dtype.
+
+  impl="reference": explicit einsums grouping the H query heads as [G, R].
+  impl="xla": `jax.nn.dot_product_attention` (XLA's fused path; the same numbers).
+  """
+  _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
+  if impl == "xla":
+    mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, implementation="xla")
+  if impl != "reference":
+    raise ValueError(f"impl: expected 'reference' or 'xla', got {impl!r}")
+  batch, time, heads, head_dim = q_BTHK.shape
+  groups = k_BSGK.shape[2]
+  q_BTGRK = q_BTHK.reshape(batch, time, groups, heads // groups, head_dim)
+  scores_BGRTS = jnp.einsum(
+      "btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32
+  ) * (head_dim**-0.5)
+  if mask_BTS is not None:
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+  probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1)
+  out_BTGRK = jnp.einsum(
+      "bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
+  )
+  return out_BTGRK.reshape(q_BTHK.shape).astype(q_BTHK.dtype)
+
+
+def _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> None:
+  if q_BTHK.ndim != 4 or k_BSGK.ndim != 4:
+    raise ValueError(f"q_BTHK, k_BSGK: expected rank 4, got shapes {q_BTHK.shape}, {k_BSGK.shape}")
+  if k_BSGK.shape != v_BSGK.shape:
+    raise ValueError(f"v_BSGK: expected the shape of k_BSGK {k_BSGK.shape}, got {v_BSGK.shape}")
+  batch, _, heads, head_dim = q_BTHK.shape
+  kv_batch, kv_time, groups, kv_dim = k_BSGK.shape
+  if (kv_batch, kv_dim) != (batch, head_dim):
+    raise ValueError(f"k_BSGK: expected batch {batch} and head dim {head_dim}, got shape {k_BSGK.shape}")
+  if groups == 0 or heads % groups:
+    raise ValueError(f"q_BTHK, k_BSGK: query heads H={heads} must be a multiple of kv heads G={groups}")
+  if q_BTHK.dtype != k_BSGK.dtype or k_BSGK.dtype != v_BSGK.dtype:
+    raise TypeError(f"q, k, v: expected one dtype, got {q_BTHK.dtype}, {k_BSGK.dtype}, {v_BSGK.dtype}")
+  if not jnp.issubdtype(q_BTHK.dtype, jnp.floating):
+    raise TypeError(f"q_BTHK: expected a floating dtype, got {q_BTHK.dtype}")
+  if mask_BTS is not None and mask_BTS.shape != (batch, q_BTHK.shape[1], kv_time):
+    raise ValueError(f"mask_BTS: expected shape {(batch, q_BTHK.shape[1], kv_time)}, got {mask_BTS.shape}")

@@ -1,0 +1,15 @@
+"""Normalisation layers. Shapes: ... any leading axes, D features."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, computed in float32, cast back to x's dtype."""
+  if scale_D.shape != x_BTD.shape[-1:]:
+    raise ValueError(f"scale_D: expected shape {x_BTD.shape[-1:]}, got {scale_D.shape}")
+  x = x_BTD.astype(jnp.float32)
+  normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (normed * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)

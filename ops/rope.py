@@ -1,0 +1,90 @@
+"""Rotary position embedding (RoPE) with Llama 3.1 frequency scaling.
+
+Shapes: B batch, T time, H heads, K head dim, F = K/2 frequencies.
+
+Pairing: Meta's interleaved layout, dimensions (2i, 2i+1) rotate together by angle
+pos * inv_freq_i. Hugging Face checkpoints use the rotate-half layout (i, i + K/2) and
+permute the q/k projection rows to match; `models.llama_import` undoes that permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1's frequency-dependent stretch ("values obtained from grid search")."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+  def __post_init__(self):
+    if self.factor < 1:
+      raise ValueError(f"factor: expected >= 1, got {self.factor}")
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(
+          "low_freq_factor, high_freq_factor: expected 0 < low < high, got "
+          f"{self.low_freq_factor}, {self.high_freq_factor}"
+      )
+    if self.original_max_position <= 0:
+      raise ValueError(f"original_max_position: expected > 0, got {self.original_max_position}")
+
+
+def inv_frequencies(head_dim: int, theta: float = 500_000.0, scaling: RopeScaling | None = None) -> np.ndarray:
+  """inv_freq_i = theta^(-2i/K), i < K/2, then the Llama 3.1 bands when `scaling` is set.
+
+  With wavelen = 2 pi / inv_freq, low_wavelen = L / low_freq_factor and
+  high_wavelen = L / high_freq_factor (L the original context):
+    wavelen < high_wavelen: unchanged (high frequencies);
+    wavelen > low_wavelen:  inv_freq / factor (low frequencies);
+    otherwise:              (1 - s) inv_freq / factor + s inv_freq,
+                            s = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor).
+  Computed in float64 on the host (static), returned as float32 [F].
+  """
+  if head_dim <= 0 or head_dim % 2:
+    raise ValueError(f"head_dim: expected a positive even int, got {head_dim}")
+  if theta <= 1:
+    raise ValueError(f"theta: expected > 1, got {theta}")
+  inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  if scaling is not None:
+    wavelen = 2 * np.pi / inv_freq
+    context = scaling.original_max_position
+    smooth = (context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    inv_freq = np.where(
+        wavelen < context / scaling.high_freq_factor,
+        inv_freq,
+        np.where(wavelen > context / scaling.low_freq_factor, inv_freq / scaling.factor, blended),
+    )
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array) -> jax.Array:
+  """Rotates each pair (x_2i, x_2i+1) by angle positions[b, t] * inv_freq_i.
+
+  (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), in float32, cast back
+  to x's dtype. Explicit integer positions make packed documents, decode steps and
+  left-padded rows work alike.
+  """
+  batch, time, _, head_dim = x_BTHK.shape
+  if inv_freq_F.shape != (head_dim // 2,):
+    raise ValueError(f"inv_freq_F: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_F.shape}")
+  if positions_BT.shape != (batch, time):
+    raise ValueError(f"positions_BT: expected shape {(batch, time)}, got {positions_BT.shape}")
+  if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
+    raise TypeError(f"positions_BT: expected integer positions, got {positions_BT.dtype}")
+  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
+  cos_BT1F, sin_BT1F = jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
+  pairs = x_BTHK.astype(jnp.float32).reshape(*x_BTHK.shape[:-1], head_dim // 2, 2)
+  even, odd = pairs[..., 0], pairs[..., 1]
+  rotated = jnp.stack([even * cos_BT1F - odd * sin_BT1F, even * sin_BT1F + odd * cos_BT1F], axis=-1)
+  return rotated.reshape(x_BTHK.shape).astype(x_BTHK.dtype)
