@@ -18,8 +18,7 @@ _NEG_INF = -jnp.inf
 def top_k_logits(logits_BV: jax.Array, k: int) -> jax.Array:
   """Keeps exactly the k largest logits per row (ties: lower id first); the rest -> -inf."""
   _check_logits(logits_BV)
-  if not isinstance(k, int) or not 1 <= k <= logits_BV.shape[-1]:
-    raise ValueError(f"top_k: expected an int in [1, {logits_BV.shape[-1]}], got {k!r}")
+  check_args(logits_BV.shape[-1], 1.0, k, None)
   _, keep_BK = jax.lax.top_k(logits_BV, k)
   keep_BV = jnp.zeros(logits_BV.shape, bool).at[jnp.arange(logits_BV.shape[0])[:, None], keep_BK].set(True)
   return jnp.where(keep_BV, logits_BV, _NEG_INF)
@@ -32,9 +31,7 @@ def top_p_logits(logits_BV: jax.Array, p: float) -> jax.Array:
   strictly before it is < p; so the top token is always kept. The rest -> -inf.
   """
   _check_logits(logits_BV)
-  p = float(p)
-  if not 0.0 < p <= 1.0:
-    raise ValueError(f"top_p: expected 0 < p <= 1, got {p}")
+  check_args(logits_BV.shape[-1], 1.0, None, p)
   order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
   probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, axis=-1).astype(jnp.float32), axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
@@ -71,13 +68,11 @@ def select(
     int32 token ids, shape [B].
   """
   _check_logits(logits_BV)
-  temperature = float(temperature)
-  if not temperature >= 0.0:
-    raise ValueError(f"temperature: expected >= 0, got {temperature}")
+  check_args(logits_BV.shape[1], temperature, top_k, top_p)
   logits_BV = logits_BV.astype(jnp.float32)
-  if temperature == 0.0:
+  if float(temperature) == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV / temperature
+  logits_BV = logits_BV / float(temperature)
   if top_k is not None:
     logits_BV = top_k_logits(logits_BV, top_k)
   if top_p is not None:
@@ -89,6 +84,16 @@ def select(
   # u * total can round up to total; never step past the last token with mass.
   last_B = logits_BV.shape[1] - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
   return jnp.minimum(token_B, last_B).astype(jnp.int32)
+
+
+def check_args(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+  """Raises ValueError for selection arguments that `select` would refuse."""
+  if not float(temperature) >= 0.0:
+    raise ValueError(f"temperature: expected >= 0, got {temperature}")
+  if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+    raise ValueError(f"top_k: expected an int in [1, {vocab_size}], got {top_k!r}")
+  if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f"top_p: expected 0 < p <= 1, got {top_p}")
 
 
 def _check_logits(logits_BV: jax.Array) -> None:

@@ -1,0 +1,146 @@
+"""Batched autoregressive generation with a KV cache: prefill, then select -> append.
+
+Shapes: B batch, T padded prompt length, N new tokens, V vocabulary.
+
+Prompts of different lengths are right-padded into one [B, T] array and prefilled in one
+call; each row then decodes from its own length (its own positions and cache slots).
+The decode loop is a `lax.while_loop` inside one jit: it stops when every row has
+emitted a stop token or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paperjax.models import llama
+from paperjax.models.tokenizer import Tokenizer
+from paperjax.ops import sampling
+
+
+def generate(
+    key: jax.Array,
+    params: dict,
+    cfg: llama.LlamaConfig,
+    prompts_BT: jax.Array,
+    prompt_lengths_B: jax.Array,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Generates up to `max_new_tokens` per row.
+
+  Args:
+    key: PRNG key (step i uses fold_in(key, i)).
+    params, cfg: the model.
+    prompts_BT: right-padded prompt ids [B, T].
+    prompt_lengths_B: real prompt lengths, 1 <= length <= T.
+    max_new_tokens: N.
+    stop_ids: a row stops after emitting any of these (the stop token is kept).
+    temperature, top_k, top_p: selection (`ops.sampling.select`); temperature 0 is greedy.
+
+  Returns:
+    (tokens_BN int32, lengths_B int32): row b's output is tokens_BN[b, :lengths_B[b]];
+    slots after a row stopped hold stop_ids[0] (or 0).
+  """
+  prompts_BT = jnp.asarray(prompts_BT)
+  prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+  if prompts_BT.ndim != 2 or prompt_lengths_B.shape != prompts_BT.shape[:1]:
+    raise ValueError(
+        f"prompts_BT, prompt_lengths_B: expected [B, T] and [B], got {prompts_BT.shape}, {prompt_lengths_B.shape}"
+    )
+  lengths = np.asarray(prompt_lengths_B)
+  if (lengths < 1).any() or (lengths > prompts_BT.shape[1]).any():
+    raise ValueError(f"prompt_lengths_B: expected 1 <= length <= T={prompts_BT.shape[1]}, got {lengths.tolist()}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+  capacity = prompts_BT.shape[1] + max_new_tokens
+  if capacity > cfg.max_seq_len:
+    raise ValueError(
+        f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
+        f"max_seq_len={cfg.max_seq_len}"
+    )
+  stop_ids = tuple(int(s) for s in stop_ids)
+  if any(not 0 <= s < cfg.vocab_size for s in stop_ids):
+    raise ValueError(f"stop_ids: expected ids in [0, {cfg.vocab_size}), got {stop_ids}")
+  sampling.check_args(cfg.vocab_size, temperature, top_k, top_p)
+  return _generate(
+      key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
+def _generate(key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, temperature, top_k, top_p):
+  batch, width = prompts_BT.shape
+  cache = llama.init_cache(cfg, batch, width + max_new_tokens)
+  hidden_BTD, cache = llama.forward_hidden(params, prompts_BT, cfg, cache=cache, num_new_B=prompt_lengths_B)
+  last_B1D = hidden_BTD[jnp.arange(batch), prompt_lengths_B - 1][:, None]
+  logits_BV = llama.unembed(params, last_B1D, cfg)[:, 0]
+  pad = stop_ids[0] if stop_ids else 0
+  stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+
+  def cond(state):
+    i, _, _, _, done_B, _ = state
+    return (i < max_new_tokens) & ~done_B.all()
+
+  def body(state):
+    i, logits_BV, cache, tokens_BN, done_B, lengths_B = state
+    token_B = sampling.select(jax.random.fold_in(key, i), logits_BV, temperature, top_k=top_k, top_p=top_p)
+    token_B = jnp.where(done_B, pad, token_B)
+    tokens_BN = tokens_BN.at[:, i].set(token_B)
+    lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | (token_B[:, None] == stops).any(axis=1)
+    logits_B1V, cache = llama.forward(params, token_B[:, None], cfg, cache=cache)
+    return i + 1, logits_B1V[:, 0], cache, tokens_BN, done_B, lengths_B
+
+  state = (
+      jnp.int32(0),
+      logits_BV,
+      cache,
+      jnp.full((batch, max_new_tokens), pad, jnp.int32),
+      jnp.zeros((batch,), bool),
+      jnp.zeros((batch,), jnp.int32),
+  )
+  _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, state)
+  return tokens_BN, lengths_B
+
+
+def generate_text(
+    key: jax.Array,
+    params: dict,
+    cfg: llama.LlamaConfig,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    bos: bool = True,
+    stop_ids: Sequence[int] | None = None,
+    **select_kwargs,
+) -> list[str]:
+  """Text in, text out: the completions (stop token excluded) of each prompt.
+
+  stop_ids default to the tokenizer's EOS. The model's vocabulary must cover the
+  tokenizer's ids.
+  """
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tok: {tok.vocab_size} ids do not fit the model's vocab_size={cfg.vocab_size}")
+  batch = tok.encode_batch(list(prompts), bos=bos)
+  if stop_ids is None:
+    stop_ids = () if tok.eos_id is None else (tok.eos_id,)
+  tokens_BN, lengths_B = generate(
+      key, params, cfg, batch.ids_BT, batch.lengths_B, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
+  )
+  texts = []
+  for row, n in zip(np.asarray(tokens_BN), np.asarray(lengths_B)):
+    row = row[:n]
+    if n and row[-1] in stop_ids:
+      row = row[:-1]
+    texts.append(tok.decode(row))
+  return texts

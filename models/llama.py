@@ -1,0 +1,298 @@
+"""Llama 3 dense decoder-only Transformer, as pure functions over a parameter pytree.
+
+  h   = x + Attn(RMSNorm(x))          GQA, RoPE (theta 500000, optional 3.1 scaling)
+  out = h + SwiGLU(RMSNorm(h))
+  logits = RMSNorm(x_L) W_unembed     (float32)
+
+Shapes: B batch, T time (new tokens), S cache slots, D width, H query heads, G kv heads,
+K head dim, F ffn width, V vocabulary, L layers.
+
+Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does
+not grow with depth. One code path serves training (no cache), prefill and decode (a
+`KVCache` in and out): new tokens of row b are written to cache slots
+lengths[b] .. lengths[b] + T - 1 and attend causally over the slots before them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from paperjax.ops import attention, mlp, norms, rope
+
+# Logical axis names per parameter leaf; sharding rules map them to mesh axes.
+_AXES = {
+    "embed": ("vocab", "embed"),
+    "layers": {
+        "attn_norm": ("layers", "embed"),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "w1": ("layers", "embed", "ffn"),
+        "w3": ("layers", "embed", "ffn"),
+        "w2": ("layers", "ffn", "embed"),
+    },
+    "final_norm": ("embed",),
+    "unembed": ("embed", "vocab"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Model shape and numerics; hashable, so it is a static jit argument."""
+
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn_dim: int
+  head_dim: int | None = None  # default dim // n_heads
+  rope_theta: float = 500_000.0
+  rope_scaling: rope.RopeScaling | None = None
+  norm_eps: float = 1e-5
+  max_seq_len: int = 8192
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # parameters and activations; softmax, norms and logits stay float32
+  remat: bool = False  # recompute each layer's activations in the backward pass
+  attention_impl: attention.Impl = "reference"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"n_heads, n_kv_heads: query heads must be a multiple of kv heads, got {self.n_heads}, {self.n_kv_heads}"
+      )
+    if self.head_dim is None and self.dim % self.n_heads:
+      raise ValueError(f"dim: {self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+    if self.k % 2:
+      raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.k}")
+    jnp.dtype(self.dtype)  # raises TypeError on an unknown name
+
+  @property
+  def k(self) -> int:
+    return self.head_dim or self.dim // self.n_heads
+
+  def num_params(self) -> int:
+    shapes = jax.eval_shape(functools.partial(init, cfg=self), jax.random.key(0))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+  def kv_cache_bytes_per_token(self, itemsize: int = 2) -> int:
+    """2 (K and V) * L * G * K * bytes: GQA is H/G times smaller than MHA."""
+    return 2 * self.n_layers * self.n_kv_heads * self.k * itemsize
+
+
+_LLAMA31_SCALING = rope.RopeScaling(8.0, 1.0, 4.0, 8192)
+PRESETS = {
+    # Test and CPU-benchmark sizes.
+    "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768, max_seq_len=1024),
+    # Llama 3.1 shapes (parameter and KV-cache accounting; far too big to run here).
+    "llama3_8b": LlamaConfig(128_256, 4096, 32, 32, 8, 14_336, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"),
+    "llama3_70b": LlamaConfig(128_256, 8192, 80, 64, 8, 28_672, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"),
+    "llama3_405b": LlamaConfig(128_256, 16_384, 126, 128, 8, 53_248, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"),
+}
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer at fixed slots; row b holds lengths_B[b] valid slots.
+
+  The slot of a token is its index in the row's sequence, so causality is slot order.
+  """
+
+  k_LBSGK: jax.Array
+  v_LBSGK: jax.Array
+  lengths_B: jax.Array  # int32
+
+  @property
+  def capacity(self) -> int:
+    return self.k_LBSGK.shape[2]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, capacity: int, dtype: str | None = None) -> KVCache:
+  """An empty cache of `capacity` slots per row (lengths 0)."""
+  if not 0 < capacity <= cfg.max_seq_len:
+    raise ValueError(f"capacity: expected 1 .. max_seq_len={cfg.max_seq_len}, got {capacity}")
+  shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.k)
+  zeros = jnp.zeros(shape, dtype or cfg.dtype)
+  return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+
+
+def init(key: jax.Array, cfg: LlamaConfig) -> dict:
+  """Parameters: truncated normal with std fan_in^-1/2 (residual outputs / sqrt(2L)), norms 1."""
+  L, D, H, G, K, F, V = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.k, cfg.ffn_dim, cfg.vocab_size
+  keys = iter(jax.random.split(key, 9))
+  residual = 1 / math.sqrt(2 * L)
+
+  def normal(shape, fan_in, scale=1.0):
+    std = scale / math.sqrt(fan_in)
+    return (std * jax.random.truncated_normal(next(keys), -2, 2, shape, jnp.float32)).astype(cfg.dtype)
+
+  params = {
+      "embed": normal((V, D), 1),
+      "layers": {
+          "attn_norm": jnp.ones((L, D), cfg.dtype),
+          "wq": normal((L, D, H, K), D),
+          "wk": normal((L, D, G, K), D),
+          "wv": normal((L, D, G, K), D),
+          "wo": normal((L, H, K, D), H * K, residual),
+          "mlp_norm": jnp.ones((L, D), cfg.dtype),
+          "w1": normal((L, D, F), D),
+          "w3": normal((L, D, F), D),
+          "w2": normal((L, F, D), F, residual),
+      },
+      "final_norm": jnp.ones((D,), cfg.dtype),
+      "unembed": normal((D, V), D),
+  }
+  if cfg.tie_embeddings:
+    del params["unembed"]
+  return params
+
+
+def param_axes(cfg: LlamaConfig) -> dict:
+  """Logical axis names of every leaf of `init(key, cfg)`, in the same tree structure."""
+  axes = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _AXES.items()}
+  if cfg.tie_embeddings:
+    del axes["unembed"]
+  return axes
+
+
+def forward(
+    params: dict,
+    tokens_BT: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    cache: KVCache | None = None,
+    num_new_B: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+  """Next-token logits (float32 [B, T, V]) and the updated cache.
+
+  Without a cache: causal attention over tokens_BT, restricted to equal segment ids when
+  given (packed documents); positions default to 0 .. T-1.
+  With a cache: tokens are written at slots lengths[b] + t and attend to every earlier
+  slot; positions default to the slots; only the first num_new_B[b] tokens of row b
+  (default all T) count, so right-padded prompts of different lengths prefill together.
+  """
+  hidden_BTD, cache = forward_hidden(
+      params, tokens_BT, cfg, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+      cache=cache, num_new_B=num_new_B,
+  )
+  return unembed(params, hidden_BTD, cfg), cache
+
+
+def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
+  """float32 logits of final hidden states: h W_unembed (or h E^T when tied)."""
+  w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
+
+
+def forward_hidden(
+    params: dict,
+    tokens_BT: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    cache: KVCache | None = None,
+    num_new_B: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+  """`forward` up to the final RMSNorm: hidden states [B, T, D] and the updated cache."""
+  batch, time = _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B)
+  if cache is None:
+    index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+    positions_BT = index_BT if positions_BT is None else positions_BT
+    mask_BTS = attention.make_mask(index_BT, index_BT, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT)
+  else:
+    index_BT = cache.lengths_B[:, None] + jnp.arange(time, dtype=jnp.int32)
+    positions_BT = index_BT if positions_BT is None else positions_BT
+    slots_BS = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (batch, cache.capacity))
+    mask_BTS = attention.make_mask(index_BT, slots_BS)
+  inv_freq_F = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
+  x_BTD = params["embed"][tokens_BT]
+
+  def layer(x_BTD, xs):
+    p, kv = xs
+    h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
+    q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_F)
+    k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_F)
+    v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
+    if kv is not None:  # write the new keys/values at their slots, then read the whole cache
+      rows_BT = jnp.arange(batch)[:, None]
+      k_BSGK = kv[0].at[rows_BT, index_BT].set(k_BTGK, mode="drop")
+      v_BSGK = kv[1].at[rows_BT, index_BT].set(v_BTGK, mode="drop")
+      kv = (k_BSGK, v_BSGK)
+    else:
+      k_BSGK, v_BSGK = k_BTGK, v_BTGK
+    attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
+    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"])
+    h_BTD = norms.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps)
+    x_BTD = x_BTD + mlp.swiglu(h_BTD, p["w1"], p["w3"], p["w2"])
+    return x_BTD, kv
+
+  if cfg.remat:
+    layer = jax.checkpoint(layer)
+  kv_in = None if cache is None else (cache.k_LBSGK, cache.v_LBSGK)
+  x_BTD, kv_out = jax.lax.scan(layer, x_BTD, (params["layers"], kv_in))
+  if cache is not None:
+    added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
+    cache = KVCache(kv_out[0], kv_out[1], cache.lengths_B + added_B)
+  return norms.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps), cache
+
+
+def _concrete(x) -> np.ndarray | None:
+  """x as numpy when it has a value now (not inside a trace), else None."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B) -> tuple[int, int]:
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"tokens_BT: expected shape [B, T], got {tokens_BT.shape}")
+  if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+    raise TypeError(f"tokens_BT: expected integer ids, got {tokens_BT.dtype}")
+  batch, time = tokens_BT.shape
+  for name, x in (("positions_BT", positions_BT), ("segment_ids_BT", segment_ids_BT)):
+    if x is not None and (x.shape != (batch, time) or not jnp.issubdtype(x.dtype, jnp.integer)):
+      raise ValueError(f"{name}: expected integer shape {(batch, time)}, got {x.dtype} {x.shape}")
+  tokens = _concrete(tokens_BT)
+  if tokens is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+    raise ValueError(f"tokens_BT: ids must lie in [0, {cfg.vocab_size}), got {tokens.min()} .. {tokens.max()}")
+  positions = _concrete(positions_BT)
+  if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= cfg.max_seq_len):
+    raise ValueError(
+        f"positions_BT: expected 0 <= position < max_seq_len={cfg.max_seq_len}, got {positions.min()} .. {positions.max()}"
+    )
+  if cache is None:
+    if num_new_B is not None:
+      raise ValueError("num_new_B: only meaningful with a cache")
+    if positions is None and time > cfg.max_seq_len:
+      raise ValueError(f"tokens_BT: {time} tokens exceed max_seq_len={cfg.max_seq_len}")
+    return batch, time
+  if segment_ids_BT is not None:
+    raise ValueError("segment_ids_BT: document masks are for training without a cache")
+  if cache.lengths_B.shape != (batch,):
+    raise ValueError(f"cache: built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
+  if cache.k_LBSGK.shape[3:] != (cfg.n_kv_heads, cfg.k) or cache.k_LBSGK.shape[0] != cfg.n_layers:
+    raise ValueError(f"cache: shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
+  if num_new_B is not None and num_new_B.shape != (batch,):
+    raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")
+  lengths, new = _concrete(cache.lengths_B), _concrete(num_new_B)
+  if lengths is not None:
+    end = lengths + (time if new is None else new)
+    if (end > cache.capacity).any():
+      raise ValueError(f"cache: row lengths would reach {int(end.max())} > capacity {cache.capacity}")
+  return batch, time

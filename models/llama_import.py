@@ -1,0 +1,151 @@
+"""Load a local Hugging Face Llama checkpoint directory into `models.llama` params.
+
+A directory holds `config.json` and either `model.safetensors` or shards listed by
+`model.safetensors.index.json`. No hub access: a local directory only.
+
+Layout conversion (HF -> ours):
+- q_proj / k_proj rows: HF permutes each head's rows for its rotate-half RoPE, pairing
+  dims (i, i + K/2); we pair (2i, 2i+1) as Meta does, so each head's rows go back from
+  [2, K/2] order to [K/2, 2] order. v_proj and o_proj need no permutation.
+- Linear weights are [out, in] in HF; ours are einsum-shaped: wq [D, H, K], wo [H, K, D],
+  w1/w3 [D, F], w2 [F, D], unembed [D, V].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paperjax.models import llama
+from paperjax.ops import rope
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exports include
+
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
+  """LlamaConfig from a parsed config.json; unsupported settings raise ValueError."""
+  if hf.get("model_type") != "llama":
+    raise ValueError(f"config.json: model_type must be 'llama', got {hf.get('model_type')!r}")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise ValueError(f"config.json: {flag}=true is not supported (Llama has no biases)")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"config.json: hidden_act must be 'silu', got {hf['hidden_act']!r}")
+  scaling = hf.get("rope_scaling")
+  if scaling is not None:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+      raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
+    scaling = rope.RopeScaling(
+        float(scaling["factor"]),
+        float(scaling["low_freq_factor"]),
+        float(scaling["high_freq_factor"]),
+        int(scaling["original_max_position_embeddings"]),
+    )
+  fields = dict(
+      vocab_size=hf["vocab_size"],
+      dim=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+      ffn_dim=hf["intermediate_size"],
+      head_dim=hf.get("head_dim"),
+      rope_theta=float(hf.get("rope_theta", 10_000.0)),
+      rope_scaling=scaling,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+      max_seq_len=hf.get("max_position_embeddings", 8192),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      dtype=_DTYPES.get(hf.get("torch_dtype"), "float32"),
+  )
+  return llama.LlamaConfig(**{**fields, **overrides})
+
+
+def load(directory: str | os.PathLike, **config_overrides) -> tuple[dict, llama.LlamaConfig]:
+  """Reads config.json and the safetensors weights; returns (params, cfg).
+
+  `config_overrides` replace config fields (e.g. dtype="float32" to upcast bf16 weights).
+  """
+  directory = pathlib.Path(directory)
+  config_path = directory / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"directory: no config.json in {str(directory)!r}")
+  cfg = config_from_hf(json.loads(config_path.read_text()), **config_overrides)
+  tensors = _read_tensors(directory)
+  return _to_params(tensors, cfg), cfg
+
+
+def _read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  from safetensors.flax import load_file  # jax arrays: bfloat16 survives, unlike numpy
+
+  index = directory / "model.safetensors.index.json"
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (directory / "model.safetensors").is_file():
+    files = ["model.safetensors"]
+  else:
+    raise FileNotFoundError(f"directory: no model.safetensors or model.safetensors.index.json in {str(directory)!r}")
+  tensors = {}
+  for name in files:
+    path = directory / name
+    if not path.is_file():
+      raise FileNotFoundError(f"directory: shard {name!r} listed in the index is missing")
+    tensors.update(load_file(str(path)))
+  return tensors
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+  """HF rotate-half row order [heads, 2, K/2] -> Meta interleaved order [heads, K/2, 2]."""
+  d_in = w.shape[1]
+  return w.reshape(n_heads, 2, head_dim // 2, d_in).transpose(0, 2, 1, 3).reshape(n_heads * head_dim, d_in)
+
+
+def _to_params(tensors: dict, cfg: llama.LlamaConfig) -> dict:
+  H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.k, cfg.dim
+  used = set()
+
+  def take(name: str, shape: tuple[int, ...]):
+    if name not in tensors:
+      raise ValueError(f"checkpoint: tensor {name!r} is missing")
+    w = tensors[name]
+    if tuple(w.shape) != shape:
+      raise ValueError(f"checkpoint: tensor {name!r} has shape {tuple(w.shape)}, config implies {shape}")
+    used.add(name)
+    return jnp.asarray(w, jnp.float32)
+
+  def layer(i: int) -> dict:
+    pre = f"model.layers.{i}."
+    q = _unpermute_rope_rows(take(pre + "self_attn.q_proj.weight", (H * K, D)), H, K)
+    k = _unpermute_rope_rows(take(pre + "self_attn.k_proj.weight", (G * K, D)), G, K)
+    v = take(pre + "self_attn.v_proj.weight", (G * K, D))
+    return {
+        "attn_norm": take(pre + "input_layernorm.weight", (D,)),
+        "wq": q.reshape(H, K, D).transpose(2, 0, 1),
+        "wk": k.reshape(G, K, D).transpose(2, 0, 1),
+        "wv": v.reshape(G, K, D).transpose(2, 0, 1),
+        "wo": take(pre + "self_attn.o_proj.weight", (D, H * K)).reshape(D, H, K).transpose(1, 2, 0),
+        "mlp_norm": take(pre + "post_attention_layernorm.weight", (D,)),
+        "w1": take(pre + "mlp.gate_proj.weight", (cfg.ffn_dim, D)).T,
+        "w3": take(pre + "mlp.up_proj.weight", (cfg.ffn_dim, D)).T,
+        "w2": take(pre + "mlp.down_proj.weight", (D, cfg.ffn_dim)).T,
+    }
+
+  layers = [layer(i) for i in range(cfg.n_layers)]
+  params = {
+      "embed": take("model.embed_tokens.weight", (cfg.vocab_size, D)),
+      "layers": {name: jnp.stack([l[name] for l in layers]) for name in layers[0]},
+      "final_norm": take("model.norm.weight", (D,)),
+  }
+  if not cfg.tie_embeddings:
+    params["unembed"] = take("lm_head.weight", (cfg.vocab_size, D)).T
+  extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES))
+  if extra:
+    raise ValueError(f"checkpoint: unexpected tensors {extra[:5]} (is this a plain Llama checkpoint?)")
+  return jax.tree.map(lambda x: x.astype(cfg.dtype), params)

@@ -1,0 +1,118 @@
+"""Llama model: cache == no cache, document packing, parameter accounting, errors."""
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paperjax.models import llama
+
+CFG = llama.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def params():
+  return llama.init(jax.random.key(0), CFG)
+
+
+@pytest.fixture(scope="module")
+def forward():
+  return jax.jit(llama.forward, static_argnums=2)
+
+
+def test_param_axes_mirror_params(params):
+  axes = llama.param_axes(CFG)
+  assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple))
+  for leaf, names in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    assert leaf.ndim == len(names)
+
+
+def test_prefill_then_decode_equals_full_forward(params, forward, key):
+  tokens = jax.random.randint(key, (3, 12), 0, CFG.vocab_size)
+  full, _ = forward(params, tokens, CFG)
+  lengths = np.array([7, 3, 5])
+  cache = llama.init_cache(CFG, 3, 16)
+  padded = jnp.where(jnp.arange(7) < lengths[:, None], tokens[:, :7], 0)
+  pre, cache = forward(params, padded, CFG, cache=cache, num_new_B=jnp.asarray(lengths))
+  for b, n in enumerate(lengths):
+    np.testing.assert_allclose(pre[b, :n], full[b, :n], rtol=1e-4, atol=1e-4)
+  for step in range(5):  # each row decodes its own next token at its own position
+    next_tokens = tokens[jnp.arange(3), lengths + step][:, None]
+    out, cache = forward(params, next_tokens, CFG, cache=cache)
+    np.testing.assert_allclose(out[:, 0], full[jnp.arange(3), lengths + step], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(cache.lengths_B, lengths + 5)
+
+
+def test_multi_token_chunks_with_cache(params, forward, key):
+  tokens = jax.random.randint(key, (2, 9), 0, CFG.vocab_size)
+  full, _ = forward(params, tokens, CFG)
+  cache = llama.init_cache(CFG, 2, 9)
+  outs = []
+  for chunk in (tokens[:, :4], tokens[:, 4:6], tokens[:, 6:]):
+    out, cache = forward(params, chunk, CFG, cache=cache)
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_documents_equal_separate_forwards(params, forward, key):
+  a = jax.random.randint(key, (1, 5), 0, CFG.vocab_size)
+  b = jax.random.randint(jax.random.fold_in(key, 1), (1, 4), 0, CFG.vocab_size)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[0] * 5 + [1] * 4])
+  positions = jnp.array([list(range(5)) + list(range(4))])
+  out, _ = forward(params, packed, CFG, positions_BT=positions, segment_ids_BT=segments)
+  np.testing.assert_allclose(out[:, :5], forward(params, a, CFG)[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out[:, 5:], forward(params, b, CFG)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_xla_attention_and_remat_give_the_same_model(params, key):
+  tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
+
+  def loss(p, cfg):
+    return jnp.mean(llama.forward(p, tokens, cfg)[0] ** 2)
+
+  variant = dataclasses.replace(CFG, attention_impl="xla", remat=True)
+  g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, CFG)
+  g_var = jax.jit(jax.grad(loss), static_argnums=1)(params, variant)
+  chex.assert_trees_all_close(g_ref, g_var, rtol=1e-4, atol=1e-6)
+
+
+def test_llama3_8b_accounting():
+  cfg = llama.PRESETS["llama3_8b"]
+  L, D, H, G, K, F, V = 32, 4096, 32, 8, 128, 14336, 128256
+  per_layer = D * H * K + 2 * D * G * K + H * K * D + 3 * D * F + 2 * D
+  assert cfg.num_params() == 2 * V * D + L * per_layer + D
+  assert cfg.num_params() / 1e9 == pytest.approx(8.03, abs=0.01)  # the published 8B
+  mha = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)
+  assert cfg.kv_cache_bytes_per_token() == 2 * L * G * K * 2 == 128 * 1024
+  assert mha.kv_cache_bytes_per_token() / cfg.kv_cache_bytes_per_token() == 4  # H / G
+  assert llama.PRESETS["llama3_405b"].num_params() / 1e9 == pytest.approx(405.9, abs=0.5)
+  assert llama.PRESETS["llama3_70b"].num_params() / 1e9 == pytest.approx(70.6, abs=0.2)
+
+
+def test_errors(params):
+  with pytest.raises(ValueError, match="n_heads, n_kv_heads"):
+    dataclasses.replace(CFG, n_kv_heads=3)
+  with pytest.raises(ValueError, match="even head dim"):
+    dataclasses.replace(CFG, head_dim=7)
+  with pytest.raises(TypeError, match="tokens_BT: expected integer"):
+    llama.forward(params, jnp.zeros((1, 4)), CFG)
+  with pytest.raises(ValueError, match=r"tokens_BT: ids must lie in \[0, 256\)"):
+    llama.forward(params, jnp.full((1, 4), 256), CFG)
+  with pytest.raises(ValueError, match="positions_BT: expected 0 <= position < max_seq_len=256"):
+    llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, positions_BT=jnp.array([[0, 256]]))
+  with pytest.raises(ValueError, match="positions_BT: expected integer"):
+    llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, positions_BT=jnp.zeros((1, 2)))
+  cache = llama.init_cache(CFG, 1, 4)
+  with pytest.raises(ValueError, match="capacity 4"):
+    llama.forward(params, jnp.zeros((1, 5), jnp.int32), CFG, cache=cache)
+  with pytest.raises(ValueError, match="segment_ids_BT"):
+    llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, cache=cache, segment_ids_BT=jnp.zeros((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="cache: built for batch 1"):
+    llama.forward(params, jnp.zeros((2, 2), jnp.int32), CFG, cache=cache)
+  with pytest.raises(ValueError, match="capacity"):
+    llama.init_cache(CFG, 1, 257)

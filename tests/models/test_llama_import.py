@@ -1,0 +1,155 @@
+"""HF import: a random model exported to HF layout (here, by hand) imports to the same logits,
+and HF's rotate-half RoPE on HF weights gives the scores ours gives on imported weights."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from paperjax.models import llama, llama_import
+from paperjax.ops import rope
+
+CFG = dataclasses.replace(
+    llama.PRESETS["tiny"], rope_scaling=rope.RopeScaling(8.0, 1.0, 4.0, 64), rope_theta=10_000.0
+)
+
+
+def _hf_rows(w_DNK):
+  """Ours [D, N, K] (pairs (2i, 2i+1)) -> HF [N*K, D] with each head's rows in rotate-half order."""
+  d, n, k = w_DNK.shape
+  rows = np.zeros((n * k, d), np.float32)
+  for head in range(n):
+    for i in range(k // 2):
+      rows[head * k + i] = w_DNK[:, head, 2 * i]  # first half: even dims
+      rows[head * k + k // 2 + i] = w_DNK[:, head, 2 * i + 1]  # second half: odd dims
+  return rows
+
+
+def _export(params, cfg):
+  p = jax.tree.map(np.asarray, params)
+  tensors = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"], "lm_head.weight": p["unembed"].T}
+  for i in range(cfg.n_layers):
+    layer = {k: v[i] for k, v in p["layers"].items()}
+    pre = f"model.layers.{i}."
+    tensors |= {
+        pre + "input_layernorm.weight": layer["attn_norm"],
+        pre + "post_attention_layernorm.weight": layer["mlp_norm"],
+        pre + "self_attn.q_proj.weight": _hf_rows(layer["wq"]),
+        pre + "self_attn.k_proj.weight": _hf_rows(layer["wk"]),
+        pre + "self_attn.v_proj.weight": layer["wv"].reshape(cfg.dim, -1).T,
+        pre + "self_attn.o_proj.weight": layer["wo"].reshape(-1, cfg.dim).T,
+        pre + "mlp.gate_proj.weight": layer["w1"].T,
+        pre + "mlp.up_proj.weight": layer["w3"].T,
+        pre + "mlp.down_proj.weight": layer["w2"].T,
+    }
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _hf_config(cfg, **extra):
+  return {
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64},
+      "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32", **extra,
+  }
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llama.init(jax.random.key(3), CFG)
+
+
+def _write(directory, tensors, config, shards=1):
+  directory.mkdir(exist_ok=True)
+  (directory / "config.json").write_text(json.dumps(config))
+  if shards == 1:
+    save_file(tensors, str(directory / "model.safetensors"))
+    return
+  names = sorted(tensors)
+  weight_map = {}
+  for s in range(shards):
+    file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+    part = names[s::shards]
+    save_file({n: tensors[n] for n in part}, str(directory / file))
+    weight_map |= {n: file for n in part}
+  (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_round_trip_gives_the_same_logits(tmp_path, model, shards):
+  _write(tmp_path / "ckpt", _export(model, CFG), _hf_config(CFG), shards)
+  params, cfg = llama_import.load(tmp_path / "ckpt")
+  assert cfg == CFG
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
+  np.testing.assert_allclose(llama.forward(params, tokens, cfg)[0], llama.forward(model, tokens, CFG)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_rotate_half_scores_equal_ours(model, np_rng):
+  """HF: q = W_q x per head, rotated with rotate_half and cos/sin of cat(freqs, freqs)."""
+  tensors = _export(model, CFG)
+  params = llama_import._to_params(tensors, CFG)
+  x = np_rng.normal(size=(CFG.dim,)).astype(np.float32)
+  inv_freq = rope.inv_frequencies(CFG.k, CFG.rope_theta, CFG.rope_scaling).astype(np.float64)
+  K = CFG.k
+
+  def hf_rotate(v, pos):
+    angle = np.concatenate([pos * inv_freq, pos * inv_freq])
+    rotated_half = np.concatenate([-v[K // 2 :], v[: K // 2]])
+    return v * np.cos(angle) + rotated_half * np.sin(angle)
+
+  q_hf = tensors["model.layers.0.self_attn.q_proj.weight"][:K] @ x  # head 0
+  k_hf = tensors["model.layers.0.self_attn.k_proj.weight"][:K] @ x  # kv head 0
+  hf_score = hf_rotate(q_hf, 9) @ hf_rotate(k_hf, 4)
+  q = jnp.einsum("d,dhk->hk", x, params["layers"]["wq"][0])[None, None]
+  k = jnp.einsum("d,dgk->gk", x, params["layers"]["wk"][0])[None, None]
+  inv = jnp.asarray(inv_freq, jnp.float32)
+  ours = jnp.sum(rope.apply_rope(q, jnp.array([[9]]), inv)[0, 0, 0] * rope.apply_rope(k, jnp.array([[4]]), inv)[0, 0, 0])
+  assert float(ours) == pytest.approx(hf_score, rel=1e-4)
+
+
+def test_bf16_checkpoint_and_tied_embeddings(tmp_path, model):
+  tied_cfg = dataclasses.replace(CFG, tie_embeddings=True)
+  tensors = _export(model, CFG)
+  del tensors["lm_head.weight"]
+  _write(tmp_path / "ckpt", tensors, _hf_config(CFG, tie_word_embeddings=True, torch_dtype="bfloat16"))
+  params, cfg = llama_import.load(tmp_path / "ckpt")
+  assert cfg == dataclasses.replace(tied_cfg, dtype="bfloat16") and "unembed" not in params
+  assert params["embed"].dtype == jnp.bfloat16
+  params32, _ = llama_import.load(tmp_path / "ckpt", dtype="float32")
+  assert params32["embed"].dtype == jnp.float32
+
+
+def test_errors(tmp_path, model):
+  tensors = _export(model, CFG)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    llama_import.load(tmp_path)
+  bad = _hf_config(CFG)
+  bad["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+  _write(tmp_path / "a", tensors, bad)
+  with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+    llama_import.load(tmp_path / "a")
+  _write(tmp_path / "b", tensors, _hf_config(CFG, attention_bias=True))
+  with pytest.raises(ValueError, match="attention_bias"):
+    llama_import.load(tmp_path / "b")
+  missing = dict(tensors)
+  del missing["model.layers.1.mlp.up_proj.weight"]
+  _write(tmp_path / "c", missing, _hf_config(CFG))
+  with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+    llama_import.load(tmp_path / "c")
+  _write(tmp_path / "d", tensors, _hf_config(CFG, num_key_value_heads=4))
+  with pytest.raises(ValueError, match="k_proj.weight' has shape"):
+    llama_import.load(tmp_path / "d")
+  _write(tmp_path / "e", tensors | {"model.extra.weight": np.zeros(2, np.float32)}, _hf_config(CFG))
+  with pytest.raises(ValueError, match="unexpected tensors"):
+    llama_import.load(tmp_path / "e")
+  (tmp_path / "f").mkdir()
+  (tmp_path / "f" / "config.json").write_text(json.dumps(_hf_config(CFG)))
+  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    llama_import.load(tmp_path / "f")
