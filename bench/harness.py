@@ -170,7 +170,7 @@ def progress(
     *,
     total: int | None = None,
     stream=None,
-    min_interval_s: float = 1.0,
+    min_interval_s: float = 10.0,
 ) -> Iterator[T]:
   """Yields `items`, showing `desc [i/total] elapsed, eta` on stderr.
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from paperjax.bench.harness import Context, Result
 
-BENCHMARKS: tuple[str, ...] = ("bigram",)
+BENCHMARKS: tuple[str, ...] = ("bigram", "llama")
 
 
 def load(name: str) -> Callable[[Context], Result]:

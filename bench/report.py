@@ -82,7 +82,7 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for s in plot.series:
-    ax.plot(s.x, s.y, marker="o", label=s.label)
+    ax.plot(s.x, s.y, marker="o" if len(s.x) <= 50 else None, label=s.label)
   ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel, xscale=plot.xscale, yscale=plot.yscale)
   ax.grid(True, alpha=0.3)
   if len(plot.series) > 1:

@@ -1,4 +1,4 @@
-"""The README's tour is code a newcomer pastes first: it must run as written."""
+"""The README's tour is code a newcomer pastes first: every python block must run as written."""
 
 import pathlib
 import re
@@ -12,6 +12,7 @@ def test_readme_tour_runs():
   assert blocks, "README.md has no python tour"
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
-    namespace = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
-  assert namespace["tokens_BN"].shape == (1, 12)
+    for block in blocks:
+      namespace = {}
+      exec(compile(block, str(README), "exec"), namespace)
+      assert "tokens_BN" in namespace and namespace["tokens_BN"].shape[0] == 1

@@ -24,7 +24,8 @@ def test_suite_writes_a_well_formed_report(tmp_path):
     assert isinstance(record["value"], float)
   md = (tmp_path / "report.md").read_text()
   assert md.startswith("# paperjax benchmark report")
-  assert len([line for line in md.splitlines() if line.startswith("| bigram |")]) == len(payload["records"])
+  rows = [line for line in md.splitlines() if line.startswith(tuple(f"| {b} |" for b in registry.BENCHMARKS))]
+  assert len(rows) == len(payload["records"])
   for plot in payload["plots"]:
     assert (tmp_path / plot["file"]).read_bytes()[:4] == b"\x89PNG"
   assert "| bigram |" in proc.stdout  # the table is printed too

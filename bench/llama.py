@@ -1,0 +1,203 @@
+"""Llama 3 model benchmarks: KV-cache decoding, throughput, cache accounting, training.
+
+  python -m paperjax.bench.llama --scale=small [--only=llama.cache,llama.kv_bytes]
+
+Parts:
+- cache: one decode step with the KV cache vs recomputing the whole prefix, side by side
+  at several prefix lengths (speed-up ratio; it should grow roughly linearly).
+- throughput: prefill tokens/s (our reference GQA vs jax.nn.dot_product_attention in the
+  same model) and batched generation tokens/s.
+- kv_bytes: KV-cache bytes per token and parameter counts of the 8B/70B/405B shapes,
+  GQA vs MHA (the report's H/G), computed from the configs.
+- train: training tokens/s of a small model on the stdlib corpus and its loss curve,
+  held-out loss vs the unigram cross-entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+
+from paperjax.bench import cli
+from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
+from paperjax.models import corpus, generate, llama, tokenizer, train
+
+REPORT = "Llama 3 report (arXiv 2407.21783)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: llama.LlamaConfig
+  cache_lengths: tuple[int, ...]
+  batch: int
+  prefill_len: int
+  new_tokens: int
+  train: train.TrainConfig
+  corpus_chars: int
+  eval_every: int
+
+
+def _model(vocab, dim, layers, heads, kv_heads, ffn, max_len):
+  return llama.LlamaConfig(vocab, dim, layers, heads, kv_heads, ffn, max_seq_len=max_len)
+
+
+CONFIGS = {
+    "ci": Config(
+        _model(512, 64, 2, 4, 2, 128, 256), (32, 64), 2, 64, 8,
+        train.TrainConfig(batch_size=8, seq_len=32, total_steps=20, warmup_steps=4), 300_000, 10,
+    ),
+    "small": Config(
+        _model(2048, 128, 4, 8, 2, 384, 2048), (128, 256, 512, 1024), 4, 512, 64,
+        train.TrainConfig(batch_size=16, seq_len=128, total_steps=400, warmup_steps=40), 4_000_000, 50,
+    ),
+    "paper": Config(
+        _model(8192, 1024, 8, 16, 4, 3584, 8192), (512, 1024, 2048, 4096), 8, 2048, 128,
+        train.TrainConfig(batch_size=32, seq_len=512, total_steps=1000, warmup_steps=100), 12_000_000, 100,
+    ),
+}
+
+
+def run(ctx: Context) -> Result:
+  cfg = CONFIGS[ctx.scale]
+  params = llama.init(jax.random.key(ctx.seed), cfg.model)
+  records, plots, notes = [], [], []
+  if ctx.wants("cache"):
+    part = _cache_vs_recompute(ctx, cfg, params)
+    records += part[0]
+    plots.append(part[1])
+  if ctx.wants("throughput"):
+    records += _throughput(ctx, cfg, params)
+  if ctx.wants("kv_bytes"):
+    records += _kv_bytes(ctx)
+  if ctx.wants("train"):
+    part = _train(ctx, cfg)
+    records += part[0]
+    plots.append(part[1])
+    notes += part[2]
+  return Result(ctx.benchmark, tuple(records), tuple(plots), tuple(notes))
+
+
+def _cache_vs_recompute(ctx: Context, cfg: Config, params):
+  model = cfg.model
+  forward = jax.jit(llama.forward, static_argnums=2)
+  speedups = []
+  records = []
+  for length in progress(cfg.cache_lengths, "llama: cache vs recompute"):
+    tokens = jax.random.randint(jax.random.key(1), (cfg.batch, length + 1), 0, model.vocab_size)
+    _, cache = forward(params, tokens[:, :length], model, cache=llama.init_cache(model, cfg.batch, length + 1))
+    cached = time_fn(lambda: forward(params, tokens[:, length:], model, cache=cache), repeats=ctx.repeats)
+    full = time_fn(lambda: forward(params, tokens, model), repeats=ctx.repeats)
+    speedups.append(full.median_s / cached.median_s)
+    records.append(ctx.record(f"decode step speed-up, KV cache vs recompute, prefix {length}", speedups[-1], "x"))
+  plot = Plot(
+      "cache_speedup", "One decode step: recompute time / KV-cache time", "prefix length", "speed-up (x)",
+      (Series(f"batch {cfg.batch}", cfg.cache_lengths, tuple(speedups)),), xscale="log",
+  )
+  return records, plot
+
+
+def _throughput(ctx: Context, cfg: Config, params):
+  model = cfg.model
+  tokens = jax.random.randint(jax.random.key(2), (cfg.batch, cfg.prefill_len), 0, model.vocab_size)
+  times = {}
+  for impl in ("reference", "xla"):
+    variant = dataclasses.replace(model, attention_impl=impl)
+    prefill = jax.jit(lambda p, t, c=variant: llama.forward(p, t, c)[0])
+    times[impl] = time_fn(prefill, params, tokens, repeats=ctx.repeats).median_s
+  prompts = tokens[:, :16]
+  lengths = jnp.full((cfg.batch,), 16, jnp.int32)
+  gen = time_fn(
+      lambda: generate.generate(jax.random.key(0), params, model, prompts, lengths, max_new_tokens=cfg.new_tokens),
+      repeats=ctx.repeats,
+  )
+  n_prefill = cfg.batch * cfg.prefill_len
+  return [
+      ctx.record(f"prefill tokens/s (B={cfg.batch}, T={cfg.prefill_len}), reference GQA", n_prefill / times["reference"], "tokens/s"),
+      ctx.record(f"prefill tokens/s (B={cfg.batch}, T={cfg.prefill_len}), jax.nn.dot_product_attention", n_prefill / times["xla"], "tokens/s"),
+      ctx.record("prefill speed-up, reference GQA vs dot_product_attention (same run)", times["xla"] / times["reference"], "x"),
+      ctx.record(
+          f"greedy generation tokens/s (B={cfg.batch}, 16-token prompts, {cfg.new_tokens} new)",
+          cfg.batch * cfg.new_tokens / gen.median_s, "tokens/s",
+      ),
+  ]
+
+
+def _kv_bytes(ctx: Context):
+  records = []
+  for name, published in (("llama3_8b", 8.0), ("llama3_70b", 70.0), ("llama3_405b", 405.0)):
+    gqa = llama.PRESETS[name]
+    mha = dataclasses.replace(gqa, n_kv_heads=gqa.n_heads)
+    size = name.split("_")[1].upper()
+    records += [
+        ctx.record(f"{size} parameters", gqa.num_params() / 1e9, "billion", published, f"{REPORT}, model name"),
+        ctx.record(f"{size} KV cache per token, GQA G=8, bf16", gqa.kv_cache_bytes_per_token() / 1024, "KiB"),
+        ctx.record(
+            f"{size} KV cache MHA / GQA", mha.kv_cache_bytes_per_token() / gqa.kv_cache_bytes_per_token(), "x",
+            gqa.n_heads / gqa.n_kv_heads, f"{REPORT}, H/G from Table 3 shapes",
+        ),
+    ]
+  return records
+
+
+def _train(ctx: Context, cfg: Config):
+  model, tcfg = cfg.model, dataclasses.replace(cfg.train, seed=ctx.seed)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    tok = tokenizer.from_name("cl100k_base")
+  train_docs, test_docs = corpus.split_documents(corpus.stdlib_documents(cfg.corpus_chars), (0.9, 0.1))
+  train_stream, test_stream = corpus.tokenize(tok, train_docs), corpus.tokenize(tok, test_docs)
+  kept = corpus.compact_vocab(train_stream.ids_N, model.vocab_size)
+  train_ids, test_ids = (corpus.to_compact(s.ids_N, kept) for s in (train_stream, test_stream))
+  freq = np.bincount(train_ids, minlength=model.vocab_size) / train_ids.size
+  test_freq = np.bincount(test_ids, minlength=model.vocab_size) / test_ids.size
+  unigram_ce = float(-np.sum(test_freq * np.log(np.maximum(freq, 1e-12))))
+  eval_cfg = dataclasses.replace(tcfg, batch_size=64, seed=ctx.seed + 1)
+  test_batch = train.batch_at(test_ids, test_stream.segment_ids_N, 0, eval_cfg)
+
+  state = train.init_state(jax.random.key(ctx.seed), model, tcfg)
+  step = train.make_train_step(model, tcfg)
+  batch = lambda i: train.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg)
+  state, _ = step(state, batch(0))  # compile outside the timed loop
+  losses, evals = [], []
+  start = 0.0
+  for i in progress(range(1, tcfg.total_steps), "llama: training"):
+    if i == 2:
+      jax.block_until_ready(state)
+      start = time.perf_counter()
+    state, metrics = step(state, batch(i))
+    losses.append(float(metrics["loss"]))
+    if i % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
+      evals.append((i, float(train.eval_loss(state.params, test_batch, model))))
+  elapsed = time.perf_counter() - start
+  tokens_per_s = (tcfg.total_steps - 2) * tcfg.batch_size * tcfg.seq_len / elapsed
+  final = evals[-1][1]
+  records = [
+      ctx.record(f"training tokens/s ({model.num_params() / 1e6:.2f}M params, B={tcfg.batch_size}, T={tcfg.seq_len})", tokens_per_s, "tokens/s"),
+      ctx.record("held-out loss after training", final, "nats/token"),
+      ctx.record("unigram cross-entropy (baseline)", unigram_ce, "nats/token"),
+      ctx.record("held-out loss / unigram cross-entropy", final / unigram_ce, "ratio", "< 1", "any LM that uses context"),
+  ]
+  plot = Plot(
+      "train_loss", "Training on the stdlib corpus", "step", "loss (nats/token)",
+      (
+          Series("train", tuple(range(1, tcfg.total_steps)), tuple(losses)),
+          Series("held-out", tuple(s for s, _ in evals), tuple(l for _, l in evals)),
+          Series("unigram", (1, tcfg.total_steps - 1), (unigram_ce, unigram_ce)),
+      ),
+  )
+  notes = [
+      f"Training data: {train_ids.size:,} train / {test_ids.size:,} held-out tokens, vocabulary of the "
+      f"{model.vocab_size - 1} most frequent cl100k training tokens + other; AdamW, warm-up {tcfg.warmup_steps} "
+      f"steps, cosine to {tcfg.final_lr_ratio:g} x peak {tcfg.peak_lr:g}, {tcfg.total_steps} steps."
+  ]
+  return records, plot, notes
+
+
+if __name__ == "__main__":
+  app.run(cli.main_for({"llama": run}))
