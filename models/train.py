@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -134,6 +135,14 @@ def batch_at(ids_N: np.ndarray, segment_ids_N: np.ndarray, step: int, tcfg: Trai
   index = starts[:, None] + np.arange(span)
   tokens, segments = ids_N[index].astype(np.int32), segment_ids_N[index].astype(np.int32)
   return packed_batch(tokens, segments)
+
+
+def batches(
+    ids_N: np.ndarray, segment_ids_N: np.ndarray, tcfg: TrainConfig, start_step: int = 0
+) -> Iterator[Batch]:
+  """batch_at(step) for step = start_step, start_step + 1, ...: resume by passing state.step."""
+  for step in itertools.count(start_step):
+    yield batch_at(ids_N, segment_ids_N, step, tcfg)
 
 
 def packed_batch(tokens_BS: np.ndarray, segments_BS: np.ndarray) -> Batch:

@@ -59,6 +59,8 @@ def test_batches_are_a_function_of_the_step(data):
   a, b = train.batch_at(ids, segments, 5, TCFG), train.batch_at(ids, segments, 5, TCFG)
   np.testing.assert_array_equal(a.tokens_BT, b.tokens_BT)
   assert not np.array_equal(a.tokens_BT, train.batch_at(ids, segments, 6, TCFG).tokens_BT)
+  resumed = next(train.batches(ids, segments, TCFG, start_step=5))
+  np.testing.assert_array_equal(resumed.targets_BT, a.targets_BT)
   with pytest.raises(ValueError, match="fewer than one window"):
     train.batch_at(ids[:10], segments[:10], 0, TCFG)
 
