@@ -1,0 +1,300 @@
+"""Late interaction (ColBERT MaxSim), tensor arrays, binary codes and reranking.
+
+Shapes: Q queries, L query tokens, N documents, S document tokens, K embedding dim,
+W = ceil(K / 32) packed words, P passages, C shortlist candidates.
+
+  score[q, n] = sum_{l : q_mask[q, l]} max_{s : d_mask[n, s]} <q[q, l], d[n, s]>
+
+Padded document tokens never win the max and padded query tokens add nothing; a
+document with no valid token adds 0 per query token. Dot products accumulate in float32
+for float32/bfloat16/float16 inputs.
+
+Every scorer has a jnp reference (`*_reference`, the CPU path and the truth for tests)
+and a Pallas kernel (`ops.pallas.maxsim`) behind one dispatcher: impl="auto" picks the
+kernel on GPU and the reference elsewhere.
+
+Binary codes (Infinity): each coordinate becomes its sign bit (x > 0 -> 1, else 0), packed
+32 per uint32 word, 1/32 of float32 storage; for the +-1 vectors they stand for,
+<a, b> = K - 2 * hamming(a, b), computed with XOR + popcount.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paperjax.ops.pallas import maxsim as kernels
+
+Impl = Literal["auto", "reference", "pallas"]
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+_REFERENCE_BLOCK_BYTES = 64 * 2**20  # bound on the [Q, block, L, S] score tensor
+
+
+def maxsim(
+    q_QLK: jax.Array,
+    d_NSK: jax.Array,
+    *,
+    q_mask_QL: jax.Array | None = None,
+    d_mask_NS: jax.Array | None = None,
+    d_lengths_N: jax.Array | None = None,
+    normalize: bool = False,
+    impl: Impl = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+  """MaxSim scores float32 [Q, N] (module equation).
+
+  Args:
+    q_QLK, d_NSK: query and document token embeddings (float32/bfloat16/float16).
+    q_mask_QL: True at real query tokens (default all).
+    d_mask_NS or d_lengths_N: real document tokens, as a mask or as prefix lengths.
+    normalize: L2-normalise every token vector first (cosine, as ColBERT does).
+    impl: "auto" | "reference" | "pallas".
+    interpret: run the Pallas kernel in interpret mode (CPU testing).
+  """
+  _check_float(q_QLK, d_NSK)
+  q_mask_QL, d_mask_NS = _masks(q_QLK, d_NSK, q_mask_QL, d_mask_NS, d_lengths_N)
+  if normalize:
+    q_QLK, d_NSK = _l2_normalize(q_QLK), _l2_normalize(d_NSK)
+  if _resolve(impl) == "reference":
+    return maxsim_reference(q_QLK, q_mask_QL, d_NSK, d_mask_NS)
+  q, qm, d, dm, n = _pad_for_kernel(q_QLK, q_mask_QL, d_NSK, d_mask_NS, last_multiple=16)
+  return kernels.maxsim_pallas(q, qm, d, dm, interpret=interpret)[:, :n]
+
+
+def maxsim_binary(
+    q_bits_QLW: jax.Array,
+    d_bits_NSW: jax.Array,
+    dim: int,
+    *,
+    q_mask_QL: jax.Array | None = None,
+    d_mask_NS: jax.Array | None = None,
+    d_lengths_N: jax.Array | None = None,
+    impl: Impl = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+  """MaxSim of packed sign codes (`pack_bits`) of `dim`-dimensional vectors, float32 [Q, N].
+
+  Equals `maxsim` of the +-1 vectors the codes stand for, exactly.
+  """
+  for name, x in (("q_bits_QLW", q_bits_QLW), ("d_bits_NSW", d_bits_NSW)):
+    if x.dtype != jnp.uint32 or x.ndim != 3:
+      raise TypeError(f"{name}: expected uint32 codes of rank 3 (from pack_bits), got {x.dtype} {x.shape}")
+  words = -(-dim // 32)
+  if q_bits_QLW.shape[2] != words or d_bits_NSW.shape[2] != words:
+    raise ValueError(
+        f"dim: {dim} needs {words} words per token, got q {q_bits_QLW.shape[2]} and d {d_bits_NSW.shape[2]}"
+    )
+  q_mask_QL, d_mask_NS = _masks(q_bits_QLW, d_bits_NSW, q_mask_QL, d_mask_NS, d_lengths_N)
+  if _resolve(impl) == "reference":
+    return maxsim_binary_reference(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, dim)
+  q, qm, d, dm, n = _pad_for_kernel(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, last_multiple=1)
+  return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret)[:, :n]
+
+
+def maxsim_reference(q_QLK, q_mask_QL, d_NSK, d_mask_NS) -> jax.Array:
+  """The jnp truth for `kernels.maxsim_pallas` (same signature): einsum, mask, max, sum.
+
+  Documents go through in blocks (lax.map) so the [Q, block, L, S] scores stay bounded.
+  """
+  return _blocked_reference(q_QLK, q_mask_QL, d_NSK, d_mask_NS, None)
+
+
+def maxsim_binary_reference(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, dim: int) -> jax.Array:
+  """The jnp truth for `kernels.maxsim_binary_pallas`: dim - 2 popcount(XOR), then MaxSim."""
+  return _blocked_reference(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, dim)
+
+
+def _token_scores(q_QLX, d_BSX, dim: int | None) -> jax.Array:
+  """[Q, B, L, S] token-pair scores: float dot products, or dim - 2 hamming for codes."""
+  if dim is None:
+    return jnp.einsum("qlk,bsk->qbls", q_QLX, d_BSX, preferred_element_type=jnp.float32)
+  xor = q_QLX[:, None, :, None, :] ^ d_BSX[None, :, None, :, :]
+  hamming = jax.lax.population_count(xor).astype(jnp.int32).sum(axis=-1)
+  return (dim - 2 * hamming).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _blocked_reference(q_QLX, q_mask_QL, d_NSX, d_mask_NS, dim):
+  num_q, num_l, _ = q_QLX.shape
+  num_n, num_s = d_mask_NS.shape
+  block = int(max(1, min(num_n, _REFERENCE_BLOCK_BYTES // (4 * num_q * num_l * max(num_s, 1)))))
+  pad = -num_n % block
+  d_NSX = jnp.pad(d_NSX, ((0, pad), (0, 0), (0, 0)))
+  d_mask_NS = jnp.pad(d_mask_NS, ((0, pad), (0, 0)))
+
+  def one_block(args):
+    d_BSX, mask_BS = args
+    scores_QBLS = jnp.where(mask_BS[None, :, None, :], _token_scores(q_QLX, d_BSX, dim), -jnp.inf)
+    best_QBL = scores_QBLS.max(axis=-1, initial=-jnp.inf)
+    best_QBL = jnp.where(best_QBL == -jnp.inf, 0.0, best_QBL)
+    return jnp.einsum("qbl,ql->qb", best_QBL, q_mask_QL.astype(jnp.float32))
+
+  blocks = (d_NSX.reshape(-1, block, *d_NSX.shape[1:]), d_mask_NS.reshape(-1, block, num_s))
+  scores_GQB = jax.lax.map(one_block, blocks)
+  return scores_GQB.transpose(1, 0, 2).reshape(num_q, -1)[:, :num_n]
+
+
+def pack_bits(x_K: jax.Array) -> jax.Array:
+  """Sign bits of the last axis packed into uint32 words: [..., K] -> [..., ceil(K/32)].
+
+  Bit j of word w is 1 iff x[..., 32 w + j] > 0 (zero counts as negative); the padding
+  bits of the last word are 0 in every code, so they never add to a Hamming distance.
+  """
+  if not jnp.issubdtype(x_K.dtype, jnp.floating):
+    raise TypeError(f"x_K: expected float embeddings, got {x_K.dtype}")
+  dim = x_K.shape[-1]
+  bits = jnp.pad(x_K > 0, [(0, 0)] * (x_K.ndim - 1) + [(0, -dim % 32)])
+  bits = bits.reshape(*x_K.shape[:-1], -1, 32).astype(jnp.uint32)
+  return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def storage_bytes(x: jax.Array | np.ndarray) -> int:
+  """Bytes an embedding array occupies (float: K * itemsize per token; codes: 4 * W)."""
+  return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def tensor_array_maxsim(
+    q_QLK: jax.Array,
+    passages_PSK: jax.Array,
+    passage_doc_P: jax.Array,
+    num_docs: int,
+    *,
+    q_mask_QL: jax.Array | None = None,
+    p_mask_PS: jax.Array | None = None,
+    p_lengths_P: jax.Array | None = None,
+    normalize: bool = False,
+    impl: Impl = "auto",
+) -> jax.Array:
+  """Long documents as tensor arrays: score[q, n] = max over n's passages of MaxSim, [Q, num_docs].
+
+  Passages of all documents sit in one [P, S, K] array; passage_doc_P[p] names the
+  document of passage p (any order, ragged counts). A document without passages scores -inf.
+  """
+  if passage_doc_P.shape != passages_PSK.shape[:1] or not jnp.issubdtype(passage_doc_P.dtype, jnp.integer):
+    raise ValueError(f"passage_doc_P: expected integer shape ({passages_PSK.shape[0]},), got {passage_doc_P.dtype} {passage_doc_P.shape}")
+  scores_QP = maxsim(
+      q_QLK, passages_PSK, q_mask_QL=q_mask_QL, d_mask_NS=p_mask_PS, d_lengths_N=p_lengths_P,
+      normalize=normalize, impl=impl,
+  )
+  return jax.ops.segment_max(scores_QP.T, passage_doc_P, num_segments=num_docs).T
+
+
+def top_k(scores_QN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k best documents per query: (scores [Q, k] descending, indices [Q, k]); ties -> lower index."""
+  if not 1 <= k <= scores_QN.shape[1]:
+    raise ValueError(f"k: expected 1 <= k <= N={scores_QN.shape[1]}, got {k}")
+  values_Qk, indices_Qk = jax.lax.top_k(scores_QN, k)
+  return values_Qk, indices_Qk
+
+
+def rerank(
+    q_QLK: jax.Array,
+    d_NSK: jax.Array,
+    k: int,
+    *,
+    q_mask_QL: jax.Array | None = None,
+    d_mask_NS: jax.Array | None = None,
+    dim: int | None = None,
+    impl: Impl = "auto",
+) -> tuple[jax.Array, jax.Array]:
+  """Top-k documents by MaxSim; uint32 inputs are binary codes of `dim`-dim vectors."""
+  if d_NSK.dtype == jnp.uint32:
+    if dim is None:
+      raise ValueError("dim: binary codes need the original embedding dim")
+    scores = maxsim_binary(q_QLK, d_NSK, dim, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, impl=impl)
+  else:
+    scores = maxsim(q_QLK, d_NSK, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, impl=impl)
+  return top_k(scores, k)
+
+
+def two_stage_rerank(
+    q_QLK: jax.Array,
+    d_NSK: jax.Array,
+    k: int,
+    shortlist: int,
+    *,
+    q_mask_QL: jax.Array | None = None,
+    d_mask_NS: jax.Array | None = None,
+    d_bits_NSW: jax.Array | None = None,
+    impl: Impl = "auto",
+) -> tuple[jax.Array, jax.Array]:
+  """Binary MaxSim keeps `shortlist` candidates per query; float MaxSim ranks those.
+
+  Returns (scores [Q, k], document indices [Q, k]). Pass precomputed `d_bits_NSW`
+  (`pack_bits(d_NSK)`) to avoid re-packing the collection.
+  """
+  num_n, dim = d_NSK.shape[0], d_NSK.shape[-1]
+  if not 1 <= k <= shortlist <= num_n:
+    raise ValueError(f"k, shortlist: expected 1 <= k <= shortlist <= N={num_n}, got {k}, {shortlist}")
+  q_mask_QL, d_mask_NS = _masks(q_QLK, d_NSK, q_mask_QL, d_mask_NS, None)
+  d_bits_NSW = pack_bits(d_NSK) if d_bits_NSW is None else d_bits_NSW
+  _, cand_QC = rerank(pack_bits(q_QLK), d_bits_NSW, shortlist, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, dim=dim, impl=impl)
+
+  def one_query(q_LK, q_mask_L, cand_C):
+    return maxsim(q_LK[None], d_NSK[cand_C], q_mask_QL=q_mask_L[None], d_mask_NS=d_mask_NS[cand_C], impl="reference")[0]
+
+  scores_QC = jax.vmap(one_query)(q_QLK, q_mask_QL, cand_QC)
+  best_scores, best_c = top_k(scores_QC, k)
+  return best_scores, jnp.take_along_axis(cand_QC, best_c, axis=1)
+
+
+def _resolve(impl: Impl) -> str:
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+  if impl not in ("reference", "pallas"):
+    raise ValueError(f"impl: expected 'auto', 'reference' or 'pallas', got {impl!r}")
+  return impl
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=-1, keepdims=True), 1e-12))).astype(x.dtype)
+
+
+def _check_float(q_QLK, d_NSK) -> None:
+  if q_QLK.ndim != 3 or d_NSK.ndim != 3:
+    raise ValueError(f"q_QLK, d_NSK: expected rank 3, got shapes {q_QLK.shape}, {d_NSK.shape}")
+  if q_QLK.shape[2] != d_NSK.shape[2]:
+    raise ValueError(f"d_NSK: expected dim K={q_QLK.shape[2]} like q_QLK, got {d_NSK.shape[2]}")
+  if q_QLK.dtype not in _FLOATS or d_NSK.dtype != q_QLK.dtype:
+    raise TypeError(f"q_QLK, d_NSK: expected one dtype of float32/bfloat16/float16, got {q_QLK.dtype}, {d_NSK.dtype}")
+
+
+def _masks(q, d, q_mask_QL, d_mask_NS, d_lengths_N):
+  if q_mask_QL is None:
+    q_mask_QL = jnp.ones(q.shape[:2], bool)
+  elif q_mask_QL.shape != q.shape[:2]:
+    raise ValueError(f"q_mask_QL: expected shape {q.shape[:2]}, got {q_mask_QL.shape}")
+  if d_mask_NS is not None and d_lengths_N is not None:
+    raise ValueError("d_mask_NS, d_lengths_N: give one or neither")
+  if d_lengths_N is not None:
+    if d_lengths_N.shape != d.shape[:1]:
+      raise ValueError(f"d_lengths_N: expected shape {d.shape[:1]}, got {d_lengths_N.shape}")
+    d_mask_NS = jnp.arange(d.shape[1])[None, :] < d_lengths_N[:, None]
+  elif d_mask_NS is None:
+    d_mask_NS = jnp.ones(d.shape[:2], bool)
+  elif d_mask_NS.shape != d.shape[:2]:
+    raise ValueError(f"d_mask_NS: expected shape {d.shape[:2]}, got {d_mask_NS.shape}")
+  return q_mask_QL.astype(bool), d_mask_NS.astype(bool)
+
+
+def _next_pow2(n: int, minimum: int) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _pad_for_kernel(q, q_mask, d, d_mask, *, last_multiple: int, block_n: int = 16, block_s: int = 32):
+  """Pads to the kernel's contract: L, last dim powers of two, N % block_n == 0, S % block_s == 0."""
+  num_l, last = q.shape[1], q.shape[2]
+  num_n, num_s = d.shape[:2]
+  pad_l = _next_pow2(num_l, 16) - num_l
+  pad_last = _next_pow2(last, last_multiple) - last
+  pad_n, pad_s = -num_n % block_n, -num_s % block_s
+  q = jnp.pad(q, ((0, 0), (0, pad_l), (0, pad_last)))
+  q_mask = jnp.pad(q_mask.astype(jnp.float32), ((0, 0), (0, pad_l)))
+  d = jnp.pad(d, ((0, pad_n), (0, pad_s), (0, pad_last)))
+  d_mask = jnp.pad(d_mask.astype(jnp.int32), ((0, pad_n), (0, pad_s)))
+  return q, q_mask, d, d_mask, num_n

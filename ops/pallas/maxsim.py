@@ -1,0 +1,100 @@
+"""MaxSim Pallas kernels: float (tensor-core dot) and binary (XOR + popcount).
+
+Shapes: Q queries, L query tokens, N documents, S document tokens, K dim, W packed
+uint32 words, BN documents per program, BS document tokens per loop step.
+
+One program scores one query against BN documents: it walks the document tokens in
+chunks of BS, keeps the running max over tokens of every (query token, document) pair in
+float32 registers, then sums over the query tokens. Inputs must be pre-padded (the
+dispatcher in `ops.maxsim` does it): L and K powers of two >= 16 (Triton's dot minimum),
+N a multiple of BN, S a multiple of BS. Masks are dense int32/float32 arrays; padding
+never wins a max (-inf) and padded query tokens weigh 0. A document with no valid token
+contributes 0 per query token.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+def _finish(best_LN: jax.Array, q_mask_L: jax.Array) -> jax.Array:
+  best_LN = jnp.where(best_LN == -jnp.inf, 0.0, best_LN)
+  return jnp.sum(best_LN * q_mask_L[:, None], axis=0)
+
+
+def _float_kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int):
+  q_LK = q_ref[0]
+  block_n, num_tokens, dim = d_ref.shape
+  num_l = q_LK.shape[0]
+
+  def chunk(c, best_LN):
+    s0 = pl.multiple_of(c * block_s, block_s)
+    d_RK = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, dim)
+    valid_NS = d_mask_ref[:, pl.ds(s0, block_s)] != 0
+    scores_LR = jax.lax.dot_general(q_LK, d_RK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    scores_LNS = jnp.where(valid_NS[None], scores_LR.reshape(num_l, block_n, block_s), -jnp.inf)
+    return jnp.maximum(best_LN, scores_LNS.max(axis=-1))
+
+  init = jnp.full((num_l, block_n), -jnp.inf, jnp.float32)
+  best_LN = jax.lax.fori_loop(0, num_tokens // block_s, chunk, init)
+  out_ref[0, :] = _finish(best_LN, q_mask_ref[0])
+
+
+def _binary_kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int, dim: int):
+  q_LW = q_ref[0]
+  block_n, num_tokens, words = d_ref.shape
+  num_l = q_LW.shape[0]
+
+  def chunk(c, best_LN):
+    s0 = pl.multiple_of(c * block_s, block_s)
+    d_RW = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, words)
+    valid_NS = d_mask_ref[:, pl.ds(s0, block_s)] != 0
+    hamming_LR = jax.lax.population_count(q_LW[:, None, :] ^ d_RW[None, :, :]).astype(jnp.int32).sum(axis=-1)
+    scores_LR = (dim - 2 * hamming_LR).astype(jnp.float32)
+    scores_LNS = jnp.where(valid_NS[None], scores_LR.reshape(num_l, block_n, block_s), -jnp.inf)
+    return jnp.maximum(best_LN, scores_LNS.max(axis=-1))
+
+  init = jnp.full((num_l, block_n), -jnp.inf, jnp.float32)
+  best_LN = jax.lax.fori_loop(0, num_tokens // block_s, chunk, init)
+  out_ref[0, :] = _finish(best_LN, q_mask_ref[0])
+
+
+def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: str):
+  num_q, num_l, last = q.shape
+  num_n, num_s, _ = d.shape
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((num_q, num_n), jnp.float32),
+      grid=(num_q, num_n // block_n),
+      in_specs=[
+          pl.BlockSpec((1, num_l, last), lambda i, j: (i, 0, 0)),
+          pl.BlockSpec((1, num_l), lambda i, j: (i, 0)),
+          pl.BlockSpec((block_n, num_s, last), lambda i, j: (j, 0, 0)),
+          pl.BlockSpec((block_n, num_s), lambda i, j: (j, 0)),
+      ],
+      out_specs=pl.BlockSpec((1, block_n), lambda i, j: (i, j)),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name=name,
+  )(q, q_mask, d, d_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_s", "interpret"))
+def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = 16, block_s: int = 32, interpret: bool = False):
+  """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
+  kernel = functools.partial(_float_kernel, block_s=block_s)
+  return _call(kernel, q_QLK, q_mask_QL, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "block_n", "block_s", "interpret"))
+def maxsim_binary_pallas(
+    q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, *, dim: int, block_n: int = 16, block_s: int = 32, interpret: bool = False
+):
+  """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
+  kernel = functools.partial(_binary_kernel, block_s=block_s, dim=dim)
+  return _call(kernel, q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary")
