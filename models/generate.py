@@ -52,25 +52,7 @@ def generate(
   """
   prompts_BT = jnp.asarray(prompts_BT)
   prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
-  if prompts_BT.ndim != 2 or prompt_lengths_B.shape != prompts_BT.shape[:1]:
-    raise ValueError(
-        f"prompts_BT, prompt_lengths_B: expected [B, T] and [B], got {prompts_BT.shape}, {prompt_lengths_B.shape}"
-    )
-  lengths = np.asarray(prompt_lengths_B)
-  if (lengths < 1).any() or (lengths > prompts_BT.shape[1]).any():
-    raise ValueError(f"prompt_lengths_B: expected 1 <= length <= T={prompts_BT.shape[1]}, got {lengths.tolist()}")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  capacity = prompts_BT.shape[1] + max_new_tokens
-  if capacity > cfg.max_seq_len:
-    raise ValueError(
-        f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
-        f"max_seq_len={cfg.max_seq_len}"
-    )
-  stop_ids = tuple(int(s) for s in stop_ids)
-  if any(not 0 <= s < cfg.vocab_size for s in stop_ids):
-    raise ValueError(f"stop_ids: expected ids in [0, {cfg.vocab_size}), got {stop_ids}")
-  sampling.check_args(cfg.vocab_size, temperature, top_k, top_p)
+  stop_ids = check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
   return _generate(
       key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p
   )
@@ -78,11 +60,22 @@ def generate(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _generate(key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, temperature, top_k, top_p):
-  batch, width = prompts_BT.shape
-  cache = llama.init_cache(cfg, batch, width + max_new_tokens)
+  cache, logits_BV = prefill(params, cfg, prompts_BT, prompt_lengths_B, prompts_BT.shape[1] + max_new_tokens)
+  return decode(key, params, cfg, cache, logits_BV, max_new_tokens, stop_ids, temperature, top_k, top_p)
+
+
+def prefill(params, cfg, prompts_BT, prompt_lengths_B, capacity: int) -> tuple[llama.KVCache, jax.Array]:
+  """Runs right-padded prompts into a fresh cache; returns it and each row's next-token logits [B, V]."""
+  batch = prompts_BT.shape[0]
+  cache = llama.init_cache(cfg, batch, capacity)
   hidden_BTD, cache = llama.forward_hidden(params, prompts_BT, cfg, cache=cache, num_new_B=prompt_lengths_B)
   last_B1D = hidden_BTD[jnp.arange(batch), prompt_lengths_B - 1][:, None]
-  logits_BV = llama.unembed(params, last_B1D, cfg)[:, 0]
+  return cache, llama.unembed(params, last_B1D, cfg)[:, 0]
+
+
+def decode(key, params, cfg, cache, logits_BV, max_new_tokens, stop_ids, temperature, top_k, top_p):
+  """The select -> append loop from a prefilled cache (arguments as in `generate`)."""
+  batch = logits_BV.shape[0]
   pad = stop_ids[0] if stop_ids else 0
   stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
@@ -110,6 +103,29 @@ def _generate(key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, st
   )
   _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, state)
   return tokens_BN, lengths_B
+
+
+def check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p) -> tuple[int, ...]:
+  """Validates `generate`'s arguments; returns stop_ids as a tuple of ints."""
+  if prompts_BT.ndim != 2 or prompt_lengths_B.shape != prompts_BT.shape[:1]:
+    raise ValueError(
+        f"prompts_BT, prompt_lengths_B: expected [B, T] and [B], got {prompts_BT.shape}, {prompt_lengths_B.shape}"
+    )
+  lengths = np.asarray(prompt_lengths_B)
+  if (lengths < 1).any() or (lengths > prompts_BT.shape[1]).any():
+    raise ValueError(f"prompt_lengths_B: expected 1 <= length <= T={prompts_BT.shape[1]}, got {lengths.tolist()}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+  if prompts_BT.shape[1] + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
+        f"max_seq_len={cfg.max_seq_len}"
+    )
+  stop_ids = tuple(int(s) for s in stop_ids)
+  if any(not 0 <= s < cfg.vocab_size for s in stop_ids):
+    raise ValueError(f"stop_ids: expected ids in [0, {cfg.vocab_size}), got {stop_ids}")
+  sampling.check_args(cfg.vocab_size, temperature, top_k, top_p)
+  return stop_ids
 
 
 def generate_text(
