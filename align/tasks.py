@@ -1,0 +1,79 @@
+"""A synthetic preference task whose quality a program can check: sorting digits.
+
+Shapes: B batch. Vocabulary: PAD 0, BOS 1, SEP 2, EOS 3, digits 4 .. 4 + num_digits - 1.
+
+  prompt     = BOS d_1 .. d_n SEP          (n random digits)
+  completion = c_1 .. c_n EOS
+  score      = #{i : c_i = sorted(d)_i}   (0 .. n)
+
+Demonstrations are the sorted digits with each position replaced by a random digit with
+probability `noise`, so a model fit to them is good but imperfect, and preferences
+between two completions are decided by `score`: win rates are measured, not judged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+PAD, BOS, SEP, EOS = 0, 1, 2, 3
+FIRST_DIGIT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SortTask:
+  length: int = 6
+  num_digits: int = 10
+
+  @property
+  def vocab_size(self) -> int:
+    return FIRST_DIGIT + self.num_digits
+
+  @property
+  def prompt_len(self) -> int:
+    return self.length + 2
+
+  @property
+  def completion_len(self) -> int:
+    return self.length + 1
+
+  def prompts(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n, length + 2] prompts."""
+    digits = rng.integers(FIRST_DIGIT, self.vocab_size, (n, self.length))
+    return np.concatenate([np.full((n, 1), BOS), digits, np.full((n, 1), SEP)], axis=1).astype(np.int32)
+
+  def target(self, prompts: np.ndarray) -> np.ndarray:
+    """[n, length] sorted digits of each prompt."""
+    return np.sort(prompts[:, 1:-1], axis=1)
+
+  def demonstrations(self, rng: np.random.Generator, prompts: np.ndarray, noise: float | np.ndarray) -> np.ndarray:
+    """[n, length + 1] completions: the target with positions replaced w.p. noise, then EOS."""
+    target = self.target(prompts)
+    noise = np.broadcast_to(np.asarray(noise, np.float64).reshape(-1, 1), target.shape)
+    random = rng.integers(FIRST_DIGIT, self.vocab_size, target.shape)
+    digits = np.where(rng.random(target.shape) < noise, random, target)
+    return np.concatenate([digits, np.full((len(prompts), 1), EOS)], axis=1).astype(np.int32)
+
+  def score(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
+    """[n] number of positions matching the sorted digits (tokens after the first EOS never count)."""
+    completions = np.asarray(completions)[:, : self.length]
+    before_eos = np.cumsum(completions == EOS, axis=1) == 0
+    return ((completions == self.target(prompts)) & before_eos).sum(axis=1)
+
+  def preference_pairs(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n (prompt, chosen, rejected) triples of demonstrations at random noise levels, chosen
+    strictly better by score (candidate pairs that tie are not preferences and are redrawn)."""
+    prompts_out, chosen_out, rejected_out, have = [], [], [], 0
+    while have < n:
+      prompts = self.prompts(rng, 2 * n)
+      a = self.demonstrations(rng, prompts, rng.uniform(0.1, 0.9, 2 * n))
+      b = self.demonstrations(rng, prompts, rng.uniform(0.1, 0.9, 2 * n))
+      sa, sb = self.score(prompts, a), self.score(prompts, b)
+      keep = sa != sb
+      better_a = (sa > sb)[keep, None]
+      prompts_out.append(prompts[keep])
+      chosen_out.append(np.where(better_a, a[keep], b[keep]))
+      rejected_out.append(np.where(better_a, b[keep], a[keep]))
+      have += int(keep.sum())
+    return tuple(np.concatenate(x)[:n] for x in (prompts_out, chosen_out, rejected_out))
