@@ -1,0 +1,90 @@
+"""The closed-form theory of phase 2 (Ren et al., arXiv 2407.19198).
+
+Shapes: n variables, M = 2^n subsets (bitmask indices as in `interp.interactions`), K = n + 1 orders.
+
+The output is modelled as f(x_S) = sum_T w_T J_T(x_S) with triggering functions
+J_T(x_S) = 1(T subset S) (J: the M x M 0/1 matrix, J[S, T]). Parameter noise makes noise
+on J_T with variance 2^{|T|} sigma^2; minimising the expected squared error to y = J w*
+gives (Theorem 3)
+
+  w_hat = (J^T J + M diag(c))^{-1} J^T y,   c_T = 2^{|T|} sigma^2,
+
+so w_hat = M_hat w* with M_hat = (J^T J + M diag(c))^{-1} J^T J. Rows of M_hat of one order
+have equal norms; r(k) = ||m_hat_T|| / ||m_hat_T'|| (|T| = k, |T'| = k + 1) exceeds 1 and
+falls to 1 as sigma^2 -> 0: training, modelled as sigma^2 decreasing, learns higher orders
+later. Computed in float64 with numpy (M is at most a few thousand here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paperjax.interp.interactions import subset_orders
+
+MAX_THEORY_VARIABLES = 12  # M x M float64 matrices: 16M entries at n = 12
+
+
+def triggering_matrix(n: int) -> np.ndarray:
+  """J[S, T] = 1 if T is a subset of S, float64 [M, M]."""
+  _check(n)
+  idx = np.arange(2**n)
+  return ((idx[:, None] & idx[None, :]) == idx[None, :]).astype(np.float64)
+
+
+def _system(n: int, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
+  if sigma2 < 0:
+    raise ValueError(f"sigma2: expected >= 0, got {sigma2}")
+  j = triggering_matrix(n)
+  c = 2.0 ** subset_orders(n) * sigma2
+  return j, j.T @ j + 2**n * np.diag(c)
+
+
+def closed_form_weights(w_star: np.ndarray, n: int, sigma2: float) -> np.ndarray:
+  """w_hat = (J^T J + 2^n diag(c))^{-1} J^T J w* for the target y = J w*."""
+  w_star = np.asarray(w_star, np.float64)
+  if w_star.shape != (2**n,):
+    raise ValueError(f"w_star: expected shape ({2**n},) for n={n}, got {w_star.shape}")
+  j, a = _system(n, sigma2)
+  return np.linalg.solve(a, j.T @ (j @ w_star))
+
+
+def m_hat(n: int, sigma2: float) -> np.ndarray:
+  """M_hat = (J^T J + 2^n diag(c))^{-1} J^T J, float64 [M, M]."""
+  j, a = _system(n, sigma2)
+  return np.linalg.solve(a, j.T @ j)
+
+
+def order_ratios(n: int, sigma2: float) -> np.ndarray:
+  """r(k) = ||m_hat_T|| / ||m_hat_T'|| for |T| = k, |T'| = k + 1, k = 1 .. n - 1."""
+  norms = np.linalg.norm(m_hat(n, sigma2), axis=1)
+  orders = subset_orders(n)
+  per_order = np.array([norms[orders == k].mean() for k in range(n + 1)])
+  return per_order[1:-1] / per_order[2:]
+
+
+def order_distribution(w: np.ndarray, n: int, tau: float = 0.0) -> np.ndarray:
+  """Strength per order: sum over |T| = k of |w_T| where |w_T| >= tau, normalised to mean 1 over k = 1 .. n."""
+  w = np.abs(np.asarray(w, np.float64))
+  strength = np.bincount(subset_orders(n), weights=np.where(w >= tau, w, 0.0), minlength=n + 1)
+  strength[0] = 0.0
+  return strength / max(strength[1:].mean(), 1e-300)
+
+
+def fit_sigma2(measured: np.ndarray, w_star: np.ndarray, n: int, grid: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+  """The sigma^2 on a log grid whose predicted order distribution is closest (L2) to `measured`.
+
+  Returns (sigma2, predicted distribution at it).
+  """
+  measured = np.asarray(measured, np.float64)
+  if measured.shape != (n + 1,):
+    raise ValueError(f"measured: expected an order distribution of shape ({n + 1},), got {measured.shape}")
+  grid = np.logspace(-4, 2, 61) if grid is None else np.asarray(grid)
+  predictions = [order_distribution(closed_form_weights(w_star, n, s2), n) for s2 in grid]
+  errors = [np.sum((p[1:] - measured[1:]) ** 2) for p in predictions]
+  best = int(np.argmin(errors))
+  return float(grid[best]), predictions[best]
+
+
+def _check(n: int) -> None:
+  if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THEORY_VARIABLES:
+    raise ValueError(f"n: expected 1 <= n <= {MAX_THEORY_VARIABLES} (the theory builds 2^n x 2^n matrices), got {n}")
