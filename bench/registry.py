@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from paperjax.bench.harness import Context, Result
 
-BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align")
+BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align", "interactions")
 
 
 def load(name: str) -> Callable[[Context], Result]:

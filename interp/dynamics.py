@@ -40,12 +40,11 @@ def _system(n: int, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def closed_form_weights(w_star: np.ndarray, n: int, sigma2: float) -> np.ndarray:
-  """w_hat = (J^T J + 2^n diag(c))^{-1} J^T J w* for the target y = J w*."""
+  """w_hat = M_hat w* (the optimum for the target y = J w*); w_star [M] or a batch [X, M]."""
   w_star = np.asarray(w_star, np.float64)
-  if w_star.shape != (2**n,):
-    raise ValueError(f"w_star: expected shape ({2**n},) for n={n}, got {w_star.shape}")
-  j, a = _system(n, sigma2)
-  return np.linalg.solve(a, j.T @ (j @ w_star))
+  if w_star.shape[-1:] != (2**n,) or w_star.ndim > 2:
+    raise ValueError(f"w_star: expected shape ({2**n},) or [X, {2**n}] for n={n}, got {w_star.shape}")
+  return w_star @ m_hat(n, sigma2).T
 
 
 def m_hat(n: int, sigma2: float) -> np.ndarray:
@@ -63,26 +62,35 @@ def order_ratios(n: int, sigma2: float) -> np.ndarray:
 
 
 def order_distribution(w: np.ndarray, n: int, tau: float = 0.0) -> np.ndarray:
-  """Strength per order: sum over |T| = k of |w_T| where |w_T| >= tau, normalised to mean 1 over k = 1 .. n."""
-  w = np.abs(np.asarray(w, np.float64))
-  strength = np.bincount(subset_orders(n), weights=np.where(w >= tau, w, 0.0), minlength=n + 1)
+  """Strength per order, sum over |T| = k of |w_T| >= tau (averaged over rows of a batch
+  [X, M]), normalised to mean 1 over k = 1 .. n; shape [n + 1], entry 0 is 0."""
+  w = np.abs(np.asarray(w, np.float64)).reshape(-1, 2**n)
+  kept = np.where(w >= tau, w, 0.0).mean(axis=0)
+  strength = np.bincount(subset_orders(n), weights=kept, minlength=n + 1)
   strength[0] = 0.0
   return strength / max(strength[1:].mean(), 1e-300)
 
 
-def fit_sigma2(measured: np.ndarray, w_star: np.ndarray, n: int, grid: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def fit_sigma2(
+    measured: np.ndarray, w_star: np.ndarray, n: int, *, tau: float = 0.0, grid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The sigma^2 on a log grid whose predicted order distribution is closest (L2) to `measured`.
 
-  Returns (sigma2, predicted distribution at it).
+  measured: order distributions [n + 1] or one per checkpoint [E, n + 1] (as `order_distribution`).
+  w_star: the target interactions, [M] or a batch [X, M] (predictions averaged over rows).
+  tau: salience threshold applied to the predicted w_hat, as to the measurement.
+  Returns (sigma2, predicted distribution at it), per checkpoint when measured is 2-D.
   """
   measured = np.asarray(measured, np.float64)
-  if measured.shape != (n + 1,):
-    raise ValueError(f"measured: expected an order distribution of shape ({n + 1},), got {measured.shape}")
-  grid = np.logspace(-4, 2, 61) if grid is None else np.asarray(grid)
-  predictions = [order_distribution(closed_form_weights(w_star, n, s2), n) for s2 in grid]
-  errors = [np.sum((p[1:] - measured[1:]) ** 2) for p in predictions]
-  best = int(np.argmin(errors))
-  return float(grid[best]), predictions[best]
+  if measured.shape[-1:] != (n + 1,) or measured.ndim > 2:
+    raise ValueError(f"measured: expected order distributions of shape [..., {n + 1}], got {measured.shape}")
+  grid = np.logspace(-4, 2, 61) if grid is None else np.asarray(grid, np.float64)
+  predictions = np.stack([order_distribution(closed_form_weights(w_star, n, s2), n, tau) for s2 in grid])
+  errors = ((predictions[None, :, 1:] - np.atleast_2d(measured)[:, None, 1:]) ** 2).sum(axis=-1)
+  best = np.argmin(errors, axis=1)
+  if measured.ndim == 1:
+    return grid[best[0]], predictions[best[0]]
+  return grid[best], predictions[best]
 
 
 def _check(n: int) -> None:

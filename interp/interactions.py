@@ -167,9 +167,14 @@ class Decomposition(NamedTuple):
 
 
 def decompose(v_M: jax.Array, cfg: DecompositionConfig = DecompositionConfig()) -> Decomposition:
-  """Learns gamma (and bounded delta) for the sparsest AND-OR interactions of v."""
+  """Learns gamma (and bounded delta) for the sparsest AND-OR interactions of v.
+
+  v_M may be [M] or a batch [X, M] of samples (decomposed independently, in one vmap).
+  """
   v_M = jnp.asarray(v_M, jnp.float32)
-  _n_of(v_M)
+  _n_of(v_M[0] if v_M.ndim == 2 else v_M)
+  if v_M.ndim == 2:
+    return jax.vmap(_decompose, in_axes=(0, None))(v_M, cfg)
   return _decompose(v_M, cfg)
 
 
