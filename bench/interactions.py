@@ -46,7 +46,7 @@ class Config:
 
 CONFIGS = {
     "ci": Config(4, (0, 1, 4), 4, 2, 100, 64),
-    "small": Config(120, (0, 1, 2, 4, 8, 16, 32, 64, 120), 24, 8, 1500, 256),
+    "small": Config(120, (0, 1, 2, 4, 8, 16, 32, 64, 120), 24, 8, 3000, 256),
     "paper": Config(300, (0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 300), 64, 20, 5000, 512),
 }
 
@@ -119,7 +119,7 @@ def _run(ctx: Context, cfg: Config, data, label_noise: float):
     (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), perm)
     return params, opt_state
 
-  dcfg = ia.DecompositionConfig(steps=cfg.decompose_steps, learning_rate=1e-3)
+  dcfg = ia.DecompositionConfig(steps=cfg.decompose_steps)
   history = []
   batch = 64
   steps_per_epoch = len(x_tr) // batch
@@ -158,7 +158,7 @@ def _mean_order(dist: np.ndarray) -> float:
 def _jaccard_by_order(ctx, cfg, params, data, baseline):
   x_tr, y_tr, x_te, y_te = data
   rng = np.random.default_rng(ctx.seed + 1)
-  dcfg = ia.DecompositionConfig(steps=cfg.decompose_steps, learning_rate=1e-3)
+  dcfg = ia.DecompositionConfig(steps=cfg.decompose_steps)
   per_class = []
   for c in range(10):
     idx_tr = rng.choice(np.flatnonzero(y_tr == c), cfg.per_class, replace=False)

@@ -27,36 +27,26 @@ def _finish(best_LN: jax.Array, q_mask_L: jax.Array) -> jax.Array:
   return jnp.sum(best_LN * q_mask_L[:, None], axis=0)
 
 
-def _float_kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int):
-  q_LK = q_ref[0]
-  block_n, num_tokens, dim = d_ref.shape
-  num_l = q_LK.shape[0]
+def _dot_scores(q_LK: jax.Array, d_RK: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(q_LK, d_RK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _code_scores(q_LW: jax.Array, d_RW: jax.Array, *, dim: int) -> jax.Array:
+  hamming_LR = jax.lax.population_count(q_LW[:, None, :] ^ d_RW[None, :, :]).astype(jnp.int32).sum(axis=-1)
+  return (dim - 2 * hamming_LR).astype(jnp.float32)
+
+
+def _kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int, pair_scores):
+  """Running max over document-token chunks of pair_scores(q [L, X], d [R, X]) -> [L, R]."""
+  q_LX = q_ref[0]
+  block_n, num_tokens, last = d_ref.shape
+  num_l = q_LX.shape[0]
 
   def chunk(c, best_LN):
     s0 = pl.multiple_of(c * block_s, block_s)
-    d_RK = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, dim)
+    d_RX = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, last)
     valid_NS = d_mask_ref[:, pl.ds(s0, block_s)] != 0
-    scores_LR = jax.lax.dot_general(q_LK, d_RK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    scores_LNS = jnp.where(valid_NS[None], scores_LR.reshape(num_l, block_n, block_s), -jnp.inf)
-    return jnp.maximum(best_LN, scores_LNS.max(axis=-1))
-
-  init = jnp.full((num_l, block_n), -jnp.inf, jnp.float32)
-  best_LN = jax.lax.fori_loop(0, num_tokens // block_s, chunk, init)
-  out_ref[0, :] = _finish(best_LN, q_mask_ref[0])
-
-
-def _binary_kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int, dim: int):
-  q_LW = q_ref[0]
-  block_n, num_tokens, words = d_ref.shape
-  num_l = q_LW.shape[0]
-
-  def chunk(c, best_LN):
-    s0 = pl.multiple_of(c * block_s, block_s)
-    d_RW = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, words)
-    valid_NS = d_mask_ref[:, pl.ds(s0, block_s)] != 0
-    hamming_LR = jax.lax.population_count(q_LW[:, None, :] ^ d_RW[None, :, :]).astype(jnp.int32).sum(axis=-1)
-    scores_LR = (dim - 2 * hamming_LR).astype(jnp.float32)
-    scores_LNS = jnp.where(valid_NS[None], scores_LR.reshape(num_l, block_n, block_s), -jnp.inf)
+    scores_LNS = jnp.where(valid_NS[None], pair_scores(q_LX, d_RX).reshape(num_l, block_n, block_s), -jnp.inf)
     return jnp.maximum(best_LN, scores_LNS.max(axis=-1))
 
   init = jnp.full((num_l, block_n), -jnp.inf, jnp.float32)
@@ -87,7 +77,7 @@ def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_s", "interpret"))
 def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = 16, block_s: int = 32, interpret: bool = False):
   """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
-  kernel = functools.partial(_float_kernel, block_s=block_s)
+  kernel = functools.partial(_kernel, block_s=block_s, pair_scores=_dot_scores)
   return _call(kernel, q_QLK, q_mask_QL, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
 
 
@@ -96,5 +86,5 @@ def maxsim_binary_pallas(
     q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, *, dim: int, block_n: int = 16, block_s: int = 32, interpret: bool = False
 ):
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
-  kernel = functools.partial(_binary_kernel, block_s=block_s, dim=dim)
+  kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
   return _call(kernel, q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary")

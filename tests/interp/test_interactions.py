@@ -52,11 +52,11 @@ def _universal_matching_error(v, dec):
 
 def test_universal_matching_without_and_with_noise(np_rng):
   v = np_rng.normal(size=2**5).astype(np.float32) * 3
-  exact = ia.decompose(jnp.asarray(v), ia.DecompositionConfig(steps=500, learning_rate=1e-2, noise_fraction=0.0))
+  exact = ia.decompose(jnp.asarray(v), ia.DecompositionConfig(steps=500, learning_rate=0.3, noise_fraction=0.0))
   assert float(jnp.abs(exact.delta_M).max()) == 0.0
   assert _universal_matching_error(v, exact) < 1e-4 and float(exact.matching_error) < 1e-4
   assert float(exact.l1_after) < float(exact.l1_before)  # the split got sparser
-  noisy = ia.decompose(jnp.asarray(v), ia.DecompositionConfig(steps=500, learning_rate=1e-2, noise_fraction=0.04))
+  noisy = ia.decompose(jnp.asarray(v), ia.DecompositionConfig(steps=500, learning_rate=0.3, noise_fraction=0.04))
   bound = 0.04 * abs(v[-1] - v[0])
   assert float(jnp.abs(noisy.delta_M).max()) <= bound * (1 + 1e-6)
   assert _universal_matching_error(v, noisy) < 1e-4  # exact once delta is accounted for
