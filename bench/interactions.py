@@ -143,11 +143,14 @@ def _run(ctx: Context, cfg: Config, data, label_noise: float):
 
 
 def _order_distributions(history):
-  """Normalised salient-interaction strength per order at each checkpoint (tau from the final model)."""
-  final = history[-1]["v"]
-  tau = float(ia.salience_threshold(final[:, -1], final[:, 0]))
-  dists = [np.asarray(ia.normalized_order_strength(jnp.asarray(h["i_and"]), jnp.asarray(h["i_or"]), tau)) for h in history]
-  return dists, tau
+  """Normalised salient-interaction strength per order at each checkpoint, each with its own
+  tau = 0.03 E_x |v(x) - v(x_{})| (a freshly initialised model has tiny outputs)."""
+  dists, taus = [], []
+  for h in history:
+    tau = float(ia.salience_threshold(h["v"][:, -1], h["v"][:, 0]))
+    dists.append(np.asarray(ia.normalized_order_strength(jnp.asarray(h["i_and"]), jnp.asarray(h["i_or"]), tau)))
+    taus.append(tau)
+  return dists, taus
 
 
 def _mean_order(dist: np.ndarray) -> float:
@@ -186,11 +189,12 @@ def run(ctx: Context) -> Result:
   orders = tuple(range(1, N_VARS + 1))
   for noise, (params, history, baseline) in runs.items():
     tag = "clean labels" if noise == 0 else f"{noise:.0%} label noise"
-    dists, tau = _order_distributions(history)
+    dists, taus = _order_distributions(history)
     epochs = [h["epoch"] for h in history]
     gaps = np.array([h["test_loss"] - h["train_loss"] for h in history])
     mean_orders = [_mean_order(d) for d in dists]
-    phase2 = epochs[1 + int(np.argmin(mean_orders[1:]))] if len(epochs) > 1 else 0
+    start = 1 + int(np.argmin(mean_orders[1:]))  # checkpoint with the lowest mean order: phase 2 starts
+    phase2 = epochs[start]
     # The gap "starts to grow" at the first checkpoint 20% of its range above the lowest gap so far.
     grown = gaps > np.minimum.accumulate(gaps) + 0.2 * max(np.ptp(gaps), 1e-9)
     overfit = epochs[int(np.argmax(grown))] if grown.any() else epochs[-1]
@@ -212,20 +216,27 @@ def run(ctx: Context) -> Result:
         (Series("train", tuple(epochs), tuple(h["train_loss"] for h in history)),
          Series("test", tuple(epochs), tuple(h["test_loss"] for h in history))),
     ))
-    # Theory: sigma^2 fitted per checkpoint, w* = the final model's AND interactions.
-    sigma2, predicted = dynamics.fit_sigma2(np.stack(dists[1:]), history[-1]["i_and"], N_VARS, tau=tau)
-    fits = list(zip(sigma2, predicted))
+    # Theory (phase 2 only: phase 1 leaves the random init): sigma^2 fitted at each checkpoint
+    # from the phase-2 start on, w* = the final model's AND interactions.
+    sigma2, predicted = dynamics.fit_sigma2(np.stack(dists[start:]), history[-1]["i_and"], N_VARS, tau=taus[-1])
     records += [
-        ctx.record(f"fitted sigma^2 after epoch {epochs[1]} ({tag})", sigma2[0], "sigma^2", "decreases over training", THEORY),
+        ctx.record(f"fitted sigma^2 at phase-2 start, epoch {phase2} ({tag})", sigma2[0], "sigma^2", "decreases over training", THEORY),
         ctx.record(f"fitted sigma^2 at the end ({tag})", sigma2[-1], "sigma^2", "decreases over training", THEORY),
     ]
-    if noise == 0:
+    if noise > 0:  # the run whose phase 2 is long enough to compare shapes
+      shown = sorted({0, len(sigma2) // 2, len(sigma2) - 1})
       plots.append(Plot(
-          "theory", "Order distribution: measured vs closed-form theory (clean labels)", "order", "normalised strength",
-          tuple(s for (s2, pred), d, e in list(zip(fits, dists[1:], epochs[1:]))[:: max(1, len(fits) // 3)]
-                for s in (Series(f"epoch {e} measured", orders, tuple(float(x) for x in d[1:])),
-                          Series(f"epoch {e} theory (sigma^2={s2:.3g})", orders, tuple(float(x) for x in pred[1:])))),
+          "theory", f"Phase 2: measured vs theory ({tag})", "order", "normalised strength",
+          tuple(
+              series
+              for i in shown
+              for series in (
+                  Series(f"epoch {epochs[start + i]} measured", orders, tuple(float(x) for x in dists[start + i][1:])),
+                  Series(f"epoch {epochs[start + i]} theory, sigma^2={sigma2[i]:.3g}", orders, tuple(float(x) for x in predicted[i][1:])),
+              )
+          ),
       ))
+    if noise == 0:
       jac = _jaccard_by_order(ctx, cfg, params, data, baseline)
       plots.append(Plot("jaccard", "Train vs test interactions per class (clean labels)", "order", "Jaccard similarity",
                         (Series("mean over classes", orders, tuple(float(x) for x in jac)),)))
@@ -234,7 +245,7 @@ def run(ctx: Context) -> Result:
           ctx.record(f"Jaccard train/test, order {N_VARS - 1}", float(jac[-2]), "similarity"),
           ctx.record(f"Jaccard order {N_VARS - 1} / order 1", float(jac[-2] / max(jac[0], 1e-12)), "ratio", "< 1 (falls with order)", PAPER),
       ]
-    notes.append(f"{tag}: salience threshold tau = {tau:.3g}; checkpoints at epochs {epochs}; mean order per checkpoint "
+    notes.append(f"{tag}: salience threshold tau = {taus[0]:.3g} at init, {taus[-1]:.3g} at the end; checkpoints at epochs {epochs}; mean order per checkpoint "
                  f"{[round(m, 2) for m in mean_orders]}.")
   notes.append(
       f"Digits: {len(data[0])} train / {len(data[2])} test images; n = {N_VARS} patch variables, baseline = the mean "

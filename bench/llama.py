@@ -16,7 +16,6 @@ Parts:
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 
 import jax
@@ -163,19 +162,14 @@ def _train(ctx: Context, cfg: Config):
   state = train.init_state(jax.random.key(ctx.seed), model, tcfg)
   step = train.make_train_step(model, tcfg)
   batch = lambda i: train.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg)
-  state, _ = step(state, batch(0))  # compile outside the timed loop
+  step_time = time_fn(step, state, batch(0), repeats=ctx.repeats).median_s  # the state is not advanced
   losses, evals = [], []
-  start = 0.0
-  for i in progress(range(1, tcfg.total_steps), "llama: training"):
-    if i == 2:
-      jax.block_until_ready(state)
-      start = time.perf_counter()
+  for i in progress(range(tcfg.total_steps), "llama: training"):
     state, metrics = step(state, batch(i))
     losses.append(float(metrics["loss"]))
-    if i % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
-      evals.append((i, float(train.eval_loss(state.params, test_batch, model))))
-  elapsed = time.perf_counter() - start
-  tokens_per_s = (tcfg.total_steps - 2) * tcfg.batch_size * tcfg.seq_len / elapsed
+    if (i + 1) % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
+      evals.append((i + 1, float(train.eval_loss(state.params, test_batch, model))))
+  tokens_per_s = tcfg.batch_size * tcfg.seq_len / step_time
   final = evals[-1][1]
   records = [
       ctx.record(f"training tokens/s ({model.num_params() / 1e6:.2f}M params, B={tcfg.batch_size}, T={tcfg.seq_len})", tokens_per_s, "tokens/s"),
@@ -186,9 +180,9 @@ def _train(ctx: Context, cfg: Config):
   plot = Plot(
       "train_loss", "Training on the stdlib corpus", "step", "loss (nats/token)",
       (
-          Series("train", tuple(range(1, tcfg.total_steps)), tuple(losses)),
+          Series("train", tuple(range(1, tcfg.total_steps + 1)), tuple(losses)),
           Series("held-out", tuple(s for s, _ in evals), tuple(l for _, l in evals)),
-          Series("unigram", (1, tcfg.total_steps - 1), (unigram_ce, unigram_ce)),
+          Series("unigram", (1, tcfg.total_steps), (unigram_ce, unigram_ce)),
       ),
   )
   notes = [
