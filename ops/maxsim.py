@@ -292,7 +292,7 @@ def _next_pow2(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _pad_for_kernel(q, q_mask, d, d_mask, *, last_multiple: int, block_n: int = 16, block_s: int = 32):
+def _pad_for_kernel(q, q_mask, d, d_mask, *, last_multiple: int, block_n: int = kernels.BLOCK_N, block_s: int = kernels.BLOCK_S):
   """Pads to the kernel's contract: L, last dim powers of two, N % block_n == 0, S % block_s == 0."""
   num_l, last = q.shape[1], q.shape[2]
   num_n, num_s = d.shape[:2]

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+BLOCK_N = 16  # documents per program
+BLOCK_S = 32  # document tokens per loop step
+
 
 def _finish(best_LN: jax.Array, q_mask_L: jax.Array) -> jax.Array:
   best_LN = jnp.where(best_LN == -jnp.inf, 0.0, best_LN)
@@ -75,7 +78,7 @@ def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: 
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_s", "interpret"))
-def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = 16, block_s: int = 32, interpret: bool = False):
+def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False):
   """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=_dot_scores)
   return _call(kernel, q_QLK, q_mask_QL, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
@@ -83,7 +86,7 @@ def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = 16, bloc
 
 @functools.partial(jax.jit, static_argnames=("dim", "block_n", "block_s", "interpret"))
 def maxsim_binary_pallas(
-    q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, *, dim: int, block_n: int = 16, block_s: int = 32, interpret: bool = False
+    q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, *, dim: int, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
 ):
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
