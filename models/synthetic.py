@@ -1,0 +1,83 @@
+"""Seeded, vectorised synthetic recall tasks (Zoology / JRT): MQAR and set disjointness.
+
+Shapes: B batch, T sequence length. Token 0 is padding; 1, 2, 3 are separators; the rest
+of the vocabulary is split into two halves (keys / values, or set A / set B).
+
+A `RecallBatch` is next-token data: targets_BT[t] is the token expected after position t,
+and target_mask_BT marks the positions that are scored (the recall answers only).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+PAD, SEP1, SEP2, SEP3 = 0, 1, 2, 3
+FIRST = 4
+
+
+class RecallBatch(NamedTuple):
+  tokens_BT: np.ndarray  # int32
+  targets_BT: np.ndarray  # int32
+  target_mask_BT: np.ndarray  # bool
+
+
+def _halves(vocab_size: int, need: int) -> tuple[np.ndarray, np.ndarray]:
+  usable = vocab_size - FIRST
+  if usable < 2 * need:
+    raise ValueError(f"vocab_size: {vocab_size} leaves {usable} tokens, fewer than 2 x {need} needed")
+  half = usable // 2
+  return np.arange(FIRST, FIRST + half), np.arange(FIRST + half, FIRST + 2 * half)
+
+
+def _distinct(rng: np.random.Generator, pool: np.ndarray, batch: int, count: int) -> np.ndarray:
+  """[batch, count] tokens drawn from pool without replacement within each row."""
+  return pool[np.argsort(rng.random((batch, pool.size)), axis=1)[:, :count]]
+
+
+def mqar(rng: np.random.Generator, batch: int, num_pairs: int, num_queries: int, vocab_size: int) -> RecallBatch:
+  """Multi-query associative recall: k1 v1 .. kP vP, then query keys each followed by its value.
+
+  Keys are distinct per row (first half of the vocabulary), values from the second half;
+  the scored positions are the query keys (their target is the paired value).
+  """
+  if not 1 <= num_queries <= num_pairs:
+    raise ValueError(f"num_queries: expected 1 <= queries <= num_pairs={num_pairs}, got {num_queries}")
+  key_pool, value_pool = _halves(vocab_size, num_pairs)
+  keys = _distinct(rng, key_pool, batch, num_pairs)
+  values = rng.choice(value_pool, (batch, num_pairs))
+  asked = np.argsort(rng.random((batch, num_pairs)), axis=1)[:, :num_queries]
+  rows = np.arange(batch)[:, None]
+  context = np.stack([keys, values], axis=2).reshape(batch, -1)
+  queries = np.stack([keys[rows, asked], values[rows, asked]], axis=2).reshape(batch, -1)
+  tokens = np.concatenate([context, queries], axis=1).astype(np.int32)
+  targets = np.concatenate([tokens[:, 1:], np.full((batch, 1), PAD, np.int32)], axis=1)
+  mask = np.zeros(tokens.shape, bool)
+  mask[:, context.shape[1] :: 2] = True  # each query key predicts its value
+  return RecallBatch(tokens, targets, mask)
+
+
+def set_disjointness(
+    rng: np.random.Generator, batch: int, size_a: int, size_b: int, vocab_size: int,
+    order: Literal["a_first", "b_first"] = "a_first",
+) -> RecallBatch:
+  """`[1] X [2] Y [3]` with sets A, B from disjoint halves; one token of B is replaced by a
+  token t of A, and the answer after [3] is t. `order` puts A (or B) first."""
+  if size_a < 1 or size_b < 1:
+    raise ValueError(f"size_a, size_b: expected >= 1, got {size_a}, {size_b}")
+  if order not in ("a_first", "b_first"):
+    raise ValueError(f"order: expected 'a_first' or 'b_first', got {order!r}")
+  pool_a, pool_b = _halves(vocab_size, max(size_a, size_b))
+  a = _distinct(rng, pool_a, batch, size_a)
+  b = _distinct(rng, pool_b, batch, size_b)
+  rows = np.arange(batch)
+  shared = a[rows, rng.integers(0, size_a, batch)]
+  b[rows, rng.integers(0, size_b, batch)] = shared
+  first, second = (a, b) if order == "a_first" else (b, a)
+  col = lambda token: np.full((batch, 1), token)
+  tokens = np.concatenate([col(SEP1), first, col(SEP2), second, col(SEP3)], axis=1).astype(np.int32)
+  targets = np.concatenate([tokens[:, 1:], shared[:, None]], axis=1).astype(np.int32)
+  mask = np.zeros(tokens.shape, bool)
+  mask[:, -1] = True
+  return RecallBatch(tokens, targets, mask)
