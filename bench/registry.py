@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from paperjax.bench.harness import Context, Result
 
-BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align", "interactions")
+BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align", "interactions", "jrt")
 
 
 def load(name: str) -> Callable[[Context], Result]:
