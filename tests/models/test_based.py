@@ -1,0 +1,58 @@
+"""Based hybrid stack: decode equals the parallel forward, chunked prefill too, constant state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paperjax.models import based
+
+CFG = based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return based.init(jax.random.key(0), CFG)
+
+
+def test_param_axes_mirror_params(params):
+  axes = based.param_axes(CFG)
+  is_axes = lambda x: isinstance(x, tuple)
+  assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=is_axes)
+  for leaf, names in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=is_axes)):
+    assert leaf.ndim == len(names)
+
+
+def test_decode_equals_parallel_forward_with_constant_state(params, key):
+  tokens = jax.random.randint(key, (2, 11), 0, CFG.vocab_size)
+  full = jax.jit(based.forward, static_argnums=2)(params, tokens, CFG)
+  prefill = jax.jit(based.prefill, static_argnums=2)
+  decode = jax.jit(based.decode, static_argnums=3)
+  logits, state = prefill(params, tokens[:, :5], CFG)
+  np.testing.assert_allclose(logits, full[:, :5], rtol=1e-4, atol=1e-4)
+  shapes = jax.tree.map(jnp.shape, state)
+  for t in range(5, 11):  # beyond the window (4) and across linear-attention chunks
+    step, state = decode(params, tokens[:, t], state, CFG)
+    np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
+    assert jax.tree.map(jnp.shape, state) == shapes
+  np.testing.assert_array_equal(state.length_B, [11, 11])
+
+
+def test_window_layer_forgets_tokens_outside_the_window(params, key):
+  """With the recurrent mixers silenced (conv gate 0, linear output 0) only the windows mix
+  tokens: through 2 blocks of window 4, position t sees tokens t - 6 .. t and no earlier."""
+  quiet = {**params, "conv": {**params["conv"], "w_gate": jnp.zeros_like(params["conv"]["w_gate"])},
+           "linear": {**params["linear"], "wo": jnp.zeros_like(params["linear"]["wo"])}}
+  tokens = jax.random.randint(key, (1, 14), 0, CFG.vocab_size)
+  changed = tokens.at[0, :5].set((tokens[0, :5] + 1) % CFG.vocab_size)  # tokens 0 .. 4
+  a, b = based.forward(quiet, tokens, CFG), based.forward(quiet, changed, CFG)
+  np.testing.assert_allclose(a[:, 11:], b[:, 11:], rtol=1e-5, atol=1e-6)  # 11 - 6 = 5: out of reach
+  assert not np.allclose(a[:, 10], b[:, 10])  # 10 - 6 = 4: still reached
+  assert not np.allclose(based.forward(params, tokens, CFG)[:, 13], based.forward(params, changed, CFG)[:, 13])  # recurrence remembers
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="dim, n_heads"):
+    based.BasedConfig(vocab_size=8, dim=30, n_blocks=1, n_heads=4)
+  with pytest.raises(ValueError, match="window"):
+    based.BasedConfig(vocab_size=8, dim=32, n_blocks=1, window=0)
