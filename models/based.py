@@ -125,9 +125,16 @@ def _mlp(p, x, cfg):
   return x + mlp.swiglu(norms.rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w1"], p["w3"], p["w2"])
 
 
-def _blocks(params, x_BTD, cfg: BasedConfig, state: State):
-  """Runs all blocks over T new tokens starting from `state`; returns (x, new state)."""
+def _blocks(params, x_BTD, cfg: BasedConfig, state: State, *, prefix_len: int | None = None, key_mask_BT=None):
+  """Runs all blocks over T new tokens starting from `state`; returns (x, new state).
+
+  With `prefix_len` M (JRT-RNN, from an empty state) the linear layers run Prefix Linear
+  Attention with their encoder projections wk_e / wv_e over the first M tokens.
+  `key_mask_BT` marks real tokens (False: left padding): padded inputs are zeroed before
+  the convolutions and padded keys are invisible to every attention.
+  """
   batch, time, _ = x_BTD.shape
+  keep_BT1 = None if key_mask_BT is None else key_mask_BT[:, :, None]
   positions_BT = state.length_B[:, None] + jnp.arange(time)
   inv_freq = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
   n = cfg.window
@@ -135,13 +142,25 @@ def _blocks(params, x_BTD, cfg: BasedConfig, state: State):
   def block(x, xs):
     pc, pl_, pw, conv_state, lin_state, wk, wv = xs
     h = norms.rms_norm(x, pc["norm"], cfg.norm_eps)
+    if keep_BT1 is not None:
+      h = h * keep_BT1
     y, conv_state = la.base_conv(h, pc["w_in"], pc["w_gate"], pc["kernel"], conv_state)
     x = _mlp(pc, x + y, cfg)
 
     h = norms.rms_norm(x, pl_["norm"], cfg.norm_eps)
     phi_q = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wq"]))
     phi_k = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wk"]))
-    y, lin_state = la.causal_chunked(phi_q, phi_k, jnp.einsum("btd,dhk->bthk", h, pl_["wv"]), chunk=cfg.chunk, eps=cfg.eps, state=lin_state)
+    v = jnp.einsum("btd,dhk->bthk", h, pl_["wv"])
+    if prefix_len is not None:
+      phi_ke = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wk_e"]))
+      v_e = jnp.einsum("btd,dhk->bthk", h, pl_["wv_e"])
+      y, lin_state = la.prefix_linear_attention(
+          phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
+      )
+    else:
+      if keep_BT1 is not None:
+        phi_k = phi_k * keep_BT1[..., None]
+      y, lin_state = la.causal_chunked(phi_q, phi_k, v, chunk=cfg.chunk, eps=cfg.eps, state=lin_state)
     x = _mlp(pl_, x + jnp.einsum("bthk,hkd->btd", y, pl_["wo"]), cfg)
 
     h = norms.rms_norm(x, pw["norm"], cfg.norm_eps)
@@ -152,6 +171,8 @@ def _blocks(params, x_BTD, cfg: BasedConfig, state: State):
     slot_pos = jnp.concatenate([state.length_B[:, None] - n + jnp.arange(n), positions_BT], axis=1)
     mask = (slot_pos[:, None, :] <= positions_BT[:, :, None]) & (slot_pos[:, None, :] > positions_BT[:, :, None] - n)
     mask &= slot_pos[:, None, :] >= 0
+    if key_mask_BT is not None:
+      mask &= jnp.concatenate([jnp.ones((batch, n), bool), key_mask_BT], axis=1)[:, None, :]
     y = attention.attention(q, keys, values, mask)
     x = _mlp(pw, x + jnp.einsum("bthk,hkd->btd", y, pw["wo"]), cfg)
     return x, (conv_state, lin_state, keys[:, -n:], values[:, -n:])
@@ -161,12 +182,18 @@ def _blocks(params, x_BTD, cfg: BasedConfig, state: State):
   return x_BTD, State(conv, lin, wk, wv, state.length_B + time)
 
 
-def prefill(params: dict, tokens_BT: jax.Array, cfg: BasedConfig, state: State | None = None) -> tuple[jax.Array, State]:
-  """Logits float32 [B, T, V] of T tokens (all rows the same length) and the recurrent state after them."""
+def prefill(
+    params: dict, tokens_BT: jax.Array, cfg: BasedConfig, state: State | None = None, *,
+    key_mask_BT: jax.Array | None = None, prefix_len: int | None = None,
+) -> tuple[jax.Array, State]:
+  """Logits float32 [B, T, V] of T tokens and the recurrent state after them.
+
+  Rows of different lengths are left-padded with key_mask_BT False at the padding.
+  """
   if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
     raise ValueError(f"tokens_BT: expected integer ids of shape [B, T], got {tokens_BT.dtype} {tokens_BT.shape}")
   state = init_state(cfg, tokens_BT.shape[0]) if state is None else state
-  x, state = _blocks(params, params["embed"][tokens_BT], cfg, state)
+  x, state = _blocks(params, params["embed"][tokens_BT], cfg, state, prefix_len=prefix_len, key_mask_BT=key_mask_BT)
   h = norms.rms_norm(x, params["final_norm"], cfg.norm_eps)
   return jnp.einsum("btd,dv->btv", h, params["unembed"], preferred_element_type=jnp.float32), state
 

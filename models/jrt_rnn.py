@@ -1,0 +1,115 @@
+"""JRT-RNN: Based with Prefix Linear Attention over an M-token encoder region, NTP + MLM loss.
+
+Shapes: B batch, T time (T >= M), V vocabulary.
+
+The linear-attention layers get encoder projections (wk_e, wv_e) that read the first M
+tokens non-causally (ops.linear_attention.prefix_linear_attention, JRT Eq. 3); the rest of
+the stack is Based's. After the prompt the state is Eq. 4's s_M, z_M and decoding is
+Based's recurrence: no extra decode state. Prompts shorter than M are left-padded to M
+and their padded keys zeroed.
+
+Training loss (Eq. 5): L = (w1 L_NTP + w2 L_MLM) / (w1 + w2), w1 = 1, w2 = 0.25. Each
+encoder token is replaced by [MASK] with probability 15% and predicted at its own position
+(MLM, masked positions only); next-token loss only from positions >= M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from paperjax.models import based
+
+
+@dataclasses.dataclass(frozen=True)
+class JRTConfig:
+  based: based.BasedConfig
+  prefix_len: int  # M
+  mask_id: int  # the [MASK] token (a vocabulary id unused by the data)
+  mlm_prob: float = 0.15
+  ntp_weight: float = 1.0
+  mlm_weight: float = 0.25
+
+  def __post_init__(self):
+    if self.prefix_len < 1:
+      raise ValueError(f"prefix_len: expected >= 1, got {self.prefix_len}")
+    if not 0 <= self.mask_id < self.based.vocab_size:
+      raise ValueError(f"mask_id: expected an id in [0, {self.based.vocab_size}), got {self.mask_id}")
+    if not 0 <= self.mlm_prob < 1 or self.ntp_weight < 0 or self.mlm_weight < 0 or self.ntp_weight + self.mlm_weight == 0:
+      raise ValueError(f"mlm_prob in [0, 1) and non-negative, not both zero, weights expected; got {self}")
+
+
+def init(key: jax.Array, cfg: JRTConfig) -> dict:
+  k_model, k_enc, v_enc = jax.random.split(key, 3)
+  params = based.init(k_model, cfg.based)
+  b = cfg.based
+  fan = 1 / math.sqrt(b.dim)
+  params["linear"] = {
+      **params["linear"],
+      "wk_e": jax.random.truncated_normal(k_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.feature_dim)) * fan,
+      "wv_e": jax.random.truncated_normal(v_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.head_dim)) * fan,
+  }
+  return params
+
+
+def param_axes(cfg: JRTConfig) -> dict:
+  axes = based.param_axes(cfg.based)
+  axes["linear"] = {**axes["linear"], "wk_e": ("layers", "embed", "heads", "feature"), "wv_e": ("layers", "embed", "heads", "head_dim")}
+  return axes
+
+
+def left_pad(prompts_BT: np.ndarray, lengths_B: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-aligns each row's first lengths[b] tokens in `width` slots: (ids, key mask)."""
+  prompts_BT, lengths_B = np.asarray(prompts_BT), np.asarray(lengths_B)
+  if (lengths_B > width).any() or (lengths_B < 1).any():
+    raise ValueError(f"lengths_B: expected 1 <= length <= width={width}, got {lengths_B.tolist()}")
+  slots = np.arange(width)[None, :]
+  mask = slots >= width - lengths_B[:, None]
+  source = np.clip(slots - (width - lengths_B[:, None]), 0, prompts_BT.shape[1] - 1)
+  return np.where(mask, np.take_along_axis(prompts_BT, source, axis=1), 0).astype(np.int32), mask
+
+
+def prefill(params, tokens_BT, cfg: JRTConfig, key_mask_BT=None) -> tuple[jax.Array, based.State]:
+  """Logits [B, T, V] and the state after T >= M tokens (Eq. 4's state when T = M)."""
+  if tokens_BT.shape[1] < cfg.prefix_len:
+    raise ValueError(f"tokens_BT: {tokens_BT.shape[1]} tokens are fewer than the encoder length M={cfg.prefix_len}; left_pad them")
+  return based.prefill(params, tokens_BT, cfg.based, key_mask_BT=key_mask_BT, prefix_len=cfg.prefix_len)
+
+
+def forward(params, tokens_BT, cfg: JRTConfig, key_mask_BT=None) -> jax.Array:
+  return prefill(params, tokens_BT, cfg, key_mask_BT)[0]
+
+
+def decode(params, token_B, state: based.State, cfg: JRTConfig) -> tuple[jax.Array, based.State]:
+  """Decoding after the prompt is Based's recurrence."""
+  return based.decode(params, token_B, state, cfg.based)
+
+
+def loss_masks(time: int, prefix_len: int, masked_BT: jax.Array, key_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(ntp_BT: positions t >= M whose next token t + 1 exists, mlm_BT: masked real encoder positions)."""
+  t = jnp.arange(time)[None, :]
+  ntp = (t >= prefix_len) & (t < time - 1) & key_mask_BT
+  mlm = masked_BT & (t < prefix_len) & key_mask_BT
+  return ntp, mlm
+
+
+def loss(params, tokens_BT, cfg: JRTConfig, key: jax.Array, key_mask_BT=None) -> tuple[jax.Array, dict]:
+  """Eq. 5 on a batch: [MASK] corruption of the encoder, then weighted NTP + MLM cross-entropy."""
+  batch, time = tokens_BT.shape
+  key_mask_BT = jnp.ones((batch, time), bool) if key_mask_BT is None else key_mask_BT
+  masked_BT = (jax.random.uniform(key, (batch, time)) < cfg.mlm_prob) & (jnp.arange(time) < cfg.prefix_len) & key_mask_BT
+  inputs_BT = jnp.where(masked_BT, cfg.mask_id, tokens_BT)
+  logits_BTV = forward(params, inputs_BT, cfg, key_mask_BT)
+  ntp_BT, mlm_BT = loss_masks(time, cfg.prefix_len, masked_BT, key_mask_BT)
+  next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
+  ntp = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, next_BT)
+  mlm = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT)
+  mean = lambda x, m: jnp.sum(x * m) / jnp.maximum(m.sum(), 1)
+  l_ntp, l_mlm = mean(ntp, ntp_BT), mean(mlm, mlm_BT)
+  total = (cfg.ntp_weight * l_ntp + cfg.mlm_weight * l_mlm) / (cfg.ntp_weight + cfg.mlm_weight)
+  return total, {"ntp": l_ntp, "mlm": l_mlm, "masked": mlm_BT.sum()}
