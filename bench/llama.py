@@ -90,8 +90,8 @@ def _cache_vs_recompute(ctx: Context, cfg: Config, params):
   for length in progress(cfg.cache_lengths, "llama: cache vs recompute"):
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, length + 1), 0, model.vocab_size)
     _, cache = forward(params, tokens[:, :length], model, cache=llama.init_cache(model, cfg.batch, length + 1))
-    cached = time_fn(lambda: forward(params, tokens[:, length:], model, cache=cache), repeats=ctx.repeats)
-    full = time_fn(lambda: forward(params, tokens, model), repeats=ctx.repeats)
+    cached = time_fn(forward, params, tokens[:, length:], model, cache=cache, repeats=ctx.repeats)
+    full = time_fn(forward, params, tokens, model, repeats=ctx.repeats)
     speedups.append(full.median_s / cached.median_s)
     records.append(ctx.record(f"decode step speed-up, KV cache vs recompute, prefix {length}", speedups[-1], "x"))
   plot = Plot(

@@ -95,7 +95,7 @@ def _throughput(ctx: Context, cfg: Config):
     records.append(ctx.record(f"pairs/s numpy einsum+max ({label})", pairs / base, "pairs/s"))
     series.setdefault(f"numpy, S={doc_len}", []).append(pairs / base)
     for impl in impls:
-      ours = time_fn(lambda: maxsim.maxsim(qj, dj, d_lengths_N=lj, impl=impl), repeats=ctx.repeats).median_s
+      ours = time_fn(maxsim.maxsim, qj, dj, d_lengths_N=lj, impl=impl, repeats=ctx.repeats).median_s
       records.append(ctx.record(f"pairs/s paperjax {impl} ({label})", pairs / ours, "pairs/s"))
       records.append(ctx.record(f"speed-up paperjax {impl} vs numpy ({label}, same run)", base / ours, "x"))
       series.setdefault(f"paperjax {impl}, S={doc_len}", []).append(pairs / ours)

@@ -67,9 +67,9 @@ class State:
   length_B: jax.Array  # tokens seen
 
 
-def _layer_params(keys, cfg: BasedConfig, mixer: dict) -> dict:
+def _layer_params(normal, cfg: BasedConfig, mixer: dict) -> dict:
+  """A layer's mixer weights plus its pre-norms and SwiGLU MLP, stacked over L blocks."""
   L, D, F = cfg.n_blocks, cfg.dim, cfg.ffn_dim
-  normal = lambda shape, fan_in: jax.random.truncated_normal(next(keys), -2, 2, shape) / math.sqrt(fan_in)
   return {
       "norm": jnp.ones((L, D)), **mixer, "mlp_norm": jnp.ones((L, D)),
       "w1": normal((L, D, F), D), "w3": normal((L, D, F), D), "w2": normal((L, F, D), F) / math.sqrt(2 * 3 * L),
@@ -83,13 +83,13 @@ def init(key: jax.Array, cfg: BasedConfig) -> dict:
   out = lambda: normal((L, H, K, D), D) / math.sqrt(2 * 3 * L)
   return {
       "embed": normal((cfg.vocab_size, D), 1),
-      "conv": _layer_params(keys, cfg, {
+      "conv": _layer_params(normal, cfg, {
           "w_in": normal((L, D, D), D), "w_gate": normal((L, D, D), D), "kernel": normal((L, cfg.conv_width, D), cfg.conv_width),
       }),
-      "linear": _layer_params(keys, cfg, {
+      "linear": _layer_params(normal, cfg, {
           "wq": normal((L, D, H, P), D), "wk": normal((L, D, H, P), D), "wv": normal((L, D, H, K), D), "wo": out(),
       }),
-      "window": _layer_params(keys, cfg, {
+      "window": _layer_params(normal, cfg, {
           "wq": normal((L, D, H, K), D), "wk": normal((L, D, H, K), D), "wv": normal((L, D, H, K), D), "wo": out(),
       }),
       "final_norm": jnp.ones((D,)),

@@ -168,28 +168,12 @@ def param_axes(cfg: LlamaConfig) -> dict:
   return axes
 
 
-def forward(
-    params: dict,
-    tokens_BT: jax.Array,
-    cfg: LlamaConfig,
-    *,
-    positions_BT: jax.Array | None = None,
-    segment_ids_BT: jax.Array | None = None,
-    cache: KVCache | None = None,
-    num_new_B: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache | None]:
+def forward(params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, **inputs) -> tuple[jax.Array, KVCache | None]:
   """Next-token logits (float32 [B, T, V]) and the updated cache.
 
-  Without a cache: causal attention over tokens_BT, restricted to equal segment ids when
-  given (packed documents); positions default to 0 .. T-1.
-  With a cache: tokens are written at slots lengths[b] + t and attend to every earlier
-  slot; positions default to the slots; only the first num_new_B[b] tokens of row b
-  (default all T) count, so right-padded prompts of different lengths prefill together.
+  Keyword inputs (positions_BT, segment_ids_BT, cache, num_new_B) as in `forward_hidden`.
   """
-  hidden_BTD, cache = forward_hidden(
-      params, tokens_BT, cfg, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
-      cache=cache, num_new_B=num_new_B,
-  )
+  hidden_BTD, cache = forward_hidden(params, tokens_BT, cfg, **inputs)
   return unembed(params, hidden_BTD, cfg), cache
 
 
@@ -209,7 +193,14 @@ def forward_hidden(
     cache: KVCache | None = None,
     num_new_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-  """`forward` up to the final RMSNorm: hidden states [B, T, D] and the updated cache."""
+  """Hidden states after the final RMSNorm ([B, T, D]) and the updated cache.
+
+  Without a cache: causal attention over tokens_BT, restricted to equal segment ids when
+  given (packed documents); positions default to 0 .. T-1.
+  With a cache: tokens are written at slots lengths[b] + t and attend to every earlier
+  slot; positions default to the slots; only the first num_new_B[b] tokens of row b
+  (default all T) count, so right-padded prompts of different lengths prefill together.
+  """
   batch, time = _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B)
   if cache is None:
     index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))

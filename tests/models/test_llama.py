@@ -1,7 +1,6 @@
 """Llama model: cache == no cache, document packing, parameter accounting, errors."""
 
 import dataclasses
-import math
 
 import chex
 import jax
