@@ -1,6 +1,6 @@
 """Training steps of the post-training pipeline: SFT, reward model, preference optimisation.
 
-All three reuse `models.train` (optimizer, schedule, TrainState). SFT is plain next-token
+All three reuse `models.train` (make_step, TrainState). SFT is plain next-token
 training with the completion mask; the reward model minimises the Bradley-Terry loss; the
 policy minimises a `dpo.PreferenceConfig` loss against a frozen reference whose log-probs
 are computed outside the gradient.
@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-import optax
 
 from paperjax.align import dpo, logprobs, reward
 from paperjax.align.data import PreferenceBatch
@@ -28,18 +27,6 @@ def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> train.Ba
   )
 
 
-def _step(loss_fn, tcfg: train.TrainConfig):
-  tx = train.optimizer(tcfg)
-
-  @jax.jit
-  def step(state: train.TrainState, *args):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return train.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), {"loss": loss, **metrics}
-
-  return step
-
-
 def make_reward_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, *, centering: float = 0.0) -> Callable:
   """(state, PreferenceBatch) -> (state, metrics) minimising the Bradley-Terry loss (with margins)."""
 
@@ -48,7 +35,7 @@ def make_reward_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, *, centeri
     r_r = reward.rewards(params, batch.rejected_BT, batch.rejected_lengths_B, cfg)
     return reward.bradley_terry_loss(r_c, r_r, margin_B=batch.margin_B, centering=centering)
 
-  return _step(loss_fn, tcfg)
+  return train.make_step(loss_fn, tcfg)
 
 
 def pair_logprobs(params: dict, cfg: llama.LlamaConfig, batch: PreferenceBatch) -> tuple[logprobs.SequenceLogProbs, ...]:
@@ -66,7 +53,7 @@ def make_preference_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, pcfg: 
     chosen, rejected = pair_logprobs(params, cfg, batch)
     return dpo.preference_loss(dpo.PairLogProbs(chosen, rejected, *reference), pcfg)
 
-  return _step(loss_fn, tcfg)
+  return train.make_step(loss_fn, tcfg)
 
 
 def reference_logprobs(ref_params: dict, cfg: llama.LlamaConfig, batch: PreferenceBatch):

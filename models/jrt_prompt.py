@@ -4,12 +4,15 @@ A recurrent model that sees the question only after the context must have stored
 everything; repeating the context (after the question has been seen once) lets it store
 what matters. The paper's template is A(C, Q, C, Q): context and question, twice.
 
-Shapes: B batch, T padded length.
+Shapes: B batch, T padded length. For the synthetic recall tasks, `repeat_recall` reads a
+whole `RecallBatch` prompt `repeats` times and scores only the last reading.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from paperjax.models.synthetic import RecallBatch
 
 
 def build(context: str, question: str, *, repeats: int = 2, separator: str = "\n\n") -> str:
@@ -35,3 +38,17 @@ def repeat_rows(tokens_BT: np.ndarray, lengths_B: np.ndarray, repeats: int = 2) 
   source = t % np.maximum(lengths_B, 1)[:, None]
   out = np.take_along_axis(tokens_BT, source, axis=1)
   return np.where(t < new_lengths[:, None], out, 0).astype(tokens_BT.dtype), new_lengths
+
+
+def repeat_recall(batch: RecallBatch, repeats: int = 2) -> RecallBatch:
+  """The prompt read `repeats` times, scored on the last reading only: [B, repeats * T].
+
+  For tasks whose question is the prompt itself (set disjointness: which token do the two
+  sets share?), so the first reading never shows an answer. Targets stay next tokens.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats: expected >= 1, got {repeats}")
+  tokens_BT = np.tile(batch.tokens_BT, (1, repeats))
+  targets_BT = np.concatenate([tokens_BT[:, 1:], batch.targets_BT[:, -1:]], axis=1)
+  earlier_BT = np.zeros((batch.tokens_BT.shape[0], (repeats - 1) * batch.tokens_BT.shape[1]), bool)
+  return RecallBatch(tokens_BT, targets_BT, np.concatenate([earlier_BT, batch.target_mask_BT], axis=1))

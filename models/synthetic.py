@@ -4,14 +4,18 @@ Shapes: B batch, T sequence length. Token 0 is padding; 1, 2, 3 are separators; 
 of the vocabulary is split into two halves (keys / values, or set A / set B).
 
 A `RecallBatch` is next-token data: targets_BT[t] is the token expected after position t,
-and target_mask_BT marks the positions that are scored (the recall answers only).
+and target_mask_BT marks the positions that are scored (the recall answers only);
+`recall_loss` is the cross-entropy and accuracy over those positions.
 """
 
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 PAD, SEP1, SEP2, SEP3 = 0, 1, 2, 3
 FIRST = 4
@@ -81,3 +85,14 @@ def set_disjointness(
   mask = np.zeros(tokens.shape, bool)
   mask[:, -1] = True
   return RecallBatch(tokens, targets, mask)
+
+
+def recall_loss(logits_BTV: jax.Array, batch: RecallBatch) -> tuple[jax.Array, dict]:
+  """(mean cross-entropy over the scored positions, {"accuracy": argmax == target there})."""
+  if logits_BTV.shape[:2] != batch.tokens_BT.shape:
+    raise ValueError(f"logits_BTV: expected leading shape {batch.tokens_BT.shape}, got {logits_BTV.shape}")
+  mask_BT = jnp.asarray(batch.target_mask_BT, jnp.float32)
+  count = jnp.maximum(mask_BT.sum(), 1.0)
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), batch.targets_BT)
+  hits_BT = (jnp.argmax(logits_BTV, -1) == batch.targets_BT) * mask_BT
+  return jnp.sum(nll_BT * mask_BT) / count, {"accuracy": hits_BT.sum() / count}

@@ -102,20 +102,28 @@ def loss_fn(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
   return jnp.sum(nll_BT * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def make_train_step(cfg: llama.LlamaConfig, tcfg: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """A jitted (state, batch) -> (state, metrics) with metrics loss, grad_norm, lr."""
+def make_step(loss_fn: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig) -> Callable[..., tuple[TrainState, dict]]:
+  """A jitted (state, *args) -> (state, metrics) minimising loss_fn(params, *args) -> (loss, aux).
+
+  One AdamW step of `optimizer(tcfg)`; metrics are loss, grad_norm, lr and the aux dict.
+  """
   tx = optimizer(tcfg)
   lr = schedule(tcfg)
 
   @jax.jit
-  def step(state: TrainState, batch: Batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, cfg)
+  def step(state: TrainState, *args):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step), **aux}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return step
+
+
+def make_train_step(cfg: llama.LlamaConfig, tcfg: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """A jitted (state, batch) -> (state, metrics) of next-token training with metrics loss, grad_norm, lr."""
+  return make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg)
 
 
 @functools.partial(jax.jit, static_argnums=2)

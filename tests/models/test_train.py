@@ -44,6 +44,23 @@ def test_schedule_warmup_then_cosine():
   assert float(lr(250)) == pytest.approx(floor)
 
 
+def test_make_step_applies_one_optimizer_update_and_reports_aux():
+  tcfg = train.TrainConfig(total_steps=10, warmup_steps=0, peak_lr=0.1)
+  params = {"w": np.array([1.0, -2.0], np.float32)}
+  x = np.array([0.5, 0.5], np.float32)
+  loss_fn = lambda p, x: (((p["w"] - x) ** 2).sum(), {"first": p["w"][0]})
+  state = train.TrainState(np.int32(0), params, train.optimizer(tcfg).init(params))
+  new, metrics = train.make_step(loss_fn, tcfg)(state, x)
+  grads = {"w": 2 * (params["w"] - x)}
+  updates, _ = train.optimizer(tcfg).update(grads, state.opt_state, params)
+  assert np.abs(updates["w"]).min() > 0.01
+  np.testing.assert_allclose(new.params["w"], params["w"] + updates["w"], rtol=1e-6)
+  assert int(new.step) == 1 and float(metrics["first"]) == 1.0
+  assert float(metrics["loss"]) == pytest.approx(0.25 + 6.25)
+  assert float(metrics["grad_norm"]) == pytest.approx(math.hypot(1.0, 5.0), rel=1e-6)
+  assert float(metrics["lr"]) == pytest.approx(0.1)
+
+
 def test_packed_batch_positions_and_target_mask():
   tokens = np.array([[1, 2, 3, 4, 5, 6]])
   segments = np.array([[7, 7, 8, 8, 8, 9]])
