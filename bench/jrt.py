@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +133,14 @@ def _state_numbers(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def _recall_models(rc: RecallConfig, width: int):
-  """name -> (init(key), logits_fn(params, tokens), JRT-Prompt repeats, decode-state numbers)."""
+class _Model(NamedTuple):
+  init: Callable  # key -> params
+  logits_fn: Callable  # (params, tokens_BT) -> logits_BTV
+  repeats: int  # prompt readings (2 for JRT-Prompt)
+  state_numbers: int  # decode state per row: the recurrent state, or the prompt's KV cache
+
+
+def _recall_models(rc: RecallConfig, width: int) -> dict[str, _Model]:
   bcfg = based.BasedConfig(
       rc.vocab_size, width, n_blocks=2, n_heads=2, feature_dim=rc.feature_dim, window=rc.window, ffn_dim=2 * width
   )
@@ -147,24 +155,23 @@ def _recall_models(rc: RecallConfig, width: int):
   kv_cache = 2 * lcfg.n_layers * rc.prompt_len * lcfg.n_kv_heads * lcfg.k  # grows with the prompt
   based_fn = lambda params, tokens: based.forward(params, tokens, bcfg)
   return {
-      "Based": (lambda key: based.init(key, bcfg), based_fn, 1, recurrent),
-      "JRT-RNN": (lambda key: jrt_rnn.init(key, jcfg), lambda params, tokens: jrt_rnn.forward(params, tokens, jcfg), 1, recurrent),
-      "Based + JRT-Prompt": (lambda key: based.init(key, bcfg), based_fn, 2, recurrent),
-      "Transformer": (lambda key: llama.init(key, lcfg), lambda params, tokens: llama.forward(params, tokens, lcfg)[0], 1, kv_cache),
+      "Based": _Model(lambda key: based.init(key, bcfg), based_fn, 1, recurrent),
+      "JRT-RNN": _Model(lambda key: jrt_rnn.init(key, jcfg), lambda params, tokens: jrt_rnn.forward(params, tokens, jcfg), 1, recurrent),
+      "Based + JRT-Prompt": _Model(lambda key: based.init(key, bcfg), based_fn, 2, recurrent),
+      "Transformer": _Model(lambda key: llama.init(key, lcfg), lambda params, tokens: llama.forward(params, tokens, lcfg)[0], 1, kv_cache),
   }
 
 
-def _recall_accuracy(ctx: Context, rc: RecallConfig, name: str, order: str, model) -> float:
+def _recall_accuracy(ctx: Context, rc: RecallConfig, name: str, order: str, model: _Model) -> float:
   """Trains one model on `order` (AdamW, answer-only cross-entropy); held-out accuracy on it."""
-  init, logits_fn, repeats, _ = model
-  loss = lambda params, batch: synthetic.recall_loss(logits_fn(params, batch.tokens_BT), batch)
+  loss = lambda params, batch: synthetic.recall_loss(model.logits_fn(params, batch.tokens_BT), batch)
   tcfg = train.TrainConfig(batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed)
   step = train.make_step(loss, tcfg)
-  params = init(jax.random.key(ctx.seed))
+  params = model.init(jax.random.key(ctx.seed))
   state = train.TrainState(jnp.int32(0), params, train.optimizer(tcfg).init(params))
   for i in progress(range(rc.steps), f"jrt: train {name}, {order}"):
-    state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, repeats))
-  held_out = _sets(rc, np.random.default_rng([ctx.seed, rc.steps, 1]), rc.eval_batch, order, repeats)  # unseen stream
+    state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, model.repeats))
+  held_out = _sets(rc, np.random.default_rng([ctx.seed, rc.steps, 1]), rc.eval_batch, order, model.repeats)  # unseen stream
   return float(jax.jit(lambda params, batch: loss(params, batch)[1]["accuracy"])(state.params, held_out))
 
 
@@ -174,7 +181,7 @@ def _recall(ctx: Context, rc: RecallConfig) -> tuple[list, Plot, str]:
   for width in rc.widths:
     models = _recall_models(rc, width)
     for name, orders in RUNS:
-      state_kib.setdefault(name, []).append(models[name][3] * 4 / 1024)
+      state_kib.setdefault(name, []).append(models[name].state_numbers * 4 / 1024)
       for order in orders:
         value = _recall_accuracy(ctx, rc, f"{name}, width {width}", order, models[name])
         acc.setdefault((name, order), []).append(value)
