@@ -77,12 +77,13 @@ class Config:
   recall: RecallConfig
 
 
-# small: sets that 2-block CPU models learn within 1000 steps. paper: a large set whose
-# information (log2 C(510, 256) ~ 505 bits) outgrows the narrow states; for an accelerator.
+# small: a 96-of-254 set (239 bits) against a width-8 state of 236 float32 numbers, 1500
+# steps, about 25 minutes on 2 CPU cores (with 32-of-126 sets, 99 bits, every model solved
+# both orders at widths 8 and 16). paper: the same sets across widths, longer training.
 CONFIGS = {
     "ci": Config((256, 512), 1, RecallConfig(32, 2, 4, (8,), 3, 8, 16, 1e-2)),
-    "small": Config((1024, 2048, 4096, 8192), 1, RecallConfig(256, 8, 32, (8, 16), 1000, 64, 512, 1e-2)),
-    "paper": Config((2048, 4096, 8192, 16384, 32768), 16, RecallConfig(1024, 16, 256, (8, 16, 32, 64), 4000, 64, 2048, 1e-2)),
+    "small": Config((1024, 2048, 4096, 8192), 1, RecallConfig(512, 8, 96, (8,), 1500, 64, 512, 1e-2)),
+    "paper": Config((2048, 4096, 8192, 16384, 32768), 16, RecallConfig(512, 8, 96, (8, 16, 32, 64), 3000, 64, 2048, 1e-2)),
 }
 
 
