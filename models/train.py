@@ -102,8 +102,8 @@ def loss_fn(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
   return jnp.sum(nll_BT * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def make_step(loss_fn: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig) -> Callable[..., tuple[TrainState, dict]]:
-  """A jitted (state, *args) -> (state, metrics) minimising loss_fn(params, *args) -> (loss, aux).
+def make_step(objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig) -> Callable[..., tuple[TrainState, dict]]:
+  """A jitted (state, *args) -> (state, metrics) minimising objective(params, *args) -> (loss, aux).
 
   One AdamW step of `optimizer(tcfg)`; metrics are loss, grad_norm, lr and the aux dict.
   """
@@ -112,7 +112,7 @@ def make_step(loss_fn: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig)
 
   @jax.jit
   def step(state: TrainState, *args):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, *args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step), **aux}
