@@ -97,7 +97,7 @@ def run(ctx: Context) -> Result:
   take = lambda i: PreferenceBatch(*(x[pick(cfg.num_pairs, i)] for x in pairs))
   rm_cfg = tcfg(cfg.rm_steps, 1e-3)
   rm_params = {**reward.init(jax.random.key(ctx.seed + 1), MODEL), "model": sft_params}
-  rm_state = train.TrainState(jnp.int32(0), rm_params, train.optimizer(rm_cfg).init(rm_params))
+  rm_state = train.start_state(rm_params, rm_cfg)
   rm_state, losses = _train("reward model", align_train.make_reward_step(MODEL, rm_cfg), rm_state, take, cfg.rm_steps)
   curves.append(Series("reward model (BT)", tuple(range(len(losses))), tuple(losses)))
   score_rows = jax.jit(lambda p, t, n: reward.rewards(p, t, n, MODEL))
@@ -113,7 +113,7 @@ def run(ctx: Context) -> Result:
   reference = lambda batch: align_train.reference_logprobs(sft_params, MODEL, batch)
   for name, pcfg in POLICIES.items():
     po_cfg = tcfg(cfg.po_steps, 5e-4)
-    po_state = train.TrainState(jnp.int32(0), sft_params, train.optimizer(po_cfg).init(sft_params))
+    po_state = train.start_state(sft_params, po_cfg)
     step = align_train.make_preference_step(MODEL, po_cfg, pcfg)
     ref_fn = reference if dpo.LOSSES[pcfg.loss].reference else (lambda batch: (None, None))
     po_state, losses = _train(name, step, po_state, take, cfg.po_steps, ref_fn)

@@ -168,8 +168,7 @@ def _recall_accuracy(ctx: Context, rc: RecallConfig, name: str, order: str, mode
   loss = lambda params, batch: synthetic.recall_loss(model.logits_fn(params, batch.tokens_BT), batch)
   tcfg = train.TrainConfig(batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed)
   step = train.make_step(loss, tcfg)
-  params = model.init(jax.random.key(ctx.seed))
-  state = train.TrainState(jnp.int32(0), params, train.optimizer(tcfg).init(params))
+  state = train.start_state(model.init(jax.random.key(ctx.seed)), tcfg)
   for i in progress(range(rc.steps), f"jrt: train {name}, {order}"):
     state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, model.repeats))
   held_out = _sets(rc, np.random.default_rng([ctx.seed, rc.steps, 1]), rc.eval_batch, order, model.repeats)  # unseen stream

@@ -87,9 +87,13 @@ def optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
-def init_state(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig) -> TrainState:
-  params = llama.init(key, cfg)
+def start_state(params: dict, tcfg: TrainConfig) -> TrainState:
+  """Step 0: `params` with a fresh `optimizer(tcfg)` state (any model's pytree)."""
   return TrainState(jnp.int32(0), params, optimizer(tcfg).init(params))
+
+
+def init_state(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig) -> TrainState:
+  return start_state(llama.init(key, cfg), tcfg)
 
 
 def loss_fn(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:

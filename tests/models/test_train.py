@@ -49,7 +49,7 @@ def test_make_step_applies_one_optimizer_update_and_reports_aux():
   params = {"w": np.array([1.0, -2.0], np.float32)}
   x = np.array([0.5, 0.5], np.float32)
   loss_fn = lambda p, x: (((p["w"] - x) ** 2).sum(), {"first": p["w"][0]})
-  state = train.TrainState(np.int32(0), params, train.optimizer(tcfg).init(params))
+  state = train.start_state(params, tcfg)
   new, metrics = train.make_step(loss_fn, tcfg)(state, x)
   grads = {"w": 2 * (params["w"] - x)}
   updates, _ = train.optimizer(tcfg).update(grads, state.opt_state, params)
