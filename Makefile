@@ -1,27 +1,46 @@
 # Two commands: `make test` and `make bench`. Each bootstraps .venv on a fresh machine
-# (Python >= 3.11, nothing else installed) and reinstalls only when pyproject.toml changes.
+# (Python >= 3.11, nothing else installed). The install is editable in setuptools' strict
+# mode (a tree of symlinks that type checkers and IDEs can follow): edits are live, and it
+# is redone when pyproject.toml changes or a module is added, moved or deleted.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.paperjax-installed
+MODULES := $(VENV)/.paperjax-modules
+PACKAGES := models ops align interp compress bench
 SCALE  ?= small
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
-.PHONY: test bench venv clean
+.PHONY: test lint format bench venv clean FORCE
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Rewritten only when the set of package files changes, so its mtime marks that change.
+$(MODULES): FORCE
+	@mkdir -p $(VENV)
+	@find $(PACKAGES) \( -name '*.py' -o -name py.typed \) -not -path '*/__pycache__/*' | sort > $@.new
+	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
+
+$(STAMP): pyproject.toml $(MODULES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,bench,lint]' --config-settings editable_mode=strict
 	@touch $@
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m paperjax.bench --scale=$(SCALE) --out=results
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache build

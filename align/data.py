@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from paperjax.align.reward import LLAMA2_MARGINS
-from paperjax.models.tokenizer import Tokenizer
+from paperjax.models.data.tokenizer import Tokenizer
 
 
 class PreferenceBatch(NamedTuple):

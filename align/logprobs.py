@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from paperjax.models import llama
+from paperjax.models.transformer import llama
 
 
 class SequenceLogProbs(NamedTuple):

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from paperjax.models import generate, llama
+from paperjax.models.serving import generate
+from paperjax.models.transformer import llama
 
 # (prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -> rewards_B
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -17,7 +17,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from paperjax.models import llama
+from paperjax.models.transformer import llama
 
 LLAMA2_MARGINS = {
     "significantly better": 1.0,

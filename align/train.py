@@ -15,7 +15,8 @@ import numpy as np
 
 from paperjax.align import dpo, logprobs, reward
 from paperjax.align.data import PreferenceBatch
-from paperjax.models import llama, train
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 
 
 def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> train.Batch:

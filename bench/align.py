@@ -24,7 +24,9 @@ from paperjax.align import train as align_train
 from paperjax.align.data import PreferenceBatch
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress
-from paperjax.models import generate, llama, train
+from paperjax.models.serving import generate
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 
 DPO_PAPER = "DPO (arXiv 2305.18290): beats the SFT model it starts from"
 

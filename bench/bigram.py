@@ -26,7 +26,8 @@ from absl import app
 
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
-from paperjax.models import bigram, corpus, tokenizer
+from paperjax.models.data import corpus, tokenizer
+from paperjax.models.ngram import bigram
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUALITATIVE = "LLM explainer (qualitative)"

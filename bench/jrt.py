@@ -36,7 +36,10 @@ from absl import app
 
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
-from paperjax.models import based, jrt_prompt, jrt_rnn, llama, synthetic, train
+from paperjax.models.data import jrt_prompt, synthetic
+from paperjax.models.recurrent import based, jrt_rnn
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 from paperjax.ops import attention, linear_attention as la
 
 JRT = "JRT (arXiv 2407.05483), Table 5, N=32768, batch 16, H100"

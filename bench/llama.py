@@ -25,7 +25,10 @@ from absl import app
 
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
-from paperjax.models import corpus, generate, llama, tokenizer, train
+from paperjax.models.data import corpus, tokenizer
+from paperjax.models.serving import generate
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 
 REPORT = "Llama 3 report (arXiv 2407.21783)"
 

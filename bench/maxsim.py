@@ -26,7 +26,9 @@ from absl import app
 
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
-from paperjax.models import corpus, llama, tokenizer, train
+from paperjax.models.data import corpus, tokenizer
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 from paperjax.ops import maxsim
 
 COLBERT = "ColBERT (arXiv 2004.12832)"

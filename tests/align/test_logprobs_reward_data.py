@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from paperjax.align import data, logprobs, rejection_sampling, reward
-from paperjax.models import generate, llama, tokenizer
+from paperjax.models.data import tokenizer
+from paperjax.models.serving import generate
+from paperjax.models.transformer import llama
 
 CFG = llama.PRESETS["tiny"]
 

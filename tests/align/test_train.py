@@ -7,7 +7,8 @@ import numpy as np
 
 from paperjax.align import data, dpo, reward, tasks
 from paperjax.align import train as align_train
-from paperjax.models import llama, train
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 
 TASK = tasks.SortTask()
 MODEL = llama.LlamaConfig(vocab_size=TASK.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)

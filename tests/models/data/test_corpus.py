@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from paperjax.models import corpus, tokenizer
+from paperjax.models.data import corpus, tokenizer
 
 
 def test_documents_are_deterministic_and_budgeted():

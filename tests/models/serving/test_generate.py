@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paperjax.models import generate, llama, tokenizer
+from paperjax.models.data import tokenizer
+from paperjax.models.serving import generate
+from paperjax.models.transformer import llama
 
 CFG = llama.PRESETS["tiny"]
 

@@ -26,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import struct
 
-from paperjax.models import llama
+from paperjax.models.transformer import llama
 
 
 @dataclasses.dataclass(frozen=True)

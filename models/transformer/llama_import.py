@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models import llama
+from paperjax.models.transformer import llama
 from paperjax.ops import rope
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exports include

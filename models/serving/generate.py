@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models import llama
-from paperjax.models.tokenizer import Tokenizer
+from paperjax.models.transformer import llama
+from paperjax.models.data.tokenizer import Tokenizer
 from paperjax.ops import sampling
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from paperjax.models import llama, llama_import
+from paperjax.models.transformer import llama, llama_import
 from paperjax.ops import rope
 
 CFG = dataclasses.replace(

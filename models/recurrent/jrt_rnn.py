@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from paperjax.models import based
+from paperjax.models.recurrent import based
 
 
 @dataclasses.dataclass(frozen=True)

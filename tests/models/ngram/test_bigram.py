@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paperjax.models import bigram
+from paperjax.models.ngram import bigram
 
 
 def test_hand_worked_bigram_with_empty_row():

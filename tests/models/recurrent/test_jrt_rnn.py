@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paperjax.models import based, jrt_rnn
+from paperjax.models.recurrent import based, jrt_rnn
 
 CFG = jrt_rnn.JRTConfig(
     based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4),

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from paperjax.models import corpus, llama, tokenizer, train
+from paperjax.models.data import corpus, tokenizer
+from paperjax.models.training import train
+from paperjax.models.transformer import llama
 
 V = 512
 CFG = llama.LlamaConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from paperjax.models.tokenizer import Tokenizer
+from paperjax.models.data.tokenizer import Tokenizer
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 

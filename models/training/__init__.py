@@ -1,0 +1,1 @@
+"""paperjax.models.training."""
