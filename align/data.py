@@ -75,9 +75,14 @@ def tokenize(records: Sequence[dict], tok: Tokenizer, *, max_len: int) -> Prefer
   chosen_BT, chosen_lengths = _pad(chosen, tok.pad_id)
   rejected_BT, rejected_lengths = _pad(rejected, tok.pad_id)
   return PreferenceBatch(
-      chosen_BT, _completion_mask(chosen_BT.shape, prompt_lengths, chosen_lengths), chosen_lengths,
-      rejected_BT, _completion_mask(rejected_BT.shape, prompt_lengths, rejected_lengths), rejected_lengths,
-      prompt_lengths, np.asarray(margins, np.float32),
+    chosen_BT,
+    _completion_mask(chosen_BT.shape, prompt_lengths, chosen_lengths),
+    chosen_lengths,
+    rejected_BT,
+    _completion_mask(rejected_BT.shape, prompt_lengths, rejected_lengths),
+    rejected_lengths,
+    prompt_lengths,
+    np.asarray(margins, np.float32),
   )
 
 
@@ -88,15 +93,23 @@ def load(path: str | os.PathLike, tok: Tokenizer, *, max_len: int) -> Preference
 def from_token_arrays(prompts_BP: np.ndarray, chosen_BC: np.ndarray, rejected_BC: np.ndarray) -> PreferenceBatch:
   """A batch from already-tokenized, equal-width prompts and completions (synthetic tasks)."""
   if not (prompts_BP.shape[0] == chosen_BC.shape[0] == rejected_BC.shape[0]) or chosen_BC.shape != rejected_BC.shape:
-    raise ValueError(f"prompts, chosen, rejected: expected [B, P], [B, C], [B, C], got {prompts_BP.shape}, {chosen_BC.shape}, {rejected_BC.shape}")
+    raise ValueError(
+      f"prompts, chosen, rejected: expected [B, P], [B, C], [B, C], "
+      f"got {prompts_BP.shape}, {chosen_BC.shape}, {rejected_BC.shape}"
+    )
   batch, width = prompts_BP.shape[0], prompts_BP.shape[1] + chosen_BC.shape[1]
   prompt_lengths = np.full((batch,), prompts_BP.shape[1], np.int32)
   lengths = np.full((batch,), width, np.int32)
   mask = _completion_mask((batch, width), prompt_lengths, lengths)
   return PreferenceBatch(
-      np.concatenate([prompts_BP, chosen_BC], 1).astype(np.int32), mask, lengths,
-      np.concatenate([prompts_BP, rejected_BC], 1).astype(np.int32), mask, lengths,
-      prompt_lengths, np.zeros((batch,), np.float32),
+    np.concatenate([prompts_BP, chosen_BC], 1).astype(np.int32),
+    mask,
+    lengths,
+    np.concatenate([prompts_BP, rejected_BC], 1).astype(np.int32),
+    mask,
+    lengths,
+    prompt_lengths,
+    np.zeros((batch,), np.float32),
   )
 
 

@@ -102,8 +102,8 @@ class PreferenceConfig:
       raise ValueError(f"label_smoothing: expected 0 <= eps < 0.5, got {eps}")
     if self.discopop_tau <= 0 or self.rpo_alpha < 0 or self.orpo_lambda < 0:
       raise ValueError(
-          f"discopop_tau > 0, rpo_alpha >= 0, orpo_lambda >= 0 expected, got "
-          f"{self.discopop_tau}, {self.rpo_alpha}, {self.orpo_lambda}"
+        f"discopop_tau > 0, rpo_alpha >= 0, orpo_lambda >= 0 expected, got "
+        f"{self.discopop_tau}, {self.rpo_alpha}, {self.orpo_lambda}"
       )
 
 
@@ -238,8 +238,12 @@ def preference_loss(lp: PairLogProbs, cfg: PreferenceConfig) -> tuple[jax.Array,
   def terms(averaged: bool) -> Terms:
     refs = (lp.ref_chosen, lp.ref_rejected) if spec.reference else (None, None)
     return Terms(
-        form(lp.chosen, averaged), form(lp.rejected, averaged), form(refs[0], averaged), form(refs[1], averaged),
-        lp.chosen.count_B, lp.rejected.count_B,
+      form(lp.chosen, averaged),
+      form(lp.rejected, averaged),
+      form(refs[0], averaged),
+      form(refs[1], averaged),
+      lp.chosen.count_B,
+      lp.rejected.count_B,
     )
 
   losses_B = spec.fn(terms(spec.averaged), cfg)
@@ -249,27 +253,27 @@ def preference_loss(lp: PairLogProbs, cfg: PreferenceConfig) -> tuple[jax.Array,
   reward_terms = terms(averaged=not spec.reference)  # DPO's implicit reward uses sums
   reward_w, reward_l = cfg.beta * reward_terms.rho_w, cfg.beta * reward_terms.rho_l
   metrics = {
-      "rewards_chosen": reward_w.mean(),
-      "rewards_rejected": reward_l.mean(),
-      "reward_accuracy": (reward_w > reward_l).astype(jnp.float32).mean(),
-      "reward_margin": (reward_w - reward_l).mean(),
-      "logps_chosen": lp.chosen.sum_B.mean(),
-      "logps_rejected": lp.rejected.sum_B.mean(),
-      "nll_chosen": nll_B.mean(),
+    "rewards_chosen": reward_w.mean(),
+    "rewards_rejected": reward_l.mean(),
+    "reward_accuracy": (reward_w > reward_l).astype(jnp.float32).mean(),
+    "reward_margin": (reward_w - reward_l).mean(),
+    "logps_chosen": lp.chosen.sum_B.mean(),
+    "logps_rejected": lp.rejected.sum_B.mean(),
+    "nll_chosen": nll_B.mean(),
   }
   return losses_B.mean(), metrics
 
 
 def kto_loss(
-    policy: SequenceLogProbs,
-    reference: SequenceLogProbs,
-    desirable_B: jax.Array,
-    kl_policy: SequenceLogProbs,
-    kl_reference: SequenceLogProbs,
-    *,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+  policy: SequenceLogProbs,
+  reference: SequenceLogProbs,
+  desirable_B: jax.Array,
+  kl_policy: SequenceLogProbs,
+  kl_reference: SequenceLogProbs,
+  *,
+  beta: float = 0.1,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """KTO on unpaired completions with binary feedback.
 
@@ -280,16 +284,18 @@ def kto_loss(
   if not beta > 0:
     raise ValueError(f"beta: expected > 0, got {beta}")
   if desirable_weight < 0 or undesirable_weight < 0:
-    raise ValueError(f"desirable_weight, undesirable_weight: expected >= 0, got {desirable_weight}, {undesirable_weight}")
+    raise ValueError(
+      f"desirable_weight, undesirable_weight: expected >= 0, got {desirable_weight}, {undesirable_weight}"
+    )
   if not policy.sum_B.shape == reference.sum_B.shape == desirable_B.shape:
     raise ValueError(
-        f"policy, reference, desirable_B: expected one batch shape, got {policy.sum_B.shape}, "
-        f"{reference.sum_B.shape}, {desirable_B.shape}"
+      f"policy, reference, desirable_B: expected one batch shape, got {policy.sum_B.shape}, "
+      f"{reference.sum_B.shape}, {desirable_B.shape}"
     )
   z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_policy.sum_B - kl_reference.sum_B), 0.0))
   rho_B = policy.sum_B - reference.sum_B
   losses_B = jnp.where(
-      desirable_B, desirable_weight * (1 - sig(beta * (rho_B - z))), undesirable_weight * (1 - sig(beta * (z - rho_B)))
+    desirable_B, desirable_weight * (1 - sig(beta * (rho_B - z))), undesirable_weight * (1 - sig(beta * (z - rho_B)))
   )
   return losses_B.mean(), {"kl": z, "rewards": (beta * rho_B).mean()}
 

@@ -39,10 +39,10 @@ def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 
 def completion_mask(
-    tokens_BT: jax.Array,
-    prompt_lengths_B: jax.Array,
-    lengths_B: jax.Array,
-    exclude_ids: Sequence[int] = (),
+  tokens_BT: jax.Array,
+  prompt_lengths_B: jax.Array,
+  lengths_B: jax.Array,
+  exclude_ids: Sequence[int] = (),
 ) -> jax.Array:
   """True at completion tokens: prompt_length <= t < length, and tokens not in exclude_ids."""
   t = jnp.arange(tokens_BT.shape[1])[None, :]

@@ -33,7 +33,7 @@ class Samples(NamedTuple):
 
 def concat(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -> tuple[jax.Array, jax.Array]:
   """prompt[:len] + completion[:len] per row, right-padded to T + N; returns (tokens, lengths)."""
-  batch, width = prompts_BT.shape
+  batch = prompts_BT.shape[0]
   out = jnp.pad(prompts_BT, ((0, 0), (0, completions_BN.shape[1])))
   slots = prompt_lengths_B[:, None] + jnp.arange(completions_BN.shape[1])
   out = out.at[jnp.arange(batch)[:, None], slots].set(completions_BN, mode="drop")
@@ -41,19 +41,19 @@ def concat(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -
 
 
 def best_of_k(
-    key: jax.Array,
-    params: dict,
-    cfg: llama.LlamaConfig,
-    prompts_BT: jax.Array,
-    prompt_lengths_B: jax.Array,
-    reward_fn: RewardFn,
-    *,
-    k: int,
-    max_new_tokens: int,
-    stop_ids: Sequence[int] = (),
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+  key: jax.Array,
+  params: dict,
+  cfg: llama.LlamaConfig,
+  prompts_BT: jax.Array,
+  prompt_lengths_B: jax.Array,
+  reward_fn: RewardFn,
+  *,
+  k: int,
+  max_new_tokens: int,
+  stop_ids: Sequence[int] = (),
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
 ) -> Samples:
   """Samples k completions per prompt from a shared prefill and keeps the argmax reward."""
   prompts_BT = jnp.asarray(prompts_BT)
@@ -61,14 +61,18 @@ def best_of_k(
   stop_ids = generate.check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"k: expected an int >= 1, got {k!r}")
-  samples, lengths = _sample(key, params, prompts_BT, prompt_lengths_B, cfg, k, max_new_tokens, stop_ids, float(temperature), top_k, top_p)
+  samples, lengths = _sample(
+    key, params, prompts_BT, prompt_lengths_B, cfg, k, max_new_tokens, stop_ids, float(temperature), top_k, top_p
+  )
   rewards = reward_fn(jnp.repeat(prompts_BT, k, axis=0), jnp.repeat(prompt_lengths_B, k), samples, lengths)
   batch = prompts_BT.shape[0]
   samples_BKN = samples.reshape(batch, k, -1)
   lengths_BK, rewards_BK = lengths.reshape(batch, k), rewards.reshape(batch, k)
   best_B = jnp.argmax(rewards_BK, axis=1)
   rows = jnp.arange(batch)
-  return Samples(samples_BKN[rows, best_B], lengths_BK[rows, best_B], rewards_BK[rows, best_B], samples_BKN, lengths_BK, rewards_BK)
+  return Samples(
+    samples_BKN[rows, best_B], lengths_BK[rows, best_B], rewards_BK[rows, best_B], samples_BKN, lengths_BK, rewards_BK
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
@@ -76,4 +80,6 @@ def _sample(key, params, prompts_BT, prompt_lengths_B, cfg, k, max_new_tokens, s
   cache, logits_BV = generate.prefill(params, cfg, prompts_BT, prompt_lengths_B, prompts_BT.shape[1] + max_new_tokens)
   repeat = lambda x, axis: jnp.repeat(x, k, axis=axis)
   cache = llama.KVCache(repeat(cache.k_LBSGK, 1), repeat(cache.v_LBSGK, 1), repeat(cache.lengths_B, 0))
-  return generate.decode(key, params, cfg, cache, repeat(logits_BV, 0), max_new_tokens, stop_ids, temperature, top_k, top_p)
+  return generate.decode(
+    key, params, cfg, cache, repeat(logits_BV, 0), max_new_tokens, stop_ids, temperature, top_k, top_p
+  )

@@ -20,16 +20,19 @@ import jax.numpy as jnp
 from paperjax.models.transformer import llama
 
 LLAMA2_MARGINS = {
-    "significantly better": 1.0,
-    "better": 2 / 3,
-    "slightly better": 1 / 3,
-    "negligibly better": 0.0,
+  "significantly better": 1.0,
+  "better": 2 / 3,
+  "slightly better": 1 / 3,
+  "negligibly better": 0.0,
 }
 
 
 def init(key: jax.Array, cfg: llama.LlamaConfig) -> dict:
   """{"model": Llama params, "head": {"w": [D] zeros, "b": 0}}: every reward starts at 0."""
-  return {"model": llama.init(key, cfg), "head": {"w": jnp.zeros((cfg.dim,), jnp.float32), "b": jnp.zeros((), jnp.float32)}}
+  return {
+    "model": llama.init(key, cfg),
+    "head": {"w": jnp.zeros((cfg.dim,), jnp.float32), "b": jnp.zeros((), jnp.float32)},
+  }
 
 
 def rewards(params: dict, tokens_BT: jax.Array, lengths_B: jax.Array, cfg: llama.LlamaConfig) -> jax.Array:
@@ -40,7 +43,7 @@ def rewards(params: dict, tokens_BT: jax.Array, lengths_B: jax.Array, cfg: llama
 
 
 def bradley_terry_loss(
-    r_chosen_B: jax.Array, r_rejected_B: jax.Array, *, margin_B: jax.Array | None = None, centering: float = 0.0
+  r_chosen_B: jax.Array, r_rejected_B: jax.Array, *, margin_B: jax.Array | None = None, centering: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """-mean log sig(r_c - r_r - m) + centering * mean((r_c + r_r)^2), with accuracy and margin."""
   if r_chosen_B.shape != r_rejected_B.shape or r_chosen_B.ndim != 1:

@@ -24,7 +24,7 @@ def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> train.Ba
   batch, time = tokens_BT.shape
   positions = np.broadcast_to(np.arange(time - 1, dtype=np.int32), (batch, time - 1))
   return train.Batch(
-      tokens_BT[:, :-1], tokens_BT[:, 1:], completion_mask_BT[:, 1:], np.zeros((batch, time - 1), np.int32), positions
+    tokens_BT[:, :-1], tokens_BT[:, 1:], completion_mask_BT[:, 1:], np.zeros((batch, time - 1), np.int32), positions
   )
 
 
@@ -39,11 +39,13 @@ def make_reward_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, *, centeri
   return train.make_step(loss_fn, tcfg)
 
 
-def pair_logprobs(params: dict, cfg: llama.LlamaConfig, batch: PreferenceBatch) -> tuple[logprobs.SequenceLogProbs, ...]:
+def pair_logprobs(
+  params: dict, cfg: llama.LlamaConfig, batch: PreferenceBatch
+) -> tuple[logprobs.SequenceLogProbs, ...]:
   """(chosen, rejected) completion log-probs under `params`."""
   return (
-      logprobs.model_logprobs(params, cfg, batch.chosen_BT, batch.chosen_mask_BT),
-      logprobs.model_logprobs(params, cfg, batch.rejected_BT, batch.rejected_mask_BT),
+    logprobs.model_logprobs(params, cfg, batch.chosen_BT, batch.chosen_mask_BT),
+    logprobs.model_logprobs(params, cfg, batch.rejected_BT, batch.rejected_mask_BT),
   )
 
 

@@ -43,17 +43,21 @@ class Config:
 
 
 CONFIGS = {
-    "ci": Config(sft_steps=30, rm_steps=20, po_steps=10, batch=32, num_pairs=256, eval_prompts=64, best_of=2),
-    "small": Config(sft_steps=600, rm_steps=400, po_steps=300, batch=64, num_pairs=8192, eval_prompts=1024, best_of=8),
-    "paper": Config(sft_steps=2000, rm_steps=1500, po_steps=1000, batch=128, num_pairs=32768, eval_prompts=4096, best_of=16),
+  "ci": Config(sft_steps=30, rm_steps=20, po_steps=10, batch=32, num_pairs=256, eval_prompts=64, best_of=2),
+  "small": Config(sft_steps=600, rm_steps=400, po_steps=300, batch=64, num_pairs=8192, eval_prompts=1024, best_of=8),
+  "paper": Config(
+    sft_steps=2000, rm_steps=1500, po_steps=1000, batch=128, num_pairs=32768, eval_prompts=4096, best_of=16
+  ),
 }
 TASK = tasks.SortTask()
-MODEL = llama.LlamaConfig(vocab_size=TASK.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+MODEL = llama.LlamaConfig(
+  vocab_size=TASK.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32
+)
 POLICIES = {
-    "DPO": dpo.PreferenceConfig("sigmoid", beta=0.1),  # the DPO paper's default beta
-    "DPO+NLL": dpo.PreferenceConfig("sigmoid", beta=0.1, rpo_alpha=1.0),  # Llama 3's recipe (RPO)
-    "IPO": dpo.PreferenceConfig("ipo", beta=0.5),
-    "SimPO": dpo.PreferenceConfig("simpo", beta=2.5, gamma=1.375),  # the SimPO paper's recipe
+  "DPO": dpo.PreferenceConfig("sigmoid", beta=0.1),  # the DPO paper's default beta
+  "DPO+NLL": dpo.PreferenceConfig("sigmoid", beta=0.1, rpo_alpha=1.0),  # Llama 3's recipe (RPO)
+  "IPO": dpo.PreferenceConfig("ipo", beta=0.5),
+  "SimPO": dpo.PreferenceConfig("simpo", beta=2.5, gamma=1.375),  # the SimPO paper's recipe
 }
 
 
@@ -69,7 +73,14 @@ def _train(name: str, step, state, batches, steps: int, *extra_fns):
 def _sample(key, params, prompts):
   lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
   tokens, _ = generate.generate(
-      key, params, MODEL, jnp.asarray(prompts), lengths, max_new_tokens=TASK.completion_len, stop_ids=(tasks.EOS,), temperature=1.0
+    key,
+    params,
+    MODEL,
+    jnp.asarray(prompts),
+    lengths,
+    max_new_tokens=TASK.completion_len,
+    stop_ids=(tasks.EOS,),
+    temperature=1.0,
   )
   return np.asarray(tokens)
 
@@ -81,7 +92,9 @@ def run(ctx: Context) -> Result:
   records, curves = [], []
 
   # 1. SFT on noisy demonstrations.
-  tcfg = lambda steps, lr: train.TrainConfig(batch_size=cfg.batch, seq_len=16, peak_lr=lr, total_steps=steps, warmup_steps=max(1, steps // 10))
+  tcfg = lambda steps, lr: train.TrainConfig(
+    batch_size=cfg.batch, seq_len=16, peak_lr=lr, total_steps=steps, warmup_steps=max(1, steps // 10)
+  )
   sft_prompts = TASK.prompts(rng, 8 * cfg.num_pairs)
   sft_tokens = np.concatenate([sft_prompts, TASK.demonstrations(rng, sft_prompts, 0.5)], axis=1)
   sft_mask = np.broadcast_to(np.arange(sft_tokens.shape[1]) >= TASK.prompt_len, sft_tokens.shape)
@@ -105,7 +118,11 @@ def run(ctx: Context) -> Result:
   score_rows = jax.jit(lambda p, t, n: reward.rewards(p, t, n, MODEL))
   r_c = score_rows(rm_state.params, held.chosen_BT, held.chosen_lengths_B)
   r_r = score_rows(rm_state.params, held.rejected_BT, held.rejected_lengths_B)
-  records.append(ctx.record("reward model held-out pair accuracy", float(jnp.mean(r_c > r_r)), "fraction", "> 0.5", "Llama 2/3 reward models"))
+  records.append(
+    ctx.record(
+      "reward model held-out pair accuracy", float(jnp.mean(r_c > r_r)), "fraction", "> 0.5", "Llama 2/3 reward models"
+    )
+  )
 
   # 3. Preference optimisation from the SFT model, reference = SFT.
   eval_prompts = TASK.prompts(np.random.default_rng([ctx.seed, 99]), cfg.eval_prompts)
@@ -127,7 +144,9 @@ def run(ctx: Context) -> Result:
     if name == "DPO":
       lp = dpo.PairLogProbs(*align_train.pair_logprobs(po_state.params, MODEL, held), *reference(held))
       _, metrics = dpo.preference_loss(lp, pcfg)
-      records.append(ctx.record("DPO implicit-reward accuracy, held-out pairs", float(metrics["reward_accuracy"]), "fraction"))
+      records.append(
+        ctx.record("DPO implicit-reward accuracy, held-out pairs", float(metrics["reward_accuracy"]), "fraction")
+      )
 
   # 4. Rejection sampling: best of K SFT samples by the reward model.
   def rm_reward(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B):
@@ -135,19 +154,35 @@ def run(ctx: Context) -> Result:
     return score_rows(rm_state.params, tokens, lengths)
 
   best = rejection_sampling.best_of_k(
-      jax.random.key(9), sft_params, MODEL, jnp.asarray(eval_prompts), jnp.full((len(eval_prompts),), TASK.prompt_len),
-      rm_reward, k=cfg.best_of, max_new_tokens=TASK.completion_len, stop_ids=(tasks.EOS,), temperature=1.0,
+    jax.random.key(9),
+    sft_params,
+    MODEL,
+    jnp.asarray(eval_prompts),
+    jnp.full((len(eval_prompts),), TASK.prompt_len),
+    rm_reward,
+    k=cfg.best_of,
+    max_new_tokens=TASK.completion_len,
+    stop_ids=(tasks.EOS,),
+    temperature=1.0,
   )
   best_scores = TASK.score(eval_prompts, np.asarray(best.best_BN))
-  records.append(ctx.record(f"best-of-{cfg.best_of} (reward model) mean score (of 6)", float(best_scores.mean()), "positions", "> SFT", "Llama 2/3 rejection sampling"))
+  records.append(
+    ctx.record(
+      f"best-of-{cfg.best_of} (reward model) mean score (of 6)",
+      float(best_scores.mean()),
+      "positions",
+      "> SFT",
+      "Llama 2/3 rejection sampling",
+    )
+  )
 
   plot = Plot("training", "Post-training losses on the sorting task", "step", "loss", tuple(curves))
   note = (
-      f"Sorting task: {TASK.length} digits of {TASK.num_digits}; SFT on demonstrations with 50% of positions "
-      f"randomised; {cfg.num_pairs} preference pairs; {cfg.eval_prompts} held-out prompts; a "
-      f"{MODEL.num_params() / 1e3:.0f}k-parameter Llama. Pairs are off-policy (demonstrations at random noise "
-      "levels), where plain DPO at beta 0.1 can lower both responses' likelihoods and drift (its implicit-reward "
-      "accuracy stays high while samples get worse); the NLL term on the chosen response (Llama 3) anchors it."
+    f"Sorting task: {TASK.length} digits of {TASK.num_digits}; SFT on demonstrations with 50% of positions "
+    f"randomised; {cfg.num_pairs} preference pairs; {cfg.eval_prompts} held-out prompts; a "
+    f"{MODEL.num_params() / 1e3:.0f}k-parameter Llama. Pairs are off-policy (demonstrations at random noise "
+    "levels), where plain DPO at beta 0.1 can lower both responses' likelihoods and drift (its implicit-reward "
+    "accuracy stays high while samples get worse); the NLL term on the chosen response (Llama 3) anchors it."
   )
   return Result(ctx.benchmark, tuple(records), (plot,), (note,))
 

@@ -42,9 +42,9 @@ class Config:
 
 
 CONFIGS = {
-    "ci": Config(max_chars=400_000, vocab_size=512, gen_batch=8, gen_tokens=32),
-    "small": Config(max_chars=None, vocab_size=4096, gen_batch=64, gen_tokens=128),
-    "paper": Config(max_chars=None, vocab_size=8192, gen_batch=256, gen_tokens=256),
+  "ci": Config(max_chars=400_000, vocab_size=512, gen_batch=8, gen_tokens=32),
+  "small": Config(max_chars=None, vocab_size=4096, gen_batch=64, gen_tokens=128),
+  "paper": Config(max_chars=None, vocab_size=8192, gen_batch=256, gen_tokens=256),
 }
 
 
@@ -62,9 +62,9 @@ def run(ctx: Context) -> Result:
 
   records, plots = [], []
   notes = [
-      f"Corpus: {len(docs)} stdlib files (Python {ctx.environment.python}), "
-      f"{train.size:,} / {val.size:,} / {test.size:,} train / val / test tokens ({tok.name}); "
-      f"compact vocabulary of {vocab} ids ({vocab - 1} most frequent training tokens + other)."
+    f"Corpus: {len(docs)} stdlib files (Python {ctx.environment.python}), "
+    f"{train.size:,} / {val.size:,} / {test.size:,} train / val / test tokens ({tok.name}); "
+    f"compact vocabulary of {vocab} ids ({vocab - 1} most frequent training tokens + other)."
   ]
 
   if ctx.wants("fit"):
@@ -76,10 +76,15 @@ def run(ctx: Context) -> Result:
     plots.append(result[1])
     full = tok.vocab_size
     for order, name in ((1, "bigram"), (2, "trigram")):
-      records.append(ctx.record(
-          f"{name} table on the full {full:,}-token vocabulary", bigram.table_bytes(full, order) / 2**30,
-          "GiB", "grows as V^(k+1)", "LLM explainer; computed V^(k+1) x 4 bytes",
-      ))
+      records.append(
+        ctx.record(
+          f"{name} table on the full {full:,}-token vocabulary",
+          bigram.table_bytes(full, order) / 2**30,
+          "GiB",
+          "grows as V^(k+1)",
+          "LLM explainer; computed V^(k+1) x 4 bytes",
+        )
+      )
 
   if ctx.wants("generate"):
     gen_records, gen_notes = _generation(ctx, cfg, train_c, vocab, kept, tok)
@@ -100,9 +105,9 @@ def _fit_speed(ctx: Context, train_c: np.ndarray, vocab: int):
   np.testing.assert_array_equal(bigram.count(tokens, vocab_size=vocab), numpy_count(train_c))
   n = train_c.size
   return [
-      ctx.record("count tokens/s, paperjax (jit scatter-add)", n / ours.median_s, "tokens/s"),
-      ctx.record("count tokens/s, numpy bincount baseline", n / base.median_s, "tokens/s"),
-      ctx.record("count speed-up vs numpy (same run)", base.median_s / ours.median_s, "x"),
+    ctx.record("count tokens/s, paperjax (jit scatter-add)", n / ours.median_s, "tokens/s"),
+    ctx.record("count tokens/s, numpy bincount baseline", n / base.median_s, "tokens/s"),
+    ctx.record("count speed-up vs numpy (same run)", base.median_s / ours.median_s, "x"),
   ]
 
 
@@ -115,23 +120,23 @@ def _perplexity(ctx: Context, train_c, val_c, test_c, vocab: int):
       val_ppl[order].append(bigram.perplexity(bigram.probabilities(c, alpha=alpha), val_c, start=1))
   best = {order: ALPHAS[int(np.argmin(ppl))] for order, ppl in val_ppl.items()}
   test_ppl = {
-      order: bigram.perplexity(bigram.probabilities(counts[order], alpha=best[order]), test_c, start=1)
-      for order in counts
+    order: bigram.perplexity(bigram.probabilities(counts[order], alpha=best[order]), test_c, start=1)
+    for order in counts
   }
   records = [
-      ctx.record(f"test perplexity, unigram (alpha={best[0]:g})", test_ppl[0], "ppl"),
-      ctx.record(f"test perplexity, bigram (alpha={best[1]:g})", test_ppl[1], "ppl"),
-      ctx.record("bigram / unigram test perplexity", test_ppl[1] / test_ppl[0], "ratio", "< 1", QUALITATIVE),
-      ctx.record("test tokens inside the compact vocabulary", float(np.mean(test_c < vocab - 1)), "fraction"),
+    ctx.record(f"test perplexity, unigram (alpha={best[0]:g})", test_ppl[0], "ppl"),
+    ctx.record(f"test perplexity, bigram (alpha={best[1]:g})", test_ppl[1], "ppl"),
+    ctx.record("bigram / unigram test perplexity", test_ppl[1] / test_ppl[0], "ratio", "< 1", QUALITATIVE),
+    ctx.record("test tokens inside the compact vocabulary", float(np.mean(test_c < vocab - 1)), "fraction"),
   ]
   plot = Plot(
-      "smoothing",
-      "Validation perplexity vs additive smoothing",
-      "alpha",
-      "perplexity",
-      tuple(Series(name, ALPHAS, tuple(val_ppl[order])) for order, name in ((0, "unigram"), (1, "bigram"))),
-      xscale="log",
-      yscale="log",
+    "smoothing",
+    "Validation perplexity vs additive smoothing",
+    "alpha",
+    "perplexity",
+    tuple(Series(name, ALPHAS, tuple(val_ppl[order])) for order, name in ((0, "unigram"), (1, "bigram"))),
+    xscale="log",
+    yscale="log",
   )
   return records, plot
 
@@ -149,17 +154,15 @@ def _generation(ctx: Context, cfg: Config, train_c, vocab: int, kept: np.ndarray
   timing = time_fn(gen, repeats=ctx.repeats)
   notes = []
   for temperature, label in ((0.0, "greedy"), (1.0, "sampled, T=1")):
-    tokens, lengths = bigram.generate(
-        key, table, prompts[:1], max_new_tokens=48, eos_id=eos_c, temperature=temperature
-    )
+    tokens, lengths = bigram.generate(key, table, prompts[:1], max_new_tokens=48, eos_id=eos_c, temperature=temperature)
     text = _decode_compact(tok, kept, np.asarray(tokens[0, : int(lengths[0])]))
     notes.append(f"Sample ({label}) after 'def': `{text!r}`")
   records = [
-      ctx.record(
-          f"generation tokens/s (batch {cfg.gen_batch}, {cfg.gen_tokens} steps)",
-          cfg.gen_batch * cfg.gen_tokens / timing.median_s,
-          "tokens/s",
-      )
+    ctx.record(
+      f"generation tokens/s (batch {cfg.gen_batch}, {cfg.gen_tokens} steps)",
+      cfg.gen_batch * cfg.gen_tokens / timing.median_s,
+      "tokens/s",
+    )
   ]
   return records, notes
 

@@ -1,7 +1,7 @@
 """Shared absl flags and the main function of every benchmark binary and of the suite.
 
-  python -m paperjax.bench.<name> --scale=small --out=results   # one benchmark
-  python -m paperjax.bench --scale=ci --only=bigram.fit          # the suite, filtered
+python -m paperjax.bench.<name> --scale=small --out=results   # one benchmark
+python -m paperjax.bench --scale=ci --only=bigram.fit          # the suite, filtered
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from paperjax.bench import report
 from paperjax.bench.harness import SCALES, Context, Environment, Result, selects_benchmark
 
 SCALE = flags.DEFINE_enum(
-    "scale", "small", list(SCALES), "ci: seconds (smoke test); small: CPU minutes; paper: the papers' shapes (GPU)."
+  "scale", "small", list(SCALES), "ci: seconds (smoke test); small: CPU minutes; paper: the papers' shapes (GPU)."
 )
 OUT = flags.DEFINE_string("out", "results", "Folder for report.md, results.json and plots.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of every PRNG key and data split.")

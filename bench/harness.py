@@ -39,12 +39,12 @@ class Environment:
   def current(cls, scale: Scale) -> Environment:
     device = jax.devices()[0]
     return cls(
-        backend=jax.default_backend(),
-        device_kind=device.device_kind,
-        device_count=jax.device_count(),
-        jax_version=jax.__version__,
-        python=platform.python_version(),
-        scale=scale,
+      backend=jax.default_backend(),
+      device_kind=device.device_kind,
+      device_count=jax.device_count(),
+      jax_version=jax.__version__,
+      python=platform.python_version(),
+      scale=scale,
     )
 
 
@@ -124,16 +124,14 @@ class Context:
     return not self.only or any(o in (self.benchmark, f"{self.benchmark}.{part}") for o in self.only)
 
   def record(
-      self,
-      metric: str,
-      value: float,
-      unit: str,
-      paper_value: float | str | None = None,
-      paper_source: str = "",
+    self,
+    metric: str,
+    value: float,
+    unit: str,
+    paper_value: float | str | None = None,
+    paper_source: str = "",
   ) -> Record:
-    return Record(
-        self.benchmark, metric, float(value), unit, paper_value, paper_source, self.environment
-    )
+    return Record(self.benchmark, metric, float(value), unit, paper_value, paper_source, self.environment)
 
 
 def selects_benchmark(only: Sequence[str], benchmark: str) -> bool:
@@ -165,12 +163,12 @@ def time_fn(fn: Callable[..., Any], *args, repeats: int = 5, warmup: int = 1, **
 
 
 def progress(
-    items: Iterable[T],
-    desc: str,
-    *,
-    total: int | None = None,
-    stream=None,
-    min_interval_s: float = 10.0,
+  items: Iterable[T],
+  desc: str,
+  *,
+  total: int | None = None,
+  stream=None,
+  min_interval_s: float = 10.0,
 ) -> Iterator[T]:
   """Yields `items`, showing `desc [i/total] elapsed, eta` on stderr.
 

@@ -27,7 +27,8 @@ from absl import app
 
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress
-from paperjax.interp import dynamics, interactions as ia
+from paperjax.interp import dynamics
+from paperjax.interp import interactions as ia
 
 PAPER = "Two-phase dynamics (arXiv 2405.10262)"
 THEORY = "Ren et al. (arXiv 2407.19198)"
@@ -45,9 +46,9 @@ class Config:
 
 
 CONFIGS = {
-    "ci": Config(4, (0, 1, 4), 4, 2, 100, 64),
-    "small": Config(120, (0, 1, 2, 4, 8, 16, 32, 64, 120), 24, 8, 3000, 256),
-    "paper": Config(300, (0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 300), 64, 20, 5000, 512),
+  "ci": Config(4, (0, 1, 4), 4, 2, 100, 64),
+  "small": Config(120, (0, 1, 2, 4, 8, 16, 32, 64, 120), 24, 8, 3000, 256),
+  "paper": Config(300, (0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 300), 64, 20, 5000, 512),
 }
 
 
@@ -61,9 +62,12 @@ def mlp_init(key: jax.Array, hidden: int) -> dict:
   k1, k2, k3 = jax.random.split(key, 3)
   init = jax.nn.initializers.he_normal()
   return {
-      "w1": init(k1, (64, hidden)), "b1": jnp.zeros(hidden),
-      "w2": init(k2, (hidden, hidden)), "b2": jnp.zeros(hidden),
-      "w3": init(k3, (hidden, 10)) * 0.1, "b3": jnp.zeros(10),
+    "w1": init(k1, (64, hidden)),
+    "b1": jnp.zeros(hidden),
+    "w2": init(k2, (hidden, hidden)),
+    "b2": jnp.zeros(hidden),
+    "w3": init(k3, (hidden, 10)) * 0.1,
+    "b3": jnp.zeros(10),
   }
 
 
@@ -129,7 +133,8 @@ def _run(ctx: Context, cfg: Config, data, label_noise: float):
       params, opt_state = epoch(params, opt_state, jnp.asarray(perm))
     if e in cfg.checkpoints:
       v, dec = _interactions(params, x_tr[tracked], y_fit[tracked], baseline, dcfg)
-      history.append({
+      history.append(
+        {
           "epoch": e,
           "train_loss": float(_loss(params, x_tr, y_fit)),
           "test_loss": float(_loss(params, x_te, y_te)),
@@ -138,7 +143,8 @@ def _run(ctx: Context, cfg: Config, data, label_noise: float):
           "i_and": np.asarray(dec.i_and_M),
           "i_or": np.asarray(dec.i_or_M),
           "matching_error": float(jnp.max(dec.matching_error)),
-      })
+        }
+      )
   return params, history, baseline
 
 
@@ -168,13 +174,17 @@ def _jaccard_by_order(ctx, cfg, params, data, baseline):
     idx_te = rng.choice(np.flatnonzero(y_te == c), cfg.per_class, replace=False)
     _, d_tr = _interactions(params, x_tr[idx_tr], y_tr[idx_tr], baseline, dcfg)
     _, d_te = _interactions(params, x_te[idx_te], y_te[idx_te], baseline, dcfg)
-    per_class.append([
-        float(ia.jaccard(
+    per_class.append(
+      [
+        float(
+          ia.jaccard(
             ia.order_vector(d_tr.i_and_M.mean(0), d_tr.i_or_M.mean(0), k),
             ia.order_vector(d_te.i_and_M.mean(0), d_te.i_or_M.mean(0), k),
-        ))
+          )
+        )
         for k in range(1, N_VARS + 1)
-    ])
+      ]
+    )
   return np.mean(per_class, axis=0)
 
 
@@ -199,57 +209,102 @@ def run(ctx: Context) -> Result:
     grown = gaps > np.minimum.accumulate(gaps) + 0.2 * max(np.ptp(gaps), 1e-9)
     overfit = epochs[int(np.argmax(grown))] if grown.any() else epochs[-1]
     records += [
-        ctx.record(f"test accuracy ({tag})", history[-1]["test_acc"], "fraction"),
-        ctx.record(f"test - train loss gap at the end ({tag})", float(gaps[-1]), "nats"),
-        ctx.record(f"mean interaction order at init ({tag})", mean_orders[0], "order", "spindle: middle orders", PAPER),
-        ctx.record(f"lowest mean order, epoch ({tag})", phase2, "epoch", "phase 2 starts here", PAPER),
-        ctx.record(f"loss gap starts to grow, epoch ({tag})", overfit, "epoch", "about when phase 2 starts", PAPER),
-        ctx.record(f"mean interaction order at the end ({tag})", mean_orders[-1], "order", "rises in phase 2", PAPER),
-        ctx.record(f"universal matching error, max ({tag})", max(h["matching_error"] for h in history), "log-odds"),
+      ctx.record(f"test accuracy ({tag})", history[-1]["test_acc"], "fraction"),
+      ctx.record(f"test - train loss gap at the end ({tag})", float(gaps[-1]), "nats"),
+      ctx.record(f"mean interaction order at init ({tag})", mean_orders[0], "order", "spindle: middle orders", PAPER),
+      ctx.record(f"lowest mean order, epoch ({tag})", phase2, "epoch", "phase 2 starts here", PAPER),
+      ctx.record(f"loss gap starts to grow, epoch ({tag})", overfit, "epoch", "about when phase 2 starts", PAPER),
+      ctx.record(f"mean interaction order at the end ({tag})", mean_orders[-1], "order", "rises in phase 2", PAPER),
+      ctx.record(f"universal matching error, max ({tag})", max(h["matching_error"] for h in history), "log-odds"),
     ]
-    plots.append(Plot(
-        f"orders_{int(noise * 100)}", f"Salient interaction strength per order ({tag})", "order", "normalised strength",
+    plots.append(
+      Plot(
+        f"orders_{int(noise * 100)}",
+        f"Salient interaction strength per order ({tag})",
+        "order",
+        "normalised strength",
         tuple(Series(f"epoch {e}", orders, tuple(float(x) for x in d[1:])) for e, d in zip(epochs, dists)),
-    ))
-    plots.append(Plot(
-        f"loss_{int(noise * 100)}", f"Loss over training ({tag})", "epoch", "cross-entropy",
-        (Series("train", tuple(epochs), tuple(h["train_loss"] for h in history)),
-         Series("test", tuple(epochs), tuple(h["test_loss"] for h in history))),
-    ))
+      )
+    )
+    plots.append(
+      Plot(
+        f"loss_{int(noise * 100)}",
+        f"Loss over training ({tag})",
+        "epoch",
+        "cross-entropy",
+        (
+          Series("train", tuple(epochs), tuple(h["train_loss"] for h in history)),
+          Series("test", tuple(epochs), tuple(h["test_loss"] for h in history)),
+        ),
+      )
+    )
     # Theory (phase 2 only: phase 1 leaves the random init): sigma^2 fitted at each checkpoint
     # from the phase-2 start on, w* = the final model's AND interactions.
     sigma2, predicted = dynamics.fit_sigma2(np.stack(dists[start:]), history[-1]["i_and"], N_VARS, tau=taus[-1])
     records += [
-        ctx.record(f"fitted sigma^2 at phase-2 start, epoch {phase2} ({tag})", sigma2[0], "sigma^2", "decreases over training", THEORY),
-        ctx.record(f"fitted sigma^2 at the end ({tag})", sigma2[-1], "sigma^2", "decreases over training", THEORY),
+      ctx.record(
+        f"fitted sigma^2 at phase-2 start, epoch {phase2} ({tag})",
+        sigma2[0],
+        "sigma^2",
+        "decreases over training",
+        THEORY,
+      ),
+      ctx.record(f"fitted sigma^2 at the end ({tag})", sigma2[-1], "sigma^2", "decreases over training", THEORY),
     ]
     if noise > 0:  # the run whose phase 2 is long enough to compare shapes
       shown = sorted({0, len(sigma2) // 2, len(sigma2) - 1})
-      plots.append(Plot(
-          "theory", f"Phase 2: measured vs theory ({tag})", "order", "normalised strength",
+      plots.append(
+        Plot(
+          "theory",
+          f"Phase 2: measured vs theory ({tag})",
+          "order",
+          "normalised strength",
           tuple(
-              series
-              for i in shown
-              for series in (
-                  Series(f"epoch {epochs[start + i]} measured", orders, tuple(float(x) for x in dists[start + i][1:])),
-                  Series(f"epoch {epochs[start + i]} theory, sigma^2={sigma2[i]:.3g}", orders, tuple(float(x) for x in predicted[i][1:])),
-              )
+            series
+            for i in shown
+            for series in (
+              Series(f"epoch {epochs[start + i]} measured", orders, tuple(float(x) for x in dists[start + i][1:])),
+              Series(
+                f"epoch {epochs[start + i]} theory, sigma^2={sigma2[i]:.3g}",
+                orders,
+                tuple(float(x) for x in predicted[i][1:]),
+              ),
+            )
           ),
-      ))
+        )
+      )
     if noise == 0:
       jac = _jaccard_by_order(ctx, cfg, params, data, baseline)
-      plots.append(Plot("jaccard", "Train vs test interactions per class (clean labels)", "order", "Jaccard similarity",
-                        (Series("mean over classes", orders, tuple(float(x) for x in jac)),)))
+      plots.append(
+        Plot(
+          "jaccard",
+          "Train vs test interactions per class (clean labels)",
+          "order",
+          "Jaccard similarity",
+          (Series("mean over classes", orders, tuple(float(x) for x in jac)),),
+        )
+      )
       records += [
-          ctx.record("Jaccard train/test, order 1", float(jac[0]), "similarity"),
-          ctx.record(f"Jaccard train/test, order {N_VARS - 1}", float(jac[-2]), "similarity"),
-          ctx.record(f"Jaccard order {N_VARS - 1} / order 1", float(jac[-2] / max(jac[0], 1e-12)), "ratio", "< 1 (falls with order)", PAPER),
+        ctx.record("Jaccard train/test, order 1", float(jac[0]), "similarity"),
+        ctx.record(f"Jaccard train/test, order {N_VARS - 1}", float(jac[-2]), "similarity"),
+        ctx.record(
+          f"Jaccard order {N_VARS - 1} / order 1",
+          float(jac[-2] / max(jac[0], 1e-12)),
+          "ratio",
+          "< 1 (falls with order)",
+          PAPER,
+        ),
       ]
-    notes.append(f"{tag}: salience threshold tau = {taus[0]:.3g} at init, {taus[-1]:.3g} at the end; checkpoints at epochs {epochs}; mean order per checkpoint "
-                 f"{[round(m, 2) for m in mean_orders]}.")
+    notes.append(
+      f"{tag}: salience threshold tau = {taus[0]:.3g} at init, {taus[-1]:.3g} at the end; "
+      f"checkpoints at epochs {epochs}; "
+      "mean order per checkpoint "
+      f"{[round(m, 2) for m in mean_orders]}."
+    )
   notes.append(
-      f"Digits: {len(data[0])} train / {len(data[2])} test images; n = {N_VARS} patch variables, baseline = the mean "
-      f"training image; {cfg.samples} tracked training samples; decomposition: SGD + momentum, {cfg.decompose_steps} steps."
+    f"Digits: {len(data[0])} train / {len(data[2])} test images; n = {N_VARS} patch variables, baseline = the mean "
+    f"training image; {cfg.samples} tracked training samples; "
+    f"decomposition: SGD + momentum, {cfg.decompose_steps} steps."
   )
   return Result(ctx.benchmark, tuple(records), tuple(plots), tuple(notes))
 

@@ -40,7 +40,8 @@ from paperjax.models.data import jrt_prompt, synthetic
 from paperjax.models.recurrent import based, jrt_rnn
 from paperjax.models.training import train
 from paperjax.models.transformer import llama
-from paperjax.ops import attention, linear_attention as la
+from paperjax.ops import attention
+from paperjax.ops import linear_attention as la
 
 JRT = "JRT (arXiv 2407.05483), Table 5, N=32768, batch 16, H100"
 JRT_SETS = "JRT (arXiv 2407.05483), set disjointness (Sec. 3)"
@@ -84,9 +85,11 @@ class Config:
 # steps, about 25 minutes on 2 CPU cores (with 32-of-126 sets, 99 bits, every model solved
 # both orders at widths 8 and 16). paper: the same sets across widths, longer training.
 CONFIGS = {
-    "ci": Config((256, 512), 1, RecallConfig(32, 2, 4, (8,), 3, 8, 16, 1e-2)),
-    "small": Config((1024, 2048, 4096, 8192), 1, RecallConfig(512, 8, 96, (8,), 1500, 64, 512, 1e-2)),
-    "paper": Config((2048, 4096, 8192, 16384, 32768), 16, RecallConfig(512, 8, 96, (8, 16, 32, 64), 3000, 64, 2048, 1e-2)),
+  "ci": Config((256, 512), 1, RecallConfig(32, 2, 4, (8,), 3, 8, 16, 1e-2)),
+  "small": Config((1024, 2048, 4096, 8192), 1, RecallConfig(512, 8, 96, (8,), 1500, 64, 512, 1e-2)),
+  "paper": Config(
+    (2048, 4096, 8192, 16384, 32768), 16, RecallConfig(512, 8, 96, (8, 16, 32, 64), 3000, 64, 2048, 1e-2)
+  ),
 }
 
 
@@ -146,35 +149,49 @@ class _Model(NamedTuple):
 
 def _recall_models(rc: RecallConfig, width: int) -> dict[str, _Model]:
   bcfg = based.BasedConfig(
-      rc.vocab_size, width, n_blocks=2, n_heads=2, feature_dim=rc.feature_dim, window=rc.window, ffn_dim=2 * width
+    rc.vocab_size, width, n_blocks=2, n_heads=2, feature_dim=rc.feature_dim, window=rc.window, ffn_dim=2 * width
   )
   # JRT-RNN's encoder is the prompt up to [3]; the answer comes from the decoder position [3].
   jcfg = jrt_rnn.JRTConfig(bcfg, prefix_len=rc.prompt_len - 1, mask_id=synthetic.PAD, mlm_prob=0.0)
   lcfg = llama.LlamaConfig(
-      rc.vocab_size, width, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=2 * width, rope_theta=10_000.0,
-      max_seq_len=rc.prompt_len,
+    rc.vocab_size,
+    width,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=2,
+    ffn_dim=2 * width,
+    rope_theta=10_000.0,
+    max_seq_len=rc.prompt_len,
   )
   state = jax.eval_shape(lambda: based.init_state(bcfg, 1))
   recurrent = _state_numbers((state.conv_LBWD, state.linear, state.window_k_LBNHK, state.window_v_LBNHK))
   kv_cache = 2 * lcfg.n_layers * rc.prompt_len * lcfg.n_kv_heads * lcfg.k  # grows with the prompt
   based_fn = lambda params, tokens: based.forward(params, tokens, bcfg)
   return {
-      "Based": _Model(lambda key: based.init(key, bcfg), based_fn, 1, recurrent),
-      "JRT-RNN": _Model(lambda key: jrt_rnn.init(key, jcfg), lambda params, tokens: jrt_rnn.forward(params, tokens, jcfg), 1, recurrent),
-      "Based + JRT-Prompt": _Model(lambda key: based.init(key, bcfg), based_fn, 2, recurrent),
-      "Transformer": _Model(lambda key: llama.init(key, lcfg), lambda params, tokens: llama.forward(params, tokens, lcfg)[0], 1, kv_cache),
+    "Based": _Model(lambda key: based.init(key, bcfg), based_fn, 1, recurrent),
+    "JRT-RNN": _Model(
+      lambda key: jrt_rnn.init(key, jcfg), lambda params, tokens: jrt_rnn.forward(params, tokens, jcfg), 1, recurrent
+    ),
+    "Based + JRT-Prompt": _Model(lambda key: based.init(key, bcfg), based_fn, 2, recurrent),
+    "Transformer": _Model(
+      lambda key: llama.init(key, lcfg), lambda params, tokens: llama.forward(params, tokens, lcfg)[0], 1, kv_cache
+    ),
   }
 
 
 def _recall_accuracy(ctx: Context, rc: RecallConfig, name: str, order: str, model: _Model) -> float:
   """Trains one model on `order` (AdamW, answer-only cross-entropy); held-out accuracy on it."""
   loss = lambda params, batch: synthetic.recall_loss(model.logits_fn(params, batch.tokens_BT), batch)
-  tcfg = train.TrainConfig(batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed)
+  tcfg = train.TrainConfig(
+    batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed
+  )
   step = train.make_step(loss, tcfg)
   state = train.start_state(model.init(jax.random.key(ctx.seed)), tcfg)
   for i in progress(range(rc.steps), f"jrt: train {name}, {order}"):
     state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, model.repeats))
-  held_out = _sets(rc, np.random.default_rng([ctx.seed, rc.steps, 1]), rc.eval_batch, order, model.repeats)  # unseen stream
+  held_out = _sets(
+    rc, np.random.default_rng([ctx.seed, rc.steps, 1]), rc.eval_batch, order, model.repeats
+  )  # unseen stream
   return float(jax.jit(lambda params, batch: loss(params, batch)[1]["accuracy"])(state.params, held_out))
 
 
@@ -191,35 +208,69 @@ def _recall(ctx: Context, rc: RecallConfig) -> tuple[list, Plot, str]:
         records.append(ctx.record(f"set disjointness accuracy, {name}, width {width}, {order}", value, "fraction"))
     at = lambda name, order: acc[name, order][-1]
     records += [
-        ctx.record(f"order gap (small first - large first), Based, width {width}",
-                   at("Based", small_first) - at("Based", large_first), "fraction", "> 0: a causal model prefers the small set first", JRT_SETS),
-        ctx.record(f"order gap (small first - large first), JRT-RNN, width {width}",
-                   at("JRT-RNN", small_first) - at("JRT-RNN", large_first), "fraction", "~ 0: the non-causal prefix is insensitive to order", JRT_SETS),
-        ctx.record(f"JRT-Prompt gain over Based at equal state, width {width}, large set first",
-                   at("Based + JRT-Prompt", large_first) - at("Based", large_first), "fraction", "> 0", JRT_PROMPT),
-        ctx.record(f"recurrent decode state (Based = JRT-RNN = JRT-Prompt), width {width}", state_kib["Based"][-1], "KiB"),
-        ctx.record(f"Transformer KV cache of the {rc.prompt_len}-token prompt, width {width}", state_kib["Transformer"][-1], "KiB"),
+      ctx.record(
+        f"order gap (small first - large first), Based, width {width}",
+        at("Based", small_first) - at("Based", large_first),
+        "fraction",
+        "> 0: a causal model prefers the small set first",
+        JRT_SETS,
+      ),
+      ctx.record(
+        f"order gap (small first - large first), JRT-RNN, width {width}",
+        at("JRT-RNN", small_first) - at("JRT-RNN", large_first),
+        "fraction",
+        "~ 0: the non-causal prefix is insensitive to order",
+        JRT_SETS,
+      ),
+      ctx.record(
+        f"JRT-Prompt gain over Based at equal state, width {width}, large set first",
+        at("Based + JRT-Prompt", large_first) - at("Based", large_first),
+        "fraction",
+        "> 0",
+        JRT_PROMPT,
+      ),
+      ctx.record(
+        f"recurrent decode state (Based = JRT-RNN = JRT-Prompt), width {width}", state_kib["Based"][-1], "KiB"
+      ),
+      ctx.record(
+        f"Transformer KV cache of the {rc.prompt_len}-token prompt, width {width}", state_kib["Transformer"][-1], "KiB"
+      ),
     ]
   pool = (rc.vocab_size - synthetic.FIRST) // 2
   bits = lambda size: (math.lgamma(pool + 1) - math.lgamma(size + 1) - math.lgamma(pool - size + 1)) / math.log(2)
   records += [
-      ctx.record(f"information in the large set, log2 C({pool}, {rc.large})", bits(rc.large), "bits",
-                 "a causal model reading it first needs Omega(|large|) bits of state", JRT_SETS),
-      ctx.record(f"information in the small set, log2 C({pool}, {rc.small})", bits(rc.small), "bits",
-                 "reading the small set first needs Omega(|small|)", JRT_SETS),
+    ctx.record(
+      f"information in the large set, log2 C({pool}, {rc.large})",
+      bits(rc.large),
+      "bits",
+      "a causal model reading it first needs Omega(|large|) bits of state",
+      JRT_SETS,
+    ),
+    ctx.record(
+      f"information in the small set, log2 C({pool}, {rc.small})",
+      bits(rc.small),
+      "bits",
+      "reading the small set first needs Omega(|small|)",
+      JRT_SETS,
+    ),
   ]
   plot = Plot(
-      "recall", f"Set disjointness (sets of {rc.small} and {rc.large}): accuracy vs decode state", "decode state (KiB, float32)",
-      "held-out accuracy", tuple(Series(f"{name}, {order}", tuple(state_kib[name]), tuple(v)) for (name, order), v in acc.items()),
-      xscale="log",
+    "recall",
+    f"Set disjointness (sets of {rc.small} and {rc.large}): accuracy vs decode state",
+    "decode state (KiB, float32)",
+    "held-out accuracy",
+    tuple(Series(f"{name}, {order}", tuple(state_kib[name]), tuple(v)) for (name, order), v in acc.items()),
+    xscale="log",
   )
   note = (
-      f"Set disjointness: 2-block models (2 heads, feature dim {rc.feature_dim}, window {rc.window}, widths {list(rc.widths)}), "
-      f"one per order, each trained {rc.steps} steps and scored on the answer of {rc.eval_batch} held-out prompts. "
-      "JRT-RNN's encoder is the prompt before [3]; JRT-Prompt reads the whole prompt twice with the same Based model and state; "
-      "the Transformer's state is its KV cache, which grows with the prompt. It is also the trainability reference: "
-      "where it falls short too, accuracy at that width is limited by training, not by the recurrent state. "
-      "The MLM term of Eq. 5 is off here: a random set member cannot be predicted from the rest."
+    f"Set disjointness: 2-block models (2 heads, feature dim {rc.feature_dim}, window {rc.window}, "
+    f"widths {list(rc.widths)}), "
+    f"one per order, each trained {rc.steps} steps and scored on the answer of {rc.eval_batch} held-out prompts. "
+    "JRT-RNN's encoder is the prompt before [3]; "
+    "JRT-Prompt reads the whole prompt twice with the same Based model and state; "
+    "the Transformer's state is its KV cache, which grows with the prompt. It is also the trainability reference: "
+    "where it falls short too, accuracy at that width is limited by training, not by the recurrent state. "
+    "The MLM term of Eq. 5 is off here: a random set member cannot be predicted from the rest."
   )
   return records, plot, note
 
@@ -230,42 +281,62 @@ def _prefill(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
     q, k, v, fq = _inputs(jax.random.key(ctx.seed), cfg.batch, length)
     fk = fq[:, ::-1]
     times = {
-        "softmax (paperjax GQA)": time_fn(_softmax, q, k, v, repeats=ctx.repeats).median_s,
-        "softmax (dot_product_attention)": time_fn(_softmax_xla, q, k, v, repeats=ctx.repeats).median_s,
-        "Based": time_fn(_based, fq, fk, v, repeats=ctx.repeats).median_s,
-        "JRT-Prompt (Based, 2N)": time_fn(_jrt_prompt, fq, fk, v, repeats=ctx.repeats).median_s,
-        "JRT-RNN (PLA, M=N/2)": time_fn(_jrt_rnn, fq, fk, v, repeats=ctx.repeats).median_s,
+      "softmax (paperjax GQA)": time_fn(_softmax, q, k, v, repeats=ctx.repeats).median_s,
+      "softmax (dot_product_attention)": time_fn(_softmax_xla, q, k, v, repeats=ctx.repeats).median_s,
+      "Based": time_fn(_based, fq, fk, v, repeats=ctx.repeats).median_s,
+      "JRT-Prompt (Based, 2N)": time_fn(_jrt_prompt, fq, fk, v, repeats=ctx.repeats).median_s,
+      "JRT-RNN (PLA, M=N/2)": time_fn(_jrt_rnn, fq, fk, v, repeats=ctx.repeats).median_s,
     }
     for name, t in times.items():
       curves.setdefault(name, []).append(t * 1e3)
     best_softmax = min(times["softmax (paperjax GQA)"], times["softmax (dot_product_attention)"])
     records += [
-        ctx.record(f"JRT-Prompt speed-up vs softmax, N={length}", best_softmax / times["JRT-Prompt (Based, 2N)"], "x", 11.9, JRT),
-        ctx.record(f"JRT-RNN speed-up vs softmax, N={length}", best_softmax / times["JRT-RNN (PLA, M=N/2)"], "x", 19.2, JRT),
-        ctx.record(f"JRT-RNN / Based prefill time, N={length}", times["JRT-RNN (PLA, M=N/2)"] / times["Based"], "x", 1.24, JRT),
+      ctx.record(
+        f"JRT-Prompt speed-up vs softmax, N={length}", best_softmax / times["JRT-Prompt (Based, 2N)"], "x", 11.9, JRT
+      ),
+      ctx.record(
+        f"JRT-RNN speed-up vs softmax, N={length}", best_softmax / times["JRT-RNN (PLA, M=N/2)"], "x", 19.2, JRT
+      ),
+      ctx.record(
+        f"JRT-RNN / Based prefill time, N={length}", times["JRT-RNN (PLA, M=N/2)"] / times["Based"], "x", 1.24, JRT
+      ),
     ]
   softmax_ms = [min(a, b) for a, b in zip(curves["softmax (paperjax GQA)"], curves["softmax (dot_product_attention)"])]
   faster = [n for n, s, r in zip(cfg.lengths, softmax_ms, curves["JRT-RNN (PLA, M=N/2)"]) if r < s]
   if faster:
-    records.append(ctx.record(
-        "crossover: shortest N where JRT-RNN prefill beats softmax", faster[0], "tokens",
-        "JRT-RNN faster from N=2048 (0.4 vs 0.5 ms)", "JRT Table 5 (fused CUDA vs FlashAttention-2)",
-    ))
+    records.append(
+      ctx.record(
+        "crossover: shortest N where JRT-RNN prefill beats softmax",
+        faster[0],
+        "tokens",
+        "JRT-RNN faster from N=2048 (0.4 vs 0.5 ms)",
+        "JRT Table 5 (fused CUDA vs FlashAttention-2)",
+      )
+    )
   features = 1 + FEATURE_DIM + FEATURE_DIM**2
   state_bytes = HEADS * (HEAD_DIM * features + features) * 4  # float32 s and z
   kv_bytes = 2 * cfg.lengths[-1] * HEADS * HEAD_DIM * 2  # bf16 K and V
   records += [
-      ctx.record("linear-attention decode state per layer and row", state_bytes / 2**20, "MiB"),
-      ctx.record(f"KV cache per layer and row at N={cfg.lengths[-1]} (bf16)", kv_bytes / 2**20, "MiB"),
+    ctx.record("linear-attention decode state per layer and row", state_bytes / 2**20, "MiB"),
+    ctx.record(f"KV cache per layer and row at N={cfg.lengths[-1]} (bf16)", kv_bytes / 2**20, "MiB"),
   ]
   plot = Plot(
-      "prefill", f"Prefill latency, one layer, batch {cfg.batch}, {HEADS} heads", "N (tokens)", "ms",
-      tuple(Series(name, cfg.lengths, tuple(ms)) for name, ms in curves.items()), xscale="log", yscale="log",
+    "prefill",
+    f"Prefill latency, one layer, batch {cfg.batch}, {HEADS} heads",
+    "N (tokens)",
+    "ms",
+    tuple(Series(name, cfg.lengths, tuple(ms)) for name, ms in curves.items()),
+    xscale="log",
+    yscale="log",
   )
-  crossover = f"JRT-RNN overtakes softmax at N={faster[0]}" if faster else f"JRT-RNN did not overtake softmax up to N={cfg.lengths[-1]}"
+  crossover = (
+    f"JRT-RNN overtakes softmax at N={faster[0]}"
+    if faster
+    else f"JRT-RNN did not overtake softmax up to N={cfg.lengths[-1]}"
+  )
   note = (
-      f"{crossover}. Per-layer prefill on this backend; linear attention runs chunked (64 tokens) in float32 states, "
-      "softmax materialises the causal scores (XLA), so absolute times and ratios describe these XLA programs."
+    f"{crossover}. Per-layer prefill on this backend; linear attention runs chunked (64 tokens) in float32 states, "
+    "softmax materialises the causal scores (XLA), so absolute times and ratios describe these XLA programs."
   )
   return records, plot, note
 
@@ -277,8 +348,12 @@ def run(ctx: Context) -> Result:
     parts.append(_recall(ctx, cfg.recall))
   if ctx.wants("prefill"):
     parts.append(_prefill(ctx, cfg))
-  return Result(ctx.benchmark, tuple(r for records, _, _ in parts for r in records),
-                tuple(plot for _, plot, _ in parts), tuple(note for _, _, note in parts))
+  return Result(
+    ctx.benchmark,
+    tuple(r for records, _, _ in parts for r in records),
+    tuple(plot for _, plot, _ in parts),
+    tuple(note for _, _, note in parts),
+  )
 
 
 if __name__ == "__main__":

@@ -50,18 +50,36 @@ def _model(vocab, dim, layers, heads, kv_heads, ffn, max_len):
 
 
 CONFIGS = {
-    "ci": Config(
-        _model(512, 64, 2, 4, 2, 128, 256), (32, 64), 2, 64, 8,
-        train.TrainConfig(batch_size=8, seq_len=32, total_steps=20, warmup_steps=4), 300_000, 10,
-    ),
-    "small": Config(
-        _model(2048, 128, 4, 8, 2, 384, 2048), (128, 256, 512, 1024), 4, 512, 64,
-        train.TrainConfig(batch_size=16, seq_len=128, total_steps=400, warmup_steps=40), 4_000_000, 50,
-    ),
-    "paper": Config(
-        _model(8192, 1024, 8, 16, 4, 3584, 8192), (512, 1024, 2048, 4096), 8, 2048, 128,
-        train.TrainConfig(batch_size=32, seq_len=512, total_steps=1000, warmup_steps=100), 12_000_000, 100,
-    ),
+  "ci": Config(
+    _model(512, 64, 2, 4, 2, 128, 256),
+    (32, 64),
+    2,
+    64,
+    8,
+    train.TrainConfig(batch_size=8, seq_len=32, total_steps=20, warmup_steps=4),
+    300_000,
+    10,
+  ),
+  "small": Config(
+    _model(2048, 128, 4, 8, 2, 384, 2048),
+    (128, 256, 512, 1024),
+    4,
+    512,
+    64,
+    train.TrainConfig(batch_size=16, seq_len=128, total_steps=400, warmup_steps=40),
+    4_000_000,
+    50,
+  ),
+  "paper": Config(
+    _model(8192, 1024, 8, 16, 4, 3584, 8192),
+    (512, 1024, 2048, 4096),
+    8,
+    2048,
+    128,
+    train.TrainConfig(batch_size=32, seq_len=512, total_steps=1000, warmup_steps=100),
+    12_000_000,
+    100,
+  ),
 }
 
 
@@ -98,8 +116,12 @@ def _cache_vs_recompute(ctx: Context, cfg: Config, params):
     speedups.append(full.median_s / cached.median_s)
     records.append(ctx.record(f"decode step speed-up, KV cache vs recompute, prefix {length}", speedups[-1], "x"))
   plot = Plot(
-      "cache_speedup", "One decode step: recompute time / KV-cache time", "prefix length", "speed-up (x)",
-      (Series(f"batch {cfg.batch}", cfg.cache_lengths, tuple(speedups)),), xscale="log",
+    "cache_speedup",
+    "One decode step: recompute time / KV-cache time",
+    "prefix length",
+    "speed-up (x)",
+    (Series(f"batch {cfg.batch}", cfg.cache_lengths, tuple(speedups)),),
+    xscale="log",
   )
   return records, plot
 
@@ -115,18 +137,29 @@ def _throughput(ctx: Context, cfg: Config, params):
   prompts = tokens[:, :16]
   lengths = jnp.full((cfg.batch,), 16, jnp.int32)
   gen = time_fn(
-      lambda: generate.generate(jax.random.key(0), params, model, prompts, lengths, max_new_tokens=cfg.new_tokens),
-      repeats=ctx.repeats,
+    lambda: generate.generate(jax.random.key(0), params, model, prompts, lengths, max_new_tokens=cfg.new_tokens),
+    repeats=ctx.repeats,
   )
   n_prefill = cfg.batch * cfg.prefill_len
   return [
-      ctx.record(f"prefill tokens/s (B={cfg.batch}, T={cfg.prefill_len}), reference GQA", n_prefill / times["reference"], "tokens/s"),
-      ctx.record(f"prefill tokens/s (B={cfg.batch}, T={cfg.prefill_len}), jax.nn.dot_product_attention", n_prefill / times["xla"], "tokens/s"),
-      ctx.record("prefill speed-up, reference GQA vs dot_product_attention (same run)", times["xla"] / times["reference"], "x"),
-      ctx.record(
-          f"greedy generation tokens/s (B={cfg.batch}, 16-token prompts, {cfg.new_tokens} new)",
-          cfg.batch * cfg.new_tokens / gen.median_s, "tokens/s",
-      ),
+    ctx.record(
+      f"prefill tokens/s (B={cfg.batch}, T={cfg.prefill_len}), reference GQA",
+      n_prefill / times["reference"],
+      "tokens/s",
+    ),
+    ctx.record(
+      f"prefill tokens/s (B={cfg.batch}, T={cfg.prefill_len}), jax.nn.dot_product_attention",
+      n_prefill / times["xla"],
+      "tokens/s",
+    ),
+    ctx.record(
+      "prefill speed-up, reference GQA vs dot_product_attention (same run)", times["xla"] / times["reference"], "x"
+    ),
+    ctx.record(
+      f"greedy generation tokens/s (B={cfg.batch}, 16-token prompts, {cfg.new_tokens} new)",
+      cfg.batch * cfg.new_tokens / gen.median_s,
+      "tokens/s",
+    ),
   ]
 
 
@@ -137,12 +170,15 @@ def _kv_bytes(ctx: Context):
     mha = dataclasses.replace(gqa, n_kv_heads=gqa.n_heads)
     size = name.split("_")[1].upper()
     records += [
-        ctx.record(f"{size} parameters", gqa.num_params() / 1e9, "billion", published, f"{REPORT}, model name"),
-        ctx.record(f"{size} KV cache per token, GQA G=8, bf16", gqa.kv_cache_bytes_per_token() / 1024, "KiB"),
-        ctx.record(
-            f"{size} KV cache MHA / GQA", mha.kv_cache_bytes_per_token() / gqa.kv_cache_bytes_per_token(), "x",
-            gqa.n_heads / gqa.n_kv_heads, f"{REPORT}, H/G from Table 3 shapes",
-        ),
+      ctx.record(f"{size} parameters", gqa.num_params() / 1e9, "billion", published, f"{REPORT}, model name"),
+      ctx.record(f"{size} KV cache per token, GQA G=8, bf16", gqa.kv_cache_bytes_per_token() / 1024, "KiB"),
+      ctx.record(
+        f"{size} KV cache MHA / GQA",
+        mha.kv_cache_bytes_per_token() / gqa.kv_cache_bytes_per_token(),
+        "x",
+        gqa.n_heads / gqa.n_kv_heads,
+        f"{REPORT}, H/G from Table 3 shapes",
+      ),
     ]
   return records
 
@@ -175,23 +211,30 @@ def _train(ctx: Context, cfg: Config):
   tokens_per_s = tcfg.batch_size * tcfg.seq_len / step_time
   final = evals[-1][1]
   records = [
-      ctx.record(f"training tokens/s ({model.num_params() / 1e6:.2f}M params, B={tcfg.batch_size}, T={tcfg.seq_len})", tokens_per_s, "tokens/s"),
-      ctx.record("held-out loss after training", final, "nats/token"),
-      ctx.record("unigram cross-entropy (baseline)", unigram_ce, "nats/token"),
-      ctx.record("held-out loss / unigram cross-entropy", final / unigram_ce, "ratio", "< 1", "any LM that uses context"),
+    ctx.record(
+      f"training tokens/s ({model.num_params() / 1e6:.2f}M params, B={tcfg.batch_size}, T={tcfg.seq_len})",
+      tokens_per_s,
+      "tokens/s",
+    ),
+    ctx.record("held-out loss after training", final, "nats/token"),
+    ctx.record("unigram cross-entropy (baseline)", unigram_ce, "nats/token"),
+    ctx.record("held-out loss / unigram cross-entropy", final / unigram_ce, "ratio", "< 1", "any LM that uses context"),
   ]
   plot = Plot(
-      "train_loss", "Training on the stdlib corpus", "step", "loss (nats/token)",
-      (
-          Series("train", tuple(range(1, tcfg.total_steps + 1)), tuple(losses)),
-          Series("held-out", tuple(s for s, _ in evals), tuple(l for _, l in evals)),
-          Series("unigram", (1, tcfg.total_steps), (unigram_ce, unigram_ce)),
-      ),
+    "train_loss",
+    "Training on the stdlib corpus",
+    "step",
+    "loss (nats/token)",
+    (
+      Series("train", tuple(range(1, tcfg.total_steps + 1)), tuple(losses)),
+      Series("held-out", tuple(s for s, _ in evals), tuple(l for _, l in evals)),
+      Series("unigram", (1, tcfg.total_steps), (unigram_ce, unigram_ce)),
+    ),
   )
   notes = [
-      f"Training data: {train_ids.size:,} train / {test_ids.size:,} held-out tokens, vocabulary of the "
-      f"{model.vocab_size - 1} most frequent cl100k training tokens + other; AdamW, warm-up {tcfg.warmup_steps} "
-      f"steps, cosine to {tcfg.final_lr_ratio:g} x peak {tcfg.peak_lr:g}, {tcfg.total_steps} steps."
+    f"Training data: {train_ids.size:,} train / {test_ids.size:,} held-out tokens, vocabulary of the "
+    f"{model.vocab_size - 1} most frequent cl100k training tokens + other; AdamW, warm-up {tcfg.warmup_steps} "
+    f"steps, cosine to {tcfg.final_lr_ratio:g} x peak {tcfg.peak_lr:g}, {tcfg.total_steps} steps."
   ]
   return records, plot, notes
 

@@ -46,9 +46,9 @@ class Config:
 
 
 CONFIGS = {
-    "ci": Config(4, (128,), (64, 256), 10, 300_000, 64),
-    "small": Config(8, (128, 512), (256, 1024, 4096), 300, 3_000_000, 1000),
-    "paper": Config(32, (128, 512), (1024, 8192, 65536), 1000, 12_000_000, 4000),
+  "ci": Config(4, (128,), (64, 256), 10, 300_000, 64),
+  "small": Config(8, (128, 512), (256, 1024, 4096), 300, 3_000_000, 1000),
+  "paper": Config(32, (128, 512), (1024, 8192, 65536), 1000, 12_000_000, 4000),
 }
 QUERY_TOKENS, DIM = 32, 128
 
@@ -92,7 +92,9 @@ def _throughput(ctx: Context, cfg: Config):
     qj, dj, lj = jnp.asarray(q), jnp.asarray(d), jnp.asarray(lengths)
     pairs = cfg.num_queries * num_docs
     base = time_fn(numpy_maxsim, q, d, lengths, repeats=ctx.repeats).median_s
-    np.testing.assert_allclose(maxsim.maxsim(qj, dj, d_lengths_N=lj, impl="reference"), numpy_maxsim(q, d, lengths), rtol=1e-3, atol=1e-2)
+    np.testing.assert_allclose(
+      maxsim.maxsim(qj, dj, d_lengths_N=lj, impl="reference"), numpy_maxsim(q, d, lengths), rtol=1e-3, atol=1e-2
+    )
     label = f"S={doc_len}, N={num_docs}"
     records.append(ctx.record(f"pairs/s numpy einsum+max ({label})", pairs / base, "pairs/s"))
     series.setdefault(f"numpy, S={doc_len}", []).append(pairs / base)
@@ -102,10 +104,13 @@ def _throughput(ctx: Context, cfg: Config):
       records.append(ctx.record(f"speed-up paperjax {impl} vs numpy ({label}, same run)", base / ours, "x"))
       series.setdefault(f"paperjax {impl}, S={doc_len}", []).append(pairs / ours)
   plot = Plot(
-      "throughput", f"MaxSim throughput ({cfg.num_queries} queries x {QUERY_TOKENS} tokens, dim {DIM})",
-      "documents", "query-document pairs/s",
-      tuple(Series(label, cfg.doc_counts, tuple(ys)) for label, ys in series.items()),
-      xscale="log", yscale="log",
+    "throughput",
+    f"MaxSim throughput ({cfg.num_queries} queries x {QUERY_TOKENS} tokens, dim {DIM})",
+    "documents",
+    "query-document pairs/s",
+    tuple(Series(label, cfg.doc_counts, tuple(ys)) for label, ys in series.items()),
+    xscale="log",
+    yscale="log",
   )
   return records, plot
 
@@ -119,7 +124,9 @@ def _contextual_embeddings(ctx: Context, cfg: Config):
   train_stream, held_stream = corpus.tokenize(tok, train_docs), corpus.tokenize(tok, held_docs)
   model = llama.LlamaConfig(vocab_size=2048, dim=DIM, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=256)
   kept = corpus.compact_vocab(train_stream.ids_N, model.vocab_size)
-  tcfg = train.TrainConfig(batch_size=16, seq_len=128, total_steps=max(cfg.train_steps, 2), warmup_steps=1, seed=ctx.seed)
+  tcfg = train.TrainConfig(
+    batch_size=16, seq_len=128, total_steps=max(cfg.train_steps, 2), warmup_steps=1, seed=ctx.seed
+  )
   state = train.init_state(jax.random.key(ctx.seed), model, tcfg)
   step = train.make_train_step(model, tcfg)
   train_ids = corpus.to_compact(train_stream.ids_N, kept)
@@ -128,7 +135,9 @@ def _contextual_embeddings(ctx: Context, cfg: Config):
   embed = jax.jit(lambda p, t: llama.forward_hidden(p, t, model)[0])
   windows = corpus.windows(corpus.to_compact(held_stream.ids_N, kept), 128)
   num = min(cfg.num_docs_binary, windows.shape[0] - cfg.num_queries)
-  docs = np.concatenate([np.asarray(embed(state.params, jnp.asarray(w))) for w in np.array_split(windows[:num], max(1, num // 64))])
+  docs = np.concatenate(
+    [np.asarray(embed(state.params, jnp.asarray(w))) for w in np.array_split(windows[:num], max(1, num // 64))]
+  )
   queries = np.asarray(embed(state.params, jnp.asarray(windows[num : num + cfg.num_queries, :QUERY_TOKENS])))
   return queries, docs
 
@@ -145,14 +154,16 @@ def _binary(ctx: Context, cfg: Config):
   tau = np.mean([scipy.stats.kendalltau(f, b).statistic for f, b in zip(float_scores, bin_scores)])
   ratio = maxsim.storage_bytes(maxsim.pack_bits(dj)) / maxsim.storage_bytes(dj.astype(jnp.float32))
   records = [
-      ctx.record("binary / float32 storage", ratio, "fraction", 1 / 32, INFINITY),
-      ctx.record(f"recall@{k} of the float top {k} under binary MaxSim", recall, "fraction", "little loss for reranking", INFINITY),
-      ctx.record("Kendall tau, binary vs float scores", tau, "tau"),
+    ctx.record("binary / float32 storage", ratio, "fraction", 1 / 32, INFINITY),
+    ctx.record(
+      f"recall@{k} of the float top {k} under binary MaxSim", recall, "fraction", "little loss for reranking", INFINITY
+    ),
+    ctx.record("Kendall tau, binary vs float scores", tau, "tau"),
   ]
   note = (
-      f"Binary codes were measured on contextual token embeddings (dim {DIM}) of {docs.shape[0]} held-out 128-token "
-      f"stdlib windows and {queries.shape[0]} {QUERY_TOKENS}-token queries, from a 2-layer Llama trained here for "
-      f"{cfg.train_steps} steps; float scores are cosine MaxSim."
+    f"Binary codes were measured on contextual token embeddings (dim {DIM}) of {docs.shape[0]} held-out 128-token "
+    f"stdlib windows and {queries.shape[0]} {QUERY_TOKENS}-token queries, from a 2-layer Llama trained here for "
+    f"{cfg.train_steps} steps; float scores are cosine MaxSim."
   )
   return records, note
 
@@ -170,13 +181,16 @@ def _flops(ctx: Context):
   cross_pair = _bert_base_flops(QUERY_TOKENS + doc_tokens)
   colbert_query = _bert_base_flops(QUERY_TOKENS) + candidates * maxsim_pair  # documents encoded offline
   return [
-      ctx.record("FLOPs per pair, MaxSim (32 x 128 tokens, dim 128)", maxsim_pair, "FLOPs"),
-      ctx.record("FLOPs per pair, BERT-base cross-encoder (160 tokens)", cross_pair, "FLOPs"),
-      ctx.record("cross-encoder / MaxSim FLOPs per pair", cross_pair / maxsim_pair, "x"),
-      ctx.record(
-          f"cross-encoder / ColBERT FLOPs per query (re-rank {candidates}, query encoding included)",
-          candidates * cross_pair / colbert_query, "x", 1e4, f"{COLBERT}: four orders of magnitude",
-      ),
+    ctx.record("FLOPs per pair, MaxSim (32 x 128 tokens, dim 128)", maxsim_pair, "FLOPs"),
+    ctx.record("FLOPs per pair, BERT-base cross-encoder (160 tokens)", cross_pair, "FLOPs"),
+    ctx.record("cross-encoder / MaxSim FLOPs per pair", cross_pair / maxsim_pair, "x"),
+    ctx.record(
+      f"cross-encoder / ColBERT FLOPs per query (re-rank {candidates}, query encoding included)",
+      candidates * cross_pair / colbert_query,
+      "x",
+      1e4,
+      f"{COLBERT}: four orders of magnitude",
+    ),
   ]
 
 

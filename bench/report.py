@@ -34,7 +34,8 @@ def format_number(x: float | str | None) -> str:
 def markdown_table(records: Sequence[Record]) -> str:
   rows = [COLUMNS, ("---",) * len(COLUMNS)]
   for r in records:
-    rows.append((
+    rows.append(
+      (
         r.benchmark,
         r.metric,
         format_number(r.value),
@@ -42,24 +43,25 @@ def markdown_table(records: Sequence[Record]) -> str:
         format_number(r.paper_value),
         r.paper_source or "—",
         format_number(r.ratio),
-    ))
+      )
+    )
   return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
 
 
 def describe(env: Environment) -> str:
   return (
-      f"backend `{env.backend}`, device `{env.device_kind}` x{env.device_count}, "
-      f"jax {env.jax_version}, Python {env.python}, scale `{env.scale}`"
+    f"backend `{env.backend}`, device `{env.device_kind}` x{env.device_count}, "
+    f"jax {env.jax_version}, Python {env.python}, scale `{env.scale}`"
   )
 
 
 def render_markdown(results: Sequence[Result], env: Environment, plot_files: dict[str, str]) -> str:
   lines = [
-      "# paperjax benchmark report",
-      "",
-      f"Measured on {describe(env)}.",
-      "",
-      markdown_table([r for result in results for r in result.records]),
+    "# paperjax benchmark report",
+    "",
+    f"Measured on {describe(env)}.",
+    "",
+    markdown_table([r for result in results for r in result.records]),
   ]
   for result in results:
     if not (result.notes or result.plots):
@@ -103,14 +105,14 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
       plot_files[key] = f"{key}.png"
       render_png(plot, out / plot_files[key])
   payload = {
-      "environment": dataclasses.asdict(env),
-      "records": [r.to_json() for result in results for r in result.records],
-      "plots": [
-          {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **dataclasses.asdict(p)}
-          for result in results
-          for p in result.plots
-      ],
-      "notes": {result.benchmark: list(result.notes) for result in results if result.notes},
+    "environment": dataclasses.asdict(env),
+    "records": [r.to_json() for result in results for r in result.records],
+    "plots": [
+      {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **dataclasses.asdict(p)}
+      for result in results
+      for p in result.plots
+    ],
+    "notes": {result.benchmark: list(result.notes) for result in results if result.notes},
   }
   paths = {"markdown": out / "report.md", "json": out / "results.json"}
   _atomic(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))

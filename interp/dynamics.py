@@ -72,7 +72,7 @@ def order_distribution(w: np.ndarray, n: int, tau: float = 0.0) -> np.ndarray:
 
 
 def fit_sigma2(
-    measured: np.ndarray, w_star: np.ndarray, n: int, *, tau: float = 0.0, grid: np.ndarray | None = None
+  measured: np.ndarray, w_star: np.ndarray, n: int, *, tau: float = 0.0, grid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """The sigma^2 on a log grid whose predicted order distribution is closest (L2) to `measured`.
 

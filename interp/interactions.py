@@ -51,15 +51,15 @@ def log_odds(logits_BC: jax.Array, label: int | jax.Array) -> jax.Array:
 
 
 def evaluate_subsets(
-    model_fn: Callable[[object, jax.Array], jax.Array],
-    params,
-    x_BF: jax.Array,
-    baseline_F: jax.Array,
-    variable_of_F: jax.Array,
-    labels_B: jax.Array,
-    n: int,
-    *,
-    chunk: int = 256,
+  model_fn: Callable[[object, jax.Array], jax.Array],
+  params,
+  x_BF: jax.Array,
+  baseline_F: jax.Array,
+  variable_of_F: jax.Array,
+  labels_B: jax.Array,
+  n: int,
+  *,
+  chunk: int = 256,
 ) -> jax.Array:
   """v(x_T) of every sample for all 2^n subsets, in one jitted, chunked pass: float32 [B, M].
 
@@ -79,14 +79,17 @@ def evaluate_subsets(
   feature_shape = x_BF.shape[1:]
   if baseline_F.shape != feature_shape or variable_of_F.shape != feature_shape:
     raise ValueError(
-        f"baseline_F, variable_of_F: expected a sample's shape {feature_shape}, got {baseline_F.shape}, {variable_of_F.shape}"
+      f"baseline_F, variable_of_F: expected a sample's shape {feature_shape}, "
+      f"got {baseline_F.shape}, {variable_of_F.shape}"
     )
   labels_B = jnp.asarray(labels_B)
   if labels_B.shape != x_BF.shape[:1]:
     raise ValueError(f"labels_B: expected shape {x_BF.shape[:1]}, got {labels_B.shape}")
   ids = np.asarray(variable_of_F)
   if ids.min() < -1 or ids.max() >= n or len(set(ids[ids >= 0].ravel().tolist())) != n:
-    raise ValueError(f"variable_of_F: expected every id 0 .. {n - 1} used (-1: fixed features), got {np.unique(ids).tolist()}")
+    raise ValueError(
+      f"variable_of_F: expected every id 0 .. {n - 1} used (-1: fixed features), got {np.unique(ids).tolist()}"
+    )
   return _evaluate(model_fn, params, x_BF, baseline_F, variable_of_F, labels_B, n, min(chunk, 2**n))
 
 
@@ -219,7 +222,9 @@ def _decompose(v_M, cfg: DecompositionConfig):
   i_and, i_or = _split(v_M, gamma, delta)
   recon = reconstruct(i_and, i_or, v_M[0] - delta[0])
   error = jnp.max(jnp.abs(v_M - delta - recon))
-  return Decomposition(i_and, i_or, gamma, delta, error, _l1(v_M, jnp.zeros_like(v_M), jnp.zeros_like(v_M)), _l1(v_M, gamma, delta))
+  return Decomposition(
+    i_and, i_or, gamma, delta, error, _l1(v_M, jnp.zeros_like(v_M), jnp.zeros_like(v_M)), _l1(v_M, gamma, delta)
+  )
 
 
 def salience_threshold(v_full: jax.Array, v_empty: jax.Array, fraction: float = 0.03) -> jax.Array:

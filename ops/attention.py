@@ -22,19 +22,19 @@ Impl = Literal["reference", "xla"]
 
 
 def make_mask(
-    q_index_BT: jax.Array,
-    kv_index_BS: jax.Array,
-    *,
-    causal: bool = True,
-    q_segment_ids_BT: jax.Array | None = None,
-    kv_segment_ids_BS: jax.Array | None = None,
-    kv_length_B: jax.Array | None = None,
+  q_index_BT: jax.Array,
+  kv_index_BS: jax.Array,
+  *,
+  causal: bool = True,
+  q_segment_ids_BT: jax.Array | None = None,
+  kv_segment_ids_BS: jax.Array | None = None,
+  kv_length_B: jax.Array | None = None,
 ) -> jax.Array:
   """mask[b, t, s] = True where query t may attend key s:
 
-    causal:    kv_index[b, s] <= q_index[b, t]   (indices are sequence slots / positions)
-    document:  q_segment[b, t] == kv_segment[b, s]
-    length:    s < kv_length[b]                   (valid cache entries)
+  causal:    kv_index[b, s] <= q_index[b, t]   (indices are sequence slots / positions)
+  document:  q_segment[b, t] == kv_segment[b, s]
+  length:    s < kv_length[b]                   (valid cache entries)
   """
   mask_BTS = jnp.ones((q_index_BT.shape[0], q_index_BT.shape[1], kv_index_BS.shape[1]), bool)
   if causal:
@@ -49,12 +49,12 @@ def make_mask(
 
 
 def attention(
-    q_BTHK: jax.Array,
-    k_BSGK: jax.Array,
-    v_BSGK: jax.Array,
-    mask_BTS: jax.Array | None = None,
-    *,
-    impl: Impl = "reference",
+  q_BTHK: jax.Array,
+  k_BSGK: jax.Array,
+  v_BSGK: jax.Array,
+  mask_BTS: jax.Array | None = None,
+  *,
+  impl: Impl = "reference",
 ) -> jax.Array:
   """Grouped-query attention (module equation); returns [B, T, H, K] in q's dtype.
 
@@ -70,14 +70,12 @@ def attention(
   batch, time, heads, head_dim = q_BTHK.shape
   groups = k_BSGK.shape[2]
   q_BTGRK = q_BTHK.reshape(batch, time, groups, heads // groups, head_dim)
-  scores_BGRTS = jnp.einsum(
-      "btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32
-  ) * (head_dim**-0.5)
+  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32) * (head_dim**-0.5)
   if mask_BTS is not None:
     scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
   probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1)
   out_BTGRK = jnp.einsum(
-      "bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
+    "bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
   )
   return out_BTGRK.reshape(q_BTHK.shape).astype(q_BTHK.dtype)
 

@@ -51,7 +51,9 @@ def taylor_features(x_BTHD: jax.Array) -> jax.Array:
 
 
 def empty_state(batch: int, heads: int, features: int, value_dim: int) -> State:
-  return State(jnp.zeros((batch, heads, features, value_dim), jnp.float32), jnp.zeros((batch, heads, features), jnp.float32))
+  return State(
+    jnp.zeros((batch, heads, features, value_dim), jnp.float32), jnp.zeros((batch, heads, features), jnp.float32)
+  )
 
 
 def causal_quadratic(phi_q_BTHF, phi_k_BTHF, v_BTHV, eps: float = DEFAULT_EPS) -> jax.Array:
@@ -63,7 +65,9 @@ def causal_quadratic(phi_q_BTHF, phi_k_BTHF, v_BTHV, eps: float = DEFAULT_EPS) -
   return (num / (a_BHTS.sum(-1).transpose(0, 2, 1)[..., None] + eps)).astype(v_BTHV.dtype)
 
 
-def causal_chunked(phi_q_BTHF, phi_k_BTHF, v_BTHV, *, chunk: int = 64, eps: float = DEFAULT_EPS, state: State | None = None):
+def causal_chunked(
+  phi_q_BTHF, phi_k_BTHF, v_BTHV, *, chunk: int = 64, eps: float = DEFAULT_EPS, state: State | None = None
+):
   """Chunks of C tokens: the running state for earlier chunks, the masked quadratic form inside.
 
   Cost O(T C F V); returns (y [B, T, H, V], the state after the last token).
@@ -130,8 +134,16 @@ def non_causal(phi_q_BTHF, phi_k_BTHF, v_BTHV, *, key_mask_BT: jax.Array | None 
 
 
 def prefix_linear_attention(
-    phi_q_BTHF, phi_kd_BTHF, vd_BTHV, phi_ke_BTHF, ve_BTHV, prefix_len: int, *,
-    key_mask_BT: jax.Array | None = None, chunk: int = 64, eps: float = DEFAULT_EPS,
+  phi_q_BTHF,
+  phi_kd_BTHF,
+  vd_BTHV,
+  phi_ke_BTHF,
+  ve_BTHV,
+  prefix_len: int,
+  *,
+  key_mask_BT: jax.Array | None = None,
+  chunk: int = 64,
+  eps: float = DEFAULT_EPS,
 ) -> tuple[jax.Array, State]:
   """JRT's PLA (Eq. 3): all M encoder keys for every query plus causal decoder keys.
 
@@ -166,7 +178,9 @@ def sliding_window_attention(q_BTHK, k_BTGK, v_BTGK, window: int, *, impl: atten
   return attention.attention(q_BTHK, k_BTGK, v_BTGK, mask_BTS, impl=impl)
 
 
-def short_conv(x_BTE: jax.Array, kernel_WE: jax.Array, state_BWE: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def short_conv(
+  x_BTE: jax.Array, kernel_WE: jax.Array, state_BWE: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Causal depthwise convolution: y_t = sum_w kernel[w] x_{t - W + 1 + w}.
 
   `state_BWE` holds the W - 1 inputs before x (zeros at the start); returns (y, the new

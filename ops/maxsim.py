@@ -35,15 +35,15 @@ _REFERENCE_BLOCK_BYTES = 256 * 2**20  # bound on the [Q, block, L, S] score tens
 
 
 def maxsim(
-    q_QLK: jax.Array,
-    d_NSK: jax.Array,
-    *,
-    q_mask_QL: jax.Array | None = None,
-    d_mask_NS: jax.Array | None = None,
-    d_lengths_N: jax.Array | None = None,
-    normalize: bool = False,
-    impl: Impl = "auto",
-    interpret: bool = False,
+  q_QLK: jax.Array,
+  d_NSK: jax.Array,
+  *,
+  q_mask_QL: jax.Array | None = None,
+  d_mask_NS: jax.Array | None = None,
+  d_lengths_N: jax.Array | None = None,
+  normalize: bool = False,
+  impl: Impl = "auto",
+  interpret: bool = False,
 ) -> jax.Array:
   """MaxSim scores float32 [Q, N] (module equation).
 
@@ -66,15 +66,15 @@ def maxsim(
 
 
 def maxsim_binary(
-    q_bits_QLW: jax.Array,
-    d_bits_NSW: jax.Array,
-    dim: int,
-    *,
-    q_mask_QL: jax.Array | None = None,
-    d_mask_NS: jax.Array | None = None,
-    d_lengths_N: jax.Array | None = None,
-    impl: Impl = "auto",
-    interpret: bool = False,
+  q_bits_QLW: jax.Array,
+  d_bits_NSW: jax.Array,
+  dim: int,
+  *,
+  q_mask_QL: jax.Array | None = None,
+  d_mask_NS: jax.Array | None = None,
+  d_lengths_N: jax.Array | None = None,
+  impl: Impl = "auto",
+  interpret: bool = False,
 ) -> jax.Array:
   """MaxSim of packed sign codes (`pack_bits`) of `dim`-dimensional vectors, float32 [Q, N].
 
@@ -86,7 +86,7 @@ def maxsim_binary(
   words = -(-dim // 32)
   if q_bits_QLW.shape[2] != words or d_bits_NSW.shape[2] != words:
     raise ValueError(
-        f"dim: {dim} needs {words} words per token, got q {q_bits_QLW.shape[2]} and d {d_bits_NSW.shape[2]}"
+      f"dim: {dim} needs {words} words per token, got q {q_bits_QLW.shape[2]} and d {d_bits_NSW.shape[2]}"
     )
   q_mask_QL, d_mask_NS = _masks(q_bits_QLW, d_bits_NSW, q_mask_QL, d_mask_NS, d_lengths_N)
   if _resolve(impl) == "reference":
@@ -114,8 +114,10 @@ def _token_scores(q_QLX, d_BSX, dim: int | None) -> jax.Array:
   num_b, num_s, _ = d_BSX.shape
   if dim is None:  # one 2-D matmul: the fastest form for XLA's CPU and GPU dots
     scores = jax.lax.dot_general(
-        q_QLX.reshape(num_q * num_l, last), d_BSX.reshape(num_b * num_s, last),
-        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+      q_QLX.reshape(num_q * num_l, last),
+      d_BSX.reshape(num_b * num_s, last),
+      (((1,), (1,)), ((), ())),
+      preferred_element_type=jnp.float32,
     )
     return scores.reshape(num_q, num_l, num_b, num_s)
   xor = q_QLX[:, :, None, None, :] ^ d_BSX[None, None, :, :, :]
@@ -164,16 +166,16 @@ def storage_bytes(x: jax.Array | np.ndarray) -> int:
 
 
 def tensor_array_maxsim(
-    q_QLK: jax.Array,
-    passages_PSK: jax.Array,
-    passage_doc_P: jax.Array,
-    num_docs: int,
-    *,
-    q_mask_QL: jax.Array | None = None,
-    p_mask_PS: jax.Array | None = None,
-    p_lengths_P: jax.Array | None = None,
-    normalize: bool = False,
-    impl: Impl = "auto",
+  q_QLK: jax.Array,
+  passages_PSK: jax.Array,
+  passage_doc_P: jax.Array,
+  num_docs: int,
+  *,
+  q_mask_QL: jax.Array | None = None,
+  p_mask_PS: jax.Array | None = None,
+  p_lengths_P: jax.Array | None = None,
+  normalize: bool = False,
+  impl: Impl = "auto",
 ) -> jax.Array:
   """Long documents as tensor arrays: score[q, n] = max over n's passages of MaxSim, [Q, num_docs].
 
@@ -181,10 +183,18 @@ def tensor_array_maxsim(
   document of passage p (any order, ragged counts). A document without passages scores -inf.
   """
   if passage_doc_P.shape != passages_PSK.shape[:1] or not jnp.issubdtype(passage_doc_P.dtype, jnp.integer):
-    raise ValueError(f"passage_doc_P: expected integer shape ({passages_PSK.shape[0]},), got {passage_doc_P.dtype} {passage_doc_P.shape}")
+    raise ValueError(
+      f"passage_doc_P: expected integer shape ({passages_PSK.shape[0]},), "
+      f"got {passage_doc_P.dtype} {passage_doc_P.shape}"
+    )
   scores_QP = maxsim(
-      q_QLK, passages_PSK, q_mask_QL=q_mask_QL, d_mask_NS=p_mask_PS, d_lengths_N=p_lengths_P,
-      normalize=normalize, impl=impl,
+    q_QLK,
+    passages_PSK,
+    q_mask_QL=q_mask_QL,
+    d_mask_NS=p_mask_PS,
+    d_lengths_N=p_lengths_P,
+    normalize=normalize,
+    impl=impl,
   )
   return jax.ops.segment_max(scores_QP.T, passage_doc_P, num_segments=num_docs).T
 
@@ -198,14 +208,14 @@ def top_k(scores_QN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def rerank(
-    q_QLK: jax.Array,
-    d_NSK: jax.Array,
-    k: int,
-    *,
-    q_mask_QL: jax.Array | None = None,
-    d_mask_NS: jax.Array | None = None,
-    dim: int | None = None,
-    impl: Impl = "auto",
+  q_QLK: jax.Array,
+  d_NSK: jax.Array,
+  k: int,
+  *,
+  q_mask_QL: jax.Array | None = None,
+  d_mask_NS: jax.Array | None = None,
+  dim: int | None = None,
+  impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Top-k documents by MaxSim; uint32 inputs are binary codes of `dim`-dim vectors."""
   if d_NSK.dtype == jnp.uint32:
@@ -218,15 +228,15 @@ def rerank(
 
 
 def two_stage_rerank(
-    q_QLK: jax.Array,
-    d_NSK: jax.Array,
-    k: int,
-    shortlist: int,
-    *,
-    q_mask_QL: jax.Array | None = None,
-    d_mask_NS: jax.Array | None = None,
-    d_bits_NSW: jax.Array | None = None,
-    impl: Impl = "auto",
+  q_QLK: jax.Array,
+  d_NSK: jax.Array,
+  k: int,
+  shortlist: int,
+  *,
+  q_mask_QL: jax.Array | None = None,
+  d_mask_NS: jax.Array | None = None,
+  d_bits_NSW: jax.Array | None = None,
+  impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Binary MaxSim keeps `shortlist` candidates per query; float MaxSim ranks those.
 
@@ -238,7 +248,9 @@ def two_stage_rerank(
     raise ValueError(f"k, shortlist: expected 1 <= k <= shortlist <= N={num_n}, got {k}, {shortlist}")
   q_mask_QL, d_mask_NS = _masks(q_QLK, d_NSK, q_mask_QL, d_mask_NS, None)
   d_bits_NSW = pack_bits(d_NSK) if d_bits_NSW is None else d_bits_NSW
-  _, cand_QC = rerank(pack_bits(q_QLK), d_bits_NSW, shortlist, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, dim=dim, impl=impl)
+  _, cand_QC = rerank(
+    pack_bits(q_QLK), d_bits_NSW, shortlist, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, dim=dim, impl=impl
+  )
 
   def one_query(q_LK, q_mask_L, cand_C):
     return maxsim(q_LK[None], d_NSK[cand_C], q_mask_QL=q_mask_L[None], d_mask_NS=d_mask_NS[cand_C], impl="reference")[0]
@@ -292,7 +304,9 @@ def _next_pow2(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _pad_for_kernel(q, q_mask, d, d_mask, *, last_multiple: int, block_n: int = kernels.BLOCK_N, block_s: int = kernels.BLOCK_S):
+def _pad_for_kernel(
+  q, q_mask, d, d_mask, *, last_multiple: int, block_n: int = kernels.BLOCK_N, block_s: int = kernels.BLOCK_S
+):
   """Pads to the kernel's contract: L, last dim powers of two, N % block_n == 0, S % block_s == 0."""
   num_l, last = q.shape[1], q.shape[2]
   num_n, num_s = d.shape[:2]

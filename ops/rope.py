@@ -30,8 +30,8 @@ class RopeScaling:
       raise ValueError(f"factor: expected >= 1, got {self.factor}")
     if not 0 < self.low_freq_factor < self.high_freq_factor:
       raise ValueError(
-          "low_freq_factor, high_freq_factor: expected 0 < low < high, got "
-          f"{self.low_freq_factor}, {self.high_freq_factor}"
+        "low_freq_factor, high_freq_factor: expected 0 < low < high, got "
+        f"{self.low_freq_factor}, {self.high_freq_factor}"
       )
     if self.original_max_position <= 0:
       raise ValueError(f"original_max_position: expected > 0, got {self.original_max_position}")
@@ -56,14 +56,12 @@ def inv_frequencies(head_dim: int, theta: float = 500_000.0, scaling: RopeScalin
   if scaling is not None:
     wavelen = 2 * np.pi / inv_freq
     context = scaling.original_max_position
-    smooth = (context / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
+    smooth = (context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
     blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     inv_freq = np.where(
-        wavelen < context / scaling.high_freq_factor,
-        inv_freq,
-        np.where(wavelen > context / scaling.low_freq_factor, inv_freq / scaling.factor, blended),
+      wavelen < context / scaling.high_freq_factor,
+      inv_freq,
+      np.where(wavelen > context / scaling.low_freq_factor, inv_freq / scaling.factor, blended),
     )
   return inv_freq.astype(np.float32)
 

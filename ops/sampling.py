@@ -42,12 +42,12 @@ def top_p_logits(logits_BV: jax.Array, p: float) -> jax.Array:
 
 
 def select(
-    key: jax.Array,
-    logits_BV: jax.Array,
-    temperature: float = 1.0,
-    *,
-    top_k: int | None = None,
-    top_p: float | None = None,
+  key: jax.Array,
+  logits_BV: jax.Array,
+  temperature: float = 1.0,
+  *,
+  top_k: int | None = None,
+  top_p: float | None = None,
 ) -> jax.Array:
   """Picks one token per row.
 

@@ -52,8 +52,8 @@ def stdlib_documents(max_chars: int | None = None) -> list[Document]:
     raise ValueError(f"max_chars: expected a positive count or None, got {max_chars}")
   root = stdlib_root()
   paths = sorted(
-      (p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
-      key=lambda p: p.relative_to(root).as_posix(),
+    (p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
+    key=lambda p: p.relative_to(root).as_posix(),
   )
   docs, total = [], 0
   for path in paths:
@@ -73,9 +73,7 @@ def stdlib_documents(max_chars: int | None = None) -> list[Document]:
   return docs
 
 
-def split_documents(
-    docs: Sequence[Document], fractions: Sequence[float]
-) -> tuple[list[Document], ...]:
+def split_documents(docs: Sequence[Document], fractions: Sequence[float]) -> tuple[list[Document], ...]:
   """Splits documents into len(fractions) parts by a stable hash of their names.
 
   A document's part depends only on its name (crc32), so taking more or fewer documents
@@ -98,9 +96,7 @@ def tokenize(tokenizer: Tokenizer, docs: Sequence[Document]) -> TokenStream:
     raise ValueError(f"tokenizer: encoding {tokenizer.name!r} has no EOS to separate documents")
   rows = tokenizer.encoding.encode_ordinary_batch([d.text for d in docs])
   lengths = np.array([len(r) + 1 for r in rows], dtype=np.int64)
-  ids_N = np.fromiter(
-      (t for r in rows for t in (*r, tokenizer.eos_id)), np.int32, int(lengths.sum())
-  )
+  ids_N = np.fromiter((t for r in rows for t in (*r, tokenizer.eos_id)), np.int32, int(lengths.sum()))
   segment_ids_N = np.repeat(np.arange(len(rows), dtype=np.int32), lengths)
   return TokenStream(ids_N, segment_ids_N)
 

@@ -63,8 +63,12 @@ def mqar(rng: np.random.Generator, batch: int, num_pairs: int, num_queries: int,
 
 
 def set_disjointness(
-    rng: np.random.Generator, batch: int, size_a: int, size_b: int, vocab_size: int,
-    order: Literal["a_first", "b_first"] = "a_first",
+  rng: np.random.Generator,
+  batch: int,
+  size_a: int,
+  size_b: int,
+  vocab_size: int,
+  order: Literal["a_first", "b_first"] = "a_first",
 ) -> RecallBatch:
   """`[1] X [2] Y [3]` with sets A, B from disjoint halves; one token of B is replaced by a
   token t of A, and the answer after [3] is t. `order` puts A (or B) first."""

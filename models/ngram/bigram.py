@@ -51,12 +51,12 @@ def table_bytes(vocab_size: int, order: int, itemsize: int = 4) -> int:
 
 
 def count(
-    tokens_BT: jax.Array | np.ndarray,
-    *,
-    vocab_size: int,
-    order: int = 1,
-    mask_BT: jax.Array | np.ndarray | None = None,
-    max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
+  tokens_BT: jax.Array | np.ndarray,
+  *,
+  vocab_size: int,
+  order: int = 1,
+  mask_BT: jax.Array | np.ndarray | None = None,
+  max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
 ) -> jax.Array:
   """Counts (context, next) occurrences: C[c, v], int32 of shape [V^order, V].
 
@@ -86,9 +86,7 @@ def _count(tokens_BT: jax.Array, mask_BT: jax.Array, vocab_size: int, order: int
   for i in range(order + 1):
     cell_BW = cell_BW * vocab_size + tokens_BT[:, i : i + num_windows]
     valid_BW &= mask_BT[:, i : i + num_windows]
-  flat = jnp.zeros(vocab_size ** (order + 1), jnp.int32).at[cell_BW.ravel()].add(
-      valid_BW.ravel().astype(jnp.int32)
-  )
+  flat = jnp.zeros(vocab_size ** (order + 1), jnp.int32).at[cell_BW.ravel()].add(valid_BW.ravel().astype(jnp.int32))
   return flat.reshape(vocab_size**order, vocab_size)
 
 
@@ -124,18 +122,16 @@ def _probabilities(counts_CV: jax.Array, alpha: jax.Array, order: int) -> jax.Ar
 
 
 def fit(
-    tokens_BT: jax.Array | np.ndarray,
-    *,
-    vocab_size: int,
-    order: int = 1,
-    mask_BT: jax.Array | np.ndarray | None = None,
-    alpha: float = 0.0,
-    max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
+  tokens_BT: jax.Array | np.ndarray,
+  *,
+  vocab_size: int,
+  order: int = 1,
+  mask_BT: jax.Array | np.ndarray | None = None,
+  alpha: float = 0.0,
+  max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
 ) -> NgramTable:
   """`probabilities(count(...))`: the fitted table in one call."""
-  counts = count(
-      tokens_BT, vocab_size=vocab_size, order=order, mask_BT=mask_BT, max_table_bytes=max_table_bytes
-  )
+  counts = count(tokens_BT, vocab_size=vocab_size, order=order, mask_BT=mask_BT, max_table_bytes=max_table_bytes)
   return probabilities(counts, alpha=alpha)
 
 
@@ -146,15 +142,11 @@ def next_token_probs(table: NgramTable, context_BK: jax.Array) -> jax.Array:
   """
   context_BK = jnp.asarray(context_BK)
   if context_BK.ndim != 2 or context_BK.shape[1] < table.order:
-    raise ValueError(
-        f"context_BK: expected shape [B, K] with K >= order={table.order}, got {context_BK.shape}"
-    )
+    raise ValueError(f"context_BK: expected shape [B, K] with K >= order={table.order}, got {context_BK.shape}")
   return table.probs_CV[_context_index(context_BK, table.order, table.vocab_size)]
 
 
-def log_probs(
-    table: NgramTable, tokens_BT: jax.Array | np.ndarray, mask_BT=None
-) -> tuple[jax.Array, jax.Array]:
+def log_probs(table: NgramTable, tokens_BT: jax.Array | np.ndarray, mask_BT=None) -> tuple[jax.Array, jax.Array]:
   """log P(tokens[t] | tokens[t-k:t]) and where it is defined, both [B, T].
 
   Position t is defined when t >= order and tokens t-k .. t are all masked in.
@@ -194,13 +186,13 @@ def perplexity(table: NgramTable, tokens_BT, mask_BT=None, *, start: int | None 
 
 
 def generate(
-    key: jax.Array,
-    table: NgramTable,
-    prompt_BK: jax.Array,
-    *,
-    max_new_tokens: int,
-    eos_id: int | None = None,
-    temperature: float = 1.0,
+  key: jax.Array,
+  table: NgramTable,
+  prompt_BK: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int | None = None,
+  temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """predict -> select -> append, until EOS or `max_new_tokens`.
 
@@ -220,9 +212,7 @@ def generate(
   """
   prompt_BK = jnp.asarray(prompt_BK)
   if prompt_BK.ndim != 2 or prompt_BK.shape[1] < table.order:
-    raise ValueError(
-        f"prompt_BK: expected shape [B, K] with K >= order={table.order}, got {prompt_BK.shape}"
-    )
+    raise ValueError(f"prompt_BK: expected shape [B, K] with K >= order={table.order}, got {prompt_BK.shape}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   if eos_id is not None and not 0 <= eos_id < table.vocab_size:
@@ -270,10 +260,10 @@ def _check_table(vocab_size: int, order: int, max_table_bytes: int) -> None:
   need = table_bytes(vocab_size, order)
   if need > max_table_bytes or vocab_size ** (order + 1) >= 2**31:
     raise MemoryError(
-        f"vocab_size={vocab_size}, order={order}: the table has V^{order} x V = "
-        f"{vocab_size ** (order + 1):.3g} cells, {need / 2**30:.3g} GiB in float32, over "
-        f"max_table_bytes={max_table_bytes / 2**30:.3g} GiB (and int32 indexing); "
-        "shrink the vocabulary (corpus.compact_vocab) or the order"
+      f"vocab_size={vocab_size}, order={order}: the table has V^{order} x V = "
+      f"{vocab_size ** (order + 1):.3g} cells, {need / 2**30:.3g} GiB in float32, over "
+      f"max_table_bytes={max_table_bytes / 2**30:.3g} GiB (and int32 indexing); "
+      "shrink the vocabulary (corpus.compact_vocab) or the order"
     )
 
 
@@ -288,9 +278,7 @@ def _check_tokens(tokens_BT, mask_BT, vocab_size: int) -> tuple[np.ndarray, np.n
     raise TypeError(f"tokens_BT: expected integer ids, got dtype {tokens_BT.dtype}")
   mask_BT = np.ones(tokens_BT.shape, bool) if mask_BT is None else np.asarray(mask_BT)
   if mask_BT.shape != tokens_BT.shape or mask_BT.dtype != bool:
-    raise ValueError(
-        f"mask_BT: expected bool of shape {tokens_BT.shape}, got {mask_BT.dtype} {mask_BT.shape}"
-    )
+    raise ValueError(f"mask_BT: expected bool of shape {tokens_BT.shape}, got {mask_BT.dtype} {mask_BT.shape}")
   real = tokens_BT[mask_BT]
   if real.size and (real.min() < 0 or real.max() >= vocab_size):
     bad = real[(real < 0) | (real >= vocab_size)][0]

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from paperjax.ops import attention, linear_attention as la, mlp, norms, rope
+from paperjax.ops import attention, mlp, norms, rope
+from paperjax.ops import linear_attention as la
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,12 @@ def _layer_params(normal, cfg: BasedConfig, mixer: dict) -> dict:
   """A layer's mixer weights plus its pre-norms and SwiGLU MLP, stacked over L blocks."""
   L, D, F = cfg.n_blocks, cfg.dim, cfg.ffn_dim
   return {
-      "norm": jnp.ones((L, D)), **mixer, "mlp_norm": jnp.ones((L, D)),
-      "w1": normal((L, D, F), D), "w3": normal((L, D, F), D), "w2": normal((L, F, D), F) / math.sqrt(2 * 3 * L),
+    "norm": jnp.ones((L, D)),
+    **mixer,
+    "mlp_norm": jnp.ones((L, D)),
+    "w1": normal((L, D, F), D),
+    "w3": normal((L, D, F), D),
+    "w2": normal((L, F, D), F) / math.sqrt(2 * 3 * L),
   }
 
 
@@ -82,34 +87,67 @@ def init(key: jax.Array, cfg: BasedConfig) -> dict:
   normal = lambda shape, fan_in: jax.random.truncated_normal(next(keys), -2, 2, shape) / math.sqrt(fan_in)
   out = lambda: normal((L, H, K, D), D) / math.sqrt(2 * 3 * L)
   return {
-      "embed": normal((cfg.vocab_size, D), 1),
-      "conv": _layer_params(normal, cfg, {
-          "w_in": normal((L, D, D), D), "w_gate": normal((L, D, D), D), "kernel": normal((L, cfg.conv_width, D), cfg.conv_width),
-      }),
-      "linear": _layer_params(normal, cfg, {
-          "wq": normal((L, D, H, P), D), "wk": normal((L, D, H, P), D), "wv": normal((L, D, H, K), D), "wo": out(),
-      }),
-      "window": _layer_params(normal, cfg, {
-          "wq": normal((L, D, H, K), D), "wk": normal((L, D, H, K), D), "wv": normal((L, D, H, K), D), "wo": out(),
-      }),
-      "final_norm": jnp.ones((D,)),
-      "unembed": normal((D, cfg.vocab_size), D),
+    "embed": normal((cfg.vocab_size, D), 1),
+    "conv": _layer_params(
+      normal,
+      cfg,
+      {
+        "w_in": normal((L, D, D), D),
+        "w_gate": normal((L, D, D), D),
+        "kernel": normal((L, cfg.conv_width, D), cfg.conv_width),
+      },
+    ),
+    "linear": _layer_params(
+      normal,
+      cfg,
+      {
+        "wq": normal((L, D, H, P), D),
+        "wk": normal((L, D, H, P), D),
+        "wv": normal((L, D, H, K), D),
+        "wo": out(),
+      },
+    ),
+    "window": _layer_params(
+      normal,
+      cfg,
+      {
+        "wq": normal((L, D, H, K), D),
+        "wk": normal((L, D, H, K), D),
+        "wv": normal((L, D, H, K), D),
+        "wo": out(),
+      },
+    ),
+    "final_norm": jnp.ones((D,)),
+    "unembed": normal((D, cfg.vocab_size), D),
   }
 
 
 def param_axes(cfg: BasedConfig) -> dict:
-  mlp_axes = {"norm": ("layers", "embed"), "mlp_norm": ("layers", "embed"), "w1": ("layers", "embed", "ffn"),
-              "w3": ("layers", "embed", "ffn"), "w2": ("layers", "ffn", "embed")}
-  attn = lambda q: {"wq": ("layers", "embed", "heads", q), "wk": ("layers", "embed", "heads", q),
-                    "wv": ("layers", "embed", "heads", "head_dim"), "wo": ("layers", "heads", "head_dim", "embed")}
+  mlp_axes = {
+    "norm": ("layers", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w1": ("layers", "embed", "ffn"),
+    "w3": ("layers", "embed", "ffn"),
+    "w2": ("layers", "ffn", "embed"),
+  }
+  attn = lambda q: {
+    "wq": ("layers", "embed", "heads", q),
+    "wk": ("layers", "embed", "heads", q),
+    "wv": ("layers", "embed", "heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+  }
   return {
-      "embed": ("vocab", "embed"),
-      "conv": {**mlp_axes, "w_in": ("layers", "embed", "embed_out"), "w_gate": ("layers", "embed", "embed_out"),
-               "kernel": ("layers", "conv", "embed")},
-      "linear": {**mlp_axes, **attn("feature")},
-      "window": {**mlp_axes, **attn("head_dim")},
-      "final_norm": ("embed",),
-      "unembed": ("embed", "vocab"),
+    "embed": ("vocab", "embed"),
+    "conv": {
+      **mlp_axes,
+      "w_in": ("layers", "embed", "embed_out"),
+      "w_gate": ("layers", "embed", "embed_out"),
+      "kernel": ("layers", "conv", "embed"),
+    },
+    "linear": {**mlp_axes, **attn("feature")},
+    "window": {**mlp_axes, **attn("head_dim")},
+    "final_norm": ("embed",),
+    "unembed": ("embed", "vocab"),
   }
 
 
@@ -118,7 +156,13 @@ def init_state(cfg: BasedConfig, batch: int) -> State:
   lin = la.empty_state(batch, H, cfg.features, K)
   stack = lambda x: jnp.broadcast_to(x, (L, *x.shape))
   window = jnp.zeros((L, batch, cfg.window, H, K))
-  return State(jnp.zeros((L, batch, cfg.conv_width - 1, cfg.dim)), jax.tree.map(stack, lin), window, window, jnp.zeros((batch,), jnp.int32))
+  return State(
+    jnp.zeros((L, batch, cfg.conv_width - 1, cfg.dim)),
+    jax.tree.map(stack, lin),
+    window,
+    window,
+    jnp.zeros((batch,), jnp.int32),
+  )
 
 
 def _mlp(p, x, cfg):
@@ -155,7 +199,7 @@ def _blocks(params, x_BTD, cfg: BasedConfig, state: State, *, prefix_len: int | 
       phi_ke = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wk_e"]))
       v_e = jnp.einsum("btd,dhk->bthk", h, pl_["wv_e"])
       y, lin_state = la.prefix_linear_attention(
-          phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
+        phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
       )
     else:
       if keep_BT1 is not None:
@@ -177,14 +221,27 @@ def _blocks(params, x_BTD, cfg: BasedConfig, state: State, *, prefix_len: int | 
     x = _mlp(pw, x + jnp.einsum("bthk,hkd->btd", y, pw["wo"]), cfg)
     return x, (conv_state, lin_state, keys[:, -n:], values[:, -n:])
 
-  xs = (params["conv"], params["linear"], params["window"], state.conv_LBWD, state.linear, state.window_k_LBNHK, state.window_v_LBNHK)
+  xs = (
+    params["conv"],
+    params["linear"],
+    params["window"],
+    state.conv_LBWD,
+    state.linear,
+    state.window_k_LBNHK,
+    state.window_v_LBNHK,
+  )
   x_BTD, (conv, lin, wk, wv) = jax.lax.scan(block, x_BTD, xs)
   return x_BTD, State(conv, lin, wk, wv, state.length_B + time)
 
 
 def prefill(
-    params: dict, tokens_BT: jax.Array, cfg: BasedConfig, state: State | None = None, *,
-    key_mask_BT: jax.Array | None = None, prefix_len: int | None = None,
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: BasedConfig,
+  state: State | None = None,
+  *,
+  key_mask_BT: jax.Array | None = None,
+  prefix_len: int | None = None,
 ) -> tuple[jax.Array, State]:
   """Logits float32 [B, T, V] of T tokens and the recurrent state after them.
 

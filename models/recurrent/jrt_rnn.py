@@ -40,7 +40,9 @@ class JRTConfig:
       raise ValueError(f"prefix_len: expected >= 1, got {self.prefix_len}")
     if not 0 <= self.mask_id < self.based.vocab_size:
       raise ValueError(f"mask_id: expected an id in [0, {self.based.vocab_size}), got {self.mask_id}")
-    if not 0 <= self.mlm_prob < 1 or self.ntp_weight < 0 or self.mlm_weight < 0 or self.ntp_weight + self.mlm_weight == 0:
+    if (
+      not 0 <= self.mlm_prob < 1 or self.ntp_weight < 0 or self.mlm_weight < 0 or self.ntp_weight + self.mlm_weight == 0
+    ):
       raise ValueError(f"mlm_prob in [0, 1) and non-negative, not both zero, weights expected; got {self}")
 
 
@@ -50,16 +52,20 @@ def init(key: jax.Array, cfg: JRTConfig) -> dict:
   b = cfg.based
   fan = 1 / math.sqrt(b.dim)
   params["linear"] = {
-      **params["linear"],
-      "wk_e": jax.random.truncated_normal(k_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.feature_dim)) * fan,
-      "wv_e": jax.random.truncated_normal(v_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.head_dim)) * fan,
+    **params["linear"],
+    "wk_e": jax.random.truncated_normal(k_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.feature_dim)) * fan,
+    "wv_e": jax.random.truncated_normal(v_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.head_dim)) * fan,
   }
   return params
 
 
 def param_axes(cfg: JRTConfig) -> dict:
   axes = based.param_axes(cfg.based)
-  axes["linear"] = {**axes["linear"], "wk_e": ("layers", "embed", "heads", "feature"), "wv_e": ("layers", "embed", "heads", "head_dim")}
+  axes["linear"] = {
+    **axes["linear"],
+    "wk_e": ("layers", "embed", "heads", "feature"),
+    "wv_e": ("layers", "embed", "heads", "head_dim"),
+  }
   return axes
 
 
@@ -77,7 +83,9 @@ def left_pad(prompts_BT: np.ndarray, lengths_B: np.ndarray, width: int) -> tuple
 def prefill(params, tokens_BT, cfg: JRTConfig, key_mask_BT=None) -> tuple[jax.Array, based.State]:
   """Logits [B, T, V] and the state after T >= M tokens (Eq. 4's state when T = M)."""
   if tokens_BT.shape[1] < cfg.prefix_len:
-    raise ValueError(f"tokens_BT: {tokens_BT.shape[1]} tokens are fewer than the encoder length M={cfg.prefix_len}; left_pad them")
+    raise ValueError(
+      f"tokens_BT: {tokens_BT.shape[1]} tokens are fewer than the encoder length M={cfg.prefix_len}; left_pad them"
+    )
   return based.prefill(params, tokens_BT, cfg.based, key_mask_BT=key_mask_BT, prefix_len=cfg.prefix_len)
 
 
@@ -102,7 +110,9 @@ def loss(params, tokens_BT, cfg: JRTConfig, key: jax.Array, key_mask_BT=None) ->
   """Eq. 5 on a batch: [MASK] corruption of the encoder, then weighted NTP + MLM cross-entropy."""
   batch, time = tokens_BT.shape
   key_mask_BT = jnp.ones((batch, time), bool) if key_mask_BT is None else key_mask_BT
-  masked_BT = (jax.random.uniform(key, (batch, time)) < cfg.mlm_prob) & (jnp.arange(time) < cfg.prefix_len) & key_mask_BT
+  masked_BT = (
+    (jax.random.uniform(key, (batch, time)) < cfg.mlm_prob) & (jnp.arange(time) < cfg.prefix_len) & key_mask_BT
+  )
   inputs_BT = jnp.where(masked_BT, cfg.mask_id, tokens_BT)
   logits_BTV = forward(params, inputs_BT, cfg, key_mask_BT)
   ntp_BT, mlm_BT = loss_masks(time, cfg.prefix_len, masked_BT, key_mask_BT)

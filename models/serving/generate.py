@@ -17,23 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models.transformer import llama
 from paperjax.models.data.tokenizer import Tokenizer
+from paperjax.models.transformer import llama
 from paperjax.ops import sampling
 
 
 def generate(
-    key: jax.Array,
-    params: dict,
-    cfg: llama.LlamaConfig,
-    prompts_BT: jax.Array,
-    prompt_lengths_B: jax.Array,
-    *,
-    max_new_tokens: int,
-    stop_ids: Sequence[int] = (),
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+  key: jax.Array,
+  params: dict,
+  cfg: llama.LlamaConfig,
+  prompts_BT: jax.Array,
+  prompt_lengths_B: jax.Array,
+  *,
+  max_new_tokens: int,
+  stop_ids: Sequence[int] = (),
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Generates up to `max_new_tokens` per row.
 
@@ -54,7 +54,7 @@ def generate(
   prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
   stop_ids = check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
   return _generate(
-      key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p
+    key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p
   )
 
 
@@ -94,22 +94,24 @@ def decode(key, params, cfg, cache, logits_BV, max_new_tokens, stop_ids, tempera
     return i + 1, logits_B1V[:, 0], cache, tokens_BN, done_B, lengths_B
 
   state = (
-      jnp.int32(0),
-      logits_BV,
-      cache,
-      jnp.full((batch, max_new_tokens), pad, jnp.int32),
-      jnp.zeros((batch,), bool),
-      jnp.zeros((batch,), jnp.int32),
+    jnp.int32(0),
+    logits_BV,
+    cache,
+    jnp.full((batch, max_new_tokens), pad, jnp.int32),
+    jnp.zeros((batch,), bool),
+    jnp.zeros((batch,), jnp.int32),
   )
   _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, state)
   return tokens_BN, lengths_B
 
 
-def check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p) -> tuple[int, ...]:
+def check_args(
+  cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p
+) -> tuple[int, ...]:
   """Validates `generate`'s arguments; returns stop_ids as a tuple of ints."""
   if prompts_BT.ndim != 2 or prompt_lengths_B.shape != prompts_BT.shape[:1]:
     raise ValueError(
-        f"prompts_BT, prompt_lengths_B: expected [B, T] and [B], got {prompts_BT.shape}, {prompt_lengths_B.shape}"
+      f"prompts_BT, prompt_lengths_B: expected [B, T] and [B], got {prompts_BT.shape}, {prompt_lengths_B.shape}"
     )
   lengths = np.asarray(prompt_lengths_B)
   if (lengths < 1).any() or (lengths > prompts_BT.shape[1]).any():
@@ -118,8 +120,8 @@ def check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temp
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   if prompts_BT.shape[1] + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
-        f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
-        f"max_seq_len={cfg.max_seq_len}"
+      f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
+      f"max_seq_len={cfg.max_seq_len}"
     )
   stop_ids = tuple(int(s) for s in stop_ids)
   if any(not 0 <= s < cfg.vocab_size for s in stop_ids):
@@ -129,16 +131,16 @@ def check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temp
 
 
 def generate_text(
-    key: jax.Array,
-    params: dict,
-    cfg: llama.LlamaConfig,
-    tok: Tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    bos: bool = True,
-    stop_ids: Sequence[int] | None = None,
-    **select_kwargs,
+  key: jax.Array,
+  params: dict,
+  cfg: llama.LlamaConfig,
+  tok: Tokenizer,
+  prompts: Sequence[str],
+  *,
+  max_new_tokens: int,
+  bos: bool = True,
+  stop_ids: Sequence[int] | None = None,
+  **select_kwargs,
 ) -> list[str]:
   """Text in, text out: the completions (stop token excluded) of each prompt.
 
@@ -151,7 +153,7 @@ def generate_text(
   if stop_ids is None:
     stop_ids = () if tok.eos_id is None else (tok.eos_id,)
   tokens_BN, lengths_B = generate(
-      key, params, cfg, batch.ids_BT, batch.lengths_B, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
+    key, params, cfg, batch.ids_BT, batch.lengths_B, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
   )
   texts = []
   for row, n in zip(np.asarray(tokens_BN), np.asarray(lengths_B)):

@@ -73,7 +73,7 @@ class Batch(NamedTuple):
 def schedule(tcfg: TrainConfig) -> optax.Schedule:
   """Linear warm-up from 0 to peak_lr, then cosine to peak_lr * final_lr_ratio."""
   return optax.warmup_cosine_decay_schedule(
-      0.0, tcfg.peak_lr, tcfg.warmup_steps, tcfg.total_steps, tcfg.peak_lr * tcfg.final_lr_ratio
+    0.0, tcfg.peak_lr, tcfg.warmup_steps, tcfg.total_steps, tcfg.peak_lr * tcfg.final_lr_ratio
   )
 
 
@@ -82,8 +82,8 @@ def optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
     return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
 
   return optax.chain(
-      optax.clip_by_global_norm(tcfg.clip_norm),
-      optax.adamw(schedule(tcfg), tcfg.b1, tcfg.b2, tcfg.eps, weight_decay=tcfg.weight_decay, mask=decay_mask),
+    optax.clip_by_global_norm(tcfg.clip_norm),
+    optax.adamw(schedule(tcfg), tcfg.b1, tcfg.b2, tcfg.eps, weight_decay=tcfg.weight_decay, mask=decay_mask),
   )
 
 
@@ -99,14 +99,16 @@ def init_state(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig) -> Tra
 def loss_fn(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
   """mean over masked positions of -log softmax(logits)[target], in float32."""
   logits_BTV, _ = llama.forward(
-      params, batch.tokens_BT, cfg, positions_BT=batch.positions_BT, segment_ids_BT=batch.segment_ids_BT
+    params, batch.tokens_BT, cfg, positions_BT=batch.positions_BT, segment_ids_BT=batch.segment_ids_BT
   )
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch.targets_BT)
   mask_BT = batch.mask_BT.astype(jnp.float32)
   return jnp.sum(nll_BT * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def make_step(objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig) -> Callable[..., tuple[TrainState, dict]]:
+def make_step(
+  objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig
+) -> Callable[..., tuple[TrainState, dict]]:
   """A jitted (state, *args) -> (state, metrics) minimising objective(params, *args) -> (loss, aux).
 
   One AdamW step of `optimizer(tcfg)`; metrics are loss, grad_norm, lr and the aux dict.
@@ -125,7 +127,9 @@ def make_step(objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfi
   return step
 
 
-def make_train_step(cfg: llama.LlamaConfig, tcfg: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+  cfg: llama.LlamaConfig, tcfg: TrainConfig
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """A jitted (state, batch) -> (state, metrics) of next-token training with metrics loss, grad_norm, lr."""
   return make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg)
 
@@ -149,9 +153,7 @@ def batch_at(ids_N: np.ndarray, segment_ids_N: np.ndarray, step: int, tcfg: Trai
   return packed_batch(tokens, segments)
 
 
-def batches(
-    ids_N: np.ndarray, segment_ids_N: np.ndarray, tcfg: TrainConfig, start_step: int = 0
-) -> Iterator[Batch]:
+def batches(ids_N: np.ndarray, segment_ids_N: np.ndarray, tcfg: TrainConfig, start_step: int = 0) -> Iterator[Batch]:
   """batch_at(step) for step = start_step, start_step + 1, ...: resume by passing state.step."""
   for step in itertools.count(start_step):
     yield batch_at(ids_N, segment_ids_N, step, tcfg)
@@ -164,18 +166,18 @@ def packed_batch(tokens_BS: np.ndarray, segments_BS: np.ndarray) -> Batch:
   starts_BT = np.concatenate([np.ones_like(seg_BT[:, :1], bool), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1)
   last_start_BT = np.maximum.accumulate(np.where(starts_BT, np.arange(time), 0), axis=1)
   return Batch(
-      tokens_BS[:, :-1],
-      tokens_BS[:, 1:],
-      segments_BS[:, 1:] == seg_BT,
-      seg_BT,
-      (np.arange(time) - last_start_BT).astype(np.int32),
+    tokens_BS[:, :-1],
+    tokens_BS[:, 1:],
+    segments_BS[:, 1:] == seg_BT,
+    seg_BT,
+    (np.arange(time) - last_start_BT).astype(np.int32),
   )
 
 
 def checkpoint_manager(directory: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
   """An orbax CheckpointManager (atomic: each step is finalised by a rename)."""
   return ocp.CheckpointManager(
-      os.fspath(os.path.abspath(directory)), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    os.fspath(os.path.abspath(directory)), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   )
 
 

@@ -28,20 +28,20 @@ from paperjax.ops import attention, mlp, norms, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
 _AXES = {
-    "embed": ("vocab", "embed"),
-    "layers": {
-        "attn_norm": ("layers", "embed"),
-        "wq": ("layers", "embed", "heads", "head_dim"),
-        "wk": ("layers", "embed", "kv_heads", "head_dim"),
-        "wv": ("layers", "embed", "kv_heads", "head_dim"),
-        "wo": ("layers", "heads", "head_dim", "embed"),
-        "mlp_norm": ("layers", "embed"),
-        "w1": ("layers", "embed", "ffn"),
-        "w3": ("layers", "embed", "ffn"),
-        "w2": ("layers", "ffn", "embed"),
-    },
-    "final_norm": ("embed",),
-    "unembed": ("embed", "vocab"),
+  "embed": ("vocab", "embed"),
+  "layers": {
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w1": ("layers", "embed", "ffn"),
+    "w3": ("layers", "embed", "ffn"),
+    "w2": ("layers", "ffn", "embed"),
+  },
+  "final_norm": ("embed",),
+  "unembed": ("embed", "vocab"),
 }
 
 
@@ -71,7 +71,7 @@ class LlamaConfig:
         raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
-          f"n_heads, n_kv_heads: query heads must be a multiple of kv heads, got {self.n_heads}, {self.n_kv_heads}"
+        f"n_heads, n_kv_heads: query heads must be a multiple of kv heads, got {self.n_heads}, {self.n_kv_heads}"
       )
     if self.head_dim is None and self.dim % self.n_heads:
       raise ValueError(f"dim: {self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
@@ -94,13 +94,19 @@ class LlamaConfig:
 
 _LLAMA31_SCALING = rope.RopeScaling(8.0, 1.0, 4.0, 8192)
 PRESETS = {
-    # Test and CPU-benchmark sizes.
-    "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
-    "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768, max_seq_len=1024),
-    # Llama 3.1 shapes (parameter and KV-cache accounting; far too big to run here).
-    "llama3_8b": LlamaConfig(128_256, 4096, 32, 32, 8, 14_336, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"),
-    "llama3_70b": LlamaConfig(128_256, 8192, 80, 64, 8, 28_672, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"),
-    "llama3_405b": LlamaConfig(128_256, 16_384, 126, 128, 8, 53_248, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"),
+  # Test and CPU-benchmark sizes.
+  "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+  "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768, max_seq_len=1024),
+  # Llama 3.1 shapes (parameter and KV-cache accounting; far too big to run here).
+  "llama3_8b": LlamaConfig(
+    128_256, 4096, 32, 32, 8, 14_336, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"
+  ),
+  "llama3_70b": LlamaConfig(
+    128_256, 8192, 80, 64, 8, 28_672, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"
+  ),
+  "llama3_405b": LlamaConfig(
+    128_256, 16_384, 126, 128, 8, 53_248, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"
+  ),
 }
 
 
@@ -140,20 +146,20 @@ def init(key: jax.Array, cfg: LlamaConfig) -> dict:
     return (std * jax.random.truncated_normal(next(keys), -2, 2, shape, jnp.float32)).astype(cfg.dtype)
 
   params = {
-      "embed": normal((V, D), 1),
-      "layers": {
-          "attn_norm": jnp.ones((L, D), cfg.dtype),
-          "wq": normal((L, D, H, K), D),
-          "wk": normal((L, D, G, K), D),
-          "wv": normal((L, D, G, K), D),
-          "wo": normal((L, H, K, D), H * K, residual),
-          "mlp_norm": jnp.ones((L, D), cfg.dtype),
-          "w1": normal((L, D, F), D),
-          "w3": normal((L, D, F), D),
-          "w2": normal((L, F, D), F, residual),
-      },
-      "final_norm": jnp.ones((D,), cfg.dtype),
-      "unembed": normal((D, V), D),
+    "embed": normal((V, D), 1),
+    "layers": {
+      "attn_norm": jnp.ones((L, D), cfg.dtype),
+      "wq": normal((L, D, H, K), D),
+      "wk": normal((L, D, G, K), D),
+      "wv": normal((L, D, G, K), D),
+      "wo": normal((L, H, K, D), H * K, residual),
+      "mlp_norm": jnp.ones((L, D), cfg.dtype),
+      "w1": normal((L, D, F), D),
+      "w3": normal((L, D, F), D),
+      "w2": normal((L, F, D), F, residual),
+    },
+    "final_norm": jnp.ones((D,), cfg.dtype),
+    "unembed": normal((D, V), D),
   }
   if cfg.tie_embeddings:
     del params["unembed"]
@@ -184,14 +190,14 @@ def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
 
 
 def forward_hidden(
-    params: dict,
-    tokens_BT: jax.Array,
-    cfg: LlamaConfig,
-    *,
-    positions_BT: jax.Array | None = None,
-    segment_ids_BT: jax.Array | None = None,
-    cache: KVCache | None = None,
-    num_new_B: jax.Array | None = None,
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: LlamaConfig,
+  *,
+  positions_BT: jax.Array | None = None,
+  segment_ids_BT: jax.Array | None = None,
+  cache: KVCache | None = None,
+  num_new_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """Hidden states after the final RMSNorm ([B, T, D]) and the updated cache.
 
@@ -205,7 +211,9 @@ def forward_hidden(
   if cache is None:
     index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
     positions_BT = index_BT if positions_BT is None else positions_BT
-    mask_BTS = attention.make_mask(index_BT, index_BT, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT)
+    mask_BTS = attention.make_mask(
+      index_BT, index_BT, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT
+    )
   else:
     index_BT = cache.lengths_B[:, None] + jnp.arange(time, dtype=jnp.int32)
     positions_BT = index_BT if positions_BT is None else positions_BT
@@ -265,7 +273,8 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
   positions = _concrete(positions_BT)
   if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= cfg.max_seq_len):
     raise ValueError(
-        f"positions_BT: expected 0 <= position < max_seq_len={cfg.max_seq_len}, got {positions.min()} .. {positions.max()}"
+      f"positions_BT: expected 0 <= position < max_seq_len={cfg.max_seq_len}, "
+      f"got {positions.min()} .. {positions.max()}"
     )
   if cache is None:
     if num_new_B is not None:

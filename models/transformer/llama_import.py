@@ -45,25 +45,25 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
     if kind != "llama3":
       raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
     scaling = rope.RopeScaling(
-        float(scaling["factor"]),
-        float(scaling["low_freq_factor"]),
-        float(scaling["high_freq_factor"]),
-        int(scaling["original_max_position_embeddings"]),
+      float(scaling["factor"]),
+      float(scaling["low_freq_factor"]),
+      float(scaling["high_freq_factor"]),
+      int(scaling["original_max_position_embeddings"]),
     )
   fields = dict(
-      vocab_size=hf["vocab_size"],
-      dim=hf["hidden_size"],
-      n_layers=hf["num_hidden_layers"],
-      n_heads=hf["num_attention_heads"],
-      n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-      ffn_dim=hf["intermediate_size"],
-      head_dim=hf.get("head_dim"),
-      rope_theta=float(hf.get("rope_theta", 10_000.0)),
-      rope_scaling=scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      max_seq_len=hf.get("max_position_embeddings", 8192),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      dtype=_DTYPES.get(hf.get("torch_dtype"), "float32"),
+    vocab_size=hf["vocab_size"],
+    dim=hf["hidden_size"],
+    n_layers=hf["num_hidden_layers"],
+    n_heads=hf["num_attention_heads"],
+    n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+    ffn_dim=hf["intermediate_size"],
+    head_dim=hf.get("head_dim"),
+    rope_theta=float(hf.get("rope_theta", 10_000.0)),
+    rope_scaling=scaling,
+    norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+    max_seq_len=hf.get("max_position_embeddings", 8192),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    dtype=_DTYPES.get(hf.get("torch_dtype"), "float32"),
   )
   return llama.LlamaConfig(**{**fields, **overrides})
 
@@ -126,22 +126,22 @@ def _to_params(tensors: dict, cfg: llama.LlamaConfig) -> dict:
     k = _unpermute_rope_rows(take(pre + "self_attn.k_proj.weight", (G * K, D)), G, K)
     v = take(pre + "self_attn.v_proj.weight", (G * K, D))
     return {
-        "attn_norm": take(pre + "input_layernorm.weight", (D,)),
-        "wq": q.reshape(H, K, D).transpose(2, 0, 1),
-        "wk": k.reshape(G, K, D).transpose(2, 0, 1),
-        "wv": v.reshape(G, K, D).transpose(2, 0, 1),
-        "wo": take(pre + "self_attn.o_proj.weight", (D, H * K)).reshape(D, H, K).transpose(1, 2, 0),
-        "mlp_norm": take(pre + "post_attention_layernorm.weight", (D,)),
-        "w1": take(pre + "mlp.gate_proj.weight", (cfg.ffn_dim, D)).T,
-        "w3": take(pre + "mlp.up_proj.weight", (cfg.ffn_dim, D)).T,
-        "w2": take(pre + "mlp.down_proj.weight", (D, cfg.ffn_dim)).T,
+      "attn_norm": take(pre + "input_layernorm.weight", (D,)),
+      "wq": q.reshape(H, K, D).transpose(2, 0, 1),
+      "wk": k.reshape(G, K, D).transpose(2, 0, 1),
+      "wv": v.reshape(G, K, D).transpose(2, 0, 1),
+      "wo": take(pre + "self_attn.o_proj.weight", (D, H * K)).reshape(D, H, K).transpose(1, 2, 0),
+      "mlp_norm": take(pre + "post_attention_layernorm.weight", (D,)),
+      "w1": take(pre + "mlp.gate_proj.weight", (cfg.ffn_dim, D)).T,
+      "w3": take(pre + "mlp.up_proj.weight", (cfg.ffn_dim, D)).T,
+      "w2": take(pre + "mlp.down_proj.weight", (D, cfg.ffn_dim)).T,
     }
 
   layers = [layer(i) for i in range(cfg.n_layers)]
   params = {
-      "embed": take("model.embed_tokens.weight", (cfg.vocab_size, D)),
-      "layers": {name: jnp.stack([l[name] for l in layers]) for name in layers[0]},
-      "final_norm": take("model.norm.weight", (D,)),
+    "embed": take("model.embed_tokens.weight", (cfg.vocab_size, D)),
+    "layers": {name: jnp.stack([l[name] for l in layers]) for name in layers[0]},
+    "final_norm": take("model.norm.weight", (D,)),
   }
   if not cfg.tie_embeddings:
     params["unembed"] = take("lm_head.weight", (cfg.vocab_size, D)).T

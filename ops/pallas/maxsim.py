@@ -61,24 +61,26 @@ def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: 
   num_q, num_l, last = q.shape
   num_n, num_s, _ = d.shape
   return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((num_q, num_n), jnp.float32),
-      grid=(num_q, num_n // block_n),
-      in_specs=[
-          pl.BlockSpec((1, num_l, last), lambda i, j: (i, 0, 0)),
-          pl.BlockSpec((1, num_l), lambda i, j: (i, 0)),
-          pl.BlockSpec((block_n, num_s, last), lambda i, j: (j, 0, 0)),
-          pl.BlockSpec((block_n, num_s), lambda i, j: (j, 0)),
-      ],
-      out_specs=pl.BlockSpec((1, block_n), lambda i, j: (i, j)),
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret,
-      name=name,
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_q, num_n), jnp.float32),
+    grid=(num_q, num_n // block_n),
+    in_specs=[
+      pl.BlockSpec((1, num_l, last), lambda i, j: (i, 0, 0)),
+      pl.BlockSpec((1, num_l), lambda i, j: (i, 0)),
+      pl.BlockSpec((block_n, num_s, last), lambda i, j: (j, 0, 0)),
+      pl.BlockSpec((block_n, num_s), lambda i, j: (j, 0)),
+    ],
+    out_specs=pl.BlockSpec((1, block_n), lambda i, j: (i, j)),
+    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+    interpret=interpret,
+    name=name,
   )(q, q_mask, d, d_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_s", "interpret"))
-def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False):
+def maxsim_pallas(
+  q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
+):
   """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=_dot_scores)
   return _call(kernel, q_QLK, q_mask_QL, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
@@ -86,8 +88,18 @@ def maxsim_pallas(q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N,
 
 @functools.partial(jax.jit, static_argnames=("dim", "block_n", "block_s", "interpret"))
 def maxsim_binary_pallas(
-    q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, *, dim: int, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
+  q_bits_QLW,
+  q_mask_QL,
+  d_bits_NSW,
+  d_mask_NS,
+  *,
+  dim: int,
+  block_n: int = BLOCK_N,
+  block_s: int = BLOCK_S,
+  interpret: bool = False,
 ):
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
-  return _call(kernel, q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary")
+  return _call(
+    kernel, q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary"
+  )

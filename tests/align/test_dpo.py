@@ -166,9 +166,13 @@ def test_kto_matches_transcription(np_rng):
   desirable = np.array([1, 0, 1, 1, 0, 0], bool)
   kl_pol, kl_ref = np_rng.normal(-10, 1, 6).astype(np.float32), np_rng.normal(-11, 1, 6).astype(np.float32)
   seq = lambda x: SequenceLogProbs(jnp.asarray(x), jnp.ones(6))
-  loss, metrics = dpo.kto_loss(seq(pol), seq(ref), jnp.asarray(desirable), seq(kl_pol), seq(kl_ref), beta=0.3, undesirable_weight=1.5)
+  loss, metrics = dpo.kto_loss(
+    seq(pol), seq(ref), jnp.asarray(desirable), seq(kl_pol), seq(kl_ref), beta=0.3, undesirable_weight=1.5
+  )
   z = max(0.0, float(np.mean(kl_pol - kl_ref)))
-  per = [(1 - s(0.3 * (p - r - z))) if d else 1.5 * (1 - s(0.3 * (z - (p - r)))) for p, r, d in zip(pol, ref, desirable)]
+  per = [
+    (1 - s(0.3 * (p - r - z))) if d else 1.5 * (1 - s(0.3 * (z - (p - r)))) for p, r, d in zip(pol, ref, desirable)
+  ]
   assert float(loss) == pytest.approx(np.mean(per), rel=1e-5)
   assert float(metrics["kl"]) == pytest.approx(z, rel=1e-5)
 

@@ -59,7 +59,9 @@ def test_model_logprobs_match_a_numpy_loop(key):
 def test_bradley_terry_with_margin_and_centering():
   rc, rr, m = jnp.array([2.0, 0.5, -1.0]), jnp.array([1.0, 1.0, -3.0]), jnp.array([1.0, 0.0, 1 / 3])
   loss, metrics = reward.bradley_terry_loss(rc, rr, margin_B=m, centering=0.01)
-  expected = np.mean([-math.log(1 / (1 + math.exp(-(c - r - mm)))) for c, r, mm in zip(rc.tolist(), rr.tolist(), m.tolist())])
+  expected = np.mean(
+    [-math.log(1 / (1 + math.exp(-(c - r - mm)))) for c, r, mm in zip(rc.tolist(), rr.tolist(), m.tolist())]
+  )
   expected += 0.01 * np.mean((np.asarray(rc) + np.asarray(rr)) ** 2)
   assert float(loss) == pytest.approx(expected, rel=1e-6)
   assert float(metrics["accuracy"]) == pytest.approx(2 / 3)
@@ -91,8 +93,8 @@ def tok():
 def test_preference_data_round_trip(tmp_path, tok):
   path = tmp_path / "prefs.jsonl"
   rows = [
-      {"prompt": "2+2=", "chosen": "4", "rejected": "five", "margin": 0.5},
-      {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon", "rating": "better"},
+    {"prompt": "2+2=", "chosen": "4", "rejected": "five", "margin": 0.5},
+    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon", "rating": "better"},
   ]
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
   batch = data.load(path, tok, max_len=32)
@@ -107,13 +109,13 @@ def test_preference_data_round_trip(tmp_path, tok):
 
 
 @pytest.mark.parametrize(
-    "line, message",
-    [
-        ("{not json", r"prefs.jsonl:2: not valid JSON"),
-        ('{"prompt": "a", "chosen": "b"}', r"prefs.jsonl:2: field 'rejected' must be a string"),
-        ('{"prompt": "a", "chosen": "b", "rejected": "c", "rating": "meh"}', r"prefs.jsonl:2: 'rating' must be one of"),
-        ('["a"]', r"prefs.jsonl:2: expected a JSON object"),
-    ],
+  "line, message",
+  [
+    ("{not json", r"prefs.jsonl:2: not valid JSON"),
+    ('{"prompt": "a", "chosen": "b"}', r"prefs.jsonl:2: field 'rejected' must be a string"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "rating": "meh"}', r"prefs.jsonl:2: 'rating' must be one of"),
+    ('["a"]', r"prefs.jsonl:2: expected a JSON object"),
+  ],
 )
 def test_malformed_lines_are_reported_with_their_number(tmp_path, tok, line, message):
   path = tmp_path / "prefs.jsonl"
@@ -136,12 +138,16 @@ def test_rejection_sampling_keeps_the_argmax_and_shares_the_prefix(key):
   def reward_fn(p, pl, completion, cl):  # a checkable reward: sum of completion ids
     return jnp.sum(jnp.where(jnp.arange(completion.shape[1]) < cl[:, None], completion, 0), axis=1).astype(jnp.float32)
 
-  out = rejection_sampling.best_of_k(key, params, CFG, prompts, lengths, reward_fn, k=4, max_new_tokens=5, temperature=1.0)
+  out = rejection_sampling.best_of_k(
+    key, params, CFG, prompts, lengths, reward_fn, k=4, max_new_tokens=5, temperature=1.0
+  )
   assert out.samples_BKN.shape == (2, 4, 5)
   np.testing.assert_array_equal(out.best_rewards_B, out.rewards_BK.max(axis=1))
   np.testing.assert_array_equal(out.best_BN, out.samples_BKN[jnp.arange(2), out.rewards_BK.argmax(axis=1)])
   # Shared prefill gives exactly what generating from the K-times repeated prompts gives.
-  tokens, _ = generate.generate(key, params, CFG, jnp.repeat(prompts, 4, 0), jnp.repeat(lengths, 4), max_new_tokens=5, temperature=1.0)
+  tokens, _ = generate.generate(
+    key, params, CFG, jnp.repeat(prompts, 4, 0), jnp.repeat(lengths, 4), max_new_tokens=5, temperature=1.0
+  )
   np.testing.assert_array_equal(out.samples_BKN.reshape(8, 5), tokens)
   full, full_len = rejection_sampling.concat(prompts, lengths, out.best_BN, out.best_lengths_B)
   assert full[1, :7].tolist() == [6, 7, *out.best_BN[1].tolist()]

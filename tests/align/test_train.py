@@ -1,9 +1,9 @@
 """Pipeline steps: SFT batches mask the prompt; reward and preference steps move the right way."""
 
 import jax
-import pytest
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from paperjax.align import data, dpo, reward, tasks
 from paperjax.align import train as align_train
@@ -11,7 +11,9 @@ from paperjax.models.training import train
 from paperjax.models.transformer import llama
 
 TASK = tasks.SortTask()
-MODEL = llama.LlamaConfig(vocab_size=TASK.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+MODEL = llama.LlamaConfig(
+  vocab_size=TASK.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32
+)
 
 
 def test_sft_batch_scores_completion_tokens_only():

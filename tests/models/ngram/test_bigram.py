@@ -14,12 +14,14 @@ from paperjax.models.ngram import bigram
 def test_hand_worked_bigram_with_empty_row():
   # Pairs of 0 1 0 2 0 1: (0,1) x2, (0,2), (1,0), (2,0); token 3 never precedes anything.
   table = bigram.fit(np.array([0, 1, 0, 2, 0, 1]), vocab_size=4)
-  expected = np.array([
+  expected = np.array(
+    [
       [0, 2 / 3, 1 / 3, 0],
       [1, 0, 0, 0],
       [1, 0, 0, 0],
       [1 / 3, 1 / 3, 1 / 3, 0],  # no data: uniform over the other tokens, itself 0
-  ])
+    ]
+  )
   np.testing.assert_allclose(table.probs_CV, expected, rtol=1e-6)
   # log-prob sum by hand: p(1|0) p(0|1) p(2|0) = 2/3 * 1 * 1/3.
   assert bigram.perplexity(table, np.array([0, 1, 0, 2])) == pytest.approx((2 / 9) ** (-1 / 3), rel=1e-6)
@@ -79,7 +81,7 @@ def _chain(vocab=5):
 
 def test_generate_stops_at_eos_and_at_the_limit(key):
   tokens, lengths = bigram.generate(
-      key, _chain(), jnp.array([[0], [2], [4]]), max_new_tokens=6, eos_id=3, temperature=0.0
+    key, _chain(), jnp.array([[0], [2], [4]]), max_new_tokens=6, eos_id=3, temperature=0.0
   )
   np.testing.assert_array_equal(tokens[0], [1, 2, 3, 3, 3, 3])
   np.testing.assert_array_equal(lengths, [3, 1, 6])  # EOS counted; the 4-loop never stops
@@ -98,9 +100,7 @@ def test_sampling_follows_tempered_distribution(key, temperature):
   p = np.array([0.5, 0.3, 0.2, 0.0], np.float32)
   table = bigram.NgramTable(jnp.asarray(np.tile(p, (4, 1))), order=1)
   rows = 40_000
-  tokens, _ = bigram.generate(
-      key, table, jnp.zeros((rows, 1), jnp.int32), max_new_tokens=1, temperature=temperature
-  )
+  tokens, _ = bigram.generate(key, table, jnp.zeros((rows, 1), jnp.int32), max_new_tokens=1, temperature=temperature)
   freq = np.bincount(np.asarray(tokens[:, 0]), minlength=4) / rows
   tempered = np.where(p > 0, p ** (1 / temperature), 0)
   tempered /= tempered.sum()

@@ -41,14 +41,19 @@ def test_decode_equals_parallel_forward_with_constant_state(params, key):
 def test_window_layer_forgets_tokens_outside_the_window(params, key):
   """With the recurrent mixers silenced (conv gate 0, linear output 0) only the windows mix
   tokens: through 2 blocks of window 4, position t sees tokens t - 6 .. t and no earlier."""
-  quiet = {**params, "conv": {**params["conv"], "w_gate": jnp.zeros_like(params["conv"]["w_gate"])},
-           "linear": {**params["linear"], "wo": jnp.zeros_like(params["linear"]["wo"])}}
+  quiet = {
+    **params,
+    "conv": {**params["conv"], "w_gate": jnp.zeros_like(params["conv"]["w_gate"])},
+    "linear": {**params["linear"], "wo": jnp.zeros_like(params["linear"]["wo"])},
+  }
   tokens = jax.random.randint(key, (1, 14), 0, CFG.vocab_size)
   changed = tokens.at[0, :5].set((tokens[0, :5] + 1) % CFG.vocab_size)  # tokens 0 .. 4
   a, b = based.forward(quiet, tokens, CFG), based.forward(quiet, changed, CFG)
   np.testing.assert_allclose(a[:, 11:], b[:, 11:], rtol=1e-5, atol=1e-6)  # 11 - 6 = 5: out of reach
   assert not np.allclose(a[:, 10], b[:, 10])  # 10 - 6 = 4: still reached
-  assert not np.allclose(based.forward(params, tokens, CFG)[:, 13], based.forward(params, changed, CFG)[:, 13])  # recurrence remembers
+  assert not np.allclose(
+    based.forward(params, tokens, CFG)[:, 13], based.forward(params, changed, CFG)[:, 13]
+  )  # recurrence remembers
 
 
 def test_errors():

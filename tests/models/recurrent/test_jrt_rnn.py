@@ -8,8 +8,9 @@ import pytest
 from paperjax.models.recurrent import based, jrt_rnn
 
 CFG = jrt_rnn.JRTConfig(
-    based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4),
-    prefix_len=6, mask_id=63,
+  based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4),
+  prefix_len=6,
+  mask_id=63,
 )
 
 
@@ -42,7 +43,9 @@ def test_encoder_is_non_causal(params, key):
 def test_left_padded_prompt_matches_the_unpadded_one(params, key):
   prompt = jax.random.randint(key, (1, 6), 0, 60)
   padded, mask = jrt_rnn.left_pad(np.asarray(prompt[:, 2:]), np.array([4]), 6)
-  assert padded.tolist() == [[0, 0, *np.asarray(prompt[0, 2:]).tolist()]] and mask.tolist() == [[False, False, True, True, True, True]]
+  assert padded.tolist() == [[0, 0, *np.asarray(prompt[0, 2:]).tolist()]] and mask.tolist() == [
+    [False, False, True, True, True, True]
+  ]
   short_cfg = jrt_rnn.JRTConfig(CFG.based, prefix_len=4, mask_id=63)
   unpadded = jrt_rnn.forward(params, prompt[:, 2:], short_cfg)
   got = jrt_rnn.forward(params, jnp.asarray(padded), CFG, jnp.asarray(mask))

@@ -54,7 +54,7 @@ def test_stop_tokens_end_each_row_at_its_first_stop(params, key):
 
 def test_all_rows_stopping_ends_the_loop(params, key):
   zero_logits = {**params, "final_norm": jnp.zeros_like(params["final_norm"])}  # argmax is token 0
-  tokens, lengths = generate.generate(key, zero_logits, CFG, PROMPTS, LENGTHS, max_new_tokens=5, stop_ids=(0,))
+  _, lengths = generate.generate(key, zero_logits, CFG, PROMPTS, LENGTHS, max_new_tokens=5, stop_ids=(0,))
   np.testing.assert_array_equal(lengths, [1, 1, 1])
   _, lengths = generate.generate(key, zero_logits, CFG, PROMPTS, LENGTHS, max_new_tokens=5, stop_ids=(3,))
   np.testing.assert_array_equal(lengths, [5, 5, 5])
@@ -62,7 +62,7 @@ def test_all_rows_stopping_ends_the_loop(params, key):
 
 def test_sampling_is_seeded(params):
   run = lambda seed: generate.generate(
-      jax.random.key(seed), params, CFG, PROMPTS, LENGTHS, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9
+    jax.random.key(seed), params, CFG, PROMPTS, LENGTHS, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9
   )[0]
   np.testing.assert_array_equal(run(1), run(1))
   assert not np.array_equal(run(1), run(2))

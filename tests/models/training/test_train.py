@@ -25,8 +25,8 @@ def data():
   train_stream, test_stream = corpus.tokenize(tok, train_docs), corpus.tokenize(tok, test_docs)
   kept = corpus.compact_vocab(train_stream.ids_N, V)
   return (
-      (corpus.to_compact(train_stream.ids_N, kept), train_stream.segment_ids_N),
-      (corpus.to_compact(test_stream.ids_N, kept), test_stream.segment_ids_N),
+    (corpus.to_compact(train_stream.ids_N, kept), train_stream.segment_ids_N),
+    (corpus.to_compact(test_stream.ids_N, kept), test_stream.segment_ids_N),
   )
 
 
@@ -89,7 +89,9 @@ def test_tiny_model_learns_the_corpus(data, step_fn):
   freq = np.bincount(train_ids, minlength=V) / train_ids.size
   test_freq = np.bincount(test_ids, minlength=V) / test_ids.size
   unigram_ce = -np.sum(test_freq * np.log(np.maximum(freq, 1e-12)))
-  test_batch = train.batch_at(test_ids, test_seg, 0, train.TrainConfig(batch_size=64, seed=1, total_steps=2, warmup_steps=0))
+  test_batch = train.batch_at(
+    test_ids, test_seg, 0, train.TrainConfig(batch_size=64, seed=1, total_steps=2, warmup_steps=0)
+  )
   state = train.init_state(jax.random.key(0), CFG, TCFG)
   initial = float(train.eval_loss(state.params, test_batch, CFG))
   assert initial > math.log(V) - 0.5

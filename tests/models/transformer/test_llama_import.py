@@ -13,9 +13,7 @@ from safetensors.numpy import save_file
 from paperjax.models.transformer import llama, llama_import
 from paperjax.ops import rope
 
-CFG = dataclasses.replace(
-    llama.PRESETS["tiny"], rope_scaling=rope.RopeScaling(8.0, 1.0, 4.0, 64), rope_theta=10_000.0
-)
+CFG = dataclasses.replace(llama.PRESETS["tiny"], rope_scaling=rope.RopeScaling(8.0, 1.0, 4.0, 64), rope_theta=10_000.0)
 
 
 def _hf_rows(w_DNK):
@@ -31,33 +29,52 @@ def _hf_rows(w_DNK):
 
 def _export(params, cfg):
   p = jax.tree.map(np.asarray, params)
-  tensors = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"], "lm_head.weight": p["unembed"].T}
+  tensors = {
+    "model.embed_tokens.weight": p["embed"],
+    "model.norm.weight": p["final_norm"],
+    "lm_head.weight": p["unembed"].T,
+  }
   for i in range(cfg.n_layers):
     layer = {k: v[i] for k, v in p["layers"].items()}
     pre = f"model.layers.{i}."
     tensors |= {
-        pre + "input_layernorm.weight": layer["attn_norm"],
-        pre + "post_attention_layernorm.weight": layer["mlp_norm"],
-        pre + "self_attn.q_proj.weight": _hf_rows(layer["wq"]),
-        pre + "self_attn.k_proj.weight": _hf_rows(layer["wk"]),
-        pre + "self_attn.v_proj.weight": layer["wv"].reshape(cfg.dim, -1).T,
-        pre + "self_attn.o_proj.weight": layer["wo"].reshape(-1, cfg.dim).T,
-        pre + "mlp.gate_proj.weight": layer["w1"].T,
-        pre + "mlp.up_proj.weight": layer["w3"].T,
-        pre + "mlp.down_proj.weight": layer["w2"].T,
+      pre + "input_layernorm.weight": layer["attn_norm"],
+      pre + "post_attention_layernorm.weight": layer["mlp_norm"],
+      pre + "self_attn.q_proj.weight": _hf_rows(layer["wq"]),
+      pre + "self_attn.k_proj.weight": _hf_rows(layer["wk"]),
+      pre + "self_attn.v_proj.weight": layer["wv"].reshape(cfg.dim, -1).T,
+      pre + "self_attn.o_proj.weight": layer["wo"].reshape(-1, cfg.dim).T,
+      pre + "mlp.gate_proj.weight": layer["w1"].T,
+      pre + "mlp.up_proj.weight": layer["w3"].T,
+      pre + "mlp.down_proj.weight": layer["w2"].T,
     }
   return {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
 
 def _hf_config(cfg, **extra):
   return {
-      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
-      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 64},
-      "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32", **extra,
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.dim,
+    "intermediate_size": cfg.ffn_dim,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "max_position_embeddings": cfg.max_seq_len,
+    "rope_scaling": {
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64,
+    },
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+    **extra,
   }
 
 
@@ -88,7 +105,9 @@ def test_round_trip_gives_the_same_logits(tmp_path, model, shards):
   params, cfg = llama_import.load(tmp_path / "ckpt")
   assert cfg == CFG
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
-  np.testing.assert_allclose(llama.forward(params, tokens, cfg)[0], llama.forward(model, tokens, CFG)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    llama.forward(params, tokens, cfg)[0], llama.forward(model, tokens, CFG)[0], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_hf_rotate_half_scores_equal_ours(model, np_rng):
@@ -110,7 +129,9 @@ def test_hf_rotate_half_scores_equal_ours(model, np_rng):
   q = jnp.einsum("d,dhk->hk", x, params["layers"]["wq"][0])[None, None]
   k = jnp.einsum("d,dgk->gk", x, params["layers"]["wk"][0])[None, None]
   inv = jnp.asarray(inv_freq, jnp.float32)
-  ours = jnp.sum(rope.apply_rope(q, jnp.array([[9]]), inv)[0, 0, 0] * rope.apply_rope(k, jnp.array([[4]]), inv)[0, 0, 0])
+  ours = jnp.sum(
+    rope.apply_rope(q, jnp.array([[9]]), inv)[0, 0, 0] * rope.apply_rope(k, jnp.array([[4]]), inv)[0, 0, 0]
+  )
   assert float(ours) == pytest.approx(hf_score, rel=1e-4)
 
 
