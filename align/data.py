@@ -70,7 +70,7 @@ def tokenize(records: Sequence[dict], tok: Tokenizer, *, max_len: int) -> Prefer
     prompts.append(len(prompt))
     chosen.append(rows[0])
     rejected.append(rows[1])
-    margins.append(float(record.get("margin", LLAMA2_MARGINS.get(record.get("rating"), 0.0))))
+    margins.append(float(record.get("margin", LLAMA2_MARGINS.get(str(record.get("rating")), 0.0))))
   prompt_lengths = np.asarray(prompts, np.int32)
   chosen_BT, chosen_lengths = _pad(chosen, tok.pad_id)
   rejected_BT, rejected_lengths = _pad(rejected, tok.pad_id)

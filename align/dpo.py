@@ -77,7 +77,7 @@ class Terms(NamedTuple):
     return self.rho_w - self.rho_l
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PreferenceConfig:
   loss: str = "sigmoid"
   beta: float = 0.1

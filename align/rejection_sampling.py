@@ -77,7 +77,8 @@ def best_of_k(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
 def _sample(key, params, prompts_BT, prompt_lengths_B, cfg, k, max_new_tokens, stop_ids, temperature, top_k, top_p):
-  cache, logits_BV = generate.prefill(params, cfg, prompts_BT, prompt_lengths_B, prompts_BT.shape[1] + max_new_tokens)
+  capacity = prompts_BT.shape[1] + max_new_tokens
+  logits_BV, cache = llama.prefill(params, prompts_BT, cfg, lengths_B=prompt_lengths_B, capacity=capacity)
   repeat = lambda x, axis: jnp.repeat(x, k, axis=axis)
   cache = llama.KVCache(repeat(cache.k_LBSGK, 1), repeat(cache.v_LBSGK, 1), repeat(cache.lengths_B, 0))
   return generate.decode(

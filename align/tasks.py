@@ -21,7 +21,7 @@ PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_DIGIT = 4
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SortTask:
   length: int = 6
   num_digits: int = 10
@@ -76,4 +76,4 @@ class SortTask:
       chosen_out.append(np.where(better_a, a[keep], b[keep]))
       rejected_out.append(np.where(better_a, b[keep], a[keep]))
       have += int(keep.sum())
-    return tuple(np.concatenate(x)[:n] for x in (prompts_out, chosen_out, rejected_out))
+    return np.concatenate(prompts_out)[:n], np.concatenate(chosen_out)[:n], np.concatenate(rejected_out)[:n]

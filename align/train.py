@@ -11,19 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from paperjax.align import dpo, logprobs, reward
 from paperjax.align.data import PreferenceBatch
-from paperjax.models.training import train
+from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
 
 
-def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> train.Batch:
-  """A next-token `train.Batch` whose loss counts completion tokens only."""
+def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> lm.Batch:
+  """A next-token `lm.Batch` whose loss counts completion tokens only."""
   batch, time = tokens_BT.shape
   positions = np.broadcast_to(np.arange(time - 1, dtype=np.int32), (batch, time - 1))
-  return train.Batch(
+  return lm.Batch(
     tokens_BT[:, :-1], tokens_BT[:, 1:], completion_mask_BT[:, 1:], np.zeros((batch, time - 1), np.int32), positions
   )
 
@@ -32,9 +33,9 @@ def make_reward_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, *, centeri
   """(state, PreferenceBatch) -> (state, metrics) minimising the Bradley-Terry loss (with margins)."""
 
   def loss_fn(params, batch: PreferenceBatch):
-    r_c = reward.rewards(params, batch.chosen_BT, batch.chosen_lengths_B, cfg)
-    r_r = reward.rewards(params, batch.rejected_BT, batch.rejected_lengths_B, cfg)
-    return reward.bradley_terry_loss(r_c, r_r, margin_B=batch.margin_B, centering=centering)
+    r_c = reward.rewards(params, jnp.asarray(batch.chosen_BT), jnp.asarray(batch.chosen_lengths_B), cfg)
+    r_r = reward.rewards(params, jnp.asarray(batch.rejected_BT), jnp.asarray(batch.rejected_lengths_B), cfg)
+    return reward.bradley_terry_loss(r_c, r_r, margin_B=jnp.asarray(batch.margin_B), centering=centering)
 
   return train.make_step(loss_fn, tcfg)
 
@@ -44,8 +45,8 @@ def pair_logprobs(
 ) -> tuple[logprobs.SequenceLogProbs, ...]:
   """(chosen, rejected) completion log-probs under `params`."""
   return (
-    logprobs.model_logprobs(params, cfg, batch.chosen_BT, batch.chosen_mask_BT),
-    logprobs.model_logprobs(params, cfg, batch.rejected_BT, batch.rejected_mask_BT),
+    logprobs.model_logprobs(params, cfg, jnp.asarray(batch.chosen_BT), jnp.asarray(batch.chosen_mask_BT)),
+    logprobs.model_logprobs(params, cfg, jnp.asarray(batch.rejected_BT), jnp.asarray(batch.rejected_mask_BT)),
   )
 
 

@@ -25,13 +25,13 @@ from paperjax.align.data import PreferenceBatch
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress
 from paperjax.models.serving import generate
-from paperjax.models.training import train
+from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
 
 DPO_PAPER = "DPO (arXiv 2305.18290): beats the SFT model it starts from"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   sft_steps: int
   rm_steps: int
@@ -54,10 +54,10 @@ MODEL = llama.LlamaConfig(
   vocab_size=TASK.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32
 )
 POLICIES = {
-  "DPO": dpo.PreferenceConfig("sigmoid", beta=0.1),  # the DPO paper's default beta
-  "DPO+NLL": dpo.PreferenceConfig("sigmoid", beta=0.1, rpo_alpha=1.0),  # Llama 3's recipe (RPO)
-  "IPO": dpo.PreferenceConfig("ipo", beta=0.5),
-  "SimPO": dpo.PreferenceConfig("simpo", beta=2.5, gamma=1.375),  # the SimPO paper's recipe
+  "DPO": dpo.PreferenceConfig(loss="sigmoid", beta=0.1),  # the DPO paper's default beta
+  "DPO+NLL": dpo.PreferenceConfig(loss="sigmoid", beta=0.1, rpo_alpha=1.0),  # Llama 3's recipe (RPO)
+  "IPO": dpo.PreferenceConfig(loss="ipo", beta=0.5),
+  "SimPO": dpo.PreferenceConfig(loss="simpo", beta=2.5, gamma=1.375),  # the SimPO paper's recipe
 }
 
 
@@ -99,8 +99,8 @@ def run(ctx: Context) -> Result:
   sft_tokens = np.concatenate([sft_prompts, TASK.demonstrations(rng, sft_prompts, 0.5)], axis=1)
   sft_mask = np.broadcast_to(np.arange(sft_tokens.shape[1]) >= TASK.prompt_len, sft_tokens.shape)
   sft_cfg = tcfg(cfg.sft_steps, 3e-3)
-  state = train.init_state(jax.random.key(ctx.seed), MODEL, sft_cfg)
-  sft_step = train.make_train_step(MODEL, sft_cfg)
+  state = lm.init_state(jax.random.key(ctx.seed), MODEL, sft_cfg)
+  sft_step = lm.make_train_step(MODEL, sft_cfg)
   sft_batch = lambda i: align_train.sft_batch(sft_tokens[pick(len(sft_tokens), i)], sft_mask[pick(len(sft_tokens), i)])
   state, losses = _train("SFT", sft_step, state, sft_batch, cfg.sft_steps)
   sft_params = state.params

@@ -33,7 +33,7 @@ ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUALITATIVE = "LLM explainer (qualitative)"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   max_chars: int | None  # corpus budget; None = the whole stdlib
   vocab_size: int  # compact vocabulary, "other" included
@@ -114,7 +114,7 @@ def _fit_speed(ctx: Context, train_c: np.ndarray, vocab: int):
 def _perplexity(ctx: Context, train_c, val_c, test_c, vocab: int):
   counts = {order: bigram.count(train_c, vocab_size=vocab, order=order) for order in (0, 1)}
   # Both models are scored on the same positions (t >= 1) of each split.
-  val_ppl = {order: [] for order in counts}
+  val_ppl: dict[int, list[float]] = {order: [] for order in counts}
   for alpha in progress(ALPHAS, "bigram: smoothing on val"):
     for order, c in counts.items():
       val_ppl[order].append(bigram.perplexity(bigram.probabilities(c, alpha=alpha), val_c, start=1))

@@ -10,11 +10,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 from absl import app, flags, logging
 
 from paperjax.bench import report
-from paperjax.bench.harness import SCALES, Context, Environment, Result, selects_benchmark
+from paperjax.bench.harness import SCALES, Context, Environment, Result, Scale, selects_benchmark
 
 SCALE = flags.DEFINE_enum(
   "scale", "small", list(SCALES), "ci: seconds (smoke test); small: CPU minutes; paper: the papers' shapes (GPU)."
@@ -34,7 +35,7 @@ def run_benchmarks(runs: Mapping[str, Callable[[Context], Result]]) -> int:
   the exit code is then 1.
   """
   logging.set_verbosity(logging.WARNING)  # keep jax's backend probing out of the table
-  scale = SCALE.value
+  scale = cast(Scale, SCALE.value)  # DEFINE_enum admits only SCALES
   env = Environment.current(scale)
   repeats = REPEATS.value or DEFAULT_REPEATS[scale]
   if repeats < 1:

@@ -14,7 +14,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import jax
@@ -176,7 +176,7 @@ def progress(
   every `min_interval_s` seconds, plus the last.
   """
   stream = sys.stderr if stream is None else stream
-  total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+  total = total if total is not None else (len(items) if isinstance(items, Sized) else None)
   tty = hasattr(stream, "isatty") and stream.isatty()
   start = last = time.perf_counter()
 

@@ -35,7 +35,7 @@ THEORY = "Ren et al. (arXiv 2407.19198)"
 N_VARS = 9
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   epochs: int
   checkpoints: tuple[int, ...]
@@ -46,9 +46,23 @@ class Config:
 
 
 CONFIGS = {
-  "ci": Config(4, (0, 1, 4), 4, 2, 100, 64),
-  "small": Config(120, (0, 1, 2, 4, 8, 16, 32, 64, 120), 24, 8, 3000, 256),
-  "paper": Config(300, (0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 300), 64, 20, 5000, 512),
+  "ci": Config(epochs=4, checkpoints=(0, 1, 4), samples=4, per_class=2, decompose_steps=100, hidden=64),
+  "small": Config(
+    epochs=120,
+    checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 120),
+    samples=24,
+    per_class=8,
+    decompose_steps=3000,
+    hidden=256,
+  ),
+  "paper": Config(
+    epochs=300,
+    checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 300),
+    samples=64,
+    per_class=20,
+    decompose_steps=5000,
+    hidden=512,
+  ),
 }
 
 
@@ -93,7 +107,7 @@ def load_digits(seed: int):
 
 
 def _interactions(params, x, y, baseline, dcfg: ia.DecompositionConfig):
-  v = ia.evaluate_subsets(mlp, params, x, baseline, patch_variables(), y, N_VARS)
+  v = ia.evaluate_subsets(mlp, params, x, baseline, jnp.asarray(patch_variables()), y, N_VARS)
   dec = ia.decompose(v, dcfg)
   return v, dec
 

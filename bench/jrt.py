@@ -25,9 +25,9 @@ machine named in the report, so the ratios measure the algorithms, not the kerne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ from absl import app
 
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
+from paperjax.models import protocol
 from paperjax.models.data import jrt_prompt, synthetic
 from paperjax.models.recurrent import based, jrt_rnn
 from paperjax.models.training import train
@@ -54,7 +55,7 @@ ORDERS = ("small set first", "large set first")
 RUNS = (("Based", ORDERS), ("JRT-RNN", ORDERS), ("Based + JRT-Prompt", ORDERS[1:]), ("Transformer", ORDERS[1:]))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RecallConfig:
   """Set disjointness with a `small` and a `large` set; 2-block models at each width."""
 
@@ -74,7 +75,7 @@ class RecallConfig:
     return self.small + self.large + 3
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   lengths: tuple[int, ...]
   batch: int
@@ -85,10 +86,22 @@ class Config:
 # steps, about 25 minutes on 2 CPU cores (with 32-of-126 sets, 99 bits, every model solved
 # both orders at widths 8 and 16). paper: the same sets across widths, longer training.
 CONFIGS = {
-  "ci": Config((256, 512), 1, RecallConfig(32, 2, 4, (8,), 3, 8, 16, 1e-2)),
-  "small": Config((1024, 2048, 4096, 8192), 1, RecallConfig(512, 8, 96, (8,), 1500, 64, 512, 1e-2)),
+  "ci": Config(
+    lengths=(256, 512),
+    batch=1,
+    recall=RecallConfig(vocab_size=32, small=2, large=4, widths=(8,), steps=3, batch=8, eval_batch=16, lr=1e-2),
+  ),
+  "small": Config(
+    lengths=(1024, 2048, 4096, 8192),
+    batch=1,
+    recall=RecallConfig(vocab_size=512, small=8, large=96, widths=(8,), steps=1500, batch=64, eval_batch=512, lr=1e-2),
+  ),
   "paper": Config(
-    (2048, 4096, 8192, 16384, 32768), 16, RecallConfig(512, 8, 96, (8, 16, 32, 64), 3000, 64, 2048, 1e-2)
+    lengths=(2048, 4096, 8192, 16384, 32768),
+    batch=16,
+    recall=RecallConfig(
+      vocab_size=512, small=8, large=96, widths=(8, 16, 32, 64), steps=3000, batch=64, eval_batch=2048, lr=1e-2
+    ),
   ),
 }
 
@@ -130,10 +143,10 @@ def _jrt_rnn(fq, fk, v):  # PLA over N tokens, encoder = the first N/2 (its own 
   return la.prefix_linear_attention(phi_q, phi_k, v, phi_k[:, ::-1], v[:, ::-1], fq.shape[1] // 2)[0]
 
 
-def _sets(rc: RecallConfig, rng: np.random.Generator, size: int, order: str, repeats: int) -> synthetic.RecallBatch:
-  sd_order = "a_first" if order == ORDERS[0] else "b_first"  # A is the small set
+def _sets(rc: RecallConfig, rng: np.random.Generator, size: int, order: str, readings: int) -> synthetic.RecallBatch:
+  sd_order: Literal["a_first", "b_first"] = "a_first" if order == ORDERS[0] else "b_first"  # A is the small set
   batch = synthetic.set_disjointness(rng, size, rc.small, rc.large, rc.vocab_size, sd_order)
-  return jrt_prompt.repeat_recall(batch, repeats)
+  return jrt_prompt.repeat_recall(batch, readings)
 
 
 def _state_numbers(tree) -> int:
@@ -141,21 +154,26 @@ def _state_numbers(tree) -> int:
 
 
 class _Model(NamedTuple):
-  init: Callable  # key -> params
-  logits_fn: Callable  # (params, tokens_BT) -> logits_BTV
-  repeats: int  # prompt readings (2 for JRT-Prompt)
+  cfg: Any  # a config of any `models.protocol` model
+  readings: int  # prompt readings (2 for JRT-Prompt)
   state_numbers: int  # decode state per row: the recurrent state, or the prompt's KV cache
 
 
 def _recall_models(rc: RecallConfig, width: int) -> dict[str, _Model]:
   bcfg = based.BasedConfig(
-    rc.vocab_size, width, n_blocks=2, n_heads=2, feature_dim=rc.feature_dim, window=rc.window, ffn_dim=2 * width
+    vocab_size=rc.vocab_size,
+    dim=width,
+    n_blocks=2,
+    n_heads=2,
+    feature_dim=rc.feature_dim,
+    window=rc.window,
+    ffn_dim=2 * width,
   )
   # JRT-RNN's encoder is the prompt up to [3]; the answer comes from the decoder position [3].
-  jcfg = jrt_rnn.JRTConfig(bcfg, prefix_len=rc.prompt_len - 1, mask_id=synthetic.PAD, mlm_prob=0.0)
+  jcfg = jrt_rnn.JRTConfig(based=bcfg, prefix_len=rc.prompt_len - 1, mask_id=synthetic.PAD, mlm_prob=0.0)
   lcfg = llama.LlamaConfig(
-    rc.vocab_size,
-    width,
+    vocab_size=rc.vocab_size,
+    dim=width,
     n_layers=2,
     n_heads=2,
     n_kv_heads=2,
@@ -164,39 +182,42 @@ def _recall_models(rc: RecallConfig, width: int) -> dict[str, _Model]:
     max_seq_len=rc.prompt_len,
   )
   state = jax.eval_shape(lambda: based.init_state(bcfg, 1))
-  recurrent = _state_numbers((state.conv_LBWD, state.linear, state.window_k_LBNHK, state.window_v_LBNHK))
-  kv_cache = 2 * lcfg.n_layers * rc.prompt_len * lcfg.n_kv_heads * lcfg.k  # grows with the prompt
-  based_fn = lambda params, tokens: based.forward(params, tokens, bcfg)
+  recurrent = _state_numbers((state.conv_LBWD, state.linear, state.window_k_LBSHK, state.window_v_LBSHK))
+  cache = jax.eval_shape(lambda: llama.init_state(lcfg, 1, rc.prompt_len))
+  kv_cache = _state_numbers((cache.k_LBSGK, cache.v_LBSGK))  # grows with the prompt
   return {
-    "Based": _Model(lambda key: based.init(key, bcfg), based_fn, 1, recurrent),
-    "JRT-RNN": _Model(
-      lambda key: jrt_rnn.init(key, jcfg), lambda params, tokens: jrt_rnn.forward(params, tokens, jcfg), 1, recurrent
-    ),
-    "Based + JRT-Prompt": _Model(lambda key: based.init(key, bcfg), based_fn, 2, recurrent),
-    "Transformer": _Model(
-      lambda key: llama.init(key, lcfg), lambda params, tokens: llama.forward(params, tokens, lcfg)[0], 1, kv_cache
-    ),
+    "Based": _Model(bcfg, 1, recurrent),
+    "JRT-RNN": _Model(jcfg, 1, recurrent),
+    "Based + JRT-Prompt": _Model(bcfg, 2, recurrent),
+    "Transformer": _Model(lcfg, 1, kv_cache),
   }
+
+
+def _recall_objective(params, batch: synthetic.RecallBatch, *, cfg) -> tuple[jax.Array, dict]:
+  """Answer-only cross-entropy of any protocol model's parallel forward."""
+  logits_BTV, _ = protocol.model_for(cfg).forward(params, jnp.asarray(batch.tokens_BT), cfg)
+  return synthetic.recall_loss(logits_BTV, batch)
 
 
 def _recall_accuracy(ctx: Context, rc: RecallConfig, name: str, order: str, model: _Model) -> float:
   """Trains one model on `order` (AdamW, answer-only cross-entropy); held-out accuracy on it."""
-  loss = lambda params, batch: synthetic.recall_loss(model.logits_fn(params, batch.tokens_BT), batch)
+  objective = functools.partial(_recall_objective, cfg=model.cfg)
   tcfg = train.TrainConfig(
     batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed
   )
-  step = train.make_step(loss, tcfg)
-  state = train.start_state(model.init(jax.random.key(ctx.seed)), tcfg)
+  step = train.make_step(objective, tcfg)
+  state = train.start_state(protocol.model_for(model.cfg).init(jax.random.key(ctx.seed), model.cfg), tcfg)
   for i in progress(range(rc.steps), f"jrt: train {name}, {order}"):
-    state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, model.repeats))
-  held_out = _sets(
-    rc, np.random.default_rng([ctx.seed, rc.steps, 1]), rc.eval_batch, order, model.repeats
-  )  # unseen stream
-  return float(jax.jit(lambda params, batch: loss(params, batch)[1]["accuracy"])(state.params, held_out))
+    state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, model.readings))
+  unseen = np.random.default_rng([ctx.seed, rc.steps, 1])  # a stream training never drew from
+  held_out = _sets(rc, unseen, rc.eval_batch, order, model.readings)
+  return float(jax.jit(lambda params, batch: objective(params, batch)[1]["accuracy"])(state.params, held_out))
 
 
 def _recall(ctx: Context, rc: RecallConfig) -> tuple[list, Plot, str]:
-  records, acc, state_kib = [], {}, {}
+  records: list = []
+  acc: dict[tuple[str, str], list[float]] = {}
+  state_kib: dict[str, list[float]] = {}
   small_first, large_first = ORDERS
   for width in rc.widths:
     models = _recall_models(rc, width)
@@ -276,7 +297,8 @@ def _recall(ctx: Context, rc: RecallConfig) -> tuple[list, Plot, str]:
 
 
 def _prefill(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
-  records, curves = [], {}
+  records: list = []
+  curves: dict[str, list[float]] = {}
   for length in progress(cfg.lengths, "jrt: prefill"):
     q, k, v, fq = _inputs(jax.random.key(ctx.seed), cfg.batch, length)
     fk = fq[:, ::-1]

@@ -27,13 +27,13 @@ from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.serving import generate
-from paperjax.models.training import train
+from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
 
 REPORT = "Llama 3 report (arXiv 2407.21783)"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   model: llama.LlamaConfig
   cache_lengths: tuple[int, ...]
@@ -45,40 +45,40 @@ class Config:
   eval_every: int
 
 
-def _model(vocab, dim, layers, heads, kv_heads, ffn, max_len):
-  return llama.LlamaConfig(vocab, dim, layers, heads, kv_heads, ffn, max_seq_len=max_len)
-
-
 CONFIGS = {
   "ci": Config(
-    _model(512, 64, 2, 4, 2, 128, 256),
-    (32, 64),
-    2,
-    64,
-    8,
-    train.TrainConfig(batch_size=8, seq_len=32, total_steps=20, warmup_steps=4),
-    300_000,
-    10,
+    model=llama.LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    cache_lengths=(32, 64),
+    batch=2,
+    prefill_len=64,
+    new_tokens=8,
+    train=train.TrainConfig(batch_size=8, seq_len=32, total_steps=20, warmup_steps=4),
+    corpus_chars=300_000,
+    eval_every=10,
   ),
   "small": Config(
-    _model(2048, 128, 4, 8, 2, 384, 2048),
-    (128, 256, 512, 1024),
-    4,
-    512,
-    64,
-    train.TrainConfig(batch_size=16, seq_len=128, total_steps=400, warmup_steps=40),
-    4_000_000,
-    50,
+    model=llama.LlamaConfig(
+      vocab_size=2048, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=384, max_seq_len=2048
+    ),
+    cache_lengths=(128, 256, 512, 1024),
+    batch=4,
+    prefill_len=512,
+    new_tokens=64,
+    train=train.TrainConfig(batch_size=16, seq_len=128, total_steps=400, warmup_steps=40),
+    corpus_chars=4_000_000,
+    eval_every=50,
   ),
   "paper": Config(
-    _model(8192, 1024, 8, 16, 4, 3584, 8192),
-    (512, 1024, 2048, 4096),
-    8,
-    2048,
-    128,
-    train.TrainConfig(batch_size=32, seq_len=512, total_steps=1000, warmup_steps=100),
-    12_000_000,
-    100,
+    model=llama.LlamaConfig(
+      vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=3584, max_seq_len=8192
+    ),
+    cache_lengths=(512, 1024, 2048, 4096),
+    batch=8,
+    prefill_len=2048,
+    new_tokens=128,
+    train=train.TrainConfig(batch_size=32, seq_len=512, total_steps=1000, warmup_steps=100),
+    corpus_chars=12_000_000,
+    eval_every=100,
   ),
 }
 
@@ -110,8 +110,8 @@ def _cache_vs_recompute(ctx: Context, cfg: Config, params):
   records = []
   for length in progress(cfg.cache_lengths, "llama: cache vs recompute"):
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, length + 1), 0, model.vocab_size)
-    _, cache = forward(params, tokens[:, :length], model, cache=llama.init_cache(model, cfg.batch, length + 1))
-    cached = time_fn(forward, params, tokens[:, length:], model, cache=cache, repeats=ctx.repeats)
+    _, cache = forward(params, tokens[:, :length], model, state=llama.init_state(model, cfg.batch, length + 1))
+    cached = time_fn(forward, params, tokens[:, length:], model, state=cache, repeats=ctx.repeats)
     full = time_fn(forward, params, tokens, model, repeats=ctx.repeats)
     speedups.append(full.median_s / cached.median_s)
     records.append(ctx.record(f"decode step speed-up, KV cache vs recompute, prefix {length}", speedups[-1], "x"))
@@ -196,18 +196,18 @@ def _train(ctx: Context, cfg: Config):
   test_freq = np.bincount(test_ids, minlength=model.vocab_size) / test_ids.size
   unigram_ce = float(-np.sum(test_freq * np.log(np.maximum(freq, 1e-12))))
   eval_cfg = dataclasses.replace(tcfg, batch_size=64, seed=ctx.seed + 1)
-  test_batch = train.batch_at(test_ids, test_stream.segment_ids_N, 0, eval_cfg)
+  test_batch = lm.batch_at(test_ids, test_stream.segment_ids_N, 0, eval_cfg)
 
-  state = train.init_state(jax.random.key(ctx.seed), model, tcfg)
-  step = train.make_train_step(model, tcfg)
-  batch = lambda i: train.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg)
+  state = lm.init_state(jax.random.key(ctx.seed), model, tcfg)
+  step = lm.make_train_step(model, tcfg)
+  batch = lambda i: lm.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg)
   step_time = time_fn(step, state, batch(0), repeats=ctx.repeats).median_s  # the state is not advanced
   losses, evals = [], []
   for i in progress(range(tcfg.total_steps), "llama: training"):
     state, metrics = step(state, batch(i))
     losses.append(float(metrics["loss"]))
     if (i + 1) % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
-      evals.append((i + 1, float(train.eval_loss(state.params, test_batch, model))))
+      evals.append((i + 1, float(lm.eval_loss(state.params, test_batch, model))))
   tokens_per_s = tcfg.batch_size * tcfg.seq_len / step_time
   final = evals[-1][1]
   records = [

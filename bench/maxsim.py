@@ -27,7 +27,7 @@ from absl import app
 from paperjax.bench import cli
 from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.data import corpus, tokenizer
-from paperjax.models.training import train
+from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
 from paperjax.ops import maxsim
 
@@ -35,7 +35,7 @@ COLBERT = "ColBERT (arXiv 2004.12832)"
 INFINITY = "Infinity tensor search (binary quantization)"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   num_queries: int
   doc_lengths: tuple[int, ...]
@@ -46,9 +46,25 @@ class Config:
 
 
 CONFIGS = {
-  "ci": Config(4, (128,), (64, 256), 10, 300_000, 64),
-  "small": Config(8, (128, 512), (256, 1024, 4096), 300, 3_000_000, 1000),
-  "paper": Config(32, (128, 512), (1024, 8192, 65536), 1000, 12_000_000, 4000),
+  "ci": Config(
+    num_queries=4, doc_lengths=(128,), doc_counts=(64, 256), train_steps=10, corpus_chars=300_000, num_docs_binary=64
+  ),
+  "small": Config(
+    num_queries=8,
+    doc_lengths=(128, 512),
+    doc_counts=(256, 1024, 4096),
+    train_steps=300,
+    corpus_chars=3_000_000,
+    num_docs_binary=1000,
+  ),
+  "paper": Config(
+    num_queries=32,
+    doc_lengths=(128, 512),
+    doc_counts=(1024, 8192, 65536),
+    train_steps=1000,
+    corpus_chars=12_000_000,
+    num_docs_binary=4000,
+  ),
 }
 QUERY_TOKENS, DIM = 32, 128
 
@@ -69,12 +85,12 @@ def run(ctx: Context) -> Result:
   return Result(ctx.benchmark, tuple(records), tuple(plots), tuple(notes))
 
 
-def numpy_maxsim(q_QLK: np.ndarray, d_NSK: np.ndarray, lengths_N: np.ndarray, block: int = 64) -> np.ndarray:
+def numpy_maxsim(q_QTK: np.ndarray, d_NSK: np.ndarray, lengths_N: np.ndarray, block: int = 64) -> np.ndarray:
   """The plain baseline: numpy einsum + max per block of documents (full query masks)."""
-  out = np.empty((q_QLK.shape[0], d_NSK.shape[0]), np.float32)
+  out = np.empty((q_QTK.shape[0], d_NSK.shape[0]), np.float32)
   valid_NS = np.arange(d_NSK.shape[1])[None] < lengths_N[:, None]
   for start in range(0, d_NSK.shape[0], block):
-    scores = np.einsum("qlk,nsk->qnls", q_QLK, d_NSK[start : start + block], optimize=True)
+    scores = np.einsum("qlk,nsk->qnls", q_QTK, d_NSK[start : start + block], optimize=True)
     scores = np.where(valid_NS[None, start : start + block, None], scores, -np.inf)
     out[:, start : start + block] = scores.max(axis=-1).sum(axis=-1)
   return out
@@ -84,7 +100,8 @@ def _throughput(ctx: Context, cfg: Config):
   rng = np.random.default_rng(ctx.seed)
   q = rng.normal(size=(cfg.num_queries, QUERY_TOKENS, DIM)).astype(np.float32)
   impls = ["reference"] + (["pallas"] if jax.default_backend() == "gpu" else [])
-  records, series = [], {}
+  records: list = []
+  series: dict[str, list[float]] = {}
   shapes = [(s, n) for s in cfg.doc_lengths for n in cfg.doc_counts]
   for doc_len, num_docs in progress(shapes, "maxsim: throughput"):
     d = rng.normal(size=(num_docs, doc_len, DIM)).astype(np.float32)
@@ -127,11 +144,11 @@ def _contextual_embeddings(ctx: Context, cfg: Config):
   tcfg = train.TrainConfig(
     batch_size=16, seq_len=128, total_steps=max(cfg.train_steps, 2), warmup_steps=1, seed=ctx.seed
   )
-  state = train.init_state(jax.random.key(ctx.seed), model, tcfg)
-  step = train.make_train_step(model, tcfg)
+  state = lm.init_state(jax.random.key(ctx.seed), model, tcfg)
+  step = lm.make_train_step(model, tcfg)
   train_ids = corpus.to_compact(train_stream.ids_N, kept)
   for i in progress(range(tcfg.total_steps), "maxsim: training the embedding model"):
-    state, _ = step(state, train.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg))
+    state, _ = step(state, lm.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg))
   embed = jax.jit(lambda p, t: llama.forward_hidden(p, t, model)[0])
   windows = corpus.windows(corpus.to_compact(held_stream.ids_N, kept), 128)
   num = min(cfg.num_docs_binary, windows.shape[0] - cfg.num_queries)
@@ -150,8 +167,8 @@ def _binary(ctx: Context, cfg: Config):
   k = 10
   top_float = np.argsort(-float_scores, axis=1, kind="stable")[:, :k]
   top_bin = np.argsort(-bin_scores, axis=1, kind="stable")[:, :k]
-  recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_float, top_bin)])
-  tau = np.mean([scipy.stats.kendalltau(f, b).statistic for f, b in zip(float_scores, bin_scores)])
+  recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_float, top_bin)]))
+  tau = float(np.mean([scipy.stats.kendalltau(f, b).statistic for f, b in zip(float_scores, bin_scores)]))
   ratio = maxsim.storage_bytes(maxsim.pack_bits(dj)) / maxsim.storage_bytes(dj.astype(jnp.float32))
   records = [
     ctx.record("binary / float32 storage", ratio, "fraction", 1 / 32, INFINITY),

@@ -123,7 +123,7 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
 def _atomic(path: pathlib.Path, write_fn, binary: bool = False) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+    with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
       write_fn(f)
     os.replace(tmp, path)
   except BaseException:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ def log_odds(logits_BC: jax.Array, label: int | jax.Array) -> jax.Array:
 
 
 def evaluate_subsets(
-  model_fn: Callable[[object, jax.Array], jax.Array],
+  model_fn: Callable[[Any, jax.Array], jax.Array],
   params,
   x_BF: jax.Array,
   baseline_F: jax.Array,
@@ -142,7 +142,7 @@ def or_interactions(v_or_M: jax.Array) -> jax.Array:
   return -moebius(v_or_M[::-1])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecompositionConfig:
   """The reference optimiser: SGD with momentum, learning rate decayed 10x over the run.
 

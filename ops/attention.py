@@ -41,7 +41,7 @@ def make_mask(
     mask_BTS &= kv_index_BS[:, None, :] <= q_index_BT[:, :, None]
   if (q_segment_ids_BT is None) != (kv_segment_ids_BS is None):
     raise ValueError("q_segment_ids_BT, kv_segment_ids_BS: give both or neither")
-  if q_segment_ids_BT is not None:
+  if q_segment_ids_BT is not None and kv_segment_ids_BS is not None:
     mask_BTS &= q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
   if kv_length_B is not None:
     mask_BTS &= jnp.arange(kv_index_BS.shape[1])[None, None, :] < kv_length_B[:, None, None]
@@ -78,6 +78,46 @@ def attention(
     "bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
   )
   return out_BTGRK.reshape(q_BTHK.shape).astype(q_BTHK.dtype)
+
+
+def window_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array, window: int) -> jax.Array:
+  """mask[b, t, s] = True where q_pos - window < k_pos <= q_pos and k_pos >= 0.
+
+  A negative key position marks an empty slot (a window not yet full, left padding).
+  """
+  if window < 1:
+    raise ValueError(f"window: expected >= 1, got {window}")
+  q_BT1, k_B1S = q_positions_BT[:, :, None], k_positions_BS[:, None, :]
+  return (k_B1S <= q_BT1) & (k_B1S > q_BT1 - window) & (k_B1S >= 0)
+
+
+def sliding_window_attention(
+  q_BTHK: jax.Array,
+  k_BSGK: jax.Array,
+  v_BSGK: jax.Array,
+  window: int,
+  *,
+  q_positions_BT: jax.Array | None = None,
+  k_positions_BS: jax.Array | None = None,
+  impl: Impl = "reference",
+) -> jax.Array:
+  """Causal softmax attention over the last `window` positions: keys with
+  q_pos - window < k_pos <= q_pos (`window_mask`).
+
+  Positions default to 0 .. T-1 for queries and 0 .. S-1 for keys (a parallel pass over one
+  sequence, S = T); a decoder passes its window cache's positions followed by the new ones.
+  """
+  batch, time, kv_time = q_BTHK.shape[0], q_BTHK.shape[1], k_BSGK.shape[1]
+  if q_positions_BT is None:
+    q_positions_BT = jnp.broadcast_to(jnp.arange(time), (batch, time))
+  if k_positions_BS is None:
+    k_positions_BS = jnp.broadcast_to(jnp.arange(kv_time), (batch, kv_time))
+  if q_positions_BT.shape != (batch, time) or k_positions_BS.shape != (batch, kv_time):
+    raise ValueError(
+      f"q_positions_BT, k_positions_BS: expected shapes {(batch, time)}, {(batch, kv_time)}, "
+      f"got {q_positions_BT.shape}, {k_positions_BS.shape}"
+    )
+  return attention(q_BTHK, k_BSGK, v_BSGK, window_mask(q_positions_BT, k_positions_BS, window), impl=impl)
 
 
 def _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> None:

@@ -1,10 +1,11 @@
-"""Linear attention (Based), Prefix Linear Attention (JRT-RNN), sliding windows, short convolutions.
+"""Linear attention (Based), Prefix Linear Attention (JRT-RNN), short convolutions.
 
-Shapes: B batch, T time, H heads, D feature-map input dim (16 in the papers),
-F = 1 + D + D^2 feature size, V value (head) dim, C chunk, W conv width, E model width.
+Shapes: B batch, T time, S key time, H heads, J feature-map input dim (16 in the papers),
+F = 1 + J + J^2 features, K value (head) dim, N chunks, U chunk length, W conv width,
+D model width.
 
-  phi(x) = [1, x / D^(1/4), vec(x x^T) / (sqrt(2) sqrt(D))]     (Based's 2nd-order Taylor map)
-  phi(q) . phi(k) = 1 + q.k / sqrt(D) + (q.k)^2 / (2 D)  ~  exp(q.k / sqrt(D))
+  phi(x) = [1, x / J^(1/4), vec(x x^T) / (sqrt(2) sqrt(J))]     (Based's 2nd-order Taylor map)
+  phi(q) . phi(k) = 1 + q.k / sqrt(J) + (q.k)^2 / (2 J)  ~  exp(q.k / sqrt(J))
 
 Causal linear attention (three equal forms: quadratic, chunked, recurrent):
   y_i = phi(q_i) S_i / (phi(q_i) z_i + eps),  S_i = sum_{j<=i} phi(k_j)^T v_j,  z_i = sum_{j<=i} phi(k_j)
@@ -14,37 +15,36 @@ own keys/values (k_e, v_e) that every query sees; the decoder keys (k_d, v_d) ar
   y_i = phi(q_i) [sum_{j<=i} phi(k_d,j)^T v_d,j + sum_{j<M} phi(k_e,j)^T v_e,j]
         / phi(q_i) [sum_{j<=i} phi(k_d,j) + sum_{j<M} phi(k_e,j)]
 
-Functions take feature-mapped queries and keys (`phi_q_BTHF = taylor_features(q_BTHD)`);
+Functions take feature-mapped queries and keys (`phi_q_BTHF = taylor_features(q_BTHJ)`);
 states and sums are float32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from paperjax.ops import attention
-
 DEFAULT_EPS = 1e-6
 
 
 @struct.dataclass
 class State:
-  """Recurrent state per layer: s = sum phi(k)^T v [B, H, F, V], z = sum phi(k) [B, H, F].
+  """Recurrent state per layer: s = sum phi(k)^T v [B, H, F, K], z = sum phi(k) [B, H, F].
 
-  Its size is H (F V + F) per row, independent of the sequence length.
+  Its size is H (F K + F) per row, independent of the sequence length.
   """
 
-  s_BHFV: jax.Array
+  s_BHFK: jax.Array
   z_BHF: jax.Array
 
 
-def taylor_features(x_BTHD: jax.Array) -> jax.Array:
-  """phi(x) = [1, x / D^(1/4), vec(x x^T) / (sqrt(2) sqrt(D))], float32 [..., 1 + D + D^2]."""
-  x = x_BTHD.astype(jnp.float32)
+def taylor_features(x_BTHJ: jax.Array) -> jax.Array:
+  """phi(x) = [1, x / J^(1/4), vec(x x^T) / (sqrt(2) sqrt(J))], float32 [..., 1 + J + J^2]."""
+  x = x_BTHJ.astype(jnp.float32)
   d = x.shape[-1]
   outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)
   return jnp.concatenate([jnp.ones_like(x[..., :1]), x / d**0.25, outer / math.sqrt(2 * d)], axis=-1)
@@ -56,89 +56,89 @@ def empty_state(batch: int, heads: int, features: int, value_dim: int) -> State:
   )
 
 
-def causal_quadratic(phi_q_BTHF, phi_k_BTHF, v_BTHV, eps: float = DEFAULT_EPS) -> jax.Array:
+def causal_quadratic(phi_q_BTHF, phi_k_BTHF, v_BTHK, eps: float = DEFAULT_EPS) -> jax.Array:
   """The parallel form: A = (phi(Q) phi(K)^T) * causal mask; Y = A V / (rowsum(A) + eps). O(T^2)."""
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHV)
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
   a_BHTS = jnp.einsum("bthf,bshf->bhts", phi_q_BTHF, phi_k_BTHF)
   a_BHTS = jnp.where(jnp.tril(jnp.ones(a_BHTS.shape[-2:], bool)), a_BHTS, 0.0)
-  num = jnp.einsum("bhts,bshv->bthv", a_BHTS, v_BTHV.astype(jnp.float32))
-  return (num / (a_BHTS.sum(-1).transpose(0, 2, 1)[..., None] + eps)).astype(v_BTHV.dtype)
+  num = jnp.einsum("bhts,bshk->bthk", a_BHTS, v_BTHK.astype(jnp.float32))
+  return (num / (a_BHTS.sum(-1).transpose(0, 2, 1)[..., None] + eps)).astype(v_BTHK.dtype)
 
 
 def causal_chunked(
-  phi_q_BTHF, phi_k_BTHF, v_BTHV, *, chunk: int = 64, eps: float = DEFAULT_EPS, state: State | None = None
+  phi_q_BTHF, phi_k_BTHF, v_BTHK, *, chunk: int = 64, eps: float = DEFAULT_EPS, state: State | None = None
 ):
   """Chunks of C tokens: the running state for earlier chunks, the masked quadratic form inside.
 
-  Cost O(T C F V); returns (y [B, T, H, V], the state after the last token).
+  Cost O(T U F K); returns (y [B, T, H, K], the state after the last token).
   """
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHV)
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
   if chunk < 1:
     raise ValueError(f"chunk: expected >= 1, got {chunk}")
   batch, time, heads, features = phi_q_BTHF.shape
-  value_dim = v_BTHV.shape[-1]
+  value_dim = v_BTHK.shape[-1]
   pad = -time % chunk
   pad_t = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))  # padded keys are 0
   to_chunks = lambda x: pad_t(x).reshape(batch, -1, chunk, heads, x.shape[-1]).transpose(1, 0, 2, 3, 4)
-  q_NBCHF, k_NBCHF, v_NBCHV = to_chunks(phi_q_BTHF), to_chunks(phi_k_BTHF), to_chunks(v_BTHV)
-  mask_CC = jnp.tril(jnp.ones((chunk, chunk), bool))
-  state = empty_state(batch, heads, features, value_dim) if state is None else state
+  q_NBUHF, k_NBUHF, v_NBUHK = to_chunks(phi_q_BTHF), to_chunks(phi_k_BTHF), to_chunks(v_BTHK)
+  mask_UU = jnp.tril(jnp.ones((chunk, chunk), bool))
+  start = empty_state(batch, heads, features, value_dim) if state is None else state
 
   def one_chunk(state: State, xs):
     q, k, v = xs
-    a_BHCC = jnp.where(mask_CC, jnp.einsum("bchf,bdhf->bhcd", q, k), 0.0)
-    num = jnp.einsum("bhcd,bdhv->bchv", a_BHCC, v) + jnp.einsum("bchf,bhfv->bchv", q, state.s_BHFV)
-    den = a_BHCC.sum(-1).transpose(0, 2, 1) + jnp.einsum("bchf,bhf->bch", q, state.z_BHF)
-    state = State(state.s_BHFV + jnp.einsum("bchf,bchv->bhfv", k, v), state.z_BHF + k.sum(1))
+    a_BHUU = jnp.where(mask_UU, jnp.einsum("buhf,bshf->bhus", q, k), 0.0)
+    num = jnp.einsum("bhus,bshk->buhk", a_BHUU, v) + jnp.einsum("buhf,bhfk->buhk", q, state.s_BHFK)
+    den = a_BHUU.sum(-1).transpose(0, 2, 1) + jnp.einsum("buhf,bhf->buh", q, state.z_BHF)
+    state = State(state.s_BHFK + jnp.einsum("buhf,buhk->bhfk", k, v), state.z_BHF + k.sum(1))
     return state, num / (den[..., None] + eps)
 
-  state, y_NBCHV = jax.lax.scan(one_chunk, state, (q_NBCHF, k_NBCHF, v_NBCHV))
-  y = y_NBCHV.transpose(1, 0, 2, 3, 4).reshape(batch, -1, heads, value_dim)[:, :time]
-  return y.astype(v_BTHV.dtype), state
+  end, y_NBUHK = jax.lax.scan(one_chunk, start, (q_NBUHF, k_NBUHF, v_NBUHK))
+  y = y_NBUHK.transpose(1, 0, 2, 3, 4).reshape(batch, -1, heads, value_dim)[:, :time]
+  return y.astype(v_BTHK.dtype), end
 
 
-def causal_recurrent(phi_q_BTHF, phi_k_BTHF, v_BTHV, *, eps: float = DEFAULT_EPS, state: State | None = None):
-  """Token by token with `decode_step`: returns (y [B, T, H, V], the final state)."""
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHV)
+def causal_recurrent(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, eps: float = DEFAULT_EPS, state: State | None = None):
+  """Token by token with `decode_step`: returns (y [B, T, H, K], the final state)."""
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
   batch, _, heads, features = phi_q_BTHF.shape
-  state = empty_state(batch, heads, features, v_BTHV.shape[-1]) if state is None else state
+  state = empty_state(batch, heads, features, v_BTHK.shape[-1]) if state is None else state
 
   def step(state, xs):
     y, state = decode_step(state, *xs, eps=eps)
     return state, y
 
-  xs = tuple(x.transpose(1, 0, 2, 3) for x in (phi_q_BTHF, phi_k_BTHF, v_BTHV))
-  state, y_TBHV = jax.lax.scan(step, state, xs)
-  return y_TBHV.transpose(1, 0, 2, 3), state
+  xs = tuple(x.transpose(1, 0, 2, 3) for x in (phi_q_BTHF, phi_k_BTHF, v_BTHK))
+  state, y_TBHK = jax.lax.scan(step, state, xs)
+  return y_TBHK.transpose(1, 0, 2, 3), state
 
 
-def decode_step(state: State, phi_q_BHF, phi_k_BHF, v_BHV, *, eps: float = DEFAULT_EPS) -> tuple[jax.Array, State]:
+def decode_step(state: State, phi_q_BHF, phi_k_BHF, v_BHK, *, eps: float = DEFAULT_EPS) -> tuple[jax.Array, State]:
   """One token: S += phi(k)^T v, z += phi(k); y = phi(q) S / (phi(q) z + eps). Constant memory."""
-  k, v = phi_k_BHF.astype(jnp.float32), v_BHV.astype(jnp.float32)
-  state = State(state.s_BHFV + k[..., :, None] * v[..., None, :], state.z_BHF + k)
+  k, v = phi_k_BHF.astype(jnp.float32), v_BHK.astype(jnp.float32)
+  state = State(state.s_BHFK + k[..., :, None] * v[..., None, :], state.z_BHF + k)
   q = phi_q_BHF.astype(jnp.float32)
-  y = jnp.einsum("bhf,bhfv->bhv", q, state.s_BHFV) / (jnp.einsum("bhf,bhf->bh", q, state.z_BHF)[..., None] + eps)
-  return y.astype(v_BHV.dtype), state
+  y = jnp.einsum("bhf,bhfk->bhk", q, state.s_BHFK) / (jnp.einsum("bhf,bhf->bh", q, state.z_BHF)[..., None] + eps)
+  return y.astype(v_BHK.dtype), state
 
 
-def non_causal(phi_q_BTHF, phi_k_BTHF, v_BTHV, *, key_mask_BT: jax.Array | None = None, eps: float = DEFAULT_EPS):
+def non_causal(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, key_mask_BT: jax.Array | None = None, eps: float = DEFAULT_EPS):
   """Every query sees every (unmasked) key: y_i = phi(q_i) S_T / (phi(q_i) z_T + eps)."""
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHV)
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
   k = phi_k_BTHF.astype(jnp.float32)
   if key_mask_BT is not None:
     k = k * key_mask_BT[:, :, None, None]
-  s = jnp.einsum("bshf,bshv->bhfv", k, v_BTHV.astype(jnp.float32))
+  s = jnp.einsum("bshf,bshk->bhfk", k, v_BTHK.astype(jnp.float32))
   z = k.sum(1)
-  num = jnp.einsum("bthf,bhfv->bthv", phi_q_BTHF, s)
-  return (num / (jnp.einsum("bthf,bhf->bth", phi_q_BTHF, z)[..., None] + eps)).astype(v_BTHV.dtype)
+  num = jnp.einsum("bthf,bhfk->bthk", phi_q_BTHF, s)
+  return (num / (jnp.einsum("bthf,bhf->bth", phi_q_BTHF, z)[..., None] + eps)).astype(v_BTHK.dtype)
 
 
 def prefix_linear_attention(
   phi_q_BTHF,
   phi_kd_BTHF,
-  vd_BTHV,
+  vd_BTHK,
   phi_ke_BTHF,
-  ve_BTHV,
+  ve_BTHK,
   prefix_len: int,
   *,
   key_mask_BT: jax.Array | None = None,
@@ -148,11 +148,11 @@ def prefix_linear_attention(
   """JRT's PLA (Eq. 3): all M encoder keys for every query plus causal decoder keys.
 
   Encoder keys at positions >= M (and masked keys, e.g. left padding) are zeroed. Returns
-  (y [B, T, H, V], the recurrent state after the last token), so decoding continues with
+  (y [B, T, H, K], the recurrent state after the last token), so decoding continues with
   `decode_step`. The state after the prompt alone is Eq. 4's s_M, z_M.
   """
-  _check(phi_q_BTHF, phi_kd_BTHF, vd_BTHV)
-  _check(phi_q_BTHF, phi_ke_BTHF, ve_BTHV)
+  _check(phi_q_BTHF, phi_kd_BTHF, vd_BTHK)
+  _check(phi_q_BTHF, phi_ke_BTHF, ve_BTHK)
   time = phi_q_BTHF.shape[1]
   if not 0 < prefix_len <= time:
     raise ValueError(f"prefix_len: expected 0 < M <= T={time}, got {prefix_len}")
@@ -163,48 +163,38 @@ def prefix_linear_attention(
     enc_keep_BT, dec_keep_BT = enc_keep_BT & key_mask_BT, dec_keep_BT & key_mask_BT
   phi_ke = phi_ke_BTHF.astype(jnp.float32) * enc_keep_BT[:, :, None, None]
   phi_kd = phi_kd_BTHF.astype(jnp.float32) * dec_keep_BT[:, :, None, None]
-  enc = State(jnp.einsum("bshf,bshv->bhfv", phi_ke, ve_BTHV.astype(jnp.float32)), phi_ke.sum(1))
-  y, state = causal_chunked(phi_q_BTHF, phi_kd, vd_BTHV, chunk=chunk, eps=eps, state=enc)
+  enc = State(jnp.einsum("bshf,bshk->bhfk", phi_ke, ve_BTHK.astype(jnp.float32)), phi_ke.sum(1))
+  y, state = causal_chunked(phi_q_BTHF, phi_kd, vd_BTHK, chunk=chunk, eps=eps, state=enc)
   return y, state
 
 
-def sliding_window_attention(q_BTHK, k_BTGK, v_BTGK, window: int, *, impl: attention.Impl = "reference") -> jax.Array:
-  """Causal softmax attention over the last `window` tokens: j in (i - window, i]."""
-  if window < 1:
-    raise ValueError(f"window: expected >= 1, got {window}")
-  batch, time = q_BTHK.shape[:2]
-  idx_BT = jnp.broadcast_to(jnp.arange(time), (batch, time))
-  mask_BTS = attention.make_mask(idx_BT, idx_BT) & (idx_BT[:, :, None] - idx_BT[:, None, :] < window)
-  return attention.attention(q_BTHK, k_BTGK, v_BTGK, mask_BTS, impl=impl)
-
-
 def short_conv(
-  x_BTE: jax.Array, kernel_WE: jax.Array, state_BWE: jax.Array | None = None
+  x_BTD: jax.Array, kernel_WD: jax.Array, state_BWD: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """Causal depthwise convolution: y_t = sum_w kernel[w] x_{t - W + 1 + w}.
 
-  `state_BWE` holds the W - 1 inputs before x (zeros at the start); returns (y, the new
+  `state_BWD` holds the W - 1 inputs before x (zeros at the start); returns (y, the new
   state), so a decode step is the same call with T = 1.
   """
-  width = kernel_WE.shape[0]
-  if kernel_WE.shape[1] != x_BTE.shape[-1]:
-    raise ValueError(f"kernel_WE: expected width dim E={x_BTE.shape[-1]}, got {kernel_WE.shape}")
-  if state_BWE is None:
-    state_BWE = jnp.zeros((x_BTE.shape[0], width - 1, x_BTE.shape[-1]), x_BTE.dtype)
-  full = jnp.concatenate([state_BWE, x_BTE], axis=1)
-  time = x_BTE.shape[1]
-  y = sum(full[:, w : w + time] * kernel_WE[w] for w in range(width))
+  width = kernel_WD.shape[0]
+  if kernel_WD.shape[1] != x_BTD.shape[-1]:
+    raise ValueError(f"kernel_WD: expected width dim D={x_BTD.shape[-1]}, got {kernel_WD.shape}")
+  if state_BWD is None:
+    state_BWD = jnp.zeros((x_BTD.shape[0], width - 1, x_BTD.shape[-1]), x_BTD.dtype)
+  full = jnp.concatenate([state_BWD, x_BTD], axis=1)
+  time = x_BTD.shape[1]
+  y = functools.reduce(jnp.add, (full[:, w : w + time] * kernel_WD[w] for w in range(width)))
   return y, full[:, full.shape[1] - (width - 1) :]
 
 
-def base_conv(x_BTE, w_in_EE, w_gate_EE, kernel_WE, state_BWE=None) -> tuple[jax.Array, jax.Array]:
+def base_conv(x_BTD, w_in_DD, w_gate_DD, kernel_WD, state_BWD=None) -> tuple[jax.Array, jax.Array]:
   """BaseConv (Based): a gated short convolution, y = (x W_gate) * conv(x W_in); returns (y, conv state)."""
-  conv, state = short_conv(x_BTE @ w_in_EE, kernel_WE, state_BWE)
-  return (x_BTE @ w_gate_EE) * conv, state
+  conv, state = short_conv(x_BTD @ w_in_DD, kernel_WD, state_BWD)
+  return (x_BTD @ w_gate_DD) * conv, state
 
 
-def _check(phi_q_BTHF, phi_k_BTHF, v_BTHV) -> None:
+def _check(phi_q_BTHF, phi_k_BTHF, v_BTHK) -> None:
   if phi_q_BTHF.ndim != 4 or phi_q_BTHF.shape != phi_k_BTHF.shape:
     raise ValueError(f"phi_q_BTHF, phi_k_BTHF: expected one rank-4 shape, got {phi_q_BTHF.shape}, {phi_k_BTHF.shape}")
-  if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != phi_q_BTHF.shape[:3]:
-    raise ValueError(f"v_BTHV: expected [B, T, H] = {phi_q_BTHF.shape[:3]}, got {v_BTHV.shape}")
+  if v_BTHK.ndim != 4 or v_BTHK.shape[:3] != phi_q_BTHF.shape[:3]:
+    raise ValueError(f"v_BTHK: expected [B, T, H] = {phi_q_BTHF.shape[:3]}, got {v_BTHK.shape}")

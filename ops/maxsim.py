@@ -1,6 +1,6 @@
 """Late interaction (ColBERT MaxSim), tensor arrays, binary codes and reranking.
 
-Shapes: Q queries, L query tokens, N documents, S document tokens, K embedding dim,
+Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim,
 W = ceil(K / 32) packed words, P passages, C shortlist candidates.
 
   score[q, n] = sum_{l : q_mask[q, l]} max_{s : d_mask[n, s]} <q[q, l], d[n, s]>
@@ -31,14 +31,14 @@ from paperjax.ops.pallas import maxsim as kernels
 
 Impl = Literal["auto", "reference", "pallas"]
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
-_REFERENCE_BLOCK_BYTES = 256 * 2**20  # bound on the [Q, block, L, S] score tensor
+_REFERENCE_BLOCK_BYTES = 256 * 2**20  # bound on the [Q, block, T, S] score tensor
 
 
 def maxsim(
-  q_QLK: jax.Array,
+  q_QTK: jax.Array,
   d_NSK: jax.Array,
   *,
-  q_mask_QL: jax.Array | None = None,
+  q_mask_QT: jax.Array | None = None,
   d_mask_NS: jax.Array | None = None,
   d_lengths_N: jax.Array | None = None,
   normalize: bool = False,
@@ -48,29 +48,29 @@ def maxsim(
   """MaxSim scores float32 [Q, N] (module equation).
 
   Args:
-    q_QLK, d_NSK: query and document token embeddings (float32/bfloat16/float16).
-    q_mask_QL: True at real query tokens (default all).
+    q_QTK, d_NSK: query and document token embeddings (float32/bfloat16/float16).
+    q_mask_QT: True at real query tokens (default all).
     d_mask_NS or d_lengths_N: real document tokens, as a mask or as prefix lengths.
     normalize: L2-normalise every token vector first (cosine, as ColBERT does).
     impl: "auto" | "reference" | "pallas".
     interpret: run the Pallas kernel in interpret mode (CPU testing).
   """
-  _check_float(q_QLK, d_NSK)
-  q_mask_QL, d_mask_NS = _masks(q_QLK, d_NSK, q_mask_QL, d_mask_NS, d_lengths_N)
+  _check_float(q_QTK, d_NSK)
+  q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, d_lengths_N)
   if normalize:
-    q_QLK, d_NSK = _l2_normalize(q_QLK), _l2_normalize(d_NSK)
+    q_QTK, d_NSK = _l2_normalize(q_QTK), _l2_normalize(d_NSK)
   if _resolve(impl) == "reference":
-    return maxsim_reference(q_QLK, q_mask_QL, d_NSK, d_mask_NS)
-  q, qm, d, dm, n = _pad_for_kernel(q_QLK, q_mask_QL, d_NSK, d_mask_NS, last_multiple=16)
+    return maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS)
+  q, qm, d, dm, n = _pad_for_kernel(q_QTK, q_mask_QT, d_NSK, d_mask_NS, last_multiple=16)
   return kernels.maxsim_pallas(q, qm, d, dm, interpret=interpret)[:, :n]
 
 
 def maxsim_binary(
-  q_bits_QLW: jax.Array,
+  q_bits_QTW: jax.Array,
   d_bits_NSW: jax.Array,
   dim: int,
   *,
-  q_mask_QL: jax.Array | None = None,
+  q_mask_QT: jax.Array | None = None,
   d_mask_NS: jax.Array | None = None,
   d_lengths_N: jax.Array | None = None,
   impl: Impl = "auto",
@@ -80,54 +80,54 @@ def maxsim_binary(
 
   Equals `maxsim` of the +-1 vectors the codes stand for, exactly.
   """
-  for name, x in (("q_bits_QLW", q_bits_QLW), ("d_bits_NSW", d_bits_NSW)):
+  for name, x in (("q_bits_QTW", q_bits_QTW), ("d_bits_NSW", d_bits_NSW)):
     if x.dtype != jnp.uint32 or x.ndim != 3:
       raise TypeError(f"{name}: expected uint32 codes of rank 3 (from pack_bits), got {x.dtype} {x.shape}")
   words = -(-dim // 32)
-  if q_bits_QLW.shape[2] != words or d_bits_NSW.shape[2] != words:
+  if q_bits_QTW.shape[2] != words or d_bits_NSW.shape[2] != words:
     raise ValueError(
-      f"dim: {dim} needs {words} words per token, got q {q_bits_QLW.shape[2]} and d {d_bits_NSW.shape[2]}"
+      f"dim: {dim} needs {words} words per token, got q {q_bits_QTW.shape[2]} and d {d_bits_NSW.shape[2]}"
     )
-  q_mask_QL, d_mask_NS = _masks(q_bits_QLW, d_bits_NSW, q_mask_QL, d_mask_NS, d_lengths_N)
+  q_mask_QT, d_mask_NS = _masks(q_bits_QTW, d_bits_NSW, q_mask_QT, d_mask_NS, d_lengths_N)
   if _resolve(impl) == "reference":
-    return maxsim_binary_reference(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, dim)
-  q, qm, d, dm, n = _pad_for_kernel(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, last_multiple=1)
+    return maxsim_binary_reference(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, dim)
+  q, qm, d, dm, n = _pad_for_kernel(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, last_multiple=1)
   return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret)[:, :n]
 
 
-def maxsim_reference(q_QLK, q_mask_QL, d_NSK, d_mask_NS) -> jax.Array:
+def maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS) -> jax.Array:
   """The jnp truth for `kernels.maxsim_pallas` (same signature): einsum, mask, max, sum.
 
-  Documents go through in blocks (lax.map) so the [Q, block, L, S] scores stay bounded.
+  Documents go through in blocks (lax.map) so the [Q, block, T, S] scores stay bounded.
   """
-  return _blocked_reference(q_QLK, q_mask_QL, d_NSK, d_mask_NS, None)
+  return _blocked_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS, None)
 
 
-def maxsim_binary_reference(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, dim: int) -> jax.Array:
+def maxsim_binary_reference(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, dim: int) -> jax.Array:
   """The jnp truth for `kernels.maxsim_binary_pallas`: dim - 2 popcount(XOR), then MaxSim."""
-  return _blocked_reference(q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, dim)
+  return _blocked_reference(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, dim)
 
 
-def _token_scores(q_QLX, d_BSX, dim: int | None) -> jax.Array:
-  """[Q, L, B, S] token-pair scores: float dot products, or dim - 2 hamming for codes."""
-  num_q, num_l, last = q_QLX.shape
+def _token_scores(q_QTX, d_BSX, dim: int | None) -> jax.Array:
+  """[Q, T, B, S] token-pair scores: float dot products, or dim - 2 hamming for codes."""
+  num_q, num_l, last = q_QTX.shape
   num_b, num_s, _ = d_BSX.shape
   if dim is None:  # one 2-D matmul: the fastest form for XLA's CPU and GPU dots
     scores = jax.lax.dot_general(
-      q_QLX.reshape(num_q * num_l, last),
+      q_QTX.reshape(num_q * num_l, last),
       d_BSX.reshape(num_b * num_s, last),
       (((1,), (1,)), ((), ())),
       preferred_element_type=jnp.float32,
     )
     return scores.reshape(num_q, num_l, num_b, num_s)
-  xor = q_QLX[:, :, None, None, :] ^ d_BSX[None, None, :, :, :]
+  xor = q_QTX[:, :, None, None, :] ^ d_BSX[None, None, :, :, :]
   hamming = jax.lax.population_count(xor).astype(jnp.int32).sum(axis=-1)
   return (dim - 2 * hamming).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=4)
-def _blocked_reference(q_QLX, q_mask_QL, d_NSX, d_mask_NS, dim):
-  num_q, num_l, _ = q_QLX.shape
+def _blocked_reference(q_QTX, q_mask_QT, d_NSX, d_mask_NS, dim):
+  num_q, num_l, _ = q_QTX.shape
   num_n, num_s = d_mask_NS.shape
   block = int(max(1, min(num_n, _REFERENCE_BLOCK_BYTES // (4 * num_q * num_l * max(num_s, 1)))))
   pad = -num_n % block
@@ -137,9 +137,9 @@ def _blocked_reference(q_QLX, q_mask_QL, d_NSX, d_mask_NS, dim):
   def one_block(args):
     d_BSX, mask_BS = args
     bias_BS = jnp.where(mask_BS, 0.0, -jnp.inf)  # padding never wins the max
-    best_QLB = (_token_scores(q_QLX, d_BSX, dim) + bias_BS).max(axis=-1, initial=-jnp.inf)
-    best_QLB = jnp.where(best_QLB == -jnp.inf, 0.0, best_QLB)
-    return jnp.einsum("qlb,ql->qb", best_QLB, q_mask_QL.astype(jnp.float32))
+    best_QTB = (_token_scores(q_QTX, d_BSX, dim) + bias_BS).max(axis=-1, initial=-jnp.inf)
+    best_QTB = jnp.where(best_QTB == -jnp.inf, 0.0, best_QTB)
+    return jnp.einsum("qlb,ql->qb", best_QTB, q_mask_QT.astype(jnp.float32))
 
   blocks = (d_NSX.reshape(-1, block, *d_NSX.shape[1:]), d_mask_NS.reshape(-1, block, num_s))
   scores_GQB = jax.lax.map(one_block, blocks)
@@ -166,12 +166,12 @@ def storage_bytes(x: jax.Array | np.ndarray) -> int:
 
 
 def tensor_array_maxsim(
-  q_QLK: jax.Array,
+  q_QTK: jax.Array,
   passages_PSK: jax.Array,
   passage_doc_P: jax.Array,
   num_docs: int,
   *,
-  q_mask_QL: jax.Array | None = None,
+  q_mask_QT: jax.Array | None = None,
   p_mask_PS: jax.Array | None = None,
   p_lengths_P: jax.Array | None = None,
   normalize: bool = False,
@@ -188,9 +188,9 @@ def tensor_array_maxsim(
       f"got {passage_doc_P.dtype} {passage_doc_P.shape}"
     )
   scores_QP = maxsim(
-    q_QLK,
+    q_QTK,
     passages_PSK,
-    q_mask_QL=q_mask_QL,
+    q_mask_QT=q_mask_QT,
     d_mask_NS=p_mask_PS,
     d_lengths_N=p_lengths_P,
     normalize=normalize,
@@ -208,11 +208,11 @@ def top_k(scores_QN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def rerank(
-  q_QLK: jax.Array,
+  q_QTK: jax.Array,
   d_NSK: jax.Array,
   k: int,
   *,
-  q_mask_QL: jax.Array | None = None,
+  q_mask_QT: jax.Array | None = None,
   d_mask_NS: jax.Array | None = None,
   dim: int | None = None,
   impl: Impl = "auto",
@@ -221,19 +221,19 @@ def rerank(
   if d_NSK.dtype == jnp.uint32:
     if dim is None:
       raise ValueError("dim: binary codes need the original embedding dim")
-    scores = maxsim_binary(q_QLK, d_NSK, dim, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, impl=impl)
+    scores = maxsim_binary(q_QTK, d_NSK, dim, q_mask_QT=q_mask_QT, d_mask_NS=d_mask_NS, impl=impl)
   else:
-    scores = maxsim(q_QLK, d_NSK, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, impl=impl)
+    scores = maxsim(q_QTK, d_NSK, q_mask_QT=q_mask_QT, d_mask_NS=d_mask_NS, impl=impl)
   return top_k(scores, k)
 
 
 def two_stage_rerank(
-  q_QLK: jax.Array,
+  q_QTK: jax.Array,
   d_NSK: jax.Array,
   k: int,
   shortlist: int,
   *,
-  q_mask_QL: jax.Array | None = None,
+  q_mask_QT: jax.Array | None = None,
   d_mask_NS: jax.Array | None = None,
   d_bits_NSW: jax.Array | None = None,
   impl: Impl = "auto",
@@ -246,16 +246,16 @@ def two_stage_rerank(
   num_n, dim = d_NSK.shape[0], d_NSK.shape[-1]
   if not 1 <= k <= shortlist <= num_n:
     raise ValueError(f"k, shortlist: expected 1 <= k <= shortlist <= N={num_n}, got {k}, {shortlist}")
-  q_mask_QL, d_mask_NS = _masks(q_QLK, d_NSK, q_mask_QL, d_mask_NS, None)
+  q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, None)
   d_bits_NSW = pack_bits(d_NSK) if d_bits_NSW is None else d_bits_NSW
   _, cand_QC = rerank(
-    pack_bits(q_QLK), d_bits_NSW, shortlist, q_mask_QL=q_mask_QL, d_mask_NS=d_mask_NS, dim=dim, impl=impl
+    pack_bits(q_QTK), d_bits_NSW, shortlist, q_mask_QT=q_mask_QT, d_mask_NS=d_mask_NS, dim=dim, impl=impl
   )
 
-  def one_query(q_LK, q_mask_L, cand_C):
-    return maxsim(q_LK[None], d_NSK[cand_C], q_mask_QL=q_mask_L[None], d_mask_NS=d_mask_NS[cand_C], impl="reference")[0]
+  def one_query(q_TK, q_mask_T, cand_C):
+    return maxsim(q_TK[None], d_NSK[cand_C], q_mask_QT=q_mask_T[None], d_mask_NS=d_mask_NS[cand_C], impl="reference")[0]
 
-  scores_QC = jax.vmap(one_query)(q_QLK, q_mask_QL, cand_QC)
+  scores_QC = jax.vmap(one_query)(q_QTK, q_mask_QT, cand_QC)
   best_scores, best_c = top_k(scores_QC, k)
   return best_scores, jnp.take_along_axis(cand_QC, best_c, axis=1)
 
@@ -273,20 +273,20 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=-1, keepdims=True), 1e-12))).astype(x.dtype)
 
 
-def _check_float(q_QLK, d_NSK) -> None:
-  if q_QLK.ndim != 3 or d_NSK.ndim != 3:
-    raise ValueError(f"q_QLK, d_NSK: expected rank 3, got shapes {q_QLK.shape}, {d_NSK.shape}")
-  if q_QLK.shape[2] != d_NSK.shape[2]:
-    raise ValueError(f"d_NSK: expected dim K={q_QLK.shape[2]} like q_QLK, got {d_NSK.shape[2]}")
-  if q_QLK.dtype not in _FLOATS or d_NSK.dtype != q_QLK.dtype:
-    raise TypeError(f"q_QLK, d_NSK: expected one dtype of float32/bfloat16/float16, got {q_QLK.dtype}, {d_NSK.dtype}")
+def _check_float(q_QTK, d_NSK) -> None:
+  if q_QTK.ndim != 3 or d_NSK.ndim != 3:
+    raise ValueError(f"q_QTK, d_NSK: expected rank 3, got shapes {q_QTK.shape}, {d_NSK.shape}")
+  if q_QTK.shape[2] != d_NSK.shape[2]:
+    raise ValueError(f"d_NSK: expected dim K={q_QTK.shape[2]} like q_QTK, got {d_NSK.shape[2]}")
+  if q_QTK.dtype not in _FLOATS or d_NSK.dtype != q_QTK.dtype:
+    raise TypeError(f"q_QTK, d_NSK: expected one dtype of float32/bfloat16/float16, got {q_QTK.dtype}, {d_NSK.dtype}")
 
 
-def _masks(q, d, q_mask_QL, d_mask_NS, d_lengths_N):
-  if q_mask_QL is None:
-    q_mask_QL = jnp.ones(q.shape[:2], bool)
-  elif q_mask_QL.shape != q.shape[:2]:
-    raise ValueError(f"q_mask_QL: expected shape {q.shape[:2]}, got {q_mask_QL.shape}")
+def _masks(q, d, q_mask_QT, d_mask_NS, d_lengths_N):
+  if q_mask_QT is None:
+    q_mask_QT = jnp.ones(q.shape[:2], bool)
+  elif q_mask_QT.shape != q.shape[:2]:
+    raise ValueError(f"q_mask_QT: expected shape {q.shape[:2]}, got {q_mask_QT.shape}")
   if d_mask_NS is not None and d_lengths_N is not None:
     raise ValueError("d_mask_NS, d_lengths_N: give one or neither")
   if d_lengths_N is not None:
@@ -297,7 +297,7 @@ def _masks(q, d, q_mask_QL, d_mask_NS, d_lengths_N):
     d_mask_NS = jnp.ones(d.shape[:2], bool)
   elif d_mask_NS.shape != d.shape[:2]:
     raise ValueError(f"d_mask_NS: expected shape {d.shape[:2]}, got {d_mask_NS.shape}")
-  return q_mask_QL.astype(bool), d_mask_NS.astype(bool)
+  return q_mask_QT.astype(bool), d_mask_NS.astype(bool)
 
 
 def _next_pow2(n: int, minimum: int) -> int:
@@ -307,7 +307,7 @@ def _next_pow2(n: int, minimum: int) -> int:
 def _pad_for_kernel(
   q, q_mask, d, d_mask, *, last_multiple: int, block_n: int = kernels.BLOCK_N, block_s: int = kernels.BLOCK_S
 ):
-  """Pads to the kernel's contract: L, last dim powers of two, N % block_n == 0, S % block_s == 0."""
+  """Pads to the kernel's contract: T, last dim powers of two, N % block_n == 0, S % block_s == 0."""
   num_l, last = q.shape[1], q.shape[2]
   num_n, num_s = d.shape[:2]
   pad_l = _next_pow2(num_l, 16) - num_l

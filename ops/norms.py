@@ -1,4 +1,4 @@
-"""Normalisation layers. Shapes: ... any leading axes, D features."""
+"""Normalisation layers. Shapes: B batch, T time (any leading axes), D model width."""
 
 from __future__ import annotations
 

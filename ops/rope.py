@@ -1,10 +1,10 @@
 """Rotary position embedding (RoPE) with Llama 3.1 frequency scaling.
 
-Shapes: B batch, T time, H heads, K head dim, F = K/2 frequencies.
+Shapes: B batch, T time, H heads, K head dim, A = K/2 rotation angles (frequencies).
 
 Pairing: Meta's interleaved layout, dimensions (2i, 2i+1) rotate together by angle
 pos * inv_freq_i. Hugging Face checkpoints use the rotate-half layout (i, i + K/2) and
-permute the q/k projection rows to match; `models.llama_import` undoes that permutation.
+permute the q/k projection rows to match; `models.transformer.llama_import` undoes that permutation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
   """Llama 3.1's frequency-dependent stretch ("values obtained from grid search")."""
 
@@ -66,7 +66,7 @@ def inv_frequencies(head_dim: int, theta: float = 500_000.0, scaling: RopeScalin
   return inv_freq.astype(np.float32)
 
 
-def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array) -> jax.Array:
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_A: jax.Array) -> jax.Array:
   """Rotates each pair (x_2i, x_2i+1) by angle positions[b, t] * inv_freq_i.
 
   (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), in float32, cast back
@@ -74,14 +74,14 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array
   left-padded rows work alike.
   """
   batch, time, _, head_dim = x_BTHK.shape
-  if inv_freq_F.shape != (head_dim // 2,):
-    raise ValueError(f"inv_freq_F: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_F.shape}")
+  if inv_freq_A.shape != (head_dim // 2,):
+    raise ValueError(f"inv_freq_A: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_A.shape}")
   if positions_BT.shape != (batch, time):
     raise ValueError(f"positions_BT: expected shape {(batch, time)}, got {positions_BT.shape}")
   if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
     raise TypeError(f"positions_BT: expected integer positions, got {positions_BT.dtype}")
-  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
-  cos_BT1F, sin_BT1F = jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
+  angle_BTA = positions_BT.astype(jnp.float32)[..., None] * inv_freq_A
+  cos_BT1F, sin_BT1F = jnp.cos(angle_BTA)[:, :, None], jnp.sin(angle_BTA)[:, :, None]
   pairs = x_BTHK.astype(jnp.float32).reshape(*x_BTHK.shape[:-1], head_dim // 2, 2)
   even, odd = pairs[..., 0], pairs[..., 1]
   rotated = jnp.stack([even * cos_BT1F - odd * sin_BT1F, even * sin_BT1F + odd * cos_BT1F], axis=-1)

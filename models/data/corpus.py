@@ -79,11 +79,11 @@ def split_documents(docs: Sequence[Document], fractions: Sequence[float]) -> tup
   A document's part depends only on its name (crc32), so taking more or fewer documents
   never moves one from a held-out part into training.
   """
-  fractions = np.asarray(fractions, dtype=np.float64)
-  if fractions.ndim != 1 or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
-    raise ValueError(f"fractions: expected non-negative numbers summing to 1, got {fractions.tolist()}")
-  edges = np.cumsum(fractions)[:-1]
-  parts: tuple[list[Document], ...] = tuple([] for _ in fractions)
+  shares = np.asarray(fractions, dtype=np.float64)
+  if shares.ndim != 1 or (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
+    raise ValueError(f"fractions: expected non-negative numbers summing to 1, got {shares.tolist()}")
+  edges = np.cumsum(shares)[:-1]
+  parts: tuple[list[Document], ...] = tuple([] for _ in shares)
   for doc in docs:
     u = zlib.crc32(doc.name.encode()) / 2**32
     parts[int(np.searchsorted(edges, u, side="right"))].append(doc)

@@ -166,7 +166,9 @@ class Tokenizer:
     for flag, token_id, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
       if flag and token_id is None:
         raise ValueError(f"{what}: encoding {self.name!r} has no {what.upper()} token")
-    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+    head = [self.bos_id] if bos and self.bos_id is not None else []
+    tail = [self.eos_id] if eos and self.eos_id is not None else []
+    return head + ids + tail
 
   def _check_ids(self, ids, arg: str) -> np.ndarray:
     ids = np.asarray(ids)

@@ -1,40 +1,53 @@
 """Based: a hybrid recurrent LM of gated short convolutions, linear attention and sliding windows.
 
-Shapes: B batch, T time, D width, H heads, P feature-map input dim, F = 1 + P + P^2,
-K head dim, W conv width, N window length, V vocabulary, L blocks.
+Shapes: B batch, T time, S window slots (the last N = window tokens), D model width,
+H heads, J feature-map input dim, F = 1 + J + J^2 features, K head dim, W conv width,
+E MLP hidden width, V vocabulary, L blocks.
 
 Each block is three pre-norm layers, each followed by a SwiGLU MLP:
   conv:    x + BaseConv(RMSNorm(x))                         (gated short convolution)
   linear:  x + Wo LinearAttention(phi(x Wq), phi(x Wk), x Wv)   (Taylor feature map)
   window:  x + Wo SoftmaxAttention over the last N tokens (RoPE)
-Blocks are stacked on a leading L axis and run with `lax.scan`.
+Blocks are stacked on a leading L axis and scanned (`models.stack`).
 
-`forward` is the parallel (training) form; `prefill` also returns the recurrent `State`
-and `decode` advances it one token in constant memory: conv inputs (W - 1 tokens), the
-linear-attention sums (H (F K + F) numbers) and the last N window keys/values per block,
-whatever the sequence length.
+A `models.protocol.DecodingModel`. `forward` is the parallel form; with a `State` it
+continues from it. `prefill` returns the recurrent `State` and `decode` advances it one
+token in constant memory: conv inputs (W - 1 tokens), the linear-attention sums
+(H (F K + F) numbers) and the last N window keys/values per block, whatever the length.
+
+Left padding: `key_mask_BT` (False before each row's first real token) zeroes padded conv
+inputs and linear-attention keys, and gives padded tokens negative positions, which
+every window (now and in later decode steps) ignores; so a left-padded row computes
+exactly what the unpadded row does. `prefill` takes right-padded prompts and left-aligns
+them this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from paperjax.models import stack
 from paperjax.ops import attention, mlp, norms, rope
 from paperjax.ops import linear_attention as la
 
+# Activation sites per block, in order (TransformerLens-style hook names).
+SITE_KINDS = ("hook_resid_pre", "hook_conv_out", "hook_linear_out", "hook_window_out", "hook_resid_post")
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BasedConfig:
   vocab_size: int
   dim: int
   n_blocks: int
   n_heads: int = 4
-  feature_dim: int = 16
+  feature_dim: int = 16  # J: the feature map's input dim
   window: int = 64
   conv_width: int = 3
   ffn_dim: int = 256
@@ -42,13 +55,15 @@ class BasedConfig:
   eps: float = la.DEFAULT_EPS
   chunk: int = 64
   rope_theta: float = 10_000.0
+  remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
 
   def __post_init__(self):
-    for name in ("vocab_size", "dim", "n_blocks", "n_heads", "feature_dim", "window", "conv_width", "ffn_dim"):
+    for name in ("vocab_size", "dim", "n_blocks", "n_heads", "feature_dim", "window", "conv_width", "ffn_dim", "chunk"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
     if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
       raise ValueError(f"dim, n_heads: head dim dim // n_heads must be an even int, got {self.dim}, {self.n_heads}")
+    stack.check_remat(self.remat)
 
   @property
   def head_dim(self) -> int:
@@ -63,26 +78,27 @@ class BasedConfig:
 class State:
   conv_LBWD: jax.Array  # the last W - 1 conv inputs
   linear: la.State  # stacked on L: s [L, B, H, F, K], z [L, B, H, F]
-  window_k_LBNHK: jax.Array  # the last N keys (RoPE applied) and values
-  window_v_LBNHK: jax.Array
-  length_B: jax.Array  # tokens seen
+  window_k_LBSHK: jax.Array  # the last N keys (RoPE applied) and values
+  window_v_LBSHK: jax.Array
+  length_B: jax.Array  # real tokens seen (left padding excluded)
 
 
 def _layer_params(normal, cfg: BasedConfig, mixer: dict) -> dict:
   """A layer's mixer weights plus its pre-norms and SwiGLU MLP, stacked over L blocks."""
-  L, D, F = cfg.n_blocks, cfg.dim, cfg.ffn_dim
+  L, D, E = cfg.n_blocks, cfg.dim, cfg.ffn_dim
   return {
     "norm": jnp.ones((L, D)),
     **mixer,
     "mlp_norm": jnp.ones((L, D)),
-    "w1": normal((L, D, F), D),
-    "w3": normal((L, D, F), D),
-    "w2": normal((L, F, D), F) / math.sqrt(2 * 3 * L),
+    "w1": normal((L, D, E), D),
+    "w3": normal((L, D, E), D),
+    "w2": normal((L, E, D), E) / math.sqrt(2 * 3 * L),
   }
 
 
 def init(key: jax.Array, cfg: BasedConfig) -> dict:
-  L, D, H, P, K = cfg.n_blocks, cfg.dim, cfg.n_heads, cfg.feature_dim, cfg.head_dim
+  """Parameters: truncated normal, std fan_in^-1/2 (mixer and MLP outputs / sqrt(6L)), norms 1."""
+  L, D, H, J, K = cfg.n_blocks, cfg.dim, cfg.n_heads, cfg.feature_dim, cfg.head_dim
   keys = iter(jax.random.split(key, 32))
   normal = lambda shape, fan_in: jax.random.truncated_normal(next(keys), -2, 2, shape) / math.sqrt(fan_in)
   out = lambda: normal((L, H, K, D), D) / math.sqrt(2 * 3 * L)
@@ -101,8 +117,8 @@ def init(key: jax.Array, cfg: BasedConfig) -> dict:
       normal,
       cfg,
       {
-        "wq": normal((L, D, H, P), D),
-        "wk": normal((L, D, H, P), D),
+        "wq": normal((L, D, H, J), D),
+        "wk": normal((L, D, H, J), D),
         "wv": normal((L, D, H, K), D),
         "wo": out(),
       },
@@ -123,6 +139,7 @@ def init(key: jax.Array, cfg: BasedConfig) -> dict:
 
 
 def param_axes(cfg: BasedConfig) -> dict:
+  """Logical axis names of every leaf of `init(key, cfg)`, in the same tree structure."""
   mlp_axes = {
     "norm": ("layers", "embed"),
     "mlp_norm": ("layers", "embed"),
@@ -151,75 +168,212 @@ def param_axes(cfg: BasedConfig) -> dict:
   }
 
 
-def init_state(cfg: BasedConfig, batch: int) -> State:
+def init_state(cfg: BasedConfig, batch: int, capacity: int | None = None) -> State:
+  """The empty state of `batch` rows. Its size does not depend on the sequence length, so
+  `capacity` (the protocol's tokens per row) is only checked to be >= 1."""
+  if batch < 1 or (capacity is not None and capacity < 1):
+    raise ValueError(f"batch, capacity: expected >= 1, got {batch}, {capacity}")
   L, H, K = cfg.n_blocks, cfg.n_heads, cfg.head_dim
   lin = la.empty_state(batch, H, cfg.features, K)
-  stack = lambda x: jnp.broadcast_to(x, (L, *x.shape))
   window = jnp.zeros((L, batch, cfg.window, H, K))
   return State(
     jnp.zeros((L, batch, cfg.conv_width - 1, cfg.dim)),
-    jax.tree.map(stack, lin),
+    jax.tree.map(lambda x: jnp.broadcast_to(x, (L, *x.shape)), lin),
     window,
     window,
     jnp.zeros((batch,), jnp.int32),
   )
 
 
-def _mlp(p, x, cfg):
-  return x + mlp.swiglu(norms.rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w1"], p["w3"], p["w2"])
+def site_names(cfg: BasedConfig) -> tuple[str, ...]:
+  """blocks.{l}.{kind} for every block l and kind in SITE_KINDS."""
+  return stack.site_names(cfg.n_blocks, SITE_KINDS)
 
 
-def _blocks(params, x_BTD, cfg: BasedConfig, state: State, *, prefix_len: int | None = None, key_mask_BT=None):
-  """Runs all blocks over T new tokens starting from `state`; returns (x, new state).
+def left_pad(tokens_BT: jax.Array, lengths_B: jax.Array, width: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Right-aligns each row's first lengths_B[b] tokens in `width` slots (default T).
 
-  With `prefix_len` M (JRT-RNN, from an empty state) the linear layers run Prefix Linear
-  Attention with their encoder projections wk_e / wv_e over the first M tokens.
-  `key_mask_BT` marks real tokens (False: left padding): padded inputs are zeroed before
-  the convolutions and padded keys are invisible to every attention.
+  Returns (ids [B, width] with 0 at the padding, key mask [B, width], True at real tokens).
   """
-  batch, time, _ = x_BTD.shape
+  tokens_BT, lengths_B = jnp.asarray(tokens_BT), jnp.asarray(lengths_B)
+  time = tokens_BT.shape[1]
+  width = time if width is None else width
+  if lengths_B.shape != tokens_BT.shape[:1]:
+    raise ValueError(f"lengths_B: expected shape ({tokens_BT.shape[0]},), got {lengths_B.shape}")
+  if not isinstance(lengths_B, jax.core.Tracer):
+    lengths = np.asarray(lengths_B)
+    if (lengths > min(width, time)).any() or (lengths < 1).any():
+      raise ValueError(f"lengths_B: expected 1 <= length <= width={min(width, time)}, got {lengths.tolist()}")
+  slots_BW = jnp.arange(width)[None, :]
+  pad_B1 = (width - lengths_B)[:, None]
+  mask_BW = slots_BW >= pad_B1
+  source_BW = jnp.clip(slots_BW - pad_B1, 0, time - 1)
+  return jnp.where(mask_BW, jnp.take_along_axis(tokens_BT, source_BW, axis=1), 0).astype(jnp.int32), mask_BW
+
+
+def forward(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: BasedConfig,
+  *,
+  state: State | None = None,
+  key_mask_BT: jax.Array | None = None,
+  prefix_len: int | None = None,
+) -> tuple[jax.Array, State | None]:
+  """Next-token logits float32 [B, T, V] and the state after T tokens (None without one)."""
+  logits_BTV, state, _ = forward_with_sites(
+    params, tokens_BT, cfg, (), state=state, key_mask_BT=key_mask_BT, prefix_len=prefix_len
+  )
+  return logits_BTV, state
+
+
+def forward_with_sites(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: BasedConfig,
+  sites: Sequence[str],
+  *,
+  state: State | None = None,
+  key_mask_BT: jax.Array | None = None,
+  prefix_len: int | None = None,
+) -> tuple[jax.Array, State | None, dict[str, jax.Array]]:
+  """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`).
+
+  `key_mask_BT` marks real tokens of left-padded rows (from an empty state only).
+  `prefix_len` M (JRT-RNN, from an empty state) runs the linear layers as Prefix Linear
+  Attention with their encoder projections wk_e / wv_e over the first M tokens.
+  """
+  kinds = stack.parse_sites(sites, cfg.n_blocks, SITE_KINDS)
+  x_BTD, new_state, stacked = _blocks(
+    params, tokens_BT, cfg, state, kinds, prefix_len=prefix_len, key_mask_BT=key_mask_BT
+  )
+  return _logits(params, x_BTD, cfg), (None if state is None else new_state), stack.pick_sites(sites, stacked)
+
+
+def prefill(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: BasedConfig,
+  *,
+  lengths_B: jax.Array | None = None,
+  capacity: int | None = None,
+  prefix_len: int | None = None,
+) -> tuple[jax.Array, State]:
+  """Right-padded prompts (row b's first lengths_B[b] tokens, default all T) into a state.
+
+  Returns the float32 logits [B, V] after each row's last real token and the recurrent
+  state after it. The state's size is constant: `capacity` is only checked against T.
+  """
+  _check_tokens(tokens_BT, cfg)
+  time = tokens_BT.shape[1]
+  if capacity is not None and capacity < time:
+    raise ValueError(f"capacity: expected >= T={time} (tokens the state will have seen), got {capacity}")
+  key_mask_BT = None
+  if lengths_B is not None:
+    tokens_BT, key_mask_BT = left_pad(tokens_BT, lengths_B)
+  x_BTD, state, _ = _blocks(params, tokens_BT, cfg, None, frozenset(), prefix_len=prefix_len, key_mask_BT=key_mask_BT)
+  return _logits(params, x_BTD[:, -1:], cfg)[:, 0], state  # left-aligned: the last column is each row's last token
+
+
+def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> tuple[jax.Array, State]:
+  """One token per row in constant memory: (float32 logits [B, V], the state after it)."""
+  if token_B.ndim != 1:
+    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
+  logits_B1V, new_state = forward(params, token_B[:, None], cfg, state=state)
+  assert new_state is not None
+  return logits_B1V[:, 0], new_state
+
+
+def _logits(params: dict, x_BTD: jax.Array, cfg: BasedConfig) -> jax.Array:
+  h_BTD = norms.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
+  return jnp.einsum("btd,dv->btv", h_BTD, params["unembed"], preferred_element_type=jnp.float32)
+
+
+def _mlp(p, x_BTD, cfg):
+  with jax.named_scope("mlp"):
+    return x_BTD + mlp.swiglu(norms.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps), p["w1"], p["w3"], p["w2"])
+
+
+def _blocks(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: BasedConfig,
+  state: State | None,
+  kinds: frozenset[str],
+  *,
+  prefix_len: int | None,
+  key_mask_BT: jax.Array | None,
+) -> tuple[jax.Array, State, dict[str, jax.Array]]:
+  """Runs all blocks over T new tokens from `state` (None: empty); returns (x, new state, sites)."""
+  _check_tokens(tokens_BT, cfg)
+  batch, time = tokens_BT.shape
+  if state is not None and (prefix_len is not None or key_mask_BT is not None):
+    raise ValueError("prefix_len, key_mask_BT: a prefix and left padding start a sequence; pass no state")
+  if key_mask_BT is not None:
+    _check_left_padding(key_mask_BT, batch, time)
+  state = init_state(cfg, batch) if state is None else state
+  if state.length_B.shape != (batch,):
+    raise ValueError(f"state: built for batch {state.length_B.shape[0]}, got tokens for batch {batch}")
+  real_B = jnp.full((batch,), time) if key_mask_BT is None else key_mask_BT.sum(1)
+  # Padded tokens get negative positions, which every window treats as empty slots.
+  positions_BT = (state.length_B + real_B - time)[:, None] + jnp.arange(time)
   keep_BT1 = None if key_mask_BT is None else key_mask_BT[:, :, None]
-  positions_BT = state.length_B[:, None] + jnp.arange(time)
-  inv_freq = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
+  inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
   n = cfg.window
+  window_positions_BS = state.length_B[:, None] - n + jnp.arange(n)
 
   def block(x, xs):
-    pc, pl_, pw, conv_state, lin_state, wk, wv = xs
-    h = norms.rms_norm(x, pc["norm"], cfg.norm_eps)
-    if keep_BT1 is not None:
-      h = h * keep_BT1
-    y, conv_state = la.base_conv(h, pc["w_in"], pc["w_gate"], pc["kernel"], conv_state)
-    x = _mlp(pc, x + y, cfg)
-
-    h = norms.rms_norm(x, pl_["norm"], cfg.norm_eps)
-    phi_q = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wq"]))
-    phi_k = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wk"]))
-    v = jnp.einsum("btd,dhk->bthk", h, pl_["wv"])
-    if prefix_len is not None:
-      phi_ke = la.taylor_features(jnp.einsum("btd,dhp->bthp", h, pl_["wk_e"]))
-      v_e = jnp.einsum("btd,dhk->bthk", h, pl_["wv_e"])
-      y, lin_state = la.prefix_linear_attention(
-        phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
-      )
-    else:
+    pc, pl, pw, conv_state, lin_state, window_k, window_v = xs
+    resid_pre = x
+    with jax.named_scope("conv"):
+      h = norms.rms_norm(x, pc["norm"], cfg.norm_eps)
       if keep_BT1 is not None:
-        phi_k = phi_k * keep_BT1[..., None]
-      y, lin_state = la.causal_chunked(phi_q, phi_k, v, chunk=cfg.chunk, eps=cfg.eps, state=lin_state)
-    x = _mlp(pl_, x + jnp.einsum("bthk,hkd->btd", y, pl_["wo"]), cfg)
+        h = h * keep_BT1
+      conv_out, conv_state = la.base_conv(h, pc["w_in"], pc["w_gate"], pc["kernel"], conv_state)
+    x = _mlp(pc, x + conv_out, cfg)
 
-    h = norms.rms_norm(x, pw["norm"], cfg.norm_eps)
-    q = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h, pw["wq"]), positions_BT, inv_freq)
-    k = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h, pw["wk"]), positions_BT, inv_freq)
-    v = jnp.einsum("btd,dhk->bthk", h, pw["wv"])
-    keys, values = jnp.concatenate([wk, k], axis=1), jnp.concatenate([wv, v], axis=1)  # [B, N + T, H, K]
-    slot_pos = jnp.concatenate([state.length_B[:, None] - n + jnp.arange(n), positions_BT], axis=1)
-    mask = (slot_pos[:, None, :] <= positions_BT[:, :, None]) & (slot_pos[:, None, :] > positions_BT[:, :, None] - n)
-    mask &= slot_pos[:, None, :] >= 0
-    if key_mask_BT is not None:
-      mask &= jnp.concatenate([jnp.ones((batch, n), bool), key_mask_BT], axis=1)[:, None, :]
-    y = attention.attention(q, keys, values, mask)
-    x = _mlp(pw, x + jnp.einsum("bthk,hkd->btd", y, pw["wo"]), cfg)
-    return x, (conv_state, lin_state, keys[:, -n:], values[:, -n:])
+    with jax.named_scope("linear_attention"):
+      h = norms.rms_norm(x, pl["norm"], cfg.norm_eps)
+      phi_q = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wq"]))
+      phi_k = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wk"]))
+      v = jnp.einsum("btd,dhk->bthk", h, pl["wv"])
+      if prefix_len is not None:
+        phi_ke = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wk_e"]))
+        v_e = jnp.einsum("btd,dhk->bthk", h, pl["wv_e"])
+        y, lin_state = la.prefix_linear_attention(
+          phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
+        )
+      else:
+        if keep_BT1 is not None:
+          phi_k = phi_k * keep_BT1[..., None]
+        y, lin_state = la.causal_chunked(phi_q, phi_k, v, chunk=cfg.chunk, eps=cfg.eps, state=lin_state)
+      linear_out = jnp.einsum("bthk,hkd->btd", y, pl["wo"])
+    x = _mlp(pl, x + linear_out, cfg)
+
+    with jax.named_scope("window_attention"):
+      h = norms.rms_norm(x, pw["norm"], cfg.norm_eps)
+      q = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h, pw["wq"]), positions_BT, inv_freq_A)
+      k = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h, pw["wk"]), positions_BT, inv_freq_A)
+      v = jnp.einsum("btd,dhk->bthk", h, pw["wv"])
+      keys, values = jnp.concatenate([window_k, k], axis=1), jnp.concatenate([window_v, v], axis=1)  # [B, N + T]
+      y = attention.sliding_window_attention(
+        q,
+        keys,
+        values,
+        n,
+        q_positions_BT=positions_BT,
+        k_positions_BS=jnp.concatenate([window_positions_BS, positions_BT], axis=1),
+      )
+      window_out = jnp.einsum("bthk,hkd->btd", y, pw["wo"])
+    x = _mlp(pw, x + window_out, cfg)
+    acts = {
+      "hook_resid_pre": resid_pre,
+      "hook_conv_out": conv_out,
+      "hook_linear_out": linear_out,
+      "hook_window_out": window_out,
+      "hook_resid_post": x,
+    }
+    return x, (conv_state, lin_state, keys[:, -n:], values[:, -n:]), acts
 
   xs = (
     params["conv"],
@@ -227,40 +381,28 @@ def _blocks(params, x_BTD, cfg: BasedConfig, state: State, *, prefix_len: int | 
     params["window"],
     state.conv_LBWD,
     state.linear,
-    state.window_k_LBNHK,
-    state.window_v_LBNHK,
+    state.window_k_LBSHK,
+    state.window_v_LBSHK,
   )
-  x_BTD, (conv, lin, wk, wv) = jax.lax.scan(block, x_BTD, xs)
-  return x_BTD, State(conv, lin, wk, wv, state.length_B + time)
+  x_BTD, (conv, lin, wk, wv), stacked = stack.scan_layers(
+    block, params["embed"][tokens_BT], xs, remat=cfg.remat, kinds=kinds, name="block"
+  )
+  return x_BTD, State(conv, lin, wk, wv, state.length_B + real_B.astype(jnp.int32)), stacked
 
 
-def prefill(
-  params: dict,
-  tokens_BT: jax.Array,
-  cfg: BasedConfig,
-  state: State | None = None,
-  *,
-  key_mask_BT: jax.Array | None = None,
-  prefix_len: int | None = None,
-) -> tuple[jax.Array, State]:
-  """Logits float32 [B, T, V] of T tokens and the recurrent state after them.
-
-  Rows of different lengths are left-padded with key_mask_BT False at the padding.
-  """
+def _check_tokens(tokens_BT: jax.Array, cfg: BasedConfig) -> None:
   if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
     raise ValueError(f"tokens_BT: expected integer ids of shape [B, T], got {tokens_BT.dtype} {tokens_BT.shape}")
-  state = init_state(cfg, tokens_BT.shape[0]) if state is None else state
-  x, state = _blocks(params, params["embed"][tokens_BT], cfg, state, prefix_len=prefix_len, key_mask_BT=key_mask_BT)
-  h = norms.rms_norm(x, params["final_norm"], cfg.norm_eps)
-  return jnp.einsum("btd,dv->btv", h, params["unembed"], preferred_element_type=jnp.float32), state
+  if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+    ids = np.asarray(tokens_BT)
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+      raise ValueError(f"tokens_BT: ids must lie in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
 
 
-def forward(params: dict, tokens_BT: jax.Array, cfg: BasedConfig) -> jax.Array:
-  """The parallel (training) form: next-token logits float32 [B, T, V]."""
-  return prefill(params, tokens_BT, cfg)[0]
-
-
-def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> tuple[jax.Array, State]:
-  """One token per row in constant memory: (logits [B, V], new state)."""
-  logits, state = prefill(params, token_B[:, None], cfg, state)
-  return logits[:, 0], state
+def _check_left_padding(key_mask_BT: jax.Array, batch: int, time: int) -> None:
+  if key_mask_BT.shape != (batch, time) or key_mask_BT.dtype != jnp.bool_:
+    raise ValueError(f"key_mask_BT: expected bool shape {(batch, time)}, got {key_mask_BT.dtype} {key_mask_BT.shape}")
+  if not isinstance(key_mask_BT, jax.core.Tracer):
+    mask = np.asarray(key_mask_BT)
+    if (mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all():
+      raise ValueError("key_mask_BT: expected left padding (False then True in each row, the last token real)")

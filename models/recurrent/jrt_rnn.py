@@ -1,12 +1,12 @@
 """JRT-RNN: Based with Prefix Linear Attention over an M-token encoder region, NTP + MLM loss.
 
-Shapes: B batch, T time (T >= M), V vocabulary.
+Shapes: B batch, T time (T >= prefix_len M), V vocabulary, D model width, L blocks.
 
 The linear-attention layers get encoder projections (wk_e, wv_e) that read the first M
 tokens non-causally (ops.linear_attention.prefix_linear_attention, JRT Eq. 3); the rest of
 the stack is Based's. After the prompt the state is Eq. 4's s_M, z_M and decoding is
 Based's recurrence: no extra decode state. Prompts shorter than M are left-padded to M
-and their padded keys zeroed.
+and their padded keys zeroed (`based.left_pad`). A `models.protocol.DecodingModel`.
 
 Training loss (Eq. 5): L = (w1 L_NTP + w2 L_MLM) / (w1 + w2), w1 = 1, w2 = 0.25. Each
 encoder token is replaced by [MASK] with probability 15% and predicted at its own position
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from paperjax.models.recurrent import based
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JRTConfig:
   based: based.BasedConfig
   prefix_len: int  # M
@@ -44,6 +44,10 @@ class JRTConfig:
       not 0 <= self.mlm_prob < 1 or self.ntp_weight < 0 or self.mlm_weight < 0 or self.ntp_weight + self.mlm_weight == 0
     ):
       raise ValueError(f"mlm_prob in [0, 1) and non-negative, not both zero, weights expected; got {self}")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.based.vocab_size
 
 
 def init(key: jax.Array, cfg: JRTConfig) -> dict:
@@ -69,33 +73,73 @@ def param_axes(cfg: JRTConfig) -> dict:
   return axes
 
 
-def left_pad(prompts_BT: np.ndarray, lengths_B: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-aligns each row's first lengths[b] tokens in `width` slots: (ids, key mask)."""
-  prompts_BT, lengths_B = np.asarray(prompts_BT), np.asarray(lengths_B)
-  if (lengths_B > width).any() or (lengths_B < 1).any():
-    raise ValueError(f"lengths_B: expected 1 <= length <= width={width}, got {lengths_B.tolist()}")
-  slots = np.arange(width)[None, :]
-  mask = slots >= width - lengths_B[:, None]
-  source = np.clip(slots - (width - lengths_B[:, None]), 0, prompts_BT.shape[1] - 1)
-  return np.where(mask, np.take_along_axis(prompts_BT, source, axis=1), 0).astype(np.int32), mask
+def init_state(cfg: JRTConfig, batch: int, capacity: int | None = None) -> based.State:
+  """Based's empty state (JRT-RNN decodes with Based's recurrence)."""
+  return based.init_state(cfg.based, batch, capacity)
 
 
-def prefill(params, tokens_BT, cfg: JRTConfig, key_mask_BT=None) -> tuple[jax.Array, based.State]:
-  """Logits [B, T, V] and the state after T >= M tokens (Eq. 4's state when T = M)."""
+def site_names(cfg: JRTConfig) -> tuple[str, ...]:
+  return based.site_names(cfg.based)
+
+
+def forward(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: JRTConfig,
+  *,
+  state: based.State | None = None,
+  key_mask_BT: jax.Array | None = None,
+) -> tuple[jax.Array, based.State | None]:
+  """Logits float32 [B, T, V]: Prefix Linear Attention over the first M tokens from an empty
+  context (T >= M; `key_mask_BT` marks left padding), or Based's recurrence from `state`."""
+  logits_BTV, state, _ = forward_with_sites(params, tokens_BT, cfg, (), state=state, key_mask_BT=key_mask_BT)
+  return logits_BTV, state
+
+
+def forward_with_sites(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: JRTConfig,
+  sites: Sequence[str],
+  *,
+  state: based.State | None = None,
+  key_mask_BT: jax.Array | None = None,
+) -> tuple[jax.Array, based.State | None, dict[str, jax.Array]]:
+  """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`)."""
+  prefix_len = None if state is not None else _check_prefix(tokens_BT, cfg)
+  return based.forward_with_sites(
+    params, tokens_BT, cfg.based, sites, state=state, key_mask_BT=key_mask_BT, prefix_len=prefix_len
+  )
+
+
+def prefill(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: JRTConfig,
+  *,
+  lengths_B: jax.Array | None = None,
+  capacity: int | None = None,
+) -> tuple[jax.Array, based.State]:
+  """Right-padded prompts (T >= M) left-aligned, the encoder = the first M slots: (logits
+  [B, V] after each row's last token, the state; Eq. 4's s_M, z_M when T = M)."""
+  return based.prefill(
+    params, tokens_BT, cfg.based, lengths_B=lengths_B, capacity=capacity, prefix_len=_check_prefix(tokens_BT, cfg)
+  )
+
+
+def decode(params: dict, token_B: jax.Array, state: based.State, cfg: JRTConfig) -> tuple[jax.Array, based.State]:
+  """Decoding after the prompt is Based's recurrence."""
+  return based.decode(params, token_B, state, cfg.based)
+
+
+def _check_prefix(tokens_BT: jax.Array, cfg: JRTConfig) -> int:
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"tokens_BT: expected shape [B, T], got {tokens_BT.shape}")
   if tokens_BT.shape[1] < cfg.prefix_len:
     raise ValueError(
       f"tokens_BT: {tokens_BT.shape[1]} tokens are fewer than the encoder length M={cfg.prefix_len}; left_pad them"
     )
-  return based.prefill(params, tokens_BT, cfg.based, key_mask_BT=key_mask_BT, prefix_len=cfg.prefix_len)
-
-
-def forward(params, tokens_BT, cfg: JRTConfig, key_mask_BT=None) -> jax.Array:
-  return prefill(params, tokens_BT, cfg, key_mask_BT)[0]
-
-
-def decode(params, token_B, state: based.State, cfg: JRTConfig) -> tuple[jax.Array, based.State]:
-  """Decoding after the prompt is Based's recurrence."""
-  return based.decode(params, token_B, state, cfg.based)
+  return cfg.prefix_len
 
 
 def loss_masks(time: int, prefix_len: int, masked_BT: jax.Array, key_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,7 +158,7 @@ def loss(params, tokens_BT, cfg: JRTConfig, key: jax.Array, key_mask_BT=None) ->
     (jax.random.uniform(key, (batch, time)) < cfg.mlm_prob) & (jnp.arange(time) < cfg.prefix_len) & key_mask_BT
   )
   inputs_BT = jnp.where(masked_BT, cfg.mask_id, tokens_BT)
-  logits_BTV = forward(params, inputs_BT, cfg, key_mask_BT)
+  logits_BTV, _ = forward(params, inputs_BT, cfg, key_mask_BT=key_mask_BT)
   ntp_BT, mlm_BT = loss_masks(time, cfg.prefix_len, masked_BT, key_mask_BT)
   next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
   ntp = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, next_BT)

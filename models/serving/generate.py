@@ -1,33 +1,35 @@
-"""Batched autoregressive generation with a KV cache: prefill, then select -> append.
+"""Batched autoregressive generation for any decoding model: prefill, then select -> append.
 
 Shapes: B batch, T padded prompt length, N new tokens, V vocabulary.
 
 Prompts of different lengths are right-padded into one [B, T] array and prefilled in one
-call; each row then decodes from its own length (its own positions and cache slots).
-The decode loop is a `lax.while_loop` inside one jit: it stops when every row has
-emitted a stop token or after `max_new_tokens`.
+call (`model.prefill`); each row then decodes from its own length (`model.decode`). The
+model is `models.protocol.model_for(cfg)`: Llama with its KV cache, Based or JRT-RNN with
+their constant-size state. The decode loop is a `lax.while_loop` inside one jit: it stops
+when every row has emitted a stop token or after `max_new_tokens`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paperjax.models import protocol
 from paperjax.models.data.tokenizer import Tokenizer
-from paperjax.models.transformer import llama
 from paperjax.ops import sampling
 
 
 def generate(
   key: jax.Array,
   params: dict,
-  cfg: llama.LlamaConfig,
-  prompts_BT: jax.Array,
-  prompt_lengths_B: jax.Array,
+  cfg: Any,
+  prompts_BT: jax.typing.ArrayLike,
+  prompt_lengths_B: jax.typing.ArrayLike,
   *,
   max_new_tokens: int,
   stop_ids: Sequence[int] = (),
@@ -39,7 +41,7 @@ def generate(
 
   Args:
     key: PRNG key (step i uses fold_in(key, i)).
-    params, cfg: the model.
+    params, cfg: the model (any config `models.protocol.model_for` knows).
     prompts_BT: right-padded prompt ids [B, T].
     prompt_lengths_B: real prompt lengths, 1 <= length <= T.
     max_new_tokens: N.
@@ -50,58 +52,51 @@ def generate(
     (tokens_BN int32, lengths_B int32): row b's output is tokens_BN[b, :lengths_B[b]];
     slots after a row stopped hold stop_ids[0] (or 0).
   """
-  prompts_BT = jnp.asarray(prompts_BT)
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
-  stop_ids = check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
-  return _generate(
-    key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p
-  )
+  prompts = jnp.asarray(prompts_BT)
+  lengths = jnp.asarray(prompt_lengths_B, jnp.int32)
+  stop_ids = check_args(cfg, prompts, lengths, max_new_tokens, stop_ids, temperature, top_k, top_p)
+  return _generate(key, params, prompts, lengths, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _generate(key, params, prompts_BT, prompt_lengths_B, cfg, max_new_tokens, stop_ids, temperature, top_k, top_p):
-  cache, logits_BV = prefill(params, cfg, prompts_BT, prompt_lengths_B, prompts_BT.shape[1] + max_new_tokens)
-  return decode(key, params, cfg, cache, logits_BV, max_new_tokens, stop_ids, temperature, top_k, top_p)
+  capacity = prompts_BT.shape[1] + max_new_tokens
+  logits_BV, state = protocol.model_for(cfg).prefill(
+    params, prompts_BT, cfg, lengths_B=prompt_lengths_B, capacity=capacity
+  )
+  return decode(key, params, cfg, state, logits_BV, max_new_tokens, stop_ids, temperature, top_k, top_p)
 
 
-def prefill(params, cfg, prompts_BT, prompt_lengths_B, capacity: int) -> tuple[llama.KVCache, jax.Array]:
-  """Runs right-padded prompts into a fresh cache; returns it and each row's next-token logits [B, V]."""
-  batch = prompts_BT.shape[0]
-  cache = llama.init_cache(cfg, batch, capacity)
-  hidden_BTD, cache = llama.forward_hidden(params, prompts_BT, cfg, cache=cache, num_new_B=prompt_lengths_B)
-  last_B1D = hidden_BTD[jnp.arange(batch), prompt_lengths_B - 1][:, None]
-  return cache, llama.unembed(params, last_B1D, cfg)[:, 0]
-
-
-def decode(key, params, cfg, cache, logits_BV, max_new_tokens, stop_ids, temperature, top_k, top_p):
-  """The select -> append loop from a prefilled cache (arguments as in `generate`)."""
+def decode(key, params, cfg, state, logits_BV, max_new_tokens, stop_ids, temperature, top_k, top_p):
+  """The select -> append loop from a prefilled state (arguments as in `generate`)."""
+  model = protocol.model_for(cfg)
   batch = logits_BV.shape[0]
   pad = stop_ids[0] if stop_ids else 0
   stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
-  def cond(state):
-    i, _, _, _, done_B, _ = state
+  def cond(carry):
+    i, _, _, _, done_B, _ = carry
     return (i < max_new_tokens) & ~done_B.all()
 
-  def body(state):
-    i, logits_BV, cache, tokens_BN, done_B, lengths_B = state
+  def body(carry):
+    i, logits_BV, state, tokens_BN, done_B, lengths_B = carry
     token_B = sampling.select(jax.random.fold_in(key, i), logits_BV, temperature, top_k=top_k, top_p=top_p)
     token_B = jnp.where(done_B, pad, token_B)
     tokens_BN = tokens_BN.at[:, i].set(token_B)
     lengths_B = lengths_B + (~done_B).astype(jnp.int32)
     done_B = done_B | (token_B[:, None] == stops).any(axis=1)
-    logits_B1V, cache = llama.forward(params, token_B[:, None], cfg, cache=cache)
-    return i + 1, logits_B1V[:, 0], cache, tokens_BN, done_B, lengths_B
+    logits_BV, state = model.decode(params, token_B, state, cfg)
+    return i + 1, logits_BV, state, tokens_BN, done_B, lengths_B
 
-  state = (
+  carry = (
     jnp.int32(0),
     logits_BV,
-    cache,
+    state,
     jnp.full((batch, max_new_tokens), pad, jnp.int32),
     jnp.zeros((batch,), bool),
     jnp.zeros((batch,), jnp.int32),
   )
-  _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, state)
+  _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
   return tokens_BN, lengths_B
 
 
@@ -118,7 +113,8 @@ def check_args(
     raise ValueError(f"prompt_lengths_B: expected 1 <= length <= T={prompts_BT.shape[1]}, got {lengths.tolist()}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  if prompts_BT.shape[1] + max_new_tokens > cfg.max_seq_len:
+  max_seq_len = getattr(cfg, "max_seq_len", None)  # recurrent models have no limit
+  if max_seq_len is not None and prompts_BT.shape[1] + max_new_tokens > max_seq_len:
     raise ValueError(
       f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
       f"max_seq_len={cfg.max_seq_len}"
@@ -133,7 +129,7 @@ def check_args(
 def generate_text(
   key: jax.Array,
   params: dict,
-  cfg: llama.LlamaConfig,
+  cfg: Any,
   tok: Tokenizer,
   prompts: Sequence[str],
   *,

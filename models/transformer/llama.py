@@ -4,13 +4,15 @@
   out = h + SwiGLU(RMSNorm(h))
   logits = RMSNorm(x_L) W_unembed     (float32)
 
-Shapes: B batch, T time (new tokens), S cache slots, D width, H query heads, G kv heads,
-K head dim, F ffn width, V vocabulary, L layers.
+Shapes: B batch, T time (new tokens), S cache slots, D model width, H query heads,
+G kv heads, K head dim, E MLP hidden width, V vocabulary, L layers.
 
-Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does
-not grow with depth. One code path serves training (no cache), prefill and decode (a
-`KVCache` in and out): new tokens of row b are written to cache slots
-lengths[b] .. lengths[b] + T - 1 and attend causally over the slots before them.
+A `models.protocol.DecodingModel`: one code path (`models.stack.scan_layers` over the L
+stacked layers) serves training (no state), prefill and decode (a `KVCache` in and out):
+new tokens of row b are written to cache slots lengths[b] .. lengths[b] + T - 1 and attend
+causally over the slots before them. Parameters are stored in `param_dtype` and cast to
+the compute `dtype` layer by layer (f32 master weights, bf16 compute); softmax, norms and
+logits stay float32.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from paperjax.models import stack
 from paperjax.ops import attention, mlp, norms, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
@@ -43,9 +47,11 @@ _AXES = {
   "final_norm": ("embed",),
   "unembed": ("embed", "vocab"),
 }
+# Activation sites per layer, in order (TransformerLens hook names).
+SITE_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
   """Model shape and numerics; hashable, so it is a static jit argument."""
 
@@ -61,8 +67,9 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   max_seq_len: int = 8192
   tie_embeddings: bool = False
-  dtype: str = "float32"  # parameters and activations; softmax, norms and logits stay float32
-  remat: bool = False  # recompute each layer's activations in the backward pass
+  param_dtype: str = "float32"  # how parameters are stored (and what the optimizer updates)
+  dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
+  remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
   attention_impl: attention.Impl = "reference"
 
   def __post_init__(self):
@@ -77,7 +84,12 @@ class LlamaConfig:
       raise ValueError(f"dim: {self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
     if self.k % 2:
       raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.k}")
-    jnp.dtype(self.dtype)  # raises TypeError on an unknown name
+    for name in ("param_dtype", "dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise TypeError(f"{name}: expected a dtype name such as 'bfloat16', got {getattr(self, name)!r}") from None
+    stack.check_remat(self.remat)
 
   @property
   def k(self) -> int:
@@ -92,21 +104,27 @@ class LlamaConfig:
     return 2 * self.n_layers * self.n_kv_heads * self.k * itemsize
 
 
-_LLAMA31_SCALING = rope.RopeScaling(8.0, 1.0, 4.0, 8192)
+_LLAMA31_SCALING = rope.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+_LLAMA31_8B = LlamaConfig(
+  vocab_size=128_256,
+  dim=4096,
+  n_layers=32,
+  n_heads=32,
+  n_kv_heads=8,
+  ffn_dim=14_336,
+  rope_scaling=_LLAMA31_SCALING,
+  max_seq_len=131_072,
+  param_dtype="bfloat16",
+  dtype="bfloat16",
+)
 PRESETS = {
   # Test and CPU-benchmark sizes.
   "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
   "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768, max_seq_len=1024),
   # Llama 3.1 shapes (parameter and KV-cache accounting; far too big to run here).
-  "llama3_8b": LlamaConfig(
-    128_256, 4096, 32, 32, 8, 14_336, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"
-  ),
-  "llama3_70b": LlamaConfig(
-    128_256, 8192, 80, 64, 8, 28_672, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"
-  ),
-  "llama3_405b": LlamaConfig(
-    128_256, 16_384, 126, 128, 8, 53_248, rope_scaling=_LLAMA31_SCALING, max_seq_len=131_072, dtype="bfloat16"
-  ),
+  "llama3_8b": _LLAMA31_8B,
+  "llama3_70b": dataclasses.replace(_LLAMA31_8B, dim=8192, n_layers=80, n_heads=64, ffn_dim=28_672),
+  "llama3_405b": dataclasses.replace(_LLAMA31_8B, dim=16_384, n_layers=126, n_heads=128, ffn_dim=53_248),
 }
 
 
@@ -126,39 +144,40 @@ class KVCache:
     return self.k_LBSGK.shape[2]
 
 
-def init_cache(cfg: LlamaConfig, batch: int, capacity: int, dtype: str | None = None) -> KVCache:
-  """An empty cache of `capacity` slots per row (lengths 0)."""
+def init_state(cfg: LlamaConfig, batch: int, capacity: int) -> KVCache:
+  """An empty cache of `capacity` slots per row (lengths 0), in the compute dtype."""
   if not 0 < capacity <= cfg.max_seq_len:
     raise ValueError(f"capacity: expected 1 .. max_seq_len={cfg.max_seq_len}, got {capacity}")
-  shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.k)
-  zeros = jnp.zeros(shape, dtype or cfg.dtype)
+  if batch < 1:
+    raise ValueError(f"batch: expected >= 1, got {batch}")
+  zeros = jnp.zeros((cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.k), cfg.dtype)
   return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 
 def init(key: jax.Array, cfg: LlamaConfig) -> dict:
-  """Parameters: truncated normal with std fan_in^-1/2 (residual outputs / sqrt(2L)), norms 1."""
-  L, D, H, G, K, F, V = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.k, cfg.ffn_dim, cfg.vocab_size
+  """Parameters in param_dtype: truncated normal, std fan_in^-1/2 (residual outputs / sqrt(2L)), norms 1."""
+  L, D, H, G, K, E, V = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.k, cfg.ffn_dim, cfg.vocab_size
   keys = iter(jax.random.split(key, 9))
   residual = 1 / math.sqrt(2 * L)
 
   def normal(shape, fan_in, scale=1.0):
     std = scale / math.sqrt(fan_in)
-    return (std * jax.random.truncated_normal(next(keys), -2, 2, shape, jnp.float32)).astype(cfg.dtype)
+    return (std * jax.random.truncated_normal(next(keys), -2, 2, shape, jnp.float32)).astype(cfg.param_dtype)
 
   params = {
     "embed": normal((V, D), 1),
     "layers": {
-      "attn_norm": jnp.ones((L, D), cfg.dtype),
+      "attn_norm": jnp.ones((L, D), cfg.param_dtype),
       "wq": normal((L, D, H, K), D),
       "wk": normal((L, D, G, K), D),
       "wv": normal((L, D, G, K), D),
       "wo": normal((L, H, K, D), H * K, residual),
-      "mlp_norm": jnp.ones((L, D), cfg.dtype),
-      "w1": normal((L, D, F), D),
-      "w3": normal((L, D, F), D),
-      "w2": normal((L, F, D), F, residual),
+      "mlp_norm": jnp.ones((L, D), cfg.param_dtype),
+      "w1": normal((L, D, E), D),
+      "w3": normal((L, D, E), D),
+      "w2": normal((L, E, D), E, residual),
     },
-    "final_norm": jnp.ones((D,), cfg.dtype),
+    "final_norm": jnp.ones((D,), cfg.param_dtype),
     "unembed": normal((D, V), D),
   }
   if cfg.tie_embeddings:
@@ -174,32 +193,88 @@ def param_axes(cfg: LlamaConfig) -> dict:
   return axes
 
 
-def forward(params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, **inputs) -> tuple[jax.Array, KVCache | None]:
-  """Next-token logits (float32 [B, T, V]) and the updated cache.
+def site_names(cfg: LlamaConfig) -> tuple[str, ...]:
+  """blocks.{l}.{kind} for every layer l and kind in SITE_KINDS."""
+  return stack.site_names(cfg.n_layers, SITE_KINDS)
 
-  Keyword inputs (positions_BT, segment_ids_BT, cache, num_new_B) as in `forward_hidden`.
+
+def forward(
+  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: KVCache | None = None, **inputs
+) -> tuple[jax.Array, KVCache | None]:
+  """Next-token logits (float32 [B, T, V]) and the updated cache (None without one).
+
+  Keyword inputs (positions_BT, segment_ids_BT, num_new_B) as in `forward_hidden`.
   """
-  hidden_BTD, cache = forward_hidden(params, tokens_BT, cfg, **inputs)
-  return unembed(params, hidden_BTD, cfg), cache
+  logits_BTV, state, _ = forward_with_sites(params, tokens_BT, cfg, (), state=state, **inputs)
+  return logits_BTV, state
+
+
+def forward_with_sites(
+  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, sites: Sequence[str], *, state: KVCache | None = None, **inputs
+) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+  """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`)."""
+  kinds = stack.parse_sites(sites, cfg.n_layers, SITE_KINDS)
+  hidden_BTD, state, stacked = _forward(params, tokens_BT, cfg, state=state, kinds=kinds, **inputs)
+  return unembed(params, hidden_BTD, cfg), state, stack.pick_sites(sites, stacked)
+
+
+def prefill(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: LlamaConfig,
+  *,
+  lengths_B: jax.Array | None = None,
+  capacity: int | None = None,
+) -> tuple[jax.Array, KVCache]:
+  """Right-padded prompts into a fresh cache of `capacity` slots (default T).
+
+  Row b's first lengths_B[b] tokens (default all T) are written; returns the float32
+  logits [B, V] after each row's last real token and the cache.
+  """
+  batch, time = tokens_BT.shape[:2] if tokens_BT.ndim == 2 else (0, 0)
+  lengths_B = _check_lengths(lengths_B, batch, time)
+  empty = init_state(cfg, batch, time if capacity is None else capacity)
+  hidden_BTD, cache = forward_hidden(params, tokens_BT, cfg, state=empty, num_new_B=lengths_B)
+  assert cache is not None
+  last_B1D = hidden_BTD[jnp.arange(batch), lengths_B - 1][:, None]
+  return unembed(params, last_B1D, cfg)[:, 0], cache
+
+
+def decode(params: dict, token_B: jax.Array, state: KVCache, cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
+  """One token per row at its own slot: (float32 logits [B, V], the cache after it)."""
+  if token_B.ndim != 1:
+    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
+  logits_B1V, cache = forward(params, token_B[:, None], cfg, state=state)
+  assert cache is not None
+  return logits_B1V[:, 0], cache
 
 
 def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
   """float32 logits of final hidden states: h W_unembed (or h E^T when tied)."""
   w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
 
 
 def forward_hidden(
+  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: KVCache | None = None, **inputs
+) -> tuple[jax.Array, KVCache | None]:
+  """Hidden states after the final RMSNorm ([B, T, D], compute dtype) and the updated cache."""
+  hidden_BTD, state, _ = _forward(params, tokens_BT, cfg, state=state, **inputs)
+  return hidden_BTD, state
+
+
+def _forward(
   params: dict,
   tokens_BT: jax.Array,
   cfg: LlamaConfig,
   *,
+  state: KVCache | None = None,
   positions_BT: jax.Array | None = None,
   segment_ids_BT: jax.Array | None = None,
-  cache: KVCache | None = None,
   num_new_B: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache | None]:
-  """Hidden states after the final RMSNorm ([B, T, D]) and the updated cache.
+  kinds: frozenset[str] = frozenset(),
+) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+  """Hidden states after the final RMSNorm, the updated cache and the stacked site activations.
 
   Without a cache: causal attention over tokens_BT, restricted to equal segment ids when
   given (packed documents); positions default to 0 .. T-1.
@@ -207,6 +282,7 @@ def forward_hidden(
   slot; positions default to the slots; only the first num_new_B[b] tokens of row b
   (default all T) count, so right-padded prompts of different lengths prefill together.
   """
+  cache = state
   batch, time = _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B)
   if cache is None:
     index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
@@ -219,36 +295,61 @@ def forward_hidden(
     positions_BT = index_BT if positions_BT is None else positions_BT
     slots_BS = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (batch, cache.capacity))
     mask_BTS = attention.make_mask(index_BT, slots_BS)
-  inv_freq_F = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
-  x_BTD = params["embed"][tokens_BT]
+  inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
+  x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
 
   def layer(x_BTD, xs):
     p, kv = xs
-    h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
-    q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_F)
-    k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_F)
-    v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
-    if kv is not None:  # write the new keys/values at their slots, then read the whole cache
-      rows_BT = jnp.arange(batch)[:, None]
-      k_BSGK = kv[0].at[rows_BT, index_BT].set(k_BTGK, mode="drop")
-      v_BSGK = kv[1].at[rows_BT, index_BT].set(v_BTGK, mode="drop")
-      kv = (k_BSGK, v_BSGK)
-    else:
-      k_BSGK, v_BSGK = k_BTGK, v_BTGK
-    attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
-    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"])
-    h_BTD = norms.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps)
-    x_BTD = x_BTD + mlp.swiglu(h_BTD, p["w1"], p["w3"], p["w2"])
-    return x_BTD, kv
+    p = jax.tree.map(lambda w: w.astype(cfg.dtype), p)  # one layer's compute copy at a time
+    resid_pre = x_BTD
+    with jax.named_scope("attention"):
+      h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
+      q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_A)
+      k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_A)
+      v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
+      if kv is not None:  # write the new keys/values at their slots, then read the whole cache
+        rows_BT = jnp.arange(batch)[:, None]
+        k_BSGK = kv[0].at[rows_BT, index_BT].set(k_BTGK, mode="drop")
+        v_BSGK = kv[1].at[rows_BT, index_BT].set(v_BTGK, mode="drop")
+        kv = (k_BSGK, v_BSGK)
+      else:
+        k_BSGK, v_BSGK = k_BTGK, v_BTGK
+      attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
+      attn_out = jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"])
+    x_BTD = x_BTD + attn_out
+    resid_mid = x_BTD
+    with jax.named_scope("mlp"):
+      mlp_out = mlp.swiglu(norms.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps), p["w1"], p["w3"], p["w2"])
+    x_BTD = x_BTD + mlp_out
+    acts = {
+      "hook_resid_pre": resid_pre,
+      "hook_attn_out": attn_out,
+      "hook_resid_mid": resid_mid,
+      "hook_mlp_out": mlp_out,
+      "hook_resid_post": x_BTD,
+    }
+    return x_BTD, kv, acts
 
-  if cfg.remat:
-    layer = jax.checkpoint(layer)
   kv_in = None if cache is None else (cache.k_LBSGK, cache.v_LBSGK)
-  x_BTD, kv_out = jax.lax.scan(layer, x_BTD, (params["layers"], kv_in))
+  x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (params["layers"], kv_in), remat=cfg.remat, kinds=kinds)
   if cache is not None:
     added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
     cache = KVCache(kv_out[0], kv_out[1], cache.lengths_B + added_B)
-  return norms.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps), cache
+  hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
+  return hidden_BTD, cache, stacked
+
+
+def _check_lengths(lengths_B: jax.Array | None, batch: int, time: int) -> jax.Array:
+  """lengths_B as int32 [B] (default all T), checked to lie in 1 .. T when concrete."""
+  if lengths_B is None:
+    return jnp.full((batch,), time, jnp.int32)
+  lengths_B = jnp.asarray(lengths_B)
+  if lengths_B.shape != (batch,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+    raise ValueError(f"lengths_B: expected integer shape ({batch},), got {lengths_B.dtype} {lengths_B.shape}")
+  lengths = _concrete(lengths_B)
+  if lengths is not None and ((lengths < 1).any() or (lengths > time).any()):
+    raise ValueError(f"lengths_B: expected 1 <= length <= T={time}, got {lengths.tolist()}")
+  return lengths_B.astype(jnp.int32)
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -278,21 +379,21 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
     )
   if cache is None:
     if num_new_B is not None:
-      raise ValueError("num_new_B: only meaningful with a cache")
+      raise ValueError("num_new_B: only meaningful with a state (KV cache)")
     if positions is None and time > cfg.max_seq_len:
       raise ValueError(f"tokens_BT: {time} tokens exceed max_seq_len={cfg.max_seq_len}")
     return batch, time
   if segment_ids_BT is not None:
     raise ValueError("segment_ids_BT: document masks are for training without a cache")
   if cache.lengths_B.shape != (batch,):
-    raise ValueError(f"cache: built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
+    raise ValueError(f"state: cache built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
   if cache.k_LBSGK.shape[3:] != (cfg.n_kv_heads, cfg.k) or cache.k_LBSGK.shape[0] != cfg.n_layers:
-    raise ValueError(f"cache: shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
+    raise ValueError(f"state: cache shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
   if num_new_B is not None and num_new_B.shape != (batch,):
     raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")
   lengths, new = _concrete(cache.lengths_B), _concrete(num_new_B)
   if lengths is not None:
     end = lengths + (time if new is None else new)
     if (end > cache.capacity).any():
-      raise ValueError(f"cache: row lengths would reach {int(end.max())} > capacity {cache.capacity}")
+      raise ValueError(f"state: row lengths would reach {int(end.max())} > capacity {cache.capacity}")
   return batch, time

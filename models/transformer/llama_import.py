@@ -45,10 +45,10 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
     if kind != "llama3":
       raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
     scaling = rope.RopeScaling(
-      float(scaling["factor"]),
-      float(scaling["low_freq_factor"]),
-      float(scaling["high_freq_factor"]),
-      int(scaling["original_max_position_embeddings"]),
+      factor=float(scaling["factor"]),
+      low_freq_factor=float(scaling["low_freq_factor"]),
+      high_freq_factor=float(scaling["high_freq_factor"]),
+      original_max_position=int(scaling["original_max_position_embeddings"]),
     )
   fields = dict(
     vocab_size=hf["vocab_size"],
@@ -63,15 +63,17 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
     norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
     max_seq_len=hf.get("max_position_embeddings", 8192),
     tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    dtype=_DTYPES.get(hf.get("torch_dtype"), "float32"),
   )
+  stored = _DTYPES.get(str(hf.get("torch_dtype")), "float32")
+  fields.update(param_dtype=stored, dtype=stored)  # computes in the checkpoint's dtype unless overridden
   return llama.LlamaConfig(**{**fields, **overrides})
 
 
 def load(directory: str | os.PathLike, **config_overrides) -> tuple[dict, llama.LlamaConfig]:
   """Reads config.json and the safetensors weights; returns (params, cfg).
 
-  `config_overrides` replace config fields (e.g. dtype="float32" to upcast bf16 weights).
+  `config_overrides` replace config fields (e.g. param_dtype="float32" to upcast bf16 weights,
+  dtype="bfloat16" to compute in bf16).
   """
   directory = pathlib.Path(directory)
   config_path = directory / "config.json"
@@ -82,7 +84,7 @@ def load(directory: str | os.PathLike, **config_overrides) -> tuple[dict, llama.
   return _to_params(tensors, cfg), cfg
 
 
-def _read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_tensors(directory: pathlib.Path) -> dict[str, jax.Array]:
   from safetensors.flax import load_file  # jax arrays: bfloat16 survives, unlike numpy
 
   index = directory / "model.safetensors.index.json"
@@ -148,4 +150,4 @@ def _to_params(tensors: dict, cfg: llama.LlamaConfig) -> dict:
   extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES))
   if extra:
     raise ValueError(f"checkpoint: unexpected tensors {extra[:5]} (is this a plain Llama checkpoint?)")
-  return jax.tree.map(lambda x: x.astype(cfg.dtype), params)
+  return jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)

@@ -1,12 +1,12 @@
 """MaxSim Pallas kernels: float (tensor-core dot) and binary (XOR + popcount).
 
-Shapes: Q queries, L query tokens, N documents, S document tokens, K dim, W packed
+Shapes: Q queries, T query tokens, N documents, S document tokens, K dim, W packed
 uint32 words, BN documents per program, BS document tokens per loop step.
 
 One program scores one query against BN documents: it walks the document tokens in
 chunks of BS, keeps the running max over tokens of every (query token, document) pair in
 float32 registers, then sums over the query tokens. Inputs must be pre-padded (the
-dispatcher in `ops.maxsim` does it): L and K powers of two >= 16 (Triton's dot minimum),
+dispatcher in `ops.maxsim` does it): T and K powers of two >= 16 (Triton's dot minimum),
 N a multiple of BN, S a multiple of BS. Masks are dense int32/float32 arrays; padding
 never wins a max (-inf) and padded query tokens weigh 0. A document with no valid token
 contributes 0 per query token.
@@ -25,36 +25,36 @@ BLOCK_N = 16  # documents per program
 BLOCK_S = 32  # document tokens per loop step
 
 
-def _finish(best_LN: jax.Array, q_mask_L: jax.Array) -> jax.Array:
-  best_LN = jnp.where(best_LN == -jnp.inf, 0.0, best_LN)
-  return jnp.sum(best_LN * q_mask_L[:, None], axis=0)
+def _finish(best_TN: jax.Array, q_mask_T: jax.Array) -> jax.Array:
+  best_TN = jnp.where(best_TN == -jnp.inf, 0.0, best_TN)
+  return jnp.sum(best_TN * q_mask_T[:, None], axis=0)
 
 
-def _dot_scores(q_LK: jax.Array, d_RK: jax.Array) -> jax.Array:
-  return jax.lax.dot_general(q_LK, d_RK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _dot_scores(q_TK: jax.Array, d_RK: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(q_TK, d_RK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _code_scores(q_LW: jax.Array, d_RW: jax.Array, *, dim: int) -> jax.Array:
-  hamming_LR = jax.lax.population_count(q_LW[:, None, :] ^ d_RW[None, :, :]).astype(jnp.int32).sum(axis=-1)
-  return (dim - 2 * hamming_LR).astype(jnp.float32)
+def _code_scores(q_TW: jax.Array, d_RW: jax.Array, *, dim: int) -> jax.Array:
+  hamming_TR = jax.lax.population_count(q_TW[:, None, :] ^ d_RW[None, :, :]).astype(jnp.int32).sum(axis=-1)
+  return (dim - 2 * hamming_TR).astype(jnp.float32)
 
 
 def _kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int, pair_scores):
-  """Running max over document-token chunks of pair_scores(q [L, X], d [R, X]) -> [L, R]."""
-  q_LX = q_ref[0]
+  """Running max over document-token chunks of pair_scores(q [T, X], d [R, X]) -> [T, R]."""
+  q_TX = q_ref[0]
   block_n, num_tokens, last = d_ref.shape
-  num_l = q_LX.shape[0]
+  num_l = q_TX.shape[0]
 
-  def chunk(c, best_LN):
+  def chunk(c, best_TN):
     s0 = pl.multiple_of(c * block_s, block_s)
     d_RX = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, last)
     valid_NS = d_mask_ref[:, pl.ds(s0, block_s)] != 0
-    scores_LNS = jnp.where(valid_NS[None], pair_scores(q_LX, d_RX).reshape(num_l, block_n, block_s), -jnp.inf)
-    return jnp.maximum(best_LN, scores_LNS.max(axis=-1))
+    scores_TNS = jnp.where(valid_NS[None], pair_scores(q_TX, d_RX).reshape(num_l, block_n, block_s), -jnp.inf)
+    return jnp.maximum(best_TN, scores_TNS.max(axis=-1))
 
   init = jnp.full((num_l, block_n), -jnp.inf, jnp.float32)
-  best_LN = jax.lax.fori_loop(0, num_tokens // block_s, chunk, init)
-  out_ref[0, :] = _finish(best_LN, q_mask_ref[0])
+  best_TN = jax.lax.fori_loop(0, num_tokens // block_s, chunk, init)
+  out_ref[0, :] = _finish(best_TN, q_mask_ref[0])
 
 
 def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: str):
@@ -79,17 +79,17 @@ def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_s", "interpret"))
 def maxsim_pallas(
-  q_QLK, q_mask_QL, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
+  q_QTK, q_mask_QT, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
 ):
   """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=_dot_scores)
-  return _call(kernel, q_QLK, q_mask_QL, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
+  return _call(kernel, q_QTK, q_mask_QT, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
 
 
 @functools.partial(jax.jit, static_argnames=("dim", "block_n", "block_s", "interpret"))
 def maxsim_binary_pallas(
-  q_bits_QLW,
-  q_mask_QL,
+  q_bits_QTW,
+  q_mask_QT,
   d_bits_NSW,
   d_mask_NS,
   *,
@@ -101,5 +101,5 @@ def maxsim_binary_pallas(
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
   return _call(
-    kernel, q_bits_QLW, q_mask_QL, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary"
+    kernel, q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary"
   )

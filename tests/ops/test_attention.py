@@ -88,3 +88,31 @@ def test_errors(np_rng):
     attention.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v[:, :3]))
   with pytest.raises(ValueError, match="impl"):
     attention.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="cudnn")
+
+
+def test_sliding_window_sees_only_the_window(np_rng):
+  q = jnp.asarray(np_rng.normal(size=(1, 8, 2, 4)), jnp.float32)
+  k = jnp.asarray(np_rng.normal(size=(1, 8, 1, 4)), jnp.float32)
+  v = jnp.asarray(np_rng.normal(size=(1, 8, 1, 4)), jnp.float32)
+  out = attention.sliding_window_attention(q, k, v, 3)
+  k2, v2 = k.at[:, :4].add(5.0), v.at[:, :4].add(5.0)  # outside the window of positions >= 6
+  np.testing.assert_allclose(attention.sliding_window_attention(q, k2, v2, 3)[:, 6:], out[:, 6:], rtol=1e-6)
+  assert not np.allclose(attention.sliding_window_attention(q, k2, v2, 3)[:, 5], out[:, 5])
+
+
+def test_window_mask_literal():
+  """Window 2 over positions 0..3, then a decode step at position 4 whose cache holds 2..3
+  and one empty slot (-1)."""
+  idx = jnp.arange(4)[None]
+  expected = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+  np.testing.assert_array_equal(attention.window_mask(idx, idx, 2)[0], np.array(expected, bool))
+  step = attention.window_mask(jnp.array([[4]]), jnp.array([[-1, 2, 3, 4]]), 2)
+  np.testing.assert_array_equal(step[0], [[False, False, True, True]])
+
+
+def test_sliding_window_errors():
+  x = jnp.zeros((1, 2, 1, 4))
+  with pytest.raises(ValueError, match="window"):
+    attention.sliding_window_attention(x, x, x, 0)
+  with pytest.raises(ValueError, match="q_positions_BT, k_positions_BS"):
+    attention.sliding_window_attention(x, x, x, 2, q_positions_BT=jnp.zeros((1, 3), jnp.int32))

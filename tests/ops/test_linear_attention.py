@@ -32,7 +32,7 @@ def test_three_causal_forms_agree(np_rng):
   recurrent, state_r = la.causal_recurrent(q, k, v)
   np.testing.assert_allclose(chunked, quad, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(recurrent, quad, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(state_c.s_BHFV, state_r.s_BHFV, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(state_c.s_BHFK, state_r.s_BHFK, rtol=1e-4, atol=1e-4)
 
 
 def test_matches_a_per_position_loop(np_rng):
@@ -104,16 +104,6 @@ def test_pla_prefill_state_then_decode(np_rng):
     np.testing.assert_allclose(y, full[:, t], rtol=1e-4, atol=1e-5)
 
 
-def test_sliding_window_sees_only_the_window(np_rng):
-  q = jnp.asarray(np_rng.normal(size=(1, 8, 2, 4)), jnp.float32)
-  k = jnp.asarray(np_rng.normal(size=(1, 8, 1, 4)), jnp.float32)
-  v = jnp.asarray(np_rng.normal(size=(1, 8, 1, 4)), jnp.float32)
-  out = la.sliding_window_attention(q, k, v, 3)
-  k2, v2 = k.at[:, :4].add(5.0), v.at[:, :4].add(5.0)  # outside the window of positions >= 6
-  np.testing.assert_allclose(la.sliding_window_attention(q, k2, v2, 3)[:, 6:], out[:, 6:], rtol=1e-6)
-  assert not np.allclose(la.sliding_window_attention(q, k2, v2, 3)[:, 5], out[:, 5])
-
-
 def test_short_conv_matches_numpy_and_steps(np_rng):
   x = np_rng.normal(size=(2, 7, 3)).astype(np.float32)
   kernel = np_rng.normal(size=(3, 3)).astype(np.float32)
@@ -133,7 +123,5 @@ def test_errors(np_rng):
     la.prefix_linear_attention(q, k, v, k, v, 14)
   with pytest.raises(ValueError, match="phi_q_BTHF, phi_k_BTHF"):
     la.causal_quadratic(q, la.taylor_features(jnp.zeros((2, 13, 3, 5))), v)
-  with pytest.raises(ValueError, match="v_BTHV"):
+  with pytest.raises(ValueError, match="v_BTHK"):
     la.causal_chunked(q, k, v[:, :5])
-  with pytest.raises(ValueError, match="window"):
-    la.sliding_window_attention(jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2, 1, 4)), 0)

@@ -38,7 +38,7 @@ def test_reference_matches_loop(ragged):
   q, q_mask, d, lengths = ragged
   d_mask = np.arange(37)[None] < lengths[:, None]
   got = maxsim.maxsim(
-    jnp.asarray(q), jnp.asarray(d), q_mask_QL=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths), impl="reference"
+    jnp.asarray(q), jnp.asarray(d), q_mask_QT=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths), impl="reference"
   )
   np.testing.assert_allclose(got, _loop_maxsim(q, q_mask, d, d_mask), rtol=1e-5, atol=1e-4)
   assert (np.asarray(got)[:, 0] == 0).all()  # an empty document adds nothing
@@ -46,7 +46,7 @@ def test_reference_matches_loop(ragged):
 
 def test_reference_blocks_agree(ragged, monkeypatch):
   q, q_mask, d, lengths = ragged
-  args = dict(q_mask_QL=jnp.asarray(q_mask[:, :4]), d_lengths_N=jnp.asarray(lengths[:17]), impl="reference")
+  args = dict(q_mask_QT=jnp.asarray(q_mask[:, :4]), d_lengths_N=jnp.asarray(lengths[:17]), impl="reference")
   whole = maxsim.maxsim(jnp.asarray(q[:, :4]), jnp.asarray(d[:17]), **args)
   monkeypatch.setattr(maxsim, "_REFERENCE_BLOCK_BYTES", 4 * 3 * 4 * 37 * 5)  # blocks of 5 documents
   maxsim._blocked_reference.clear_cache()
@@ -59,7 +59,7 @@ def test_reference_blocks_agree(ragged, monkeypatch):
 def test_kernel_interpret_matches_reference(ragged, dtype, tol):
   q, q_mask, d, lengths = ragged
   args = (jnp.asarray(q, dtype), jnp.asarray(d, dtype))
-  kw = dict(q_mask_QL=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths))
+  kw = dict(q_mask_QT=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths))
   ref = maxsim.maxsim(*args, **kw, impl="reference")
   got = maxsim.maxsim(*args, **kw, impl="pallas", interpret=True)
   np.testing.assert_allclose(got, ref, rtol=1e-3, atol=tol)
@@ -68,7 +68,7 @@ def test_kernel_interpret_matches_reference(ragged, dtype, tol):
 def test_binary_kernel_interpret_matches_reference(ragged):
   q, q_mask, d, lengths = ragged
   qb, db = maxsim.pack_bits(jnp.asarray(q)), maxsim.pack_bits(jnp.asarray(d))
-  kw = dict(q_mask_QL=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths))
+  kw = dict(q_mask_QT=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths))
   np.testing.assert_array_equal(
     maxsim.maxsim_binary(qb, db, 48, **kw, impl="pallas", interpret=True),
     maxsim.maxsim_binary(qb, db, 48, **kw, impl="reference"),
@@ -97,7 +97,7 @@ def test_padding_never_wins(np_rng, impl):
     jnp.asarray(q),
     jnp.asarray(d),
     d_lengths_N=jnp.array([6, 4, 2]),
-    q_mask_QL=jnp.array([[1, 1, 1, 0]] * 2, bool),
+    q_mask_QT=jnp.array([[1, 1, 1, 0]] * 2, bool),
     impl=impl,
     interpret=True,
   )
@@ -107,7 +107,7 @@ def test_padding_never_wins(np_rng, impl):
     jnp.asarray(q),
     jnp.asarray(d),
     d_lengths_N=jnp.array([6, 4, 2]),
-    q_mask_QL=jnp.array([[1, 1, 1, 0]] * 2, bool),
+    q_mask_QT=jnp.array([[1, 1, 1, 0]] * 2, bool),
     impl=impl,
     interpret=True,
   )
@@ -182,8 +182,8 @@ def test_errors():
     maxsim.maxsim(q, d.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="d_mask_NS, d_lengths_N"):
     maxsim.maxsim(q, d, d_mask_NS=jnp.ones((4, 5), bool), d_lengths_N=jnp.ones(4, int))
-  with pytest.raises(ValueError, match="q_mask_QL"):
-    maxsim.maxsim(q, d, q_mask_QL=jnp.ones((2, 4), bool))
+  with pytest.raises(ValueError, match="q_mask_QT"):
+    maxsim.maxsim(q, d, q_mask_QT=jnp.ones((2, 4), bool))
   with pytest.raises(ValueError, match="impl"):
     maxsim.maxsim(q, d, impl="cuda")
   with pytest.raises(ValueError, match="k: expected"):

@@ -23,5 +23,5 @@ def test_swiglu_matches_numpy(np_rng):
   gate = x @ w1
   expected = (gate / (1 + np.exp(-gate)) * (x @ w3)) @ w2
   np.testing.assert_allclose(mlp.swiglu(*map(jnp.asarray, (x, w1, w3, w2))), expected, rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match="w1_DF"):
+  with pytest.raises(ValueError, match="w1_DE"):
     mlp.swiglu(jnp.asarray(x), jnp.asarray(w1), jnp.asarray(w3), jnp.asarray(w2[:4]))

@@ -25,10 +25,10 @@ def test_param_axes_mirror_params(params):
 
 def test_decode_equals_parallel_forward_with_constant_state(params, key):
   tokens = jax.random.randint(key, (2, 11), 0, CFG.vocab_size)
-  full = jax.jit(based.forward, static_argnums=2)(params, tokens, CFG)
-  prefill = jax.jit(based.prefill, static_argnums=2)
+  forward = jax.jit(based.forward, static_argnums=2)
+  full, _ = forward(params, tokens, CFG)
   decode = jax.jit(based.decode, static_argnums=3)
-  logits, state = prefill(params, tokens[:, :5], CFG)
+  logits, state = forward(params, tokens[:, :5], CFG, state=based.init_state(CFG, 2))  # a chunk from an empty state
   np.testing.assert_allclose(logits, full[:, :5], rtol=1e-4, atol=1e-4)
   shapes = jax.tree.map(jnp.shape, state)
   for t in range(5, 11):  # beyond the window (4) and across linear-attention chunks
@@ -48,11 +48,11 @@ def test_window_layer_forgets_tokens_outside_the_window(params, key):
   }
   tokens = jax.random.randint(key, (1, 14), 0, CFG.vocab_size)
   changed = tokens.at[0, :5].set((tokens[0, :5] + 1) % CFG.vocab_size)  # tokens 0 .. 4
-  a, b = based.forward(quiet, tokens, CFG), based.forward(quiet, changed, CFG)
+  a, b = based.forward(quiet, tokens, CFG)[0], based.forward(quiet, changed, CFG)[0]
   np.testing.assert_allclose(a[:, 11:], b[:, 11:], rtol=1e-5, atol=1e-6)  # 11 - 6 = 5: out of reach
   assert not np.allclose(a[:, 10], b[:, 10])  # 10 - 6 = 4: still reached
   assert not np.allclose(
-    based.forward(params, tokens, CFG)[:, 13], based.forward(params, changed, CFG)[:, 13]
+    based.forward(params, tokens, CFG)[0][:, 13], based.forward(params, changed, CFG)[0][:, 13]
   )  # recurrence remembers
 
 

@@ -8,7 +8,7 @@ import pytest
 from paperjax.models.recurrent import based, jrt_rnn
 
 CFG = jrt_rnn.JRTConfig(
-  based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4),
+  based=based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4),
   prefix_len=6,
   mask_id=63,
 )
@@ -21,9 +21,11 @@ def params():
 
 def test_prefill_then_decode_equals_forward(params, key):
   tokens = jax.random.randint(key, (2, 10), 0, 60)
-  full = jrt_rnn.forward(params, tokens, CFG)
-  logits, state = jrt_rnn.prefill(params, tokens[:, :6], CFG)  # the encoder region only: Eq. 4's state
-  np.testing.assert_allclose(logits, full[:, :6], rtol=1e-4, atol=1e-4)
+  full, _ = jrt_rnn.forward(params, tokens, CFG)
+  encoder, _ = jrt_rnn.forward(params, tokens[:, :6], CFG)  # the encoder region alone
+  np.testing.assert_allclose(encoder, full[:, :6], rtol=1e-4, atol=1e-4)
+  logits, state = jrt_rnn.prefill(params, tokens[:, :6], CFG)  # Eq. 4's state
+  np.testing.assert_allclose(logits, full[:, 5], rtol=1e-4, atol=1e-4)
   for t in range(6, 10):
     step, state = jrt_rnn.decode(params, tokens[:, t], state, CFG)
     np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
@@ -32,23 +34,23 @@ def test_prefill_then_decode_equals_forward(params, key):
 def test_encoder_is_non_causal(params, key):
   tokens = jax.random.randint(key, (1, 8), 0, 60)
   changed = tokens.at[0, 5].set((tokens[0, 5] + 1) % 60)  # a late encoder token
-  a, b = jrt_rnn.forward(params, tokens, CFG), jrt_rnn.forward(params, changed, CFG)
+  a, b = jrt_rnn.forward(params, tokens, CFG)[0], jrt_rnn.forward(params, changed, CFG)[0]
   assert not np.allclose(a[:, 0], b[:, 0])  # position 0 already reads it
   base_cfg = CFG.based
-  c = based.forward(params, tokens, base_cfg)
-  d = based.forward(params, changed, base_cfg)
+  c, _ = based.forward(params, tokens, base_cfg)
+  d, _ = based.forward(params, changed, base_cfg)
   np.testing.assert_allclose(c[:, :5], d[:, :5], rtol=1e-6)  # plain Based is causal
 
 
 def test_left_padded_prompt_matches_the_unpadded_one(params, key):
   prompt = jax.random.randint(key, (1, 6), 0, 60)
-  padded, mask = jrt_rnn.left_pad(np.asarray(prompt[:, 2:]), np.array([4]), 6)
+  padded, mask = based.left_pad(np.asarray(prompt[:, 2:]), np.array([4]), 6)
   assert padded.tolist() == [[0, 0, *np.asarray(prompt[0, 2:]).tolist()]] and mask.tolist() == [
     [False, False, True, True, True, True]
   ]
-  short_cfg = jrt_rnn.JRTConfig(CFG.based, prefix_len=4, mask_id=63)
-  unpadded = jrt_rnn.forward(params, prompt[:, 2:], short_cfg)
-  got = jrt_rnn.forward(params, jnp.asarray(padded), CFG, jnp.asarray(mask))
+  short_cfg = jrt_rnn.JRTConfig(based=CFG.based, prefix_len=4, mask_id=63)
+  unpadded, _ = jrt_rnn.forward(params, prompt[:, 2:], short_cfg)
+  got, _ = jrt_rnn.forward(params, jnp.asarray(padded), CFG, key_mask_BT=jnp.asarray(mask))
   np.testing.assert_allclose(got[:, 2:], unpadded, rtol=1e-4, atol=1e-4)
 
 
@@ -74,6 +76,6 @@ def test_errors(params):
   with pytest.raises(ValueError, match="fewer than the encoder length M=6"):
     jrt_rnn.forward(params, jnp.zeros((1, 4), jnp.int32), CFG)
   with pytest.raises(ValueError, match="mask_id"):
-    jrt_rnn.JRTConfig(CFG.based, prefix_len=4, mask_id=64)
+    jrt_rnn.JRTConfig(based=CFG.based, prefix_len=4, mask_id=64)
   with pytest.raises(ValueError, match="lengths_B"):
-    jrt_rnn.left_pad(np.zeros((1, 8)), np.array([8]), 6)
+    based.left_pad(np.zeros((1, 8), np.int32), np.array([8]), 6)

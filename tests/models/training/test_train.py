@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from paperjax.models.data import corpus, tokenizer
-from paperjax.models.training import train
+from paperjax.models.training import checkpoints, lm, train
 from paperjax.models.transformer import llama
 
 V = 512
@@ -32,7 +32,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def step_fn():
-  return train.make_train_step(CFG, TCFG)
+  return lm.make_train_step(CFG, TCFG)
 
 
 def test_schedule_warmup_then_cosine():
@@ -66,7 +66,7 @@ def test_make_step_applies_one_optimizer_update_and_reports_aux():
 def test_packed_batch_positions_and_target_mask():
   tokens = np.array([[1, 2, 3, 4, 5, 6]])
   segments = np.array([[7, 7, 8, 8, 8, 9]])
-  batch = train.packed_batch(tokens, segments)
+  batch = lm.packed_batch(tokens, segments)
   assert batch.tokens_BT.tolist() == [[1, 2, 3, 4, 5]] and batch.targets_BT.tolist() == [[2, 3, 4, 5, 6]]
   assert batch.positions_BT.tolist() == [[0, 1, 0, 1, 2]]
   assert batch.mask_BT.tolist() == [[True, False, True, True, False]]  # no target across documents
@@ -75,13 +75,13 @@ def test_packed_batch_positions_and_target_mask():
 
 def test_batches_are_a_function_of_the_step(data):
   ids, segments = data[0]
-  a, b = train.batch_at(ids, segments, 5, TCFG), train.batch_at(ids, segments, 5, TCFG)
+  a, b = lm.batch_at(ids, segments, 5, TCFG), lm.batch_at(ids, segments, 5, TCFG)
   np.testing.assert_array_equal(a.tokens_BT, b.tokens_BT)
-  assert not np.array_equal(a.tokens_BT, train.batch_at(ids, segments, 6, TCFG).tokens_BT)
-  resumed = next(train.batches(ids, segments, TCFG, start_step=5))
+  assert not np.array_equal(a.tokens_BT, lm.batch_at(ids, segments, 6, TCFG).tokens_BT)
+  resumed = next(lm.batches(ids, segments, TCFG, start_step=5))
   np.testing.assert_array_equal(resumed.targets_BT, a.targets_BT)
   with pytest.raises(ValueError, match="fewer than one window"):
-    train.batch_at(ids[:10], segments[:10], 0, TCFG)
+    lm.batch_at(ids[:10], segments[:10], 0, TCFG)
 
 
 def test_tiny_model_learns_the_corpus(data, step_fn):
@@ -89,37 +89,37 @@ def test_tiny_model_learns_the_corpus(data, step_fn):
   freq = np.bincount(train_ids, minlength=V) / train_ids.size
   test_freq = np.bincount(test_ids, minlength=V) / test_ids.size
   unigram_ce = -np.sum(test_freq * np.log(np.maximum(freq, 1e-12)))
-  test_batch = train.batch_at(
+  test_batch = lm.batch_at(
     test_ids, test_seg, 0, train.TrainConfig(batch_size=64, seed=1, total_steps=2, warmup_steps=0)
   )
-  state = train.init_state(jax.random.key(0), CFG, TCFG)
-  initial = float(train.eval_loss(state.params, test_batch, CFG))
+  state = lm.init_state(jax.random.key(0), CFG, TCFG)
+  initial = float(lm.eval_loss(state.params, test_batch, CFG))
   assert initial > math.log(V) - 0.5
   for i in range(TCFG.total_steps):
-    state, metrics = step_fn(state, train.batch_at(train_ids, train_seg, i, TCFG))
+    state, metrics = step_fn(state, lm.batch_at(train_ids, train_seg, i, TCFG))
     assert np.isfinite(float(metrics["loss"]))
-  final = float(train.eval_loss(state.params, test_batch, CFG))
+  final = float(lm.eval_loss(state.params, test_batch, CFG))
   assert final < 0.8 * unigram_ce, (final, unigram_ce)
 
 
 def test_checkpoint_resume_gives_the_same_losses(data, step_fn, tmp_path):
   ids, segments = data[0]
-  state = train.init_state(jax.random.key(1), CFG, TCFG)
+  state = lm.init_state(jax.random.key(1), CFG, TCFG)
   for i in range(2):
-    state, _ = step_fn(state, train.batch_at(ids, segments, i, TCFG))
-  manager = train.checkpoint_manager(tmp_path / "ckpt")
-  train.save(manager, state)
+    state, _ = step_fn(state, lm.batch_at(ids, segments, i, TCFG))
+  manager = checkpoints.checkpoint_manager(tmp_path / "ckpt")
+  checkpoints.save(manager, state)
   straight = []
   for i in range(2, 4):
-    state, m = step_fn(state, train.batch_at(ids, segments, i, TCFG))
+    state, m = step_fn(state, lm.batch_at(ids, segments, i, TCFG))
     straight.append(float(m["loss"]))
-  fresh_like = train.init_state(jax.random.key(9), CFG, TCFG)
-  resumed = train.restore(train.checkpoint_manager(tmp_path / "ckpt"), fresh_like)
+  fresh_like = lm.init_state(jax.random.key(9), CFG, TCFG)
+  resumed = checkpoints.restore(checkpoints.checkpoint_manager(tmp_path / "ckpt"), fresh_like)
   assert int(resumed.step) == 2
   again = []
   for i in range(int(resumed.step), 4):
-    resumed, m = step_fn(resumed, train.batch_at(ids, segments, i, TCFG))
+    resumed, m = step_fn(resumed, lm.batch_at(ids, segments, i, TCFG))
     again.append(float(m["loss"]))
   np.testing.assert_allclose(again, straight, rtol=1e-6)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    train.restore(train.checkpoint_manager(tmp_path / "empty"), fresh_like)
+    checkpoints.restore(checkpoints.checkpoint_manager(tmp_path / "empty"), fresh_like)

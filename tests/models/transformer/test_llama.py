@@ -34,14 +34,14 @@ def test_prefill_then_decode_equals_full_forward(params, forward, key):
   tokens = jax.random.randint(key, (3, 12), 0, CFG.vocab_size)
   full, _ = forward(params, tokens, CFG)
   lengths = np.array([7, 3, 5])
-  cache = llama.init_cache(CFG, 3, 16)
+  cache = llama.init_state(CFG, 3, 16)
   padded = jnp.where(jnp.arange(7) < lengths[:, None], tokens[:, :7], 0)
-  pre, cache = forward(params, padded, CFG, cache=cache, num_new_B=jnp.asarray(lengths))
+  pre, cache = forward(params, padded, CFG, state=cache, num_new_B=jnp.asarray(lengths))
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(pre[b, :n], full[b, :n], rtol=1e-4, atol=1e-4)
   for step in range(5):  # each row decodes its own next token at its own position
     next_tokens = tokens[jnp.arange(3), lengths + step][:, None]
-    out, cache = forward(params, next_tokens, CFG, cache=cache)
+    out, cache = forward(params, next_tokens, CFG, state=cache)
     np.testing.assert_allclose(out[:, 0], full[jnp.arange(3), lengths + step], rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(cache.lengths_B, lengths + 5)
 
@@ -49,10 +49,10 @@ def test_prefill_then_decode_equals_full_forward(params, forward, key):
 def test_multi_token_chunks_with_cache(params, forward, key):
   tokens = jax.random.randint(key, (2, 9), 0, CFG.vocab_size)
   full, _ = forward(params, tokens, CFG)
-  cache = llama.init_cache(CFG, 2, 9)
+  cache = llama.init_state(CFG, 2, 9)
   outs = []
   for chunk in (tokens[:, :4], tokens[:, 4:6], tokens[:, 6:]):
-    out, cache = forward(params, chunk, CFG, cache=cache)
+    out, cache = forward(params, chunk, CFG, state=cache)
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-4)
 
@@ -74,10 +74,47 @@ def test_xla_attention_and_remat_give_the_same_model(params, key):
   def loss(p, cfg):
     return jnp.mean(llama.forward(p, tokens, cfg)[0] ** 2)
 
-  variant = dataclasses.replace(CFG, attention_impl="xla", remat=True)
-  g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, CFG)
-  g_var = jax.jit(jax.grad(loss), static_argnums=1)(params, variant)
-  chex.assert_trees_all_close(g_ref, g_var, rtol=1e-4, atol=1e-6)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g_ref = grad(params, CFG)
+  for variant in (
+    dataclasses.replace(CFG, attention_impl="xla", remat="full"),
+    dataclasses.replace(CFG, remat="dots_saveable"),
+  ):
+    chex.assert_trees_all_close(g_ref, grad(params, variant), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="remat: expected one of"):
+    dataclasses.replace(CFG, remat="everything")
+
+
+def test_remat_policy_changes_what_the_backward_pass_keeps(params, key):
+  """Full remat recomputes the layer's matmuls in the backward pass; no remat does not."""
+  tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
+
+  def dots(cfg):
+    grad = jax.grad(lambda p: jnp.mean(llama.forward(p, tokens, cfg)[0] ** 2))
+    return str(jax.make_jaxpr(grad)(params)).count("dot_general")
+
+  none, full = dots(CFG), dots(dataclasses.replace(CFG, remat="full"))
+  assert full > none
+
+
+def test_f32_params_with_bf16_compute(params, key):
+  """param_dtype stays float32 (what the optimizer updates); activations, the KV cache and
+  the gradient's path run in bfloat16; logits stay float32 and close to the f32 model."""
+  mixed = dataclasses.replace(CFG, dtype="bfloat16")
+  tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(llama.init(key, mixed)))
+  logits, _ = llama.forward(params, tokens, mixed)
+  ref, _ = llama.forward(params, tokens, CFG)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, ref, rtol=0.05, atol=0.05)
+  assert not np.allclose(logits, ref, rtol=1e-6, atol=1e-6)  # it did compute in bf16
+  hidden, _ = llama.forward_hidden(params, tokens, mixed)
+  assert hidden.dtype == jnp.bfloat16
+  assert llama.init_state(mixed, 1, 4).k_LBSGK.dtype == jnp.bfloat16
+  grads = jax.grad(lambda p: jnp.mean(llama.forward(p, tokens, mixed)[0]))(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  with pytest.raises(TypeError, match="param_dtype: expected a dtype name"):
+    dataclasses.replace(CFG, param_dtype="float33")
 
 
 def test_llama3_8b_accounting():
@@ -106,12 +143,12 @@ def test_errors(params):
     llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, positions_BT=jnp.array([[0, 256]]))
   with pytest.raises(ValueError, match="positions_BT: expected integer"):
     llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, positions_BT=jnp.zeros((1, 2)))
-  cache = llama.init_cache(CFG, 1, 4)
+  cache = llama.init_state(CFG, 1, 4)
   with pytest.raises(ValueError, match="capacity 4"):
-    llama.forward(params, jnp.zeros((1, 5), jnp.int32), CFG, cache=cache)
+    llama.forward(params, jnp.zeros((1, 5), jnp.int32), CFG, state=cache)
   with pytest.raises(ValueError, match="segment_ids_BT"):
-    llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, cache=cache, segment_ids_BT=jnp.zeros((1, 2), jnp.int32))
-  with pytest.raises(ValueError, match="cache: built for batch 1"):
-    llama.forward(params, jnp.zeros((2, 2), jnp.int32), CFG, cache=cache)
+    llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, state=cache, segment_ids_BT=jnp.zeros((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="state: cache built for batch 1"):
+    llama.forward(params, jnp.zeros((2, 2), jnp.int32), CFG, state=cache)
   with pytest.raises(ValueError, match="capacity"):
-    llama.init_cache(CFG, 1, 257)
+    llama.init_state(CFG, 1, 257)

@@ -13,7 +13,9 @@ from safetensors.numpy import save_file
 from paperjax.models.transformer import llama, llama_import
 from paperjax.ops import rope
 
-CFG = dataclasses.replace(llama.PRESETS["tiny"], rope_scaling=rope.RopeScaling(8.0, 1.0, 4.0, 64), rope_theta=10_000.0)
+CFG = dataclasses.replace(
+  llama.PRESETS["tiny"], rope_scaling=rope.RopeScaling(original_max_position=64), rope_theta=10_000.0
+)
 
 
 def _hf_rows(w_DNK):
@@ -141,9 +143,9 @@ def test_bf16_checkpoint_and_tied_embeddings(tmp_path, model):
   del tensors["lm_head.weight"]
   _write(tmp_path / "ckpt", tensors, _hf_config(CFG, tie_word_embeddings=True, torch_dtype="bfloat16"))
   params, cfg = llama_import.load(tmp_path / "ckpt")
-  assert cfg == dataclasses.replace(tied_cfg, dtype="bfloat16") and "unembed" not in params
+  assert cfg == dataclasses.replace(tied_cfg, param_dtype="bfloat16", dtype="bfloat16") and "unembed" not in params
   assert params["embed"].dtype == jnp.bfloat16
-  params32, _ = llama_import.load(tmp_path / "ckpt", dtype="float32")
+  params32, _ = llama_import.load(tmp_path / "ckpt", param_dtype="float32")
   assert params32["embed"].dtype == jnp.float32
 
 

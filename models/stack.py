@@ -1,0 +1,96 @@
+"""The scanned layer stack every model shares: remat policy, named scope, activation sites.
+
+Shapes: L layers (blocks), B batch, T time, D model width.
+
+A model's layers are stacked on a leading L axis and run with `lax.scan`, so compile time
+does not grow with depth. A layer body is `layer(x_BTD, xs) -> (x_BTD, ys, acts)`, where
+`acts` maps the model's site kinds (`hook_resid_pre`, `hook_attn_out`, ...) to [B, T, D]
+arrays. `scan_layers` keeps the kinds that were asked for, stacked to [L, B, T, D]; the
+others are never materialised. Sites are named as TransformerLens and SAELens name their
+hooks, `blocks.{l}.{kind}`, so an SAE config's `hook_name` reads the same here.
+
+Remat policies name what the backward pass may keep instead of recomputing:
+  "none"           keep every activation (no rematerialisation)
+  "full"           keep nothing inside a layer; recompute it from the layer input
+  "dots_saveable"  keep matmul outputs, recompute the elementwise work between them
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+
+RematPolicy = Literal["none", "full", "dots_saveable"]
+_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+REMAT_POLICIES: tuple[str, ...] = ("none", *_POLICIES)
+_SITE = re.compile(r"blocks\.(\d+)\.(\w+)")
+
+
+def check_remat(remat: str) -> None:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat: expected one of {REMAT_POLICIES}, got {remat!r}")
+
+
+def site_names(n_layers: int, kinds: Sequence[str]) -> tuple[str, ...]:
+  """Every site of a stack: blocks.{l}.{kind} for l < L, layer-major."""
+  return tuple(f"blocks.{layer}.{kind}" for layer in range(n_layers) for kind in kinds)
+
+
+def parse_sites(sites: Sequence[str], n_layers: int, kinds: Sequence[str]) -> frozenset[str]:
+  """The kinds a list of site names needs; raises on a name that is not a site of the stack."""
+  if isinstance(sites, str):
+    raise TypeError(f"sites: expected a sequence of site names, got the string {sites!r}")
+  needed = set()
+  for name in sites:
+    match = _SITE.fullmatch(name)
+    if not match or int(match[1]) >= n_layers or match[2] not in kinds:
+      raise ValueError(
+        f"sites: {name!r} is not a site of this model; expected 'blocks.<l>.<kind>' with l < {n_layers} "
+        f"and kind in {tuple(kinds)}"
+      )
+    needed.add(match[2])
+  return frozenset(needed)
+
+
+def pick_sites(sites: Sequence[str], stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """{name: stacked[kind][l]} for each blocks.{l}.{kind} in `sites` (already parsed)."""
+  picked = {}
+  for name in sites:
+    match = _SITE.fullmatch(name)
+    assert match is not None, name  # parse_sites ran first
+    picked[name] = stacked[match[2]][int(match[1])]
+  return picked
+
+
+def scan_layers(
+  layer: Callable[[jax.Array, Any], tuple[jax.Array, Any, dict[str, jax.Array]]],
+  x_BTD: jax.Array,
+  xs: Any,
+  *,
+  remat: RematPolicy = "none",
+  kinds: frozenset[str] = frozenset(),
+  name: str = "layer",
+) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+  """x_L = layer_L(... layer_1(x_0)) over the leading L axis of `xs`.
+
+  Returns (x after the last layer, the layers' ys stacked on L, {kind: [L, ...]} for each
+  kind in `kinds`). Each layer body runs under `jax.named_scope(name)` and the `remat`
+  policy.
+  """
+  check_remat(remat)
+
+  def body(x, xs):
+    with jax.named_scope(name):
+      x, ys, acts = layer(x, xs)
+    return x, (ys, {kind: acts[kind] for kind in kinds})
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=_POLICIES[remat])
+  x_BTD, (ys, acts) = jax.lax.scan(body, x_BTD, xs)
+  return x_BTD, ys, acts

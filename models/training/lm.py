@@ -1,0 +1,102 @@
+"""Next-token language-model training on a token stream: packed windows, loss, steps.
+
+Shapes: B batch, T time, V vocabulary, N tokens in the corpus stream.
+
+Windows of T + 1 tokens are cut from the stream at random; documents packed into one
+window are kept apart by segment ids (the model's document mask) and positions that
+restart at each document, so this objective is for models with document masks
+(`transformer.llama`). Cross-entropy is float32, averaged over target positions in the
+mask. Data is stateless in the step: batch i is drawn from `default_rng([seed, i])`, so
+a run resumed from a checkpoint at step i sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from paperjax.models.training.train import TrainConfig, TrainState, make_step, start_state
+from paperjax.models.transformer import llama
+
+
+class Batch(NamedTuple):
+  """Inputs and targets of packed windows; segments keep documents apart."""
+
+  tokens_BT: np.ndarray
+  targets_BT: np.ndarray
+  mask_BT: np.ndarray  # True where the target is the same document's next token
+  segment_ids_BT: np.ndarray
+  positions_BT: np.ndarray  # restart at 0 at each document start inside a window
+
+
+def init_state(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig) -> TrainState:
+  """Step 0 of a fresh Llama: `init(key, cfg)` with a new optimizer state."""
+  return start_state(llama.init(key, cfg), tcfg)
+
+
+def loss_fn(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
+  """mean over masked positions of -log softmax(logits)[target], in float32."""
+  logits_BTV, _ = llama.forward(
+    params,
+    jnp.asarray(batch.tokens_BT),
+    cfg,
+    positions_BT=jnp.asarray(batch.positions_BT),
+    segment_ids_BT=jnp.asarray(batch.segment_ids_BT),
+  )
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch.targets_BT)
+  mask_BT = batch.mask_BT.astype(jnp.float32)
+  return jnp.sum(nll_BT * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def make_train_step(
+  cfg: llama.LlamaConfig, tcfg: TrainConfig
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """A jitted (state, batch) -> (state, metrics) of next-token training with metrics loss, grad_norm, lr."""
+  return make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def eval_loss(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
+  return loss_fn(params, batch, cfg)
+
+
+def batch_at(ids_N: np.ndarray, segment_ids_N: np.ndarray, step: int, tcfg: TrainConfig) -> Batch:
+  """Batch `step`: batch_size random windows of seq_len + 1 tokens from the stream."""
+  ids_N, segment_ids_N = np.asarray(ids_N), np.asarray(segment_ids_N)
+  if ids_N.shape != segment_ids_N.shape or ids_N.ndim != 1:
+    raise ValueError(f"ids_N, segment_ids_N: expected equal 1-D shapes, got {ids_N.shape}, {segment_ids_N.shape}")
+  span = tcfg.seq_len + 1
+  if ids_N.size < span:
+    raise ValueError(f"ids_N: {ids_N.size} tokens are fewer than one window of {span}")
+  starts = np.random.default_rng([tcfg.seed, step]).integers(0, ids_N.size - span + 1, tcfg.batch_size)
+  index = starts[:, None] + np.arange(span)
+  tokens, segments = ids_N[index].astype(np.int32), segment_ids_N[index].astype(np.int32)
+  return packed_batch(tokens, segments)
+
+
+def batches(ids_N: np.ndarray, segment_ids_N: np.ndarray, tcfg: TrainConfig, start_step: int = 0) -> Iterator[Batch]:
+  """batch_at(step) for step = start_step, start_step + 1, ...: resume by passing state.step."""
+  for step in itertools.count(start_step):
+    yield batch_at(ids_N, segment_ids_N, step, tcfg)
+
+
+def packed_batch(tokens_BS: np.ndarray, segments_BS: np.ndarray) -> Batch:
+  """Batch from windows of S = T + 1 tokens and their document ids."""
+  seg_BT = segments_BS[:, :-1]
+  time = seg_BT.shape[1]
+  starts_BT = np.concatenate([np.ones_like(seg_BT[:, :1], bool), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1)
+  last_start_BT = np.maximum.accumulate(np.where(starts_BT, np.arange(time), 0), axis=1)
+  return Batch(
+    tokens_BS[:, :-1],
+    tokens_BS[:, 1:],
+    segments_BS[:, 1:] == seg_BT,
+    seg_BT,
+    (np.arange(time) - last_start_BT).astype(np.int32),
+  )
