@@ -90,22 +90,22 @@ def load(path: str | os.PathLike, tok: Tokenizer, *, max_len: int) -> Preference
   return tokenize(read_jsonl(path), tok, max_len=max_len)
 
 
-def from_token_arrays(prompts_BP: np.ndarray, chosen_BC: np.ndarray, rejected_BC: np.ndarray) -> PreferenceBatch:
+def from_token_arrays(prompts: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> PreferenceBatch:
   """A batch from already-tokenized, equal-width prompts and completions (synthetic tasks)."""
-  if not (prompts_BP.shape[0] == chosen_BC.shape[0] == rejected_BC.shape[0]) or chosen_BC.shape != rejected_BC.shape:
+  if not (prompts.shape[0] == chosen.shape[0] == rejected.shape[0]) or chosen.shape != rejected.shape:
     raise ValueError(
-      f"prompts, chosen, rejected: expected [B, P], [B, C], [B, C], "
-      f"got {prompts_BP.shape}, {chosen_BC.shape}, {rejected_BC.shape}"
+      f"prompts, chosen, rejected: expected [B, prompt length], [B, completion length] twice, "
+      f"got {prompts.shape}, {chosen.shape}, {rejected.shape}"
     )
-  batch, width = prompts_BP.shape[0], prompts_BP.shape[1] + chosen_BC.shape[1]
-  prompt_lengths = np.full((batch,), prompts_BP.shape[1], np.int32)
+  batch, width = prompts.shape[0], prompts.shape[1] + chosen.shape[1]
+  prompt_lengths = np.full((batch,), prompts.shape[1], np.int32)
   lengths = np.full((batch,), width, np.int32)
   mask = _completion_mask((batch, width), prompt_lengths, lengths)
   return PreferenceBatch(
-    np.concatenate([prompts_BP, chosen_BC], 1).astype(np.int32),
+    np.concatenate([prompts, chosen], 1).astype(np.int32),
     mask,
     lengths,
-    np.concatenate([prompts_BP, rejected_BC], 1).astype(np.int32),
+    np.concatenate([prompts, rejected], 1).astype(np.int32),
     mask,
     lengths,
     prompt_lengths,

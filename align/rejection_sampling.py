@@ -1,6 +1,7 @@
 """Rejection sampling (Llama 2/3 post-training): K samples per prompt, keep the best by reward.
 
-Shapes: B prompts, K samples per prompt, T prompt width, N new tokens.
+Shapes: B prompts, Y sampled responses per prompt (best-of-Y, the papers' K), T prompt
+width, N new tokens, L layers, S cache slots, G kv heads, K head dim, V vocabulary.
 
 Each prompt is prefilled once; its KV cache is then repeated K times and the K samples
 decode from the shared prefix (vLLM-style prefix sharing, here by copying the cache).
@@ -26,9 +27,9 @@ class Samples(NamedTuple):
   best_BN: jax.Array  # the highest-reward completion of each prompt
   best_lengths_B: jax.Array
   best_rewards_B: jax.Array
-  samples_BKN: jax.Array
-  lengths_BK: jax.Array
-  rewards_BK: jax.Array
+  samples_BYN: jax.Array
+  lengths_BY: jax.Array
+  rewards_BY: jax.Array
 
 
 def concat(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -> tuple[jax.Array, jax.Array]:
@@ -66,12 +67,12 @@ def best_of_k(
   )
   rewards = reward_fn(jnp.repeat(prompts_BT, k, axis=0), jnp.repeat(prompt_lengths_B, k), samples, lengths)
   batch = prompts_BT.shape[0]
-  samples_BKN = samples.reshape(batch, k, -1)
-  lengths_BK, rewards_BK = lengths.reshape(batch, k), rewards.reshape(batch, k)
-  best_B = jnp.argmax(rewards_BK, axis=1)
+  samples_BYN = samples.reshape(batch, k, -1)
+  lengths_BY, rewards_BY = lengths.reshape(batch, k), rewards.reshape(batch, k)
+  best_B = jnp.argmax(rewards_BY, axis=1)
   rows = jnp.arange(batch)
   return Samples(
-    samples_BKN[rows, best_B], lengths_BK[rows, best_B], rewards_BK[rows, best_B], samples_BKN, lengths_BK, rewards_BK
+    samples_BYN[rows, best_B], lengths_BY[rows, best_B], rewards_BY[rows, best_B], samples_BYN, lengths_BY, rewards_BY
   )
 
 

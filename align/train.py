@@ -4,6 +4,8 @@ All three reuse `models.train` (make_step, TrainState). SFT is plain next-token
 training with the completion mask; the reward model minimises the Bradley-Terry loss; the
 policy minimises a `dpo.PreferenceConfig` loss against a frozen reference whose log-probs
 are computed outside the gradient.
+
+Shapes: B batch, T time.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ are two demonstrations of different quality, the better one chosen by the score.
 Reported: reward-model held-out accuracy, DPO implicit-reward accuracy on held-out pairs,
 each policy's win rate over the SFT reference (sampled at T=1, judged by the score), and
 best-of-K rejection sampling with the reward model.
+
+Shapes: B prompts, T prompt width, N new tokens.
 """
 
 from __future__ import annotations

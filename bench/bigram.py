@@ -12,6 +12,8 @@ Parts:
 Data: cl100k tokens of the stdlib's source files, split 80/10/10 by file; tables use the
 training split's most frequent tokens plus one "other" id (a 100k-token bigram table
 would take 37 GiB).
+
+Shapes: N tokens in a stream.
 """
 
 from __future__ import annotations

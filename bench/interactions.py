@@ -13,6 +13,8 @@ epoch where the mean order is lowest (phase 2 starts after it) vs the epoch wher
 loss gap starts to grow, the Jaccard similarity of train vs test order-k interactions
 per class (falls with k in the papers), and sigma^2 of the closed-form theory fitted to
 each checkpoint's order distribution (decreasing over training in the theory).
+
+Shapes: B images, F pixels (input features), M = 2^n subsets of the n patch variables.
 """
 
 from __future__ import annotations

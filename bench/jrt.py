@@ -20,6 +20,9 @@ Parts:
 
 The papers time fused CUDA kernels on an H100; here both sides are XLA programs on the
 machine named in the report, so the ratios measure the algorithms, not the kernels.
+
+Shapes: B batch, T time, S keys, D model width, H heads, G kv heads, K head dim, V vocabulary,
+L layers, W conv width (of the decode states counted).
 """
 
 from __future__ import annotations

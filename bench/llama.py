@@ -11,6 +11,8 @@ Parts:
   GQA vs MHA (the report's H/G), computed from the configs.
 - train: training tokens/s of a small model on the stdlib corpus and its loss curve,
   held-out loss vs the unigram cross-entropy.
+
+Shapes: N tokens in a stream.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Parts:
   embeddings of a small Llama trained here on the stdlib corpus (real structure, no download).
 - flops: FLOPs per query-document pair of MaxSim vs a BERT-base cross-encoder on the same
   32 + 128 tokens, and per query when re-ranking 1000 documents (the paper's 10^4).
+
+Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim.
 """
 
 from __future__ import annotations

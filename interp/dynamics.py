@@ -1,6 +1,6 @@
 """The closed-form theory of phase 2 (Ren et al., arXiv 2407.19198).
 
-Shapes: n variables, M = 2^n subsets (bitmask indices as in `interp.interactions`), K = n + 1 orders.
+Shapes: n variables, M = 2^n subsets (bitmask indices as in `interp.interactions`), O = n + 1 orders.
 
 The output is modelled as f(x_S) = sum_T w_T J_T(x_S) with triggering functions
 J_T(x_S) = 1(T subset S) (J: the M x M 0/1 matrix, J[S, T]). Parameter noise makes noise

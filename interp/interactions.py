@@ -1,6 +1,6 @@
 """AND-OR (Harsanyi) interactions of a model's output over masked inputs.
 
-Shapes: n input variables, M = 2^n subsets, B batch, C classes. A subset T of the n
+Shapes: n input variables, M = 2^n subsets, B batch, C classes, F input features. A subset T of the n
 variables is the integer with bit i set iff variable i is in T; arrays over subsets are
 indexed by that integer (index 0 = {}, M - 1 = N).
 
@@ -243,9 +243,9 @@ def order_strength(i_and_M: jax.Array, i_or_M: jax.Array, tau: float) -> tuple[j
   return (jax.ops.segment_sum(plus, orders, num_segments=n + 1), jax.ops.segment_sum(minus, orders, num_segments=n + 1))
 
 
-def normalized_order_strength(i_and_XM: jax.Array, i_or_XM: jax.Array, tau: float) -> jax.Array:
+def normalized_order_strength(i_and_BM: jax.Array, i_or_BM: jax.Array, tau: float) -> jax.Array:
   """I^(k) = E_x[sum_{type, |S| = k, salient} |I(S)|] / Z, Z = mean over k = 1 .. n; shape [n + 1] (k = 0 is 0)."""
-  plus, minus = jax.vmap(order_strength, in_axes=(0, 0, None))(i_and_XM, i_or_XM, tau)
+  plus, minus = jax.vmap(order_strength, in_axes=(0, 0, None))(i_and_BM, i_or_BM, tau)
   per_order = (plus + minus).mean(axis=0)
   return per_order / jnp.maximum(per_order[1:].mean(), 1e-12)
 

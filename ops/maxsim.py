@@ -1,7 +1,8 @@
 """Late interaction (ColBERT MaxSim), tensor arrays, binary codes and reranking.
 
 Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim,
-W = ceil(K / 32) packed words, P passages, C shortlist candidates.
+I = ceil(K / 32) packed uint32 words, X the last dim of either form (K or I), Z passages,
+C shortlist candidates, B a block of documents.
 
   score[q, n] = sum_{l : q_mask[q, l]} max_{s : d_mask[n, s]} <q[q, l], d[n, s]>
 
@@ -66,8 +67,8 @@ def maxsim(
 
 
 def maxsim_binary(
-  q_bits_QTW: jax.Array,
-  d_bits_NSW: jax.Array,
+  q_bits_QTI: jax.Array,
+  d_bits_NSI: jax.Array,
   dim: int,
   *,
   q_mask_QT: jax.Array | None = None,
@@ -80,18 +81,18 @@ def maxsim_binary(
 
   Equals `maxsim` of the +-1 vectors the codes stand for, exactly.
   """
-  for name, x in (("q_bits_QTW", q_bits_QTW), ("d_bits_NSW", d_bits_NSW)):
+  for name, x in (("q_bits_QTI", q_bits_QTI), ("d_bits_NSI", d_bits_NSI)):
     if x.dtype != jnp.uint32 or x.ndim != 3:
       raise TypeError(f"{name}: expected uint32 codes of rank 3 (from pack_bits), got {x.dtype} {x.shape}")
   words = -(-dim // 32)
-  if q_bits_QTW.shape[2] != words or d_bits_NSW.shape[2] != words:
+  if q_bits_QTI.shape[2] != words or d_bits_NSI.shape[2] != words:
     raise ValueError(
-      f"dim: {dim} needs {words} words per token, got q {q_bits_QTW.shape[2]} and d {d_bits_NSW.shape[2]}"
+      f"dim: {dim} needs {words} words per token, got q {q_bits_QTI.shape[2]} and d {d_bits_NSI.shape[2]}"
     )
-  q_mask_QT, d_mask_NS = _masks(q_bits_QTW, d_bits_NSW, q_mask_QT, d_mask_NS, d_lengths_N)
+  q_mask_QT, d_mask_NS = _masks(q_bits_QTI, d_bits_NSI, q_mask_QT, d_mask_NS, d_lengths_N)
   if _resolve(impl) == "reference":
-    return maxsim_binary_reference(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, dim)
-  q, qm, d, dm, n = _pad_for_kernel(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, last_multiple=1)
+    return maxsim_binary_reference(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, dim)
+  q, qm, d, dm, n = _pad_for_kernel(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, last_multiple=1)
   return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret)[:, :n]
 
 
@@ -103,9 +104,9 @@ def maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS) -> jax.Array:
   return _blocked_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS, None)
 
 
-def maxsim_binary_reference(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, dim: int) -> jax.Array:
+def maxsim_binary_reference(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, dim: int) -> jax.Array:
   """The jnp truth for `kernels.maxsim_binary_pallas`: dim - 2 popcount(XOR), then MaxSim."""
-  return _blocked_reference(q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, dim)
+  return _blocked_reference(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, dim)
 
 
 def _token_scores(q_QTX, d_BSX, dim: int | None) -> jax.Array:
@@ -142,8 +143,8 @@ def _blocked_reference(q_QTX, q_mask_QT, d_NSX, d_mask_NS, dim):
     return jnp.einsum("qlb,ql->qb", best_QTB, q_mask_QT.astype(jnp.float32))
 
   blocks = (d_NSX.reshape(-1, block, *d_NSX.shape[1:]), d_mask_NS.reshape(-1, block, num_s))
-  scores_GQB = jax.lax.map(one_block, blocks)
-  return scores_GQB.transpose(1, 0, 2).reshape(num_q, -1)[:, :num_n]
+  scores_per_block = jax.lax.map(one_block, blocks)
+  return scores_per_block.transpose(1, 0, 2).reshape(num_q, -1)[:, :num_n]
 
 
 def pack_bits(x_K: jax.Array) -> jax.Array:
@@ -161,42 +162,42 @@ def pack_bits(x_K: jax.Array) -> jax.Array:
 
 
 def storage_bytes(x: jax.Array | np.ndarray) -> int:
-  """Bytes an embedding array occupies (float: K * itemsize per token; codes: 4 * W)."""
+  """Bytes an embedding array occupies (float: K * itemsize per token; codes: 4 * I)."""
   return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
 def tensor_array_maxsim(
   q_QTK: jax.Array,
-  passages_PSK: jax.Array,
-  passage_doc_P: jax.Array,
+  passages_ZSK: jax.Array,
+  passage_doc_Z: jax.Array,
   num_docs: int,
   *,
   q_mask_QT: jax.Array | None = None,
-  p_mask_PS: jax.Array | None = None,
-  p_lengths_P: jax.Array | None = None,
+  p_mask_ZS: jax.Array | None = None,
+  p_lengths_Z: jax.Array | None = None,
   normalize: bool = False,
   impl: Impl = "auto",
 ) -> jax.Array:
   """Long documents as tensor arrays: score[q, n] = max over n's passages of MaxSim, [Q, num_docs].
 
-  Passages of all documents sit in one [P, S, K] array; passage_doc_P[p] names the
+  Passages of all documents sit in one [Z, S, K] array; passage_doc_Z[p] names the
   document of passage p (any order, ragged counts). A document without passages scores -inf.
   """
-  if passage_doc_P.shape != passages_PSK.shape[:1] or not jnp.issubdtype(passage_doc_P.dtype, jnp.integer):
+  if passage_doc_Z.shape != passages_ZSK.shape[:1] or not jnp.issubdtype(passage_doc_Z.dtype, jnp.integer):
     raise ValueError(
-      f"passage_doc_P: expected integer shape ({passages_PSK.shape[0]},), "
-      f"got {passage_doc_P.dtype} {passage_doc_P.shape}"
+      f"passage_doc_Z: expected integer shape ({passages_ZSK.shape[0]},), "
+      f"got {passage_doc_Z.dtype} {passage_doc_Z.shape}"
     )
-  scores_QP = maxsim(
+  scores_QZ = maxsim(
     q_QTK,
-    passages_PSK,
+    passages_ZSK,
     q_mask_QT=q_mask_QT,
-    d_mask_NS=p_mask_PS,
-    d_lengths_N=p_lengths_P,
+    d_mask_NS=p_mask_ZS,
+    d_lengths_N=p_lengths_Z,
     normalize=normalize,
     impl=impl,
   )
-  return jax.ops.segment_max(scores_QP.T, passage_doc_P, num_segments=num_docs).T
+  return jax.ops.segment_max(scores_QZ.T, passage_doc_Z, num_segments=num_docs).T
 
 
 def top_k(scores_QN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -235,21 +236,21 @@ def two_stage_rerank(
   *,
   q_mask_QT: jax.Array | None = None,
   d_mask_NS: jax.Array | None = None,
-  d_bits_NSW: jax.Array | None = None,
+  d_bits_NSI: jax.Array | None = None,
   impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Binary MaxSim keeps `shortlist` candidates per query; float MaxSim ranks those.
 
-  Returns (scores [Q, k], document indices [Q, k]). Pass precomputed `d_bits_NSW`
+  Returns (scores [Q, k], document indices [Q, k]). Pass precomputed `d_bits_NSI`
   (`pack_bits(d_NSK)`) to avoid re-packing the collection.
   """
   num_n, dim = d_NSK.shape[0], d_NSK.shape[-1]
   if not 1 <= k <= shortlist <= num_n:
     raise ValueError(f"k, shortlist: expected 1 <= k <= shortlist <= N={num_n}, got {k}, {shortlist}")
   q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, None)
-  d_bits_NSW = pack_bits(d_NSK) if d_bits_NSW is None else d_bits_NSW
+  d_bits_NSI = pack_bits(d_NSK) if d_bits_NSI is None else d_bits_NSI
   _, cand_QC = rerank(
-    pack_bits(q_QTK), d_bits_NSW, shortlist, q_mask_QT=q_mask_QT, d_mask_NS=d_mask_NS, dim=dim, impl=impl
+    pack_bits(q_QTK), d_bits_NSI, shortlist, q_mask_QT=q_mask_QT, d_mask_NS=d_mask_NS, dim=dim, impl=impl
   )
 
   def one_query(q_TK, q_mask_T, cand_C):

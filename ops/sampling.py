@@ -1,6 +1,6 @@
 """Token selection from next-token logits: greedy, temperature, top-k, top-p.
 
-Shapes: B batch, V vocabulary.
+Shapes: B batch, V vocabulary, N kept ids (top-k).
 
 `select` is the "select" step of every generation loop in paperjax. Order of operations
 (as in common samplers): divide by the temperature, keep the top k, keep the nucleus of
@@ -19,8 +19,8 @@ def top_k_logits(logits_BV: jax.Array, k: int) -> jax.Array:
   """Keeps exactly the k largest logits per row (ties: lower id first); the rest -> -inf."""
   _check_logits(logits_BV)
   check_args(logits_BV.shape[-1], 1.0, k, None)
-  _, keep_BK = jax.lax.top_k(logits_BV, k)
-  keep_BV = jnp.zeros(logits_BV.shape, bool).at[jnp.arange(logits_BV.shape[0])[:, None], keep_BK].set(True)
+  _, top_ids_BN = jax.lax.top_k(logits_BV, k)
+  keep_BV = jnp.zeros(logits_BV.shape, bool).at[jnp.arange(logits_BV.shape[0])[:, None], top_ids_BN].set(True)
   return jnp.where(keep_BV, logits_BV, _NEG_INF)
 
 

@@ -4,7 +4,7 @@ The `.py` files under `sysconfig`'s stdlib path (tests and site-packages exclude
 read in sorted path order, are English prose (docstrings, comments) mixed with code.
 The same Python version gives the same corpus; nothing is downloaded.
 
-Shapes: N tokens in a stream, W windows, T window length, V vocabulary.
+Shapes: N tokens in a stream, B windows, T window length, V vocabulary.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Seeded, vectorised synthetic recall tasks (Zoology / JRT): MQAR and set disjointness.
 
-Shapes: B batch, T sequence length. Token 0 is padding; 1, 2, 3 are separators; the rest
+Shapes: B batch, T sequence length, V vocabulary. Token 0 is padding; 1, 2, 3 are separators; the rest
 of the vocabulary is split into two halves (keys / values, or set A / set B).
 
 A `RecallBatch` is next-token data: targets_BT[t] is the token expected after position t,

@@ -15,7 +15,7 @@ The table has V^k rows of V entries, so it grows as V^(k+1): a 100k vocabulary m
 the bigram table 40 GB in float32. `count` refuses tables larger than `max_table_bytes`
 with an error; `corpus.compact_vocab` maps a corpus onto a small vocabulary first.
 
-Shapes: B batch, T time, V vocabulary, C = V^k contexts, K context length (= order),
+Shapes: B batch, T time, V vocabulary, C = V^k contexts, O context length (= order),
 N generated tokens.
 """
 
@@ -81,12 +81,12 @@ def _count(tokens_BT: jax.Array, mask_BT: jax.Array, vocab_size: int, order: int
   if num_windows <= 0:
     return jnp.zeros((vocab_size**order, vocab_size), jnp.int32)
   # Window t covers tokens t .. t+order; its flat cell is sum_i tokens[t+i] * V^(order-i).
-  cell_BW = jnp.zeros((tokens_BT.shape[0], num_windows), jnp.int32)
-  valid_BW = jnp.ones_like(cell_BW, dtype=bool)
+  cell_BN = jnp.zeros((tokens_BT.shape[0], num_windows), jnp.int32)
+  valid_BN = jnp.ones_like(cell_BN, dtype=bool)
   for i in range(order + 1):
-    cell_BW = cell_BW * vocab_size + tokens_BT[:, i : i + num_windows]
-    valid_BW &= mask_BT[:, i : i + num_windows]
-  flat = jnp.zeros(vocab_size ** (order + 1), jnp.int32).at[cell_BW.ravel()].add(valid_BW.ravel().astype(jnp.int32))
+    cell_BN = cell_BN * vocab_size + tokens_BT[:, i : i + num_windows]
+    valid_BN &= mask_BT[:, i : i + num_windows]
+  flat = jnp.zeros(vocab_size ** (order + 1), jnp.int32).at[cell_BN.ravel()].add(valid_BN.ravel().astype(jnp.int32))
   return flat.reshape(vocab_size**order, vocab_size)
 
 
@@ -135,15 +135,15 @@ def fit(
   return probabilities(counts, alpha=alpha)
 
 
-def next_token_probs(table: NgramTable, context_BK: jax.Array) -> jax.Array:
+def next_token_probs(table: NgramTable, context_BO: jax.Array) -> jax.Array:
   """P(next | the last `order` tokens of each row): float32 [B, V].
 
-  `context_BK` may hold more than `order` tokens; only the last `order` are read.
+  `context_BO` may hold more than `order` tokens; only the last `order` are read.
   """
-  context_BK = jnp.asarray(context_BK)
-  if context_BK.ndim != 2 or context_BK.shape[1] < table.order:
-    raise ValueError(f"context_BK: expected shape [B, K] with K >= order={table.order}, got {context_BK.shape}")
-  return table.probs_CV[_context_index(context_BK, table.order, table.vocab_size)]
+  context_BO = jnp.asarray(context_BO)
+  if context_BO.ndim != 2 or context_BO.shape[1] < table.order:
+    raise ValueError(f"context_BO: expected shape [B, O] with O >= order={table.order}, got {context_BO.shape}")
+  return table.probs_CV[_context_index(context_BO, table.order, table.vocab_size)]
 
 
 def log_probs(table: NgramTable, tokens_BT: jax.Array | np.ndarray, mask_BT=None) -> tuple[jax.Array, jax.Array]:
@@ -188,7 +188,7 @@ def perplexity(table: NgramTable, tokens_BT, mask_BT=None, *, start: int | None 
 def generate(
   key: jax.Array,
   table: NgramTable,
-  prompt_BK: jax.Array,
+  prompt_BO: jax.Array,
   *,
   max_new_tokens: int,
   eos_id: int | None = None,
@@ -202,7 +202,7 @@ def generate(
   Args:
     key: PRNG key.
     table: fitted `NgramTable`.
-    prompt_BK: int prompts, [B, K] with K >= order (their last `order` tokens are read).
+    prompt_BO: int prompts, [B, O] with O >= order (their last `order` tokens are read).
     max_new_tokens: N >= 1.
     eos_id: stop token, or None to always generate N tokens.
     temperature: >= 0.
@@ -210,45 +210,45 @@ def generate(
   Returns:
     (tokens_BN int32, lengths_B int32): row b's generation is tokens_BN[b, :lengths_B[b]].
   """
-  prompt_BK = jnp.asarray(prompt_BK)
-  if prompt_BK.ndim != 2 or prompt_BK.shape[1] < table.order:
-    raise ValueError(f"prompt_BK: expected shape [B, K] with K >= order={table.order}, got {prompt_BK.shape}")
+  prompt_BO = jnp.asarray(prompt_BO)
+  if prompt_BO.ndim != 2 or prompt_BO.shape[1] < table.order:
+    raise ValueError(f"prompt_BO: expected shape [B, O] with O >= order={table.order}, got {prompt_BO.shape}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   if eos_id is not None and not 0 <= eos_id < table.vocab_size:
     raise ValueError(f"eos_id: expected an id in [0, {table.vocab_size}), got {eos_id}")
   if not float(temperature) >= 0:
     raise ValueError(f"temperature: expected >= 0, got {temperature}")
-  context_BK = prompt_BK[:, prompt_BK.shape[1] - table.order :].astype(jnp.int32)
-  return _generate(key, table, context_BK, max_new_tokens, eos_id, float(temperature))
+  context_BO = prompt_BO[:, prompt_BO.shape[1] - table.order :].astype(jnp.int32)
+  return _generate(key, table, context_BO, max_new_tokens, eos_id, float(temperature))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _generate(key, table, context_BK, max_new_tokens, eos_id, temperature):
+def _generate(key, table, context_BO, max_new_tokens, eos_id, temperature):
   def step(carry, step_key):
-    context_BK, done_B = carry
-    logits_BV = jnp.log(next_token_probs(table, context_BK))
+    context_BO, done_B = carry
+    logits_BV = jnp.log(next_token_probs(table, context_BO))
     token_B = sampling.select(step_key, logits_BV, temperature)
     if eos_id is not None:
       token_B = jnp.where(done_B, eos_id, token_B)
       done_B = done_B | (token_B == eos_id)
-    context_BK = jnp.concatenate([context_BK[:, 1:], token_B[:, None]], axis=1)
-    return (context_BK, done_B), (token_B, done_B)
+    context_BO = jnp.concatenate([context_BO[:, 1:], token_B[:, None]], axis=1)
+    return (context_BO, done_B), (token_B, done_B)
 
-  done_B = jnp.zeros(context_BK.shape[0], bool)
+  done_B = jnp.zeros(context_BO.shape[0], bool)
   keys = jax.random.split(key, max_new_tokens)
-  _, (tokens_NB, done_NB) = jax.lax.scan(step, (context_BK, done_B), keys)
+  _, (tokens_NB, done_NB) = jax.lax.scan(step, (context_BO, done_B), keys)
   # Length = steps until (and including) the first EOS: N minus the steps done before.
   done_before_NB = jnp.concatenate([jnp.zeros_like(done_NB[:1]), done_NB[:-1]], axis=0)
   lengths_B = max_new_tokens - done_before_NB.sum(axis=0, dtype=jnp.int32)
   return tokens_NB.T, lengths_B
 
 
-def _context_index(context_BK: jax.Array, order: int, vocab_size: int) -> jax.Array:
+def _context_index(context_BO: jax.Array, order: int, vocab_size: int) -> jax.Array:
   """Row of the table for the last `order` tokens: sum_i c_i V^(order-1-i)."""
-  index = jnp.zeros(context_BK.shape[:-1], jnp.int32)
-  for i in range(context_BK.shape[-1] - order, context_BK.shape[-1]):
-    index = index * vocab_size + context_BK[..., i]
+  index = jnp.zeros(context_BO.shape[:-1], jnp.int32)
+  for i in range(context_BO.shape[-1] - order, context_BO.shape[-1]):
+    index = index * vocab_size + context_BO[..., i]
   return index
 
 

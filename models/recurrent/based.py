@@ -2,7 +2,7 @@
 
 Shapes: B batch, T time, S window slots (the last N = window tokens), D model width,
 H heads, J feature-map input dim, F = 1 + J + J^2 features, K head dim, W conv width,
-E MLP hidden width, V vocabulary, L blocks.
+E MLP hidden width, V vocabulary, L blocks, A = K / 2 RoPE angles.
 
 Each block is three pre-norm layers, each followed by a SwiGLU MLP:
   conv:    x + BaseConv(RMSNorm(x))                         (gated short convolution)

@@ -87,16 +87,16 @@ def batches(ids_N: np.ndarray, segment_ids_N: np.ndarray, tcfg: TrainConfig, sta
     yield batch_at(ids_N, segment_ids_N, step, tcfg)
 
 
-def packed_batch(tokens_BS: np.ndarray, segments_BS: np.ndarray) -> Batch:
-  """Batch from windows of S = T + 1 tokens and their document ids."""
-  seg_BT = segments_BS[:, :-1]
+def packed_batch(windows: np.ndarray, window_segments: np.ndarray) -> Batch:
+  """Batch from windows of T + 1 tokens ([B, T + 1]: inputs and their next tokens) and their document ids."""
+  seg_BT = window_segments[:, :-1]
   time = seg_BT.shape[1]
   starts_BT = np.concatenate([np.ones_like(seg_BT[:, :1], bool), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1)
   last_start_BT = np.maximum.accumulate(np.where(starts_BT, np.arange(time), 0), axis=1)
   return Batch(
-    tokens_BS[:, :-1],
-    tokens_BS[:, 1:],
-    segments_BS[:, 1:] == seg_BT,
+    windows[:, :-1],
+    windows[:, 1:],
+    window_segments[:, 1:] == seg_BT,
     seg_BT,
     (np.arange(time) - last_start_BT).astype(np.int32),
   )

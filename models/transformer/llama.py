@@ -5,7 +5,7 @@
   logits = RMSNorm(x_L) W_unembed     (float32)
 
 Shapes: B batch, T time (new tokens), S cache slots, D model width, H query heads,
-G kv heads, K head dim, E MLP hidden width, V vocabulary, L layers.
+G kv heads, K head dim, E MLP hidden width, V vocabulary, L layers, A = K / 2 RoPE angles.
 
 A `models.protocol.DecodingModel`: one code path (`models.stack.scan_layers` over the L
 stacked layers) serves training (no state), prefill and decode (a `KVCache` in and out):

@@ -1,7 +1,8 @@
 """MaxSim Pallas kernels: float (tensor-core dot) and binary (XOR + popcount).
 
-Shapes: Q queries, T query tokens, N documents, S document tokens, K dim, W packed
-uint32 words, BN documents per program, BS document tokens per loop step.
+Shapes: Q queries, T query tokens, N documents, S document tokens (a chunk of them per
+step), K dim, I packed uint32 words, X the last dim of either form (K or I); block sizes:
+BN documents per program, BS document tokens per loop step.
 
 One program scores one query against BN documents: it walks the document tokens in
 chunks of BS, keeps the running max over tokens of every (query token, document) pair in
@@ -30,26 +31,26 @@ def _finish(best_TN: jax.Array, q_mask_T: jax.Array) -> jax.Array:
   return jnp.sum(best_TN * q_mask_T[:, None], axis=0)
 
 
-def _dot_scores(q_TK: jax.Array, d_RK: jax.Array) -> jax.Array:
-  return jax.lax.dot_general(q_TK, d_RK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _dot_scores(q_TK: jax.Array, d_SK: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(q_TK, d_SK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _code_scores(q_TW: jax.Array, d_RW: jax.Array, *, dim: int) -> jax.Array:
-  hamming_TR = jax.lax.population_count(q_TW[:, None, :] ^ d_RW[None, :, :]).astype(jnp.int32).sum(axis=-1)
-  return (dim - 2 * hamming_TR).astype(jnp.float32)
+def _code_scores(q_TI: jax.Array, d_SI: jax.Array, *, dim: int) -> jax.Array:
+  hamming_TS = jax.lax.population_count(q_TI[:, None, :] ^ d_SI[None, :, :]).astype(jnp.int32).sum(axis=-1)
+  return (dim - 2 * hamming_TS).astype(jnp.float32)
 
 
 def _kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int, pair_scores):
-  """Running max over document-token chunks of pair_scores(q [T, X], d [R, X]) -> [T, R]."""
+  """Running max over document-token chunks of pair_scores(q [T, X], d [S, X]) -> [T, S]."""
   q_TX = q_ref[0]
   block_n, num_tokens, last = d_ref.shape
   num_l = q_TX.shape[0]
 
   def chunk(c, best_TN):
     s0 = pl.multiple_of(c * block_s, block_s)
-    d_RX = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, last)
+    d_SX = d_ref[:, pl.ds(s0, block_s), :].reshape(block_n * block_s, last)
     valid_NS = d_mask_ref[:, pl.ds(s0, block_s)] != 0
-    scores_TNS = jnp.where(valid_NS[None], pair_scores(q_TX, d_RX).reshape(num_l, block_n, block_s), -jnp.inf)
+    scores_TNS = jnp.where(valid_NS[None], pair_scores(q_TX, d_SX).reshape(num_l, block_n, block_s), -jnp.inf)
     return jnp.maximum(best_TN, scores_TNS.max(axis=-1))
 
   init = jnp.full((num_l, block_n), -jnp.inf, jnp.float32)
@@ -88,9 +89,9 @@ def maxsim_pallas(
 
 @functools.partial(jax.jit, static_argnames=("dim", "block_n", "block_s", "interpret"))
 def maxsim_binary_pallas(
-  q_bits_QTW,
+  q_bits_QTI,
   q_mask_QT,
-  d_bits_NSW,
+  d_bits_NSI,
   d_mask_NS,
   *,
   dim: int,
@@ -101,5 +102,5 @@ def maxsim_binary_pallas(
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
   return _call(
-    kernel, q_bits_QTW, q_mask_QT, d_bits_NSW, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary"
+    kernel, q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary"
   )

@@ -141,14 +141,14 @@ def test_rejection_sampling_keeps_the_argmax_and_shares_the_prefix(key):
   out = rejection_sampling.best_of_k(
     key, params, CFG, prompts, lengths, reward_fn, k=4, max_new_tokens=5, temperature=1.0
   )
-  assert out.samples_BKN.shape == (2, 4, 5)
-  np.testing.assert_array_equal(out.best_rewards_B, out.rewards_BK.max(axis=1))
-  np.testing.assert_array_equal(out.best_BN, out.samples_BKN[jnp.arange(2), out.rewards_BK.argmax(axis=1)])
+  assert out.samples_BYN.shape == (2, 4, 5)
+  np.testing.assert_array_equal(out.best_rewards_B, out.rewards_BY.max(axis=1))
+  np.testing.assert_array_equal(out.best_BN, out.samples_BYN[jnp.arange(2), out.rewards_BY.argmax(axis=1)])
   # Shared prefill gives exactly what generating from the K-times repeated prompts gives.
   tokens, _ = generate.generate(
     key, params, CFG, jnp.repeat(prompts, 4, 0), jnp.repeat(lengths, 4), max_new_tokens=5, temperature=1.0
   )
-  np.testing.assert_array_equal(out.samples_BKN.reshape(8, 5), tokens)
+  np.testing.assert_array_equal(out.samples_BYN.reshape(8, 5), tokens)
   full, full_len = rejection_sampling.concat(prompts, lengths, out.best_BN, out.best_lengths_B)
   assert full[1, :7].tolist() == [6, 7, *out.best_BN[1].tolist()]
   np.testing.assert_array_equal(full_len, lengths + 5)

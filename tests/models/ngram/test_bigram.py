@@ -124,7 +124,7 @@ def test_errors():
   with pytest.raises(ValueError, match="alpha"):
     bigram.probabilities(jnp.ones((4, 4)), alpha=-1.0)
   table = _chain()
-  with pytest.raises(ValueError, match="prompt_BK"):
+  with pytest.raises(ValueError, match="prompt_BO"):
     bigram.generate(jax.random.key(0), table, jnp.zeros((2, 0), jnp.int32), max_new_tokens=3)
   with pytest.raises(ValueError, match="max_new_tokens"):
     bigram.generate(jax.random.key(0), table, jnp.zeros((2, 1), jnp.int32), max_new_tokens=0)
