@@ -203,7 +203,11 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None]:
   """Next-token logits (float32 [B, T, V]) and the updated cache (None without one).
 
-  Keyword inputs (positions_BT, segment_ids_BT, num_new_B) as in `forward_hidden`.
+  Without a state: causal attention over tokens_BT, restricted to equal `segment_ids_BT`
+  when given (packed documents); `positions_BT` default to 0 .. T-1.
+  With a state (a `KVCache`): tokens are written at slots lengths[b] + t and attend to
+  every earlier slot; positions default to the slots; only the first `num_new_B[b]`
+  tokens of row b (default all T) count, so right-padded prompts prefill together.
   """
   logits_BTV, state, _ = forward_with_sites(params, tokens_BT, cfg, (), state=state, **inputs)
   return logits_BTV, state
@@ -258,7 +262,8 @@ def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
 def forward_hidden(
   params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: KVCache | None = None, **inputs
 ) -> tuple[jax.Array, KVCache | None]:
-  """Hidden states after the final RMSNorm ([B, T, D], compute dtype) and the updated cache."""
+  """Hidden states after the final RMSNorm ([B, T, D], compute dtype) and the updated cache
+  (keyword inputs as in `forward`)."""
   hidden_BTD, state, _ = _forward(params, tokens_BT, cfg, state=state, **inputs)
   return hidden_BTD, state
 
@@ -274,14 +279,8 @@ def _forward(
   num_new_B: jax.Array | None = None,
   kinds: frozenset[str] = frozenset(),
 ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
-  """Hidden states after the final RMSNorm, the updated cache and the stacked site activations.
-
-  Without a cache: causal attention over tokens_BT, restricted to equal segment ids when
-  given (packed documents); positions default to 0 .. T-1.
-  With a cache: tokens are written at slots lengths[b] + t and attend to every earlier
-  slot; positions default to the slots; only the first num_new_B[b] tokens of row b
-  (default all T) count, so right-padded prompts of different lengths prefill together.
-  """
+  """Hidden states after the final RMSNorm, the updated cache and the stacked site
+  activations (inputs as in `forward`)."""
   cache = state
   batch, time = _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B)
   if cache is None:
