@@ -1,11 +1,21 @@
-"""Preference data: JSON lines {"prompt", "chosen", "rejected"} (+ "margin" or "rating").
+"""Preference data in TRL's formats, read from JSON lines into padded token batches.
 
-Shapes: B pairs, T padded length.
+Shapes: B pairs (or unpaired completions), T padded length.
 
-Each record becomes two rows, prompt + chosen and prompt + rejected, tokenized with the
-project tokenizer (BOS before the prompt, EOS after the completion), right-padded to one
-width, with completion masks (prompt and padding excluded). A malformed or too-long line
-raises an error naming its line number: nothing is dropped silently.
+One format per file, as TRL defines them:
+  standard         {"prompt": str, "chosen": str, "rejected": str} (+ "margin" or "rating")
+  conversational   the same keys holding lists of {"role", "content"} messages; chosen and
+                   rejected are the assistant's turns
+  implicit prompt  {"chosen": [...], "rejected": [...]}: whole conversations whose common
+                   leading messages are the prompt
+  unpaired (KTO)   {"prompt", "completion", "label": bool}, standard or conversational
+
+Standard text is tokenized as prompt (after BOS) + completion (before EOS). Messages are
+rendered in Llama 3's chat format (`models.data.chat`): the prompt ends with the assistant
+header and each completion ends with <|eot_id|>. Completion masks keep completion tokens
+only (prompt and padding excluded); with `mask_formatting` (Llama 3's DPO) they also drop
+the chat's formatting tokens, headers and <|eot_id|>, from both log-probs. A malformed
+record or a too-long row raises an error naming its file and line: nothing is dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +28,16 @@ from typing import NamedTuple
 import numpy as np
 
 from paperjax.align.reward import LLAMA2_MARGINS
+from paperjax.models.data import chat
 from paperjax.models.data.tokenizer import Tokenizer
+
+# Record keys of each format; "margin" and "rating" may join the paired ones.
+FORMATS = {
+  "paired": frozenset({"prompt", "chosen", "rejected"}),
+  "implicit": frozenset({"chosen", "rejected"}),
+  "unpaired": frozenset({"prompt", "completion", "label"}),
+}
+_PAIR_EXTRAS = frozenset({"margin", "rating"})
 
 
 class PreferenceBatch(NamedTuple):
@@ -32,9 +51,23 @@ class PreferenceBatch(NamedTuple):
   margin_B: np.ndarray  # float32, 0 where none given
 
 
+class UnpairedBatch(NamedTuple):
+  """Unpaired completions with binary feedback (KTO)."""
+
+  tokens_BT: np.ndarray  # int32
+  mask_BT: np.ndarray  # bool, completion tokens
+  lengths_B: np.ndarray
+  prompt_lengths_B: np.ndarray
+  label_B: np.ndarray  # bool: desirable
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """Parsed and validated records; errors name the file and line."""
-  records = []
+  """Parsed and validated records of one TRL format; errors name the file and line.
+
+  Implicit-prompt records come back split into prompt, chosen and rejected messages.
+  """
+  records: list[dict] = []
+  first: tuple[str, str] | None = None  # (format, style) of the file's first record
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
@@ -46,48 +79,148 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(record.get(field), str):
-          raise ValueError(f"{where}: field {field!r} must be a string, got {record.get(field)!r}")
-      if "margin" in record and not isinstance(record["margin"], (int, float)):
-        raise ValueError(f"{where}: 'margin' must be a number, got {record['margin']!r}")
-      if "rating" in record and record["rating"] not in LLAMA2_MARGINS:
-        raise ValueError(f"{where}: 'rating' must be one of {sorted(LLAMA2_MARGINS)}, got {record['rating']!r}")
+      kind, style, record = _check_record(record, where)
+      if first is None:
+        first = (kind, style)
+      elif (kind, style) != first:
+        raise ValueError(f"{where}: a {style} {kind} record in a file of {first[1]} {first[0]} records")
       records.append({**record, "_where": where})
   return records
 
 
-def tokenize(records: Sequence[dict], tok: Tokenizer, *, max_len: int) -> PreferenceBatch:
-  """Rows of prompt + completion ids; a row over max_len raises (with its record's line)."""
+def _check_record(record: dict, where: str) -> tuple[str, str, dict]:
+  keys = set(record)
+  kind = "unpaired" if keys & {"completion", "label"} else "paired" if "prompt" in keys else "implicit"
+  required = FORMATS[kind]
+  unknown = keys - required - (_PAIR_EXTRAS if kind == "paired" else frozenset())
+  if unknown:
+    raise ValueError(f"{where}: unknown fields {sorted(unknown)} in a {kind} record (fields: {sorted(required)})")
+  texts = [k for k in ("prompt", "chosen", "rejected", "completion") if k in required]
+  for field in texts:
+    if not isinstance(record.get(field), (str, list)):
+      raise ValueError(f"{where}: field {field!r} must be a string or a list of messages, got {record.get(field)!r}")
+  if kind == "unpaired" and not isinstance(record.get("label"), bool):
+    raise ValueError(f"{where}: field 'label' must be true or false, got {record.get('label')!r}")
+  if "margin" in record and not isinstance(record["margin"], (int, float)):
+    raise ValueError(f"{where}: 'margin' must be a number, got {record['margin']!r}")
+  if "rating" in record and record["rating"] not in LLAMA2_MARGINS:
+    raise ValueError(f"{where}: 'rating' must be one of {sorted(LLAMA2_MARGINS)}, got {record['rating']!r}")
+  types = {k: type(record[k]).__name__ for k in texts}
+  if kind == "implicit" and not all(isinstance(record[k], list) for k in texts):
+    raise ValueError(f"{where}: an implicit-prompt record holds two conversations (message lists), got {types}")
+  if all(isinstance(record[k], str) for k in texts):
+    return kind, "standard", record
+  if not all(isinstance(record[k], list) for k in texts):
+    raise ValueError(f"{where}: fields must be all strings (standard) or all message lists, got {types}")
+  messages = {k: chat.check_messages(record[k], where=f"{where}: {k}") for k in texts}
+  if kind == "implicit":
+    chosen, rejected = messages["chosen"], messages["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+      shared += 1
+    if shared == 0:
+      raise ValueError(f"{where}: chosen and rejected share no leading message, so there is no prompt")
+    messages = {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    kind = "paired"
+  for k in ("chosen", "rejected", "completion"):
+    if k in messages and (not messages[k] or messages[k][0]["role"] != "assistant"):
+      raise ValueError(f"{where}: {k} must start with an assistant message, got {messages[k][:1]}")
+  return kind, "conversational", {**record, **messages}
+
+
+def tokenize(
+  records: Sequence[dict], tok: Tokenizer | chat.ChatFormat, *, max_len: int, mask_formatting: bool = True
+) -> PreferenceBatch:
+  """Rows of prompt + completion ids; a row over max_len raises (with its record's line).
+
+  `tok` is a tokenizer, or a `chat.ChatFormat` for conversational records over another
+  vocabulary. `mask_formatting` drops chat headers and <|eot_id|> from the completion masks.
+  """
   prompts, chosen, rejected, margins = [], [], [], []
   for i, record in enumerate(records):
     where = record.get("_where", f"records[{i}]")
-    prompt = tok.encode(record["prompt"], bos=tok.bos_id is not None)
-    rows = [prompt + tok.encode(record[k], eos=tok.eos_id is not None) for k in ("chosen", "rejected")]
-    for name, row in zip(("chosen", "rejected"), rows):
-      if len(row) > max_len:
-        raise ValueError(f"{where}: prompt + {name} is {len(row)} tokens, over max_len={max_len}")
-    prompts.append(len(prompt))
+    if "completion" in record:
+      raise ValueError(f"{where}: an unpaired record; read unpaired files with tokenize_unpaired")
+    prompt_len, rows = _rows(record, ("chosen", "rejected"), tok, max_len, where)
+    prompts.append(prompt_len)
     chosen.append(rows[0])
     rejected.append(rows[1])
     margins.append(float(record.get("margin", LLAMA2_MARGINS.get(str(record.get("rating")), 0.0))))
   prompt_lengths = np.asarray(prompts, np.int32)
-  chosen_BT, chosen_lengths = _pad(chosen, tok.pad_id)
-  rejected_BT, rejected_lengths = _pad(rejected, tok.pad_id)
+  chosen_BT, chosen_mask, chosen_lengths = _pad_rows(chosen, prompt_lengths, tok.pad_id, mask_formatting)
+  rejected_BT, rejected_mask, rejected_lengths = _pad_rows(rejected, prompt_lengths, tok.pad_id, mask_formatting)
   return PreferenceBatch(
     chosen_BT,
-    _completion_mask(chosen_BT.shape, prompt_lengths, chosen_lengths),
+    chosen_mask,
     chosen_lengths,
     rejected_BT,
-    _completion_mask(rejected_BT.shape, prompt_lengths, rejected_lengths),
+    rejected_mask,
     rejected_lengths,
     prompt_lengths,
     np.asarray(margins, np.float32),
   )
 
 
-def load(path: str | os.PathLike, tok: Tokenizer, *, max_len: int) -> PreferenceBatch:
-  return tokenize(read_jsonl(path), tok, max_len=max_len)
+def tokenize_unpaired(
+  records: Sequence[dict], tok: Tokenizer | chat.ChatFormat, *, max_len: int, mask_formatting: bool = True
+) -> UnpairedBatch:
+  """Rows of prompt + completion ids with their labels (unpaired files)."""
+  prompts, rows, labels = [], [], []
+  for i, record in enumerate(records):
+    where = record.get("_where", f"records[{i}]")
+    if "completion" not in record:
+      raise ValueError(f"{where}: a paired record; read paired files with tokenize")
+    prompt_len, (row,) = _rows(record, ("completion",), tok, max_len, where)
+    prompts.append(prompt_len)
+    rows.append(row)
+    labels.append(record["label"])
+  prompt_lengths = np.asarray(prompts, np.int32)
+  tokens_BT, mask_BT, lengths_B = _pad_rows(rows, prompt_lengths, tok.pad_id, mask_formatting)
+  return UnpairedBatch(tokens_BT, mask_BT, lengths_B, prompt_lengths, np.asarray(labels, bool))
+
+
+def load(path: str | os.PathLike, tok: Tokenizer, *, max_len: int, mask_formatting: bool = True) -> PreferenceBatch:
+  return tokenize(read_jsonl(path), tok, max_len=max_len, mask_formatting=mask_formatting)
+
+
+def load_unpaired(
+  path: str | os.PathLike, tok: Tokenizer, *, max_len: int, mask_formatting: bool = True
+) -> UnpairedBatch:
+  return tokenize_unpaired(read_jsonl(path), tok, max_len=max_len, mask_formatting=mask_formatting)
+
+
+def _rows(record: dict, keys: tuple[str, ...], tok: Tokenizer | chat.ChatFormat, max_len: int, where: str):
+  """(prompt length, [(ids, formatting mask)] per completion key) of one record."""
+  rows: list[tuple[list[int], list[bool]]] = []
+  if isinstance(record["prompt"], str):  # standard: BOS prompt + completion EOS, no formatting tokens
+    if not isinstance(tok, Tokenizer):
+      raise ValueError(f"{where}: a standard (text) record needs a Tokenizer, got a {type(tok).__name__}")
+    prompt = tok.encode(record["prompt"], bos=tok.bos_id is not None)
+    for key in keys:
+      ids = prompt + tok.encode(record[key], eos=tok.eos_id is not None)
+      rows.append((ids, [False] * len(ids)))
+  else:
+    fmt = tok if isinstance(tok, chat.ChatFormat) else chat.ChatFormat.from_tokenizer(tok)
+    prompt = chat.render(fmt, record["prompt"], add_generation_prompt=True).ids_T.tolist()
+    for key in keys:
+      full = chat.render(fmt, [*record["prompt"], *record[key]])
+      # The completion's first header is the prompt's generation header.
+      assert full.ids_T[: len(prompt)].tolist() == prompt, where
+      rows.append((full.ids_T.tolist(), full.format_mask_T.tolist()))
+  for key, (ids, _) in zip(keys, rows):
+    if len(ids) > max_len:
+      raise ValueError(f"{where}: prompt + {key} is {len(ids)} tokens, over max_len={max_len}")
+  return len(prompt), rows
+
+
+def _pad_rows(rows: list[tuple[list[int], list[bool]]], prompt_lengths: np.ndarray, pad_id: int, mask_formatting: bool):
+  """Right-padded ids, completion masks (formatting tokens dropped if asked) and lengths."""
+  ids_BT, lengths = _pad([ids for ids, _ in rows], pad_id)
+  formatting_BT, _ = _pad([[int(f) for f in fmt] for _, fmt in rows], 0)
+  mask_BT = _completion_mask(ids_BT.shape, prompt_lengths, lengths)
+  if mask_formatting:
+    mask_BT &= ~formatting_BT.astype(bool)
+  return ids_BT, mask_BT, lengths
 
 
 def from_token_arrays(prompts: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> PreferenceBatch:

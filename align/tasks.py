@@ -9,6 +9,10 @@ Shapes: B batch. Vocabulary: PAD 0, BOS 1, SEP 2, EOS 3, digits 4 .. 4 + num_dig
 Demonstrations are the sorted digits with each position replaced by a random digit with
 probability `noise`, so a model fit to them is good but imperfect, and preferences
 between two completions are decided by `score`: win rates are measured, not judged.
+
+In chat form (`chat_format`, `chat_prompts`, `chat_replies`) the digits are a user turn and
+the assistant's reply in Llama 3's template (`models.data.chat`) over the task's own ids
+plus CHAT_TOKENS: <|eot_id|> ends the reply where EOS did.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ import dataclasses
 
 import numpy as np
 
+from paperjax.models.data import chat
+
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_DIGIT = 4
+# The chat template's ids, numbered after the digits.
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "user", "assistant", "\n\n")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +37,10 @@ class SortTask:
   @property
   def vocab_size(self) -> int:
     return FIRST_DIGIT + self.num_digits
+
+  @property
+  def chat_vocab_size(self) -> int:
+    return self.vocab_size + len(CHAT_TOKENS)
 
   @property
   def prompt_len(self) -> int:
@@ -61,6 +73,39 @@ class SortTask:
     before_eos = np.cumsum(completions == EOS, axis=1) == 0
     return ((completions == self.target(prompts)) & before_eos).sum(axis=1)
 
+  def chat_format(self) -> chat.ChatFormat:
+    """Llama 3's chat template over the task's ids: digits are written "3 1 4"."""
+    ids = {token: self.vocab_size + i for i, token in enumerate(CHAT_TOKENS)}
+
+    def encode(text: str) -> list[int]:
+      if text in ids:
+        return [ids[text]]
+      words = text.split()
+      if not words or any(not w.isdigit() or int(w) >= self.num_digits for w in words):
+        raise ValueError(f"text: expected digits 0 .. {self.num_digits - 1} separated by spaces, got {text!r}")
+      return [FIRST_DIGIT + int(w) for w in words]
+
+    return chat.ChatFormat(
+      encode=encode,
+      bos_id=BOS,
+      start_header_id=ids["<|start_header_id|>"],
+      end_header_id=ids["<|end_header_id|>"],
+      eot_id=ids["<|eot_id|>"],
+      pad_id=PAD,
+    )
+
+  def chat_prompts(self, prompts: np.ndarray) -> list[list[dict[str, str]]]:
+    """Each prompt's digits as a user turn."""
+    return [[{"role": "user", "content": _words(row[1:-1])}] for row in np.asarray(prompts)]
+
+  def chat_replies(self, completions: np.ndarray) -> list[list[dict[str, str]]]:
+    """Each completion's digits before its EOS as an assistant turn."""
+    replies = []
+    for row in np.asarray(completions):
+      digits = row[: np.argmax(row == EOS)] if (row == EOS).any() else row
+      replies.append([{"role": "assistant", "content": _words(digits)}])
+    return replies
+
   def preference_pairs(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n (prompt, chosen, rejected) triples of demonstrations at random noise levels, chosen
     strictly better by score (candidate pairs that tie are not preferences and are redrawn)."""
@@ -77,3 +122,7 @@ class SortTask:
       rejected_out.append(np.where(better_a, b[keep], a[keep]))
       have += int(keep.sum())
     return np.concatenate(prompts_out)[:n], np.concatenate(chosen_out)[:n], np.concatenate(rejected_out)[:n]
+
+
+def _words(digit_ids: np.ndarray) -> str:
+  return " ".join(str(int(d) - FIRST_DIGIT) for d in digit_ids)

@@ -10,6 +10,9 @@ Two constructors:
 - `from_file(path)`: a `.tiktoken` BPE file (one `<base64 token> <rank>` per line, the
   format of Llama 3's `tokenizer.model`) with a split regex and special tokens, by
   default Llama 3's.
+- `llama3_offline()`: Llama 3's id layout without its file: tiktoken's cl100k ranks (the
+  100K tokens Llama 3's 128K vocabulary starts from), Llama 3's split regex and its 256
+  special tokens at 128000-128255, so the chat format (`models.data.chat`) has its ids.
 
 Text is encoded as ordinary text: a special token's spelling inside user text (say
 "<|endoftext|>") is tokenized as the characters it is, never as the special id. BOS/EOS
@@ -270,6 +273,29 @@ def from_file(
   bos_id = special_tokens[bos_token] if bos_token else None
   eos_id = special_tokens[eos_token] if eos_token else None
   return Tokenizer(encoding, bos_id, eos_id, pad_id=eos_id if eos_id is not None else 0)
+
+
+@functools.cache
+def llama3_offline(base: str = "cl100k_base") -> Tokenizer:
+  """Llama 3's special tokens and split regex over a bundled tiktoken encoding's BPE ranks.
+
+  Llama 3's vocabulary is tiktoken's 100K tokens plus 28K more, then 256 specials at
+  128000: <|begin_of_text|> 128000 (BOS), <|end_of_text|> 128001 (EOS), <|start_header_id|>
+  128006, <|end_header_id|> 128007, <|eot_id|> 128009. Here the 28K extra merges are
+  missing (some text splits into more tokens than with Meta's file); every special id,
+  and so the chat format, is Llama 3's. For the real tokenizer use `from_file`.
+  """
+  encoding = _load_named(base)
+  specials = llama3_special_tokens(128_000)
+  llama3 = tiktoken.Encoding(
+    f"{encoding.name}+llama3",
+    pat_str=LLAMA3_PATTERN,
+    mergeable_ranks=encoding._mergeable_ranks,  # tiktoken's documented way to extend an encoding
+    special_tokens=specials,
+  )
+  return Tokenizer(
+    llama3, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], pad_id=specials["<|end_of_text|>"]
+  )
 
 
 def _read_bpe_file(path: str) -> dict[bytes, int]:

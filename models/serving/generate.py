@@ -12,7 +12,7 @@ when every row has emitted a stop token or after `max_new_tokens`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperjax.models import protocol
+from paperjax.models.data import chat
 from paperjax.models.data.tokenizer import Tokenizer
 from paperjax.ops import sampling
 
@@ -143,13 +144,44 @@ def generate_text(
   stop_ids default to the tokenizer's EOS. The model's vocabulary must cover the
   tokenizer's ids.
   """
-  if tok.vocab_size > cfg.vocab_size:
-    raise ValueError(f"tok: {tok.vocab_size} ids do not fit the model's vocab_size={cfg.vocab_size}")
-  batch = tok.encode_batch(list(prompts), bos=bos)
   if stop_ids is None:
     stop_ids = () if tok.eos_id is None else (tok.eos_id,)
+  rows = [tok.encode(prompt, bos=bos) for prompt in prompts]
+  return _complete(key, params, cfg, tok, rows, max_new_tokens, tuple(stop_ids), select_kwargs)
+
+
+def generate_chat(
+  key: jax.Array,
+  params: dict,
+  cfg: Any,
+  tok: Tokenizer,
+  conversations: Sequence[Sequence[Mapping[str, str]]],
+  *,
+  max_new_tokens: int,
+  **select_kwargs,
+) -> list[str]:
+  """The assistant's reply to each conversation in Llama 3's chat format (`models.data.chat`).
+
+  Each conversation is rendered with the assistant header appended; a row stops at
+  <|eot_id|>, which the reply excludes.
+  """
+  fmt = chat.ChatFormat.from_tokenizer(tok)
+  rows = [chat.render(fmt, messages, add_generation_prompt=True).ids_T.tolist() for messages in conversations]
+  return _complete(key, params, cfg, tok, rows, max_new_tokens, (fmt.eot_id,), select_kwargs)
+
+
+def _complete(key, params, cfg, tok: Tokenizer, rows: list[list[int]], max_new_tokens, stop_ids, select_kwargs):
+  """Right-pads prompt rows, generates, and decodes each row's tokens before its stop token."""
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tok: {tok.vocab_size} ids do not fit the model's vocab_size={cfg.vocab_size}")
+  if not rows or any(not row for row in rows):
+    raise ValueError(f"prompts: expected at least one non-empty prompt, got lengths {[len(r) for r in rows]}")
+  lengths = np.array([len(row) for row in rows], np.int32)
+  prompts_BT = np.full((len(rows), lengths.max()), tok.pad_id, np.int32)
+  for b, row in enumerate(rows):
+    prompts_BT[b, : len(row)] = row
   tokens_BN, lengths_B = generate(
-    key, params, cfg, batch.ids_BT, batch.lengths_B, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
+    key, params, cfg, prompts_BT, lengths, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
   )
   texts = []
   for row, n in zip(np.asarray(tokens_BN), np.asarray(lengths_B)):
