@@ -1,10 +1,11 @@
-"""Rejection sampling (Llama 2/3 post-training): K samples per prompt, keep the best by reward.
+"""Rejection sampling (Llama 2/3 post-training): best-of-Y samples per prompt by reward.
 
-Shapes: B prompts, Y sampled responses per prompt (best-of-Y, the papers' K), T prompt
+Shapes: B prompts, Y sampled responses per prompt (the argument `k`, the papers' K), T prompt
 width, N new tokens, L layers, S cache slots, G kv heads, K head dim, V vocabulary.
 
-Each prompt is prefilled once; its KV cache is then repeated K times and the K samples
+Each prompt is prefilled once; its KV cache is then repeated Y times and the Y samples
 decode from the shared prefix (vLLM-style prefix sharing, here by copying the cache).
+Llama only: the repeat is written for its `KVCache`.
 """
 
 from __future__ import annotations

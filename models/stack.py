@@ -91,6 +91,6 @@ def scan_layers(
     return x, (ys, {kind: acts[kind] for kind in kinds})
 
   if remat != "none":
-    body = jax.checkpoint(body, policy=_POLICIES[remat])
+    body = jax.checkpoint(body, policy=_POLICIES[remat], prevent_cse=False)  # scan already prevents CSE
   x_BTD, (ys, acts) = jax.lax.scan(body, x_BTD, xs)
   return x_BTD, ys, acts

@@ -147,7 +147,9 @@ def prefix_linear_attention(
 ) -> tuple[jax.Array, State]:
   """JRT's PLA (Eq. 3): all M encoder keys for every query plus causal decoder keys.
 
-  Encoder keys at positions >= M (and masked keys, e.g. left padding) are zeroed. Returns
+  The encoder is each row's first M real tokens: with `key_mask_BT` (False at padding) a
+  left-padded row's encoder starts at its first real token, so a row's result does not
+  depend on the batch's width. Other encoder keys and masked keys are zeroed. Returns
   (y [B, T, H, K], the recurrent state after the last token), so decoding continues with
   `decode_step`. The state after the prompt alone is Eq. 4's s_M, z_M.
   """
@@ -156,11 +158,9 @@ def prefix_linear_attention(
   time = phi_q_BTHF.shape[1]
   if not 0 < prefix_len <= time:
     raise ValueError(f"prefix_len: expected 0 < M <= T={time}, got {prefix_len}")
-  in_prefix_T = jnp.arange(time) < prefix_len
-  enc_keep_BT = jnp.broadcast_to(in_prefix_T, phi_q_BTHF.shape[:2])
-  dec_keep_BT = jnp.ones(phi_q_BTHF.shape[:2], bool)
-  if key_mask_BT is not None:
-    enc_keep_BT, dec_keep_BT = enc_keep_BT & key_mask_BT, dec_keep_BT & key_mask_BT
+  real_BT = jnp.ones(phi_q_BTHF.shape[:2], bool) if key_mask_BT is None else key_mask_BT
+  enc_keep_BT = real_BT & (jnp.cumsum(real_BT, axis=1) <= prefix_len)
+  dec_keep_BT = real_BT
   phi_ke = phi_ke_BTHF.astype(jnp.float32) * enc_keep_BT[:, :, None, None]
   phi_kd = phi_kd_BTHF.astype(jnp.float32) * dec_keep_BT[:, :, None, None]
   enc = State(jnp.einsum("bshf,bshk->bhfk", phi_ke, ve_BTHK.astype(jnp.float32)), phi_ke.sum(1))

@@ -1,6 +1,6 @@
 """Based: a hybrid recurrent LM of gated short convolutions, linear attention and sliding windows.
 
-Shapes: B batch, T time, S window slots (the last N = window tokens), D model width,
+Shapes: B batch, T time, S window slots (the last `window` tokens), D model width,
 H heads, J feature-map input dim, F = 1 + J + J^2 features, K head dim, W conv width,
 E MLP hidden width, V vocabulary, L blocks, A = K / 2 RoPE angles.
 
@@ -15,11 +15,13 @@ continues from it. `prefill` returns the recurrent `State` and `decode` advances
 token in constant memory: conv inputs (W - 1 tokens), the linear-attention sums
 (H (F K + F) numbers) and the last N window keys/values per block, whatever the length.
 
-Left padding: `key_mask_BT` (False before each row's first real token) zeroes padded conv
-inputs and linear-attention keys, and gives padded tokens negative positions, which
-every window (now and in later decode steps) ignores; so a left-padded row computes
-exactly what the unpadded row does. `prefill` takes right-padded prompts and left-aligns
-them this way.
+Padding: `key_mask_BT` (False at padding) zeroes padded conv inputs and linear-attention
+keys; real tokens are numbered by their rank among the row's real tokens and padding gets
+position -1, which every window (now and in later decode steps) treats as an empty slot.
+So a left- or right-padded row computes exactly what the unpadded row does (padding in
+the middle of a row is not: the convolution sees its zeros), and after left padding the
+state continues as the row's would. `prefill` takes right-padded prompts and right-aligns them
+(`left_pad`) so that each row's last token is the last column.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
-from paperjax.models import stack
+from paperjax.models import protocol, stack
 from paperjax.ops import attention, mlp, norms, rope
 from paperjax.ops import linear_attention as la
 
@@ -195,15 +196,12 @@ def left_pad(tokens_BT: jax.Array, lengths_B: jax.Array, width: int | None = Non
 
   Returns (ids [B, width] with 0 at the padding, key mask [B, width], True at real tokens).
   """
-  tokens_BT, lengths_B = jnp.asarray(tokens_BT), jnp.asarray(lengths_B)
+  tokens_BT = jnp.asarray(tokens_BT)
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"tokens_BT: expected shape [B, T], got {tokens_BT.shape}")
   time = tokens_BT.shape[1]
   width = time if width is None else width
-  if lengths_B.shape != tokens_BT.shape[:1]:
-    raise ValueError(f"lengths_B: expected shape ({tokens_BT.shape[0]},), got {lengths_B.shape}")
-  if not isinstance(lengths_B, jax.core.Tracer):
-    lengths = np.asarray(lengths_B)
-    if (lengths > min(width, time)).any() or (lengths < 1).any():
-      raise ValueError(f"lengths_B: expected 1 <= length <= width={min(width, time)}, got {lengths.tolist()}")
+  lengths_B = protocol.check_lengths(lengths_B, tokens_BT.shape[0], min(width, time))
   slots_BW = jnp.arange(width)[None, :]
   pad_B1 = (width - lengths_B)[:, None]
   mask_BW = slots_BW >= pad_B1
@@ -239,7 +237,9 @@ def forward_with_sites(
 ) -> tuple[jax.Array, State | None, dict[str, jax.Array]]:
   """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`).
 
-  `key_mask_BT` marks real tokens of left-padded rows (from an empty state only).
+  `key_mask_BT` marks real tokens (False at padding). The state returned after a masked
+  chunk continues correctly when each row's padding comes first (left padding), which is
+  how `prefill` lays rows out.
   `prefix_len` M (JRT-RNN, from an empty state) runs the linear layers as Prefix Linear
   Attention with their encoder projections wk_e / wv_e over the first M tokens.
   """
@@ -264,15 +264,14 @@ def prefill(
   Returns the float32 logits [B, V] after each row's last real token and the recurrent
   state after it. The state's size is constant: `capacity` is only checked against T.
   """
-  _check_tokens(tokens_BT, cfg)
-  time = tokens_BT.shape[1]
+  time = protocol.check_tokens(tokens_BT, cfg.vocab_size)[1]
   if capacity is not None and capacity < time:
     raise ValueError(f"capacity: expected >= T={time} (tokens the state will have seen), got {capacity}")
   key_mask_BT = None
   if lengths_B is not None:
     tokens_BT, key_mask_BT = left_pad(tokens_BT, lengths_B)
   x_BTD, state, _ = _blocks(params, tokens_BT, cfg, None, frozenset(), prefix_len=prefix_len, key_mask_BT=key_mask_BT)
-  return _logits(params, x_BTD[:, -1:], cfg)[:, 0], state  # left-aligned: the last column is each row's last token
+  return _logits(params, x_BTD[:, -1:], cfg)[:, 0], state  # right-aligned: the last column is each row's last token
 
 
 def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> tuple[jax.Array, State]:
@@ -305,18 +304,20 @@ def _blocks(
   key_mask_BT: jax.Array | None,
 ) -> tuple[jax.Array, State, dict[str, jax.Array]]:
   """Runs all blocks over T new tokens from `state` (None: empty); returns (x, new state, sites)."""
-  _check_tokens(tokens_BT, cfg)
-  batch, time = tokens_BT.shape
-  if state is not None and (prefix_len is not None or key_mask_BT is not None):
-    raise ValueError("prefix_len, key_mask_BT: a prefix and left padding start a sequence; pass no state")
-  if key_mask_BT is not None:
-    _check_left_padding(key_mask_BT, batch, time)
+  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
+  if prefix_len is not None and state is not None:
+    raise ValueError(f"prefix_len: the encoder prefix starts a sequence; got prefix_len={prefix_len} and a state")
+  if prefix_len is not None and not {"wk_e", "wv_e"} <= set(params["linear"]):
+    raise ValueError("params: prefix_len needs JRT-RNN's encoder projections wk_e, wv_e (jrt_rnn.init)")
+  if key_mask_BT is not None and (key_mask_BT.shape != (batch, time) or key_mask_BT.dtype != jnp.bool_):
+    raise ValueError(f"key_mask_BT: expected bool shape {(batch, time)}, got {key_mask_BT.dtype} {key_mask_BT.shape}")
   state = init_state(cfg, batch) if state is None else state
   if state.length_B.shape != (batch,):
     raise ValueError(f"state: built for batch {state.length_B.shape[0]}, got tokens for batch {batch}")
-  real_B = jnp.full((batch,), time) if key_mask_BT is None else key_mask_BT.sum(1)
-  # Padded tokens get negative positions, which every window treats as empty slots.
-  positions_BT = (state.length_B + real_B - time)[:, None] + jnp.arange(time)
+  real_BT = jnp.ones((batch, time), bool) if key_mask_BT is None else key_mask_BT
+  # Real tokens are numbered by their rank; padding gets -1, an empty slot to every window.
+  positions_BT = jnp.where(real_BT, state.length_B[:, None] + jnp.cumsum(real_BT, axis=1) - 1, -1)
+  real_B = real_BT.sum(axis=1)
   keep_BT1 = None if key_mask_BT is None else key_mask_BT[:, :, None]
   inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
   n = cfg.window
@@ -388,21 +389,3 @@ def _blocks(
     block, params["embed"][tokens_BT], xs, remat=cfg.remat, kinds=kinds, name="block"
   )
   return x_BTD, State(conv, lin, wk, wv, state.length_B + real_B.astype(jnp.int32)), stacked
-
-
-def _check_tokens(tokens_BT: jax.Array, cfg: BasedConfig) -> None:
-  if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-    raise ValueError(f"tokens_BT: expected integer ids of shape [B, T], got {tokens_BT.dtype} {tokens_BT.shape}")
-  if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
-    ids = np.asarray(tokens_BT)
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-      raise ValueError(f"tokens_BT: ids must lie in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
-
-
-def _check_left_padding(key_mask_BT: jax.Array, batch: int, time: int) -> None:
-  if key_mask_BT.shape != (batch, time) or key_mask_BT.dtype != jnp.bool_:
-    raise ValueError(f"key_mask_BT: expected bool shape {(batch, time)}, got {key_mask_BT.dtype} {key_mask_BT.shape}")
-  if not isinstance(key_mask_BT, jax.core.Tracer):
-    mask = np.asarray(key_mask_BT)
-    if (mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all():
-      raise ValueError("key_mask_BT: expected left padding (False then True in each row, the last token real)")

@@ -91,7 +91,8 @@ def forward(
   key_mask_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, based.State | None]:
   """Logits float32 [B, T, V]: Prefix Linear Attention over the first M tokens from an empty
-  context (T >= M; `key_mask_BT` marks left padding), or Based's recurrence from `state`."""
+  context (T >= M; `key_mask_BT` marks padding; the encoder is each row's first M real tokens), or
+  Based's recurrence from `state`."""
   logits_BTV, state, _ = forward_with_sites(params, tokens_BT, cfg, (), state=state, key_mask_BT=key_mask_BT)
   return logits_BTV, state
 
@@ -120,8 +121,8 @@ def prefill(
   lengths_B: jax.Array | None = None,
   capacity: int | None = None,
 ) -> tuple[jax.Array, based.State]:
-  """Right-padded prompts (T >= M) left-aligned, the encoder = the first M slots: (logits
-  [B, V] after each row's last token, the state; Eq. 4's s_M, z_M when T = M)."""
+  """Right-padded prompts (T >= M), the encoder = each row's first M real tokens: (logits
+  [B, V] after each row's last token, the state; Eq. 4's s_M, z_M for a row of M tokens)."""
   return based.prefill(
     params, tokens_BT, cfg.based, lengths_B=lengths_B, capacity=capacity, prefix_len=_check_prefix(tokens_BT, cfg)
   )

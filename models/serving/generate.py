@@ -105,13 +105,8 @@ def check_args(
   cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p
 ) -> tuple[int, ...]:
   """Validates `generate`'s arguments; returns stop_ids as a tuple of ints."""
-  if prompts_BT.ndim != 2 or prompt_lengths_B.shape != prompts_BT.shape[:1]:
-    raise ValueError(
-      f"prompts_BT, prompt_lengths_B: expected [B, T] and [B], got {prompts_BT.shape}, {prompt_lengths_B.shape}"
-    )
-  lengths = np.asarray(prompt_lengths_B)
-  if (lengths < 1).any() or (lengths > prompts_BT.shape[1]).any():
-    raise ValueError(f"prompt_lengths_B: expected 1 <= length <= T={prompts_BT.shape[1]}, got {lengths.tolist()}")
+  batch, time = protocol.check_tokens(prompts_BT, cfg.vocab_size)
+  protocol.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   max_seq_len = getattr(cfg, "max_seq_len", None)  # recurrent models have no limit

@@ -24,10 +24,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
-from paperjax.models import stack
+from paperjax.models import protocol, stack
 from paperjax.ops import attention, mlp, norms, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
@@ -235,9 +234,14 @@ def prefill(
   Row b's first lengths_B[b] tokens (default all T) are written; returns the float32
   logits [B, V] after each row's last real token and the cache.
   """
-  batch, time = tokens_BT.shape[:2] if tokens_BT.ndim == 2 else (0, 0)
-  lengths_B = _check_lengths(lengths_B, batch, time)
-  empty = init_state(cfg, batch, time if capacity is None else capacity)
+  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
+  lengths_B = (
+    jnp.full((batch,), time, jnp.int32) if lengths_B is None else protocol.check_lengths(lengths_B, batch, time)
+  )
+  capacity = time if capacity is None else capacity
+  if capacity < time:
+    raise ValueError(f"capacity: expected >= T={time} (the prompt's slots), got {capacity}")
+  empty = init_state(cfg, batch, capacity)
   hidden_BTD, cache = forward_hidden(params, tokens_BT, cfg, state=empty, num_new_B=lengths_B)
   assert cache is not None
   last_B1D = hidden_BTD[jnp.arange(batch), lengths_B - 1][:, None]
@@ -338,39 +342,14 @@ def _forward(
   return hidden_BTD, cache, stacked
 
 
-def _check_lengths(lengths_B: jax.Array | None, batch: int, time: int) -> jax.Array:
-  """lengths_B as int32 [B] (default all T), checked to lie in 1 .. T when concrete."""
-  if lengths_B is None:
-    return jnp.full((batch,), time, jnp.int32)
-  lengths_B = jnp.asarray(lengths_B)
-  if lengths_B.shape != (batch,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-    raise ValueError(f"lengths_B: expected integer shape ({batch},), got {lengths_B.dtype} {lengths_B.shape}")
-  lengths = _concrete(lengths_B)
-  if lengths is not None and ((lengths < 1).any() or (lengths > time).any()):
-    raise ValueError(f"lengths_B: expected 1 <= length <= T={time}, got {lengths.tolist()}")
-  return lengths_B.astype(jnp.int32)
-
-
-def _concrete(x) -> np.ndarray | None:
-  """x as numpy when it has a value now (not inside a trace), else None."""
-  if x is None or isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
-
-
 def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B) -> tuple[int, int]:
-  if tokens_BT.ndim != 2:
-    raise ValueError(f"tokens_BT: expected shape [B, T], got {tokens_BT.shape}")
-  if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+  if tokens_BT.ndim == 2 and not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
     raise TypeError(f"tokens_BT: expected integer ids, got {tokens_BT.dtype}")
-  batch, time = tokens_BT.shape
+  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
   for name, x in (("positions_BT", positions_BT), ("segment_ids_BT", segment_ids_BT)):
     if x is not None and (x.shape != (batch, time) or not jnp.issubdtype(x.dtype, jnp.integer)):
       raise ValueError(f"{name}: expected integer shape {(batch, time)}, got {x.dtype} {x.shape}")
-  tokens = _concrete(tokens_BT)
-  if tokens is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-    raise ValueError(f"tokens_BT: ids must lie in [0, {cfg.vocab_size}), got {tokens.min()} .. {tokens.max()}")
-  positions = _concrete(positions_BT)
+  positions = protocol.concrete(positions_BT)
   if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= cfg.max_seq_len):
     raise ValueError(
       f"positions_BT: expected 0 <= position < max_seq_len={cfg.max_seq_len}, "
@@ -390,7 +369,7 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
     raise ValueError(f"state: cache shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
   if num_new_B is not None and num_new_B.shape != (batch,):
     raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")
-  lengths, new = _concrete(cache.lengths_B), _concrete(num_new_B)
+  lengths, new = protocol.concrete(cache.lengths_B), protocol.concrete(num_new_B)
   if lengths is not None:
     end = lengths + (time if new is None else new)
     if (end > cache.capacity).any():

@@ -66,14 +66,17 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
   )
   stored = _DTYPES.get(str(hf.get("torch_dtype")), "float32")
   fields.update(param_dtype=stored, dtype=stored)  # computes in the checkpoint's dtype unless overridden
+  if "dtype" in overrides and "param_dtype" not in overrides:
+    overrides = {**overrides, "param_dtype": overrides["dtype"]}  # dtype= alone casts the weights too
   return llama.LlamaConfig(**{**fields, **overrides})
 
 
 def load(directory: str | os.PathLike, **config_overrides) -> tuple[dict, llama.LlamaConfig]:
   """Reads config.json and the safetensors weights; returns (params, cfg).
 
-  `config_overrides` replace config fields (e.g. param_dtype="float32" to upcast bf16 weights,
-  dtype="bfloat16" to compute in bf16).
+  `config_overrides` replace config fields: dtype="float32" loads and computes in float32
+  (it sets param_dtype too unless that is given); param_dtype="float32", dtype="bfloat16"
+  keeps float32 weights and computes in bfloat16.
   """
   directory = pathlib.Path(directory)
   config_path = directory / "config.json"

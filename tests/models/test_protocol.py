@@ -15,12 +15,14 @@ from paperjax.models.serving import generate
 from paperjax.models.transformer import llama
 from paperjax.ops import norms
 
-WIDTH = 6  # prompt width T; JRT-RNN's encoder is the whole (left-aligned) prompt
+WIDTH = 6  # prompt width T
 _BASED = based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=3, ffn_dim=64, chunk=4)
 CONFIGS = {
   "llama": llama.PRESETS["tiny"],
   "based": _BASED,
-  "jrt_rnn": jrt_rnn.JRTConfig(based=_BASED, prefix_len=WIDTH, mask_id=63),
+  # M = 4 < T: a full row reads 4 prompt tokens as encoder and 2 as decoder, a 3-token row
+  # is all encoder; each row's encoder is its own first M tokens, whatever the batch width.
+  "jrt_rnn": jrt_rnn.JRTConfig(based=_BASED, prefix_len=4, mask_id=63),
 }
 MODULES = {"llama": llama, "based": based, "jrt_rnn": jrt_rnn}
 
@@ -34,8 +36,8 @@ def model(request):
 
 def _reference_cfg(name, cfg, prompt_length):
   """The config whose plain forward over an unpadded row computes what the padded prefill
-  does: JRT-RNN's encoder is that row's prompt."""
-  return dataclasses.replace(cfg, prefix_len=prompt_length) if name == "jrt_rnn" else cfg
+  does: a JRT-RNN prompt shorter than M is all encoder (the paper pads it to M)."""
+  return dataclasses.replace(cfg, prefix_len=min(cfg.prefix_len, prompt_length)) if name == "jrt_rnn" else cfg
 
 
 def test_every_model_satisfies_the_protocol():

@@ -65,14 +65,15 @@ def test_non_causal_matches_loop(np_rng):
 
 
 def _pla_loop(q, kd, vd, ke, ve, m, keep):
-  """Eq. 3 written per position: all encoder keys j < M (kept), decoder keys j <= i (kept)."""
+  """Eq. 3 written per position: the encoder keys of the row's first M kept tokens, decoder
+  keys j <= i (kept). A left-padded row's encoder is its own first M tokens, as unpadded."""
   t_len = q.shape[1]
   out = np.zeros((q.shape[0], t_len, q.shape[2], vd.shape[-1]))
   for b in range(q.shape[0]):
     for h in range(q.shape[2]):
       for i in range(t_len):
         num, den = 0.0, 0.0
-        for j in range(m):
+        for j in np.flatnonzero(keep[b])[:m]:
           if keep[b, j]:
             w = q[b, i, h] @ ke[b, j, h]
             num, den = num + w * ve[b, j, h], den + w

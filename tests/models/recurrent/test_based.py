@@ -61,3 +61,24 @@ def test_errors():
     based.BasedConfig(vocab_size=8, dim=30, n_blocks=1, n_heads=4)
   with pytest.raises(ValueError, match="window"):
     based.BasedConfig(vocab_size=8, dim=32, n_blocks=1, window=0)
+
+
+def test_any_padding_mask_keeps_real_tokens_exact_under_jit(params, key):
+  """Real tokens are numbered by rank, so left or right padding inside a jitted forward
+  (where the mask's layout cannot be checked) leaves the real tokens' logits equal to the
+  unpadded row's."""
+  tokens = jax.random.randint(key, (1, 6), 1, CFG.vocab_size)
+  ref, _ = based.forward(params, tokens, CFG)
+  pad = jnp.zeros((1, 3), tokens.dtype)
+  forward = jax.jit(based.forward, static_argnums=2)
+  for padded, mask in (
+    (jnp.concatenate([pad, tokens], axis=1), jnp.arange(9)[None] >= 3),
+    (jnp.concatenate([tokens, pad], axis=1), jnp.arange(9)[None] < 6),
+  ):
+    got, _ = forward(params, padded, CFG, key_mask_BT=mask)
+    np.testing.assert_allclose(got[:, np.asarray(mask[0])], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_needs_encoder_projections(params):
+  with pytest.raises(ValueError, match="params: prefix_len needs JRT-RNN's encoder projections"):
+    based.forward(params, jnp.zeros((1, 4), jnp.int32), CFG, prefix_len=2)

@@ -89,12 +89,14 @@ def test_remat_policy_changes_what_the_backward_pass_keeps(params, key):
   """Full remat recomputes the layer's matmuls in the backward pass; no remat does not."""
   tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
 
-  def dots(cfg):
-    grad = jax.grad(lambda p: jnp.mean(llama.forward(p, tokens, cfg)[0] ** 2))
-    return str(jax.make_jaxpr(grad)(params)).count("dot_general")
+  def jaxprs(remat):
+    cfg = dataclasses.replace(CFG, remat=remat)
+    loss = lambda p: jnp.mean(llama.forward(p, tokens, cfg)[0] ** 2)
+    return str(jax.make_jaxpr(loss)(params)), str(jax.make_jaxpr(jax.grad(loss))(params))
 
-  none, full = dots(CFG), dots(dataclasses.replace(CFG, remat="full"))
-  assert full > none
+  (none, none_grad), (dots, dots_grad), (full, full_grad) = map(jaxprs, ("none", "dots_saveable", "full"))
+  assert "remat" not in none and "policy=DotsSaveable" in dots and "remat" in full  # each layer's policy
+  assert full_grad.count("dot_general") > dots_grad.count("dot_general") == none_grad.count("dot_general")
 
 
 def test_f32_params_with_bf16_compute(params, key):

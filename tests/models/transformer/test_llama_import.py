@@ -145,7 +145,7 @@ def test_bf16_checkpoint_and_tied_embeddings(tmp_path, model):
   params, cfg = llama_import.load(tmp_path / "ckpt")
   assert cfg == dataclasses.replace(tied_cfg, param_dtype="bfloat16", dtype="bfloat16") and "unembed" not in params
   assert params["embed"].dtype == jnp.bfloat16
-  params32, _ = llama_import.load(tmp_path / "ckpt", param_dtype="float32")
+  params32, _ = llama_import.load(tmp_path / "ckpt", dtype="float32")
   assert params32["embed"].dtype == jnp.float32
 
 
