@@ -15,14 +15,6 @@ def params():
   return based.init(jax.random.key(0), CFG)
 
 
-def test_param_axes_mirror_params(params):
-  axes = based.param_axes(CFG)
-  is_axes = lambda x: isinstance(x, tuple)
-  assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=is_axes)
-  for leaf, names in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=is_axes)):
-    assert leaf.ndim == len(names)
-
-
 def test_decode_equals_parallel_forward_with_constant_state(params, key):
   tokens = jax.random.randint(key, (2, 11), 0, CFG.vocab_size)
   forward = jax.jit(based.forward, static_argnums=2)

@@ -23,13 +23,6 @@ def forward():
   return jax.jit(llama.forward, static_argnums=2)
 
 
-def test_param_axes_mirror_params(params):
-  axes = llama.param_axes(CFG)
-  assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple))
-  for leaf, names in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
-    assert leaf.ndim == len(names)
-
-
 def test_prefill_then_decode_equals_full_forward(params, forward, key):
   tokens = jax.random.randint(key, (3, 12), 0, CFG.vocab_size)
   full, _ = forward(params, tokens, CFG)
