@@ -28,6 +28,53 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exports include
 
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, rope.RopeScaling | None]:
+  """(theta, Llama 3.1 scaling or None) from either config.json layout.
+
+  transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, scaling fields};
+  4.x wrote top-level `rope_theta` and `rope_scaling` {rope_type (or type), fields}. A
+  rope type other than default / llama3, an unknown field, or two layouts that disagree
+  raise: RoPE changes every logit, so nothing falls back to a default silently.
+  """
+  params, legacy = hf.get("rope_parameters"), hf.get("rope_scaling")
+  key = "rope_parameters" if params is not None else "rope_scaling"
+  fields = params if params is not None else legacy
+  if fields is None:
+    fields = {}
+  if not isinstance(fields, dict):
+    raise ValueError(f"config.json: {key} must be an object, got {fields!r}")
+  fields = dict(fields)
+  kinds = {fields.pop(k) for k in ("rope_type", "type") if k in fields} or {"default"}
+  if len(kinds) > 1:
+    raise ValueError(f"config.json: {key} names two rope types {sorted(kinds)}")
+  (kind,) = kinds
+  theta = fields.pop("rope_theta", None)
+  top_theta = hf.get("rope_theta")
+  if theta is not None and top_theta is not None and float(theta) != float(top_theta):
+    raise ValueError(f"config.json: rope_theta {top_theta} disagrees with {key}.rope_theta {theta}")
+  theta = float(theta if theta is not None else top_theta if top_theta is not None else 10_000.0)
+  if params is not None and legacy is not None:
+    legacy_kind = legacy.get("rope_type", legacy.get("type", "default")) if isinstance(legacy, dict) else legacy
+    if legacy_kind != kind:
+      raise ValueError(f"config.json: rope_scaling type {legacy_kind!r} disagrees with rope_parameters type {kind!r}")
+  if kind not in ("default", "llama3"):
+    raise ValueError(f"config.json: {key} type {kind!r} is not supported (only 'default' and 'llama3')")
+  expected = set(_LLAMA3_ROPE) if kind == "llama3" else set()
+  if set(fields) != expected:
+    unknown, missing = sorted(set(fields) - expected), sorted(expected - set(fields))
+    raise ValueError(f"config.json: {key} ({kind}) has unknown fields {unknown} and lacks {missing}")
+  if kind == "default":
+    return theta, None
+  scaling = rope.RopeScaling(
+    factor=float(fields["factor"]),
+    low_freq_factor=float(fields["low_freq_factor"]),
+    high_freq_factor=float(fields["high_freq_factor"]),
+    original_max_position=int(fields["original_max_position_embeddings"]),
+  )
+  return theta, scaling
 
 
 def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
@@ -39,17 +86,7 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
       raise ValueError(f"config.json: {flag}=true is not supported (Llama has no biases)")
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json: hidden_act must be 'silu', got {hf['hidden_act']!r}")
-  scaling = hf.get("rope_scaling")
-  if scaling is not None:
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind != "llama3":
-      raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
-    scaling = rope.RopeScaling(
-      factor=float(scaling["factor"]),
-      low_freq_factor=float(scaling["low_freq_factor"]),
-      high_freq_factor=float(scaling["high_freq_factor"]),
-      original_max_position=int(scaling["original_max_position_embeddings"]),
-    )
+  theta, scaling = _rope_from_hf(hf)
   fields = dict(
     vocab_size=hf["vocab_size"],
     dim=hf["hidden_size"],
@@ -58,17 +95,28 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
     n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
     ffn_dim=hf["intermediate_size"],
     head_dim=hf.get("head_dim"),
-    rope_theta=float(hf.get("rope_theta", 10_000.0)),
+    rope_theta=theta,
     rope_scaling=scaling,
     norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
     max_seq_len=hf.get("max_position_embeddings", 8192),
     tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
   )
-  stored = _DTYPES.get(str(hf.get("torch_dtype")), "float32")
+  stored = _stored_dtype(hf)
   fields.update(param_dtype=stored, dtype=stored)  # computes in the checkpoint's dtype unless overridden
   if "dtype" in overrides and "param_dtype" not in overrides:
     overrides = {**overrides, "param_dtype": overrides["dtype"]}  # dtype= alone casts the weights too
   return llama.LlamaConfig(**{**fields, **overrides})
+
+
+def _stored_dtype(hf: dict) -> str:
+  """The weights' dtype: `dtype` (transformers >= 5) or `torch_dtype` (4.x); float32 if neither."""
+  names = {hf[k] for k in ("dtype", "torch_dtype") if hf.get(k) is not None}
+  if len(names) > 1:
+    raise ValueError(f"config.json: dtype and torch_dtype disagree: {sorted(names)}")
+  name = names.pop() if names else "float32"
+  if name not in _DTYPES:
+    raise ValueError(f"config.json: dtype {name!r} is not one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
 
 
 def load(directory: str | os.PathLike, **config_overrides) -> tuple[dict, llama.LlamaConfig]:

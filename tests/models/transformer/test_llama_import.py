@@ -101,9 +101,19 @@ def _write(directory, tensors, config, shards=1):
   (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
+def _hf5_config(cfg, **extra):
+  """transformers >= 5's layout: rope_theta and rope_scaling folded into rope_parameters,
+  torch_dtype renamed dtype."""
+  hf = _hf_config(cfg)
+  hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta"), **hf.pop("rope_scaling")}
+  hf["dtype"] = hf.pop("torch_dtype")
+  return {**hf, **extra}
+
+
 @pytest.mark.parametrize("shards", [1, 3])
-def test_round_trip_gives_the_same_logits(tmp_path, model, shards):
-  _write(tmp_path / "ckpt", _export(model, CFG), _hf_config(CFG), shards)
+@pytest.mark.parametrize("layout", [_hf_config, _hf5_config], ids=["transformers4", "transformers5"])
+def test_round_trip_gives_the_same_logits(tmp_path, model, shards, layout):
+  _write(tmp_path / "ckpt", _export(model, CFG), layout(CFG), shards)
   params, cfg = llama_import.load(tmp_path / "ckpt")
   assert cfg == CFG
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
@@ -176,3 +186,36 @@ def test_errors(tmp_path, model):
   (tmp_path / "f" / "config.json").write_text(json.dumps(_hf_config(CFG)))
   with pytest.raises(FileNotFoundError, match="no model.safetensors"):
     llama_import.load(tmp_path / "f")
+
+
+def test_both_config_layouts_read_the_same_and_default_rope_has_no_scaling():
+  assert llama_import.config_from_hf(_hf5_config(CFG)) == llama_import.config_from_hf(_hf_config(CFG)) == CFG
+  plain = _hf5_config(CFG, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, dtype="bfloat16")
+  cfg = llama_import.config_from_hf(plain)
+  assert cfg.rope_scaling is None and cfg.rope_theta == 10_000.0 and cfg.param_dtype == cfg.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters type 'linear'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}}, r"unknown fields \['factor'\]"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "lacks"),
+    ({"rope_theta": 20_000.0}, "rope_theta 20000.0 disagrees"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' disagrees"),
+    ({"torch_dtype": "bfloat16"}, "dtype and torch_dtype disagree"),
+    ({"dtype": "int8"}, "dtype 'int8' is not one of"),
+  ],
+)
+def test_transformers5_config_errors(changes, message):
+  with pytest.raises(ValueError, match=message):
+    llama_import.config_from_hf(_hf5_config(CFG, **changes))
+
+
+def test_transformers4_rope_fields_are_checked_too():
+  legacy = _hf_config(CFG)
+  legacy["rope_scaling"] = {**legacy["rope_scaling"], "attention_factor": 1.0}
+  with pytest.raises(ValueError, match=r"rope_scaling \(llama3\) has unknown fields \['attention_factor'\]"):
+    llama_import.config_from_hf(legacy)
