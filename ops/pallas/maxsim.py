@@ -58,6 +58,24 @@ def _kernel(q_ref, q_mask_ref, d_ref, d_mask_ref, out_ref, *, block_s: int, pair
   out_ref[0, :] = _finish(best_TN, q_mask_ref[0])
 
 
+def _check_contract(q, q_mask, d, d_mask, *, block_n: int, block_s: int, dot: bool) -> None:
+  """Raises unless the inputs are padded as the kernel needs; otherwise the grid would round
+  down and leave outputs unwritten. `ops.maxsim`'s dispatcher pads any shape to this."""
+  if q.ndim != 3 or d.ndim != 3 or q.shape[2] != d.shape[2]:
+    raise ValueError(f"q, d: expected [Q, T, X] and [N, S, X] with one X, got {q.shape}, {d.shape}")
+  (num_q, num_t, last), (num_n, num_s) = q.shape, d.shape[:2]
+  if q_mask.shape != (num_q, num_t) or d_mask.shape != (num_n, num_s):
+    raise ValueError(f"q_mask, d_mask: expected {(num_q, num_t)}, {(num_n, num_s)}, got {q_mask.shape}, {d_mask.shape}")
+  pow2 = lambda n: n >= 16 and n & (n - 1) == 0
+  if not pow2(num_t) or (dot and not pow2(last)):
+    which = "T and K" if dot else "T"
+    raise ValueError(f"q: {which} must be powers of two >= 16 (Triton's dot), got shape {q.shape}; pad with ops.maxsim")
+  if block_n < 1 or block_s < 1 or num_n % block_n or num_s % block_s:
+    raise ValueError(
+      f"d: N={num_n} must be a multiple of block_n={block_n} and S={num_s} of block_s={block_s}; pad with ops.maxsim"
+    )
+
+
 def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: str):
   num_q, num_l, last = q.shape
   num_n, num_s, _ = d.shape
@@ -83,6 +101,7 @@ def maxsim_pallas(
   q_QTK, q_mask_QT, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
 ):
   """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
+  _check_contract(q_QTK, q_mask_QT, d_NSK, d_mask_NS, block_n=block_n, block_s=block_s, dot=True)
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=_dot_scores)
   return _call(kernel, q_QTK, q_mask_QT, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
 
@@ -100,6 +119,7 @@ def maxsim_binary_pallas(
   interpret: bool = False,
 ):
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
+  _check_contract(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, block_n=block_n, block_s=block_s, dot=False)
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
   return _call(
     kernel, q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim_binary"

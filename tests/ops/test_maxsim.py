@@ -89,6 +89,27 @@ def test_kernels_lower_for_cuda():
   assert any("triton" in c for c in _custom_calls(binary, qb, qm, db, dm))
 
 
+def test_kernel_entry_points_check_their_contract():
+  """Called directly on unpadded shapes the kernels raise; the dispatcher pads the same
+  shapes and matches the reference."""
+  q, qm = jnp.ones((2, 24, 128)), jnp.ones((2, 24))  # T = 24 is not a power of two
+  d, dm = jnp.ones((20, 64, 128)), jnp.ones((20, 64), jnp.int32)  # N = 20 is not a multiple of 16
+  with pytest.raises(ValueError, match="q: T and K must be powers of two"):
+    kernels.maxsim_pallas(q, qm, d, dm, interpret=True)
+  with pytest.raises(ValueError, match="d: N=20 must be a multiple of block_n=16"):
+    kernels.maxsim_pallas(q[:, :16], qm[:, :16], d, dm, interpret=True)
+  with pytest.raises(ValueError, match="S=64 of block_s=48"):
+    kernels.maxsim_pallas(q[:, :16], qm[:, :16], d[:16], dm[:16], block_s=48, interpret=True)
+  with pytest.raises(ValueError, match="q_mask, d_mask"):
+    kernels.maxsim_pallas(q[:, :16], qm, d[:16], dm[:16], interpret=True)
+  qb, db = jnp.zeros((2, 24, 4), jnp.uint32), jnp.zeros((20, 64, 4), jnp.uint32)
+  with pytest.raises(ValueError, match="q: T must be powers of two"):
+    kernels.maxsim_binary_pallas(qb, qm, db, dm, dim=128, interpret=True)
+  np.testing.assert_allclose(
+    maxsim.maxsim(q, d, impl="pallas", interpret=True), maxsim.maxsim(q, d, impl="reference"), rtol=1e-5
+  )
+
+
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_padding_never_wins(np_rng, impl):
   q = np_rng.normal(size=(2, 4, 16)).astype(np.float32)
