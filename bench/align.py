@@ -30,7 +30,7 @@ from paperjax.align import data, dpo, rejection_sampling, reward, tasks
 from paperjax.align import train as align_train
 from paperjax.align.data import PreferenceBatch
 from paperjax.bench import cli
-from paperjax.bench.harness import Context, Plot, Result, Series, progress
+from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress
 from paperjax.models.data import chat
 from paperjax.models.serving import generate
 from paperjax.models.training import lm, train
@@ -102,6 +102,9 @@ def _tcfg(cfg: Config, steps: int, lr: float) -> train.TrainConfig:
   return train.TrainConfig(
     batch_size=cfg.batch, seq_len=16, peak_lr=lr, total_steps=steps, warmup_steps=max(1, steps // 10)
   )
+
+
+PARTS = ("pipeline", "chat")  # --only=align.<part>
 
 
 def run(ctx: Context) -> Result:
@@ -298,4 +301,4 @@ def _chat(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"align": run}))
+  app.run(cli.main_for({"align": Benchmark(run, PARTS)}))

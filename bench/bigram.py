@@ -27,7 +27,7 @@ import numpy as np
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
+from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.ngram import bigram
 
@@ -48,6 +48,9 @@ CONFIGS = {
   "small": Config(max_chars=None, vocab_size=4096, gen_batch=64, gen_tokens=128),
   "paper": Config(max_chars=None, vocab_size=8192, gen_batch=256, gen_tokens=256),
 }
+
+
+PARTS = ("fit", "perplexity", "generate")  # --only=bigram.<part>
 
 
 def run(ctx: Context) -> Result:
@@ -180,4 +183,4 @@ def _decode_compact(tok: tokenizer.Tokenizer, kept: np.ndarray, ids_c: np.ndarra
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"bigram": run}))
+  app.run(cli.main_for({"bigram": Benchmark(run, PARTS)}))

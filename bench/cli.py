@@ -15,7 +15,7 @@ from typing import cast
 from absl import app, flags, logging
 
 from paperjax.bench import report
-from paperjax.bench.harness import SCALES, Context, Environment, Result, Scale, selects_benchmark
+from paperjax.bench.harness import SCALES, Benchmark, Context, Environment, Result, Scale, selects_benchmark
 
 SCALE = flags.DEFINE_enum(
   "scale", "small", list(SCALES), "ci: seconds (smoke test); small: CPU minutes; paper: the papers' shapes (GPU)."
@@ -28,11 +28,12 @@ REPEATS = flags.DEFINE_integer("repeats", None, "Timed repeats (median reported)
 DEFAULT_REPEATS = {"ci": 2, "small": 5, "paper": 10}
 
 
-def run_benchmarks(runs: Mapping[str, Callable[[Context], Result]]) -> int:
+def run_benchmarks(runs: Mapping[str, Benchmark]) -> int:
   """Runs the selected benchmarks, prints the table, writes the report; returns an exit code.
 
-  A benchmark that raises is reported (traceback on stderr) and the others still run;
-  the exit code is then 1.
+  An unknown benchmark or part in `--only` is a usage error listing the valid names. A
+  benchmark that raises, or a selected part that records nothing, is reported and the
+  others still run; the exit code is then 1.
   """
   logging.set_verbosity(logging.WARNING)  # keep jax's backend probing out of the table
   scale = cast(Scale, SCALE.value)  # DEFINE_enum admits only SCALES
@@ -43,18 +44,27 @@ def run_benchmarks(runs: Mapping[str, Callable[[Context], Result]]) -> int:
   unknown = [o for o in ONLY.value if o.split(".", 1)[0] not in runs]
   if unknown:
     raise app.UsageError(f"--only: unknown benchmarks {unknown}; known: {sorted(runs)}")
+  valid = {*runs, *(f"{name}.{part}" for name, bench in runs.items() for part in bench.parts)}
+  unknown = [o for o in ONLY.value if o not in valid]
+  if unknown:
+    raise app.UsageError(f"--only: unknown parts {unknown}; valid names: {sorted(valid)}")
   selected = [name for name in runs if selects_benchmark(ONLY.value, name)]
   results: list[Result] = []
   failed: list[str] = []
   for i, name in enumerate(selected, start=1):
     print(f"[{i}/{len(selected)}] {name} (scale={scale})", file=sys.stderr, flush=True)
-    ctx = Context(name, scale, SEED.value, repeats, tuple(ONLY.value), env)
+    ctx = Context(name, scale, SEED.value, repeats, tuple(ONLY.value), env, parts=runs[name].parts)
     start = time.perf_counter()
     try:
-      results.append(runs[name](ctx))
+      results.append(runs[name].run(ctx))
     except Exception:  # keep the rest of the suite; the exit code says it failed
       traceback.print_exc()
       failed.append(name)
+    else:
+      empty = [p for p in ctx.selected_parts() if not ctx.recorded.get(p)]
+      if empty or not sum(ctx.recorded.values()):
+        print(f"{name}: parts {empty or ['(all)']} recorded nothing", file=sys.stderr)
+        failed.append(name)
     print(f"[{i}/{len(selected)}] {name} done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
   paths = report.write(results, env, OUT.value)
   print(report.markdown_table([r for result in results for r in result.records]))
@@ -65,7 +75,7 @@ def run_benchmarks(runs: Mapping[str, Callable[[Context], Result]]) -> int:
   return 0
 
 
-def main_for(runs: Mapping[str, Callable[[Context], Result]]) -> Callable[[Sequence[str]], int]:
+def main_for(runs: Mapping[str, Benchmark]) -> Callable[[Sequence[str]], int]:
   """An absl `main` running `runs`; extra positional arguments are an error."""
 
   def main(argv: Sequence[str]) -> int:

@@ -110,7 +110,12 @@ class Result:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What one benchmark run is asked for (from the shared absl flags)."""
+  """What one benchmark run is asked for (from the shared absl flags).
+
+  `parts` are the benchmark's declared parts (None: not checked). Records are counted per
+  part (the last part `wants` said yes to), so the runner can tell a part that recorded
+  nothing.
+  """
 
   benchmark: str
   scale: Scale
@@ -118,10 +123,24 @@ class Context:
   repeats: int
   only: tuple[str, ...]
   environment: Environment
+  parts: tuple[str, ...] | None = None
+  recorded: dict[str | None, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  _current: list[str | None] = dataclasses.field(default_factory=lambda: [None], compare=False, repr=False)
 
   def wants(self, part: str) -> bool:
     """True if `--only` is empty or names this benchmark or `<benchmark>.<part>`."""
-    return not self.only or any(o in (self.benchmark, f"{self.benchmark}.{part}") for o in self.only)
+    if self.parts is not None and part not in self.parts:
+      raise ValueError(f"part: {part!r} is not among {self.benchmark}'s declared PARTS {self.parts}")
+    chosen = not self.only or any(o in (self.benchmark, f"{self.benchmark}.{part}") for o in self.only)
+    if chosen:
+      self._current[0] = part
+    return chosen
+
+  def selected_parts(self) -> tuple[str, ...]:
+    """The declared parts `--only` selects (all of them when it names the benchmark or nothing)."""
+    if not self.parts or not self.only or self.benchmark in self.only:
+      return self.parts or ()
+    return tuple(p for p in self.parts if f"{self.benchmark}.{p}" in self.only)
 
   def record(
     self,
@@ -131,7 +150,15 @@ class Context:
     paper_value: float | str | None = None,
     paper_source: str = "",
   ) -> Record:
+    self.recorded[self._current[0]] = self.recorded.get(self._current[0], 0) + 1
     return Record(self.benchmark, metric, float(value), unit, paper_value, paper_source, self.environment)
+
+
+class Benchmark(NamedTuple):
+  """A benchmark binary's `run` and the parts it splits into (`--only=<name>.<part>`)."""
+
+  run: Callable[[Context], Result]
+  parts: tuple[str, ...] = ()  # () = one undivided part
 
 
 def selects_benchmark(only: Sequence[str], benchmark: str) -> bool:

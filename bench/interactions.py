@@ -28,7 +28,7 @@ import optax
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Context, Plot, Result, Series, progress
+from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress
 from paperjax.interp import dynamics
 from paperjax.interp import interactions as ia
 
@@ -204,6 +204,9 @@ def _jaccard_by_order(ctx, cfg, params, data, baseline):
   return np.mean(per_class, axis=0)
 
 
+PARTS = ()  # --only=interactions.<part>
+
+
 def run(ctx: Context) -> Result:
   cfg = CONFIGS[ctx.scale]
   data = load_digits(ctx.seed)
@@ -326,4 +329,4 @@ def run(ctx: Context) -> Result:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"interactions": run}))
+  app.run(cli.main_for({"interactions": Benchmark(run, PARTS)}))

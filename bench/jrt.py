@@ -38,7 +38,7 @@ import numpy as np
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
+from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.models import protocol
 from paperjax.models.data import jrt_prompt, synthetic
 from paperjax.models.recurrent import based, jrt_rnn
@@ -366,6 +366,9 @@ def _prefill(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
   return records, plot, note
 
 
+PARTS = ("recall", "prefill")  # --only=jrt.<part>
+
+
 def run(ctx: Context) -> Result:
   cfg = CONFIGS[ctx.scale]
   parts = []
@@ -382,4 +385,4 @@ def run(ctx: Context) -> Result:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"jrt": run}))
+  app.run(cli.main_for({"jrt": Benchmark(run, PARTS)}))

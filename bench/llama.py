@@ -26,7 +26,7 @@ import numpy as np
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
+from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.serving import generate
 from paperjax.models.training import lm, train
@@ -83,6 +83,9 @@ CONFIGS = {
     eval_every=100,
   ),
 }
+
+
+PARTS = ("cache", "throughput", "kv_bytes", "train")  # --only=llama.<part>
 
 
 def run(ctx: Context) -> Result:
@@ -242,4 +245,4 @@ def _train(ctx: Context, cfg: Config):
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"llama": run}))
+  app.run(cli.main_for({"llama": Benchmark(run, PARTS)}))

@@ -27,7 +27,7 @@ import scipy.stats
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Context, Plot, Result, Series, progress, time_fn
+from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
@@ -69,6 +69,9 @@ CONFIGS = {
   ),
 }
 QUERY_TOKENS, DIM = 32, 128
+
+
+PARTS = ("throughput", "binary", "flops")  # --only=maxsim.<part>
 
 
 def run(ctx: Context) -> Result:
@@ -214,4 +217,4 @@ def _flops(ctx: Context):
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"maxsim": run}))
+  app.run(cli.main_for({"maxsim": Benchmark(run, PARTS)}))

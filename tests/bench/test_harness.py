@@ -85,3 +85,29 @@ def test_report_files(tmp_path):
   assert payload["plots"][0]["series"][0]["y"] == [3.0, 4.0]
   assert paths["demo_curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo_curve.png", "report.md", "results.json"]
+
+
+def test_a_selected_part_that_records_nothing_fails_the_run(tmp_path):
+  """The runner counts records per part: `demo.b` below records nothing, so the exit code is 1."""
+  from absl import flags
+
+  from paperjax.bench import cli
+  from paperjax.bench.harness import Benchmark
+
+  def run(ctx):
+    records = []
+    if ctx.wants("a"):
+      records.append(ctx.record("from a", 1.0, "x"))
+    if ctx.wants("b"):
+      pass  # forgot to record
+    return Result(ctx.benchmark, tuple(records))
+
+  demo = {"demo": Benchmark(run, ("a", "b"))}
+  try:
+    for only, code in (("demo.a", 0), ("demo.b", 1), ("demo", 1)):
+      flags.FLAGS(["prog", "--scale=ci", f"--only={only}", f"--out={tmp_path}"])
+      assert cli.run_benchmarks(demo) == code, only
+  finally:
+    flags.FLAGS.unparse_flags()
+  with pytest.raises(ValueError, match="part: 'c' is not among demo's declared PARTS"):
+    Context("demo", "ci", 0, 2, (), ENV, parts=("a", "b")).wants("c")

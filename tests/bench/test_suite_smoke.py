@@ -42,3 +42,9 @@ def test_unknown_benchmark_is_a_usage_error(tmp_path):
   proc = _run("paperjax.bench", "--scale=ci", "--only=nope", f"--out={tmp_path}", cwd=tmp_path)
   assert proc.returncode != 0
   assert "--only: unknown benchmarks ['nope']" in proc.stderr
+
+
+def test_unknown_part_is_a_usage_error_listing_valid_names(tmp_path):
+  proc = _run("paperjax.bench.bigram", "--scale=ci", "--only=bigram.nosuchpart", f"--out={tmp_path}", cwd=tmp_path)
+  assert proc.returncode != 0
+  assert "--only: unknown parts ['bigram.nosuchpart']; valid names: ['bigram', 'bigram.fit'," in proc.stderr
