@@ -12,12 +12,12 @@ special formatting tokens are 0. "Averaged" forms divide by the number of kept t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from paperjax.models.transformer import llama
+from paperjax.models import protocol
 
 
 class SequenceLogProbs(NamedTuple):
@@ -62,7 +62,7 @@ def sequence_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.
   return SequenceLogProbs(jnp.sum(token_logprobs(logits_BTV, tokens_BT) * mask, axis=1), mask.sum(axis=1))
 
 
-def model_logprobs(params: dict, cfg: llama.LlamaConfig, tokens_BT: jax.Array, mask_BT: jax.Array) -> SequenceLogProbs:
-  """`sequence_logprobs` of a Llama policy's logits on tokens_BT."""
-  logits_BTV, _ = llama.forward(params, tokens_BT, cfg)
+def model_logprobs(params: Any, cfg: Any, tokens_BT: jax.Array, mask_BT: jax.Array) -> SequenceLogProbs:
+  """`sequence_logprobs` of any protocol model's logits on tokens_BT (`models.protocol`)."""
+  logits_BTV, _ = protocol.model_for(cfg).forward(params, tokens_BT, cfg)
   return sequence_logprobs(logits_BTV, tokens_BT, mask_BT)
