@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from paperjax.align.reward import LLAMA2_MARGINS
-from paperjax.models.data import chat
+from paperjax.models.data import chat, tokenizer
 from paperjax.models.data.tokenizer import Tokenizer
 
 # Record keys of each format; "margin" and "rating" may join the paired ones.
@@ -247,11 +247,8 @@ def from_token_arrays(prompts: np.ndarray, chosen: np.ndarray, rejected: np.ndar
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  lengths = np.asarray([len(r) for r in rows], np.int32)
-  out = np.full((len(rows), int(lengths.max(initial=0))), pad_id, np.int32)
-  for i, row in enumerate(rows):
-    out[i, : len(row)] = row
-  return out, lengths
+  batch = tokenizer.pad_rows(rows, pad_id)
+  return batch.ids_BT, batch.lengths_B
 
 
 def _completion_mask(shape, prompt_lengths, lengths) -> np.ndarray:

@@ -114,12 +114,7 @@ def run(ctx: Context) -> Result:
     parts.append(_pipeline(ctx, cfg))
   if ctx.wants("chat"):
     parts.append(_chat(ctx, cfg))
-  return Result(
-    ctx.benchmark,
-    tuple(r for records, _, _ in parts for r in records),
-    tuple(plot for _, plot, _ in parts),
-    tuple(note for _, _, note in parts),
-  )
+  return Result.from_parts(ctx.benchmark, parts)
 
 
 def _pipeline(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:

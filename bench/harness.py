@@ -107,6 +107,16 @@ class Result:
   plots: tuple[Plot, ...] = ()
   notes: tuple[str, ...] = ()
 
+  @classmethod
+  def from_parts(cls, benchmark: str, parts: Sequence[tuple[Sequence[Record], Plot, str]]) -> Result:
+    """One result from the (records, plot, note) of each part that ran."""
+    return cls(
+      benchmark,
+      tuple(r for records, _, _ in parts for r in records),
+      tuple(plot for _, plot, _ in parts),
+      tuple(note for _, _, note in parts),
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:

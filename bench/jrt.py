@@ -376,12 +376,7 @@ def run(ctx: Context) -> Result:
     parts.append(_recall(ctx, cfg.recall))
   if ctx.wants("prefill"):
     parts.append(_prefill(ctx, cfg))
-  return Result(
-    ctx.benchmark,
-    tuple(r for records, _, _ in parts for r in records),
-    tuple(plot for _, plot, _ in parts),
-    tuple(note for _, _, note in parts),
-  )
+  return Result.from_parts(ctx.benchmark, parts)
 
 
 if __name__ == "__main__":

@@ -144,16 +144,7 @@ class Tokenizer:
           f"texts[{row}]: {lengths[row]} tokens exceed max_len={max_len} (pass truncate=True to cut rows)"
         )
       rows = [r[:max_len] for r in rows]
-      lengths = np.minimum(lengths, max_len)
-    positions = np.arange(max_len)[None, :]
-    if pad_side == "right":
-      mask_BT = positions < lengths[:, None]
-    else:
-      mask_BT = positions >= max_len - lengths[:, None]
-    ids_BT = np.full(mask_BT.shape, self.pad_id, dtype=np.int32)
-    # Row-major order of the True cells is each row's tokens in order, for both sides.
-    ids_BT[mask_BT] = np.fromiter((t for r in rows for t in r), np.int32, int(lengths.sum()))
-    return TokenBatch(ids_BT, mask_BT)
+    return pad_rows(rows, self.pad_id, width=max_len, pad_side=pad_side)
 
   def decode_batch(self, ids_BT: np.ndarray, mask_BT: np.ndarray | None = None) -> list[str]:
     """Decodes each row's masked-in ids (all ids when `mask_BT` is None)."""
@@ -188,6 +179,23 @@ class Tokenizer:
         f"the vocabulary [0, {self.vocab_size})"
       )
     return ids
+
+
+def pad_rows(
+  rows: Sequence[Sequence[int]], pad_id: int, *, width: int | None = None, pad_side: Literal["right", "left"] = "right"
+) -> TokenBatch:
+  """Id rows of different lengths in one [B, T] array (T = `width`, default the longest row)
+  filled with `pad_id`, and the mask of real positions."""
+  lengths = np.array([len(r) for r in rows], dtype=np.int64)
+  width = int(lengths.max(initial=0)) if width is None else width
+  if (lengths > width).any():
+    raise ValueError(f"rows: lengths {lengths.tolist()} exceed width={width}")
+  positions = np.arange(width)[None, :]
+  mask_BT = positions < lengths[:, None] if pad_side == "right" else positions >= width - lengths[:, None]
+  ids_BT = np.full(mask_BT.shape, pad_id, dtype=np.int32)
+  # Row-major order of the True cells is each row's tokens in order, for both sides.
+  ids_BT[mask_BT] = np.fromiter((t for r in rows for t in r), np.int32, int(lengths.sum()))
+  return TokenBatch(ids_BT, mask_BT)
 
 
 def from_name(name: str, *, bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT) -> Tokenizer:

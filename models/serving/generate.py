@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperjax.models import protocol
-from paperjax.models.data import chat
+from paperjax.models.data import chat, tokenizer
 from paperjax.models.data.tokenizer import Tokenizer
 from paperjax.ops import sampling
 
@@ -171,12 +171,9 @@ def _complete(key, params, cfg, tok: Tokenizer, rows: list[list[int]], max_new_t
     raise ValueError(f"tok: {tok.vocab_size} ids do not fit the model's vocab_size={cfg.vocab_size}")
   if not rows or any(not row for row in rows):
     raise ValueError(f"prompts: expected at least one non-empty prompt, got lengths {[len(r) for r in rows]}")
-  lengths = np.array([len(row) for row in rows], np.int32)
-  prompts_BT = np.full((len(rows), lengths.max()), tok.pad_id, np.int32)
-  for b, row in enumerate(rows):
-    prompts_BT[b, : len(row)] = row
+  batch = tokenizer.pad_rows(rows, tok.pad_id)
   tokens_BN, lengths_B = generate(
-    key, params, cfg, prompts_BT, lengths, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
+    key, params, cfg, batch.ids_BT, batch.lengths_B, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **select_kwargs
   )
   texts = []
   for row, n in zip(np.asarray(tokens_BN), np.asarray(lengths_B)):

@@ -192,3 +192,12 @@ def test_encode_batch_errors(cl100k):
     tok.from_name("cl100k_base", bos_token=None).encode("a", bos=True)
   with pytest.raises(ValueError, match="mask_BT"):
     cl100k.decode_batch(np.zeros((2, 3), int), np.ones((2, 2), bool))
+
+
+def test_pad_rows_both_sides_and_width():
+  right = tok.pad_rows([[5, 6, 7], [8]], 0)
+  assert right.ids_BT.tolist() == [[5, 6, 7], [8, 0, 0]] and right.lengths_B.tolist() == [3, 1]
+  left = tok.pad_rows([[5, 6, 7], [8]], 9, width=4, pad_side="left")
+  assert left.ids_BT.tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]] and left.mask_BT.sum() == 4
+  with pytest.raises(ValueError, match=r"rows: lengths \[3, 1\] exceed width=2"):
+    tok.pad_rows([[5, 6, 7], [8]], 0, width=2)
