@@ -50,9 +50,11 @@ class Config:
   best_of: int
 
 
+# small: the default suite's budget (about 3 minutes); full: the longer runs of the same study.
 CONFIGS = {
   "ci": Config(sft_steps=30, rm_steps=20, po_steps=10, batch=32, num_pairs=256, eval_prompts=64, best_of=2),
-  "small": Config(sft_steps=600, rm_steps=400, po_steps=300, batch=64, num_pairs=8192, eval_prompts=1024, best_of=8),
+  "small": Config(sft_steps=400, rm_steps=250, po_steps=150, batch=64, num_pairs=4096, eval_prompts=512, best_of=8),
+  "full": Config(sft_steps=600, rm_steps=400, po_steps=300, batch=64, num_pairs=8192, eval_prompts=1024, best_of=8),
   "paper": Config(
     sft_steps=2000, rm_steps=1500, po_steps=1000, batch=128, num_pairs=32768, eval_prompts=4096, best_of=16
   ),

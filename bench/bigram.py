@@ -43,9 +43,11 @@ class Config:
   gen_tokens: int
 
 
+SMALL = Config(max_chars=None, vocab_size=4096, gen_batch=64, gen_tokens=128)
 CONFIGS = {
   "ci": Config(max_chars=400_000, vocab_size=512, gen_batch=8, gen_tokens=32),
-  "small": Config(max_chars=None, vocab_size=4096, gen_batch=64, gen_tokens=128),
+  "small": SMALL,
+  "full": SMALL,  # small already runs the whole study
   "paper": Config(max_chars=None, vocab_size=8192, gen_batch=256, gen_tokens=256),
 }
 

@@ -6,6 +6,7 @@ python -m paperjax.bench --scale=ci --only=bigram.fit          # the suite, filt
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import traceback
@@ -18,14 +19,18 @@ from paperjax.bench import report
 from paperjax.bench.harness import SCALES, Benchmark, Context, Environment, Result, Scale, selects_benchmark
 
 SCALE = flags.DEFINE_enum(
-  "scale", "small", list(SCALES), "ci: seconds (smoke test); small: CPU minutes; paper: the papers' shapes (GPU)."
+  "scale",
+  "small",
+  list(SCALES),
+  "ci: seconds (smoke test); small: the default, the suite in 15 CPU minutes; full: longer CPU experiments; "
+  "paper: the papers' shapes (GPU).",
 )
 OUT = flags.DEFINE_string("out", "results", "Folder for report.md, results.json and plots.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of every PRNG key and data split.")
 ONLY = flags.DEFINE_list("only", [], "Benchmarks or benchmark.part names to run (default: all).")
 REPEATS = flags.DEFINE_integer("repeats", None, "Timed repeats (median reported); default by scale.")
 
-DEFAULT_REPEATS = {"ci": 2, "small": 5, "paper": 10}
+DEFAULT_REPEATS = {"ci": 2, "small": 5, "full": 5, "paper": 10}
 
 
 def run_benchmarks(runs: Mapping[str, Benchmark]) -> int:
@@ -56,11 +61,12 @@ def run_benchmarks(runs: Mapping[str, Benchmark]) -> int:
     ctx = Context(name, scale, SEED.value, repeats, tuple(ONLY.value), env, parts=runs[name].parts)
     start = time.perf_counter()
     try:
-      results.append(runs[name].run(ctx))
+      result = runs[name].run(ctx)
     except Exception:  # keep the rest of the suite; the exit code says it failed
       traceback.print_exc()
       failed.append(name)
     else:
+      results.append(dataclasses.replace(result, wall_s=time.perf_counter() - start))
       empty = [p for p in ctx.selected_parts() if not ctx.recorded.get(p)]
       if empty or not sum(ctx.recorded.values()):
         print(f"{name}: parts {empty or ['(all)']} recorded nothing", file=sys.stderr)

@@ -19,8 +19,10 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import jax
 
-Scale = Literal["ci", "small", "paper"]
-SCALES: tuple[Scale, ...] = ("ci", "small", "paper")
+# ci: seconds (the smoke test); small: the default, the whole suite within 15 minutes on 2 CPU
+# cores; full: the longer CPU experiments (tens of minutes each); paper: the papers' shapes (a GPU).
+Scale = Literal["ci", "small", "full", "paper"]
+SCALES: tuple[Scale, ...] = ("ci", "small", "full", "paper")
 T = TypeVar("T")
 
 
@@ -89,7 +91,11 @@ class Series:
 
 @dataclasses.dataclass(frozen=True)
 class Plot:
-  """A line plot as data; `name` becomes the PNG file name `<benchmark>_<name>.png`."""
+  """A plot as data; `name` becomes the PNG file name `<benchmark>_<name>.png`.
+
+  kind "line" draws each series as a line; "bar" draws every series as bars at the same x
+  positions, so a positive and a negative series read as one up/down histogram.
+  """
 
   name: str
   title: str
@@ -98,6 +104,7 @@ class Plot:
   series: tuple[Series, ...]
   xscale: Literal["linear", "log"] = "linear"
   yscale: Literal["linear", "log"] = "linear"
+  kind: Literal["line", "bar"] = "line"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +113,7 @@ class Result:
   records: tuple[Record, ...]
   plots: tuple[Plot, ...] = ()
   notes: tuple[str, ...] = ()
+  wall_s: float | None = None  # the whole run's wall time, set by the runner
 
   @classmethod
   def from_parts(cls, benchmark: str, parts: Sequence[tuple[Sequence[Record], Plot, str]]) -> Result:

@@ -47,6 +47,17 @@ class Config:
   eval_every: int
 
 
+SMALL = Config(
+  model=llama.LlamaConfig(vocab_size=2048, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=384, max_seq_len=2048),
+  cache_lengths=(128, 256, 512, 1024),
+  batch=4,
+  prefill_len=512,
+  new_tokens=64,
+  train=train.TrainConfig(batch_size=16, seq_len=128, total_steps=200, warmup_steps=20),
+  corpus_chars=4_000_000,
+  eval_every=50,
+)
+# small trains 200 steps (the default suite's budget); full trains 400.
 CONFIGS = {
   "ci": Config(
     model=llama.LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
@@ -58,18 +69,8 @@ CONFIGS = {
     corpus_chars=300_000,
     eval_every=10,
   ),
-  "small": Config(
-    model=llama.LlamaConfig(
-      vocab_size=2048, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=384, max_seq_len=2048
-    ),
-    cache_lengths=(128, 256, 512, 1024),
-    batch=4,
-    prefill_len=512,
-    new_tokens=64,
-    train=train.TrainConfig(batch_size=16, seq_len=128, total_steps=400, warmup_steps=40),
-    corpus_chars=4_000_000,
-    eval_every=50,
-  ),
+  "small": SMALL,
+  "full": dataclasses.replace(SMALL, train=dataclasses.replace(SMALL.train, total_steps=400, warmup_steps=40)),
   "paper": Config(
     model=llama.LlamaConfig(
       vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=3584, max_seq_len=8192

@@ -7,6 +7,7 @@ never leaves a half-written report over a good one.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -48,6 +49,15 @@ def markdown_table(records: Sequence[Record]) -> str:
   return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
 
 
+def wall_time_table(results: Sequence[Result]) -> str:
+  """Each benchmark's wall time (compiles included) and the total, as a markdown table."""
+  timed = [(r.benchmark, r.wall_s) for r in results if r.wall_s is not None]
+  rows = ["| benchmark | wall time (s) |", "| --- | --- |"]
+  rows += [f"| {name} | {seconds:.1f} |" for name, seconds in timed]
+  rows.append(f"| total | {sum(seconds for _, seconds in timed):.1f} |")
+  return "\n".join(rows)
+
+
 def describe(env: Environment) -> str:
   return (
     f"backend `{env.backend}`, device `{env.device_kind}` x{env.device_count}, "
@@ -62,6 +72,8 @@ def render_markdown(results: Sequence[Result], env: Environment, plot_files: dic
     f"Measured on {describe(env)}.",
     "",
     markdown_table([r for result in results for r in result.records]),
+    "",
+    wall_time_table(results),
   ]
   for result in results:
     if not (result.notes or result.plots):
@@ -84,7 +96,12 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for s in plot.series:
-    ax.plot(s.x, s.y, marker="o" if len(s.x) <= 50 else None, label=s.label)
+    if plot.kind == "bar":
+      ax.bar(s.x, s.y, width=0.8 * min(_bar_gaps(s.x)), label=s.label, alpha=0.8)
+    else:
+      ax.plot(s.x, s.y, marker="o" if len(s.x) <= 50 else None, label=s.label)
+  if plot.kind == "bar":
+    ax.axhline(0.0, color="black", linewidth=0.8)
   ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel, xscale=plot.xscale, yscale=plot.yscale)
   ax.grid(True, alpha=0.3)
   if len(plot.series) > 1:
@@ -92,6 +109,12 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
   fig.tight_layout()
   _atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
   plt.close(fig)
+
+
+def _bar_gaps(x: Sequence[float]) -> list[float]:
+  """Gaps between consecutive sorted x values (bar widths), or [1.0] for fewer than two."""
+  xs = sorted(x)
+  return [b - a for a, b in itertools.pairwise(xs) if b > a] or [1.0]
 
 
 def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -> dict[str, pathlib.Path]:
@@ -113,6 +136,7 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
       for p in result.plots
     ],
     "notes": {result.benchmark: list(result.notes) for result in results if result.notes},
+    "wall_s": {result.benchmark: result.wall_s for result in results if result.wall_s is not None},
   }
   paths = {"markdown": out / "report.md", "json": out / "results.json"}
   _atomic(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))

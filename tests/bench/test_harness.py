@@ -72,19 +72,31 @@ def test_report_files(tmp_path):
   result = Result(
     "demo",
     (ctx.record("a|b", 1234.5, "tokens/s", 1000.0, "Paper (2024), Table 1"),),
-    (Plot("curve", "A curve", "x", "y", (Series("s", (1.0, 2.0), (3.0, 4.0)),)),),
+    (
+      Plot("curve", "A curve", "x", "y", (Series("s", (1.0, 2.0), (3.0, 4.0)),)),
+      Plot("bars", "Up and down", "k", "A", (Series("+", (1, 2), (3, 1)), Series("-", (1, 2), (-1, -2))), kind="bar"),
+    ),
     ("a note",),
+    wall_s=12.345,
   )
   paths = report.write([result], ENV, tmp_path / "out")
   md = paths["markdown"].read_text()
+  assert "| demo | 12.3 |" in md and "| total | 12.3 |" in md
   assert "| demo | a\\|b | 1234 | tokens/s | 1000 | Paper (2024), Table 1 | 1.234 |" in md
   assert "- a note" in md and "(demo_curve.png)" in md
   payload = json.loads(paths["json"].read_text())
   assert payload["environment"]["backend"] == "cpu"
   assert payload["records"][0]["ratio"] == pytest.approx(1.2345)
   assert payload["plots"][0]["series"][0]["y"] == [3.0, 4.0]
+  assert payload["wall_s"] == {"demo": 12.345}
   assert paths["demo_curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo_curve.png", "report.md", "results.json"]
+  assert payload["plots"][1]["kind"] == "bar" and paths["demo_bars"].read_bytes()[:4] == b"\x89PNG"
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    "demo_bars.png",
+    "demo_curve.png",
+    "report.md",
+    "results.json",
+  ]
 
 
 def test_a_selected_part_that_records_nothing_fails_the_run(tmp_path):

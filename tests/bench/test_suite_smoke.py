@@ -1,10 +1,13 @@
 """The suite and a single benchmark binary, run as a user would, at --scale=ci."""
 
+import importlib
 import json
+import re
 import subprocess
 import sys
 
 from paperjax.bench import registry
+from paperjax.bench.harness import SCALES
 
 RECORD_KEYS = {"benchmark", "metric", "value", "unit", "paper_value", "paper_source", "ratio", "environment"}
 
@@ -25,10 +28,20 @@ def test_suite_writes_a_well_formed_report(tmp_path):
   md = (tmp_path / "report.md").read_text()
   assert md.startswith("# paperjax benchmark report")
   rows = [line for line in md.splitlines() if line.startswith(tuple(f"| {b} |" for b in registry.BENCHMARKS))]
-  assert len(rows) == len(payload["records"])
+  cells = lambda row: len(re.split(r"(?<!\\)\|", row)) - 2  # "\|" inside a cell is escaped
+  records, walls = [r for r in rows if cells(r) == 7], [r for r in rows if cells(r) == 2]
+  assert len(records) == len(payload["records"]) and len(walls) == len(registry.BENCHMARKS)
+  assert set(payload["wall_s"]) == set(registry.BENCHMARKS) and all(s > 0 for s in payload["wall_s"].values())
+  assert f"| total | {sum(payload['wall_s'].values()):.1f} |" in md
   for plot in payload["plots"]:
     assert (tmp_path / plot["file"]).read_bytes()[:4] == b"\x89PNG"
   assert "| bigram |" in proc.stdout  # the table is printed too
+
+
+def test_every_benchmark_configures_every_scale():
+  for name in registry.BENCHMARKS:
+    module = importlib.import_module(f"paperjax.bench.{name}")
+    assert set(module.CONFIGS) == set(SCALES), name
 
 
 def test_single_binary_runs_only_the_asked_part(tmp_path):
