@@ -1,0 +1,124 @@
+"""One command that checks the GPU paths on a GPU.
+
+  python -m paperjax.bench.gpu_check [--out=results_gpu]
+
+On a CUDA backend it runs, and writes `results/` like the suite:
+- gpu_check.kernels: every Pallas kernel compiled (not interpreted) and run against its jnp
+  reference over the shape grid the CPU tests use (odd sizes, ragged and empty documents,
+  float32 / bfloat16 / float16, binary codes); the largest error of each case is recorded
+  and a case over its tolerance fails the run. Then each kernel is timed against its
+  reference at ColBERT shapes, side by side. jax bundles no MaxSim kernel, so the
+  reference (XLA) is the only baseline.
+- maxsim.throughput at `--scale=paper`: the suite's kernel part.
+The defaults (`--scale=paper --only=gpu_check,maxsim.throughput`) fit in 8 minutes on one
+GPU; the flags are the suite's. Without a GPU it says so and exits 0, timing nothing.
+
+Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from paperjax.bench import cli, registry
+from paperjax.bench.harness import Benchmark, Context, Result, time_fn
+from paperjax.ops import maxsim
+
+
+class Case(NamedTuple):
+  """One kernel call checked against its reference: scores(impl, interpret) -> float32 [Q, N]."""
+
+  name: str
+  scores: Callable[[maxsim.Impl, bool], jax.Array]
+  tolerance: float  # max |kernel - reference| allowed
+
+
+def _ragged(key: jax.Array, q: int, t: int, n: int, s: int, k: int):
+  """Random embeddings with ragged query masks and document lengths, including 0 and S."""
+  kq, kd, km, kl = jax.random.split(key, 4)
+  lengths = jax.random.randint(kl, (n,), 1, s + 1).at[:2].set(jnp.array([0, s]))
+  return (
+    jax.random.normal(kq, (q, t, k)),
+    jax.random.normal(kd, (n, s, k)),
+    jax.random.uniform(km, (q, t)) > 0.3,
+    lengths,
+  )
+
+
+def _float_scores(impl: maxsim.Impl, interpret: bool, *, q, d, q_mask, lengths) -> jax.Array:
+  return maxsim.maxsim(q, d, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret)
+
+
+def _binary_scores(impl: maxsim.Impl, interpret: bool, *, q, d, dim, q_mask, lengths) -> jax.Array:
+  return maxsim.maxsim_binary(q, d, dim, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret)
+
+
+def cases(key: jax.Array) -> list[Case]:
+  """The grid of `tests/ops/test_maxsim.py` (Q=3, T=5, N=19, S=37, K=48) plus ColBERT shapes."""
+  out = []
+  for shape in ((3, 5, 19, 37, 48), (4, 32, 1000, 128, 128), (2, 32, 300, 512, 128)):
+    q, d, q_mask, lengths = _ragged(key, *shape)
+    label = "Q={},T={},N={},S={},K={}".format(*shape)
+    masks = {"q_mask": q_mask, "lengths": lengths}
+    for dtype, tol in ((jnp.float32, 1e-3), (jnp.bfloat16, 0.5), (jnp.float16, 0.05)):
+      scores = functools.partial(_float_scores, q=q.astype(dtype), d=d.astype(dtype), **masks)
+      out.append(Case(f"maxsim {jnp.dtype(dtype).name} {label}", scores, tol * shape[1]))  # errors add over T
+    scores = functools.partial(_binary_scores, q=maxsim.pack_bits(q), d=maxsim.pack_bits(d), dim=shape[-1], **masks)
+    out.append(Case(f"maxsim_binary {label}", scores, 0.0))  # integer arithmetic: exact
+  return out
+
+
+def check(case_list: Sequence[Case], *, interpret: bool) -> dict[str, float]:
+  """Max |kernel - reference| of each case; raises AssertionError naming every case over its tolerance."""
+  errors = {
+    c.name: float(jnp.max(jnp.abs(c.scores("pallas", interpret) - c.scores("reference", False)))) for c in case_list
+  }
+  bad = [f"{c.name}: {errors[c.name]:.3g} > {c.tolerance:.3g}" for c in case_list if not errors[c.name] <= c.tolerance]
+  if bad:
+    raise AssertionError("Pallas kernel differs from its reference: " + "; ".join(bad))
+  return errors
+
+
+PARTS = ("kernels",)
+
+
+def run(ctx: Context) -> Result:
+  if jax.default_backend() != "gpu":
+    raise RuntimeError(f"gpu_check needs a GPU backend, got {jax.default_backend()!r}")
+  records = []
+  ctx.wants("kernels")
+  case_list = cases(jax.random.key(ctx.seed))
+  for name, error in check(case_list, interpret=False).items():
+    records.append(ctx.record(f"max |Pallas - reference|, {name}", error, "abs"))
+  for c in case_list:
+    if "T=32" not in c.name:  # time the ColBERT shapes only
+      continue
+    ref = time_fn(c.scores, "reference", False, repeats=ctx.repeats).median_s
+    ours = time_fn(c.scores, "pallas", False, repeats=ctx.repeats).median_s
+    records.append(ctx.record(f"speed-up Pallas vs XLA reference, {c.name} (same run)", ref / ours, "x"))
+  note = (
+    f"{len(case_list)} kernel cases compiled for {jax.devices()[0].device_kind} and checked against the jnp "
+    "reference; jax bundles no MaxSim kernel, so the XLA reference is the only baseline."
+  )
+  return Result(ctx.benchmark, tuple(records), notes=(note,))
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if jax.default_backend() != "gpu":
+    print(f"gpu_check: no GPU backend here (jax.default_backend() = {jax.default_backend()!r}); nothing was timed.")
+    return 0
+  return cli.run_benchmarks({"gpu_check": Benchmark(run, PARTS), "maxsim": registry.load("maxsim")})
+
+
+if __name__ == "__main__":
+  flags.FLAGS.set_default("scale", "paper")
+  flags.FLAGS.set_default("only", ["gpu_check", "maxsim.throughput"])
+  app.run(main)

@@ -1,0 +1,39 @@
+"""The GPU-check command: its no-GPU mode, and its kernel grid run in interpret mode on CPU."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from paperjax.bench import gpu_check
+
+
+def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", "paperjax.bench.gpu_check", f"--out={tmp_path}"],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "no GPU backend here" in proc.stdout and "nothing was timed" in proc.stdout
+  assert list(tmp_path.iterdir()) == []  # no report: nothing was measured
+
+
+def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
+  small = [c for c in gpu_check.cases(jax.random.key(0)) if "N=19" in c.name]  # the test grid; ColBERT shapes on GPU
+  assert len(small) == 4  # float32, bfloat16, float16, binary
+  errors = gpu_check.check(small, interpret=True)
+  assert errors[small[-1].name] == 0.0  # binary codes are exact
+  off_by_one = gpu_check.Case(
+    "shifted", lambda impl, interpret: small[0].scores(impl, interpret) + (impl == "pallas"), 0.5
+  )
+  with pytest.raises(AssertionError, match="shifted: 1 > 0.5"):
+    gpu_check.check([off_by_one], interpret=True)
+
+
+def test_run_refuses_a_cpu_backend():
+  with pytest.raises(RuntimeError, match="needs a GPU backend, got 'cpu'"):
+    gpu_check.run(None)  # type: ignore[arg-type]
