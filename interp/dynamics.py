@@ -22,6 +22,7 @@ import numpy as np
 from paperjax.interp.interactions import subset_orders
 
 MAX_THEORY_VARIABLES = 12  # M x M float64 matrices: 16M entries at n = 12
+SIGMA2_GRID = np.logspace(-8, 2, 101)  # fit_sigma2's default grid; a fit on either end is only a bound
 
 
 def triggering_matrix(n: int) -> np.ndarray:
@@ -79,18 +80,25 @@ def fit_sigma2(
   measured: order distributions [n + 1] or one per checkpoint [E, n + 1] (as `order_distribution`).
   w_star: the target interactions, [M] or a batch [X, M] (predictions averaged over rows).
   tau: salience threshold applied to the predicted w_hat, as to the measurement.
-  Returns (sigma2, predicted distribution at it), per checkpoint when measured is 2-D.
+  Returns (sigma2, predicted distribution at it), per checkpoint when measured is 2-D. A
+  sigma2 on the grid's first or last point is a bound (the best fit may lie beyond it).
   """
   measured = np.asarray(measured, np.float64)
   if measured.shape[-1:] != (n + 1,) or measured.ndim > 2:
     raise ValueError(f"measured: expected order distributions of shape [..., {n + 1}], got {measured.shape}")
-  grid = np.logspace(-4, 2, 61) if grid is None else np.asarray(grid, np.float64)
+  grid = SIGMA2_GRID if grid is None else np.asarray(grid, np.float64)
   predictions = np.stack([order_distribution(closed_form_weights(w_star, n, s2), n, tau) for s2 in grid])
   errors = ((predictions[None, :, 1:] - np.atleast_2d(measured)[:, None, 1:]) ** 2).sum(axis=-1)
   best = np.argmin(errors, axis=1)
   if measured.ndim == 1:
     return grid[best[0]], predictions[best[0]]
   return grid[best], predictions[best]
+
+
+def relative_residual(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+  """||predicted - measured|| / ||measured|| over orders 1 .. n (the last axis), per distribution."""
+  measured, predicted = np.asarray(measured, np.float64)[..., 1:], np.asarray(predicted, np.float64)[..., 1:]
+  return np.linalg.norm(predicted - measured, axis=-1) / np.maximum(np.linalg.norm(measured, axis=-1), 1e-300)
 
 
 def _check(n: int) -> None:

@@ -153,6 +153,26 @@ def test_fit_sigma2_recovers_the_generating_noise(np_rng):
   np.testing.assert_allclose(predicted, measured, atol=1e-2)
 
 
+def test_fit_on_the_grid_edge_is_a_bound_and_the_end_point_fit_is_circular(np_rng):
+  """Measured = the distribution of w* itself (what the final checkpoint is): the best fit
+  runs to the smallest sigma^2 on the grid, so that value only bounds the fit."""
+  w_star = np_rng.normal(size=2**4)
+  sigma2, predicted = dynamics.fit_sigma2(dynamics.order_distribution(w_star, 4), w_star, 4)
+  assert sigma2 == dynamics.SIGMA2_GRID[0]
+  measured = dynamics.order_distribution(w_star, 4)
+  at = lambda s2: dynamics.relative_residual(
+    measured, dynamics.order_distribution(dynamics.closed_form_weights(w_star, 4, s2), 4)
+  )
+  assert at(0.0) < 1e-9 < at(1e-6) < at(1e-4) < at(1e-2)  # the optimum, sigma^2 = 0, lies past the edge
+  assert dynamics.relative_residual(measured, predicted) == pytest.approx(at(dynamics.SIGMA2_GRID[0]))
+
+
+def test_relative_residual_skips_order_0():
+  measured, predicted = np.array([[0.0, 1.0, 2.0, 2.0]]), np.array([[7.0, 1.0, 2.0, 5.0]])
+  np.testing.assert_allclose(dynamics.relative_residual(measured, predicted), [3.0 / 3.0])
+  assert dynamics.relative_residual(measured[0], measured[0]) == 0.0
+
+
 def test_errors():
   with pytest.raises(ValueError, match="n: expected 1 <= n <= 20"):
     ia.subset_masks(24)
