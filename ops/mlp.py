@@ -5,15 +5,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from paperjax.ops.quant import QuantizedTensor, matmul
 
-def swiglu(x_BTD: jax.Array, w1_DE: jax.Array, w3_DE: jax.Array, w2_ED: jax.Array) -> jax.Array:
-  """SwiGLU FFN (Llama): W2( silu(x W1) * (x W3) ), matmuls accumulated in float32."""
+Weight = jax.Array | QuantizedTensor
+
+
+def swiglu(x_BTD: jax.Array, w1_DE: Weight, w3_DE: Weight, w2_ED: Weight) -> jax.Array:
+  """SwiGLU FFN (Llama): W2( silu(x W1) * (x W3) ), matmuls accumulated in float32.
+
+  Any weight may be a `QuantizedTensor` (`ops.quant.matmul` says how it multiplies)."""
   if w1_DE.shape != w3_DE.shape or w1_DE.shape[::-1] != w2_ED.shape or w1_DE.shape[0] != x_BTD.shape[-1]:
     raise ValueError(
       f"w1_DE, w3_DE, w2_ED: expected [D, E], [D, E], [E, D] with D={x_BTD.shape[-1]}, got "
       f"{w1_DE.shape}, {w3_DE.shape}, {w2_ED.shape}"
     )
-  gate = jnp.einsum("btd,de->bte", x_BTD, w1_DE, preferred_element_type=jnp.float32)
-  up = jnp.einsum("btd,de->bte", x_BTD, w3_DE, preferred_element_type=jnp.float32)
+  gate, up = matmul(x_BTD, w1_DE, out_dtype=jnp.float32), matmul(x_BTD, w3_DE, out_dtype=jnp.float32)
   hidden = (jax.nn.silu(gate) * up).astype(x_BTD.dtype)
-  return jnp.einsum("bte,ed->btd", hidden, w2_ED, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+  return matmul(hidden, w2_ED)

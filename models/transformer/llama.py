@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from paperjax.models import protocol, stack
-from paperjax.ops import attention, mlp, norms, rope
+from paperjax.ops import attention, mlp, norms, quant, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
 _AXES = {
@@ -303,7 +303,12 @@ def _forward(
 
   def layer(x_BTD, xs):
     p, kv = xs
-    p = jax.tree.map(lambda w: w.astype(cfg.dtype), p)  # one layer's compute copy at a time
+    # One layer's compute copy at a time; quantized weights stay as they are (ops.quant.matmul reads them).
+    p = jax.tree.map(
+      lambda w: w if isinstance(w, quant.QuantizedTensor) else w.astype(cfg.dtype),
+      p,
+      is_leaf=lambda w: isinstance(w, quant.QuantizedTensor),
+    )
     resid_pre = x_BTD
     with jax.named_scope("attention"):
       h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
@@ -333,11 +338,27 @@ def _forward(
     }
     return x_BTD, kv, acts
 
-  kv_in = None if cache is None else (cache.k_LBSGK, cache.v_LBSGK)
-  x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (params["layers"], kv_in), remat=cfg.remat, kinds=kinds)
+  # params["layers"] is one stack, or consecutive segments of it (a tuple of stacks, e.g.
+  # quantized middle layers between float first and last ones); each segment is one scan.
+  segments = params["layers"] if isinstance(params["layers"], tuple) else (params["layers"],)
+  k_out, v_out, acts = [], [], []
+  start = 0
+  for segment in segments:
+    stop = start + jax.tree.leaves(segment)[0].shape[0]
+    kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
+    x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (segment, kv_in), remat=cfg.remat, kinds=kinds)
+    if cache is not None:
+      k_out.append(kv_out[0])
+      v_out.append(kv_out[1])
+    acts.append(stacked)
+    start = stop
+  if start != cfg.n_layers:
+    raise ValueError(f"params['layers']: expected {cfg.n_layers} layers over its segments, got {start}")
+  join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  stacked = {kind: join([a[kind] for a in acts]) for kind in kinds}
   if cache is not None:
     added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
-    cache = KVCache(kv_out[0], kv_out[1], cache.lengths_B + added_B)
+    cache = KVCache(join(k_out), join(v_out), cache.lengths_B + added_B)
   hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
   return hidden_BTD, cache, stacked
 
