@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,23 @@ def _kv_bytes(ctx: Context):
   return records
 
 
-def _train(ctx: Context, cfg: Config):
+class StdlibLM(NamedTuple):
+  """A Llama trained on the stdlib corpus, with its held-out data (what other benchmarks reuse)."""
+
+  model: llama.LlamaConfig
+  tcfg: train.TrainConfig
+  params: dict
+  test_ids: np.ndarray  # compact held-out token stream
+  test_batch: lm.Batch  # 64 held-out windows of tcfg.seq_len tokens
+  unigram_ce: float
+  losses: list[float]
+  evals: list[tuple[int, float]]  # (step, held-out loss)
+  step_time_s: float
+  train_tokens: int
+
+
+def train_stdlib_lm(ctx: Context, cfg: Config, desc: str = "llama: training") -> StdlibLM:
+  """Trains cfg.model on the stdlib corpus (AdamW, cfg.train) and keeps its held-out data."""
   model, tcfg = cfg.model, dataclasses.replace(cfg.train, seed=ctx.seed)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -209,11 +226,18 @@ def _train(ctx: Context, cfg: Config):
   batch = lambda i: lm.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg)
   step_time = time_fn(step, state, batch(0), repeats=ctx.repeats).median_s  # the state is not advanced
   losses, evals = [], []
-  for i in progress(range(tcfg.total_steps), "llama: training"):
+  for i in progress(range(tcfg.total_steps), desc):
     state, metrics = step(state, batch(i))
     losses.append(float(metrics["loss"]))
     if (i + 1) % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
       evals.append((i + 1, float(lm.eval_loss(state.params, test_batch, model))))
+  return StdlibLM(model, tcfg, state.params, test_ids, test_batch, unigram_ce, losses, evals, step_time, train_ids.size)
+
+
+def _train(ctx: Context, cfg: Config):
+  trained = train_stdlib_lm(ctx, cfg)
+  model, tcfg, evals, unigram_ce = trained.model, trained.tcfg, trained.evals, trained.unigram_ce
+  losses, step_time = trained.losses, trained.step_time_s
   tokens_per_s = tcfg.batch_size * tcfg.seq_len / step_time
   final = evals[-1][1]
   records = [
@@ -238,7 +262,7 @@ def _train(ctx: Context, cfg: Config):
     ),
   )
   notes = [
-    f"Training data: {train_ids.size:,} train / {test_ids.size:,} held-out tokens, vocabulary of the "
+    f"Training data: {trained.train_tokens:,} train / {trained.test_ids.size:,} held-out tokens, vocabulary of the "
     f"{model.vocab_size - 1} most frequent cl100k training tokens + other; AdamW, warm-up {tcfg.warmup_steps} "
     f"steps, cosine to {tcfg.final_lr_ratio:g} x peak {tcfg.peak_lr:g}, {tcfg.total_steps} steps."
   ]
