@@ -1,6 +1,6 @@
 """One command that checks the GPU paths on a GPU.
 
-  python -m paperjax.bench.gpu_check [--out=results_gpu]
+  python -m paperjax.bench.gpu_check   # writes results_gpu/
 
 On a CUDA backend it runs, and writes `results/` like the suite:
 - gpu_check.kernels: every Pallas kernel compiled (not interpreted) and run against its jnp
@@ -9,9 +9,14 @@ On a CUDA backend it runs, and writes `results/` like the suite:
   and a case over its tolerance fails the run. Then each kernel is timed against its
   reference at ColBERT shapes, side by side. jax bundles no MaxSim kernel, so the
   reference (XLA) is the only baseline.
-- maxsim.throughput at `--scale=paper`: the suite's kernel part.
-The defaults (`--scale=paper --only=gpu_check,maxsim.throughput`) fit in 8 minutes on one
-GPU; the flags are the suite's. Without a GPU it says so and exits 0, timing nothing.
+- gpu_check.matmul: XLA's own low-precision dots against bf16 at square shapes, TFLOP/s
+  side by side (FP8 E4M3 x E4M3 -> float32, INT8 x INT8 -> int32): the measurement that
+  decides whether quantized matmuls need a Pallas kernel (issue 15: only if XLA falls short
+  of the roofline, where FP8's dense peak is twice BF16's on H100/H200).
+- maxsim.throughput and quant.throughput at `--scale=paper`: the suite's kernel parts.
+The defaults (`--scale=paper --only=gpu_check,maxsim.throughput,quant.throughput`) are
+sized for 8 minutes on one GPU; the flags are the suite's. Without a GPU it says so and
+exits 0, timing nothing.
 
 Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim.
 """
@@ -28,7 +33,7 @@ from absl import app, flags
 
 from paperjax.bench import cli, registry
 from paperjax.bench.harness import Benchmark, Context, Result, time_fn
-from paperjax.ops import maxsim
+from paperjax.ops import maxsim, quant
 
 
 class Case(NamedTuple):
@@ -85,14 +90,33 @@ def check(case_list: Sequence[Case], *, interpret: bool) -> dict[str, float]:
   return errors
 
 
-PARTS = ("kernels",)
+PARTS = ("kernels", "matmul")
+HOPPER = "H100/H200 datasheet: dense FP8 / INT8 peak = 2x BF16"
+MATMUL_SIZES = (4096, 8192)
 
 
-def run(ctx: Context) -> Result:
-  if jax.default_backend() != "gpu":
-    raise RuntimeError(f"gpu_check needs a GPU backend, got {jax.default_backend()!r}")
+def _matmul(ctx: Context) -> list:
+  """TFLOP/s of XLA's bf16, FP8 and INT8 dots at square shapes, and the low-precision / bf16 ratios."""
   records = []
-  ctx.wants("kernels")
+  dot = jax.jit(quant.dot)
+  for size in MATMUL_SIZES:
+    a = jax.random.normal(jax.random.key(ctx.seed), (size, size))
+    tflops = {}
+    for name, dtype in (("bf16", jnp.bfloat16), ("fp8", jnp.float8_e4m3fn), ("int8", jnp.int8)):
+      x = jnp.clip(a * 16, -127, 127).astype(dtype)
+      tflops[name] = 2 * size**3 / time_fn(dot, x, x.T, repeats=ctx.repeats).median_s / 1e12
+      records.append(ctx.record(f"XLA dot TFLOP/s, {name}, {size}^3", tflops[name], "TFLOP/s"))
+    for name in ("fp8", "int8"):
+      records.append(
+        ctx.record(
+          f"XLA dot speed-up, {name} vs bf16, {size}^3 (same run)", tflops[name] / tflops["bf16"], "x", 2.0, HOPPER
+        )
+      )
+  return records
+
+
+def _kernels(ctx: Context) -> tuple[list, str]:
+  records = []
   case_list = cases(jax.random.key(ctx.seed))
   for name, error in check(case_list, interpret=False).items():
     records.append(ctx.record(f"max |Pallas - reference|, {name}", error, "abs"))
@@ -106,7 +130,20 @@ def run(ctx: Context) -> Result:
     f"{len(case_list)} kernel cases compiled for {jax.devices()[0].device_kind} and checked against the jnp "
     "reference; jax bundles no MaxSim kernel, so the XLA reference is the only baseline."
   )
-  return Result(ctx.benchmark, tuple(records), notes=(note,))
+  return records, note
+
+
+def run(ctx: Context) -> Result:
+  if jax.default_backend() != "gpu":
+    raise RuntimeError(f"gpu_check needs a GPU backend, got {jax.default_backend()!r}")
+  records, notes = [], []
+  if ctx.wants("kernels"):
+    part_records, note = _kernels(ctx)
+    records += part_records
+    notes.append(note)
+  if ctx.wants("matmul"):
+    records += _matmul(ctx)
+  return Result(ctx.benchmark, tuple(records), notes=tuple(notes))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -115,10 +152,13 @@ def main(argv: Sequence[str]) -> int:
   if jax.default_backend() != "gpu":
     print(f"gpu_check: no GPU backend here (jax.default_backend() = {jax.default_backend()!r}); nothing was timed.")
     return 0
-  return cli.run_benchmarks({"gpu_check": Benchmark(run, PARTS), "maxsim": registry.load("maxsim")})
+  return cli.run_benchmarks(
+    {"gpu_check": Benchmark(run, PARTS), **{name: registry.load(name) for name in ("maxsim", "quant")}}
+  )
 
 
 if __name__ == "__main__":
   flags.FLAGS.set_default("scale", "paper")
-  flags.FLAGS.set_default("only", ["gpu_check", "maxsim.throughput"])
+  flags.FLAGS.set_default("out", "results_gpu")  # beside, not over, the CPU suite's results/
+  flags.FLAGS.set_default("only", ["gpu_check", "maxsim.throughput", "quant.throughput"])
   app.run(main)

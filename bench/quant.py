@@ -11,19 +11,21 @@ Parts:
   (every held-out position) for bf16, Llama 3's FP8 (FFN of layers 1..L-2, activation
   scales bounded at 1200), FP8 without the first/last-layer exemption, FP8 without the
   bound, INT8 weight-only per tensor and per row, and W8A8; weight memory of each.
-- bound: what the activation-scale bound protects against. A token row of real FFN inputs
-  with one outlier channel, multiplied by layer 1's real W1 in FP8: relative error of the
-  row's output and the fraction of its other entries that flush to zero, bounded vs
-  unbounded, as the outlier grows.
+- bound: what the activation-scale bound protects against. A real FFN input row (layer 1,
+  after its RMSNorm) with one outlier channel is quantized to FP8, row-wise, and
+  multiplied by layer 1's float W1: relative error of the other channels' contribution
+  and the fraction of them that flush to zero, bounded vs unbounded, as the outlier grows.
 - distribution: Llama 3's check. Generations (T = 1) from held-out prompts by the bf16
   model and by the FP8 policy, each scored by its mean log-prob per token under the
   float32 model; both histograms in one plot, and a two-sample KS test. Decision rule,
   set before the run: FP8 matches bf16 if the KS test does not reject at p < 0.05 and
   the mean scores differ by less than 0.05 nats.
-- throughput: prefill tokens/s of the FP8 policy vs bf16, side by side, beside the paper's
-  "up to 50% more" (an H100 figure; on a CPU, XLA emulates FP8 dots).
+- throughput: prefill tokens/s of the FP8 policy vs bf16 (a freshly initialised model of
+  the same shape), side by side, beside the paper's "up to 50% more" (an H100 figure; on a
+  CPU, XLA emulates FP8 dots). `python -m paperjax.bench.gpu_check` runs it at
+  `--scale=paper` on a GPU.
 
-Shapes: B batch (prompts), T time, D model width, E MLP hidden width, N new tokens.
+Shapes: B batch (prompts), T time, D model width, E hidden width of the MLP, N new tokens.
 """
 
 from __future__ import annotations
@@ -90,11 +92,12 @@ def _trained(ctx: Context, cfg: Config) -> llama_bench.StdlibLM:
   return llama_bench.train_stdlib_lm(ctx, dataclasses.replace(base, model=model, train=tcfg), "quant: training")
 
 
-def _variant(trained: llama_bench.StdlibLM, policy: llama_quant.QuantPolicy | None):
-  """(params, cfg) of a variant: bf16 compute, the policy's weights quantized."""
-  model = dataclasses.replace(trained.model, dtype="bfloat16")
-  params = trained.params if policy is None else llama_quant.quantize_params(trained.params, model, policy)
-  return params, model
+def _variant(params: dict, model: llama.LlamaConfig, policy: llama_quant.QuantPolicy | None):
+  """(params, cfg) of a variant as served: the policy's weights quantized from the float32
+  ones, every other weight stored in bf16, bf16 compute."""
+  model = dataclasses.replace(model, dtype="bfloat16")
+  params = params if policy is None else llama_quant.quantize_params(params, model, policy)
+  return quant.map_unquantized(lambda w: w.astype(jnp.bfloat16), params), model
 
 
 def _quality(ctx: Context, trained: llama_bench.StdlibLM):
@@ -110,18 +113,13 @@ def _quality(ctx: Context, trained: llama_bench.StdlibLM):
     ctx.record("held-out perplexity, float32", float(np.exp(lm.eval_loss(trained.params, batch, trained.model))), "ppl")
   ]
   for name, policy in progress(VARIANTS.items(), "quant: quality", total=len(VARIANTS)):
-    params, model = _variant(trained, policy)
-    stored = jax.tree.map(  # storage form: bf16 except the quantized values and their float32 scales
-      lambda w: w if isinstance(w, quant.QuantizedTensor) else w.astype(jnp.bfloat16),
-      params,
-      is_leaf=lambda w: isinstance(w, quant.QuantizedTensor),
-    )
+    params, model = _variant(trained.params, trained.model, policy)
     records += [
       ctx.record(f"held-out perplexity, {name}", float(np.exp(lm.eval_loss(params, batch, model))), "ppl"),
       ctx.record(
         f"top-1 agreement with float32, {name}", float((top1(params, model) == reference)[mask].mean()), "fraction"
       ),
-      ctx.record(f"weight memory / float32, {name}", llama_quant.weight_bytes(stored) / f32_bytes, "ratio"),
+      ctx.record(f"weight memory / float32, {name}", llama_quant.weight_bytes(params) / f32_bytes, "ratio"),
     ]
   note = (
     f"Quality on {int(mask.sum())} held-out positions of the {trained.model.n_layers}-layer stdlib Llama "
@@ -136,8 +134,14 @@ def _bound(ctx: Context, trained: llama_bench.StdlibLM):
   """An FFN input row with one outlier channel, through layer 1's W1 in FP8."""
   layers, model = trained.params["layers"], trained.model
   w_DE = layers["w1"][1]
-  tokens = jnp.asarray(trained.test_batch.tokens_BT[:1])
-  _, _, acts = llama.forward_with_sites(trained.params, tokens, model, ("blocks.1.hook_resid_mid",))
+  batch = trained.test_batch
+  tokens, positions, segments = (
+    jnp.asarray(x[:1]) for x in (batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT)
+  )
+  site = ("blocks.1.hook_resid_mid",)
+  _, _, acts = llama.forward_with_sites(
+    trained.params, tokens, model, site, positions_BT=positions, segment_ids_BT=segments
+  )
   x_D = norms.rms_norm(acts["blocks.1.hook_resid_mid"][0, 5], layers["mlp_norm"][1], model.norm_eps)  # W1's input
   outliers = (1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
   curves: dict[str, list[float]] = {"bounded (1200)": [], "unbounded": []}
@@ -159,7 +163,7 @@ def _bound(ctx: Context, trained: llama_bench.StdlibLM):
         ]
   plot = Plot(
     "bound",
-    "FP8 activations with one outlier channel: error of the rest of the row",
+    "FP8 activations (float W1) with one outlier channel: error of the rest of the row",
     "outlier magnitude",
     "relative error of x[1:] @ W1[1:]",
     tuple(Series(label, outliers, tuple(v)) for label, v in curves.items()),
@@ -171,7 +175,7 @@ def _bound(ctx: Context, trained: llama_bench.StdlibLM):
 
 def _scores(trained: llama_bench.StdlibLM, cfg: Config, policy, prompts_BT: np.ndarray, key: jax.Array):
   """Mean log-prob per generated token under the float32 model, one per generation [N]."""
-  params, model = _variant(trained, policy)
+  params, model = _variant(trained.params, trained.model, policy)
   lengths = jnp.full((prompts_BT.shape[0],), prompts_BT.shape[1], jnp.int32)
   new_BN, _ = generate.generate(
     key, params, model, jnp.asarray(prompts_BT), lengths, max_new_tokens=cfg.new_tokens, temperature=1.0
@@ -209,7 +213,6 @@ def _distribution(ctx: Context, cfg: Config, trained: llama_bench.StdlibLM):
     "mean log-prob per generated token (nats)",
     "density",
     (Series("bf16", centres, density(bf16)), Series("Llama 3 FP8", centres, density(fp8))),
-    kind="bar",
   )
   note = (
     f"Distribution check: {cfg.generations} prompts of {cfg.prompt_len} held-out tokens, {cfg.new_tokens} new tokens "
@@ -220,13 +223,16 @@ def _distribution(ctx: Context, cfg: Config, trained: llama_bench.StdlibLM):
   return records, plot, note
 
 
-def _throughput(ctx: Context, cfg: Config, trained: llama_bench.StdlibLM):
-  tokens = jax.random.randint(jax.random.key(1), (cfg.prefill_batch, cfg.prefill_len), 0, trained.model.vocab_size)
+def _throughput(ctx: Context, cfg: Config):
+  """Prefill of a freshly initialised model (speed does not depend on training)."""
+  base = dataclasses.replace(llama_bench.CONFIGS[ctx.scale].model, n_layers=cfg.n_layers)
+  init = llama.init(jax.random.key(ctx.seed), base)
+  tokens = jax.random.randint(jax.random.key(1), (cfg.prefill_batch, cfg.prefill_len), 0, base.vocab_size)
   lengths = jnp.full((cfg.prefill_batch,), cfg.prefill_len, jnp.int32)
   prefill = jax.jit(lambda p, t, model: llama.prefill(p, t, model, lengths_B=lengths)[0], static_argnums=2)
   rates = {}
   for name in ("bf16", "Llama 3 FP8"):
-    params, model = _variant(trained, VARIANTS[name])
+    params, model = _variant(init, base, VARIANTS[name])
     rates[name] = (
       cfg.prefill_batch * cfg.prefill_len / time_fn(prefill, params, tokens, model, repeats=ctx.repeats).median_s
     )
@@ -249,25 +255,26 @@ PARTS = ("quality", "bound", "distribution", "throughput")  # --only=quant.<part
 
 def run(ctx: Context) -> Result:
   cfg = CONFIGS[ctx.scale]
-  trained = _trained(ctx, cfg)
+  needs_training = {"quality", "bound", "distribution"} & set(ctx.selected_parts())
+  trained = _trained(ctx, cfg) if needs_training else None
   records: list = []
   plots: list[Plot] = []
   notes: list[str] = []
-  if ctx.wants("quality"):
+  if ctx.wants("quality") and trained is not None:
     part_records, note = _quality(ctx, trained)
     records += part_records
     notes.append(note)
-  if ctx.wants("bound"):
+  if ctx.wants("bound") and trained is not None:
     part_records, plot = _bound(ctx, trained)
     records += part_records
     plots.append(plot)
-  if ctx.wants("distribution"):
+  if ctx.wants("distribution") and trained is not None:
     part_records, plot, note = _distribution(ctx, cfg, trained)
     records += part_records
     plots.append(plot)
     notes.append(note)
   if ctx.wants("throughput"):
-    records += _throughput(ctx, cfg, trained)
+    records += _throughput(ctx, cfg)
   return Result(ctx.benchmark, tuple(records), tuple(plots), tuple(notes))
 
 

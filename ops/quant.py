@@ -1,12 +1,14 @@
 """Absmax INT8 and FP8 (E4M3) quantization, and the matmul that consumes it.
 
-Shapes: B batch, T time, D input features (the contraction), E output features.
+Shapes: B batch, T time, N rows (B x T flattened), D input features (the contraction), E output
+features.
 
   scale = Q / max|x| over the reduced axes      (Q = 127 for INT8, 448 for E4M3)
   q     = saturate(round(x * scale))            (INT8: to [-127, 127]; E4M3: to [-448, 448], then the cast)
   x_hat = q / scale
 
-An all-zero group gets scale 1 (q = 0, x_hat = 0: never NaN or inf). Granularity names
+max|x| is clamped below at 1e-12 (as Meta's FP8 code does), so an all-zero or denormal
+group gets a finite scale and q = 0, x_hat = 0: never NaN or inf. Granularity names
 which axes share a scale, for a matrix W [N, E]: "tensor" (one scale), "row" (one per row,
 the max over the last axis) and "channel" (one per column, the max over the rows). A
 weight used as x @ W [D, E] quantized per channel has one scale per output feature (Meta's
@@ -36,6 +38,7 @@ Granularity = Literal["tensor", "row", "channel"]
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 _QMAX = {"int8": 127.0, "fp8": FP8_MAX}
 _DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+AMAX_FLOOR = 1e-12
 
 
 @struct.dataclass
@@ -92,12 +95,23 @@ def quantize(
   if scale_ub is not None:
     amax = jnp.minimum(amax, scale_ub)
   qmax = _QMAX[fmt]
-  scale = jnp.where(amax > 0, qmax / jnp.where(amax > 0, amax, 1.0), 1.0)
+  scale = qmax / jnp.maximum(amax, AMAX_FLOOR)
   scaled = x * scale
   if fmt == "int8":
     scaled = jnp.round(scaled)
   q = jnp.clip(scaled, -qmax, qmax).astype(_DTYPES[fmt])  # E4M3 has no inf: out-of-range casts become NaN
   return QuantizedTensor(q, scale)
+
+
+def map_unquantized(fn, tree):
+  """jax.tree.map of fn over the leaves that are not inside a QuantizedTensor (those stay as they are)."""
+  is_quantized = lambda x: isinstance(x, QuantizedTensor)
+  return jax.tree.map(lambda x: x if is_quantized(x) else fn(x), tree, is_leaf=is_quantized)
+
+
+def dot(a_ND: jax.Array, b_DE: jax.Array) -> jax.Array:
+  """a @ b with the exact accumulator of the inputs: int32 for int8, float32 otherwise."""
+  return jnp.dot(a_ND, b_DE, preferred_element_type=jnp.int32 if a_ND.dtype == jnp.int8 else jnp.float32)
 
 
 def dequantize(t: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
@@ -120,8 +134,11 @@ def matmul(x_BTD: jax.Array, w_DE: jax.Array | QuantizedTensor, *, out_dtype=Non
       f"w_DE: {w_DE.activations} activations need a weight scale constant along D (granularity 'tensor' or "
       f"'channel'), got scale shape {w_DE.scale.shape}"
     )
+  if w_DE.q.dtype != _DTYPES[w_DE.activations]:
+    raise ValueError(f"w_DE: {w_DE.activations} activations need {w_DE.activations} weights, got {w_DE.q.dtype}")
+  if not jnp.issubdtype(x_BTD.dtype, jnp.floating):
+    raise TypeError(f"x_BTD: expected a float array, got {x_BTD.dtype}")
   bound = w_DE.scale_ub if w_DE.activations == "fp8" else None
   x_q = quantize(x_BTD, w_DE.activations, "row", scale_ub=bound)
-  acc = jnp.int32 if w_DE.activations == "int8" else jnp.float32
-  out = jnp.einsum("...d,de->...e", x_q.q, w_DE.q, preferred_element_type=acc)
+  out = dot(x_q.q.reshape(-1, x_q.shape[-1]), w_DE.q).reshape(*x_q.shape[:-1], -1)
   return (out.astype(jnp.float32) / (x_q.scale * w_DE.scale[0])).astype(out_dtype)

@@ -304,11 +304,7 @@ def _forward(
   def layer(x_BTD, xs):
     p, kv = xs
     # One layer's compute copy at a time; quantized weights stay as they are (ops.quant.matmul reads them).
-    p = jax.tree.map(
-      lambda w: w if isinstance(w, quant.QuantizedTensor) else w.astype(cfg.dtype),
-      p,
-      is_leaf=lambda w: isinstance(w, quant.QuantizedTensor),
-    )
+    p = quant.map_unquantized(lambda w: w.astype(cfg.dtype), p)
     resid_pre = x_BTD
     with jax.named_scope("attention"):
       h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
@@ -338,22 +334,14 @@ def _forward(
     }
     return x_BTD, kv, acts
 
-  # params["layers"] is one stack, or consecutive segments of it (a tuple of stacks, e.g.
-  # quantized middle layers between float first and last ones); each segment is one scan.
-  segments = params["layers"] if isinstance(params["layers"], tuple) else (params["layers"],)
   k_out, v_out, acts = [], [], []
-  start = 0
-  for segment in segments:
-    stop = start + jax.tree.leaves(segment)[0].shape[0]
+  for start, stop, segment in layer_segments(params, cfg):
     kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
     x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (segment, kv_in), remat=cfg.remat, kinds=kinds)
     if cache is not None:
       k_out.append(kv_out[0])
       v_out.append(kv_out[1])
     acts.append(stacked)
-    start = stop
-  if start != cfg.n_layers:
-    raise ValueError(f"params['layers']: expected {cfg.n_layers} layers over its segments, got {start}")
   join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
   stacked = {kind: join([a[kind] for a in acts]) for kind in kinds}
   if cache is not None:
@@ -361,6 +349,20 @@ def _forward(
     cache = KVCache(join(k_out), join(v_out), cache.lengths_B + added_B)
   hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
   return hidden_BTD, cache, stacked
+
+
+def layer_segments(params: dict, cfg: LlamaConfig) -> list[tuple[int, int, dict]]:
+  """(start, stop, stacked layers) of each scanned segment, in order.
+
+  params["layers"] is one stack of the L layers, or consecutive segments of it (a tuple of
+  stacks: `llama_quant` keeps the first and last layers float between quantized ones).
+  """
+  segments = params["layers"] if isinstance(params["layers"], tuple) else (params["layers"],)
+  sizes = [jax.tree.leaves(segment)[0].shape[0] for segment in segments]
+  if sum(sizes) != cfg.n_layers:
+    raise ValueError(f"params['layers']: expected {cfg.n_layers} layers over its segments, got sizes {sizes}")
+  starts = [sum(sizes[:i]) for i in range(len(sizes))]
+  return [(start, start + size, segment) for start, size, segment in zip(starts, sizes, segments)]
 
 
 def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B) -> tuple[int, int]:

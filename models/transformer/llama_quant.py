@@ -25,8 +25,7 @@ from paperjax.models.transformer.llama import LlamaConfig
 from paperjax.ops import quant
 from paperjax.ops.quant import Format, Granularity
 
-LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
-FFN = ("w1", "w3", "w2")
+FFN = ("w1", "w3", "w2")  # the matmuls a policy may quantize (attention's einsums take float weights)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,10 +33,10 @@ class QuantPolicy:
   """Which layer weights are quantized and how (ops.quant's equations).
 
   weights: "int8" or "fp8"; granularity: "tensor", "row" or "channel" of each [D, E] matrix.
-  activations: None (weight-only: dequantize, then a float matmul) or "int8" / "fp8"
+  activations: None (weight-only: dequantize, then a float matmul) or the weights' format
   (quantize each token's activations; needs granularity "tensor" or "channel").
   scale_ub: bound on max|x| of FP8 activations (None: unbounded).
-  targets: the layer weights quantized; skip_first_last: keep layers 0 and L - 1 in float.
+  targets: the FFN weights quantized; skip_first_last: keep layers 0 and L - 1 in float.
   """
 
   weights: Format
@@ -48,15 +47,16 @@ class QuantPolicy:
   skip_first_last: bool = True
 
   def __post_init__(self):
-    if self.weights not in ("int8", "fp8") or self.activations not in (None, "int8", "fp8"):
-      raise ValueError(f"weights, activations: expected 'int8'/'fp8' and None/'int8'/'fp8', got {self}")
+    if self.weights not in ("int8", "fp8"):
+      raise ValueError(f"weights: expected 'int8' or 'fp8', got {self.weights!r}")
+    if self.activations not in (None, self.weights):
+      raise ValueError(f"activations: expected None or the weights' format {self.weights!r}, got {self.activations!r}")
     if self.granularity not in ("tensor", "row", "channel"):
       raise ValueError(f"granularity: expected 'tensor', 'row' or 'channel', got {self.granularity!r}")
     if self.activations is not None and self.granularity == "row":
       raise ValueError("granularity: quantized activations need one weight scale per output ('tensor' or 'channel')")
-    unknown = set(self.targets) - set(LAYER_WEIGHTS)
-    if not self.targets or unknown:
-      raise ValueError(f"targets: expected a non-empty subset of {LAYER_WEIGHTS}, got {self.targets}")
+    if not self.targets or not set(self.targets) <= set(FFN):
+      raise ValueError(f"targets: expected a non-empty subset of the FFN weights {FFN}, got {self.targets}")
     if self.scale_ub is not None and self.activations != "fp8":
       raise ValueError(f"scale_ub: bounds FP8 activation scales, but activations={self.activations!r}")
 
@@ -78,13 +78,13 @@ def quantize_params(params: dict, cfg: LlamaConfig, policy: QuantPolicy) -> dict
   layers = params["layers"]
   if not isinstance(layers, dict):
     raise TypeError("params: expected float params (a single layer stack), got already-quantized segments")
-  for name in policy.targets:
-    bad = ~np.isfinite(np.asarray(layers[name], np.float32)).reshape(cfg.n_layers, -1).all(axis=1)
-    if bad.any():
-      raise ValueError(f"params['layers']['{name}']: NaN or inf in layers {np.flatnonzero(bad).tolist()}")
   lo, hi = (1, cfg.n_layers - 1) if policy.skip_first_last else (0, cfg.n_layers)
   if hi <= lo:
     raise ValueError(f"policy: exempting the first and last of {cfg.n_layers} layers leaves none to quantize")
+  for name in policy.targets:
+    bad = ~np.isfinite(np.asarray(layers[name][lo:hi], np.float32)).reshape(hi - lo, -1).all(axis=1)
+    if bad.any():
+      raise ValueError(f"params['layers']['{name}']: NaN or inf in layers {(lo + np.flatnonzero(bad)).tolist()}")
 
   def quantized(w):
     t = jax.vmap(lambda m: quant.quantize(m, policy.weights, policy.granularity))(w)

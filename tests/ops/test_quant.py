@@ -58,6 +58,8 @@ def test_zero_rows_and_zero_tensors_give_zeros(fmt):
     out = np.asarray(quant.dequantize(quant.quantize(x, fmt, granularity)))
     assert np.isfinite(out).all() and (out[0] == 0).all() and (out[2] == 0).all()
   assert (np.asarray(quant.dequantize(quant.quantize(jnp.zeros(7), fmt))) == 0).all()
+  tiny = jnp.zeros((2, 4)).at[0, 1].set(1e-38)  # a denormal max must not make the scale inf (0 * inf = NaN)
+  assert np.isfinite(np.asarray(quant.dequantize(quant.quantize(tiny, fmt, "row")))).all()
 
 
 @pytest.mark.parametrize("fmt, granularity", [("int8", "channel"), ("int8", "tensor"), ("fp8", "channel")])
@@ -93,5 +95,8 @@ def test_errors():
   row = dataclasses.replace(quant.quantize(jnp.ones((4, 2)), "int8", "row"), activations="int8")
   with pytest.raises(ValueError, match="weight scale constant along D"):
     quant.matmul(jnp.ones((1, 4)), row)
+  mixed = dataclasses.replace(quant.quantize(jnp.ones((4, 2)), "int8", "channel"), activations="fp8")
+  with pytest.raises(ValueError, match="fp8 activations need fp8 weights, got int8"):
+    quant.matmul(jnp.ones((1, 4)), mixed)
   with pytest.raises(ValueError, match="w_DE: expected a matrix"):
     quant.matmul(jnp.ones((1, 3)), quant.quantize(jnp.ones((4, 2)), "int8"))

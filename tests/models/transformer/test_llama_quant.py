@@ -3,6 +3,7 @@ decode and generate included), and their errors."""
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,14 +23,25 @@ def params():
 
 def _leaves_by_layer(qparams):
   """{(layer, name): leaf} over the segments, layers numbered across them."""
-  out, start = {}, 0
-  for segment in qparams["layers"] if isinstance(qparams["layers"], tuple) else (qparams["layers"],):
-    size = jax.tree.leaves(segment)[0].shape[0]
-    for name, leaf in segment.items():
-      for i in range(size):
-        out[start + i, name] = leaf
-    start += size
-  return out
+  return {
+    (layer, name): leaf
+    for start, stop, segment in llama.layer_segments(qparams, CFG)
+    for name, leaf in segment.items()
+    for layer in range(start, stop)
+  }
+
+
+def test_segmented_float_layers_equal_one_stack(params):
+  """Cutting the stack into scanned segments changes nothing: logits, cache and every site."""
+  cut = lambda a, b: jax.tree.map(lambda w: w[a:b], params["layers"])
+  segmented = {**params, "layers": (cut(0, 1), cut(1, 3), cut(3, 4))}
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, CFG.vocab_size)
+  sites = llama.site_names(CFG)
+  whole = llama.forward_with_sites(params, tokens, CFG, sites, state=llama.init_state(CFG, 2, 8))
+  parts = llama.forward_with_sites(segmented, tokens, CFG, sites, state=llama.init_state(CFG, 2, 8))
+  chex.assert_trees_all_close(parts, whole, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"expected 4 layers over its segments, got sizes \[1, 2, 2\]"):
+    llama.forward({**params, "layers": (cut(0, 1), cut(1, 3), cut(2, 4))}, tokens, CFG)
 
 
 @pytest.mark.parametrize("name", sorted(llama_quant.POLICIES))
@@ -90,8 +102,10 @@ def test_errors(params):
     llama_quant.quantize_params(llama.init(jax.random.key(0), two), two, llama_quant.POLICIES["w8a8"])
   with pytest.raises(ValueError, match="granularity: quantized activations"):
     llama_quant.QuantPolicy(weights="int8", granularity="row", activations="int8")
-  with pytest.raises(ValueError, match="targets"):
-    llama_quant.QuantPolicy(weights="int8", targets=("w9",))
+  with pytest.raises(ValueError, match="targets: expected a non-empty subset of the FFN weights"):
+    llama_quant.QuantPolicy(weights="int8", targets=("wq",))
+  with pytest.raises(ValueError, match="activations: expected None or the weights' format 'int8', got 'fp8'"):
+    llama_quant.QuantPolicy(weights="int8", activations="fp8")
   with pytest.raises(ValueError, match="scale_ub"):
     llama_quant.QuantPolicy(weights="int8", activations="int8", scale_ub=10.0)
   qparams = llama_quant.quantize_params(params, CFG, llama_quant.POLICIES["w8a8"])
