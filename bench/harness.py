@@ -106,6 +106,10 @@ class Plot:
   yscale: Literal["linear", "log"] = "linear"
   kind: Literal["line", "bar"] = "line"
 
+  def __post_init__(self):
+    if self.kind not in ("line", "bar"):
+      raise ValueError(f"plot {self.name!r}: kind must be 'line' or 'bar', got {self.kind!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Result:

@@ -97,7 +97,7 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for s in plot.series:
     if plot.kind == "bar":
-      ax.bar(s.x, s.y, width=0.8 * min(_bar_gaps(s.x)), label=s.label, alpha=0.8)
+      ax.bar(s.x, s.y, width=_bar_width(s.x), label=s.label, alpha=0.8)
     else:
       ax.plot(s.x, s.y, marker="o" if len(s.x) <= 50 else None, label=s.label)
   if plot.kind == "bar":
@@ -111,10 +111,9 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def _bar_gaps(x: Sequence[float]) -> list[float]:
-  """Gaps between consecutive sorted x values (bar widths), or [1.0] for fewer than two."""
-  xs = sorted(x)
-  return [b - a for a, b in itertools.pairwise(xs) if b > a] or [1.0]
+def _bar_width(x: Sequence[float]) -> float:
+  """0.8 of the smallest gap between distinct x values (0.8 for fewer than two)."""
+  return 0.8 * min((b - a for a, b in itertools.pairwise(sorted(set(x)))), default=1.0)
 
 
 def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -> dict[str, pathlib.Path]:

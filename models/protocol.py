@@ -109,3 +109,14 @@ def check_lengths(lengths_B: Any, batch: int, width: int, *, name: str = "length
   if lengths is not None and ((lengths < 1).any() or (lengths > width).any()):
     raise ValueError(f"{name}: expected 1 <= length <= {width}, got {lengths.tolist()}")
   return lengths_B.astype(jnp.int32)
+
+
+def decode_by_forward(forward: Any, params: Any, token_B: jax.Array, state: Any, cfg: Any) -> tuple[jax.Array, Any]:
+  """`decode` for a model whose `forward` continues from a state: one token per row,
+  (float32 logits [B, V], the state after it)."""
+  if token_B.ndim != 1:
+    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
+  logits_B1V, new_state = forward(params, token_B[:, None], cfg, state=state)
+  if new_state is None:
+    raise ValueError("state: forward returned no state to continue from")
+  return logits_B1V[:, 0], new_state

@@ -276,11 +276,7 @@ def prefill(
 
 def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> tuple[jax.Array, State]:
   """One token per row in constant memory: (float32 logits [B, V], the state after it)."""
-  if token_B.ndim != 1:
-    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
-  logits_B1V, new_state = forward(params, token_B[:, None], cfg, state=state)
-  assert new_state is not None
-  return logits_B1V[:, 0], new_state
+  return protocol.decode_by_forward(forward, params, token_B, state, cfg)
 
 
 def _logits(params: dict, x_BTD: jax.Array, cfg: BasedConfig) -> jax.Array:

@@ -250,11 +250,7 @@ def prefill(
 
 def decode(params: dict, token_B: jax.Array, state: KVCache, cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
   """One token per row at its own slot: (float32 logits [B, V], the cache after it)."""
-  if token_B.ndim != 1:
-    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
-  logits_B1V, cache = forward(params, token_B[:, None], cfg, state=state)
-  assert cache is not None
-  return logits_B1V[:, 0], cache
+  return protocol.decode_by_forward(forward, params, token_B, state, cfg)
 
 
 def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:

@@ -4,12 +4,9 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from paperjax.bench import gpu_check
-from paperjax.ops import quant
 
 
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
@@ -40,13 +37,3 @@ def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
 def test_run_refuses_a_cpu_backend():
   with pytest.raises(RuntimeError, match="needs a GPU backend, got 'cpu'"):
     gpu_check.run(None)  # type: ignore[arg-type]
-
-
-def test_the_low_precision_dots_it_times_accumulate_exactly(np_rng):
-  a = np_rng.integers(-127, 128, (16, 32))
-  b = np_rng.integers(-127, 128, (32, 8))
-  out = quant.dot(jnp.asarray(a, jnp.int8), jnp.asarray(b, jnp.int8))
-  assert out.dtype == jnp.int32 and (np.asarray(out) == a @ b).all()
-  a8, b8 = (jnp.asarray(x / 8, jnp.float8_e4m3fn) for x in (a, b))
-  expected = np.asarray(a8, np.float64) @ np.asarray(b8, np.float64)
-  np.testing.assert_allclose(quant.dot(a8, b8), expected, rtol=1e-6)

@@ -62,9 +62,11 @@ def test_progress_prints_lines_off_a_terminal():
   assert lines[-1].startswith("work [3/3]") and "eta" not in lines[-1]
 
 
-def test_series_lengths_must_match():
+def test_series_lengths_must_match_and_plot_kinds_are_checked():
   with pytest.raises(ValueError, match="3 x values but 2 y values"):
     Series("s", (1, 2, 3), (1, 2))
+  with pytest.raises(ValueError, match="kind must be 'line' or 'bar', got 'bars'"):
+    Plot("p", "t", "x", "y", (), kind="bars")  # type: ignore[arg-type]
 
 
 def test_report_files(tmp_path):

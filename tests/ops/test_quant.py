@@ -83,6 +83,16 @@ def test_weight_only_dequantizes_then_multiplies(np_rng):
   assert quant.matmul(x.astype(jnp.bfloat16), wq).dtype == jnp.bfloat16
 
 
+def test_low_precision_dots_accumulate_exactly(np_rng):
+  a = np_rng.integers(-127, 128, (16, 32))
+  b = np_rng.integers(-127, 128, (32, 8))
+  out = quant.dot(jnp.asarray(a, jnp.int8), jnp.asarray(b, jnp.int8))
+  assert out.dtype == jnp.int32 and (np.asarray(out) == a @ b).all()
+  a8, b8 = (jnp.asarray(x / 8, jnp.float8_e4m3fn) for x in (a, b))
+  expected = np.asarray(a8, np.float64) @ np.asarray(b8, np.float64)
+  np.testing.assert_allclose(quant.dot(a8, b8), expected, rtol=1e-6)
+
+
 def test_errors():
   with pytest.raises(ValueError, match="fmt: expected 'int8' or 'fp8', got 'int4'"):
     quant.quantize(jnp.ones(3), "int4")  # type: ignore[arg-type]
