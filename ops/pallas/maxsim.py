@@ -23,7 +23,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 BLOCK_N = 16  # documents per program
-BLOCK_S = 32  # document tokens per loop step
+BLOCK_S = 32  # document tokens per loop step, at most: `block_s` halves it to fit TILE_BYTES
+# One loop step's document chunk [BN, BS, K] (for codes, its XOR tile [T, BN * BS, I]) stays
+# within this, so that with two pipeline stages it fits Hopper's 227 KiB of shared memory
+# (float32 K=128 at BS=32 asked for 274 KiB on an H200) and registers do not spill.
+TILE_BYTES = 32 * 1024
+
+
+def block_s(*, block_n: int, num_t: int, last: int, itemsize: int, binary: bool) -> int:
+  """The largest power of two <= BLOCK_S whose step tile fits TILE_BYTES (at least 1)."""
+  per_token = block_n * last * itemsize * (num_t if binary else 1)
+  size = BLOCK_S
+  while size > 1 and size * per_token > TILE_BYTES:
+    size //= 2
+  return size
 
 
 def _finish(best_TN: jax.Array, q_mask_T: jax.Array) -> jax.Array:
@@ -35,8 +48,17 @@ def _dot_scores(q_TK: jax.Array, d_SK: jax.Array) -> jax.Array:
   return jax.lax.dot_general(q_TK, d_SK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def popcount(x: jax.Array) -> jax.Array:
+  """Set bits of each uint32, by shifts, masks and one multiply (SWAR): Triton on CUDA does not
+  legalise `lax.population_count` (math.ctpop) on tensors."""
+  x = x - ((x >> 1) & jnp.uint32(0x55555555))  # 2-bit fields hold their counts
+  x = (x & jnp.uint32(0x33333333)) + ((x >> 2) & jnp.uint32(0x33333333))  # 4-bit fields
+  x = (x + (x >> 4)) & jnp.uint32(0x0F0F0F0F)  # bytes
+  return (x * jnp.uint32(0x01010101)) >> 24  # the top byte sums the four (the multiply wraps mod 2^32)
+
+
 def _code_scores(q_TI: jax.Array, d_SI: jax.Array, *, dim: int) -> jax.Array:
-  hamming_TS = jax.lax.population_count(q_TI[:, None, :] ^ d_SI[None, :, :]).astype(jnp.int32).sum(axis=-1)
+  hamming_TS = popcount(q_TI[:, None, :] ^ d_SI[None, :, :]).astype(jnp.int32).sum(axis=-1)
   return (dim - 2 * hamming_TS).astype(jnp.float32)
 
 
@@ -76,6 +98,11 @@ def _check_contract(q, q_mask, d, d_mask, *, block_n: int, block_s: int, dot: bo
     )
 
 
+def _block_s_for(q_QTX: jax.Array, block_n: int, *, binary: bool) -> int:
+  _, num_t, last = q_QTX.shape
+  return block_s(block_n=block_n, num_t=num_t, last=last, itemsize=q_QTX.dtype.itemsize, binary=binary)
+
+
 def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: str):
   num_q, num_l, last = q.shape
   num_n, num_s, _ = d.shape
@@ -98,9 +125,22 @@ def _call(kernel, q, q_mask, d, d_mask, *, block_n: int, interpret: bool, name: 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_s", "interpret"))
 def maxsim_pallas(
-  q_QTK, q_mask_QT, d_NSK, d_mask_NS, *, block_n: int = BLOCK_N, block_s: int = BLOCK_S, interpret: bool = False
+  q_QTK,
+  q_mask_QT,
+  d_NSK,
+  d_mask_NS,
+  *,
+  block_n: int = BLOCK_N,
+  block_s: int | None = None,
+  interpret: bool = False,
 ):
-  """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N]."""
+  """scores[q, n] = sum_l q_mask[q, l] max_{s: d_mask[n, s]} <q[q, l], d[n, s]>, float32 [Q, N].
+
+  float32 inputs go through the tensor cores as TF32 (10 mantissa bits, like float16), as XLA's
+  own float32 dots do on GPUs by default. `block_s=None` picks `block_s(...)`.
+  """
+  if block_s is None:
+    block_s = _block_s_for(q_QTK, block_n, binary=False)
   _check_contract(q_QTK, q_mask_QT, d_NSK, d_mask_NS, block_n=block_n, block_s=block_s, dot=True)
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=_dot_scores)
   return _call(kernel, q_QTK, q_mask_QT, d_NSK, d_mask_NS, block_n=block_n, interpret=interpret, name="maxsim")
@@ -115,10 +155,12 @@ def maxsim_binary_pallas(
   *,
   dim: int,
   block_n: int = BLOCK_N,
-  block_s: int = BLOCK_S,
+  block_s: int | None = None,
   interpret: bool = False,
 ):
   """MaxSim of +-1 codes: <a, b> = dim - 2 popcount(a XOR b), float32 [Q, N]."""
+  if block_s is None:
+    block_s = _block_s_for(q_bits_QTI, block_n, binary=True)
   _check_contract(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, block_n=block_n, block_s=block_s, dot=False)
   kernel = functools.partial(_kernel, block_s=block_s, pair_scores=functools.partial(_code_scores, dim=dim))
   return _call(

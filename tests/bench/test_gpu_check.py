@@ -34,6 +34,7 @@ def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
     gpu_check.check([off_by_one], interpret=True)
 
 
-def test_run_refuses_a_cpu_backend():
+@pytest.mark.parametrize("name", list(gpu_check.RUNS))
+def test_each_check_refuses_a_cpu_backend(name):
   with pytest.raises(RuntimeError, match="needs a GPU backend, got 'cpu'"):
-    gpu_check.run(None)  # type: ignore[arg-type]
+    gpu_check.RUNS[name].run(None)  # type: ignore[arg-type]

@@ -75,6 +75,25 @@ def test_binary_kernel_interpret_matches_reference(ragged):
   )
 
 
+def test_swar_popcount_counts_bits(np_rng):
+  # The kernel's popcount (Triton on CUDA has no tensor ctpop) against numpy's, edges included.
+  words = np.concatenate(
+    [np_rng.integers(0, 2**32, 1000, dtype=np.uint32), np.array([0, 1, 2**31, 2**32 - 1], np.uint32)]
+  )
+  np.testing.assert_array_equal(kernels.popcount(jnp.asarray(words)), np.bitwise_count(words))
+
+
+def test_block_s_keeps_the_step_tile_small():
+  # float32 K=128 at BS=32 asked for 274 KiB of shared memory on an H200 (227 KiB there). The
+  # interpret-mode tests above run K=64 float32 at BS=8, so steps below BLOCK_S are exercised.
+  size = lambda last, itemsize, binary: kernels.block_s(
+    block_n=16, num_t=32, last=last, itemsize=itemsize, binary=binary
+  )
+  # ColBERT: K=128 in float32 and bfloat16; 128-bit codes are 4 words, and their XOR tile counts T.
+  assert (size(128, 4, False), size(128, 2, False), size(4, 4, True)) == (4, 8, 4)
+  assert size(1, 4, False) == kernels.BLOCK_S  # never above BLOCK_S, which the dispatcher pads S to
+
+
 def _custom_calls(fn, *args):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   return set(re.findall(r"custom_call @([\w$.]+)", text))
