@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paperjax.ops import pallas
 from paperjax.ops.pallas import maxsim as kernels
 
 Impl = Literal["auto", "reference", "pallas"]
@@ -60,7 +61,7 @@ def maxsim(
   q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, d_lengths_N)
   if normalize:
     q_QTK, d_NSK = _l2_normalize(q_QTK), _l2_normalize(d_NSK)
-  if _resolve(impl) == "reference":
+  if pallas.resolve(impl) == "reference":
     return maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS)
   q, qm, d, dm, n = _pad_for_kernel(q_QTK, q_mask_QT, d_NSK, d_mask_NS, last_multiple=16)
   return kernels.maxsim_pallas(q, qm, d, dm, interpret=interpret)[:, :n]
@@ -90,7 +91,7 @@ def maxsim_binary(
       f"dim: {dim} needs {words} words per token, got q {q_bits_QTI.shape[2]} and d {d_bits_NSI.shape[2]}"
     )
   q_mask_QT, d_mask_NS = _masks(q_bits_QTI, d_bits_NSI, q_mask_QT, d_mask_NS, d_lengths_N)
-  if _resolve(impl) == "reference":
+  if pallas.resolve(impl) == "reference":
     return maxsim_binary_reference(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, dim)
   q, qm, d, dm, n = _pad_for_kernel(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, last_multiple=1)
   return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret)[:, :n]
@@ -259,14 +260,6 @@ def two_stage_rerank(
   scores_QC = jax.vmap(one_query)(q_QTK, q_mask_QT, cand_QC)
   best_scores, best_c = top_k(scores_QC, k)
   return best_scores, jnp.take_along_axis(cand_QC, best_c, axis=1)
-
-
-def _resolve(impl: Impl) -> str:
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
-  if impl not in ("reference", "pallas"):
-    raise ValueError(f"impl: expected 'auto', 'reference' or 'pallas', got {impl!r}")
-  return impl
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:

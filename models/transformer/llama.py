@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from paperjax.models import protocol, stack
-from paperjax.ops import attention, mlp, norms, quant, rope
+from paperjax.ops import attention, mlp, norms, paged_attention, quant, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
 _AXES = {
@@ -143,6 +143,33 @@ class KVCache:
     return self.k_LBSGK.shape[2]
 
 
+@struct.dataclass
+class PagedKVCache:
+  """Keys and values in pages of a shared pool (`ops.paged_attention`): token i of row b is at
+  page block_tables_BP[b, i // S], slot i % S, of every layer's pool; row b holds lengths_B[b]
+  tokens. Built by the serving engine from its block manager (`models.serving.blocks`)."""
+
+  k_pages_LGPSK: jax.Array
+  v_pages_LGPSK: jax.Array
+  block_tables_BP: jax.Array  # int32
+  lengths_B: jax.Array  # int32
+
+  @property
+  def capacity(self) -> int:
+    return self.block_tables_BP.shape[1] * self.k_pages_LGPSK.shape[3]
+
+
+Cache = KVCache | PagedKVCache
+
+
+def init_pages(cfg: LlamaConfig, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+  """Empty K and V pools [L, G, P, S, K] in the compute dtype."""
+  if num_pages < 1 or page_size < 1:
+    raise ValueError(f"num_pages, page_size: expected >= 1, got {num_pages}, {page_size}")
+  shape = (cfg.n_layers, cfg.n_kv_heads, num_pages, page_size, cfg.k)
+  return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)  # two buffers: callers may donate both
+
+
 def init_state(cfg: LlamaConfig, batch: int, capacity: int) -> KVCache:
   """An empty cache of `capacity` slots per row (lengths 0), in the compute dtype."""
   if not 0 < capacity <= cfg.max_seq_len:
@@ -198,8 +225,8 @@ def site_names(cfg: LlamaConfig) -> tuple[str, ...]:
 
 
 def forward(
-  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: KVCache | None = None, **inputs
-) -> tuple[jax.Array, KVCache | None]:
+  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: Cache | None = None, **inputs
+) -> tuple[jax.Array, Cache | None]:
   """Next-token logits (float32 [B, T, V]) and the updated cache (None without one).
 
   Without a state: causal attention over tokens_BT, restricted to equal `segment_ids_BT`
@@ -207,14 +234,17 @@ def forward(
   With a state (a `KVCache`): tokens are written at slots lengths[b] + t and attend to
   every earlier slot; positions default to the slots; only the first `num_new_B[b]`
   tokens of row b (default all T) count, so right-padded prompts prefill together.
+  A `PagedKVCache` works the same way through pages (`ops.paged_attention`): a chunk of new
+  tokens attends causally over the row's pages, one token (decode) goes through the kernel
+  on GPU; tokens past num_new_B are not written, so padded rows leave the pool untouched.
   """
   logits_BTV, state, _ = forward_with_sites(params, tokens_BT, cfg, (), state=state, **inputs)
   return logits_BTV, state
 
 
 def forward_with_sites(
-  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, sites: Sequence[str], *, state: KVCache | None = None, **inputs
-) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, sites: Sequence[str], *, state: Cache | None = None, **inputs
+) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`)."""
   kinds = stack.parse_sites(sites, cfg.n_layers, SITE_KINDS)
   hidden_BTD, state, stacked = _forward(params, tokens_BT, cfg, state=state, kinds=kinds, **inputs)
@@ -243,12 +273,12 @@ def prefill(
     raise ValueError(f"capacity: expected >= T={time} (the prompt's slots), got {capacity}")
   empty = init_state(cfg, batch, capacity)
   hidden_BTD, cache = forward_hidden(params, tokens_BT, cfg, state=empty, num_new_B=lengths_B)
-  assert cache is not None
+  assert isinstance(cache, KVCache)
   last_B1D = hidden_BTD[jnp.arange(batch), lengths_B - 1][:, None]
   return unembed(params, last_B1D, cfg)[:, 0], cache
 
 
-def decode(params: dict, token_B: jax.Array, state: KVCache, cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
+def decode(params: dict, token_B: jax.Array, state: Cache, cfg: LlamaConfig) -> tuple[jax.Array, Cache]:
   """One token per row at its own slot: (float32 logits [B, V], the cache after it)."""
   return protocol.decode_by_forward(forward, params, token_B, state, cfg)
 
@@ -260,8 +290,8 @@ def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
 
 
 def forward_hidden(
-  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: KVCache | None = None, **inputs
-) -> tuple[jax.Array, KVCache | None]:
+  params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, *, state: Cache | None = None, **inputs
+) -> tuple[jax.Array, Cache | None]:
   """Hidden states after the final RMSNorm ([B, T, D], compute dtype) and the updated cache
   (keyword inputs as in `forward`)."""
   hidden_BTD, state, _ = _forward(params, tokens_BT, cfg, state=state, **inputs)
@@ -273,12 +303,12 @@ def _forward(
   tokens_BT: jax.Array,
   cfg: LlamaConfig,
   *,
-  state: KVCache | None = None,
+  state: Cache | None = None,
   positions_BT: jax.Array | None = None,
   segment_ids_BT: jax.Array | None = None,
   num_new_B: jax.Array | None = None,
   kinds: frozenset[str] = frozenset(),
-) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """Hidden states after the final RMSNorm, the updated cache and the stacked site
   activations (inputs as in `forward`)."""
   cache = state
@@ -294,6 +324,8 @@ def _forward(
     positions_BT = index_BT if positions_BT is None else positions_BT
     slots_BS = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (batch, cache.capacity))
     mask_BTS = attention.make_mask(index_BT, slots_BS)
+  added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
+  valid_BT = jnp.arange(time)[None, :] < added_B[:, None]  # padding past a row's new tokens is never written
   inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
   x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
 
@@ -307,14 +339,18 @@ def _forward(
       q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_A)
       k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_A)
       v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
-      if kv is not None:  # write the new keys/values at their slots, then read the whole cache
-        rows_BT = jnp.arange(batch)[:, None]
-        k_BSGK = kv[0].at[rows_BT, index_BT].set(k_BTGK, mode="drop")
-        v_BSGK = kv[1].at[rows_BT, index_BT].set(v_BTGK, mode="drop")
-        kv = (k_BSGK, v_BSGK)
+      if isinstance(cache, PagedKVCache):  # write the new tokens into their pages, attend over the row's pages
+        kv = paged_attention.write(*kv, k_BTGK, v_BTGK, cache.block_tables_BP, index_BT, valid_BT)
+        attn_BTHK = _paged_attend(q_BTHK, kv, cache.block_tables_BP, index_BT, cache.lengths_B + added_B)
       else:
-        k_BSGK, v_BSGK = k_BTGK, v_BTGK
-      attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
+        if kv is not None:  # write the new keys/values at their slots, then read the whole cache
+          rows_BT = jnp.arange(batch)[:, None]
+          k_BSGK = kv[0].at[rows_BT, index_BT].set(k_BTGK, mode="drop")
+          v_BSGK = kv[1].at[rows_BT, index_BT].set(v_BTGK, mode="drop")
+          kv = (k_BSGK, v_BSGK)
+        else:
+          k_BSGK, v_BSGK = k_BTGK, v_BTGK
+        attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
       attn_out = jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"])
     x_BTD = x_BTD + attn_out
     resid_mid = x_BTD
@@ -331,8 +367,9 @@ def _forward(
     return x_BTD, kv, acts
 
   k_out, v_out, acts = [], [], []
+  pools = None if cache is None else _pools(cache)
   for start, stop, segment in layer_segments(params, cfg):
-    kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
+    kv_in = None if pools is None else (pools[0][start:stop], pools[1][start:stop])
     x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (segment, kv_in), remat=cfg.remat, kinds=kinds)
     if cache is not None:
       k_out.append(kv_out[0])
@@ -340,11 +377,30 @@ def _forward(
     acts.append(stacked)
   join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
   stacked = {kind: join([a[kind] for a in acts]) for kind in kinds}
-  if cache is not None:
-    added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
+  if isinstance(cache, PagedKVCache):
+    cache = PagedKVCache(join(k_out), join(v_out), cache.block_tables_BP, cache.lengths_B + added_B)
+  elif cache is not None:
     cache = KVCache(join(k_out), join(v_out), cache.lengths_B + added_B)
   hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
   return hidden_BTD, cache, stacked
+
+
+def _pools(cache: KVCache | PagedKVCache) -> tuple[jax.Array, jax.Array]:
+  """The per-layer K and V arrays of either cache, layers first (scanned over)."""
+  if isinstance(cache, PagedKVCache):
+    return cache.k_pages_LGPSK, cache.v_pages_LGPSK
+  return cache.k_LBSGK, cache.v_LBSGK
+
+
+def _paged_attend(q_BTHK, kv, block_tables_BP, index_BT, lengths_B) -> jax.Array:
+  """Decode (one token per row) through `paged_attention`'s dispatcher (the Pallas kernel on
+  GPU); a chunk of prompt tokens through the causal reference."""
+  k_pages_GPSK, v_pages_GPSK = kv
+  if q_BTHK.shape[1] == 1:
+    return paged_attention.paged_attention(q_BTHK[:, 0], k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B)[
+      :, None
+    ]
+  return paged_attention.paged_attention_reference(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, index_BT)
 
 
 def layer_segments(params: dict, cfg: LlamaConfig) -> list[tuple[int, int, dict]]:
@@ -384,7 +440,16 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
     raise ValueError("segment_ids_BT: document masks are for training without a cache")
   if cache.lengths_B.shape != (batch,):
     raise ValueError(f"state: cache built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
-  if cache.k_LBSGK.shape[3:] != (cfg.n_kv_heads, cfg.k) or cache.k_LBSGK.shape[0] != cfg.n_layers:
+  if isinstance(cache, PagedKVCache):
+    shape = cache.k_pages_LGPSK.shape
+    if shape[:2] != (cfg.n_layers, cfg.n_kv_heads) or shape[4] != cfg.k:
+      raise ValueError(f"state: page pool shape {shape} does not fit the config ([L, G, P, S, K])")
+    if cache.block_tables_BP.shape[0] != batch or cache.block_tables_BP.dtype != jnp.int32:
+      raise ValueError(
+        f"state: expected int32 block tables [{batch}, P], got {cache.block_tables_BP.dtype} "
+        f"{cache.block_tables_BP.shape}"
+      )
+  elif cache.k_LBSGK.shape[3:] != (cfg.n_kv_heads, cfg.k) or cache.k_LBSGK.shape[0] != cfg.n_layers:
     raise ValueError(f"state: cache shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
   if num_new_B is not None and num_new_B.shape != (batch,):
     raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")

@@ -1,0 +1,276 @@
+"""Continuous batching over a paged KV cache (vLLM / Orca) for the Llama model.
+
+Shapes: B rows of one model call, T tokens per row (a prefill chunk, or 1 when decoding),
+V vocabulary, L layers, G kv heads, P pages, S page slots, K head dim.
+
+Requests join and leave the running batch at step granularity. Each `step()`:
+1. admits waiting requests (first come, first served) while a row is free and the block
+   manager can hold their context, reusing prefix-cached blocks (`models.serving.blocks`);
+2. feeds every running sequence the tokens whose K/V are not in the pool yet: sequences
+   with one such token (decoding) in one [max_batch, 1] call, those with more (prefilling a
+   prompt, in chunks of `prefill_chunk`) in one [prefill_rows, prefill_chunk] call;
+3. samples the next token of every sequence whose tokens are all fed, streams it, and
+   finishes the sequence on a stop id or after max_new_tokens (its blocks are freed).
+Before a decode step each sequence reserves a slot for its token; when blocks run out the
+most recently admitted sequence is preempted (its blocks freed) and later recomputed from
+its prompt plus the tokens it had generated, which it keeps. Padded rows of a call write
+nothing (`num_new_B` = 0), and every call has one of two shapes, so it compiles twice.
+
+Greedy outputs equal `generate.generate` of each request alone; `tests/models/serving`
+checks this with requests of mixed lengths, chunked prefill and preemption.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paperjax.models.serving import blocks
+from paperjax.models.transformer import llama
+from paperjax.ops import paged_attention, sampling
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+  num_blocks: int  # pages in the pool (per layer and kv head)
+  block_size: int = 16  # tokens per page
+  max_batch: int = 8  # running sequences (rows of the decode call)
+  prefill_rows: int = 2  # sequences prefilled per step
+  prefill_chunk: int = 64  # prompt tokens per prefill row per step
+  prefix_caching: bool = True
+
+  def __post_init__(self):
+    for name in ("num_blocks", "block_size", "max_batch", "prefill_rows", "prefill_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+  """One generation request; sampling as in `ops.sampling.select` (temperature 0 is greedy)."""
+
+  id: Hashable
+  prompt: tuple[int, ...]
+  max_new_tokens: int
+  stop_ids: tuple[int, ...] = ()
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+  seed: int = 0  # token i is drawn with fold_in(key(seed), i)
+
+
+class Event(NamedTuple):
+  """A streamed token: request id, the token, and whether the request finished with it."""
+
+  id: Hashable
+  token: int
+  finished: bool
+
+
+@dataclasses.dataclass
+class _Sequence:
+  request: Request
+  tokens: list[int]  # prompt then generated tokens
+  computed: int = 0  # leading tokens whose K/V are in the pool
+  admitted: int = 0  # admission order (the newest is preempted first)
+
+  @property
+  def generated(self) -> int:
+    return len(self.tokens) - len(self.request.prompt)
+
+
+@dataclasses.dataclass
+class Stats:
+  steps: int = 0
+  preemptions: int = 0
+  prompt_tokens: int = 0  # prompt tokens admitted (recomputations included)
+  cached_tokens: int = 0  # of which found in the prefix cache
+  peak_blocks: int = 0  # most blocks referenced at once
+
+
+class Engine:
+  """Continuous batching over `llama` with a paged KV cache (module docstring).
+
+  State: the device pools, the block manager, the waiting queue and the running sequences.
+  """
+
+  def __init__(self, params: dict, cfg: llama.LlamaConfig, engine_cfg: EngineConfig):
+    self.params, self.cfg, self.ecfg = params, cfg, engine_cfg
+    self.manager = blocks.BlockManager(num_blocks=engine_cfg.num_blocks, block_size=engine_cfg.block_size)
+    self.k_pages_LGPSK, self.v_pages_LGPSK = llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
+    self.max_pages = -(-cfg.max_seq_len // engine_cfg.block_size)  # block-table width
+    self.waiting: collections.deque[_Sequence] = collections.deque()
+    self.running: list[_Sequence] = []
+    self.stats = Stats()
+    self._admissions = 0
+    self._ids: set[Hashable] = set()
+
+  def add(self, request: Request) -> None:
+    """Queues a request; a bad one raises ValueError here and leaves the engine as it was."""
+    check_request(request, self.cfg, self.ecfg)
+    if request.id in self._ids:
+      raise ValueError(f"request.id: {request.id!r} is already queued or running")
+    self._ids.add(request.id)
+    self.waiting.append(_Sequence(request, list(request.prompt)))
+
+  @property
+  def idle(self) -> bool:
+    return not self.waiting and not self.running
+
+  def run(self, requests: Iterable[Request] = ()) -> Iterator[Event]:
+    """Adds the requests, then steps until every request finished, streaming events."""
+    for request in requests:
+      self.add(request)
+    while not self.idle:
+      yield from self.step()
+
+  def generate(self, requests: Iterable[Request]) -> dict[Hashable, list[int]]:
+    """Every request's generated tokens (stop token kept, as in `generate.generate`)."""
+    out: dict[Hashable, list[int]] = {}
+    for event in self.run(requests):
+      out.setdefault(event.id, []).append(event.token)
+    return out
+
+  def step(self) -> list[Event]:
+    self.stats.steps += 1
+    self._admit()
+    decoding = [s for s in self.running if len(s.tokens) - s.computed == 1]
+    decoding = self._reserve(decoding)
+    prefilling = [s for s in self.running if len(s.tokens) - s.computed > 1][: self.ecfg.prefill_rows]
+    ready: list[tuple[_Sequence, jax.Array]] = []
+    if decoding:
+      ready += self._feed(decoding, 1)
+    if prefilling:
+      ready += self._feed(prefilling, self.ecfg.prefill_chunk)
+    self.stats.peak_blocks = max(self.stats.peak_blocks, self.ecfg.num_blocks - self.manager.num_free_blocks)
+    return self._sample(ready)
+
+  # ---- scheduling
+
+  def _admit(self) -> None:
+    while self.waiting and len(self.running) < self.ecfg.max_batch:
+      seq = self.waiting[0]
+      if not self.manager.can_allocate(seq.tokens):
+        break
+      self.waiting.popleft()
+      cached = self.manager.allocate(seq.request.id, seq.tokens)
+      seq.computed = cached if self.ecfg.prefix_caching else 0
+      self._admissions += 1
+      seq.admitted = self._admissions
+      self.running.append(seq)
+      self.stats.prompt_tokens += len(seq.tokens)
+      self.stats.cached_tokens += seq.computed
+
+  def _reserve(self, decoding: list[_Sequence]) -> list[_Sequence]:
+    """A slot for each decoding sequence's token, preempting the newest sequences when the
+    pool runs out; applies the copy-on-write copies. Returns the sequences still running."""
+    copies: list[tuple[int, int]] = []
+    for seq in sorted(decoding, key=lambda s: s.admitted):
+      while seq in self.running and self.manager.num_tokens[seq.request.id] < len(seq.tokens):
+        try:
+          copies += self.manager.append(seq.request.id, 1)
+        except MemoryError:
+          self._preempt(max(self.running, key=lambda s: s.admitted))
+    if copies:
+      src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
+      self.k_pages_LGPSK = paged_attention.copy_pages(self.k_pages_LGPSK, src, dst)
+      self.v_pages_LGPSK = paged_attention.copy_pages(self.v_pages_LGPSK, src, dst)
+    return [s for s in decoding if s in self.running]
+
+  def _preempt(self, seq: _Sequence) -> None:
+    """Frees the sequence's blocks; it waits at the front and is recomputed (prompt plus the
+    tokens it generated) when admitted again."""
+    self.manager.free_sequence(seq.request.id)
+    self.running.remove(seq)
+    seq.computed = 0
+    self.waiting.appendleft(seq)
+    self.stats.preemptions += 1
+
+  # ---- model calls
+
+  def _feed(self, seqs: list[_Sequence], width: int) -> list[tuple[_Sequence, jax.Array]]:
+    """Feeds each sequence up to `width` of its unfed tokens in one call of fixed shape;
+    returns (sequence, next-token logits [V]) for those now fully fed."""
+    rows = self.ecfg.max_batch if width == 1 else self.ecfg.prefill_rows
+    tokens_BT = np.zeros((rows, width), np.int32)
+    tables_BP = np.zeros((rows, self.max_pages), np.int32)
+    lengths_B, new_B = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    for row, seq in enumerate(seqs):
+      chunk = seq.tokens[seq.computed : seq.computed + width]
+      tokens_BT[row, : len(chunk)] = chunk
+      table = self.manager.block_table(seq.request.id)
+      tables_BP[row, : len(table)] = table
+      lengths_B[row], new_B[row] = seq.computed, len(chunk)
+    logits_BV, self.k_pages_LGPSK, self.v_pages_LGPSK = _feed(
+      self.params, self.k_pages_LGPSK, self.v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, self.cfg
+    )
+    ready = []
+    for row, seq in enumerate(seqs):
+      seq.computed += int(new_B[row])
+      if self.ecfg.prefix_caching:
+        self.manager.commit(seq.request.id, seq.tokens[: seq.computed])
+      if seq.computed == len(seq.tokens):
+        ready.append((seq, logits_BV[row]))
+    return ready
+
+  def _sample(self, ready: list[tuple[_Sequence, jax.Array]]) -> list[Event]:
+    events = []
+    for seq, logits_V in ready:
+      r = seq.request
+      key = jax.random.fold_in(jax.random.key(r.seed), seq.generated)
+      token = int(_select(key, logits_V, r.temperature, r.top_k, r.top_p))
+      seq.tokens.append(token)
+      finished = token in r.stop_ids or seq.generated == r.max_new_tokens
+      events.append(Event(r.id, token, finished))
+      if finished:
+        self.manager.free_sequence(r.id)
+        self.running.remove(seq)
+        self._ids.discard(r.id)
+    return events
+
+
+@functools.partial(jax.jit, static_argnums=7, donate_argnums=(1, 2))
+def _feed(params, k_pages_LGPSK, v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, cfg):
+  """One model call over the pool: (logits [B, V] after each row's last new token, pools)."""
+  state = llama.PagedKVCache(k_pages_LGPSK, v_pages_LGPSK, tables_BP, lengths_B)
+  logits_BTV, state = llama.forward(params, tokens_BT, cfg, state=state, num_new_B=new_B)
+  last_BV = logits_BTV[jnp.arange(tokens_BT.shape[0]), jnp.maximum(new_B - 1, 0)]
+  return last_BV, state.k_pages_LGPSK, state.v_pages_LGPSK
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _select(key, logits_V, temperature, top_k, top_p):
+  return sampling.select(key, logits_V[None], temperature, top_k=top_k, top_p=top_p)[0]
+
+
+def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineConfig) -> None:
+  """ValueError naming the field for a request the engine cannot serve."""
+  prompt = request.prompt
+  if not isinstance(prompt, Sequence) or len(prompt) == 0:
+    raise ValueError(f"request.prompt: expected a non-empty sequence of token ids, got {prompt!r}")
+  ids = np.asarray(prompt)
+  if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= cfg.vocab_size:
+    raise ValueError(f"request.prompt: ids must be integers in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
+  if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+    raise ValueError(f"request.max_new_tokens: expected an int >= 1, got {request.max_new_tokens!r}")
+  total = len(prompt) + request.max_new_tokens
+  if total > cfg.max_seq_len:
+    raise ValueError(
+      f"request.prompt: {len(prompt)} prompt + {request.max_new_tokens} new tokens exceed the context "
+      f"max_seq_len={cfg.max_seq_len}"
+    )
+  if -(-total // engine_cfg.block_size) > engine_cfg.num_blocks:
+    raise ValueError(
+      f"request: {total} tokens need {-(-total // engine_cfg.block_size)} blocks, more than the whole pool "
+      f"({engine_cfg.num_blocks} blocks of {engine_cfg.block_size}), even alone"
+    )
+  if any(not 0 <= s < cfg.vocab_size for s in request.stop_ids):
+    raise ValueError(f"request.stop_ids: expected ids in [0, {cfg.vocab_size}), got {request.stop_ids}")
+  sampling.check_args(cfg.vocab_size, request.temperature, request.top_k, request.top_p)

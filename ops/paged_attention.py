@@ -1,0 +1,144 @@
+"""Attention over a paged KV cache (PagedAttention, vLLM), and the writes that fill it.
+
+Shapes: B batch rows (sequences), T query time (new tokens), H query heads, G kv heads,
+R = H / G query heads per kv head, K head dim, P pages (a pool's pages, or a row's
+block-table entries), S slots of a page (its tokens).
+
+The pool of one layer is k_pages_GPSK / v_pages_GPSK: kv head g of page p holds the K/V of
+S consecutive tokens. Row b's token at position t lives in page block_tables_BP[b, t // S],
+slot t % S. The layout keeps one (kv head, page) tile of S x K contiguous, so a program
+that serves the R query heads of one kv group loads each page once (the layout of jax's
+bundled `pallas.ops.gpu.paged_attention`, so both read the same arrays); the head-major
+order also lets a layer's pool be scanned over L as [L, G, P, S, K].
+
+  out[b, t, h] = sum_{s <= q_pos[b, t]} softmax_s(q[b, t, h] . k[b, s, h // R] / sqrt(K)) v[b, s, h // R]
+
+where k[b, s] = k_pages[:, block_tables[b, s // S], s % S]. Decode is T = 1 with
+q_pos = length - 1; a row of length 0 gets zeros. Scores and softmax are float32. Slots
+past a row's length, and pages its table does not name, may hold anything (stale K/V of a
+freed sequence, NaN): they are never read into an output.
+
+Three pieces, as in `ops.maxsim`: the jnp reference (gather the pages, mask, GQA attention
+from `ops.attention`), a Pallas kernel for decode (`ops.pallas.paged_attention`), and the
+dispatcher `paged_attention(impl="auto"|"reference"|"pallas")`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from paperjax.ops import attention, pallas
+from paperjax.ops.pallas import paged_attention as kernels
+
+Impl = Literal["auto", "reference", "pallas"]
+
+
+def paged_attention(
+  q_BHK: jax.Array,
+  k_pages_GPSK: jax.Array,
+  v_pages_GPSK: jax.Array,
+  block_tables_BP: jax.Array,
+  lengths_B: jax.Array,
+  *,
+  impl: Impl = "auto",
+  num_splits: int | None = None,
+  interpret: bool = False,
+) -> jax.Array:
+  """Decode attention [B, H, K] (q's dtype): one query per row over its first lengths_B[b] tokens.
+
+  impl="auto" is the Pallas kernel on GPU and the reference elsewhere. `num_splits` (kernel
+  only) splits each row's pages over that many programs, flash-decoding style; None picks it
+  from the batch (`kernels.default_splits`).
+  """
+  _check(q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP)
+  if lengths_B.shape != q_BHK.shape[:1] or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+    raise ValueError(f"lengths_B: expected integer shape ({q_BHK.shape[0]},), got {lengths_B.dtype} {lengths_B.shape}")
+  if pallas.resolve(impl) == "reference":
+    return paged_attention_reference(
+      q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B[:, None] - 1
+    )[:, 0]
+  return kernels.paged_decode(
+    q_BHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B, num_splits=num_splits, interpret=interpret
+  )
+
+
+@jax.jit
+def paged_attention_reference(
+  q_BTHK: jax.Array,
+  k_pages_GPSK: jax.Array,
+  v_pages_GPSK: jax.Array,
+  block_tables_BP: jax.Array,
+  q_positions_BT: jax.Array,
+) -> jax.Array:
+  """Causal attention of T queries per row at positions q_positions_BT over the row's pages
+  (module equation), [B, T, H, K]: the truth for the kernel, and the chunked-prefill path.
+
+  The pages are gathered into a contiguous [B, P * S, G, K] cache; slots no query may see are
+  zeroed first, so whatever a stale page holds (NaN included) cannot reach the output.
+  """
+  num_g, num_p, num_s, head_dim = k_pages_GPSK.shape
+  batch, pages = block_tables_BP.shape
+  table_BP = jnp.clip(block_tables_BP, 0, num_p - 1)  # unused entries may be anything
+
+  def gather(pages_GPSK):
+    return pages_GPSK[:, table_BP].transpose(1, 2, 3, 0, 4).reshape(batch, pages * num_s, num_g, head_dim)
+
+  slots_S = jnp.arange(pages * num_s)
+  visible_BTS = slots_S[None, None, :] <= q_positions_BT[:, :, None]
+  seen_BS11 = visible_BTS.any(axis=1)[:, :, None, None]
+  k_BSGK = jnp.where(seen_BS11, gather(k_pages_GPSK), 0)
+  v_BSGK = jnp.where(seen_BS11, gather(v_pages_GPSK), 0)
+  return attention.attention(q_BTHK, k_BSGK, v_BSGK, visible_BTS)
+
+
+@jax.jit
+def write(
+  k_pages_GPSK: jax.Array,
+  v_pages_GPSK: jax.Array,
+  k_BTGK: jax.Array,
+  v_BTGK: jax.Array,
+  block_tables_BP: jax.Array,
+  positions_BT: jax.Array,
+  valid_BT: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """The pools with token t of row b written at position positions_BT[b, t]: page
+  block_tables[b, pos // S], slot pos % S; tokens where valid_BT is False are dropped.
+  Prefill writes a chunk (T > 1), decode one token (T = 1)."""
+  num_p, num_s = k_pages_GPSK.shape[1], k_pages_GPSK.shape[2]
+  page_BT = jnp.take_along_axis(block_tables_BP, positions_BT // num_s, axis=1, mode="clip")
+  page_BT = jnp.where(valid_BT, page_BT, num_p)  # out of range: dropped
+  slot_BT = positions_BT % num_s
+  k_pages_GPSK = k_pages_GPSK.at[:, page_BT, slot_BT].set(k_BTGK.transpose(2, 0, 1, 3), mode="drop")
+  v_pages_GPSK = v_pages_GPSK.at[:, page_BT, slot_BT].set(v_BTGK.transpose(2, 0, 1, 3), mode="drop")
+  return k_pages_GPSK, v_pages_GPSK
+
+
+def copy_pages(pages_XGPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array) -> jax.Array:
+  """Pages dst_N[i] become copies of src_N[i] (copy-on-write), in every layer: the pool is
+  [..., G, P, S, K] with any leading axes (L layers)."""
+  if src_N.shape != dst_N.shape or src_N.ndim != 1:
+    raise ValueError(f"src_N, dst_N: expected equal 1-D shapes, got {src_N.shape}, {dst_N.shape}")
+  return pages_XGPSK.at[..., dst_N, :, :].set(pages_XGPSK[..., src_N, :, :])
+
+
+def _check(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP) -> None:
+  if q_BTHK.ndim != 4 or k_pages_GPSK.ndim != 4:
+    raise ValueError(
+      f"q, k_pages_GPSK: expected ranks 4 ([B, T, H, K], [G, P, S, K]), got {q_BTHK.shape}, {k_pages_GPSK.shape}"
+    )
+  if k_pages_GPSK.shape != v_pages_GPSK.shape:
+    raise ValueError(f"v_pages_GPSK: expected the shape of k_pages_GPSK {k_pages_GPSK.shape}, got {v_pages_GPSK.shape}")
+  heads, head_dim, groups = q_BTHK.shape[2], q_BTHK.shape[3], k_pages_GPSK.shape[0]
+  if k_pages_GPSK.shape[3] != head_dim or heads % groups:
+    raise ValueError(
+      f"k_pages_GPSK: expected [G, P, S, K={head_dim}] with H={heads} a multiple of G, got {k_pages_GPSK.shape}"
+    )
+  if q_BTHK.dtype != k_pages_GPSK.dtype or k_pages_GPSK.dtype != v_pages_GPSK.dtype:
+    raise TypeError(f"q, k_pages, v_pages: expected one dtype, got {q_BTHK.dtype}, {k_pages_GPSK.dtype}")
+  if block_tables_BP.ndim != 2 or block_tables_BP.shape[0] != q_BTHK.shape[0] or block_tables_BP.dtype != jnp.int32:
+    raise ValueError(
+      f"block_tables_BP: expected int32 [B={q_BTHK.shape[0]}, P], got {block_tables_BP.dtype} {block_tables_BP.shape}"
+    )
