@@ -151,17 +151,16 @@ class BlockManager:
     table = self._table(seq_id)
     if len(tokens) > self.num_tokens[seq_id]:
       raise ValueError(f"tokens: {len(tokens)} exceed the {self.num_tokens[seq_id]} slots of {seq_id!r}")
-    parent = ROOT_HASH
+    hashes, parent = [], ROOT_HASH
     for i in range(len(tokens) // self.block_size):
       parent = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
-      block = table[i]
-      if block in self.hash_of:
-        if self.hash_of[block] != parent:
-          raise ValueError(f"tokens: block {i} of {seq_id!r} is cached under another prefix")
-        continue
-      if parent not in self.cached:
-        self.cached[parent] = block
-        self.hash_of[block] = parent
+      if self.hash_of.get(table[i], parent) != parent:  # all checked before any is registered
+        raise ValueError(f"tokens: block {i} of {seq_id!r} is cached under another prefix")
+      hashes.append(parent)
+    for block, prefix in zip(table, hashes):
+      if block not in self.hash_of and prefix not in self.cached:
+        self.cached[prefix] = block
+        self.hash_of[block] = prefix
 
   def free_sequence(self, seq_id: Hashable) -> None:
     """Drops a sequence's references (finished or preempted); unreferenced blocks go back to

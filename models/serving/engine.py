@@ -240,9 +240,10 @@ class Engine:
 def _feed(params, k_pages_LGPSK, v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, cfg):
   """One model call over the pool: (logits [B, V] after each row's last new token, pools)."""
   state = llama.PagedKVCache(k_pages_LGPSK, v_pages_LGPSK, tables_BP, lengths_B)
-  logits_BTV, state = llama.forward(params, tokens_BT, cfg, state=state, num_new_B=new_B)
+  logits_BTV, after = llama.forward(params, tokens_BT, cfg, state=state, num_new_B=new_B)
+  assert isinstance(after, llama.PagedKVCache)
   last_BV = logits_BTV[jnp.arange(tokens_BT.shape[0]), jnp.maximum(new_B - 1, 0)]
-  return last_BV, state.k_pages_LGPSK, state.v_pages_LGPSK
+  return last_BV, after.k_pages_LGPSK, after.v_pages_LGPSK
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

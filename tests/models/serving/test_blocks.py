@@ -273,6 +273,31 @@ def test_an_evictable_hit_is_reused_and_not_counted_as_free_space():
   assert mgr.block_table("c") == [a[0]] and not mgr.cached and not mgr.hash_of
 
 
+def test_a_hit_is_not_evicted_to_make_room_for_its_own_prompt():
+  mgr = blocks.BlockManager(num_blocks=4, block_size=2)
+  a = _committed(mgr, "a", [1, 2, 3])
+  d = _committed(mgr, "d", [5, 6, 7])
+  mgr.free_sequence("a")
+  mgr.free_sequence("d")
+  mgr.allocate("x", [9, 9, 9])  # the two never-cached blocks
+  assert not mgr.free and list(mgr.evictable) == [a[0], d[0]]
+  # The hit a[0] is the least recently used block; the fresh block must evict d[0] instead.
+  assert mgr.allocate("b", [1, 2, 5]) == 2
+  assert mgr.block_table("b") == [a[0], d[0]]
+  assert mgr.ref_counts[a[0]] == mgr.ref_counts[d[0]] == 1 and not mgr.evictable
+  assert mgr.cached_prefix([1, 2, 0]) == [a[0]] and mgr.cached_prefix([5, 6, 0]) == []
+
+
+def test_freeing_a_sequence_makes_its_tail_the_first_to_be_evicted():
+  mgr = blocks.BlockManager(num_blocks=4, block_size=2)
+  c = _committed(mgr, "c", [1, 2, 3, 4, 5])  # two cached blocks and a partial one
+  mgr.free_sequence("c")
+  assert list(mgr.evictable) == [c[1], c[0]]
+  mgr.allocate("x", [9] * 5)  # the two free blocks, then one eviction
+  assert c[1] in mgr.block_table("x") and c[0] not in mgr.block_table("x")
+  assert mgr.cached_prefix([1, 2, 3, 4, 5]) == [c[0]]
+
+
 # ---- block_hash
 
 
