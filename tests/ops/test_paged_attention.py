@@ -30,7 +30,7 @@ def _case(np_rng, *, groups, page_size, dtype, batch=3, table_width=5):
 def _numpy_decode(q, k, v, tables, lengths):
   """Row by row, head by head: gather the row's tokens from its pages, softmax, average."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  groups, _, page_size, head_dim = k.shape
+  groups, _, _, head_dim = k.shape
   out = np.zeros(q.shape)
   for b, n in enumerate(np.asarray(lengths)):
     for h in range(q.shape[1]):
@@ -88,7 +88,7 @@ def test_stale_pages_never_reach_the_output(np_rng):
 
 def test_causal_reference_matches_per_query_decode(np_rng):
   # A chunk of T queries at positions p attends like T decodes of lengths p + 1.
-  q, k, v, tables, _ = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
+  _, k, v, tables, _ = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
   q_BTHK = jnp.asarray(np_rng.normal(size=(3, 4, HEADS, HEAD_DIM)), jnp.float32)
   positions = jnp.asarray([[0, 1, 2, 3], [10, 11, 12, 13], [30, 31, 32, 33]], jnp.int32)
   got = pa.paged_attention_reference(q_BTHK, k, v, tables, positions)
