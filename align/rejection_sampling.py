@@ -1,11 +1,13 @@
 """Rejection sampling (Llama 2/3 post-training): best-of-Y samples per prompt by reward.
 
 Shapes: B prompts, Y sampled responses per prompt (the argument `k`, the papers' K), T prompt
-width, N new tokens, L layers, S cache slots, G kv heads, K head dim, V vocabulary.
+width, N new tokens (or page copies), L layers, S page slots, G kv heads, K head dim, V vocabulary,
+P pages (a block table's entries).
 
-Each prompt is prefilled once; its KV cache is then repeated Y times and the Y samples
-decode from the shared prefix (vLLM-style prefix sharing, here by copying the cache).
-Llama only: the repeat is written for its `KVCache`.
+Each prompt is prefilled once into pages of a paged KV cache (`models.serving.blocks`,
+`ops.paged_attention`); the block manager then forks it Y times, so the Y samples read one
+copy of the prompt's full pages, and only the partly filled last page is copied (copy on
+write) before they decode (vLLM's parallel sampling). Llama only: its `PagedKVCache`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from paperjax.models.serving import generate
+from paperjax.models.serving import blocks, generate
 from paperjax.models.transformer import llama
+from paperjax.ops import paged_attention
+
+PAGE_SIZE = 16
 
 # (prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -> rewards_B
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -63,8 +69,24 @@ def best_of_k(
   stop_ids = generate.check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"k: expected an int >= 1, got {k!r}")
+  pages = shared_pages(np.asarray(prompt_lengths_B).tolist(), k, max_new_tokens, PAGE_SIZE)
+  arrays = tuple(
+    jnp.asarray(x) for x in (pages.prompt_tables_BP, pages.sample_tables_BP, pages.copy_src_N, pages.copy_dst_N)
+  )
   samples, lengths = _sample(
-    key, params, prompts_BT, prompt_lengths_B, cfg, k, max_new_tokens, stop_ids, float(temperature), top_k, top_p
+    key,
+    params,
+    prompts_BT,
+    prompt_lengths_B,
+    arrays,
+    cfg,
+    k,
+    max_new_tokens,
+    stop_ids,
+    float(temperature),
+    top_k,
+    top_p,
+    pages.num_pages,
   )
   rewards = reward_fn(jnp.repeat(prompts_BT, k, axis=0), jnp.repeat(prompt_lengths_B, k), samples, lengths)
   batch = prompts_BT.shape[0]
@@ -77,12 +99,69 @@ def best_of_k(
   )
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _sample(key, params, prompts_BT, prompt_lengths_B, cfg, k, max_new_tokens, stop_ids, temperature, top_k, top_p):
-  capacity = prompts_BT.shape[1] + max_new_tokens
-  logits_BV, cache = llama.prefill(params, prompts_BT, cfg, lengths_B=prompt_lengths_B, capacity=capacity)
-  repeat = lambda x, axis: jnp.repeat(x, k, axis=axis)
-  cache = llama.KVCache(repeat(cache.k_LBSGK, 1), repeat(cache.v_LBSGK, 1), repeat(cache.lengths_B, 0))
+def shared_pages(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, page_size: int) -> SharedPages:
+  """Block tables for k forked samples of each prompt: the prompt's pages (prefilled once) and
+  each sample's own pages for its new tokens, with the copy-on-write copies to make first."""
+  manager = blocks.BlockManager(
+    num_blocks=pages_needed(prompt_lengths, k, max_new_tokens, page_size), block_size=page_size
+  )
+  copies: list[tuple[int, int]] = []
+  for b, length in enumerate(prompt_lengths):
+    manager.allocate(b, range(length))  # token values do not matter: nothing is prefix-cached here
+  prompt_tables = [manager.block_table(b) for b in range(len(prompt_lengths))]
+  for b in range(len(prompt_lengths)):
+    for y in range(k):
+      manager.fork(b, (b, y))
+    manager.free_sequence(b)  # the samples hold the prompt's pages now
+    for y in range(k):
+      copies += manager.append((b, y), max_new_tokens)
+  width = max(len(t) for t in manager.tables.values())
+  table = lambda rows: np.array([row + [0] * (width - len(row)) for row in rows], np.int32)
+  sample_tables = [manager.block_table((b, y)) for b in range(len(prompt_lengths)) for y in range(k)]
+  src, dst = (np.array(x, np.int32).reshape(-1) for x in zip(*copies)) if copies else (np.zeros(0, np.int32),) * 2
+  return SharedPages(manager.num_blocks, table(prompt_tables), table(sample_tables), src, dst)
+
+
+def pages_needed(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, page_size: int) -> int:
+  """Pool pages for shared sampling: each prompt's pages once, plus each sample's pages past the
+  prompt's full pages (its copy of a partly filled last page, and its new tokens)."""
+  return sum(-(-n // page_size) + k * (-(-(n + max_new_tokens) // page_size) - n // page_size) for n in prompt_lengths)
+
+
+class SharedPages(NamedTuple):
+  num_pages: int
+  prompt_tables_BP: np.ndarray  # int32, padded with 0
+  sample_tables_BP: np.ndarray  # int32 [B * Y, P], the samples of prompt b at rows b * Y .. b * Y + Y - 1
+  copy_src_N: np.ndarray  # copy-on-write: page src -> dst before decoding
+  copy_dst_N: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
+def _sample(
+  key,
+  params,
+  prompts_BT,
+  prompt_lengths_B,
+  pages_arrays,
+  cfg,
+  k,
+  max_new_tokens,
+  stop_ids,
+  temperature,
+  top_k,
+  top_p,
+  num_pages,
+):
+  prompt_tables_BP, sample_tables_BP, src_N, dst_N = pages_arrays
+  k_pages, v_pages = llama.init_pages(cfg, num_pages, PAGE_SIZE)
+  empty = llama.PagedKVCache(k_pages, v_pages, prompt_tables_BP, jnp.zeros_like(prompt_lengths_B))
+  logits_BTV, prompt_cache = llama.forward(params, prompts_BT, cfg, state=empty, num_new_B=prompt_lengths_B)
+  assert isinstance(prompt_cache, llama.PagedKVCache)
+  logits_BV = logits_BTV[jnp.arange(prompts_BT.shape[0]), prompt_lengths_B - 1]
+  k_pages, v_pages = (
+    paged_attention.copy_pages(p, src_N, dst_N) for p in (prompt_cache.k_pages_LGPSK, prompt_cache.v_pages_LGPSK)
+  )
+  cache = llama.PagedKVCache(k_pages, v_pages, sample_tables_BP, jnp.repeat(prompt_lengths_B, k))
   return generate.decode(
-    key, params, cfg, cache, repeat(logits_BV, 0), max_new_tokens, stop_ids, temperature, top_k, top_p
+    key, params, cfg, cache, jnp.repeat(logits_BV, k, axis=0), max_new_tokens, stop_ids, temperature, top_k, top_p
   )

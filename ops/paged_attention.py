@@ -2,7 +2,7 @@
 
 Shapes: B batch rows (sequences), T query time (new tokens), H query heads, G kv heads,
 R = H / G query heads per kv head, K head dim, P pages (a pool's pages, or a row's
-block-table entries), S slots of a page (its tokens).
+block-table entries), S slots of a page (its tokens), L layers, N page copies.
 
 The pool of one layer is k_pages_GPSK / v_pages_GPSK: kv head g of page p holds the K/V of
 S consecutive tokens. Row b's token at position t lives in page block_tables_BP[b, t // S],
@@ -57,9 +57,8 @@ def paged_attention(
   if lengths_B.shape != q_BHK.shape[:1] or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
     raise ValueError(f"lengths_B: expected integer shape ({q_BHK.shape[0]},), got {lengths_B.dtype} {lengths_B.shape}")
   if pallas.resolve(impl) == "reference":
-    return paged_attention_reference(
-      q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B[:, None] - 1
-    )[:, 0]
+    q_B1HK, positions_B1 = q_BHK[:, None], lengths_B[:, None] - 1
+    return paged_attention_reference(q_B1HK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, positions_B1, lengths_B)[:, 0]
   return kernels.paged_decode(
     q_BHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B, num_splits=num_splits, interpret=interpret
   )
@@ -72,12 +71,16 @@ def paged_attention_reference(
   v_pages_GPSK: jax.Array,
   block_tables_BP: jax.Array,
   q_positions_BT: jax.Array,
+  lengths_B: jax.Array,
 ) -> jax.Array:
-  """Causal attention of T queries per row at positions q_positions_BT over the row's pages
-  (module equation), [B, T, H, K]: the truth for the kernel, and the chunked-prefill path.
+  """Causal attention of T queries per row at positions q_positions_BT over the first
+  lengths_B[b] tokens of the row's pages (module equation), [B, T, H, K]: the truth for the
+  kernel, and the chunked-prefill path.
 
-  The pages are gathered into a contiguous [B, P * S, G, K] cache; slots no query may see are
-  zeroed first, so whatever a stale page holds (NaN included) cannot reach the output.
+  The pages are gathered into a contiguous [B, P * S, G, K] cache, and slots past a row's
+  length are zeroed first, so whatever a stale page holds (NaN included) cannot reach the
+  output (a masked score has probability 0, but 0 * NaN is NaN). A query with no visible
+  slot (a padding query, or a row of length 0) gets zeros.
   """
   num_g, num_p, num_s, head_dim = k_pages_GPSK.shape
   batch, pages = block_tables_BP.shape
@@ -87,10 +90,10 @@ def paged_attention_reference(
     return pages_GPSK[:, table_BP].transpose(1, 2, 3, 0, 4).reshape(batch, pages * num_s, num_g, head_dim)
 
   slots_S = jnp.arange(pages * num_s)
-  visible_BTS = slots_S[None, None, :] <= q_positions_BT[:, :, None]
-  seen_BS11 = visible_BTS.any(axis=1)[:, :, None, None]
-  k_BSGK = jnp.where(seen_BS11, gather(k_pages_GPSK), 0)
-  v_BSGK = jnp.where(seen_BS11, gather(v_pages_GPSK), 0)
+  written_BS = slots_S[None, :] < lengths_B[:, None]
+  visible_BTS = (slots_S[None, None, :] <= q_positions_BT[:, :, None]) & written_BS[:, None, :]
+  k_BSGK = jnp.where(written_BS[:, :, None, None], gather(k_pages_GPSK), 0)
+  v_BSGK = jnp.where(written_BS[:, :, None, None], gather(v_pages_GPSK), 0)
   return attention.attention(q_BTHK, k_BSGK, v_BSGK, visible_BTS)
 
 
@@ -116,12 +119,12 @@ def write(
   return k_pages_GPSK, v_pages_GPSK
 
 
-def copy_pages(pages_XGPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array) -> jax.Array:
-  """Pages dst_N[i] become copies of src_N[i] (copy-on-write), in every layer: the pool is
-  [..., G, P, S, K] with any leading axes (L layers)."""
+def copy_pages(pool_LGPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array) -> jax.Array:
+  """Pages dst_N[i] become copies of src_N[i] (copy-on-write) in every layer of the pool
+  [L, G, P, S, K] (or of one layer's [G, P, S, K])."""
   if src_N.shape != dst_N.shape or src_N.ndim != 1:
     raise ValueError(f"src_N, dst_N: expected equal 1-D shapes, got {src_N.shape}, {dst_N.shape}")
-  return pages_XGPSK.at[..., dst_N, :, :].set(pages_XGPSK[..., src_N, :, :])
+  return pool_LGPSK.at[..., dst_N, :, :].set(pool_LGPSK[..., src_N, :, :])
 
 
 def _check(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP) -> None:

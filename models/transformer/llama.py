@@ -4,8 +4,9 @@
   out = h + SwiGLU(RMSNorm(h))
   logits = RMSNorm(x_L) W_unembed     (float32)
 
-Shapes: B batch, T time (new tokens), S cache slots, D model width, H query heads,
-G kv heads, K head dim, E MLP hidden width, V vocabulary, L layers, A = K / 2 RoPE angles.
+Shapes: B batch, T time (new tokens), S cache slots (of a row, or of a page), D model width,
+H query heads, G kv heads, K head dim, E MLP hidden width, V vocabulary, L layers, A = K / 2
+RoPE angles, P pages (of a paged cache's pool, or a row's block-table entries).
 
 A `models.protocol.DecodingModel`: one code path (`models.stack.scan_layers` over the L
 stacked layers) serves training (no state), prefill and decode (a `KVCache` in and out):
@@ -400,7 +401,9 @@ def _paged_attend(q_BTHK, kv, block_tables_BP, index_BT, lengths_B) -> jax.Array
     return paged_attention.paged_attention(q_BTHK[:, 0], k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B)[
       :, None
     ]
-  return paged_attention.paged_attention_reference(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, index_BT)
+  return paged_attention.paged_attention_reference(
+    q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, index_BT, lengths_B
+  )
 
 
 def layer_segments(params: dict, cfg: LlamaConfig) -> list[tuple[int, int, dict]]:

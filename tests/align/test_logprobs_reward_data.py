@@ -152,3 +152,20 @@ def test_rejection_sampling_keeps_the_argmax_and_shares_the_prefix(key):
   full, full_len = rejection_sampling.concat(prompts, lengths, out.best_BN, out.best_lengths_B)
   assert full[1, :7].tolist() == [6, 7, *out.best_BN[1].tolist()]
   np.testing.assert_array_equal(full_len, lengths + 5)
+
+
+def test_rejection_samples_share_the_prompt_pages():
+  # Prompts of 20 and 35 tokens in pages of 16, 4 samples of 10 new tokens each.
+  pages = rejection_sampling.shared_pages([20, 35], 4, 10, 16)
+  tables = pages.sample_tables_BP.reshape(2, 4, -1)
+  for b, (full, needed) in enumerate(((1, 2), (2, 3))):  # full prompt pages; pages for prompt + 10
+    assert (tables[b, :, :full] == pages.prompt_tables_BP[b, :full]).all()  # one copy, read by all 4
+    tails = tables[b, :, full:needed].ravel().tolist()
+    assert len(set(tails)) == len(tails)  # the rest: each sample's own pages
+  # The partly filled last prompt page is copied for 3 samples; the 4th writes the original.
+  assert len(pages.copy_src_N) == 6 and set(pages.copy_src_N) == {
+    pages.prompt_tables_BP[0, 1],
+    pages.prompt_tables_BP[1, 2],
+  }
+  unshared = 4 * (-(-30 // 16) + -(-45 // 16))
+  assert pages.num_pages == (2 + 3) + 4 * (1 + 1) < unshared

@@ -91,7 +91,7 @@ def test_causal_reference_matches_per_query_decode(np_rng):
   _, k, v, tables, _ = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
   q_BTHK = jnp.asarray(np_rng.normal(size=(3, 4, HEADS, HEAD_DIM)), jnp.float32)
   positions = jnp.asarray([[0, 1, 2, 3], [10, 11, 12, 13], [30, 31, 32, 33]], jnp.int32)
-  got = pa.paged_attention_reference(q_BTHK, k, v, tables, positions)
+  got = pa.paged_attention_reference(q_BTHK, k, v, tables, positions, positions[:, -1] + 1)
   for t in range(4):
     expected = _numpy_decode(q_BTHK[:, t], k, v, tables, positions[:, t] + 1)
     np.testing.assert_allclose(got[:, t], expected, atol=1e-5)

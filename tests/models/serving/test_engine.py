@@ -1,0 +1,137 @@
+"""The continuous-batching engine: greedy outputs equal `generate.generate` of each request
+alone (chunked prefill, preemption, prefix caching, stale pages), sampling independent of
+batch-mates, streaming, and bad requests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paperjax.models.serving import engine, generate
+from paperjax.models.transformer import llama
+
+CFG = llama.PRESETS["tiny"]
+WIDTH, MAX_NEW, STOP = 40, 12, 7  # every reference shares one compiled generate: prompts padded to WIDTH
+
+
+@pytest.fixture(scope="module")
+def params():
+  return llama.init(jax.random.key(0), CFG)
+
+
+def _requests(seed, count=10, system=()):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(count):
+    prompt = tuple(system) + tuple(int(x) for x in rng.integers(0, CFG.vocab_size, int(rng.integers(1, 25))))
+    out.append(
+      engine.Request(id=f"r{i}", prompt=prompt, max_new_tokens=int(rng.integers(1, MAX_NEW + 1)), stop_ids=(STOP,))
+    )
+  return out
+
+
+def _alone(params, request):
+  """generate.generate on this request alone; greedy, so the first n of MAX_NEW tokens are
+  what max_new_tokens=n gives."""
+  prompt = np.zeros((1, WIDTH), np.int32)
+  prompt[0, : len(request.prompt)] = request.prompt
+  tokens, length = generate.generate(
+    jax.random.key(0), params, CFG, prompt, [len(request.prompt)], max_new_tokens=MAX_NEW, stop_ids=request.stop_ids
+  )
+  return np.asarray(tokens[0, : int(length[0])]).tolist()[: request.max_new_tokens]
+
+
+def _assert_matches_alone(params, requests, outputs):
+  assert set(outputs) == {r.id for r in requests}
+  for r in requests:
+    assert outputs[r.id] == _alone(params, r), r.id
+
+
+def _nan_pool(eng):
+  eng.k_pages_LGPSK = jnp.full_like(eng.k_pages_LGPSK, jnp.nan)
+  eng.v_pages_LGPSK = jnp.full_like(eng.v_pages_LGPSK, jnp.nan)
+
+
+SMALL = engine.EngineConfig(num_blocks=64, block_size=4, max_batch=4, prefill_rows=2, prefill_chunk=8)
+
+
+def test_greedy_outputs_equal_generate_alone(params):
+  # 10 requests through 4 rows: prompts of 1-24 tokens prefilled in chunks of 8 while others
+  # decode; the pool starts as NaN, so a read of an unwritten slot would show.
+  requests = _requests(0)
+  eng = engine.Engine(params, CFG, SMALL)
+  _nan_pool(eng)
+  _assert_matches_alone(params, requests, eng.generate(requests))
+  assert eng.stats.preemptions == 0 and eng.manager.num_free_blocks == SMALL.num_blocks
+
+
+def test_preemption_recomputes_and_freed_pages_never_leak(params):
+  # A 10-block pool cannot hold 4 growing sequences: the newest are preempted and recomputed.
+  # After every step, every free block is poisoned with NaN.
+  requests = _requests(1)
+  eng = engine.Engine(params, CFG, engine.EngineConfig(**{**vars(SMALL), "num_blocks": 10}))
+  outputs: dict = {}
+  for r in requests:
+    eng.add(r)
+  while not eng.idle:
+    for event in eng.step():
+      outputs.setdefault(event.id, []).append(event.token)
+    freed = jnp.asarray(list(eng.manager.free), jnp.int32)  # evictable cached blocks keep their K/V: hits reuse it
+    eng.k_pages_LGPSK = eng.k_pages_LGPSK.at[:, :, freed].set(jnp.nan)
+    eng.v_pages_LGPSK = eng.v_pages_LGPSK.at[:, :, freed].set(jnp.nan)
+  assert eng.stats.preemptions > 0
+  _assert_matches_alone(params, requests, outputs)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_prefix_cache_serves_a_shared_system_prompt(params, caching):
+  system = tuple(range(100, 116))  # 16 tokens: 4 full blocks
+  requests = _requests(2, count=5, system=system)
+  eng = engine.Engine(
+    params, CFG, SMALL if caching else engine.EngineConfig(**{**vars(SMALL), "prefix_caching": False})
+  )
+  outputs = eng.generate(requests[:1])  # computes and caches the system prompt
+  outputs |= eng.generate(requests[1:])
+  _assert_matches_alone(params, requests, outputs)
+  assert eng.stats.cached_tokens == (4 * 16 if caching else 0)
+
+
+def test_sampled_tokens_do_not_depend_on_batch_mates(params):
+  sampled = engine.Request(id="s", prompt=(3, 1, 4, 1, 5), max_new_tokens=10, temperature=1.0, top_k=50, seed=9)
+  alone = engine.Engine(params, CFG, SMALL).generate([sampled])
+  crowded = engine.Engine(params, CFG, SMALL).generate([*_requests(3, count=5), sampled])
+  assert alone["s"] == crowded["s"]
+  reseeded = engine.Engine(params, CFG, SMALL).generate([engine.Request(**{**vars(sampled), "seed": 10})])
+  assert reseeded["s"] != alone["s"]
+
+
+def test_events_stream_in_order_and_finish_once(params):
+  requests = _requests(4, count=6)
+  events = list(engine.Engine(params, CFG, SMALL).run(requests))
+  for r in requests:
+    mine = [e for e in events if e.id == r.id]
+    assert [e.finished for e in mine] == [False] * (len(mine) - 1) + [True]
+    assert len(mine) == r.max_new_tokens or mine[-1].token == STOP
+
+
+def test_bad_requests_raise_and_the_rest_finish_unharmed(params):
+  good = _requests(5, count=3)
+  eng = engine.Engine(params, CFG, SMALL)
+  eng.add(good[0])
+  ok = dict(id="bad", prompt=(1, 2), max_new_tokens=2)
+  bad = [
+    ({"prompt": ()}, "request.prompt: expected a non-empty"),
+    ({"prompt": (1, CFG.vocab_size)}, r"request.prompt: ids must be integers in \[0, 256\)"),
+    ({"max_new_tokens": 0}, "request.max_new_tokens: expected an int >= 1"),
+    ({"prompt": (1,) * 250, "max_new_tokens": 10}, "exceed the context max_seq_len=256"),
+    ({"stop_ids": (-1,)}, "request.stop_ids"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"id": "r0"}, "already queued or running"),
+  ]
+  for change, message in bad:
+    with pytest.raises(ValueError, match=message):
+      eng.add(engine.Request(**{**ok, **change}))
+  tiny_pool = engine.Engine(params, CFG, engine.EngineConfig(num_blocks=2, block_size=4))
+  with pytest.raises(ValueError, match="more than the whole pool .* even alone"):
+    tiny_pool.add(engine.Request(**{**ok, "prompt": (1,) * 8}))
+  _assert_matches_alone(params, good, eng.generate(good[1:]))  # r0, queued before the bad ones, included
