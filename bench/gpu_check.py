@@ -13,9 +13,13 @@ On a CUDA backend it runs, and writes `results_gpu/` like the suite writes `resu
   side by side (FP8 E4M3 x E4M3 -> float32, INT8 x INT8 -> int32): the measurement that
   decides whether quantized matmuls need a Pallas kernel (issue 15: only if XLA falls short
   of the roofline, where FP8's dense peak is twice BF16's on H100/H200).
-- maxsim.throughput and quant.throughput at `--scale=paper`: the suite's kernel parts.
-The defaults (`--scale=paper --only=gpu_matmul,gpu_maxsim,maxsim.throughput,quant.throughput`)
-ran in about 3 minutes on one H200; the flags are the suite's. Without a GPU it says so and
+- gpu_paged_attention: the paged decode kernel compiled and checked against its reference
+  over the CPU tests' grid plus Llama 3 8B's attention shapes, with NaN in unreadable slots.
+- maxsim.throughput, quant.throughput and serving.kernel at `--scale=paper`: the suite's
+  kernel parts (serving.kernel times the paged kernel against the reference and jax's bundled
+  paged attention, and reports its HBM bandwidth).
+The defaults (`--scale=paper --only=<the above>`) are sized for a few minutes on one H200;
+the flags are the suite's. Without a GPU it says so and
 exits 0, timing nothing.
 
 Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim.
@@ -33,7 +37,7 @@ from absl import app, flags
 
 from paperjax.bench import cli, registry
 from paperjax.bench.harness import Benchmark, Context, Result, time_fn
-from paperjax.ops import maxsim, quant
+from paperjax.ops import maxsim, paged_attention, quant
 
 
 class Case(NamedTuple):
@@ -64,7 +68,7 @@ def _binary_scores(impl: maxsim.Impl, interpret: bool, *, q, d, dim, q_mask, len
   return maxsim.maxsim_binary(q, d, dim, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret)
 
 
-def cases(key: jax.Array) -> list[Case]:
+def maxsim_cases(key: jax.Array) -> list[Case]:
   """The grid of `tests/ops/test_maxsim.py` (Q=3, T=5, N=19, S=37, K=48) plus ColBERT shapes."""
   out = []
   for shape in ((3, 5, 19, 37, 48), (4, 32, 1000, 128, 128), (2, 32, 300, 512, 128)):
@@ -78,6 +82,41 @@ def cases(key: jax.Array) -> list[Case]:
       out.append(Case(f"maxsim {jnp.dtype(dtype).name} {label}", scores, tol * shape[1]))  # errors add over T
     scores = functools.partial(_binary_scores, q=maxsim.pack_bits(q), d=maxsim.pack_bits(d), dim=shape[-1], **masks)
     out.append(Case(f"maxsim_binary {label}", scores, 0.0))  # integer arithmetic: exact
+  return out
+
+
+def _paged_decode(impl: maxsim.Impl, interpret: bool, *, args) -> jax.Array:
+  return paged_attention.paged_attention(*args, impl=impl, interpret=interpret).astype(jnp.float32)
+
+
+def _paged_inputs(key: jax.Array, heads: int, groups: int, head_dim: int, page: int, width: int):
+  """float32 (q, k_pages, v_pages) and (tables, lengths) of 4 rows of `width` shuffled pages,
+  lengths 0, full and random, NaN in every slot no row may read."""
+  batch, num_pages = 4, 4 * width + 3
+  kq, kk, kv, kt, kl = jax.random.split(key, 5)
+  tables = jax.vmap(lambda k: jax.random.permutation(k, num_pages)[:width])(jax.random.split(kt, batch))
+  lengths = jax.random.randint(kl, (batch,), 1, width * page + 1).at[:2].set(jnp.array([0, width * page]))
+  slot = jnp.arange(width * page)
+  readable = jnp.zeros((num_pages, page), bool)
+  for b in range(batch):
+    readable = readable.at[tables[b, slot // page], slot % page].max(slot < lengths[b])
+  shape = (groups, num_pages, page, head_dim)
+  pools = [jnp.where(readable[None, :, :, None], jax.random.normal(k, shape), jnp.nan) for k in (kk, kv)]
+  q = jax.random.normal(kq, (batch, heads, head_dim))
+  return (q, *pools), (tables.astype(jnp.int32), lengths.astype(jnp.int32))
+
+
+def paged_cases(key: jax.Array) -> list[Case]:
+  """The grid of `tests/ops/test_paged_attention.py` (H=8, K=16, GQA 1/4/8, pages 8/16/32) plus
+  Llama 3 8B's attention (H=32, G=8, K=128) over 2048-token rows (`_paged_inputs`)."""
+  out = []
+  shapes = [*((8, g, 16, s, 5) for g in (8, 2, 1) for s in (8, 16, 32)), (32, 8, 128, 16, 128)]
+  for i, (heads, groups, head_dim, page, width) in enumerate(shapes):
+    floats, ints = _paged_inputs(jax.random.fold_in(key, i), heads, groups, head_dim, page, width)
+    for dtype, tol in ((jnp.float32, 1e-2), (jnp.bfloat16, 3e-2)):  # float32 dots run as TF32
+      args = (*(x.astype(dtype) for x in floats), *ints)
+      label = f"paged decode {jnp.dtype(dtype).name} H={heads},G={groups},K={head_dim},page={page},pages={width}"
+      out.append(Case(label, functools.partial(_paged_decode, args=args), tol))
   return out
 
 
@@ -118,7 +157,7 @@ def _matmul(ctx: Context) -> Result:
 
 def _maxsim_kernels(ctx: Context) -> Result:
   records = []
-  case_list = cases(jax.random.key(ctx.seed))
+  case_list = maxsim_cases(jax.random.key(ctx.seed))
   for name, error in check(case_list, interpret=False).items():
     records.append(ctx.record(f"max |Pallas - reference|, {name}", error, "abs"))
   for c in case_list:
@@ -130,6 +169,18 @@ def _maxsim_kernels(ctx: Context) -> Result:
   note = (
     f"{len(case_list)} kernel cases compiled for {jax.devices()[0].device_kind} and checked against the jnp "
     "reference; jax bundles no MaxSim kernel, so the XLA reference is the only baseline."
+  )
+  return Result(ctx.benchmark, tuple(records), notes=(note,))
+
+
+def _paged_kernels(ctx: Context) -> Result:
+  case_list = paged_cases(jax.random.key(ctx.seed))
+  records = [
+    ctx.record(f"max |Pallas - reference|, {name}", e, "abs") for name, e in check(case_list, interpret=False).items()
+  ]
+  note = (
+    f"{len(case_list)} paged-attention cases compiled for {jax.devices()[0].device_kind} against the jnp reference, "
+    "with NaN in every slot no row may read; latency and bandwidth are serving.kernel's."
   )
   return Result(ctx.benchmark, tuple(records), notes=(note,))
 
@@ -148,8 +199,10 @@ def _on_gpu(run: Callable[[Context], Result]) -> Callable[[Context], Result]:
 RUNS = {
   "gpu_matmul": Benchmark(_on_gpu(_matmul)),
   "gpu_maxsim": Benchmark(_on_gpu(_maxsim_kernels)),
+  "gpu_paged_attention": Benchmark(_on_gpu(_paged_kernels)),
 }
-SUITE_PARTS = ("maxsim.throughput", "quant.throughput")  # the suite's kernel parts, at --scale=paper
+SUITE = ("maxsim", "quant", "serving")
+SUITE_PARTS = ("maxsim.throughput", "quant.throughput", "serving.kernel")  # the suite's kernel parts, at --scale=paper
 
 
 def main(argv: Sequence[str]) -> int:

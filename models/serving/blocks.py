@@ -53,6 +53,9 @@ class BlockManager:
   cached: dict[bytes, int] = dataclasses.field(default_factory=dict)  # prefix hash -> block
   hash_of: dict[int, bytes] = dataclasses.field(default_factory=dict)  # block -> prefix hash
   evictable: collections.OrderedDict[int, None] = dataclasses.field(default_factory=collections.OrderedDict)
+  # Per sequence: the prefix hashes of its leading full blocks that `commit` (or a prefix hit)
+  # has computed, so each commit hashes only the blocks filled since.
+  prefix_hashes: dict[Hashable, list[bytes]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.num_blocks < 1 or self.block_size < 1:
@@ -77,13 +80,18 @@ class BlockManager:
   def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
     """The cached blocks of tokens' leading full blocks, stopping at the first miss; never
     the whole prompt (its last token must be computed to get the next-token logits)."""
-    blocks, parent = [], ROOT_HASH
+    return self._prefix_hits(tokens)[0]
+
+  def _prefix_hits(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    blocks: list[int] = []
+    hashes: list[bytes] = []
     for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % self.block_size, self.block_size):
-      parent = block_hash(parent, tokens[start : start + self.block_size])
-      if parent not in self.cached:
+      prefix = block_hash(hashes[-1] if hashes else ROOT_HASH, tokens[start : start + self.block_size])
+      if prefix not in self.cached:
         break
-      blocks.append(self.cached[parent])
-    return blocks
+      blocks.append(self.cached[prefix])
+      hashes.append(prefix)
+    return blocks, hashes
 
   def can_allocate(self, tokens: Sequence[int]) -> bool:
     hits = self.cached_prefix(tokens)
@@ -106,11 +114,12 @@ class BlockManager:
       )
     if not self.can_allocate(tokens):
       raise MemoryError(f"tokens: not enough free blocks for {len(tokens)} tokens ({self.num_free_blocks} free)")
-    hits = self.cached_prefix(tokens)
+    hits, hashes = self._prefix_hits(tokens)
     for block in hits:
       self._ref(block)
     self.tables[seq_id] = hits + [self._take() for _ in range(self.blocks_for(len(tokens)) - len(hits))]
     self.num_tokens[seq_id] = len(tokens)
+    self.prefix_hashes[seq_id] = hashes
     return len(hits) * self.block_size
 
   def append(self, seq_id: Hashable, count: int = 1) -> list[tuple[int, int]]:
@@ -143,31 +152,36 @@ class BlockManager:
       self._ref(block)
     self.tables[child] = list(table)
     self.num_tokens[child] = self.num_tokens[parent]
+    self.prefix_hashes[child] = list(self.prefix_hashes[parent])
 
   def commit(self, seq_id: Hashable, tokens: Sequence[int]) -> None:
     """Registers the full blocks of `tokens` (the sequence's tokens whose K/V are written) in
-    the prefix cache. A block whose prefix is cached already under another block stays
-    uncached (the cache keeps one block per prefix)."""
+    the prefix cache. Blocks hashed by earlier commits keep their hashes (tokens only extend
+    them). A block whose prefix another block holds stays uncached (one block per prefix),
+    and takes the prefix at a later commit if that block was evicted meanwhile."""
     table = self._table(seq_id)
     if len(tokens) > self.num_tokens[seq_id]:
       raise ValueError(f"tokens: {len(tokens)} exceed the {self.num_tokens[seq_id]} slots of {seq_id!r}")
-    hashes, parent = [], ROOT_HASH
-    for i in range(len(tokens) // self.block_size):
-      parent = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
-      if self.hash_of.get(table[i], parent) != parent:  # all checked before any is registered
+    hashes = list(self.prefix_hashes[seq_id])
+    for i in range(len(hashes), len(tokens) // self.block_size):
+      hashes.append(
+        block_hash(hashes[-1] if hashes else ROOT_HASH, tokens[i * self.block_size : (i + 1) * self.block_size])
+      )
+    for i, prefix in enumerate(hashes):  # all checked before any is registered
+      if self.hash_of.get(table[i], prefix) != prefix:
         raise ValueError(f"tokens: block {i} of {seq_id!r} is cached under another prefix")
-      hashes.append(parent)
-    for block, prefix in zip(table, hashes):
+    for block, prefix in zip(table, hashes):  # a block left out while another held its prefix may take it now
       if block not in self.hash_of and prefix not in self.cached:
         self.cached[prefix] = block
         self.hash_of[block] = prefix
+    self.prefix_hashes[seq_id] = hashes
 
   def free_sequence(self, seq_id: Hashable) -> None:
     """Drops a sequence's references (finished or preempted); unreferenced blocks go back to
     the free list, or stay cached as evictable."""
     for block in reversed(self._table(seq_id)):  # the tail first, so LRU evicts it first
       self._unref(block)
-    del self.tables[seq_id], self.num_tokens[seq_id]
+    del self.tables[seq_id], self.num_tokens[seq_id], self.prefix_hashes[seq_id]
 
   # ---- internals
 

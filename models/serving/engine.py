@@ -86,6 +86,15 @@ class _Sequence:
     return len(self.tokens) - len(self.request.prompt)
 
 
+class _Ready(NamedTuple):
+  """A sequence whose tokens are all fed: its greedy next token, and its logits' row."""
+
+  seq: _Sequence
+  greedy: int
+  logits_BV: jax.Array
+  row: int
+
+
 @dataclasses.dataclass
 class Stats:
   steps: int = 0
@@ -144,7 +153,7 @@ class Engine:
     decoding = [s for s in self.running if len(s.tokens) - s.computed == 1]
     decoding = self._reserve(decoding)
     prefilling = [s for s in self.running if len(s.tokens) - s.computed > 1][: self.ecfg.prefill_rows]
-    ready: list[tuple[_Sequence, jax.Array]] = []
+    ready: list[_Ready] = []
     if decoding:
       ready += self._feed(decoding, 1)
     if prefilling:
@@ -195,7 +204,7 @@ class Engine:
 
   # ---- model calls
 
-  def _feed(self, seqs: list[_Sequence], width: int) -> list[tuple[_Sequence, jax.Array]]:
+  def _feed(self, seqs: list[_Sequence], width: int) -> list[_Ready]:
     """Feeds each sequence up to `width` of its unfed tokens in one call of fixed shape;
     returns (sequence, next-token logits [V]) for those now fully fed."""
     rows = self.ecfg.max_batch if width == 1 else self.ecfg.prefill_rows
@@ -208,24 +217,28 @@ class Engine:
       table = self.manager.block_table(seq.request.id)
       tables_BP[row, : len(table)] = table
       lengths_B[row], new_B[row] = seq.computed, len(chunk)
-    logits_BV, self.k_pages_LGPSK, self.v_pages_LGPSK = _feed(
+    logits_BV, greedy_B, self.k_pages_LGPSK, self.v_pages_LGPSK = _feed(
       self.params, self.k_pages_LGPSK, self.v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, self.cfg
     )
+    greedy = np.asarray(greedy_B)  # one transfer; logits stay on the device unless a row samples
     ready = []
     for row, seq in enumerate(seqs):
       seq.computed += int(new_B[row])
       if self.ecfg.prefix_caching:
         self.manager.commit(seq.request.id, seq.tokens[: seq.computed])
       if seq.computed == len(seq.tokens):
-        ready.append((seq, logits_BV[row]))
+        ready.append(_Ready(seq, int(greedy[row]), logits_BV, row))
     return ready
 
-  def _sample(self, ready: list[tuple[_Sequence, jax.Array]]) -> list[Event]:
+  def _sample(self, ready: list[_Ready]) -> list[Event]:
     events = []
-    for seq, logits_V in ready:
+    for seq, greedy, logits_BV, row in ready:
       r = seq.request
-      key = jax.random.fold_in(jax.random.key(r.seed), seq.generated)
-      token = int(_select(key, logits_V, r.temperature, r.top_k, r.top_p))
+      if r.temperature == 0:
+        token = greedy
+      else:
+        key = jax.random.fold_in(jax.random.key(r.seed), seq.generated)
+        token = int(_select(key, logits_BV[row], r.temperature, r.top_k, r.top_p))
       seq.tokens.append(token)
       finished = token in r.stop_ids or seq.generated == r.max_new_tokens
       events.append(Event(r.id, token, finished))
@@ -238,12 +251,13 @@ class Engine:
 
 @functools.partial(jax.jit, static_argnums=7, donate_argnums=(1, 2))
 def _feed(params, k_pages_LGPSK, v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, cfg):
-  """One model call over the pool: (logits [B, V] after each row's last new token, pools)."""
+  """One model call over the pool: the logits [B, V] after each row's last new token, their
+  argmax (greedy rows need nothing else on the host), and the pools."""
   state = llama.PagedKVCache(k_pages_LGPSK, v_pages_LGPSK, tables_BP, lengths_B)
   logits_BTV, after = llama.forward(params, tokens_BT, cfg, state=state, num_new_B=new_B)
   assert isinstance(after, llama.PagedKVCache)
   last_BV = logits_BTV[jnp.arange(tokens_BT.shape[0]), jnp.maximum(new_B - 1, 0)]
-  return last_BV, after.k_pages_LGPSK, after.v_pages_LGPSK
+  return last_BV, jnp.argmax(last_BV, axis=-1), after.k_pages_LGPSK, after.v_pages_LGPSK  # = select at T=0
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

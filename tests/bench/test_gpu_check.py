@@ -23,7 +23,9 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
 
 
 def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
-  small = [c for c in gpu_check.cases(jax.random.key(0)) if "N=19" in c.name]  # the test grid; ColBERT shapes on GPU
+  small = [
+    c for c in gpu_check.maxsim_cases(jax.random.key(0)) if "N=19" in c.name
+  ]  # the test grid; ColBERT shapes on GPU
   assert len(small) == 4  # float32, bfloat16, float16, binary
   errors = gpu_check.check(small, interpret=True)
   assert errors[small[-1].name] == 0.0  # binary codes are exact
@@ -32,6 +34,13 @@ def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
   )
   with pytest.raises(AssertionError, match="shifted: 1 > 0.5"):
     gpu_check.check([off_by_one], interpret=True)
+
+
+def test_paged_grid_passes_in_interpret_mode():
+  small = [c for c in gpu_check.paged_cases(jax.random.key(0)) if "K=16" in c.name]  # Llama shapes on GPU
+  assert len(small) == 18  # GQA 1/4/8 x pages 8/16/32 x float32/bfloat16
+  errors = gpu_check.check(small, interpret=True)  # each case within its tolerance (bfloat16: 3e-2)
+  assert max(e for name, e in errors.items() if "float32" in name) < 1e-5  # exact float32 on CPU
 
 
 @pytest.mark.parametrize("name", list(gpu_check.RUNS))

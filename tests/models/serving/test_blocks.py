@@ -377,14 +377,27 @@ def test_unknown_sequence_raises_key_error_naming_it(call):
   _assert_unchanged(mgr, before)
 
 
-def test_commit_that_raises_leaves_the_prefix_cache_unchanged():
+def test_committed_blocks_are_hashed_once_and_never_recached_under_other_tokens():
   mgr = blocks.BlockManager(num_blocks=8, block_size=2)
   mgr.allocate("a", [5, 6, 7, 8, 9])
   mgr.allocate("b", [5, 6, 7, 8, 9])  # no hits yet: b's blocks are its own
   mgr.commit("a", [5, 6])
   mgr.commit("b", [5, 6, 7, 8])  # b's block 0 stays uncached (a's holds [5, 6]); block 1 is cached
   before = _state(mgr)
-  with pytest.raises(ValueError, match="another prefix"):
-    mgr.commit("b", [1, 1, 7, 8])  # tokens that b did not write: block 1 is cached under [5, 6, 7, 8]
+  mgr.commit("b", [1, 1, 7, 8])  # tokens b did not write: its committed prefix is not re-read
   _assert_unchanged(mgr, before)
   assert mgr.cached_prefix([1, 1, 0]) == []  # b's block 0 holds [5, 6], not [1, 1]
+
+
+def test_a_block_left_uncached_takes_over_its_prefix_after_the_holder_is_evicted():
+  mgr = blocks.BlockManager(num_blocks=4, block_size=2)
+  mgr.allocate("a", [5, 6, 1])
+  mgr.allocate("b", [5, 6, 2])  # computed concurrently: no hit
+  mgr.commit("a", [5, 6])
+  mgr.commit("b", [5, 6])  # [5, 6] is cached under a's block; b's stays out
+  a0, b0 = mgr.block_table("a")[0], mgr.block_table("b")[0]
+  mgr.free_sequence("a")  # a's blocks: the cached one evictable, the other free
+  mgr.allocate("c", [9, 9, 9])  # takes the free block, then evicts a0
+  assert mgr.cached_prefix([5, 6, 0]) == []
+  mgr.commit("b", [5, 6, 2])
+  assert mgr.cached_prefix([5, 6, 0]) == [b0] != [a0]
