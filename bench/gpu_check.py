@@ -60,12 +60,14 @@ def _ragged(key: jax.Array, q: int, t: int, n: int, s: int, k: int):
   )
 
 
-def _float_scores(impl: maxsim.Impl, interpret: bool, *, q, d, q_mask, lengths) -> jax.Array:
-  return maxsim.maxsim(q, d, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret)
+def _float_scores(impl: maxsim.Impl, interpret: bool, *, q, d, q_mask, lengths, **options) -> jax.Array:
+  return maxsim.maxsim(q, d, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret, **options)
 
 
-def _binary_scores(impl: maxsim.Impl, interpret: bool, *, q, d, dim, q_mask, lengths) -> jax.Array:
-  return maxsim.maxsim_binary(q, d, dim, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret)
+def _binary_scores(impl: maxsim.Impl, interpret: bool, *, q, d, dim, q_mask, lengths, **options) -> jax.Array:
+  return maxsim.maxsim_binary(
+    q, d, dim, q_mask_QT=q_mask, d_lengths_N=lengths, impl=impl, interpret=interpret, **options
+  )
 
 
 def maxsim_cases(key: jax.Array) -> list[Case]:
@@ -85,17 +87,17 @@ def maxsim_cases(key: jax.Array) -> list[Case]:
   return out
 
 
-def _paged_decode(impl: maxsim.Impl, interpret: bool, *, args) -> jax.Array:
-  return paged_attention.paged_attention(*args, impl=impl, interpret=interpret).astype(jnp.float32)
+def _paged_decode(impl: maxsim.Impl, interpret: bool, *, args, **options) -> jax.Array:
+  return paged_attention.paged_attention(*args, impl=impl, interpret=interpret, **options).astype(jnp.float32)
 
 
-def _paged_inputs(key: jax.Array, heads: int, groups: int, head_dim: int, page: int, width: int):
-  """float32 (q, k_pages, v_pages) and (tables, lengths) of 4 rows of `width` shuffled pages,
-  lengths 0, full and random, NaN in every slot no row may read."""
-  batch, num_pages = 4, 4 * width + 3
+def _paged_inputs(key: jax.Array, heads: int, groups: int, head_dim: int, page: int, width: int, batch: int = 4):
+  """float32 (q, k_pages, v_pages) and (tables, lengths) of `batch` rows of `width` shuffled
+  pages, lengths 0, full and random, NaN in every slot no row may read."""
+  num_pages = batch * width + 3
   kq, kk, kv, kt, kl = jax.random.split(key, 5)
   tables = jax.vmap(lambda k: jax.random.permutation(k, num_pages)[:width])(jax.random.split(kt, batch))
-  lengths = jax.random.randint(kl, (batch,), 1, width * page + 1).at[:2].set(jnp.array([0, width * page]))
+  lengths = jax.random.randint(kl, (batch,), 1, width * page + 1).at[:2].set(jnp.array([0, width * page])[:batch])
   slot = jnp.arange(width * page)
   readable = jnp.zeros((num_pages, page), bool)
   for b in range(batch):
@@ -166,6 +168,7 @@ def _maxsim_kernels(ctx: Context) -> Result:
     ref = time_fn(c.scores, "reference", False, repeats=ctx.repeats).median_s
     ours = time_fn(c.scores, "pallas", False, repeats=ctx.repeats).median_s
     records.append(ctx.record(f"speed-up Pallas vs XLA reference, {c.name} (same run)", ref / ours, "x"))
+    records += _sweep(ctx, c, MAXSIM_SWEEP["binary" if "binary" in c.name else "float"], ref)
   note = (
     f"{len(case_list)} kernel cases compiled for {jax.devices()[0].device_kind} and checked against the jnp "
     "reference; jax bundles no MaxSim kernel, so the XLA reference is the only baseline."
@@ -173,11 +176,48 @@ def _maxsim_kernels(ctx: Context) -> Result:
   return Result(ctx.benchmark, tuple(records), notes=(note,))
 
 
+# Tilings timed beside the defaults, so the defaults can follow the measurements.
+MAXSIM_SWEEP = {
+  "float": ({"block_q": 1}, {"block_q": 2}, {"block_q": 4, "num_warps": 8}, {"block_q": 8, "num_warps": 8}),
+  "binary": ({"block_q": 2}, {"block_q": 4}),
+}
+PAGED_SWEEP = ({"step_pages": 1}, {"step_pages": 4}, {"num_splits": 1}, {"num_warps": 8})
+
+
+def _sweep(ctx: Context, case: Case, options_list, reference_s: float) -> list:
+  """Speed-up over the reference of the kernel at other tilings (a failure is recorded, not raised)."""
+  records = []
+  for options in options_list:
+    label = ",".join(f"{k}={v}" for k, v in options.items())
+    scores = functools.partial(case.scores, **options)
+    try:
+      error = float(jnp.max(jnp.abs(scores("pallas", False) - case.scores("reference", False))))
+      seconds = time_fn(scores, "pallas", False, repeats=ctx.repeats).median_s
+    except Exception as e:  # a tiling that does not compile is a measurement too
+      print(f"gpu_check: {case.name} with {label} failed: {e!r:.300}")
+      records.append(ctx.record(f"tiling {label} failed, {case.name}", 1.0, "failed"))
+      continue
+    records.append(
+      ctx.record(f"speed-up Pallas ({label}) vs reference, {case.name} (same run)", reference_s / seconds, "x")
+    )
+    records.append(ctx.record(f"max |Pallas ({label}) - reference|, {case.name}", error, "abs"))
+  return records
+
+
 def _paged_kernels(ctx: Context) -> Result:
   case_list = paged_cases(jax.random.key(ctx.seed))
   records = [
     ctx.record(f"max |Pallas - reference|, {name}", e, "abs") for name, e in check(case_list, interpret=False).items()
   ]
+  for batch in (1, 8, 32, 128):  # Llama 3 8B decode at 4096 tokens, bfloat16: default tiling, then the sweep
+    floats, ints = _paged_inputs(jax.random.key(batch), 32, 8, 128, 16, 256, batch=batch)
+    args = (*(x.astype(jnp.bfloat16) for x in floats), *ints)
+    name = f"paged decode bfloat16 B={batch},H=32,G=8,K=128,pages=256x16"
+    case = Case(name, functools.partial(_paged_decode, args=args), 3e-2)
+    ref = time_fn(case.scores, "reference", False, repeats=ctx.repeats).median_s
+    ours = time_fn(case.scores, "pallas", False, repeats=ctx.repeats).median_s
+    records.append(ctx.record(f"speed-up Pallas vs reference, {case.name} (same run)", ref / ours, "x"))
+    records += _sweep(ctx, case, PAGED_SWEEP, ref)
   note = (
     f"{len(case_list)} paged-attention cases compiled for {jax.devices()[0].device_kind} against the jnp reference, "
     "with NaN in every slot no row may read; latency and bandwidth are serving.kernel's."
@@ -211,7 +251,7 @@ def main(argv: Sequence[str]) -> int:
   if jax.default_backend() != "gpu":
     print(f"gpu_check: no GPU backend here (jax.default_backend() = {jax.default_backend()!r}); nothing was timed.")
     return 0
-  return cli.run_benchmarks({**RUNS, **{name: registry.load(name) for name in ("maxsim", "quant")}})
+  return cli.run_benchmarks({**RUNS, **{name: registry.load(name) for name in SUITE}})
 
 
 if __name__ == "__main__":

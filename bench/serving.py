@@ -317,7 +317,8 @@ def _decode_attention(batch: int, cfg: Config, seed: int, on_gpu: bool) -> dict:
     from jax.experimental.pallas.ops.gpu import paged_attention as bundled
 
     impls["Pallas kernel"] = lambda: paged_attention.paged_attention(*args, impl="pallas")
-    impls["jax bundled kernel"] = lambda: bundled.paged_attention(*args)
+    scaled = (q * head_dim**-0.5, *args[1:])  # jax's kernel leaves the 1/sqrt(K) scaling to the caller
+    impls["jax bundled kernel"] = lambda: bundled.paged_attention(*scaled)
   return impls
 
 

@@ -46,6 +46,7 @@ def maxsim(
   normalize: bool = False,
   impl: Impl = "auto",
   interpret: bool = False,
+  **kernel_options,
 ) -> jax.Array:
   """MaxSim scores float32 [Q, N] (module equation).
 
@@ -56,6 +57,8 @@ def maxsim(
     normalize: L2-normalise every token vector first (cosine, as ColBERT does).
     impl: "auto" | "reference" | "pallas".
     interpret: run the Pallas kernel in interpret mode (CPU testing).
+    kernel_options: the kernel's tiling (`ops.pallas.maxsim.maxsim_pallas`: block_q, block_n,
+      block_s, num_warps); the defaults are what `bench.gpu_check` measured fastest.
   """
   _check_float(q_QTK, d_NSK)
   q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, d_lengths_N)
@@ -64,7 +67,7 @@ def maxsim(
   if pallas.resolve(impl) == "reference":
     return maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS)
   q, qm, d, dm, n = _pad_for_kernel(q_QTK, q_mask_QT, d_NSK, d_mask_NS, last_multiple=16)
-  return kernels.maxsim_pallas(q, qm, d, dm, interpret=interpret)[:, :n]
+  return kernels.maxsim_pallas(q, qm, d, dm, interpret=interpret, **kernel_options)[:, :n]
 
 
 def maxsim_binary(
@@ -77,10 +80,11 @@ def maxsim_binary(
   d_lengths_N: jax.Array | None = None,
   impl: Impl = "auto",
   interpret: bool = False,
+  **kernel_options,
 ) -> jax.Array:
   """MaxSim of packed sign codes (`pack_bits`) of `dim`-dimensional vectors, float32 [Q, N].
 
-  Equals `maxsim` of the +-1 vectors the codes stand for, exactly.
+  Equals `maxsim` of the +-1 vectors the codes stand for, exactly. Arguments as in `maxsim`.
   """
   for name, x in (("q_bits_QTI", q_bits_QTI), ("d_bits_NSI", d_bits_NSI)):
     if x.dtype != jnp.uint32 or x.ndim != 3:
@@ -94,7 +98,7 @@ def maxsim_binary(
   if pallas.resolve(impl) == "reference":
     return maxsim_binary_reference(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, dim)
   q, qm, d, dm, n = _pad_for_kernel(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, last_multiple=1)
-  return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret)[:, :n]
+  return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret, **kernel_options)[:, :n]
 
 
 def maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS) -> jax.Array:

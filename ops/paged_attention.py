@@ -44,14 +44,14 @@ def paged_attention(
   lengths_B: jax.Array,
   *,
   impl: Impl = "auto",
-  num_splits: int | None = None,
   interpret: bool = False,
+  **kernel_options,
 ) -> jax.Array:
   """Decode attention [B, H, K] (q's dtype): one query per row over its first lengths_B[b] tokens.
 
-  impl="auto" is the Pallas kernel on GPU and the reference elsewhere. `num_splits` (kernel
-  only) splits each row's pages over that many programs, flash-decoding style; None picks it
-  from the batch (`kernels.default_splits`).
+  impl="auto" is the Pallas kernel on GPU and the reference elsewhere. `kernel_options` go to
+  `ops.pallas.paged_attention.paged_decode`: num_splits (programs per row, flash-decoding
+  style), step_pages, num_warps; the defaults are what `bench.gpu_check` measured fastest.
   """
   _check(q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP)
   if lengths_B.shape != q_BHK.shape[:1] or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
@@ -60,7 +60,7 @@ def paged_attention(
     q_B1HK, positions_B1 = q_BHK[:, None], lengths_B[:, None] - 1
     return paged_attention_reference(q_B1HK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, positions_B1, lengths_B)[:, 0]
   return kernels.paged_decode(
-    q_BHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B, num_splits=num_splits, interpret=interpret
+    q_BHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B, interpret=interpret, **kernel_options
   )
 
 

@@ -6,7 +6,8 @@ S slots of a page, C splits of a row's pages (programs that share one row).
 
 Grid (B, G, C): a program takes the R query heads of one kv group of one row (so each
 K/V page it loads serves all R of them) and walks its share of the row's block table,
-`pages_per_step` pages at a time, gathering them from the pool through the table. An
+`pages_per_step` pages (up to 128 keys) at a time, gathering them from the pool through the
+table. An
 online softmax keeps float32 running (max m, sum l, output o) per head. Only the steps
 that hold tokens before the row's length run; slots past it are masked (scores -inf,
 values 0, so NaN in a stale page cannot leak). Each split writes its unnormalised (o, m, l);
@@ -30,17 +31,24 @@ from jax.experimental.pallas import triton as pltriton
 
 MIN_DOT = 16  # Triton's dot needs every dimension >= 16
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 multiprocessors
+STEP_TOKENS = 128  # keys per loop step, at most (jax's bundled kernel: 8 pages of 16)
+STEP_BYTES = 64 * 1024  # one step's K and V tiles, so two pipeline stages fit Hopper's shared memory
 
 
-def pages_per_step(page_size: int) -> int:
-  """Pages gathered per loop step: enough for >= MIN_DOT keys in one dot."""
-  return max(1, -(-MIN_DOT // page_size))
+def pages_per_step(page_size: int, head_dim: int = MIN_DOT, itemsize: int = 2) -> int:
+  """Pages gathered per loop step: up to STEP_TOKENS keys whose K and V fit STEP_BYTES, and
+  always >= MIN_DOT keys for the dot (a power of two for power-of-two pages)."""
+  pages = max(1, STEP_TOKENS // page_size)
+  while pages > 1 and 2 * pages * page_size * head_dim * itemsize > STEP_BYTES:
+    pages //= 2
+  return max(pages, -(-MIN_DOT // page_size))
 
 
-def default_splits(batch: int, groups: int, pages: int, page_size: int) -> int:
-  """C: enough programs for TARGET_PROGRAMS when B * G is small, never more than the steps."""
-  steps = -(-pages // pages_per_step(page_size))
-  return max(1, min(steps, -(-TARGET_PROGRAMS // (batch * groups))))
+def default_splits(batch: int, groups: int, pages: int, step_pages: int) -> int:
+  """C: enough programs for TARGET_PROGRAMS when B * G is small, but at least two steps per
+  split (each split adds a partial result to merge)."""
+  steps = -(-pages // step_pages)
+  return max(1, min(-(-steps // 2), -(-TARGET_PROGRAMS // (batch * groups))))
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, length_ref, o_ref, m_ref, l_ref, *, step_pages: int, scale: float):
@@ -94,7 +102,7 @@ def combine(o_BGCRK: jax.Array, m_BGCR: jax.Array, l_BGCR: jax.Array) -> jax.Arr
   return jnp.where(l_BGR[..., None] > 0, o_BGRK / jnp.where(l_BGR > 0, l_BGR, 1.0)[..., None], 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_splits", "step_pages", "num_warps", "interpret"))
 def paged_decode(
   q_BHK: jax.Array,
   k_pages_GPSK: jax.Array,
@@ -103,6 +111,7 @@ def paged_decode(
   lengths_B: jax.Array,
   *,
   num_splits: int | None = None,
+  step_pages: int | None = None,
   num_warps: int = 4,
   interpret: bool = False,
 ) -> jax.Array:
@@ -116,8 +125,10 @@ def paged_decode(
       f"q_BHK, k_pages_GPSK: the kernel needs a power-of-two head dim >= {MIN_DOT} and page size, "
       f"got K={head_dim}, S={page_size}"
     )
-  step_pages = pages_per_step(page_size)
-  splits = num_splits or default_splits(batch, groups, block_tables_BP.shape[1], page_size)
+  step_pages = step_pages or pages_per_step(page_size, head_dim, q_BHK.dtype.itemsize)
+  if step_pages * page_size < MIN_DOT or step_pages != _next_pow2(step_pages):
+    raise ValueError(f"step_pages: expected a power of two with >= {MIN_DOT} keys per step, got {step_pages}")
+  splits = num_splits or default_splits(batch, groups, block_tables_BP.shape[1], step_pages)
   if splits < 1:
     raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
   split_pages = step_pages * _next_pow2(-(-block_tables_BP.shape[1] // (step_pages * splits)))  # Triton blocks: 2^n

@@ -75,6 +75,19 @@ def test_binary_kernel_interpret_matches_reference(ragged):
   )
 
 
+@pytest.mark.parametrize("block_q", [1, 2, 4])
+def test_queries_per_program_change_nothing(ragged, block_q):
+  # Q=3 queries padded to a multiple of block_q; T=5 padded to 16 rows per query.
+  q, q_mask, d, lengths = ragged
+  q_mask_QT, d_mask_NS = maxsim._masks(q, d, jnp.asarray(q_mask), None, jnp.asarray(lengths))
+  args = maxsim._pad_for_kernel(jnp.asarray(q), q_mask_QT, jnp.asarray(d), d_mask_NS, last_multiple=16)
+  got = kernels.maxsim_pallas(*args[:4], block_q=block_q, interpret=True)[:, : d.shape[0]]
+  ref = maxsim.maxsim(
+    jnp.asarray(q), jnp.asarray(d), q_mask_QT=jnp.asarray(q_mask), d_lengths_N=jnp.asarray(lengths), impl="reference"
+  )
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_swar_popcount_counts_bits(np_rng):
   # The kernel's popcount (Triton on CUDA has no tensor ctpop) against numpy's, edges included.
   words = np.concatenate(

@@ -123,11 +123,22 @@ def test_copy_pages_copies_every_layer(np_rng):
   np.testing.assert_array_equal(got, expected)
 
 
-def test_default_splits_fill_the_gpu_only_when_rows_are_few():
-  assert kernels.default_splits(batch=1, groups=8, pages=1024, page_size=16) == 33  # 264 programs / 8
-  assert kernels.default_splits(batch=64, groups=8, pages=1024, page_size=16) == 1
-  assert kernels.default_splits(batch=1, groups=1, pages=3, page_size=8) == 2  # never more than the steps
-  assert kernels.pages_per_step(8) == 2 and kernels.pages_per_step(32) == 1  # >= 16 keys per dot
+def test_step_and_split_sizes():
+  # 128 keys per step when K and V fit 64 KiB (bfloat16 K=128: 8 pages of 16); float32 halves it.
+  assert kernels.pages_per_step(16, 128, 2) == 8 and kernels.pages_per_step(16, 128, 4) == 4
+  assert kernels.pages_per_step(8) == 16 and kernels.pages_per_step(32, 512, 4) == 1  # >= 16 keys;
+  assert kernels.pages_per_step(32, 128, 4) == 2  # 64 float32 keys
+  assert kernels.default_splits(batch=1, groups=8, pages=256, step_pages=8) == 16  # 32 steps, two per split
+  assert kernels.default_splits(batch=8, groups=8, pages=256, step_pages=8) == 5  # 264 programs / 64
+  assert kernels.default_splits(batch=64, groups=8, pages=256, step_pages=8) == 1
+
+
+@pytest.mark.parametrize("step_pages", [2, 4])
+def test_kernel_step_sizes_agree(np_rng, step_pages):
+  q, k, v, tables, lengths = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
+  ref = pa.paged_attention(q, k, v, tables, lengths, impl="reference")
+  got = kernels.paged_decode(q, k, v, tables, lengths, step_pages=step_pages, num_splits=2, interpret=True)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_kernel_lowers_for_cuda():
