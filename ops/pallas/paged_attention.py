@@ -93,6 +93,13 @@ def _next_pow2(n: int) -> int:
   return 1 << (max(n, 1) - 1).bit_length()
 
 
+def default_warps(batch: int, groups: int) -> int:
+  """8 warps when B * G is under one wave of an H200 (132 multiprocessors), else 4. Measured by
+  gpu_check at Llama 3 8B's attention shapes over 4096 tokens: 8 warps ran 1.3-1.7x faster at
+  B = 1 and 8, and 0.9x at B = 32 and 128."""
+  return 8 if batch * groups < 132 else 4
+
+
 def combine(o_BGCRK: jax.Array, m_BGCR: jax.Array, l_BGCR: jax.Array) -> jax.Array:
   """Merges the C splits' (o, m, l) into normalised outputs [B, G, R, K] (module equation)."""
   m_BGR = m_BGCR.max(axis=2)
@@ -112,7 +119,7 @@ def paged_decode(
   *,
   num_splits: int | None = None,
   step_pages: int | None = None,
-  num_warps: int = 4,
+  num_warps: int | None = None,
   interpret: bool = False,
 ) -> jax.Array:
   """Decode attention [B, H, K] in q's dtype (`ops.paged_attention` is the dispatcher and the
@@ -129,6 +136,7 @@ def paged_decode(
   if step_pages * page_size < MIN_DOT or step_pages != _next_pow2(step_pages):
     raise ValueError(f"step_pages: expected a power of two with >= {MIN_DOT} keys per step, got {step_pages}")
   splits = num_splits or default_splits(batch, groups, block_tables_BP.shape[1], step_pages)
+  num_warps = num_warps or default_warps(batch, groups)
   if splits < 1:
     raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
   split_pages = step_pages * _next_pow2(-(-block_tables_BP.shape[1] // (step_pages * splits)))  # Triton blocks: 2^n

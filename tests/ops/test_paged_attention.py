@@ -131,6 +131,7 @@ def test_step_and_split_sizes():
   assert kernels.default_splits(batch=1, groups=8, pages=256, step_pages=8) == 16  # 32 steps, two per split
   assert kernels.default_splits(batch=8, groups=8, pages=256, step_pages=8) == 5  # 264 programs / 64
   assert kernels.default_splits(batch=64, groups=8, pages=256, step_pages=8) == 1
+  assert (kernels.default_warps(8, 8), kernels.default_warps(32, 8)) == (8, 4)  # the H200 sweep's choice
 
 
 @pytest.mark.parametrize("step_pages", [2, 4])
