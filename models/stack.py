@@ -70,7 +70,7 @@ def pick_sites(sites: Sequence[str], stacked: dict[str, jax.Array]) -> dict[str,
 
 def scan_layers(
   layer: Callable[[jax.Array, Any], tuple[jax.Array, Any, dict[str, jax.Array]]],
-  x_BTD: jax.Array,
+  x_BTD: Any,
   xs: Any,
   *,
   remat: RematPolicy = "none",
@@ -78,6 +78,9 @@ def scan_layers(
   name: str = "layer",
 ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
   """x_L = layer_L(... layer_1(x_0)) over the leading L axis of `xs`.
+
+  The carry x_BTD is the hidden state, or a tuple that starts with it and carries state a
+  layer updates in place (Llama's paged KV pool).
 
   Returns (x after the last layer, the layers' ys stacked on L, {kind: [L, ...]} for each
   kind in `kinds`). Each layer body runs under `jax.named_scope(name)` and the `remat`

@@ -97,26 +97,33 @@ def paged_attention_reference(
   return attention.attention(q_BTHK, k_BSGK, v_BSGK, visible_BTS)
 
 
-@jax.jit
 def write(
-  k_pages_GPSK: jax.Array,
-  v_pages_GPSK: jax.Array,
+  k_pages: jax.Array,
+  v_pages: jax.Array,
   k_BTGK: jax.Array,
   v_BTGK: jax.Array,
   block_tables_BP: jax.Array,
   positions_BT: jax.Array,
   valid_BT: jax.Array,
+  *,
+  layer: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The pools with token t of row b written at position positions_BT[b, t]: page
   block_tables[b, pos // S], slot pos % S; tokens where valid_BT is False are dropped.
-  Prefill writes a chunk (T > 1), decode one token (T = 1)."""
-  num_p, num_s = k_pages_GPSK.shape[1], k_pages_GPSK.shape[2]
+  Prefill writes a chunk (T > 1), decode one token (T = 1). The pools are one layer's
+  [G, P, S, K], or with `layer` every layer's [L, G, P, S, K], written at that layer (a
+  model's scan carries the whole pool and updates it in place)."""
+  num_p, num_s = k_pages.shape[-3], k_pages.shape[-2]
   page_BT = jnp.take_along_axis(block_tables_BP, positions_BT // num_s, axis=1, mode="clip")
   page_BT = jnp.where(valid_BT, page_BT, num_p)  # out of range: dropped
   slot_BT = positions_BT % num_s
-  k_pages_GPSK = k_pages_GPSK.at[:, page_BT, slot_BT].set(k_BTGK.transpose(2, 0, 1, 3), mode="drop")
-  v_pages_GPSK = v_pages_GPSK.at[:, page_BT, slot_BT].set(v_BTGK.transpose(2, 0, 1, 3), mode="drop")
-  return k_pages_GPSK, v_pages_GPSK
+  if layer is None:  # [:, page, slot] selects [G, B, T, K]
+    k_pages = k_pages.at[:, page_BT, slot_BT].set(k_BTGK.transpose(2, 0, 1, 3), mode="drop")
+    v_pages = v_pages.at[:, page_BT, slot_BT].set(v_BTGK.transpose(2, 0, 1, 3), mode="drop")
+  else:  # [layer, :, page, slot]: numpy puts the broadcast index dims first, [B, T, G, K]
+    k_pages = k_pages.at[layer, :, page_BT, slot_BT].set(k_BTGK, mode="drop")
+    v_pages = v_pages.at[layer, :, page_BT, slot_BT].set(v_BTGK, mode="drop")
+  return k_pages, v_pages
 
 
 def copy_pages(pool_LGPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array) -> jax.Array:

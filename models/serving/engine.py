@@ -14,7 +14,8 @@ Requests join and leave the running batch at step granularity. Each `step()`:
 Before a decode step each sequence reserves a slot for its token; when blocks run out the
 most recently admitted sequence is preempted (its blocks freed) and later recomputed from
 its prompt plus the tokens it had generated, which it keeps. Padded rows of a call write
-nothing (`num_new_B` = 0), and every call has one of two shapes, so it compiles twice.
+nothing (`num_new_B` = 0), and every call has one of two row counts and one of log2(max_seq_len / block_size) + 1 table
+widths, so it compiles a few times.
 
 Greedy outputs equal `generate.generate` of each request alone; `tests/models/serving`
 checks this with requests of mixed lengths, chunked prefill and preemption.
@@ -205,16 +206,18 @@ class Engine:
   # ---- model calls
 
   def _feed(self, seqs: list[_Sequence], width: int) -> list[_Ready]:
-    """Feeds each sequence up to `width` of its unfed tokens in one call of fixed shape;
-    returns (sequence, next-token logits [V]) for those now fully fed."""
+    """Feeds each sequence up to `width` of its unfed tokens in one call of fixed rows; the
+    block tables are as wide as the longest one rounded up to a power of two (attention reads
+    every slot a table names, so a few compiled widths beat one of max_seq_len)."""
     rows = self.ecfg.max_batch if width == 1 else self.ecfg.prefill_rows
+    tables = [self.manager.block_table(seq.request.id) for seq in seqs]
+    pages = min(self.max_pages, 1 << (max(map(len, tables)) - 1).bit_length())
     tokens_BT = np.zeros((rows, width), np.int32)
-    tables_BP = np.zeros((rows, self.max_pages), np.int32)
+    tables_BP = np.zeros((rows, pages), np.int32)
     lengths_B, new_B = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    for row, seq in enumerate(seqs):
+    for row, (seq, table) in enumerate(zip(seqs, tables)):
       chunk = seq.tokens[seq.computed : seq.computed + width]
       tokens_BT[row, : len(chunk)] = chunk
-      table = self.manager.block_table(seq.request.id)
       tables_BP[row, : len(table)] = table
       lengths_B[row], new_B[row] = seq.computed, len(chunk)
     logits_BV, greedy_B, self.k_pages_LGPSK, self.v_pages_LGPSK = _feed(

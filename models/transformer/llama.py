@@ -330,8 +330,12 @@ def _forward(
   inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
   x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
 
-  def layer(x_BTD, xs):
-    p, kv = xs
+  paged = isinstance(cache, PagedKVCache)
+
+  def layer(carry, xs):
+    # A paged pool rides in the scan carry with the layer index and is written in place; a
+    # contiguous cache goes through xs/ys one layer slice at a time.
+    (x_BTD, pool), (p, kv) = (carry, (xs, None)) if paged else ((carry, None), xs)
     # One layer's compute copy at a time; quantized weights stay as they are (ops.quant.matmul reads them).
     p = quant.map_unquantized(lambda w: w.astype(cfg.dtype), p)
     resid_pre = x_BTD
@@ -341,8 +345,14 @@ def _forward(
       k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_A)
       v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
       if isinstance(cache, PagedKVCache):  # write the new tokens into their pages, attend over the row's pages
-        kv = paged_attention.write(*kv, k_BTGK, v_BTGK, cache.block_tables_BP, index_BT, valid_BT)
-        attn_BTHK = _paged_attend(q_BTHK, kv, cache.block_tables_BP, index_BT, cache.lengths_B + added_B)
+        assert pool is not None
+        k_pool, v_pool, index = pool
+        k_pool, v_pool = paged_attention.write(
+          k_pool, v_pool, k_BTGK, v_BTGK, cache.block_tables_BP, index_BT, valid_BT, layer=index
+        )
+        pages = (k_pool[index], v_pool[index])
+        attn_BTHK = _paged_attend(q_BTHK, pages, cache.block_tables_BP, index_BT, cache.lengths_B + added_B)
+        pool = (k_pool, v_pool, index + 1)
       else:
         if kv is not None:  # write the new keys/values at their slots, then read the whole cache
           rows_BT = jnp.arange(batch)[:, None]
@@ -365,32 +375,30 @@ def _forward(
       "hook_mlp_out": mlp_out,
       "hook_resid_post": x_BTD,
     }
-    return x_BTD, kv, acts
+    return ((x_BTD, pool) if paged else x_BTD), kv, acts
 
   k_out, v_out, acts = [], [], []
-  pools = None if cache is None else _pools(cache)
-  for start, stop, segment in layer_segments(params, cfg):
-    kv_in = None if pools is None else (pools[0][start:stop], pools[1][start:stop])
-    x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (segment, kv_in), remat=cfg.remat, kinds=kinds)
-    if cache is not None:
-      k_out.append(kv_out[0])
-      v_out.append(kv_out[1])
-    acts.append(stacked)
+  if isinstance(cache, PagedKVCache):
+    pool = (cache.k_pages_LGPSK, cache.v_pages_LGPSK, jnp.int32(0))
+    for _, _, segment in layer_segments(params, cfg):
+      (x_BTD, pool), _, stacked = stack.scan_layers(layer, (x_BTD, pool), segment, remat=cfg.remat, kinds=kinds)
+      acts.append(stacked)
+  else:
+    for start, stop, segment in layer_segments(params, cfg):
+      kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
+      x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (segment, kv_in), remat=cfg.remat, kinds=kinds)
+      if cache is not None:
+        k_out.append(kv_out[0])
+        v_out.append(kv_out[1])
+      acts.append(stacked)
   join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
   stacked = {kind: join([a[kind] for a in acts]) for kind in kinds}
   if isinstance(cache, PagedKVCache):
-    cache = PagedKVCache(join(k_out), join(v_out), cache.block_tables_BP, cache.lengths_B + added_B)
+    cache = PagedKVCache(pool[0], pool[1], cache.block_tables_BP, cache.lengths_B + added_B)
   elif cache is not None:
     cache = KVCache(join(k_out), join(v_out), cache.lengths_B + added_B)
   hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
   return hidden_BTD, cache, stacked
-
-
-def _pools(cache: KVCache | PagedKVCache) -> tuple[jax.Array, jax.Array]:
-  """The per-layer K and V arrays of either cache, layers first (scanned over)."""
-  if isinstance(cache, PagedKVCache):
-    return cache.k_pages_LGPSK, cache.v_pages_LGPSK
-  return cache.k_LBSGK, cache.v_LBSGK
 
 
 def _paged_attend(q_BTHK, kv, block_tables_BP, index_BT, lengths_B) -> jax.Array:

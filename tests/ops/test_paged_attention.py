@@ -113,6 +113,10 @@ def test_write_puts_tokens_in_their_pages_and_drops_padding(np_rng):
         expected[:, page, slot] = np.asarray(new_k[b, t])
   np.testing.assert_array_equal(got_k, expected)
   np.testing.assert_array_equal(got_v, -expected)
+  # The same write into layer 1 of a 3-layer pool leaves the other layers alone.
+  pool = jnp.zeros((3, *k.shape))
+  layered_k, _ = pa.write(pool, pool, new_k, -new_k, tables, positions, valid, layer=jnp.int32(1))
+  np.testing.assert_array_equal(layered_k, np.stack([np.zeros(k.shape), expected, np.zeros(k.shape)]))
 
 
 def test_copy_pages_copies_every_layer(np_rng):
