@@ -124,8 +124,12 @@ def shared_pages(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, pag
 
 def pages_needed(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, page_size: int) -> int:
   """Pool pages for shared sampling: each prompt's pages once, plus each sample's pages past the
-  prompt's full pages (its copy of a partly filled last page, and its new tokens)."""
-  return sum(-(-n // page_size) + k * (-(-(n + max_new_tokens) // page_size) - n // page_size) for n in prompt_lengths)
+  prompt's full pages (its copy of a partly filled last page, and its new tokens), less one
+  per partly filled last page: the last sample to fork writes the original."""
+  return sum(
+    -(-n // page_size) + k * (-(-(n + max_new_tokens) // page_size) - n // page_size) - (n % page_size > 0)
+    for n in prompt_lengths
+  )
 
 
 class SharedPages(NamedTuple):
@@ -159,7 +163,8 @@ def _sample(
   assert isinstance(prompt_cache, llama.PagedKVCache)
   logits_BV = logits_BTV[jnp.arange(prompts_BT.shape[0]), prompt_lengths_B - 1]
   k_pages, v_pages = (
-    paged_attention.copy_pages(p, src_N, dst_N) for p in (prompt_cache.k_pages_LGPSK, prompt_cache.v_pages_LGPSK)
+    paged_attention.copy_pages(p, src_N, dst_N, layers=cfg.n_layers)
+    for p in (prompt_cache.k_pages_GPSK, prompt_cache.v_pages_GPSK)
   )
   cache = llama.PagedKVCache(k_pages, v_pages, sample_tables_BP, jnp.repeat(prompt_lengths_B, k))
   return generate.decode(

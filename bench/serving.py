@@ -3,12 +3,14 @@
   python -m paperjax.bench.serving --scale=small [--only=serving.memory,serving.throughput,...]
 
 Parts:
-- memory: KV slots allocated vs used while the engine serves the trace, averaged over its
-  steps: waste = (allocated - used) / allocated for paged blocks, beside max-length
+- memory: KV slots allocated vs used while the engine serves the trace, summed over its
+  steps: waste = (allocated - used) / allocated, used = the slots each running sequence has
+  reserved (its context), so paged waste is the unfilled tail of last blocks; beside max-length
   preallocation (each running sequence reserves the context, max_seq_len) and per-request
   preallocation (prompt + max_new_tokens). vLLM: under 4% paged, 60-80% for earlier systems.
-  Also the sequences that run at once in the same KV budget: measured for paged (mean and
-  peak over the steps), and the budget over each reservation for contiguous caches.
+  Also the sequences that run at once in the same KV budget: measured for paged (peak, mean
+  over the steps, and the preemptions it took: admission looks at the prompt alone), and
+  the budget over each reservation for contiguous caches.
 - throughput: generated tokens/s of continuous batching (the engine) and static batching
   (`generate.generate` on batches of max_batch requests in arrival order, prompts padded,
   each batch decoding until its longest request is done), side by side in one run, with
@@ -17,8 +19,10 @@ Parts:
   prompt pages (`align.rejection_sampling.shared_pages`) against K separate copies, K = 4..16.
   vLLM: parallel sampling saves 6-10% and beam search up to 55% (its Fig. 15, ShareGPT).
 - prefix: requests sharing a system prompt, arriving one per engine step, with the prefix
-  cache on and off: the hit rate (prompt tokens served from the cache) and the wall time,
-  side by side.
+  cache on and off: the hit rate (prompt tokens served from the cache) beside the ideal one,
+  and the wall time, side by side. The cache is looked up at admission, and blocks are
+  cached once computed, so a request admitted while the prefix is still being prefilled
+  computes it again (as in vLLM).
 - kernel: decode-attention latency of `ops.paged_attention`. On a GPU: the Pallas kernel,
   the jnp reference and jax's bundled `pallas.ops.gpu.paged_attention` side by side, and the
   kernel's K/V bytes read per second against the H200's HBM peak. On CPU only the reference
@@ -27,7 +31,8 @@ Parts:
 The model is an untrained Llama (`llama.PRESETS`): serving speed and memory do not depend
 on the weights, and no stop id is set, so every request decodes exactly max_new_tokens.
 
-Shapes: B batch rows, H query heads, G kv heads, P pages, S page slots, K head dim, T prompt width.
+Shapes: B batch rows, N new tokens, H query heads, G kv heads, P pages, S page slots, K head dim,
+T prompt width.
 """
 
 from __future__ import annotations
@@ -130,7 +135,9 @@ def _engine(params, model, cfg: Config, **changes) -> engine.Engine:
 
 
 def _memory(ctx: Context, cfg: Config, params, model, requests):
-  """Slots allocated and used after every step of the engine over the trace."""
+  """Slots allocated and used after every step of the engine over the trace. Used = the slots
+  each running sequence has reserved (its context, computed or about to be), so waste is the
+  unfilled tail of its last block, vLLM's internal fragmentation."""
   eng = _engine(params, model, cfg, max_batch=len(requests), prefix_caching=False)  # the pool is the only limit
   for r in requests:
     eng.add(r)
@@ -138,7 +145,7 @@ def _memory(ctx: Context, cfg: Config, params, model, requests):
   used, paged, reserved, running = [], [], [], []
   while not eng.idle:
     eng.step()
-    used.append(sum(s.computed for s in eng.running))
+    used.append(sum(eng.manager.num_tokens[s.request.id] for s in eng.running))
     paged.append(sum(len(eng.manager.tables[s.request.id]) for s in eng.running) * cfg.block_size)
     reserved.append(sum(bound[s.request.id] for s in eng.running))  # what per-request reservation would hold
     running.append(len(eng.running))
@@ -154,8 +161,9 @@ def _memory(ctx: Context, cfg: Config, params, model, requests):
       f"{VLLM}, Fig. 2",
     ),
     ctx.record("KV waste, per-request preallocation (prompt + max_new_tokens)", waste(reserved, used), "fraction"),
-    ctx.record(f"sequences at once in {budget} KV slots, paged (mean over steps)", float(np.mean(running)), "seqs"),
     ctx.record(f"sequences at once in {budget} KV slots, paged (peak)", max(running), "seqs"),
+    ctx.record(f"sequences at once in {budget} KV slots, paged (mean over steps)", float(np.mean(running)), "seqs"),
+    ctx.record("preemptions while serving the trace in that pool (paged)", eng.stats.preemptions, "count"),
     ctx.record(
       f"sequences at once in {budget} KV slots, max-length preallocation", budget // model.max_seq_len, "seqs"
     ),
@@ -178,13 +186,14 @@ def _memory(ctx: Context, cfg: Config, params, model, requests):
   return records, plot
 
 
-def _static(params, model, requests: Sequence[engine.Request], batch: int, width: int) -> dict[Hashable, list[int]]:
-  """Static batching: batches in arrival order, prompts right-padded to `width`, each batch
-  decoding until its longest request is done; outputs truncated to each request's budget."""
+def _static(params, model, requests: Sequence[engine.Request], batch: int) -> dict[Hashable, list[int]]:
+  """Static batching: batches in arrival order, prompts right-padded to the batch's longest,
+  each batch decoding until its longest request is done; outputs truncated to each request's
+  budget."""
   out: dict[Hashable, list[int]] = {}
   for start in range(0, len(requests), batch):
     group = requests[start : start + batch]
-    prompts = np.zeros((len(group), width), np.int32)
+    prompts = np.zeros((len(group), max(len(r.prompt) for r in group)), np.int32)
     for row, r in enumerate(group):
       prompts[row, : len(r.prompt)] = r.prompt
     tokens_BN, _ = generate.generate(
@@ -201,10 +210,9 @@ def _static(params, model, requests: Sequence[engine.Request], batch: int, width
 
 
 def _throughput(ctx: Context, cfg: Config, params, model, requests):
-  width = max(len(r.prompt) for r in requests)
   generated = sum(r.max_new_tokens for r in requests)
   continuous = lambda: _engine(params, model, cfg, num_blocks=4 * cfg.num_blocks).generate(requests)
-  static = lambda: _static(params, model, requests, cfg.max_batch, width)
+  static = lambda: _static(params, model, requests, cfg.max_batch)
   by_engine, by_batches = continuous(), static()  # warm-up: compiles every shape
   mismatched = [r.id for r in requests if by_engine[r.id] != by_batches[r.id]]
   if mismatched:
@@ -220,8 +228,8 @@ def _throughput(ctx: Context, cfg: Config, params, model, requests):
       "speed-up, continuous vs static batching (same run)",
       seconds["static"] / seconds["continuous"],
       "x",
-      "2-4x (over Orca), up to 24x (over HF)",
-      f"{VLLM}, Sec. 6",
+      "> 1: iteration-level beats request-level scheduling",
+      "Orca (Yu et al., OSDI 2022); vLLM builds on it",
     ),
   ]
 
@@ -239,8 +247,8 @@ def _sharing(ctx: Context, cfg: Config, requests):
       f"KV pages saved by sharing, best-of-{k} sampling",
       s,
       "fraction",
-      "0.06-0.10 (parallel), <= 0.55 (beam)",
-      f"{VLLM}, Fig. 15",
+      "0.06-0.10 parallel, 0.37-0.55 beam (other traces)",
+      f"{VLLM}, Fig. 15: savings grow with the prompt's share of the tokens",
     )
     for k, s in zip(cfg.sample_ks, saved)
   ]
@@ -293,6 +301,11 @@ def _prefix(ctx: Context, cfg: Config, params, model):
     ctx.record(
       f"prefix-cache hit rate ({cfg.prefix_requests} requests, {cfg.system_prompt}-token system prompt)",
       on_stats.cached_tokens / on_stats.prompt_tokens,
+      "fraction",
+    ),
+    ctx.record(
+      "prefix-cache hit rate if every request after the first reused the system prompt's full blocks",
+      (len(requests) - 1) * (cfg.system_prompt // cfg.block_size * cfg.block_size) / on_stats.prompt_tokens,
       "fraction",
     ),
     ctx.record("serving time saved by the prefix cache (same run)", 1 - on_s / off_s, "fraction"),

@@ -66,7 +66,7 @@ def maxsim(
     q_QTK, d_NSK = _l2_normalize(q_QTK), _l2_normalize(d_NSK)
   if pallas.resolve(impl) == "reference":
     return maxsim_reference(q_QTK, q_mask_QT, d_NSK, d_mask_NS)
-  q, qm, d, dm, n = _pad_for_kernel(q_QTK, q_mask_QT, d_NSK, d_mask_NS, last_multiple=16)
+  q, qm, d, dm, n = _pad_for_kernel(q_QTK, q_mask_QT, d_NSK, d_mask_NS, last_multiple=16, **_blocks(kernel_options))
   return kernels.maxsim_pallas(q, qm, d, dm, interpret=interpret, **kernel_options)[:, :n]
 
 
@@ -97,7 +97,9 @@ def maxsim_binary(
   q_mask_QT, d_mask_NS = _masks(q_bits_QTI, d_bits_NSI, q_mask_QT, d_mask_NS, d_lengths_N)
   if pallas.resolve(impl) == "reference":
     return maxsim_binary_reference(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, dim)
-  q, qm, d, dm, n = _pad_for_kernel(q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, last_multiple=1)
+  q, qm, d, dm, n = _pad_for_kernel(
+    q_bits_QTI, q_mask_QT, d_bits_NSI, d_mask_NS, last_multiple=1, **_blocks(kernel_options)
+  )
   return kernels.maxsim_binary_pallas(q, qm, d, dm, dim=dim, interpret=interpret, **kernel_options)[:, :n]
 
 
@@ -296,6 +298,14 @@ def _masks(q, d, q_mask_QT, d_mask_NS, d_lengths_N):
   elif d_mask_NS.shape != d.shape[:2]:
     raise ValueError(f"d_mask_NS: expected shape {d.shape[:2]}, got {d_mask_NS.shape}")
   return q_mask_QT.astype(bool), d_mask_NS.astype(bool)
+
+
+def _blocks(kernel_options: dict) -> dict:
+  """The document tiling a kernel call asks for, which the padding must match."""
+  return {
+    "block_n": kernel_options.get("block_n") or kernels.BLOCK_N,
+    "block_s": kernel_options.get("block_s") or kernels.BLOCK_S,
+  }
 
 
 def _next_pow2(n: int, minimum: int) -> int:

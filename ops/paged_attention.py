@@ -2,14 +2,15 @@
 
 Shapes: B batch rows (sequences), T query time (new tokens), H query heads, G kv heads,
 R = H / G query heads per kv head, K head dim, P pages (a pool's pages, or a row's
-block-table entries), S slots of a page (its tokens), L layers, N page copies.
+block-table entries), S slots of a page (its tokens), N page copies.
 
 The pool of one layer is k_pages_GPSK / v_pages_GPSK: kv head g of page p holds the K/V of
 S consecutive tokens. Row b's token at position t lives in page block_tables_BP[b, t // S],
 slot t % S. The layout keeps one (kv head, page) tile of S x K contiguous, so a program
 that serves the R query heads of one kv group loads each page once (the layout of jax's
-bundled `pallas.ops.gpu.paged_attention`, so both read the same arrays); the head-major
-order also lets a layer's pool be scanned over L as [L, G, P, S, K].
+bundled `pallas.ops.gpu.paged_attention`, so both read the same arrays). A model keeps all
+layers' pages in one pool [G, L * P, S, K] and offsets each layer's block tables, so the
+kernel reads the pool itself, never a copied slice of it.
 
   out[b, t, h] = sum_{s <= q_pos[b, t]} softmax_s(q[b, t, h] . k[b, s, h // R] / sqrt(K)) v[b, s, h // R]
 
@@ -29,6 +30,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paperjax.ops import attention, pallas
 from paperjax.ops.pallas import paged_attention as kernels
@@ -56,6 +58,13 @@ def paged_attention(
   _check(q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP)
   if lengths_B.shape != q_BHK.shape[:1] or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
     raise ValueError(f"lengths_B: expected integer shape ({q_BHK.shape[0]},), got {lengths_B.dtype} {lengths_B.shape}")
+  pages, page_size = block_tables_BP.shape[1], k_pages_GPSK.shape[2]
+  lengths = None if isinstance(lengths_B, jax.core.Tracer) else np.asarray(lengths_B)  # checked when known
+  if lengths is not None and lengths.size and (lengths.min() < 0 or lengths.max() > pages * page_size):
+    raise ValueError(
+      f"lengths_B: expected 0 <= length <= {pages * page_size} ({pages} pages of {page_size}), "
+      f"got {lengths.min()} .. {lengths.max()}"
+    )
   if pallas.resolve(impl) == "reference":
     q_B1HK, positions_B1 = q_BHK[:, None], lengths_B[:, None] - 1
     return paged_attention_reference(q_B1HK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, positions_B1, lengths_B)[:, 0]
@@ -79,8 +88,8 @@ def paged_attention_reference(
 
   The pages are gathered into a contiguous [B, P * S, G, K] cache, and slots past a row's
   length are zeroed first, so whatever a stale page holds (NaN included) cannot reach the
-  output (a masked score has probability 0, but 0 * NaN is NaN). A query with no visible
-  slot (a padding query, or a row of length 0) gets zeros.
+  output (a masked score has probability 0, but 0 * NaN is NaN). A row of length 0 gets
+  zeros.
   """
   num_g, num_p, num_s, head_dim = k_pages_GPSK.shape
   batch, pages = block_tables_BP.shape
@@ -105,33 +114,30 @@ def write(
   block_tables_BP: jax.Array,
   positions_BT: jax.Array,
   valid_BT: jax.Array,
-  *,
-  layer: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """The pools with token t of row b written at position positions_BT[b, t]: page
-  block_tables[b, pos // S], slot pos % S; tokens where valid_BT is False are dropped.
-  Prefill writes a chunk (T > 1), decode one token (T = 1). The pools are one layer's
-  [G, P, S, K], or with `layer` every layer's [L, G, P, S, K], written at that layer (a
-  model's scan carries the whole pool and updates it in place)."""
-  num_p, num_s = k_pages.shape[-3], k_pages.shape[-2]
+  """The pools [G, P, S, K] with token t of row b written at position positions_BT[b, t]:
+  page block_tables[b, pos // S], slot pos % S; tokens where valid_BT is False are dropped.
+  Prefill writes a chunk (T > 1), decode one token (T = 1)."""
+  num_p, num_s = k_pages.shape[1], k_pages.shape[2]
   page_BT = jnp.take_along_axis(block_tables_BP, positions_BT // num_s, axis=1, mode="clip")
   page_BT = jnp.where(valid_BT, page_BT, num_p)  # out of range: dropped
   slot_BT = positions_BT % num_s
-  if layer is None:  # [:, page, slot] selects [G, B, T, K]
-    k_pages = k_pages.at[:, page_BT, slot_BT].set(k_BTGK.transpose(2, 0, 1, 3), mode="drop")
-    v_pages = v_pages.at[:, page_BT, slot_BT].set(v_BTGK.transpose(2, 0, 1, 3), mode="drop")
-  else:  # [layer, :, page, slot]: numpy puts the broadcast index dims first, [B, T, G, K]
-    k_pages = k_pages.at[layer, :, page_BT, slot_BT].set(k_BTGK, mode="drop")
-    v_pages = v_pages.at[layer, :, page_BT, slot_BT].set(v_BTGK, mode="drop")
+  k_pages = k_pages.at[:, page_BT, slot_BT].set(k_BTGK.transpose(2, 0, 1, 3), mode="drop")
+  v_pages = v_pages.at[:, page_BT, slot_BT].set(v_BTGK.transpose(2, 0, 1, 3), mode="drop")
   return k_pages, v_pages
 
 
-def copy_pages(pool_LGPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array) -> jax.Array:
-  """Pages dst_N[i] become copies of src_N[i] (copy-on-write) in every layer of the pool
-  [L, G, P, S, K] (or of one layer's [G, P, S, K])."""
+def copy_pages(pool_GPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array, *, layers: int = 1) -> jax.Array:
+  """Pages dst_N[i] become copies of src_N[i] (copy-on-write). The pool's P axis may hold
+  `layers` consecutive blocks of per-layer pages (a model's [G, L * P, S, K]); the ids are
+  per-layer, and the copy is made in every layer."""
   if src_N.shape != dst_N.shape or src_N.ndim != 1:
     raise ValueError(f"src_N, dst_N: expected equal 1-D shapes, got {src_N.shape}, {dst_N.shape}")
-  return pool_LGPSK.at[..., dst_N, :, :].set(pool_LGPSK[..., src_N, :, :])
+  if layers < 1 or pool_GPSK.shape[1] % layers:
+    raise ValueError(f"layers: expected a divisor of the pool's {pool_GPSK.shape[1]} pages, got {layers}")
+  offsets_L1 = (jnp.arange(layers) * (pool_GPSK.shape[1] // layers))[:, None]
+  src, dst = (src_N[None] + offsets_L1).ravel(), (dst_N[None] + offsets_L1).ravel()
+  return pool_GPSK.at[:, dst].set(pool_GPSK[:, src])
 
 
 def _check(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP) -> None:

@@ -51,6 +51,8 @@ class EngineConfig:
     for name in ("num_blocks", "block_size", "max_batch", "prefill_rows", "prefill_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+    if self.block_size & (self.block_size - 1):  # the decode kernel's page tiles are powers of two
+      raise ValueError(f"block_size: expected a power of two, got {self.block_size}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,7 +116,7 @@ class Engine:
   def __init__(self, params: dict, cfg: llama.LlamaConfig, engine_cfg: EngineConfig):
     self.params, self.cfg, self.ecfg = params, cfg, engine_cfg
     self.manager = blocks.BlockManager(num_blocks=engine_cfg.num_blocks, block_size=engine_cfg.block_size)
-    self.k_pages_LGPSK, self.v_pages_LGPSK = llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
+    self.k_pages_GPSK, self.v_pages_GPSK = llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
     self.max_pages = -(-cfg.max_seq_len // engine_cfg.block_size)  # block-table width
     self.waiting: collections.deque[_Sequence] = collections.deque()
     self.running: list[_Sequence] = []
@@ -190,8 +192,9 @@ class Engine:
           self._preempt(max(self.running, key=lambda s: s.admitted))
     if copies:
       src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
-      self.k_pages_LGPSK = paged_attention.copy_pages(self.k_pages_LGPSK, src, dst)
-      self.v_pages_LGPSK = paged_attention.copy_pages(self.v_pages_LGPSK, src, dst)
+      layers = self.cfg.n_layers
+      self.k_pages_GPSK = paged_attention.copy_pages(self.k_pages_GPSK, src, dst, layers=layers)
+      self.v_pages_GPSK = paged_attention.copy_pages(self.v_pages_GPSK, src, dst, layers=layers)
     return [s for s in decoding if s in self.running]
 
   def _preempt(self, seq: _Sequence) -> None:
@@ -220,8 +223,8 @@ class Engine:
       tokens_BT[row, : len(chunk)] = chunk
       tables_BP[row, : len(table)] = table
       lengths_B[row], new_B[row] = seq.computed, len(chunk)
-    logits_BV, greedy_B, self.k_pages_LGPSK, self.v_pages_LGPSK = _feed(
-      self.params, self.k_pages_LGPSK, self.v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, self.cfg
+    logits_BV, greedy_B, self.k_pages_GPSK, self.v_pages_GPSK = _feed(
+      self.params, self.k_pages_GPSK, self.v_pages_GPSK, tokens_BT, tables_BP, lengths_B, new_B, self.cfg
     )
     greedy = np.asarray(greedy_B)  # one transfer; logits stay on the device unless a row samples
     ready = []
@@ -234,14 +237,23 @@ class Engine:
     return ready
 
   def _sample(self, ready: list[_Ready]) -> list[Event]:
+    tokens = [  # every token first, then the state changes
+      greedy
+      if seq.request.temperature == 0
+      else int(
+        _select(
+          jax.random.fold_in(jax.random.key(seq.request.seed), seq.generated),
+          logits_BV[row],
+          seq.request.temperature,
+          seq.request.top_k,
+          seq.request.top_p,
+        )
+      )
+      for seq, greedy, logits_BV, row in ready
+    ]
     events = []
-    for seq, greedy, logits_BV, row in ready:
+    for (seq, *_), token in zip(ready, tokens):
       r = seq.request
-      if r.temperature == 0:
-        token = greedy
-      else:
-        key = jax.random.fold_in(jax.random.key(r.seed), seq.generated)
-        token = int(_select(key, logits_BV[row], r.temperature, r.top_k, r.top_p))
       seq.tokens.append(token)
       finished = token in r.stop_ids or seq.generated == r.max_new_tokens
       events.append(Event(r.id, token, finished))
@@ -253,14 +265,14 @@ class Engine:
 
 
 @functools.partial(jax.jit, static_argnums=7, donate_argnums=(1, 2))
-def _feed(params, k_pages_LGPSK, v_pages_LGPSK, tokens_BT, tables_BP, lengths_B, new_B, cfg):
+def _feed(params, k_pages_GPSK, v_pages_GPSK, tokens_BT, tables_BP, lengths_B, new_B, cfg):
   """One model call over the pool: the logits [B, V] after each row's last new token, their
   argmax (greedy rows need nothing else on the host), and the pools."""
-  state = llama.PagedKVCache(k_pages_LGPSK, v_pages_LGPSK, tables_BP, lengths_B)
+  state = llama.PagedKVCache(k_pages_GPSK, v_pages_GPSK, tables_BP, lengths_B)
   logits_BTV, after = llama.forward(params, tokens_BT, cfg, state=state, num_new_B=new_B)
   assert isinstance(after, llama.PagedKVCache)
   last_BV = logits_BTV[jnp.arange(tokens_BT.shape[0]), jnp.maximum(new_B - 1, 0)]
-  return last_BV, jnp.argmax(last_BV, axis=-1), after.k_pages_LGPSK, after.v_pages_LGPSK  # = select at T=0
+  return last_BV, jnp.argmax(last_BV, axis=-1), after.k_pages_GPSK, after.v_pages_GPSK  # = select at T=0
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -276,7 +288,7 @@ def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineCo
   ids = np.asarray(prompt)
   if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= cfg.vocab_size:
     raise ValueError(f"request.prompt: ids must be integers in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
-  if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+  if not _is_int(request.max_new_tokens) or request.max_new_tokens < 1:
     raise ValueError(f"request.max_new_tokens: expected an int >= 1, got {request.max_new_tokens!r}")
   total = len(prompt) + request.max_new_tokens
   if total > cfg.max_seq_len:
@@ -289,6 +301,12 @@ def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineCo
       f"request: {total} tokens need {-(-total // engine_cfg.block_size)} blocks, more than the whole pool "
       f"({engine_cfg.num_blocks} blocks of {engine_cfg.block_size}), even alone"
     )
-  if any(not 0 <= s < cfg.vocab_size for s in request.stop_ids):
-    raise ValueError(f"request.stop_ids: expected ids in [0, {cfg.vocab_size}), got {request.stop_ids}")
+  if any(not _is_int(s) or not 0 <= s < cfg.vocab_size for s in request.stop_ids):
+    raise ValueError(f"request.stop_ids: expected int ids in [0, {cfg.vocab_size}), got {request.stop_ids}")
+  if not _is_int(request.seed) or not -(2**63) <= request.seed < 2**63:
+    raise ValueError(f"request.seed: expected an int in [-2^63, 2^63) (a jax.random.key seed), got {request.seed!r}")
   sampling.check_args(cfg.vocab_size, request.temperature, request.top_k, request.top_p)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int | np.integer) and not isinstance(x, bool)

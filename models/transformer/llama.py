@@ -146,28 +146,31 @@ class KVCache:
 
 @struct.dataclass
 class PagedKVCache:
-  """Keys and values in pages of a shared pool (`ops.paged_attention`): token i of row b is at
-  page block_tables_BP[b, i // S], slot i % S, of every layer's pool; row b holds lengths_B[b]
-  tokens. Built by the serving engine from its block manager (`models.serving.blocks`)."""
+  """Keys and values in pages of a shared pool (`ops.paged_attention`). The pools are
+  [G, L * P, S, K]: layer l's pages are l * P .. l * P + P - 1, so every layer reads the one
+  pool array (a per-layer slice would be copied before the kernel reads it). Token i of row b
+  is at page l * P + block_tables_BP[b, i // S], slot i % S, in layer l; row b holds
+  lengths_B[b] tokens. Built by the serving engine from its block manager
+  (`models.serving.blocks`), whose block ids are the per-layer page ids."""
 
-  k_pages_LGPSK: jax.Array
-  v_pages_LGPSK: jax.Array
-  block_tables_BP: jax.Array  # int32
+  k_pages_GPSK: jax.Array
+  v_pages_GPSK: jax.Array
+  block_tables_BP: jax.Array  # int32, per-layer page ids in [0, P)
   lengths_B: jax.Array  # int32
 
   @property
   def capacity(self) -> int:
-    return self.block_tables_BP.shape[1] * self.k_pages_LGPSK.shape[3]
+    return self.block_tables_BP.shape[1] * self.k_pages_GPSK.shape[2]
 
 
 Cache = KVCache | PagedKVCache
 
 
 def init_pages(cfg: LlamaConfig, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
-  """Empty K and V pools [L, G, P, S, K] in the compute dtype."""
+  """Empty K and V pools [G, L * num_pages, S, K] in the compute dtype (`PagedKVCache`)."""
   if num_pages < 1 or page_size < 1:
     raise ValueError(f"num_pages, page_size: expected >= 1, got {num_pages}, {page_size}")
-  shape = (cfg.n_layers, cfg.n_kv_heads, num_pages, page_size, cfg.k)
+  shape = (cfg.n_kv_heads, cfg.n_layers * num_pages, page_size, cfg.k)
   return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)  # two buffers: callers may donate both
 
 
@@ -331,10 +334,11 @@ def _forward(
   x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
 
   paged = isinstance(cache, PagedKVCache)
+  layer_pages = cache.k_pages_GPSK.shape[1] // cfg.n_layers if isinstance(cache, PagedKVCache) else 0
 
   def layer(carry, xs):
-    # A paged pool rides in the scan carry with the layer index and is written in place; a
-    # contiguous cache goes through xs/ys one layer slice at a time.
+    # A paged pool rides in the scan carry with the layer's page offset and is written in
+    # place; a contiguous cache goes through xs/ys one layer slice at a time.
     (x_BTD, pool), (p, kv) = (carry, (xs, None)) if paged else ((carry, None), xs)
     # One layer's compute copy at a time; quantized weights stay as they are (ops.quant.matmul reads them).
     p = quant.map_unquantized(lambda w: w.astype(cfg.dtype), p)
@@ -346,13 +350,11 @@ def _forward(
       v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
       if isinstance(cache, PagedKVCache):  # write the new tokens into their pages, attend over the row's pages
         assert pool is not None
-        k_pool, v_pool, index = pool
-        k_pool, v_pool = paged_attention.write(
-          k_pool, v_pool, k_BTGK, v_BTGK, cache.block_tables_BP, index_BT, valid_BT, layer=index
-        )
-        pages = (k_pool[index], v_pool[index])
-        attn_BTHK = _paged_attend(q_BTHK, pages, cache.block_tables_BP, index_BT, cache.lengths_B + added_B)
-        pool = (k_pool, v_pool, index + 1)
+        k_pool, v_pool, offset = pool
+        tables_BP = cache.block_tables_BP + offset  # this layer's pages
+        k_pool, v_pool = paged_attention.write(k_pool, v_pool, k_BTGK, v_BTGK, tables_BP, index_BT, valid_BT)
+        attn_BTHK = _paged_attend(q_BTHK, (k_pool, v_pool), tables_BP, index_BT, cache.lengths_B + added_B)
+        pool = (k_pool, v_pool, offset + layer_pages)
       else:
         if kv is not None:  # write the new keys/values at their slots, then read the whole cache
           rows_BT = jnp.arange(batch)[:, None]
@@ -379,7 +381,7 @@ def _forward(
 
   k_out, v_out, acts = [], [], []
   if isinstance(cache, PagedKVCache):
-    pool = (cache.k_pages_LGPSK, cache.v_pages_LGPSK, jnp.int32(0))
+    pool = (cache.k_pages_GPSK, cache.v_pages_GPSK, jnp.int32(0))
     for _, _, segment in layer_segments(params, cfg):
       (x_BTD, pool), _, stacked = stack.scan_layers(layer, (x_BTD, pool), segment, remat=cfg.remat, kinds=kinds)
       acts.append(stacked)
@@ -452,9 +454,9 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
   if cache.lengths_B.shape != (batch,):
     raise ValueError(f"state: cache built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
   if isinstance(cache, PagedKVCache):
-    shape = cache.k_pages_LGPSK.shape
-    if shape[:2] != (cfg.n_layers, cfg.n_kv_heads) or shape[4] != cfg.k:
-      raise ValueError(f"state: page pool shape {shape} does not fit the config ([L, G, P, S, K])")
+    shape = cache.k_pages_GPSK.shape
+    if shape[0] != cfg.n_kv_heads or shape[1] % cfg.n_layers or shape[3] != cfg.k:
+      raise ValueError(f"state: page pool shape {shape} does not fit the config ([G, L * P, S, K])")
     if cache.block_tables_BP.shape[0] != batch or cache.block_tables_BP.dtype != jnp.int32:
       raise ValueError(
         f"state: expected int32 block tables [{batch}, P], got {cache.block_tables_BP.dtype} "

@@ -168,4 +168,6 @@ def test_rejection_samples_share_the_prompt_pages():
     pages.prompt_tables_BP[1, 2],
   }
   unshared = 4 * (-(-30 // 16) + -(-45 // 16))
-  assert pages.num_pages == (2 + 3) + 4 * (1 + 1) < unshared
+  used = set(pages.sample_tables_BP[:4, :2].ravel()) | set(pages.sample_tables_BP[4:, :3].ravel())
+  assert pages.num_pages == len(used) == (2 + 3) + 4 * (1 + 1) - 2 < unshared  # every page allocated is used
+  assert not set(tables[0, :, :2].ravel()) & set(tables[1, :, :3].ravel())  # prompts share nothing

@@ -88,6 +88,14 @@ def test_queries_per_program_change_nothing(ragged, block_q):
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 
+def test_kernel_options_reach_the_padding(ragged):
+  q, q_mask, d, lengths = (jnp.asarray(x) for x in ragged)
+  kw = dict(q_mask_QT=q_mask, d_lengths_N=lengths)
+  ref = maxsim.maxsim(q, d, **kw, impl="reference")
+  got = maxsim.maxsim(q, d, **kw, impl="pallas", interpret=True, block_n=32, block_s=8)  # N=19, S=37: padded to fit
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_swar_popcount_counts_bits(np_rng):
   # The kernel's popcount (Triton on CUDA has no tensor ctpop) against numpy's, edges included.
   words = np.concatenate(

@@ -15,14 +15,15 @@ from paperjax.ops.pallas import paged_attention as kernels
 POOL_PAGES, HEAD_DIM, HEADS = 23, 16, 8
 
 
-def _case(np_rng, *, groups, page_size, dtype, batch=3, table_width=5):
+def _case(np_rng, *, groups, page_size, dtype, batch=4, table_width=5):
   """A pool, shuffled block tables (distinct pages per row) and ragged lengths (0, 1, full)."""
   shape = (groups, POOL_PAGES, page_size, HEAD_DIM)
   k = jnp.asarray(np_rng.normal(size=shape), dtype)
   v = jnp.asarray(np_rng.normal(size=shape), dtype)
   tables = np.stack([np_rng.permutation(POOL_PAGES)[:table_width] for _ in range(batch)]).astype(np.int32)
-  lengths = np.array([0, 1, table_width * page_size])[:batch]
-  lengths[2:] = np_rng.integers(2, table_width * page_size + 1, batch - 2)
+  lengths = np.concatenate([[0, 1, table_width * page_size], np_rng.integers(2, table_width * page_size, batch)])[
+    :batch
+  ]
   q = jnp.asarray(np_rng.normal(size=(batch, HEADS, HEAD_DIM)), dtype)
   return q, k, v, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32)
 
@@ -62,23 +63,25 @@ def test_reference_and_kernel_match_dense_attention(np_rng, groups, page_size, d
 @pytest.mark.parametrize("num_splits", [1, 2, 3])
 def test_kernel_splits_agree(np_rng, num_splits):
   # Splitting a row's pages over programs (flash decoding) and merging by log-sum-exp changes
-  # nothing: 3 splits of 5 pages leave one split empty for short rows.
-  q, k, v, tables, lengths = _case(np_rng, groups=2, page_size=16, dtype=jnp.float32)
+  # nothing: at 2 pages of 8 per step, 5 pages make 3 steps, so splits hold real pages (and,
+  # for short rows, none).
+  q, k, v, tables, lengths = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
   ref = pa.paged_attention(q, k, v, tables, lengths, impl="reference")
-  got = pa.paged_attention(q, k, v, tables, lengths, impl="pallas", interpret=True, num_splits=num_splits)
+  got = pa.paged_attention(q, k, v, tables, lengths, impl="pallas", interpret=True, num_splits=num_splits, step_pages=2)
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_stale_pages_never_reach_the_output(np_rng):
-  # Every slot no row may read holds NaN or 1e30: slots past each length, and pages no table
-  # names. Outputs must equal those over a clean pool, for the reference and the kernel.
+  # Every slot no row may read holds NaN (keys and values: a masked probability is 0, and
+  # 0 * NaN is NaN): slots past each length, and pages no table names. Outputs must equal
+  # those over a clean pool, for the reference and the kernel.
   q, k, v, tables, lengths = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
   readable = np.zeros(k.shape[1:3], bool)
   for b, n in enumerate(np.asarray(lengths)):
     for i in range(n):
       readable[tables[b, i // 8], i % 8] = True
   stale_k = jnp.where(readable[None, :, :, None], k, jnp.nan)
-  stale_v = jnp.where(readable[None, :, :, None], v, 1e30)
+  stale_v = jnp.where(readable[None, :, :, None], v, jnp.nan)
   for impl, kw in (("reference", {}), ("pallas", {"interpret": True})):
     clean = pa.paged_attention(q, k, v, tables, lengths, impl=impl, **kw)
     stale = pa.paged_attention(q, stale_k, stale_v, tables, lengths, impl=impl, **kw)
@@ -91,9 +94,9 @@ def test_causal_reference_matches_per_query_decode(np_rng):
   _, k, v, tables, _ = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
   q_BTHK = jnp.asarray(np_rng.normal(size=(3, 4, HEADS, HEAD_DIM)), jnp.float32)
   positions = jnp.asarray([[0, 1, 2, 3], [10, 11, 12, 13], [30, 31, 32, 33]], jnp.int32)
-  got = pa.paged_attention_reference(q_BTHK, k, v, tables, positions, positions[:, -1] + 1)
+  got = pa.paged_attention_reference(q_BTHK, k, v, tables[:3], positions, positions[:, -1] + 1)
   for t in range(4):
-    expected = _numpy_decode(q_BTHK[:, t], k, v, tables, positions[:, t] + 1)
+    expected = _numpy_decode(q_BTHK[:, t], k, v, tables[:3], positions[:, t] + 1)
     np.testing.assert_allclose(got[:, t], expected, atol=1e-5)
 
 
@@ -113,18 +116,18 @@ def test_write_puts_tokens_in_their_pages_and_drops_padding(np_rng):
         expected[:, page, slot] = np.asarray(new_k[b, t])
   np.testing.assert_array_equal(got_k, expected)
   np.testing.assert_array_equal(got_v, -expected)
-  # The same write into layer 1 of a 3-layer pool leaves the other layers alone.
-  pool = jnp.zeros((3, *k.shape))
-  layered_k, _ = pa.write(pool, pool, new_k, -new_k, tables, positions, valid, layer=jnp.int32(1))
-  np.testing.assert_array_equal(layered_k, np.stack([np.zeros(k.shape), expected, np.zeros(k.shape)]))
 
 
 def test_copy_pages_copies_every_layer(np_rng):
-  pool = jnp.asarray(np_rng.normal(size=(3, 2, 6, 4, HEAD_DIM)), jnp.float32)  # [L, G, P, S, K]
-  got = pa.copy_pages(pool, jnp.asarray([1, 4], jnp.int32), jnp.asarray([5, 0], jnp.int32))
+  pool = jnp.asarray(np_rng.normal(size=(2, 3 * 6, 4, HEAD_DIM)), jnp.float32)  # [G, L * P, S, K], L=3, P=6
+  got = pa.copy_pages(pool, jnp.asarray([1, 4], jnp.int32), jnp.asarray([5, 0], jnp.int32), layers=3)
   expected = np.asarray(pool).copy()
-  expected[:, :, 5], expected[:, :, 0] = expected[:, :, 1], expected[:, :, 4]
+  for layer in range(3):
+    base = 6 * layer
+    expected[:, base + 5], expected[:, base + 0] = expected[:, base + 1], expected[:, base + 4]
   np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="layers: expected a divisor"):
+    pa.copy_pages(pool, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), layers=4)
 
 
 def test_step_and_split_sizes():
@@ -166,6 +169,8 @@ def test_errors(np_rng):
     pa.paged_attention(q, k, v, tables.astype(jnp.int16), lengths)
   with pytest.raises(ValueError, match="lengths_B: expected integer shape"):
     pa.paged_attention(q, k, v, tables, lengths[:2])
+  with pytest.raises(ValueError, match=r"lengths_B: expected 0 <= length <= 40 \(5 pages of 8\)"):
+    pa.paged_attention(q, k, v, tables, lengths.at[0].set(41))
   with pytest.raises(ValueError, match="impl: expected"):
     pa.paged_attention(q, k, v, tables, lengths, impl="cuda")  # type: ignore[arg-type]
   with pytest.raises(ValueError, match="power-of-two head dim"):

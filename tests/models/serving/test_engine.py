@@ -48,8 +48,8 @@ def _assert_matches_alone(params, requests, outputs):
 
 
 def _nan_pool(eng):
-  eng.k_pages_LGPSK = jnp.full_like(eng.k_pages_LGPSK, jnp.nan)
-  eng.v_pages_LGPSK = jnp.full_like(eng.v_pages_LGPSK, jnp.nan)
+  eng.k_pages_GPSK = jnp.full_like(eng.k_pages_GPSK, jnp.nan)
+  eng.v_pages_GPSK = jnp.full_like(eng.v_pages_GPSK, jnp.nan)
 
 
 SMALL = engine.EngineConfig(num_blocks=64, block_size=4, max_batch=4, prefill_rows=2, prefill_chunk=8)
@@ -76,9 +76,10 @@ def test_preemption_recomputes_and_freed_pages_never_leak(params):
   while not eng.idle:
     for event in eng.step():
       outputs.setdefault(event.id, []).append(event.token)
-    freed = jnp.asarray(list(eng.manager.free), jnp.int32)  # evictable cached blocks keep their K/V: hits reuse it
-    eng.k_pages_LGPSK = eng.k_pages_LGPSK.at[:, :, freed].set(jnp.nan)
-    eng.v_pages_LGPSK = eng.v_pages_LGPSK.at[:, :, freed].set(jnp.nan)
+    freed = np.array(list(eng.manager.free), np.int32)  # evictable cached blocks keep their K/V: hits reuse it
+    pages = (freed[None] + 10 * np.arange(CFG.n_layers)[:, None]).ravel()  # block b of layer l is page 10 l + b
+    eng.k_pages_GPSK = eng.k_pages_GPSK.at[:, pages].set(jnp.nan)
+    eng.v_pages_GPSK = eng.v_pages_GPSK.at[:, pages].set(jnp.nan)
   assert eng.stats.preemptions > 0
   _assert_matches_alone(params, requests, outputs)
 
@@ -126,11 +127,17 @@ def test_bad_requests_raise_and_the_rest_finish_unharmed(params):
     ({"prompt": (1,) * 250, "max_new_tokens": 10}, "exceed the context max_seq_len=256"),
     ({"stop_ids": (-1,)}, "request.stop_ids"),
     ({"temperature": -1.0}, "temperature"),
+    ({"seed": 2**63}, "request.seed"),
+    ({"seed": 1.5}, "request.seed"),
+    ({"max_new_tokens": True}, "request.max_new_tokens"),
+    ({"stop_ids": (2.0,)}, "request.stop_ids"),
     ({"id": "r0"}, "already queued or running"),
   ]
   for change, message in bad:
     with pytest.raises(ValueError, match=message):
       eng.add(engine.Request(**{**ok, **change}))
+  with pytest.raises(ValueError, match="block_size: expected a power of two, got 12"):
+    engine.EngineConfig(num_blocks=2, block_size=12)
   tiny_pool = engine.Engine(params, CFG, engine.EngineConfig(num_blocks=2, block_size=4))
   with pytest.raises(ValueError, match="more than the whole pool .* even alone"):
     tiny_pool.add(engine.Request(**{**ok, "prompt": (1,) * 8}))
