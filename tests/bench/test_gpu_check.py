@@ -37,8 +37,9 @@ def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
 
 
 def test_paged_grid_passes_in_interpret_mode():
-  small = [c for c in gpu_check.paged_cases(jax.random.key(0)) if "K=16" in c.name]  # Llama shapes on GPU
-  assert len(small) == 18  # GQA 1/4/8 x pages 8/16/32 x float32/bfloat16
+  grid = [c for c in gpu_check.paged_cases(jax.random.key(0)) if "K=16" in c.name]  # Llama shapes on GPU
+  assert len(grid) == 18  # GQA 1/4/8 x pages 8/16/32 x float32/bfloat16
+  small = [c for c in grid if "G=2" in c.name and "page=8" in c.name]  # tests/ops runs the whole grid
   errors = gpu_check.check(small, interpret=True)  # each case within its tolerance (bfloat16: 3e-2)
   assert max(e for name, e in errors.items() if "float32" in name) < 1e-5  # exact float32 on CPU
 
