@@ -91,21 +91,23 @@ CONFIGS = {
   ),
   "small": Config(
     model="small",
-    requests=32,
+    requests=24,
     prompt_range=(16, 160),
-    output_range=(8, 96),
+    output_range=(8, 64),
     max_batch=16,
     block_size=16,
     num_blocks=96,
     prefill_chunk=64,
     system_prompt=256,
-    prefix_requests=12,
+    prefix_requests=8,
     sample_ks=(4, 8, 16),
     attn_batches=(1, 8),
     attn_context=1024,
   ),
 }
-CONFIGS["full"] = dataclasses.replace(CONFIGS["small"], requests=96, num_blocks=192, prefix_requests=32)
+CONFIGS["full"] = dataclasses.replace(
+  CONFIGS["small"], requests=96, output_range=(8, 96), num_blocks=192, prefix_requests=32
+)
 CONFIGS["paper"] = dataclasses.replace(
   CONFIGS["full"], attn_batches=(1, 8, 32, 128), attn_context=4096, max_batch=32, num_blocks=512
 )
