@@ -7,16 +7,16 @@ S slots of a page, C splits of a row's pages (programs that share one row).
 Grid (B, G, C): a program takes the R query heads of one kv group of one row (so each
 K/V page it loads serves all R of them) and walks its share of the row's block table,
 `pages_per_step` pages (up to 128 keys) at a time, gathering them from the pool through the
-table. An
-online softmax keeps float32 running (max m, sum l, output o) per head. Only the steps
-that hold tokens before the row's length run; slots past it are masked (scores -inf,
+table. An online softmax keeps float32 running (max m, sum l, output o) per head. Only the
+steps that hold tokens before the row's length run; slots past it are masked (scores -inf,
 values 0, so NaN in a stale page cannot leak). Each split writes its unnormalised (o, m, l);
 `combine` merges the splits with log-sum-exp weights:
 
   m = max_c m_c,  l = sum_c e^(m_c - m) l_c,  out = sum_c e^(m_c - m) o_c / l   (0 where l = 0)
 
 Splitting a long row over C programs keeps the GPU busy when B * G is small (few sequences,
-long contexts); `default_splits` picks C.
+long contexts); `default_splits` picks C. The defaults (steps, splits, warps) follow the
+tiling sweep `bench.gpu_check` ran on an H200.
 """
 
 from __future__ import annotations
