@@ -54,6 +54,7 @@ from paperjax.ops import paged_attention
 
 VLLM = "vLLM (Kwon et al., SOSP 2023)"
 H200_HBM_BYTES_PER_S = 4.8e12  # NVIDIA H200 datasheet
+LLAMA3_8B_ATTENTION = (32, 8, 128)  # H query heads, G kv heads, K head dim: the kernel part's shapes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -317,7 +318,7 @@ def _prefix(ctx: Context, cfg: Config, params, model):
 def _decode_attention(batch: int, cfg: Config, seed: int, on_gpu: bool) -> dict:
   """Zero-argument calls of each decode-attention implementation at Llama 3 8B's attention
   shapes (H=32, G=8, K=128, bf16), `batch` rows of attn_context tokens in shuffled pages."""
-  heads, groups, head_dim, page = 32, 8, 128, cfg.block_size
+  heads, groups, head_dim, page = *LLAMA3_8B_ATTENTION, cfg.block_size
   pages_per_row = cfg.attn_context // page
   num_pages = batch * pages_per_row
   kq, kk, kv, kt = jax.random.split(jax.random.key(seed), 4)
@@ -354,7 +355,8 @@ def _kernel(ctx: Context, cfg: Config):
     for name in ("Pallas kernel", "jax bundled kernel"):
       error = float(jnp.max(jnp.abs(impls[name]().astype(jnp.float32) - ref)))
       records.append(ctx.record(f"max |{name} - reference| ({shape})", error, "abs"))
-    kv_bytes = 2 * batch * 8 * cfg.attn_context * 128 * 2  # K and V, G=8, K=128, bf16
+    _, groups, head_dim = LLAMA3_8B_ATTENTION
+    kv_bytes = 2 * batch * groups * cfg.attn_context * head_dim * 2  # K and V, bfloat16
     ours = seconds["Pallas kernel"]
     records += [
       ctx.record(f"speed-up, Pallas kernel vs reference ({shape}, same run)", seconds["reference"] / ours, "x"),

@@ -55,6 +55,8 @@ def paged_attention(
   `ops.pallas.paged_attention.paged_decode`: num_splits (programs per row, flash-decoding
   style), step_pages, num_warps; the defaults are what `bench.gpu_check` measured fastest.
   """
+  if q_BHK.ndim != 3:
+    raise ValueError(f"q_BHK: expected one query per row, [B, H, K], got shape {q_BHK.shape}")
   _check(q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP)
   if lengths_B.shape != q_BHK.shape[:1] or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
     raise ValueError(f"lengths_B: expected integer shape ({q_BHK.shape[0]},), got {lengths_B.dtype} {lengths_B.shape}")

@@ -14,8 +14,8 @@ Requests join and leave the running batch at step granularity. Each `step()`:
 Before a decode step each sequence reserves a slot for its token; when blocks run out the
 most recently admitted sequence is preempted (its blocks freed) and later recomputed from
 its prompt plus the tokens it had generated, which it keeps. Padded rows of a call write
-nothing (`num_new_B` = 0), and every call has one of two row counts and one of log2(max_seq_len / block_size) + 1 table
-widths, so it compiles a few times.
+nothing (`num_new_B` = 0). Every call has one of two row counts and one of
+log2(max_seq_len / block_size) + 1 table widths, so it compiles a few times.
 
 Greedy outputs equal `generate.generate` of each request alone; `tests/models/serving`
 checks this with requests of mixed lengths, chunked prefill and preemption.
@@ -114,6 +114,8 @@ class Engine:
   """
 
   def __init__(self, params: dict, cfg: llama.LlamaConfig, engine_cfg: EngineConfig):
+    if not isinstance(cfg, llama.LlamaConfig):
+      raise TypeError(f"cfg: the engine serves Llama (a paged KV cache), got {type(cfg).__name__}")
     self.params, self.cfg, self.ecfg = params, cfg, engine_cfg
     self.manager = blocks.BlockManager(num_blocks=engine_cfg.num_blocks, block_size=engine_cfg.block_size)
     self.k_pages_GPSK, self.v_pages_GPSK = llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
@@ -172,8 +174,7 @@ class Engine:
       if not self.manager.can_allocate(seq.tokens):
         break
       self.waiting.popleft()
-      cached = self.manager.allocate(seq.request.id, seq.tokens)
-      seq.computed = cached if self.ecfg.prefix_caching else 0
+      seq.computed = self.manager.allocate(seq.request.id, seq.tokens)  # 0 without caching: nothing is committed
       self._admissions += 1
       seq.admitted = self._admissions
       self.running.append(seq)

@@ -70,7 +70,7 @@ class LlamaConfig:
   param_dtype: str = "float32"  # how parameters are stored (and what the optimizer updates)
   dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
   remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
-  attention_impl: attention.Impl = "reference"
+  attention_impl: attention.Impl = "reference"  # training / KVCache; a PagedKVCache uses ops.paged_attention
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):

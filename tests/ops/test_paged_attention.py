@@ -159,6 +159,8 @@ def test_kernel_lowers_for_cuda():
 
 def test_errors(np_rng):
   q, k, v, tables, lengths = _case(np_rng, groups=2, page_size=8, dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"q_BHK: expected one query per row, \[B, H, K\]"):
+    pa.paged_attention(q[0], k, v, tables, lengths)
   with pytest.raises(ValueError, match="v_pages_GPSK: expected the shape"):
     pa.paged_attention(q, k, v[:, :3], tables, lengths)
   with pytest.raises(ValueError, match="H=8 a multiple of G"):

@@ -136,6 +136,8 @@ def test_bad_requests_raise_and_the_rest_finish_unharmed(params):
   for change, message in bad:
     with pytest.raises(ValueError, match=message):
       eng.add(engine.Request(**{**ok, **change}))
+  with pytest.raises(TypeError, match="cfg: the engine serves Llama"):
+    engine.Engine(params, object(), SMALL)  # type: ignore[arg-type]
   with pytest.raises(ValueError, match="block_size: expected a power of two, got 12"):
     engine.EngineConfig(num_blocks=2, block_size=12)
   tiny_pool = engine.Engine(params, CFG, engine.EngineConfig(num_blocks=2, block_size=4))
