@@ -1,0 +1,260 @@
+"""ExCP-compressed training checkpoints through orbax's CheckpointManager.
+
+  with ExcpCheckpointManager(directory, excp.ExcpConfig(), max_to_keep=3, keyframe_every=4) as manager:
+    manager.save(state)                        # step int(state.step), coded against the last save
+    state = manager.restore(like, step=100)    # replays the chain from its keyframe
+
+- Orbax gives the atomic commit (a step directory appears only once its file is written)
+  and the step numbering. A save that raises leaves the earlier checkpoints, and the chain,
+  as they were.
+- The chain is linear in steps: a checkpoint's residual is against the reconstruction of
+  the latest saved step, and every `keyframe_every`-th save is a keyframe, stored exactly.
+- `max_to_keep` keeps the newest n steps and every step their chains go back through, so
+  nothing a kept checkpoint needs is deleted (orbax's preservation policy, `KeepChains`).
+- A `TrainState` is split into the codec's weights (params), m and v (the mu and nu of the
+  one Adam state in opt_state) and the other leaves (step counts, stored exactly). The
+  restored state keeps every count; only the weights and moments are approximations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from paperjax.compress import excp
+from paperjax.models.training.train import TrainState
+
+FILE = "excp.bin"
+
+
+# ---------------------------------------------------------------------------- TrainState <-> codec
+
+
+def _adam_moments(opt_state: Any) -> tuple[Any, Any]:
+  try:
+    mu, nu = optax.tree_utils.tree_get(opt_state, "mu"), optax.tree_utils.tree_get(opt_state, "nu")
+  except KeyError as e:
+    raise ValueError(f"opt_state: expected one Adam state (mu, nu), found several: {e}") from None
+  if mu is None or nu is None:
+    raise ValueError("opt_state: expected an Adam state with mu and nu (optax.adam or adamw), found none")
+  return mu, nu
+
+
+def _others(state: TrainState) -> TrainState:
+  """The state without params, mu and nu: the leaves stored exactly."""
+  return dataclasses.replace(state, params=None, opt_state=optax.tree_utils.tree_set(state.opt_state, mu=None, nu=None))
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def split_state(state: TrainState) -> excp.Checkpoint:
+  """The codec's view of a state: flat weights, m, v and other leaves, named by their pytree paths."""
+  mu, nu = _adam_moments(state.opt_state)
+  return excp.Checkpoint(_flat(state.params), _flat(mu), _flat(nu), _flat(_others(state)))
+
+
+def _fill(like: Any, arrays: excp.Arrays, label: str) -> Any:
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  names = [jax.tree_util.keystr(path) for path, _ in leaves]
+  if set(names) != set(arrays):
+    raise ValueError(f"{label}: the checkpoint's leaves differ from like's: {sorted(set(names) ^ set(arrays))}")
+  out = []
+  for name, (_, leaf) in zip(names, leaves, strict=True):
+    x = arrays[name]
+    if x.shape != leaf.shape or x.dtype != leaf.dtype:
+      expected, got = f"{leaf.dtype}{list(leaf.shape)}", f"{x.dtype}{list(x.shape)}"
+      raise ValueError(f"{label}{name}: expected {expected} as in like, got {got}")
+    out.append(jnp.asarray(x))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def merge_state(ckpt: excp.Checkpoint, like: TrainState) -> TrainState:
+  """The inverse of `split_state`, into the structure, shapes and dtypes of `like` (arrays or abstract)."""
+  mu, nu = _adam_moments(like.opt_state)
+  others = _fill(_others(like), ckpt.other, "state")
+  opt_state = optax.tree_utils.tree_set(others.opt_state, mu=_fill(mu, ckpt.m, "mu"), nu=_fill(nu, ckpt.v, "nu"))
+  return dataclasses.replace(others, params=_fill(like.params, ckpt.weights, "params"), opt_state=opt_state)
+
+
+# ---------------------------------------------------------------------------- orbax
+
+
+class ExcpHandler(ocp.CheckpointHandler):
+  """Writes one codec file per step; orbax commits the step directory atomically around it."""
+
+  def save(self, directory: epath.Path, args: ExcpSave) -> None:
+    (directory / FILE).write_bytes(args.blob)
+
+  def restore(self, directory: epath.Path, args: ExcpRestore | None = None) -> bytes:
+    return (directory / FILE).read_bytes()
+
+  def metadata(self, directory: epath.Path) -> dict[str, Any]:
+    """The file's header, read from its first bytes."""
+    with open(os.fspath(directory / FILE), "rb") as f:
+      prefix = f.read(len(excp.MAGIC) + 4)
+      length = int.from_bytes(prefix[len(excp.MAGIC) :], "little") if len(prefix) == len(excp.MAGIC) + 4 else 0
+      return excp.read_header(prefix + f.read(length))
+
+
+@ocp.args.register_with_handler(ExcpHandler, for_save=True)
+@dataclasses.dataclass
+class ExcpSave(ocp.args.CheckpointArgs):
+  blob: bytes
+
+
+@ocp.args.register_with_handler(ExcpHandler, for_restore=True)
+@dataclasses.dataclass
+class ExcpRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+@dataclasses.dataclass
+class KeepChains:
+  """Orbax preservation policy: the newest n steps (all if n is None) and every step their chains need."""
+
+  n: int | None
+  parents: dict[int, int | None]  # step -> the step its residual is against (None: a keyframe)
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+    steps = [c.step for c in checkpoints]
+    keep = set(steps if self.n is None else steps[-self.n :])
+    todo = list(keep)
+    while todo:
+      parent = self.parents.get(todo.pop())
+      if parent is not None and parent not in keep:
+        keep.add(parent)
+        todo.append(parent)
+    return [s in keep for s in steps]
+
+
+class SaveInfo(NamedTuple):
+  step: int
+  parent: int | None  # None: a keyframe
+  nbytes: int  # the compressed file
+  dense_nbytes: int  # the same state's arrays uncompressed
+
+
+class ExcpCheckpointManager:
+  """Saves and restores `TrainState`s as a chain of ExCP files in orbax step directories."""
+
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    config: excp.ExcpConfig | None = None,
+    *,
+    max_to_keep: int | None = None,
+    keyframe_every: int = 0,
+  ):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep: expected >= 1 or None, got {max_to_keep}")
+    if keyframe_every < 0:
+      raise ValueError(f"keyframe_every: expected >= 0 (0: only the first save), got {keyframe_every}")
+    if max_to_keep is not None and keyframe_every == 0:
+      raise ValueError(
+        f"max_to_keep={max_to_keep}: needs keyframe_every >= 1; without keyframes the newest checkpoint needs "
+        "every earlier one, so none could be deleted"
+      )
+    self.config = config or excp.ExcpConfig()
+    self.keyframe_every = keyframe_every
+    self._parents: dict[int, int | None] = {}
+    options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False, preservation_policy=KeepChains(max_to_keep, self._parents)
+    )
+    self._manager = ocp.CheckpointManager(
+      os.fspath(os.path.abspath(directory)), options=options, item_handlers=ExcpHandler()
+    )
+    for step in self._manager.all_steps():
+      self._parents[step] = self._manager.item_metadata(step)["meta"]["parent"]
+    self._cache: tuple[int, excp.Arrays] | None = None  # (step, reconstructed weights) last saved or decoded
+
+  def __enter__(self) -> ExcpCheckpointManager:
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()
+
+  @property
+  def directory(self) -> epath.Path:
+    return self._manager.directory
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def parent(self, step: int) -> int | None:
+    """The step `step` is coded against (None: a keyframe)."""
+    return self._parents[step]
+
+  def save(self, state: TrainState) -> SaveInfo:
+    """Saves `state` at int(state.step), which must be newer than every saved step."""
+    step, latest = int(state.step), self.latest_step()
+    if latest is not None and step <= latest:
+      raise ValueError(f"state.step: expected > {latest}, the latest saved step, got {step}")
+    keyframe = latest is None or (self.keyframe_every > 0 and self._depth(latest) + 1 >= self.keyframe_every)
+    parent = None if keyframe else latest
+    ckpt = split_state(state)
+    reference = None if parent is None else self._weights(parent)
+    blob, recon = excp.encode(ckpt, reference, self.config, meta={"step": step, "parent": parent})
+    self._parents[step] = parent
+    try:
+      self._manager.save(step, args=ExcpSave(blob))
+      self._manager.wait_until_finished()
+    except BaseException:
+      del self._parents[step]
+      raise
+    self._cache = (step, recon.weights)
+    dense = sum(x.nbytes for group in ckpt for x in group.values())
+    return SaveInfo(step, parent, len(blob), dense)
+
+  def restore(self, like: TrainState, step: int | None = None) -> TrainState:
+    """The state at `step` (default the latest), in the structure and dtypes of `like`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"manager: no checkpoint in {self.directory}")
+    return merge_state(self._decode(step), like)
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def _depth(self, step: int) -> int:
+    depth = 0
+    while (parent := self._parents[step]) is not None:
+      depth, step = depth + 1, parent
+    return depth
+
+  def _decode(self, step: int) -> excp.Checkpoint:
+    """Replays the chain to `step`, from the cached reconstruction when it is an ancestor."""
+    chain, reference = [step], None
+    while True:
+      if chain[-1] not in self._parents:
+        raise FileNotFoundError(f"step {chain[-1]}: no checkpoint in {self.directory} (needed for step {step})")
+      parent = self._parents[chain[-1]]
+      if parent is None:
+        break
+      if self._cache is not None and self._cache[0] == parent:
+        reference = self._cache[1]
+        break
+      chain.append(parent)
+    for s in reversed(chain):
+      ckpt = excp.decode(self._manager.restore(s, args=ExcpRestore()), reference)
+      reference = ckpt.weights
+    self._cache = (step, ckpt.weights)
+    return ckpt
+
+  def _weights(self, step: int) -> excp.Arrays:
+    if self._cache is not None and self._cache[0] == step:
+      return self._cache[1]
+    return self._decode(step).weights

@@ -1,0 +1,124 @@
+"""ExCP checkpoints through orbax: exact keyframes, chains, retention, failed saves, resume."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from paperjax.compress import checkpoints, excp
+from paperjax.models.training import lm, train
+from paperjax.models.transformer import llama
+
+CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+TCFG = train.TrainConfig(batch_size=4, seq_len=16, total_steps=40, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def run():
+  """A state after each of 12 training steps, and the step function and data to go on."""
+  ids = np.random.default_rng(0).integers(0, CFG.vocab_size, 4000).astype(np.int32)
+  segments = np.zeros_like(ids)
+  step = lm.make_train_step(CFG, TCFG)
+  states = [lm.init_state(jax.random.key(0), CFG, TCFG)]
+  for i in range(12):
+    states.append(step(states[-1], lm.batch_at(ids, segments, i, TCFG))[0])
+  return states, step, lambda i: lm.batch_at(ids, segments, i, TCFG)
+
+
+def _leaves_equal(a, b):
+  return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_a_keyframe_restores_the_state_exactly(run, tmp_path):
+  states, _, _ = run
+  with checkpoints.ExcpCheckpointManager(tmp_path) as manager:
+    info = manager.save(states[3])
+    assert info.parent is None and info.step == 3 and info.dense_nbytes > 0
+    restored = manager.restore(states[0])
+  assert _leaves_equal(restored, states[3])  # params, mu, nu, every count and the step
+  assert jax.tree.structure(restored) == jax.tree.structure(states[3])
+
+
+def test_retention_keeps_every_step_a_kept_chain_needs(run, tmp_path):
+  states, _, _ = run
+  manager = checkpoints.ExcpCheckpointManager(tmp_path, max_to_keep=2, keyframe_every=3)
+  kept, parents = [], []
+  for s in (2, 4, 6, 8, 10, 12):
+    parents.append(manager.save(states[s]).parent)
+    kept.append(manager.all_steps())
+  assert parents == [None, 2, 4, None, 8, 10]
+  # The newest two, plus what they need: 6 needs 4 needs 2 until the keyframe 8 has a child.
+  assert kept == [[2], [2, 4], [2, 4, 6], [2, 4, 6, 8], [8, 10], [8, 10, 12]]
+  restored = {s: manager.restore(states[0], step=s) for s in (8, 10, 12)}
+  manager.close()
+  reopened = checkpoints.ExcpCheckpointManager(tmp_path, max_to_keep=2, keyframe_every=3)
+  assert [reopened.parent(s) for s in reopened.all_steps()] == [None, 8, 10]
+  for s, state in restored.items():
+    assert _leaves_equal(reopened.restore(states[0], step=s), state)  # the same replay from disk
+    assert int(state.step) == s
+    errors = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, states[s].params)
+    assert max(jax.tree.leaves(errors)) < 1e-2, errors
+  assert reopened.save(states[12].replace(step=jnp.int32(14))).parent is None  # the third save after 8
+  assert reopened.all_steps() == [8, 10, 12, 14]
+
+
+def test_a_save_that_fails_midway_leaves_the_earlier_checkpoints(run, tmp_path, monkeypatch):
+  states, _, _ = run
+  manager = checkpoints.ExcpCheckpointManager(tmp_path)
+  manager.save(states[2])
+  manager.save(states[4])
+  before = manager.restore(states[0], step=4)
+
+  def failing_save(self, directory, args):
+    (directory / checkpoints.FILE).write_bytes(args.blob[: len(args.blob) // 2])
+    raise OSError("disk full")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoints.ExcpHandler, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+      manager.save(states[6])
+  assert manager.all_steps() == [2, 4]
+  reopened = checkpoints.ExcpCheckpointManager(tmp_path)
+  assert reopened.all_steps() == [2, 4]
+  assert _leaves_equal(reopened.restore(states[0]), before)
+  assert reopened.save(states[6]).parent == 4  # the chain goes on from the reopened directory
+  assert _leaves_equal(checkpoints.ExcpCheckpointManager(tmp_path).restore(states[0]), reopened.restore(states[0]))
+
+
+def test_training_resumes_from_a_compressed_checkpoint(run, tmp_path):
+  states, step, batch = run
+  manager = checkpoints.ExcpCheckpointManager(tmp_path)
+  for s in (4, 8):
+    manager.save(states[s])
+  resumed, original = manager.restore(states[0]), states[8]
+  losses = {"resumed": [], "original": []}
+  for i in range(8, 12):
+    resumed, metrics_r = step(resumed, batch(i))
+    original, metrics_o = step(original, batch(i))
+    losses["resumed"].append(float(metrics_r["loss"]))
+    losses["original"].append(float(metrics_o["loss"]))
+  assert int(resumed.step) == 12
+  np.testing.assert_allclose(losses["resumed"], losses["original"], rtol=0.02)
+
+
+def test_bad_use_raises_clear_errors(run, tmp_path):
+  states, _, _ = run
+  with pytest.raises(ValueError, match="max_to_keep=2: needs keyframe_every"):
+    checkpoints.ExcpCheckpointManager(tmp_path / "a", max_to_keep=2)
+  with pytest.raises(ValueError, match="keyframe_every"):
+    checkpoints.ExcpCheckpointManager(tmp_path / "a", keyframe_every=-1)
+  manager = checkpoints.ExcpCheckpointManager(tmp_path / "b", excp.ExcpConfig(coder="zstd"))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    manager.restore(states[0])
+  manager.save(states[4])
+  with pytest.raises(ValueError, match="state.step: expected > 4"):
+    manager.save(states[4])
+  other = lm.init_state(jax.random.key(0), dataclasses.replace(CFG, ffn_dim=96), TCFG)
+  with pytest.raises(ValueError, match=r"\['layers'\]\['w1'\]: expected float32\[2, 32, 96\]"):
+    manager.restore(other)
+  sgd = train.TrainState(jnp.int32(1), states[0].params, optax.sgd(0.1).init(states[0].params))
+  with pytest.raises(ValueError, match="opt_state: expected an Adam state"):
+    manager.save(dataclasses.replace(sgd, step=jnp.int32(9)))
