@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -203,10 +204,20 @@ class StdlibLM(NamedTuple):
   evals: list[tuple[int, float]]  # (step, held-out loss)
   step_time_s: float
   train_tokens: int
+  train_batch: Callable[[int], lm.Batch]  # the batch of training step i
+  train_step: Callable[..., tuple[train.TrainState, dict]]  # the jitted step that trained it
 
 
-def train_stdlib_lm(ctx: Context, cfg: Config, desc: str = "llama: training") -> StdlibLM:
-  """Trains cfg.model on the stdlib corpus (AdamW, cfg.train) and keeps its held-out data."""
+def train_stdlib_lm(
+  ctx: Context,
+  cfg: Config,
+  desc: str = "llama: training",
+  on_step: Callable[[train.TrainState], None] | None = None,
+) -> StdlibLM:
+  """Trains cfg.model on the stdlib corpus (AdamW, cfg.train) and keeps its held-out data.
+
+  `on_step` sees the state after every step (for checkpointing benchmarks).
+  """
   model, tcfg = cfg.model, dataclasses.replace(cfg.train, seed=ctx.seed)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -229,9 +240,13 @@ def train_stdlib_lm(ctx: Context, cfg: Config, desc: str = "llama: training") ->
   for i in progress(range(tcfg.total_steps), desc):
     state, metrics = step(state, batch(i))
     losses.append(float(metrics["loss"]))
+    if on_step is not None:
+      on_step(state)
     if (i + 1) % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
       evals.append((i + 1, float(lm.eval_loss(state.params, test_batch, model))))
-  return StdlibLM(model, tcfg, state.params, test_ids, test_batch, unigram_ce, losses, evals, step_time, train_ids.size)
+  return StdlibLM(
+    model, tcfg, state.params, test_ids, test_batch, unigram_ce, losses, evals, step_time, train_ids.size, batch, step
+  )
 
 
 def _train(ctx: Context, cfg: Config):

@@ -12,7 +12,7 @@ import importlib
 
 from paperjax.bench.harness import Benchmark
 
-BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align", "interactions", "jrt", "quant", "serving")
+BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align", "interactions", "jrt", "quant", "serving", "excp")
 
 
 def load(name: str) -> Benchmark:

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -75,7 +74,7 @@ def _fill(like: Any, arrays: excp.Arrays, label: str) -> Any:
     if x.shape != leaf.shape or x.dtype != leaf.dtype:
       expected, got = f"{leaf.dtype}{list(leaf.shape)}", f"{x.dtype}{list(x.shape)}"
       raise ValueError(f"{label}{name}: expected {expected} as in like, got {got}")
-    out.append(jnp.asarray(x))
+    out.append(jax.device_put(x))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -175,7 +174,7 @@ class ExcpCheckpointManager:
       os.fspath(os.path.abspath(directory)), options=options, item_handlers=ExcpHandler()
     )
     for step in self._manager.all_steps():
-      self._parents[step] = self._manager.item_metadata(step)["meta"]["parent"]
+      self._parents[step] = self.header(step)["meta"]["parent"]
     self._cache: tuple[int, excp.Arrays] | None = None  # (step, reconstructed weights) last saved or decoded
 
   def __enter__(self) -> ExcpCheckpointManager:
@@ -193,6 +192,10 @@ class ExcpCheckpointManager:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def header(self, step: int) -> dict[str, Any]:
+    """The header of step's file (`excp.read_header`), read from its first bytes."""
+    return self._manager.item_metadata(step)
 
   def parent(self, step: int) -> int | None:
     """The step `step` is coded against (None: a keyframe)."""

@@ -184,6 +184,7 @@ def init_state(cfg: LlamaConfig, batch: int, capacity: int) -> KVCache:
   return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compilation instead of one per eager op and shape
 def init(key: jax.Array, cfg: LlamaConfig) -> dict:
   """Parameters in param_dtype: truncated normal, std fan_in^-1/2 (residual outputs / sqrt(2L)), norms 1."""
   L, D, H, G, K, E, V = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.k, cfg.ffn_dim, cfg.vocab_size
