@@ -5,10 +5,12 @@
     state = manager.restore(like, step=100)    # replays the chain from its keyframe
 
 - Orbax gives the atomic commit (a step directory appears only once its file is written)
-  and the step numbering. A save that raises leaves the earlier checkpoints, and the chain,
-  as they were.
+  and the step numbering. A save that raises before the commit leaves the earlier
+  checkpoints, and the chain, as they were.
 - The chain is linear in steps: a checkpoint's residual is against the reconstruction of
   the latest saved step, and every `keyframe_every`-th save is a keyframe, stored exactly.
+  Each file records the fingerprint of its reference, so a broken chain raises. One
+  manager writes a directory at a time, as with orbax's own.
 - `max_to_keep` keeps the newest n steps and every step their chains go back through, so
   nothing a kept checkpoint needs is deleted (orbax's preservation policy, `KeepChains`).
 - A `TrainState` is split into the codec's weights (params), m and v (the mu and nu of the
@@ -79,7 +81,10 @@ def _fill(like: Any, arrays: excp.Arrays, label: str) -> Any:
 
 
 def merge_state(ckpt: excp.Checkpoint, like: TrainState) -> TrainState:
-  """The inverse of `split_state`, into the structure, shapes and dtypes of `like` (arrays or abstract)."""
+  """The inverse of `split_state`, into the structure of `like` (arrays or abstract).
+
+  Every leaf's shape and dtype must equal like's (nothing is cast).
+  """
   mu, nu = _adam_moments(like.opt_state)
   others = _fill(_others(like), ckpt.other, "state")
   opt_state = optax.tree_utils.tree_set(others.opt_state, mu=_fill(mu, ckpt.m, "mu"), nu=_fill(nu, ckpt.v, "nu"))
@@ -120,7 +125,10 @@ class ExcpRestore(ocp.args.CheckpointArgs):
 
 @dataclasses.dataclass
 class KeepChains:
-  """Orbax preservation policy: the newest n steps (all if n is None) and every step their chains need."""
+  """Orbax preservation policy: the newest n steps (all if n is None) and every step their chains need.
+
+  A step whose parent is unknown keeps every older step.
+  """
 
   n: int | None
   parents: dict[int, int | None]  # step -> the step its residual is against (None: a keyframe)
@@ -130,7 +138,11 @@ class KeepChains:
     keep = set(steps if self.n is None else steps[-self.n :])
     todo = list(keep)
     while todo:
-      parent = self.parents.get(todo.pop())
+      step = todo.pop()
+      if step not in self.parents:
+        keep.update(s for s in steps if s < step)
+        continue
+      parent = self.parents[step]
       if parent is not None and parent not in keep:
         keep.add(parent)
         todo.append(parent)
@@ -174,7 +186,10 @@ class ExcpCheckpointManager:
       os.fspath(os.path.abspath(directory)), options=options, item_handlers=ExcpHandler()
     )
     for step in self._manager.all_steps():
-      self._parents[step] = self.header(step)["meta"]["parent"]
+      try:
+        self._parents[step] = self.header(step)["meta"]["parent"]
+      except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"step {step} in {self.directory}: unreadable ExCP header ({e})") from e
     self._cache: tuple[int, excp.Arrays] | None = None  # (step, reconstructed weights) last saved or decoded
 
   def __enter__(self) -> ExcpCheckpointManager:
@@ -199,6 +214,7 @@ class ExcpCheckpointManager:
 
   def parent(self, step: int) -> int | None:
     """The step `step` is coded against (None: a keyframe)."""
+    self._check_saved(step)
     return self._parents[step]
 
   def save(self, state: TrainState) -> SaveInfo:
@@ -213,17 +229,23 @@ class ExcpCheckpointManager:
     blob, recon = excp.encode(ckpt, reference, self.config, meta={"step": step, "parent": parent})
     self._parents[step] = parent
     try:
-      self._manager.save(step, args=ExcpSave(blob))
+      if not self._manager.save(step, args=ExcpSave(blob)):
+        raise RuntimeError(f"step {step}: orbax's CheckpointManager declined to save it")
       self._manager.wait_until_finished()
     except BaseException:
-      del self._parents[step]
+      self._manager.reload()
+      if step not in self._manager.all_steps():  # failed before the commit
+        del self._parents[step]
       raise
+    finally:
+      for deleted in set(self._parents) - {step, *self._manager.all_steps()}:
+        del self._parents[deleted]
     self._cache = (step, recon.weights)
     dense = sum(x.nbytes for group in ckpt for x in group.values())
     return SaveInfo(step, parent, len(blob), dense)
 
   def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-    """The state at `step` (default the latest), in the structure and dtypes of `like`."""
+    """The state at `step` (default the latest), in the structure of `like` (shapes and dtypes must match)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"manager: no checkpoint in {self.directory}")
@@ -231,6 +253,10 @@ class ExcpCheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
+
+  def _check_saved(self, step: int) -> None:
+    if step not in self._parents:
+      raise FileNotFoundError(f"step {step}: no checkpoint in {self.directory} (steps: {self.all_steps()})")
 
   def _depth(self, step: int) -> int:
     depth = 0
@@ -242,8 +268,7 @@ class ExcpCheckpointManager:
     """Replays the chain to `step`, from the cached reconstruction when it is an ancestor."""
     chain, reference = [step], None
     while True:
-      if chain[-1] not in self._parents:
-        raise FileNotFoundError(f"step {chain[-1]}: no checkpoint in {self.directory} (needed for step {step})")
+      self._check_saved(chain[-1])
       parent = self._parents[chain[-1]]
       if parent is None:
         break
@@ -252,7 +277,10 @@ class ExcpCheckpointManager:
         break
       chain.append(parent)
     for s in reversed(chain):
-      ckpt = excp.decode(self._manager.restore(s, args=ExcpRestore()), reference)
+      try:
+        ckpt = excp.decode(self._manager.restore(s, args=ExcpRestore()), reference)
+      except ValueError as e:
+        raise ValueError(f"step {s} in {self.directory} (restoring step {step}): {e}") from e
       reference = ckpt.weights
     self._cache = (step, ckpt.weights)
     return ckpt

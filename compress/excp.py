@@ -36,6 +36,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
+import ml_dtypes
 import numpy as np
 import zstandard
 
@@ -67,13 +68,13 @@ class ExcpConfig:
       raise ValueError(f"alpha: expected a finite value >= 0, got {self.alpha}")
     if not (math.isfinite(self.beta) and self.beta >= 0):
       raise ValueError(f"beta: expected a finite value >= 0, got {self.beta}")
-    if not 1 <= self.bits <= 8:
-      raise ValueError(f"bits: expected 1 <= bits <= 8, got {self.bits}")
-    if self.kmeans_iters < 0:
-      raise ValueError(f"kmeans_iters: expected >= 0, got {self.kmeans_iters}")
+    if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+      raise ValueError(f"bits: expected an int, 1 <= bits <= 8, got {self.bits!r}")
+    if not (isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0):
+      raise ValueError(f"kmeans_iters: expected an int >= 0, got {self.kmeans_iters!r}")
     if self.coder not in CODERS:
       raise ValueError(f"coder: expected one of {CODERS}, got {self.coder!r}")
-    if self.level is not None and self.level not in LEVELS[self.coder]:
+    if self.level is not None and not (isinstance(self.level, int) and self.level in LEVELS[self.coder]):
       levels = LEVELS[self.coder]
       raise ValueError(f"level: expected {levels.start}..{levels.stop - 1} for {self.coder}, got {self.level}")
 
@@ -174,6 +175,9 @@ def _code_part(values: np.ndarray, bits: int, iters: int) -> bytes:
 
 def _decode_part(data: bytes, n: int, bits: int) -> np.ndarray:
   k = 2**bits - 1
+  expected = 4 * n if n <= k else 4 * k + math.ceil(n * bits / 8)
+  if len(data) != expected:
+    raise ValueError(f"blob: a part of {n} values should take {expected} bytes, got {len(data)}")
   if n <= k:
     return np.frombuffer(data, np.float32, count=n)
   codebook = np.concatenate([np.zeros(1, np.float32), np.frombuffer(data, np.float32, count=k)])
@@ -200,11 +204,18 @@ def _residual_sections(w, m, v, reference, cfg: ExcpConfig) -> tuple[list[bytes]
   return sections, [int(keep.sum()), int(keep_o.sum())]
 
 
+def _unpack_mask(data: bytes, n: int) -> np.ndarray:
+  if len(data) != math.ceil(n / 8):
+    raise ValueError(f"blob: a mask over {n} entries should take {math.ceil(n / 8)} bytes, got {len(data)}")
+  return np.unpackbits(np.frombuffer(data, np.uint8), count=n, bitorder="little").astype(bool)
+
+
 def _decode_residual(sections: list[bytes], record: dict, reference: np.ndarray, bits: int):
   shape, size = tuple(record["shape"]), math.prod(record["shape"])
   n_keep, n_keep_o = record["kept"]
-  keep = np.unpackbits(np.frombuffer(sections[0], np.uint8), count=size, bitorder="little").astype(bool)
-  keep_in_kept = np.unpackbits(np.frombuffer(sections[2], np.uint8), count=n_keep, bitorder="little").astype(bool)
+  if reference.shape != shape:
+    raise ValueError(f"reference[{record['name']!r}]: expected shape {shape}, got {reference.shape}")
+  keep, keep_in_kept = _unpack_mask(sections[0], size), _unpack_mask(sections[2], n_keep)
   if int(keep.sum()) != n_keep or int(keep_in_kept.sum()) != n_keep_o:
     raise ValueError(f"{record['name']}: the masks disagree with the header's kept counts {record['kept']}")
   keep_o = np.zeros(size, bool)
@@ -236,10 +247,24 @@ def _check_inputs(ckpt: Checkpoint, reference: Arrays | None) -> None:
     for label, x in [("weights", w)] + [(label, group[name]) for label, group in groups.items()]:
       if x.shape != w.shape:
         raise ValueError(f"{label}[{name!r}]: expected shape {w.shape}, got {x.shape}")
-      if not np.issubdtype(x.dtype, np.floating):
+      if not _is_float(x.dtype):
         raise ValueError(f"{label}[{name!r}]: expected a floating dtype, got {x.dtype}")
       if not np.all(np.isfinite(x)):
         raise ValueError(f"{label}[{name!r}]: expected finite values, got {int(np.sum(~np.isfinite(x)))} non-finite")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def fingerprint(weights: Arrays) -> str:
+  """SHA-256 over the names, dtypes, shapes and bytes of `weights`: what a residual file is coded against."""
+  digest = hashlib.sha256()
+  for name in sorted(weights):
+    x = np.ascontiguousarray(weights[name])
+    digest.update(f"{name}|{x.dtype}|{x.shape}|".encode())
+    digest.update(x.tobytes())
+  return digest.hexdigest()
 
 
 def _compress(data: bytes, cfg: ExcpConfig) -> bytes:
@@ -271,7 +296,7 @@ def encode(
   for name, w in ckpt.weights.items():
     m, v = ckpt.m[name], ckpt.v[name]
     record: dict[str, Any] = {"name": name, "shape": list(w.shape), "dtypes": [str(x.dtype) for x in (w, m, v)]}
-    if reference is None:
+    if reference is None or w.size == 0:
       record["kind"], sections = "exact", [np.ascontiguousarray(x).tobytes() for x in (w, m, v)]
     else:
       sections, record["kept"] = _residual_sections(w, m, v, reference[name], cfg)
@@ -292,6 +317,7 @@ def encode(
     "config": {"alpha": cfg.alpha, "beta": cfg.beta, "bits": cfg.bits, "kmeans_iters": cfg.kmeans_iters},
     "coder": cfg.coder,
     "level": cfg.coder_level,
+    "reference": None if reference is None else fingerprint(reference),
     "streams": {c: [len(raw[c]), len(coded[c])] for c in COMPONENTS},
     "meta": dict(meta or {}),
     "records": records,
@@ -329,8 +355,8 @@ def read_header(blob: bytes) -> dict[str, Any]:
 def decode(blob: bytes, reference: Arrays | None) -> Checkpoint:
   """The checkpoint a file holds; `reference` is W_hat_{t-1} for a residual file (None for a keyframe).
 
-  Raises ValueError for a file whose checksum fails (corrupt or truncated) or that needs a
-  reference it was not given.
+  Raises ValueError for a file whose checksum fails (corrupt or truncated), or that needs a
+  reference it was not given or was given another one than it was coded against.
   """
   if len(blob) < len(MAGIC) + 4 + _DIGEST or hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:
     raise ValueError(f"blob: checksum mismatch, the file is corrupt or truncated ({len(blob)} bytes)")
@@ -342,6 +368,12 @@ def decode(blob: bytes, reference: Arrays | None) -> Checkpoint:
     offset += coded_size
     if len(raw[component]) != raw_size:
       raise ValueError(f"blob: the {component} stream holds {len(raw[component])} bytes, the header says {raw_size}")
+  if header["reference"] is not None and (reference is None or fingerprint(reference) != header["reference"]):
+    got = "none" if reference is None else fingerprint(reference)[:12]
+    raise ValueError(
+      f"reference: the file is a residual against the previous reconstruction, fingerprint "
+      f"{header['reference'][:12]}; got {got}"
+    )
   cursor = dict.fromkeys(COMPONENTS, 0)
   weights: dict[str, np.ndarray] = {}
   m: dict[str, np.ndarray] = {}
@@ -360,7 +392,11 @@ def decode(blob: bytes, reference: Arrays | None) -> Checkpoint:
         np.frombuffer(s, d).reshape(shape).copy() for s, d in zip(sections, record["dtypes"], strict=True)
       )
     else:
-      if reference is None or name not in reference:
-        raise ValueError(f"reference: the residual of {name!r} needs the previous reconstruction, got none for it")
+      assert reference is not None  # the fingerprint matched
       weights[name], m[name], v[name] = _decode_residual(sections, record, reference[name], header["config"]["bits"])
+  for component in COMPONENTS:
+    if cursor[component] != len(raw[component]):
+      raise ValueError(
+        f"blob: the records use {cursor[component]} bytes of the {component} stream of {len(raw[component])}"
+      )
   return Checkpoint(weights, m, v, other)

@@ -84,8 +84,40 @@ def test_a_save_that_fails_midway_leaves_the_earlier_checkpoints(run, tmp_path, 
   reopened = checkpoints.ExcpCheckpointManager(tmp_path)
   assert reopened.all_steps() == [2, 4]
   assert _leaves_equal(reopened.restore(states[0]), before)
-  assert reopened.save(states[6]).parent == 4  # the chain goes on from the reopened directory
-  assert _leaves_equal(checkpoints.ExcpCheckpointManager(tmp_path).restore(states[0]), reopened.restore(states[0]))
+  assert manager.save(states[6]).parent == 4  # the same manager goes on
+  again = checkpoints.ExcpCheckpointManager(tmp_path)
+  assert again.save(states[8]).parent == 6  # and so does a reopened one
+  assert _leaves_equal(checkpoints.ExcpCheckpointManager(tmp_path).restore(states[0]), again.restore(states[0]))
+
+
+def test_each_residual_is_coded_against_the_previous_reconstruction(run, tmp_path):
+  states, _, _ = run
+  manager = checkpoints.ExcpCheckpointManager(tmp_path)
+  for s in (2, 4, 6, 8):
+    manager.save(states[s])
+  for s in (4, 6, 8):  # three residuals in a row: 6 and 8 have lossy references
+    previous = checkpoints.split_state(manager.restore(states[0], step=s - 2))
+    _, expected = excp.encode(checkpoints.split_state(states[s]), previous.weights, manager.config)
+    assert _leaves_equal(manager.restore(states[0], step=s), checkpoints.merge_state(expected, states[0]))
+
+
+def test_a_corrupt_step_file_raises_naming_the_step(run, tmp_path):
+  states, _, _ = run
+  manager = checkpoints.ExcpCheckpointManager(tmp_path)
+  for s in (2, 4, 6):
+    manager.save(states[s])
+  (path,) = tmp_path.glob("4/*/" + checkpoints.FILE)
+  blob = bytearray(path.read_bytes())
+  blob[-100] ^= 1
+  path.write_bytes(bytes(blob))
+  reopened = checkpoints.ExcpCheckpointManager(tmp_path)
+  assert _leaves_equal(reopened.restore(states[0], step=2), states[2])
+  for step in (4, 6):  # 6's chain runs through 4
+    with pytest.raises(ValueError, match=f"step 4 in .* \\(restoring step {step}\\): blob: checksum"):
+      reopened.restore(states[0], step=step)
+  path.write_bytes(bytes(blob[:20]))  # truncated inside the header
+  with pytest.raises(ValueError, match="step 4 in .*unreadable ExCP header"):
+    checkpoints.ExcpCheckpointManager(tmp_path)
 
 
 def test_training_resumes_from_a_compressed_checkpoint(run, tmp_path):

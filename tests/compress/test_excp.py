@@ -43,6 +43,15 @@ def test_masks_follow_the_formulas(np_rng):
   np.testing.assert_array_equal(keep, np.abs(dw.astype(np.float64)) > 2.5 * flat[(flat.size - 1) // 2])
 
 
+def test_masks_use_the_lower_median_and_a_strict_threshold():
+  ones = np.ones(4, np.float32)
+  keep, _ = excp.masks(np.array([1.0, 2, 3, 4], np.float32), ones, ones, alpha=1.25, beta=0.0)
+  np.testing.assert_array_equal(keep, [False, False, True, True])  # 1.25 * 2 (np.median's 2.5 would keep only 4)
+  keep, keep_o = excp.masks(np.array([1.0, 2, 2, 4], np.float32), np.array([1.0, 1, 1, 9]), ones, alpha=1.0, beta=1.0)
+  np.testing.assert_array_equal(keep, [False, False, False, True])  # > 2, not >= 2
+  np.testing.assert_array_equal(keep_o, [False, False, False, True])  # |m| = 9 > mean 3, and kept
+
+
 def _lloyd_loop(x, centres, iters):
   """Lloyd's algorithm written plainly: argmin assignment over all centres, then means."""
   x = x.astype(np.float64)
@@ -141,8 +150,27 @@ def test_corrupt_or_truncated_files_raise(np_rng, coder):
   for bad in (bytes(flipped), blob[: len(blob) - 100], blob[:20]):
     with pytest.raises(ValueError, match="checksum"):
       excp.decode(bad, w)
-  with pytest.raises(ValueError, match="needs the previous reconstruction"):
+  with pytest.raises(ValueError, match="fingerprint"):
     excp.decode(blob, None)
+  with pytest.raises(ValueError, match="fingerprint"):  # another step's weights: never a silently wrong result
+    excp.decode(blob, {n: x + 1e-3 for n, x in w.items()})
+
+
+def test_bfloat16_and_empty_tensors_round_trip(np_rng):
+  import ml_dtypes
+
+  w, m, v = _tensors(np_rng, names=("a",))
+  w = {"a": w["a"].astype(ml_dtypes.bfloat16), "empty": np.zeros((0, 3), ml_dtypes.bfloat16)}
+  m, v = {**m, "empty": np.zeros((0, 3), np.float32)}, {**v, "empty": np.zeros((0, 3), np.float32)}
+  _, keyframe = excp.encode(excp.Checkpoint(w, m, v, {}), None, CFG)
+  assert keyframe.weights["a"].dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(keyframe.weights["a"], w["a"])
+  w1 = {n: (x.astype(np.float32) + 0.01).astype(ml_dtypes.bfloat16) for n, x in w.items()}
+  blob, recon = excp.encode(excp.Checkpoint(w1, m, v, {}), keyframe.weights, CFG)
+  decoded = excp.decode(blob, keyframe.weights)
+  assert decoded.weights["a"].dtype == ml_dtypes.bfloat16 and decoded.weights["empty"].shape == (0, 3)
+  np.testing.assert_array_equal(decoded.weights["a"], recon.weights["a"])
+  np.testing.assert_allclose(decoded.weights["a"].astype(np.float32), w1["a"].astype(np.float32), atol=0.02)
 
 
 def test_bad_configs_and_inputs_raise(np_rng):
@@ -153,6 +181,7 @@ def test_bad_configs_and_inputs_raise(np_rng):
     ({"coder": "gzip"}, "coder"),
     ({"coder": "zstd", "level": 30}, "level"),
     ({"kmeans_iters": -1}, "kmeans_iters"),
+    ({"level": 9.0}, "level"),
   ):
     with pytest.raises(ValueError, match=match):
       excp.ExcpConfig(**kwargs)
