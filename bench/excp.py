@@ -46,6 +46,15 @@ class Config:
   betas: tuple[float, ...]
   bits: tuple[int, ...]
 
+  def __post_init__(self):
+    saves = self.lm.train.total_steps // self.save_every if self.save_every >= 1 else 0
+    if saves < 3:
+      raise ValueError(
+        f"save_every: expected at most total_steps / 3 (a keyframe and 2 residuals), got {self.save_every}"
+      )
+    if not 1 <= self.resume_from < saves - 1:
+      raise ValueError(f"resume_from: expected a checkpoint index in 1..{saves - 2}, got {self.resume_from}")
+
 
 def _lm(model: llama.LlamaConfig, tcfg: train.TrainConfig, corpus_chars: int) -> bench_llama.Config:
   return dataclasses.replace(bench_llama.SMALL, model=model, train=tcfg, corpus_chars=corpus_chars)
@@ -101,21 +110,21 @@ def run(ctx: Context) -> Result:
   loss_of = lambda params: float(lm.eval_loss(params, trained.test_batch, trained.model))
   original = [loss_of(s.params) for s in saved]
   parts = []
-  with tempfile.TemporaryDirectory() as tmp:
-    root = pathlib.Path(tmp)
-    manager = checkpoints.ExcpCheckpointManager(root / "excp")
-    infos = [manager.save(state) for state in progress(saved, "excp: saving")]
-    if ctx.wants("ratio"):
-      parts.append(_ratio(ctx, root, manager, saved, infos))
-    if ctx.wants("restore"):
-      parts.append(_restore(ctx, manager, saved, original, loss_of))
-    if ctx.wants("resume"):
-      parts.append(_resume(ctx, cfg, manager, saved, trained, loss_of))
-    manager.close()
+  if any(ctx.wants(p) for p in ("ratio", "restore", "resume")):
+    with tempfile.TemporaryDirectory() as tmp, checkpoints.ExcpCheckpointManager(pathlib.Path(tmp) / "excp") as manager:
+      infos = [manager.save(state) for state in progress(saved, "excp: saving")]
+      if ctx.wants("ratio"):
+        parts.append(_ratio(ctx, pathlib.Path(tmp), manager, saved, infos))
+      if ctx.wants("restore"):
+        parts.append(_restore(ctx, manager, saved, original, loss_of))
+      if ctx.wants("resume"):
+        parts.append(_resume(ctx, cfg, manager, saved, trained, loss_of))
+  # speed and sweep code the last checkpoint against the previous one's true weights
+  ckpt, previous = checkpoints.split_state(saved[-1]), checkpoints.split_state(saved[-2]).weights
   if ctx.wants("speed"):
-    parts.append(_speed(ctx, saved))
+    parts.append(_speed(ctx, ckpt, previous))
   if ctx.wants("sweep"):
-    parts.append(_sweep(ctx, cfg, saved, original[-1], loss_of))
+    parts.append(_sweep(ctx, cfg, ckpt, previous, saved[-1], original[-1], loss_of))
   note = (
     f"A {trained.model.num_params() / 1e6:.2f}M-parameter Llama trained {trained.tcfg.total_steps} steps on the "
     f"stdlib corpus; its state (weights, Adam m and v, counts) saved every {every} steps ({len(saved)} checkpoints), "
@@ -255,16 +264,15 @@ def _resume(ctx: Context, cfg: Config, manager, saved, trained, loss_of):
   return records, plot
 
 
-def _speed(ctx: Context, saved):
-  ckpt, previous = checkpoints.split_state(saved[-1]), checkpoints.split_state(saved[-2])
-  dense_mb = sum(x.nbytes for group in ckpt for x in group.values()) / 1e6
+def _speed(ctx: Context, ckpt: excp.Checkpoint, previous: excp.Arrays):
+  dense_mb = ckpt.nbytes / 1e6
   records = []
   for coder in ("lzma", "zstd"):
     cfg = excp.ExcpConfig(coder=coder)
-    blob, _ = excp.encode(ckpt, previous.weights, cfg)
+    blob, _ = excp.encode(ckpt, previous, cfg)
     # numpy, nothing to compile: the untimed encode above is the warm-up
-    enc = time_fn(excp.encode, ckpt, previous.weights, cfg, repeats=ctx.repeats, warmup=0).median_s
-    dec = time_fn(excp.decode, blob, previous.weights, repeats=ctx.repeats, warmup=0).median_s
+    enc = time_fn(excp.encode, ckpt, previous, cfg, repeats=ctx.repeats, warmup=0).median_s
+    dec = time_fn(excp.decode, blob, previous, repeats=ctx.repeats, warmup=0).median_s
     records += [
       ctx.record(f"encode MB/s of the dense state, {coder}", dense_mb / enc, "MB/s"),
       ctx.record(f"decode MB/s of the dense state, {coder}", dense_mb / dec, "MB/s"),
@@ -273,10 +281,9 @@ def _speed(ctx: Context, saved):
   return records, None
 
 
-def _sweep(ctx: Context, cfg: Config, saved, original_loss, loss_of):
-  """One residual (the last checkpoint against the previous one's state) per setting."""
-  ckpt, previous = checkpoints.split_state(saved[-1]), checkpoints.split_state(saved[-2])
-  dense = sum(x.nbytes for group in ckpt for x in group.values())
+def _sweep(ctx: Context, cfg: Config, ckpt: excp.Checkpoint, previous: excp.Arrays, like, original_loss, loss_of):
+  """One residual (the last checkpoint against the previous one's weights) per setting."""
+  dense = ckpt.nbytes
   base = excp.ExcpConfig()
   grids = {
     "alpha": [dataclasses.replace(base, alpha=a) for a in cfg.alphas],
@@ -288,8 +295,8 @@ def _sweep(ctx: Context, cfg: Config, saved, original_loss, loss_of):
     points = []
     for config in configs:
       if config not in measured:  # the default is in every grid
-        blob, recon = excp.encode(ckpt, previous.weights, config)
-        measured[config] = dense / len(blob), loss_of(checkpoints.merge_state(recon, saved[-1]).params) - original_loss
+        blob, recon = excp.encode(ckpt, previous, config)
+        measured[config] = dense / len(blob), loss_of(checkpoints.merge_state(recon, like).params) - original_loss
       ratio, delta = measured[config]
       value = getattr(config, name)
       records += [

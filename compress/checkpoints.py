@@ -106,9 +106,8 @@ class ExcpHandler(ocp.CheckpointHandler):
   def metadata(self, directory: epath.Path) -> dict[str, Any]:
     """The file's header, read from its first bytes."""
     with open(os.fspath(directory / FILE), "rb") as f:
-      prefix = f.read(len(excp.MAGIC) + 4)
-      length = int.from_bytes(prefix[len(excp.MAGIC) :], "little") if len(prefix) == len(excp.MAGIC) + 4 else 0
-      return excp.read_header(prefix + f.read(length))
+      prefix = f.read(excp.PREFIX_BYTES)
+      return excp.read_header(prefix + f.read(excp.header_end(prefix) - len(prefix)))
 
 
 @ocp.args.register_with_handler(ExcpHandler, for_save=True)
@@ -241,8 +240,7 @@ class ExcpCheckpointManager:
       for deleted in set(self._parents) - {step, *self._manager.all_steps()}:
         del self._parents[deleted]
     self._cache = (step, recon.weights)
-    dense = sum(x.nbytes for group in ckpt for x in group.values())
-    return SaveInfo(step, parent, len(blob), dense)
+    return SaveInfo(step, parent, len(blob), ckpt.nbytes)
 
   def restore(self, like: TrainState, step: int | None = None) -> TrainState:
     """The state at `step` (default the latest), in the structure of `like` (shapes and dtypes must match)."""

@@ -41,6 +41,7 @@ import numpy as np
 import zstandard
 
 MAGIC = b"PJEXCP\x01\n"
+PREFIX_BYTES = len(MAGIC) + 4  # the magic and the header's length (u32)
 FORMAT_VERSION = 1
 CODERS = ("lzma", "zstd", "none")
 DEFAULT_LEVEL = {"lzma": 9, "zstd": 19, "none": 0}
@@ -95,6 +96,11 @@ class Checkpoint(NamedTuple):
   m: Arrays
   v: Arrays
   other: Arrays
+
+  @property
+  def nbytes(self) -> int:
+    """The dense size: every array's bytes."""
+    return sum(x.nbytes for group in self for x in group.values())
 
 
 # ---------------------------------------------------------------------------- the formulas
@@ -338,19 +344,23 @@ def encode(
   return blob, decode(blob, reference)
 
 
+def header_end(prefix: bytes) -> int:
+  """Where the header ends, from a file's first PREFIX_BYTES bytes."""
+  if prefix[: len(MAGIC)] != MAGIC:
+    raise ValueError(f"blob: expected an ExCP file starting with {MAGIC!r}, got {bytes(prefix[: len(MAGIC)])!r}")
+  if len(prefix) < PREFIX_BYTES:
+    raise ValueError(f"blob: truncated, {len(prefix)} bytes")
+  return PREFIX_BYTES + struct.unpack("<I", prefix[len(MAGIC) : PREFIX_BYTES])[0]
+
+
 def _split_header(blob: bytes) -> tuple[dict[str, Any], int]:
-  if blob[: len(MAGIC)] != MAGIC:
-    raise ValueError(f"blob: expected an ExCP file starting with {MAGIC!r}, got {bytes(blob[: len(MAGIC)])!r}")
-  start = len(MAGIC) + 4
-  if len(blob) < start:
-    raise ValueError(f"blob: truncated, {len(blob)} bytes")
-  (length,) = struct.unpack("<I", blob[len(MAGIC) : start])
-  if len(blob) < start + length:
-    raise ValueError(f"blob: truncated inside the header ({len(blob)} bytes, the header ends at {start + length})")
-  header = json.loads(blob[start : start + length])
+  end = header_end(blob[:PREFIX_BYTES])
+  if len(blob) < end:
+    raise ValueError(f"blob: truncated inside the header ({len(blob)} bytes, the header ends at {end})")
+  header = json.loads(blob[PREFIX_BYTES:end])
   if header.get("format") != FORMAT_VERSION:
     raise ValueError(f"blob: expected format {FORMAT_VERSION}, got {header.get('format')}")
-  return header, start + length
+  return header, end
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
@@ -368,7 +378,7 @@ def decode(blob: bytes, reference: Arrays | None) -> Checkpoint:
   Raises ValueError for a file whose checksum fails (corrupt or truncated), or that needs a
   reference it was not given or was given another one than it was coded against.
   """
-  if len(blob) < len(MAGIC) + 4 + _DIGEST or hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:
+  if len(blob) < PREFIX_BYTES + _DIGEST or hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:
     raise ValueError(f"blob: checksum mismatch, the file is corrupt or truncated ({len(blob)} bytes)")
   header, offset = _split_header(blob)
   raw = {}

@@ -103,26 +103,40 @@ def test_decoded_values_are_the_kept_values_codebook_entries(np_rng):
     np.testing.assert_allclose(recon.v[name][keep_o].mean(), v[name][keep_o].mean(), rtol=0.05)
 
 
-def test_the_chain_decodes_bit_for_bit_and_errors_do_not_accumulate(np_rng):
+def _closed_loop_step(w_hat, w, m, v):
+  """W_hat_t = W_hat_{t-1} + codebook[index] of the kept residual, written from the formulas."""
+  out = {}
+  for name in w:
+    dw = w[name] - w_hat[name]
+    keep, _ = excp.masks(dw, m[name], v[name], alpha=CFG.alpha, beta=CFG.beta)
+    centres = excp.kmeans_1d(dw[keep], 2**CFG.bits - 1)
+    step = np.zeros_like(dw)
+    step[keep] = centres[excp.assign(dw[keep], centres)]
+    out[name] = w_hat[name] + step
+  return out
+
+
+def test_the_stored_chain_decodes_to_the_closed_loop_reconstruction(np_rng):
   w, m, v = _tensors(np_rng)
-  blob, recon = excp.encode(excp.Checkpoint(w, m, v, {"count": np.int32(7)}), None, CFG)
-  for name in w:  # a keyframe is exact
-    np.testing.assert_array_equal(recon.weights[name], w[name])
-  assert recon.other["count"] == 7
-  blobs, recons, truth = [blob], [recon], [w]
-  for _ in range(6):
+  truth = [w]
+  blobs = [excp.encode(excp.Checkpoint(w, m, v, {"count": np.int32(7)}), None, CFG)[0]]
+  reference = excp.decode(blobs[0], None).weights
+  for _ in range(6):  # the encoder's caller threads its reconstructions, as the manager does
     truth.append(_step(np_rng, truth[-1]))
-    blob, recon = excp.encode(excp.Checkpoint(truth[-1], m, v, {}), recons[-1].weights, CFG)
+    blob, recon = excp.encode(excp.Checkpoint(truth[-1], m, v, {}), reference, CFG)
     blobs.append(blob)
-    recons.append(recon)
-  reference = None
-  for blob, recon in zip(blobs, recons, strict=True):
-    decoded = excp.decode(blob, reference)
+    reference = recon.weights
+  decoded = excp.decode(blobs[0], None)  # a reader: only the files, in order
+  assert decoded.other["count"] == 7
+  for name in w:  # a keyframe is exact
+    np.testing.assert_array_equal(decoded.weights[name], w[name])
+  expected, errors = w, []
+  for blob, t in zip(blobs[1:], truth[1:], strict=True):
+    decoded = excp.decode(blob, decoded.weights)
+    expected = _closed_loop_step(expected, t, m, v)
     for name in w:
-      np.testing.assert_array_equal(decoded.weights[name], recon.weights[name])
-      np.testing.assert_array_equal(decoded.v[name], recon.v[name])
-    reference = decoded.weights
-  errors = [max(np.abs(r.weights[n] - t[n]).max() for n in w) for r, t in zip(recons[1:], truth[1:], strict=True)]
+      np.testing.assert_array_equal(decoded.weights[name], expected[name])
+    errors.append(max(np.abs(decoded.weights[n] - t[n]).max() for n in w))
   assert max(errors) < 2 * errors[0], errors  # closed loop: each error is one step's quantisation error
 
 
