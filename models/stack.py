@@ -9,6 +9,12 @@ arrays. `scan_layers` keeps the kinds that were asked for, stacked to [L, B, T, 
 others are never materialised. Sites are named as TransformerLens and SAELens name their
 hooks, `blocks.{l}.{kind}`, so an SAE config's `hook_name` reads the same here.
 
+Edits are the pure-function counterpart of TransformerLens' forward hooks: a mapping
+{site name: fn([B, T, D]) -> [B, T, D]} whose fn replaces the activation at that site for
+the rest of the pass (an SAE's reconstruction spliced in, a steering vector added). The
+layer body calls `edit(by_kind, kind, layer_idx, x)` at each site; inside the scan the layer
+index is traced, so each edit runs under `lax.cond` on it.
+
 Remat policies name what the backward pass may keep instead of recomputing:
   "none"           keep every activation (no rematerialisation)
   "full"           keep nothing inside a layer; recompute it from the layer input
@@ -18,7 +24,7 @@ Remat policies name what the backward pass may keep instead of recomputing:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -56,6 +62,44 @@ def parse_sites(sites: Sequence[str], n_layers: int, kinds: Sequence[str]) -> fr
       )
     needed.add(match[2])
   return frozenset(needed)
+
+
+Edit = Callable[[jax.Array], jax.Array]
+Edits = Mapping[str, Edit]
+
+
+def parse_edits(edits: Edits | None, n_layers: int, kinds: Sequence[str]) -> dict[str, tuple[tuple[int, Edit], ...]]:
+  """{kind: ((layer, fn), ...)} of an edits mapping; raises on a name that is not a site of
+  the stack or a value that is not callable."""
+  if not edits:
+    return {}
+  if not isinstance(edits, Mapping):
+    raise TypeError(f"edits: expected a mapping of site name -> function, got {type(edits).__name__}")
+  parse_sites(list(edits), n_layers, kinds)
+  by_kind: dict[str, list[tuple[int, Edit]]] = {}
+  for name, fn in edits.items():
+    if not callable(fn):
+      raise TypeError(f"edits[{name!r}]: expected a function [B, T, D] -> [B, T, D], got {type(fn).__name__}")
+    match = _SITE.fullmatch(name)
+    assert match is not None  # parse_sites checked it
+    by_kind.setdefault(match[2], []).append((int(match[1]), fn))
+  return {kind: tuple(fns) for kind, fns in by_kind.items()}
+
+
+def edit(
+  by_kind: dict[str, tuple[tuple[int, Edit], ...]], kind: str, layer_idx: jax.Array, x_BTD: jax.Array
+) -> jax.Array:
+  """x_BTD after the edits of `kind` whose layer equals `layer_idx` (a traced scalar)."""
+  for layer, fn in by_kind.get(kind, ()):
+
+    def edited(x, fn=fn, layer=layer):
+      y = fn(x)
+      if y.shape != x.shape:
+        raise ValueError(f"edits: the edit at blocks.{layer}.{kind} returned shape {y.shape}, expected {x.shape}")
+      return y.astype(x.dtype)
+
+    x_BTD = jax.lax.cond(layer_idx == layer, edited, lambda x: x, x_BTD)
+  return x_BTD
 
 
 def pick_sites(sites: Sequence[str], stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:

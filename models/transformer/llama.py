@@ -242,6 +242,8 @@ def forward(
   A `PagedKVCache` works the same way through pages (`ops.paged_attention`): a chunk of new
   tokens attends causally over the row's pages, one token (decode) goes through the kernel
   on GPU; tokens past num_new_B are not written, so padded rows leave the pool untouched.
+  `edits` ({site name: fn([B, T, D]) -> [B, T, D]}, see `models.stack`) replace the
+  activation at each site for the rest of the pass: SAE splicing and steering.
   """
   logits_BTV, state, _ = forward_with_sites(params, tokens_BT, cfg, (), state=state, **inputs)
   return logits_BTV, state
@@ -312,11 +314,13 @@ def _forward(
   positions_BT: jax.Array | None = None,
   segment_ids_BT: jax.Array | None = None,
   num_new_B: jax.Array | None = None,
+  edits: stack.Edits | None = None,
   kinds: frozenset[str] = frozenset(),
 ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """Hidden states after the final RMSNorm, the updated cache and the stacked site
-  activations (inputs as in `forward`)."""
+  activations (inputs as in `forward`). The sites record what their edits receive."""
   cache = state
+  edit_by_kind = stack.parse_edits(edits, cfg.n_layers, SITE_KINDS)
   batch, time = _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B)
   if cache is None:
     index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
@@ -340,10 +344,12 @@ def _forward(
   def layer(carry, xs):
     # A paged pool rides in the scan carry with the layer's page offset and is written in
     # place; a contiguous cache goes through xs/ys one layer slice at a time.
-    (x_BTD, pool), (p, kv) = (carry, (xs, None)) if paged else ((carry, None), xs)
+    (x_BTD, pool), (p, kv, layer_idx) = (carry, xs) if paged else ((carry, None), xs)
+    hook = lambda kind, x: stack.edit(edit_by_kind, kind, layer_idx, x)
     # One layer's compute copy at a time; quantized weights stay as they are (ops.quant.matmul reads them).
     p = quant.map_unquantized(lambda w: w.astype(cfg.dtype), p)
     resid_pre = x_BTD
+    x_BTD = hook("hook_resid_pre", x_BTD)
     with jax.named_scope("attention"):
       h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
       q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_A)
@@ -366,30 +372,35 @@ def _forward(
           k_BSGK, v_BSGK = k_BTGK, v_BTGK
         attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
       attn_out = jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"])
-    x_BTD = x_BTD + attn_out
-    resid_mid = x_BTD
+    resid_mid = x_BTD + hook("hook_attn_out", attn_out)
+    x_BTD = hook("hook_resid_mid", resid_mid)
     with jax.named_scope("mlp"):
       mlp_out = mlp.swiglu(norms.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps), p["w1"], p["w3"], p["w2"])
-    x_BTD = x_BTD + mlp_out
+    resid_post = x_BTD + hook("hook_mlp_out", mlp_out)
+    x_BTD = hook("hook_resid_post", resid_post)
     acts = {
       "hook_resid_pre": resid_pre,
       "hook_attn_out": attn_out,
       "hook_resid_mid": resid_mid,
       "hook_mlp_out": mlp_out,
-      "hook_resid_post": x_BTD,
+      "hook_resid_post": resid_post,
     }
     return ((x_BTD, pool) if paged else x_BTD), kv, acts
 
   k_out, v_out, acts = [], [], []
   if isinstance(cache, PagedKVCache):
     pool = (cache.k_pages_GPSK, cache.v_pages_GPSK, jnp.int32(0))
-    for _, _, segment in layer_segments(params, cfg):
-      (x_BTD, pool), _, stacked = stack.scan_layers(layer, (x_BTD, pool), segment, remat=cfg.remat, kinds=kinds)
+    for start, stop, segment in layer_segments(params, cfg):
+      (x_BTD, pool), _, stacked = stack.scan_layers(
+        layer, (x_BTD, pool), (segment, None, jnp.arange(start, stop)), remat=cfg.remat, kinds=kinds
+      )
       acts.append(stacked)
   else:
     for start, stop, segment in layer_segments(params, cfg):
       kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
-      x_BTD, kv_out, stacked = stack.scan_layers(layer, x_BTD, (segment, kv_in), remat=cfg.remat, kinds=kinds)
+      x_BTD, kv_out, stacked = stack.scan_layers(
+        layer, x_BTD, (segment, kv_in, jnp.arange(start, stop)), remat=cfg.remat, kinds=kinds
+      )
       if cache is not None:
         k_out.append(kv_out[0])
         v_out.append(kv_out[1])

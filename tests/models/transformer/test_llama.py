@@ -147,3 +147,40 @@ def test_errors(params):
     llama.forward(params, jnp.zeros((2, 2), jnp.int32), CFG, state=cache)
   with pytest.raises(ValueError, match="capacity"):
     llama.init_state(CFG, 1, 257)
+
+
+def test_edits_replace_the_activation_for_the_rest_of_the_pass(params, key):
+  tokens = jax.random.randint(key, (2, 10), 0, CFG.vocab_size)
+  v_D = jax.random.normal(jax.random.key(1), (CFG.dim,))
+  clean, _ = llama.forward(params, tokens, CFG)
+  # Reference: adding v at layer 0's input is adding v to every embedding row.
+  shifted, _ = llama.forward(dict(params, embed=params["embed"] + v_D), tokens, CFG)
+  edited, _ = llama.forward(params, tokens, CFG, edits={"blocks.0.hook_resid_pre": lambda x: x + v_D})
+  np.testing.assert_allclose(edited, shifted, rtol=1e-5, atol=1e-5)
+  assert np.abs(edited - clean).max() > 1e-2
+  # The residual stream after layer 0 is layer 1's input: the same edit at either name agrees,
+  # and the sites record what their edit receives (layer 1's input then holds the edited value).
+  sites = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre")
+  scale = lambda x: 2.0 * x
+  post, _, acts = llama.forward_with_sites(params, tokens, CFG, sites, edits={sites[0]: scale})
+  pre, _, _ = llama.forward_with_sites(params, tokens, CFG, (), edits={sites[1]: scale})
+  np.testing.assert_allclose(post, pre, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(acts[sites[1]], 2.0 * acts[sites[0]], rtol=1e-6)
+  # An identity edit at every site leaves the model unchanged.
+  every = {name: (lambda x: x) for name in llama.site_names(CFG)}
+  same, _ = llama.forward(params, tokens, CFG, edits=every)
+  np.testing.assert_allclose(same, clean, rtol=1e-6, atol=1e-6)
+  # Zeroing layer 1's MLP output equals a model whose w2 (MLP output weights) are 0 in layer 1.
+  no_mlp = dict(params, layers=dict(params["layers"], w2=params["layers"]["w2"].at[1].set(0.0)))
+  ablated, _ = llama.forward(params, tokens, CFG, edits={"blocks.1.hook_mlp_out": jnp.zeros_like})
+  np.testing.assert_allclose(ablated, llama.forward(no_mlp, tokens, CFG)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_edit_errors(params):
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="'blocks.2.hook_resid_pre' is not a site"):
+    llama.forward(params, tokens, CFG, edits={"blocks.2.hook_resid_pre": lambda x: x})
+  with pytest.raises(TypeError, match=r"edits\['blocks.0.hook_mlp_out'\]: expected a function"):
+    llama.forward(params, tokens, CFG, edits={"blocks.0.hook_mlp_out": 1.0})
+  with pytest.raises(ValueError, match="returned shape"):
+    llama.forward(params, tokens, CFG, edits={"blocks.0.hook_mlp_out": lambda x: x[:, :1]})
