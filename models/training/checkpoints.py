@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
-from paperjax.models.training.train import TrainState
+T = TypeVar("T")
 
 
 def checkpoint_manager(directory: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -17,12 +18,13 @@ def checkpoint_manager(directory: str | os.PathLike, max_to_keep: int = 3) -> oc
   )
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
+def save(manager: ocp.CheckpointManager, state: Any) -> None:
+  """Saves any pytree with an integer `step` field (a `TrainState`, an SAE's state) at that step."""
   manager.save(int(state.step), args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
 
 
-def restore(manager: ocp.CheckpointManager, like: TrainState, step: int | None = None) -> TrainState:
+def restore(manager: ocp.CheckpointManager, like: T, step: int | None = None) -> T:
   """Restores `step` (default the latest) into the structure and dtypes of `like`."""
   step = manager.latest_step() if step is None else step
   if step is None:

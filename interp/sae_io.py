@@ -1,0 +1,155 @@
+"""SAEs on disk in SAELens' inference format (SAELens 6.x), so either library reads the other's.
+
+Shapes: D the site's width, F dictionary features.
+
+A directory holds
+  cfg.json                  {"architecture", "d_in", "d_sae", "dtype", "device",
+                             "apply_b_dec_to_input": true, "normalize_activations": "none",
+                             "reshape_activations": "none", ["k", "rescale_acts_by_decoder_norm"
+                             for topk], "metadata": {"hook_name", "model_name", ...}}
+  sae_weights.safetensors   W_enc [D, F], W_dec [F, D], b_dec [D], and
+                             standard / topk: b_enc [F]; jumprelu: b_enc, threshold [F];
+                             gated: b_gate, r_mag, b_mag [F]
+  sparsity.safetensors      optional: "sparsity" [F] = log10(firing frequency + 1e-10)
+all float32. As in SAELens, the activation normalisation is folded into the weights
+(`sae.fold_scale`) and a BatchTopK SAE is written as a JumpReLU whose threshold is its
+inference threshold for every latent. Our own training config rides in metadata["paperjax"].
+The directory is written beside its destination and renamed into place, so a reader never
+sees half a save and an earlier save stays whole until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from paperjax.interp import sae
+
+CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+FORMAT_VERSION = "6.18.0"  # the SAELens version whose inference format this writes (its loaders read it)
+_EXTRA = {  # the tensors besides W_enc, W_dec, b_dec
+  "standard": ("b_enc",),
+  "topk": ("b_enc",),
+  "jumprelu": ("b_enc", "threshold"),
+  "gated": ("b_gate", "r_mag", "b_mag"),
+}
+
+
+def to_saelens(params: dict, cfg: sae.SAEConfig, scale: float = 1.0) -> tuple[str, dict[str, np.ndarray]]:
+  """(SAELens architecture, tensors) of an SAE trained on activations scaled by `scale`."""
+  p = {k: np.asarray(v, np.float32) for k, v in sae.fold_scale(params, scale).items()}
+  arch = cfg.architecture
+  if arch == "jumprelu":
+    p["threshold"] = np.exp(p.pop("log_threshold"))
+  elif arch == "batchtopk":
+    arch, p["threshold"] = "jumprelu", np.full((cfg.d_sae,), p.pop("threshold"), np.float32)
+  names = ("W_enc", "W_dec", "b_dec", *_EXTRA[arch])
+  if set(p) != set(names):
+    raise ValueError(f"params: expected the tensors {sorted(names)} of a {cfg.architecture} SAE, got {sorted(p)}")
+  return arch, p
+
+
+def save(
+  directory: str | os.PathLike,
+  params: dict,
+  cfg: sae.SAEConfig,
+  *,
+  scale: float = 1.0,
+  hook_name: str,
+  model_name: str,
+  frequency_F: Any | None = None,
+  metadata: dict[str, Any] | None = None,
+) -> pathlib.Path:
+  """Writes the SAE (trained on activations * scale) to `directory` (module docstring);
+  returns the path. An existing directory is replaced only once the new one is complete."""
+  arch, tensors = to_saelens(params, cfg, scale)
+  config: dict[str, Any] = {
+    "architecture": arch,
+    "d_in": cfg.d_in,
+    "d_sae": cfg.d_sae,
+    "dtype": "float32",
+    "device": "cpu",
+    "apply_b_dec_to_input": True,
+    "normalize_activations": "none",
+    "reshape_activations": "none",
+  }
+  if arch == "topk":
+    config |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+  config["metadata"] = {
+    "sae_lens_version": FORMAT_VERSION,
+    "sae_lens_training_version": FORMAT_VERSION,
+    "hook_name": hook_name,
+    "hook_head_index": None,
+    "model_name": model_name,
+    **(metadata or {}),
+    "paperjax": {"config": dataclasses.asdict(cfg), "activation_scale": scale},
+  }
+  target = pathlib.Path(directory)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+  try:
+    (tmp / CFG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(tensors, tmp / WEIGHTS_FILE)
+    if frequency_F is not None:
+      freq_F = np.asarray(frequency_F, np.float32)
+      if freq_F.shape != (cfg.d_sae,):
+        raise ValueError(f"frequency_F: expected shape ({cfg.d_sae},), got {freq_F.shape}")
+      save_file({"sparsity": np.log10(freq_F + 1e-10).astype(np.float32)}, tmp / SPARSITY_FILE)
+    if target.exists():  # swap: the old save is removed only after the new one is in place
+      old = target.with_name(f".{target.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(target, old)
+      os.replace(tmp, target)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
+def load(directory: str | os.PathLike) -> tuple[dict, sae.SAEConfig, dict[str, Any]]:
+  """(params in the activations' own units, config, cfg.json) of a saved SAE, ours or
+  SAELens'. A JumpReLU file loads as jumprelu (log_threshold = log threshold)."""
+  path = pathlib.Path(directory)
+  config = json.loads((path / CFG_FILE).read_text())
+  arch = config.get("architecture")
+  if arch not in _EXTRA:
+    raise ValueError(f"{path / CFG_FILE}: architecture must be one of {sorted(_EXTRA)}, got {arch!r}")
+  if config.get("normalize_activations", "none") != "none":
+    raise ValueError(
+      f"{path / CFG_FILE}: normalize_activations={config['normalize_activations']!r} is not supported; "
+      "expected 'none' (the scale folded into the weights)"
+    )
+  if not config.get("apply_b_dec_to_input", True):
+    raise ValueError(f"{path / CFG_FILE}: apply_b_dec_to_input=false is not supported (x - b_dec is encoded)")
+  tensors = load_file(path / WEIGHTS_FILE)
+  names = {"W_enc", "W_dec", "b_dec", *_EXTRA[arch]}
+  if set(tensors) != names:
+    raise ValueError(f"{path / WEIGHTS_FILE}: expected tensors {sorted(names)} for {arch}, got {sorted(tensors)}")
+  d_in, d_sae = int(config["d_in"]), int(config["d_sae"])
+  shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+  for name, value in tensors.items():
+    if value.shape != shapes.get(name, (d_sae,)):
+      raise ValueError(f"{path / WEIGHTS_FILE}: {name} has shape {value.shape}, expected {shapes.get(name, (d_sae,))}")
+  params = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  ours = config.get("metadata", {}).get("paperjax", {}).get("config", {})
+  kwargs: dict[str, Any] = {"architecture": arch, "d_in": d_in, "d_sae": d_sae}
+  if arch == "topk":
+    if config.get("rescale_acts_by_decoder_norm", False):
+      raise ValueError(f"{path / CFG_FILE}: rescale_acts_by_decoder_norm=true is not supported")
+    kwargs["k"] = int(config["k"])
+  if arch == "jumprelu":  # SAELens' ReLU(pi) 1[pi > t] is ours with theta = max(t, 0); log 0 = -inf
+    with np.errstate(divide="ignore"):
+      params["log_threshold"] = np.log(np.maximum(params.pop("threshold"), 0.0))
+  if ours.get("architecture") == arch:  # our own training settings come back
+    kwargs = {**ours, **kwargs}
+  return params, sae.SAEConfig(**kwargs), config

@@ -1,0 +1,309 @@
+"""Training an SAE on a model's activations: the activation stream, the step, the loop.
+
+Shapes: B batch rows (tokens), T time, D the site's width, F dictionary features, N tokens
+in a buffer.
+
+Activations come from any protocol model's `forward_with_sites` at one site (SAELens'
+`hook_name`, e.g. "blocks.1.hook_resid_post"): windows of tokens run through the model and
+their [B, T, D] activations are flattened into a numpy shuffle buffer, from which batches
+of rows are drawn (`ActivationStream`). Inputs are scaled by s = sqrt(D / E||x||^2)
+(`sae.normalization_scale`, estimated on the first buffer); `export` folds s back.
+
+One step (`make_step`): Adam on the architecture's loss with a linear lr warm-up and a
+linear warm-up of the sparsity coefficient; for unit-norm decoders, the decoder gradient's
+parallel part is removed before the update and the rows renormalised after it; BatchTopK's
+inference threshold follows its EMA; each latent's tokens-since-fired counter (dead latents:
+>= cfg.dead_tokens) feeds AuxK. The standard SAE may resample its dead latents
+(Anthropic's procedure, `resample_dead`). `train` runs the loop with optional orbax
+checkpoints and resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from paperjax.interp import sae
+from paperjax.models import protocol
+from paperjax.models.training import checkpoints
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """steps of batch_size rows; Adam (b1, b2) at lr after a linear warm-up of lr_warmup_steps;
+  lambda warmed up linearly over penalty_warmup_steps; the standard SAE resamples dead
+  latents every resample_every steps (0: never)."""
+
+  steps: int
+  batch_size: int = 1024
+  lr: float = 1e-3
+  lr_warmup_steps: int = 0
+  penalty_warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.999
+  resample_every: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.steps < 1 or self.batch_size < 1:
+      raise ValueError(f"steps, batch_size: expected >= 1, got {self.steps}, {self.batch_size}")
+    if not self.lr > 0:
+      raise ValueError(f"lr: expected > 0, got {self.lr}")
+    for name in ("lr_warmup_steps", "penalty_warmup_steps", "resample_every"):
+      if not 0 <= getattr(self, name) <= self.steps:
+        raise ValueError(f"{name}: expected 0 <= {name} <= steps={self.steps}, got {getattr(self, name)}")
+
+
+@struct.dataclass
+class SAEState:
+  step: jax.Array  # int32 scalar
+  params: dict
+  opt_state: optax.OptState
+  since_fired_F: jax.Array  # int32 [F]: training tokens since each latent last fired
+  scale: jax.Array  # float32 scalar: the inputs are activations * scale
+
+
+def optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+  lr = optax.linear_schedule(0.0, tcfg.lr, tcfg.lr_warmup_steps) if tcfg.lr_warmup_steps else tcfg.lr
+  return optax.adam(lr, tcfg.b1, tcfg.b2)
+
+
+def start_state(params: dict, tcfg: TrainConfig, scale: float = 1.0) -> SAEState:
+  d_sae = params["W_dec"].shape[0]
+  opt_state = optimizer(tcfg).init(params)
+  return SAEState(jnp.int32(0), params, opt_state, jnp.zeros((d_sae,), jnp.int32), jnp.float32(scale))
+
+
+def dead(state: SAEState, cfg: sae.SAEConfig) -> jax.Array:
+  """bool [F]: latents that have not fired in cfg.dead_tokens training tokens."""
+  return state.since_fired_F >= cfg.dead_tokens
+
+
+def make_step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.Array], tuple[SAEState, dict]]:
+  """A jitted (state, x_BD scaled activations) -> (state, metrics): one training step
+  (module docstring); metrics are loss, mse, sparsity, aux, l0 and dead (fraction)."""
+  tx = optimizer(tcfg)
+
+  @jax.jit
+  def step(state: SAEState, x_BD: jax.Array) -> tuple[SAEState, dict]:
+    warm = jnp.minimum(1.0, (state.step + 1) / max(tcfg.penalty_warmup_steps, 1))
+    dead_F = dead(state, cfg)
+    (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
+      state.params, x_BD, cfg, penalty_scale=warm, dead_F=dead_F
+    )
+    if cfg.unit_norm_decoder:
+      grads = sae.project_decoder_grads(grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if cfg.unit_norm_decoder:
+      params = sae.normalize_decoder(params)
+    f_BF = aux.pop("f_BF")
+    aux.pop("pi_BF")
+    if cfg.architecture == "batchtopk":
+      params["threshold"] = sae.batchtopk_threshold(state.params["threshold"], f_BF, cfg.threshold_rate)
+    fired_F = jnp.any(f_BF != 0, axis=0)
+    since_F = jnp.where(fired_F, 0, jnp.minimum(state.since_fired_F + x_BD.shape[0], jnp.iinfo(jnp.int32).max // 2))
+    metrics = {"loss": total, **aux, "dead": jnp.mean(dead_F.astype(jnp.float32))}
+    return SAEState(state.step + 1, params, opt_state, since_F, state.scale), metrics
+
+  return step
+
+
+def resample_dead(state: SAEState, x_ND: jax.Array, cfg: sae.SAEConfig, key: jax.Array) -> SAEState:
+  """Anthropic's resampling of dead latents (standard SAE): each dead latent f gets an input
+  x_n drawn with probability proportional to its squared reconstruction error,
+  W_dec[f] = (x_n - b_dec) / ||x_n - b_dec||, W_enc[:, f] = W_dec[f] * 0.2 * the mean alive
+  encoder norm, b_enc[f] = 0, and its Adam moments reset; its counter restarts."""
+  if cfg.architecture != "standard":
+    raise ValueError(f"cfg: resampling is for the standard SAE, got {cfg.architecture}")
+  dead_F = np.asarray(dead(state, cfg))
+  n_dead = int(dead_F.sum())
+  if n_dead == 0:
+    return state
+  params = state.params
+  err_N = np.asarray(jnp.sum((sae.reconstruct(params, x_ND, cfg) - x_ND) ** 2, axis=-1), np.float64) ** 2
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  p_N = err_N / err_N.sum() if err_N.sum() > 0 else None
+  rows = rng.choice(x_ND.shape[0], size=n_dead, replace=x_ND.shape[0] < n_dead, p=p_N)
+  dirs_ND = np.asarray(x_ND)[rows] - np.asarray(params["b_dec"])
+  dirs_ND /= np.maximum(np.linalg.norm(dirs_ND, axis=-1, keepdims=True), 1e-12)
+  enc_norm_F = np.linalg.norm(np.asarray(params["W_enc"]), axis=0)
+  alive_norm = float(enc_norm_F[~dead_F].mean()) if (~dead_F).any() else 1.0
+  idx = np.flatnonzero(dead_F)
+  params = params | {
+    "W_dec": params["W_dec"].at[idx].set(dirs_ND),
+    "W_enc": params["W_enc"].at[:, idx].set(dirs_ND.T * 0.2 * alive_norm),
+    "b_enc": params["b_enc"].at[idx].set(0.0),
+  }
+
+  def reset(moment: dict) -> dict:  # zero the dead latents' rows of one Adam moment tree
+    return moment | {
+      "W_dec": moment["W_dec"].at[idx].set(0.0),
+      "W_enc": moment["W_enc"].at[:, idx].set(0.0),
+      "b_enc": moment["b_enc"].at[idx].set(0.0),
+    }
+
+  opt_state = state.opt_state
+  for name in ("mu", "nu"):
+    opt_state = optax.tree_utils.tree_set(opt_state, **{name: reset(optax.tree_utils.tree_get(opt_state, name))})
+  return SAEState(state.step, params, opt_state, state.since_fired_F.at[idx].set(0), state.scale)
+
+
+class ActivationStream:
+  """Shuffled batches of one site's activations [B, D] (float32, unscaled).
+
+  Windows of tokens (an iterator of int [B, T]) run through `model.forward_with_sites`;
+  each refill flattens `refill_windows` of them into the buffer, which is shuffled (numpy,
+  seeded) and served in order, so a batch mixes tokens of many windows and positions.
+  """
+
+  def __init__(
+    self,
+    params: Any,
+    model_cfg: Any,
+    site: str,
+    windows: Iterator[np.ndarray],
+    *,
+    batch_size: int,
+    refill_windows: int = 8,
+    seed: int = 0,
+  ):
+    model = protocol.model_for(model_cfg)
+    if site not in model.site_names(model_cfg):
+      raise ValueError(f"site: {site!r} is not a site of this model; expected one of model.site_names(cfg)")
+    if batch_size < 1 or refill_windows < 1:
+      raise ValueError(f"batch_size, refill_windows: expected >= 1, got {batch_size}, {refill_windows}")
+    self._collect = _collector(model_cfg, site)
+    self._params, self._windows = params, windows
+    self.batch_size, self.refill_windows = batch_size, refill_windows
+    self._rng = np.random.default_rng(seed)
+    self._buffer: np.ndarray = np.zeros((0, 0), np.float32)
+    self._pos = 0
+    self.tokens_read = 0
+
+  def _refill(self) -> None:
+    chunks = []
+    for _ in range(self.refill_windows):
+      window = next(self._windows, None)
+      if window is None:
+        break
+      chunks.append(np.asarray(self._collect(self._params, jnp.asarray(window))))
+    if not chunks:
+      raise StopIteration
+    self.tokens_read += sum(len(c) for c in chunks)
+    if self._pos < len(self._buffer):
+      chunks.insert(0, self._buffer[self._pos :])
+    self._buffer = np.concatenate(chunks)
+    self._buffer = self._buffer[self._rng.permutation(len(self._buffer))]
+    self._pos = 0
+
+  def __iter__(self) -> ActivationStream:
+    return self
+
+  def __next__(self) -> np.ndarray:
+    if len(self._buffer) - self._pos < self.batch_size:
+      self._refill()
+      if len(self._buffer) < self.batch_size:
+        raise StopIteration
+    batch = self._buffer[self._pos : self._pos + self.batch_size]
+    self._pos += self.batch_size
+    return batch
+
+
+@functools.lru_cache(maxsize=16)
+def _collector(model_cfg: Any, site: str) -> Callable[[Any, jax.Array], jax.Array]:
+  model = protocol.model_for(model_cfg)
+
+  @jax.jit
+  def collect(params, tokens_BT):
+    _, _, acts = model.forward_with_sites(params, tokens_BT, model_cfg, (site,))
+    act_BTD = acts[site]
+    return act_BTD.reshape(-1, act_BTD.shape[-1]).astype(jnp.float32)
+
+  return collect
+
+
+def collect(params: Any, model_cfg: Any, site: str, tokens_BT: Any) -> np.ndarray:
+  """The activations at `site` of every token of tokens_BT, float32 [B * T, D]."""
+  model = protocol.model_for(model_cfg)
+  if site not in model.site_names(model_cfg):
+    raise ValueError(f"site: {site!r} is not a site of this model; expected one of model.site_names(cfg)")
+  tokens_BT = jnp.asarray(tokens_BT)
+  protocol.check_tokens(tokens_BT, model_cfg.vocab_size)
+  return np.asarray(_collector(model_cfg, site)(params, tokens_BT))
+
+
+class Trained(NamedTuple):
+  """A trained SAE: params on scaled inputs, the scale s, the final state, metrics per step."""
+
+  params: dict
+  scale: float
+  state: SAEState
+  history: dict[str, np.ndarray]
+
+
+def train(
+  key: jax.Array,
+  cfg: sae.SAEConfig,
+  tcfg: TrainConfig,
+  batches: Iterator[np.ndarray],
+  *,
+  scale: float | None = None,
+  checkpoint_dir: str | os.PathLike | None = None,
+  checkpoint_every: int = 0,
+) -> Trained:
+  """Trains cfg on `batches` (unscaled activations [batch_size, D]) up to tcfg.steps steps.
+
+  A fresh run estimates s on its first batch (unless `scale` is given) and starts b_dec at
+  that batch's geometric median (scaled). With `checkpoint_dir`, the state (s included) is
+  saved through orbax every `checkpoint_every` steps and at the end, and a run finding a
+  checkpoint there resumes from its latest step; `batches` then continues where the caller's
+  iterator is (pass the stream positioned after the batches already trained on).
+  """
+  if checkpoint_every < 0 or (checkpoint_every and checkpoint_dir is None):
+    raise ValueError(f"checkpoint_every: expected >= 0 and a checkpoint_dir, got {checkpoint_every}, {checkpoint_dir}")
+  first = np.asarray(next(batches), np.float32)
+  if first.shape != (tcfg.batch_size, cfg.d_in):
+    raise ValueError(f"batches: expected arrays [batch_size={tcfg.batch_size}, d_in={cfg.d_in}], got {first.shape}")
+  s = sae.normalization_scale(first) if scale is None else float(scale)
+  if not s > 0:
+    raise ValueError(f"scale: expected > 0, got {s}")
+  init_key, resample_key = jax.random.split(key)
+  state = start_state(sae.init(init_key, cfg, sae.geometric_median(first * s)), tcfg, s)
+  manager = None if checkpoint_dir is None else checkpoints.checkpoint_manager(checkpoint_dir)
+  step = make_step(cfg, tcfg)
+  history: dict[str, list[float]] = {}
+  batch: np.ndarray | None = first
+  try:
+    if manager is not None and manager.latest_step() is not None:
+      state = checkpoints.restore(manager, state)
+      if scale is not None and not np.isclose(float(state.scale), scale):
+        raise ValueError(f"scale: the checkpoint in {checkpoint_dir} has {float(state.scale)}, got {scale}")
+    while int(state.step) < tcfg.steps:
+      if batch is None:
+        batch = np.asarray(next(batches), np.float32)
+      x_BD = jnp.asarray(batch) * state.scale
+      state, metrics = step(state, x_BD)
+      for name, value in metrics.items():
+        history.setdefault(name, []).append(float(value))
+      done = int(state.step)
+      if tcfg.resample_every and done % tcfg.resample_every == 0 and done < tcfg.steps:
+        state = resample_dead(state, x_BD, cfg, jax.random.fold_in(resample_key, done))
+      if manager is not None and checkpoint_every and done % checkpoint_every == 0:
+        checkpoints.save(manager, state)
+      batch = None
+    if manager is not None and manager.latest_step() != int(state.step):
+      checkpoints.save(manager, state)
+  finally:
+    if manager is not None:
+      manager.close()
+  return Trained(state.params, float(state.scale), state, {k: np.asarray(v) for k, v in history.items()})

@@ -1,0 +1,181 @@
+"""SAE evaluation and files: explained variance, splicing, contexts, steering, SAELens format."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from paperjax.interp import sae, sae_eval, sae_io
+from paperjax.models.data import tokenizer
+from paperjax.models.serving import generate
+from paperjax.models.transformer import llama
+
+MODEL = llama.LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64)
+SITE = "blocks.0.hook_resid_post"
+D = MODEL.dim
+
+
+@pytest.fixture(scope="module")
+def model_params():
+  return llama.init(jax.random.key(0), MODEL)
+
+
+def _tokens(shape=(4, 12), seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, MODEL.vocab_size, shape), jnp.int32)
+
+
+def _identity_sae() -> tuple[dict, sae.SAEConfig]:
+  """ReLU(x) - ReLU(-x) = x: a standard SAE with W_enc = [I, -I], W_dec = [I; -I] is exact."""
+  eye = np.eye(D, dtype=np.float32)
+  cfg = sae.SAEConfig(architecture="standard", d_in=D, d_sae=2 * D, coefficient=1.0)
+  params = {"W_enc": np.concatenate([eye, -eye], 1), "W_dec": np.concatenate([eye, -eye], 0)}
+  params |= {"b_enc": np.zeros(2 * D, np.float32), "b_dec": np.zeros(D, np.float32)}
+  return {k: jnp.asarray(v) for k, v in params.items()}, cfg
+
+
+def test_explained_variance():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(50, 6)) + 3.0, jnp.float32)
+  assert float(sae_eval.explained_variance(x, x)) == 1.0
+  assert float(sae_eval.explained_variance(x, jnp.broadcast_to(x.mean(0), x.shape))) == pytest.approx(0.0, abs=1e-6)
+  x_hat = x + jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32) * 0.5
+  xs, hs = np.asarray(x, np.float64), np.asarray(x_hat, np.float64)
+  # the issue's form: 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)
+  expected = 1 - np.mean(np.sum((xs - hs) ** 2, 1)) / (np.mean(np.sum(xs**2, 1)) - np.sum(xs.mean(0) ** 2))
+  assert float(sae_eval.explained_variance(x, x_hat)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_reconstruction_metrics_and_density_histogram():
+  params, cfg = _identity_sae()
+  x = np.random.default_rng(0).normal(size=(40, D)).astype(np.float32)
+  x[:, 0] = np.abs(x[:, 0])  # latent D (the -x_0 half) never fires; latent 0 fires on every row
+  r = sae_eval.reconstruction(params, cfg, x, chunk=16)
+  assert r.explained_variance == pytest.approx(1.0) and r.mse == pytest.approx(0.0, abs=1e-10)
+  f = np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], 1)
+  assert r.l0 == pytest.approx(np.mean((f != 0).sum(1)))
+  assert r.dead == pytest.approx(1 / (2 * D)) and r.frequency_F[0] == 1.0 and r.frequency_F[D] == 0.0
+  assert r.dense == pytest.approx(np.mean(r.frequency_F > 0.1))
+  counts, dead = sae_eval.density_histogram(np.array([0.0, 1e-5, 2e-5, 0.3, 1.0]), bins=(-6, -4, -1, 0))
+  assert dead == 1 and counts.tolist() == [2, 0, 2]
+
+
+def test_splicing_identity_recovers_everything_and_zero_nothing(model_params):
+  tokens = _tokens()
+  params, cfg = _identity_sae()
+  result = sae_eval.splice(model_params, MODEL, SITE, params, cfg, tokens)
+  assert result.loss_recovered == pytest.approx(1.0, abs=1e-4) and result.kl == pytest.approx(0.0, abs=1e-5)
+  zero = params | {"W_dec": jnp.zeros_like(params["W_dec"])}
+  result = sae_eval.splice(model_params, MODEL, SITE, zero, cfg, tokens)
+  assert result.loss_recovered == pytest.approx(0.0, abs=1e-6) and result.kl > 0
+  # the clean CE, from the logits by hand
+  logits = np.asarray(llama.forward(model_params, tokens, MODEL)[0], np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  t = np.asarray(tokens)
+  ce = -np.mean([logp[b, i, t[b, i + 1]] for b in range(t.shape[0]) for i in range(t.shape[1] - 1)])
+  assert result.ce_clean == pytest.approx(ce, rel=1e-5)
+  assert result.ce_zero != pytest.approx(result.ce_clean, rel=1e-3)
+
+
+def test_top_contexts():
+  tok = tokenizer.from_name("cl100k_base")
+  ids = tok.encode("one two three four five six seven eight")
+  tokens_BT = np.asarray([ids[:4], ids[4:8]])
+  f = np.zeros((8, 3), np.float32)
+  f[6, 1], f[1, 1], f[3, 1] = 5.0, 2.0, 1.0  # row 1 pos 2 ("seven"), row 0 pos 1 ("two"), row 0 pos 3
+  (contexts,) = sae_eval.top_contexts(f, tokens_BT, [1], tok, n=2, before=2)
+  assert [(c.row, c.position, c.activation) for c in contexts] == [(1, 2, 5.0), (0, 1, 2.0)]
+  assert contexts[0].text == " five six[[ seven]]" and contexts[1].text == "one[[ two]]"
+  with pytest.raises(ValueError, match="features: expected ids in"):
+    sae_eval.top_contexts(f, tokens_BT, [3], tok)
+
+
+def test_steering(model_params):
+  tokens = _tokens((8, 12))
+  direction = model_params["unembed"][:, 5] / jnp.linalg.norm(model_params["unembed"][:, 5])
+  edit = sae_eval.steer(direction, 3.0)
+  x = jnp.ones((1, 2, D))
+  np.testing.assert_allclose(edit(x), x + 3.0 * direction, rtol=1e-6)
+  effect = sae_eval.steering_effect(model_params, MODEL, "blocks.1.hook_resid_post", direction, 8.0, tokens, n=3)
+  assert effect.p_steered > effect.p_clean and len(effect.promoted) == 3
+  # scale 0 is the clean model: greedy decoding equals the serving engine's greedy generate
+  prompt = tokens[:2, :5]
+  ours = sae_eval.steered_greedy(model_params, MODEL, prompt, 6, SITE, direction, 0.0)
+  ref, _ = generate.generate(jax.random.key(0), model_params, MODEL, prompt, jnp.array([5, 5]), max_new_tokens=6)
+  np.testing.assert_array_equal(ours, ref)
+  steered = sae_eval.steered_greedy(model_params, MODEL, prompt, 6, "blocks.1.hook_resid_post", direction, 50.0)
+  assert np.mean(np.asarray(steered) == 5) > np.mean(np.asarray(ours) == 5)
+
+
+CONFIGS = {
+  "standard": sae.SAEConfig(architecture="standard", d_in=D, d_sae=32, coefficient=0.5),
+  "topk": sae.SAEConfig(architecture="topk", d_in=D, d_sae=32, k=4),
+  "batchtopk": sae.SAEConfig(architecture="batchtopk", d_in=D, d_sae=32, k=4),
+  "gated": sae.SAEConfig(architecture="gated", d_in=D, d_sae=32, coefficient=0.5),
+  "jumprelu": sae.SAEConfig(architecture="jumprelu", d_in=D, d_sae=32, coefficient=0.5),
+}
+
+
+@pytest.mark.parametrize("arch", sae.ARCHITECTURES)
+def test_saelens_files_round_trip(arch, tmp_path):
+  cfg = CONFIGS[arch]
+  rng = np.random.default_rng(0)
+  params = sae.init(jax.random.key(0), cfg)
+  params = {k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+  scale = 0.37
+  x = jnp.asarray(rng.normal(size=(20, D)) * 3, jnp.float32)
+  freq = rng.uniform(0, 0.2, 32)
+  path = sae_io.save(tmp_path / "sae", params, cfg, scale=scale, hook_name=SITE, model_name="tiny", frequency_F=freq)
+  config = json.loads((path / "cfg.json").read_text())
+  saved_arch = "jumprelu" if arch == "batchtopk" else arch  # SAELens writes BatchTopK as JumpReLU
+  assert config["architecture"] == saved_arch and config["d_in"] == D and config["d_sae"] == 32
+  assert config["normalize_activations"] == "none" and config["metadata"]["hook_name"] == SITE
+  tensors = load_file(path / "sae_weights.safetensors")
+  assert tensors["W_enc"].shape == (D, 32) and tensors["W_dec"].shape == (32, D)
+  np.testing.assert_allclose(load_file(path / "sparsity.safetensors")["sparsity"], np.log10(freq + 1e-10), rtol=1e-6)
+  loaded, loaded_cfg, _ = sae_io.load(path)
+  assert loaded_cfg.architecture == saved_arch
+  if arch != "batchtopk":
+    assert loaded_cfg == cfg
+  # the loaded SAE on raw activations equals the trained one on scaled activations, rescaled
+  if arch == "batchtopk":
+    params["threshold"] = jnp.float32(0.3)
+    sae_io.save(path, params, cfg, scale=scale, hook_name=SITE, model_name="tiny")
+    loaded, loaded_cfg, _ = sae_io.load(path)
+  expected = sae.reconstruct(params, x * scale, cfg) / scale
+  np.testing.assert_allclose(sae.reconstruct(loaded, x, loaded_cfg), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_save_replaces_atomically_and_load_rejects_bad_files(tmp_path):
+  cfg = CONFIGS["topk"]
+  params = sae.init(jax.random.key(0), cfg)
+  path = sae_io.save(tmp_path / "sae", params, cfg, hook_name=SITE, model_name="tiny")
+  before = (path / "sae_weights.safetensors").read_bytes()
+  with pytest.raises(ValueError, match=r"frequency_F: expected shape \(32,\)"):
+    sae_io.save(path, params, cfg, hook_name=SITE, model_name="tiny", frequency_F=np.zeros(3))
+  assert (path / "sae_weights.safetensors").read_bytes() == before  # the failed save left the old one whole
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # and no temporary directory behind
+  config = json.loads((path / "cfg.json").read_text())
+  (path / "cfg.json").write_text(json.dumps(config | {"normalize_activations": "expected_average_only_in"}))
+  with pytest.raises(ValueError, match="normalize_activations='expected_average_only_in' is not supported"):
+    sae_io.load(path)
+  (path / "cfg.json").write_text(json.dumps(config))
+  tensors = load_file(path / "sae_weights.safetensors")
+  save_file({**tensors, "W_dec": tensors["W_dec"][:, :3].copy()}, path / "sae_weights.safetensors")
+  with pytest.raises(ValueError, match=r"W_dec has shape \(32, 3\), expected \(32, 16\)"):
+    sae_io.load(path)
+
+
+def test_errors(model_params):
+  from paperjax.models.recurrent import based
+
+  params, cfg = _identity_sae()
+  with pytest.raises(TypeError, match="model_cfg: expected a LlamaConfig"):
+    sae_eval.splice(model_params, based.PRESETS["tiny"], SITE, params, cfg, _tokens())
+  with pytest.raises(ValueError, match="site: 'blocks.9.hook_resid_post' is not a site"):
+    sae_eval.splice(model_params, MODEL, "blocks.9.hook_resid_post", params, cfg, _tokens())
+  with pytest.raises(ValueError, match=r"x_BD: expected shape \[B, 16\]"):
+    sae_eval.reconstruction(params, cfg, np.zeros((4, 3)))
+  with pytest.raises(ValueError, match="max_new_tokens: expected >= 1"):
+    sae_eval.steered_greedy(model_params, MODEL, _tokens((1, 4)), 0, SITE, jnp.zeros(D), 1.0)
