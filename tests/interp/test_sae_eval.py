@@ -10,6 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from paperjax.interp import sae, sae_eval, sae_io
 from paperjax.models.data import tokenizer
+from paperjax.models.recurrent import based
 from paperjax.models.serving import generate
 from paperjax.models.transformer import llama
 
@@ -168,11 +169,10 @@ def test_save_replaces_atomically_and_load_rejects_bad_files(tmp_path):
 
 
 def test_errors(model_params):
-  from paperjax.models.recurrent import based
-
   params, cfg = _identity_sae()
+  based_cfg = based.BasedConfig(vocab_size=64, dim=16, n_blocks=2, n_heads=2, feature_dim=4, window=3, ffn_dim=32)
   with pytest.raises(TypeError, match="model_cfg: expected a LlamaConfig"):
-    sae_eval.splice(model_params, based.PRESETS["tiny"], SITE, params, cfg, _tokens())
+    sae_eval.splice(model_params, based_cfg, SITE, params, cfg, _tokens())
   with pytest.raises(ValueError, match="site: 'blocks.9.hook_resid_post' is not a site"):
     sae_eval.splice(model_params, MODEL, "blocks.9.hook_resid_post", params, cfg, _tokens())
   with pytest.raises(ValueError, match=r"x_BD: expected shape \[B, 16\]"):
