@@ -106,7 +106,7 @@ def run(ctx: Context) -> Result:
     if int(state.step) % every == 0:
       saved.append(jax.device_get(state))
 
-  trained = bench_llama.train_stdlib_lm(ctx, cfg.lm, "excp: training", on_step=keep)
+  trained = bench_llama.train_stdlib_lm(ctx, cfg.lm, on_step=keep)
   loss_of = lambda params: float(lm.eval_loss(params, trained.test_batch, trained.model))
   original = [loss_of(s.params) for s in saved]
   parts = []

@@ -18,6 +18,7 @@ Shapes: N tokens in a stream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -206,19 +207,45 @@ class StdlibLM(NamedTuple):
   train_tokens: int
   train_batch: Callable[[int], lm.Batch]  # the batch of training step i
   train_step: Callable[..., tuple[train.TrainState, dict]]  # the jitted step that trained it
+  kept_ids: np.ndarray  # compact id i is cl100k id kept_ids[i]; id len(kept_ids) is "other"
+
+  def decode(self, tok: tokenizer.Tokenizer, ids: np.ndarray) -> str:
+    """Text of compact ids (each "other" id shown as <other>)."""
+    ids = np.asarray(ids).ravel()
+    pieces, run = [], []
+    for i in ids:
+      if i < len(self.kept_ids):
+        run.append(int(self.kept_ids[i]))
+        continue
+      pieces += [tok.decode(run), "<other>"]
+      run = []
+    return "".join([*pieces, tok.decode(run)])
 
 
 def train_stdlib_lm(
   ctx: Context,
   cfg: Config,
-  desc: str = "llama: training",
   on_step: Callable[[train.TrainState], None] | None = None,
 ) -> StdlibLM:
   """Trains cfg.model on the stdlib corpus (AdamW, cfg.train) and keeps its held-out data.
 
-  `on_step` sees the state after every step (for checkpointing benchmarks).
+  `on_step` sees the state after every step (for checkpointing benchmarks). Without it,
+  the result is shared within the process per (cfg,
+  seed, repeats): the suite trains the model that llama's train part and sae study once
+  (training is deterministic per seed).
   """
-  model, tcfg = cfg.model, dataclasses.replace(cfg.train, seed=ctx.seed)
+  if on_step is None:
+    return _shared_lm(cfg, ctx.seed, ctx.repeats)
+  return _train_lm(cfg, ctx.seed, ctx.repeats, on_step)
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_lm(cfg: Config, seed: int, repeats: int) -> StdlibLM:
+  return _train_lm(cfg, seed, repeats, None)
+
+
+def _train_lm(cfg: Config, seed: int, repeats: int, on_step: Callable[[train.TrainState], None] | None) -> StdlibLM:
+  model, tcfg = cfg.model, dataclasses.replace(cfg.train, seed=seed)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     tok = tokenizer.from_name("cl100k_base")
@@ -229,15 +256,15 @@ def train_stdlib_lm(
   freq = np.bincount(train_ids, minlength=model.vocab_size) / train_ids.size
   test_freq = np.bincount(test_ids, minlength=model.vocab_size) / test_ids.size
   unigram_ce = float(-np.sum(test_freq * np.log(np.maximum(freq, 1e-12))))
-  eval_cfg = dataclasses.replace(tcfg, batch_size=64, seed=ctx.seed + 1)
+  eval_cfg = dataclasses.replace(tcfg, batch_size=64, seed=seed + 1)
   test_batch = lm.batch_at(test_ids, test_stream.segment_ids_N, 0, eval_cfg)
 
-  state = lm.init_state(jax.random.key(ctx.seed), model, tcfg)
+  state = lm.init_state(jax.random.key(seed), model, tcfg)
   step = lm.make_train_step(model, tcfg)
   batch = lambda i: lm.batch_at(train_ids, train_stream.segment_ids_N, i, tcfg)
-  step_time = time_fn(step, state, batch(0), repeats=ctx.repeats).median_s  # the state is not advanced
+  step_time = time_fn(step, state, batch(0), repeats=repeats).median_s  # the state is not advanced
   losses, evals = [], []
-  for i in progress(range(tcfg.total_steps), desc):
+  for i in progress(range(tcfg.total_steps), "stdlib LM: training"):
     state, metrics = step(state, batch(i))
     losses.append(float(metrics["loss"]))
     if on_step is not None:
@@ -245,7 +272,19 @@ def train_stdlib_lm(
     if (i + 1) % cfg.eval_every == 0 or i == tcfg.total_steps - 1:
       evals.append((i + 1, float(lm.eval_loss(state.params, test_batch, model))))
   return StdlibLM(
-    model, tcfg, state.params, test_ids, test_batch, unigram_ce, losses, evals, step_time, train_ids.size, batch, step
+    model,
+    tcfg,
+    state.params,
+    test_ids,
+    test_batch,
+    unigram_ce,
+    losses,
+    evals,
+    step_time,
+    train_ids.size,
+    batch,
+    step,
+    kept,
   )
 
 

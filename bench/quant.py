@@ -89,7 +89,7 @@ def _trained(ctx: Context, cfg: Config) -> llama_bench.StdlibLM:
   base = llama_bench.CONFIGS[ctx.scale]
   tcfg = dataclasses.replace(base.train, total_steps=cfg.train_steps, warmup_steps=max(1, cfg.train_steps // 10))
   model = dataclasses.replace(base.model, n_layers=cfg.n_layers)
-  return llama_bench.train_stdlib_lm(ctx, dataclasses.replace(base, model=model, train=tcfg), "quant: training")
+  return llama_bench.train_stdlib_lm(ctx, dataclasses.replace(base, model=model, train=tcfg))
 
 
 def _variant(params: dict, model: llama.LlamaConfig, policy: llama_quant.QuantPolicy | None):

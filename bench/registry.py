@@ -12,7 +12,18 @@ import importlib
 
 from paperjax.bench.harness import Benchmark
 
-BENCHMARKS: tuple[str, ...] = ("bigram", "llama", "maxsim", "align", "interactions", "jrt", "quant", "serving", "excp")
+BENCHMARKS: tuple[str, ...] = (
+  "bigram",
+  "llama",
+  "maxsim",
+  "align",
+  "interactions",
+  "jrt",
+  "quant",
+  "serving",
+  "excp",
+  "sae",
+)
 
 
 def load(name: str) -> Benchmark:

@@ -105,6 +105,12 @@ class SAEConfig:
     return self.architecture != "standard"
 
 
+def inference_config(cfg: SAEConfig) -> SAEConfig:
+  """cfg with every field that only training reads at its default, so configs that encode
+  alike compare equal (one compiled encoder for every lambda of an architecture)."""
+  return SAEConfig(architecture=cfg.architecture, d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k)
+
+
 def init(key: jax.Array, cfg: SAEConfig, b_dec_D: jax.Array | None = None) -> dict:
   """W_dec rows in random directions at norm decoder_init_norm (1 for unit-norm decoders),
   W_enc = W_dec^T, biases 0, b_dec = b_dec_D (e.g. `geometric_median` of a batch)."""

@@ -18,7 +18,7 @@ replaces x (steering); the model is a Llama (`models.transformer.llama`, whose f
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +28,6 @@ import optax
 
 from paperjax.interp import sae
 from paperjax.models import protocol
-from paperjax.models.data.tokenizer import Tokenizer
 from paperjax.models.transformer import llama
 
 
@@ -64,7 +63,7 @@ def reconstruction(
     raise ValueError(f"dense_above: expected a fraction in (0, 1), got {dense_above}")
   f_parts, x_hat_parts = [], []
   for start in range(0, len(x_ND), chunk):
-    f_NF, x_hat_ND = _encode_decode(params, jnp.asarray(x_ND[start : start + chunk]), cfg)
+    f_NF, x_hat_ND = _encode_decode(params, jnp.asarray(x_ND[start : start + chunk]), sae.inference_config(cfg))
     f_parts.append(np.asarray(f_NF))
     x_hat_parts.append(np.asarray(x_hat_ND))
   f_NF, x_hat_ND = np.concatenate(f_parts), np.concatenate(x_hat_parts)
@@ -108,7 +107,8 @@ def splice(model_params: Any, model_cfg: Any, site: str, params: dict, cfg: sae.
   tokens_BT = _check(model_cfg, site, tokens_BT)
   if tokens_BT.shape[1] < 2:
     raise ValueError(f"tokens_BT: expected at least 2 tokens per row, got shape {tokens_BT.shape}")
-  clean, spliced, zero, kl = (float(v) for v in _splice(model_params, params, tokens_BT, model_cfg, site, cfg))
+  losses = _splice(model_params, params, tokens_BT, model_cfg, site, sae.inference_config(cfg))
+  clean, spliced, zero, kl = (float(v) for v in losses)
   return Splice(clean, spliced, zero, (zero - spliced) / (zero - clean), kl)
 
 
@@ -151,10 +151,17 @@ class Context(NamedTuple):
 
 
 def top_contexts(
-  f_NF: Any, tokens_BT: Any, features: Sequence[int], tok: Tokenizer, *, n: int = 5, before: int = 12
+  f_NF: Any,
+  tokens_BT: Any,
+  features: Sequence[int],
+  decode: Callable[[np.ndarray], str],
+  *,
+  n: int = 5,
+  before: int = 12,
 ) -> list[list[Context]]:
   """For each feature, the n tokens of tokens_BT where it is largest (f_NF holds the features
-  of tokens_BT's tokens in row-major order), each decoded with `before` tokens of context."""
+  of tokens_BT's tokens in row-major order), each with `before` tokens of context, as text by
+  `decode` (ids -> str: a tokenizer's decode, or one that maps a compact vocabulary first)."""
   f_NF, tokens_BT = np.asarray(f_NF), np.asarray(tokens_BT)
   if f_NF.shape[0] != tokens_BT.size:
     raise ValueError(f"f_NF: expected one row per token of tokens_BT ({tokens_BT.size}), got {f_NF.shape[0]}")
@@ -167,8 +174,8 @@ def top_contexts(
     rows = []
     for index in top:
       row, pos = divmod(int(index), time)
-      prefix = tok.decode(tokens_BT[row, max(0, pos - before) : pos])
-      token = tok.decode(tokens_BT[row, pos : pos + 1])
+      prefix = decode(tokens_BT[row, max(0, pos - before) : pos])
+      token = decode(tokens_BT[row, pos : pos + 1])
       rows.append(Context(feature, float(f_NF[index, feature]), row, pos, f"{prefix}[[{token}]]"))
     out.append(rows)
   return out

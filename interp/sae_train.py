@@ -39,13 +39,16 @@ from paperjax.models.training import checkpoints
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-  """steps of batch_size rows; Adam (b1, b2) at lr after a linear warm-up of lr_warmup_steps;
-  lambda warmed up linearly over penalty_warmup_steps; the standard SAE resamples dead
-  latents every resample_every steps (0: never)."""
+  """steps of batch_size rows; Adam (b1, b2) at lr after a linear warm-up of lr_warmup_steps
+  (JumpReLU's log-thresholds at threshold_lr, default lr: Adam moves a log-threshold about lr
+  per step, so a short run needs a larger rate to reach its sparsity); lambda warmed up
+  linearly over penalty_warmup_steps; the standard SAE resamples dead latents every
+  resample_every steps (0: never)."""
 
   steps: int
   batch_size: int = 1024
   lr: float = 1e-3
+  threshold_lr: float | None = None
   lr_warmup_steps: int = 0
   penalty_warmup_steps: int = 0
   b1: float = 0.9
@@ -56,8 +59,8 @@ class TrainConfig:
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 1:
       raise ValueError(f"steps, batch_size: expected >= 1, got {self.steps}, {self.batch_size}")
-    if not self.lr > 0:
-      raise ValueError(f"lr: expected > 0, got {self.lr}")
+    if not self.lr > 0 or not (self.threshold_lr is None or self.threshold_lr > 0):
+      raise ValueError(f"lr, threshold_lr: expected > 0, got {self.lr}, {self.threshold_lr}")
     for name in ("lr_warmup_steps", "penalty_warmup_steps", "resample_every"):
       if not 0 <= getattr(self, name) <= self.steps:
         raise ValueError(f"{name}: expected 0 <= {name} <= steps={self.steps}, got {getattr(self, name)}")
@@ -72,9 +75,29 @@ class SAEState:
   scale: jax.Array  # float32 scalar: the inputs are activations * scale
 
 
+def check_pair(cfg: sae.SAEConfig, tcfg: TrainConfig) -> None:
+  """Raises on a training setting the architecture has no use for."""
+  if tcfg.threshold_lr is not None and cfg.architecture != "jumprelu":
+    raise ValueError(
+      f"threshold_lr: only JumpReLU has thresholds to train, got {tcfg.threshold_lr} for {cfg.architecture}"
+    )
+  if tcfg.resample_every and cfg.architecture != "standard":
+    raise ValueError(
+      f"resample_every: resampling is for the standard SAE, got {tcfg.resample_every} for {cfg.architecture}"
+    )
+
+
 def optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-  lr = optax.linear_schedule(0.0, tcfg.lr, tcfg.lr_warmup_steps) if tcfg.lr_warmup_steps else tcfg.lr
-  return optax.adam(lr, tcfg.b1, tcfg.b2)
+  """Adam with lr's warm-up; with threshold_lr, a second Adam for log_threshold."""
+
+  def adam(peak: float) -> optax.GradientTransformation:
+    lr = optax.linear_schedule(0.0, peak, tcfg.lr_warmup_steps) if tcfg.lr_warmup_steps else peak
+    return optax.adam(lr, tcfg.b1, tcfg.b2)
+
+  if tcfg.threshold_lr is None:
+    return adam(tcfg.lr)
+  labels = lambda params: {name: "threshold" if name == "log_threshold" else "rest" for name in params}
+  return optax.multi_transform({"rest": adam(tcfg.lr), "threshold": adam(tcfg.threshold_lr)}, labels)
 
 
 def start_state(params: dict, tcfg: TrainConfig, scale: float = 1.0) -> SAEState:
@@ -88,9 +111,12 @@ def dead(state: SAEState, cfg: sae.SAEConfig) -> jax.Array:
   return state.since_fired_F >= cfg.dead_tokens
 
 
+@functools.lru_cache(maxsize=32)
 def make_step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.Array], tuple[SAEState, dict]]:
   """A jitted (state, x_BD scaled activations) -> (state, metrics): one training step
-  (module docstring); metrics are loss, mse, sparsity, aux, l0 and dead (fraction)."""
+  (module docstring); metrics are loss, mse, sparsity, aux, l0 and dead (fraction). Cached
+  per (cfg, tcfg), so every run of one setting shares one compiled step."""
+  check_pair(cfg, tcfg)
   tx = optimizer(tcfg)
 
   @jax.jit
@@ -269,6 +295,7 @@ def train(
   checkpoint there resumes from its latest step; `batches` then continues where the caller's
   iterator is (pass the stream positioned after the batches already trained on).
   """
+  check_pair(cfg, tcfg)
   if checkpoint_every < 0 or (checkpoint_every and checkpoint_dir is None):
     raise ValueError(f"checkpoint_every: expected >= 0 and a checkpoint_dir, got {checkpoint_every}, {checkpoint_dir}")
   first = np.asarray(next(batches), np.float32)

@@ -85,11 +85,11 @@ def test_top_contexts():
   tokens_BT = np.asarray([ids[:4], ids[4:8]])
   f = np.zeros((8, 3), np.float32)
   f[6, 1], f[1, 1], f[3, 1] = 5.0, 2.0, 1.0  # row 1 pos 2 ("seven"), row 0 pos 1 ("two"), row 0 pos 3
-  (contexts,) = sae_eval.top_contexts(f, tokens_BT, [1], tok, n=2, before=2)
+  (contexts,) = sae_eval.top_contexts(f, tokens_BT, [1], tok.decode, n=2, before=2)
   assert [(c.row, c.position, c.activation) for c in contexts] == [(1, 2, 5.0), (0, 1, 2.0)]
   assert contexts[0].text == " five six[[ seven]]" and contexts[1].text == "one[[ two]]"
   with pytest.raises(ValueError, match="features: expected ids in"):
-    sae_eval.top_contexts(f, tokens_BT, [3], tok)
+    sae_eval.top_contexts(f, tokens_BT, [3], tok.decode)
 
 
 def test_steering(model_params):
