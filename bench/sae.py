@@ -21,9 +21,10 @@ Parts:
 Decision rule (fixed before the runs): an architecture beats the standard SAE on a frontier
 (loss recovered or explained variance vs L0) when each of its seed-mean points lies above
 the standard frontier, i.e. its metric exceeds the standard points' metric interpolated
-linearly in log L0 at its L0 (beyond the ends of the standard frontier: exceeds the metric
-of the nearest standard point with an L0 at least as large). It loses when every point lies
-below; otherwise the result is mixed. The papers find Gated and TopK beat ReLU+L1.
+linearly in log L0 at its L0 (sparser than every standard point: exceeds the sparsest
+standard point's metric; denser than every standard point: not comparable, and counted as
+such). It loses when every comparable point lies below; otherwise the result is mixed. The
+papers find Gated and TopK beat ReLU+L1.
 
 Shapes: N tokens (rows of activations), D the site's width, F dictionary features.
 """
@@ -43,8 +44,8 @@ from paperjax.bench import cli
 from paperjax.bench import llama as bench_llama
 from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.interp import sae, sae_eval, sae_train
+from paperjax.models import protocol
 from paperjax.models.data import tokenizer
-from paperjax.models.transformer import llama
 
 SOURCES = {
   "frontier": "Gated SAE (arXiv 2404.16014), TopK (arXiv 2406.04093): Gated and TopK beat ReLU+L1 at equal L0",
@@ -77,8 +78,7 @@ class Config:
       raise ValueError(
         f"grid: expected distinct architectures of {sae.ARCHITECTURES} with standard and topk, got {archs}"
       )
-    if self.site not in llama.site_names(self.lm.model):
-      raise ValueError(f"site: {self.site!r} is not a site of the model")
+    protocol.check_site(self.lm.model, self.site)
     if not self.seeds or self.windows < 1 or self.expansion < 1:
       raise ValueError(f"seeds, windows, expansion: expected non-empty, >= 1, >= 1, got {self}")
 
@@ -149,7 +149,7 @@ def sae_config(cfg: Config, arch: str, value: float, d_in: int) -> sae.SAEConfig
   )
 
 
-def train_config(cfg: Config, arch: str, seed: int) -> sae_train.TrainConfig:
+def train_config(cfg: Config, arch: str) -> sae_train.TrainConfig:
   return sae_train.TrainConfig(
     steps=cfg.steps,
     batch_size=cfg.batch_size,
@@ -157,7 +157,6 @@ def train_config(cfg: Config, arch: str, seed: int) -> sae_train.TrainConfig:
     lr_warmup_steps=cfg.steps // 10,
     penalty_warmup_steps=cfg.steps // 5 if arch in ("standard", "gated", "jumprelu") else 0,
     threshold_lr=cfg.threshold_lr if arch == "jumprelu" else None,
-    seed=seed,
   )
 
 
@@ -205,7 +204,7 @@ def run(ctx: Context) -> Result:
 def _train(ctx, cfg, arch, value, seed, acts_ND, d_in):
   scfg = sae_config(cfg, arch, value, d_in)
   batches = epochs(acts_ND, cfg.batch_size, ctx.seed + seed)
-  result = sae_train.train(jax.random.key(ctx.seed + seed), scfg, train_config(cfg, arch, seed), batches)
+  result = sae_train.train(jax.random.key(ctx.seed + seed), scfg, train_config(cfg, arch), batches)
   return scfg, sae.fold_scale(result.params, result.scale)
 
 
@@ -243,12 +242,13 @@ def _frontier(ctx, cfg, trained, acts_ND, test_ND, test_BT, saes):
   ]
   for metric, index in (("loss recovered", 2), ("explained variance", 1)):
     for arch in (a for a in points if a != "standard"):
-      verdict, above = _versus_standard(points[arch], points["standard"], index)
+      verdict, above, comparable = _versus_standard(points[arch], points["standard"], index)
       claim = "beats ReLU+L1" if arch in ("topk", "gated") else ""
       records.append(
         ctx.record(
-          f"{arch} vs standard on L0-{metric}: {verdict} ({above}/{len(points[arch])} points above)",
-          above / len(points[arch]),
+          f"{arch} vs standard on L0-{metric}: {verdict} ({above} of {comparable} comparable points above, "
+          f"{len(points[arch]) - comparable} denser than every standard point)",
+          above / max(comparable, 1),
           "fraction of points above",
           claim or None,
           SOURCES["frontier"] if claim else "",
@@ -272,22 +272,22 @@ def _frontier(ctx, cfg, trained, acts_ND, test_ND, test_BT, saes):
   return records, plots, notes
 
 
-def _versus_standard(points, standard, index: int) -> tuple[str, int]:
-  """(verdict, points above): the decision rule of the module docstring."""
+def _versus_standard(points, standard, index: int) -> tuple[str, int, int]:
+  """(verdict, points above, comparable points): the decision rule of the module docstring."""
   std = sorted(standard)
   log_l0 = np.log([p[0] for p in std])
   values = np.array([p[index] for p in std])
-  above = 0
-  for l0, *metrics in points:
-    value = (l0, *metrics)[index]
-    if log_l0[0] <= math.log(l0) <= log_l0[-1]:
-      reference = float(np.interp(math.log(l0), log_l0, values))
-    else:  # beyond the ends: the nearest standard point that is no sparser
-      denser = [p for p in std if p[0] >= l0]
-      reference = (denser[0] if denser else std[-1])[index]
-    above += value > reference
-  verdict = "beats" if above == len(points) else "loses" if above == 0 else "mixed"
-  return verdict, above
+  above = comparable = 0
+  for point in points:
+    if point[0] > std[-1][0]:
+      continue  # denser than every standard point: no standard point to compare with
+    reference = float(np.interp(math.log(point[0]), log_l0, values))  # np.interp holds values[0] below the range
+    comparable += 1
+    above += point[index] > reference
+  verdict = (
+    "not comparable" if not comparable else "beats" if above == comparable else "loses" if not above else "mixed"
+  )
+  return verdict, above, comparable
 
 
 def _throughput(ctx, cfg, acts_ND, d_in):
@@ -296,8 +296,8 @@ def _throughput(ctx, cfg, acts_ND, d_in):
   rates = {}
   for arch, values in cfg.grid:
     scfg = sae_config(cfg, arch, values[0], d_in)
-    tcfg = train_config(cfg, arch, 0)
-    state = sae_train.start_state(sae.init(jax.random.key(0), scfg), tcfg)
+    tcfg = train_config(cfg, arch)
+    state = sae_train.start_state(sae.init(jax.random.key(0), scfg), scfg, tcfg)
     step = sae_train.make_step(scfg, tcfg)
     rates[arch] = cfg.batch_size / time_fn(step, state, x_BD, repeats=ctx.repeats).median_s
   records = [ctx.record("standard: training throughput", rates["standard"], "tokens/s")]

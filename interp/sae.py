@@ -43,6 +43,15 @@ Architecture = Literal["standard", "topk", "batchtopk", "gated", "jumprelu"]
 ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "batchtopk", "gated", "jumprelu")
 _SPARSITY_PENALTY = {"standard", "gated", "jumprelu"}  # the architectures with a lambda
 _TOPK = {"topk", "batchtopk"}
+# The fields only some architectures read; setting one for another architecture is an error.
+_READ_BY = {
+  "k_aux": _TOPK,
+  "aux_coefficient": _TOPK,
+  "bandwidth": {"jumprelu"},
+  "init_threshold": {"jumprelu"},
+  "threshold_rate": {"batchtopk"},
+  "decoder_init_norm": {"standard"},
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +65,8 @@ class SAEConfig:
   dead_tokens: a latent is dead after this many training tokens without firing (AuxK).
   bandwidth, init_threshold: JumpReLU's eps and starting theta.
   threshold_rate: BatchTopK's EMA rate for the inference threshold.
-  decoder_init_norm: initial decoder row norm (0.1; 1 where the decoder is unit-norm).
+  decoder_init_norm: the standard SAE's initial decoder row norm (the others start at 1).
+  A field that the architecture does not read must keep its default.
   """
 
   architecture: Architecture
@@ -91,12 +101,18 @@ class SAEConfig:
     for name in ("aux_coefficient", "bandwidth", "init_threshold", "threshold_rate", "decoder_init_norm"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-    if self.dead_tokens < 1:
-      raise ValueError(f"dead_tokens: expected >= 1, got {self.dead_tokens}")
+    if self.dead_tokens < 1 or self.threshold_rate > 1:
+      raise ValueError(
+        f"dead_tokens, threshold_rate: expected >= 1 and <= 1, got {self.dead_tokens}, {self.threshold_rate}"
+      )
+    for name, readers in _READ_BY.items():
+      field = next(f for f in dataclasses.fields(self) if f.name == name)
+      if self.architecture not in readers and getattr(self, name) != field.default:
+        raise ValueError(f"{name}: only {sorted(readers)} read it, got {getattr(self, name)} for {self.architecture}")
 
   @property
   def aux_k(self) -> int:
-    return self.d_in // 2 if self.k_aux is None else self.k_aux
+    return min(max(1, self.d_in // 2), self.d_sae) if self.k_aux is None else self.k_aux
 
   @property
   def unit_norm_decoder(self) -> bool:
@@ -253,6 +269,8 @@ def loss(
   mean_B sum_D (x_hat - x)^2 and l0 the mean count of nonzero features per row.
   """
   check_input(x_BD, cfg)
+  if dead_F is not None and jnp.shape(dead_F) != (cfg.d_sae,):
+    raise ValueError(f"dead_F: expected a bool mask of shape ({cfg.d_sae},), got {jnp.shape(dead_F)}")
   f_BF, pi_BF = _features(params, x_BD, cfg, training=True)
   x_hat_BD = decode(params, f_BF)
   mse = jnp.mean(jnp.sum((x_hat_BD - x_BD) ** 2, axis=-1))
@@ -305,10 +323,13 @@ def normalize_decoder(params: dict) -> dict:
 
 
 def batchtopk_threshold(threshold: jax.Array, f_BF: jax.Array, rate: float) -> jax.Array:
-  """The EMA (1 - rate) threshold + rate min(positive f) (unchanged when nothing fired)."""
+  """The EMA (1 - rate) threshold + rate min(positive f); a threshold of 0 (not yet set)
+  starts at the first batch's min(positive f), so the EMA carries no bias towards 0;
+  unchanged when nothing fired."""
   positive = f_BF > 0
   smallest = jnp.min(jnp.where(positive, f_BF, jnp.inf))
-  return jnp.where(positive.any(), (1 - rate) * threshold + rate * smallest, threshold)
+  updated = jnp.where(threshold > 0, (1 - rate) * threshold + rate * smallest, smallest)
+  return jnp.where(positive.any(), updated, threshold)
 
 
 def geometric_median(x_ND: Any, *, iters: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -33,8 +33,10 @@ from paperjax.models.transformer import llama
 
 def explained_variance(x_ND: jax.Array, x_hat_ND: jax.Array) -> jax.Array:
   """1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the N rows (module docstring)."""
-  if x_ND.shape != x_hat_ND.shape or x_ND.ndim != 2:
-    raise ValueError(f"x_hat_ND: expected the shape of x_ND [N, D] {x_ND.shape}, got {x_hat_ND.shape}")
+  if x_ND.ndim != 2:
+    raise ValueError(f"x_ND: expected activations [N, D], got shape {x_ND.shape}")
+  if x_hat_ND.shape != x_ND.shape:
+    raise ValueError(f"x_hat_ND: expected the shape of x_ND {x_ND.shape}, got {x_hat_ND.shape}")
   total = jnp.sum((x_ND - jnp.mean(x_ND, axis=0)) ** 2)
   return 1.0 - jnp.sum((x_ND - x_hat_ND) ** 2) / total
 
@@ -59,8 +61,8 @@ def reconstruction(
   """Reconstruction metrics of an SAE over activations x_ND (module docstring)."""
   x_ND = np.asarray(x_ND, np.float32)
   sae.check_input(jnp.asarray(x_ND[:1]), cfg)
-  if not 0 < dense_above < 1:
-    raise ValueError(f"dense_above: expected a fraction in (0, 1), got {dense_above}")
+  if not 0 < dense_above < 1 or chunk < 1:
+    raise ValueError(f"dense_above, chunk: expected a fraction in (0, 1) and >= 1, got {dense_above}, {chunk}")
   f_parts, x_hat_parts = [], []
   for start in range(0, len(x_ND), chunk):
     f_NF, x_hat_ND = _encode_decode(params, jnp.asarray(x_ND[start : start + chunk]), sae.inference_config(cfg))
@@ -103,13 +105,15 @@ class Splice(NamedTuple):
 
 def splice(model_params: Any, model_cfg: Any, site: str, params: dict, cfg: sae.SAEConfig, tokens_BT: Any) -> Splice:
   """Next-token CE with x_hat spliced in at `site`, against the clean model and zero ablation
-  (module docstring); CE is the mean over every position t >= 1 of tokens_BT."""
+  (module docstring); CE is the mean over every position t >= 1 of tokens_BT. Loss recovered
+  is NaN when zero ablation leaves the CE unchanged (the ratio is undefined)."""
   tokens_BT = _check(model_cfg, site, tokens_BT)
   if tokens_BT.shape[1] < 2:
     raise ValueError(f"tokens_BT: expected at least 2 tokens per row, got shape {tokens_BT.shape}")
   losses = _splice(model_params, params, tokens_BT, model_cfg, site, sae.inference_config(cfg))
   clean, spliced, zero, kl = (float(v) for v in losses)
-  return Splice(clean, spliced, zero, (zero - spliced) / (zero - clean), kl)
+  recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")  # undefined: ablation is free
+  return Splice(clean, spliced, zero, recovered, kl)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
@@ -135,8 +139,7 @@ def _check(model_cfg: Any, site: str, tokens_BT: Any) -> jax.Array:
   """tokens_BT as an array, once the model is a Llama and `site` one of its sites."""
   if not isinstance(model_cfg, llama.LlamaConfig):
     raise TypeError(f"model_cfg: expected a LlamaConfig (a forward that takes edits), got {type(model_cfg).__name__}")
-  if site not in llama.site_names(model_cfg):
-    raise ValueError(f"site: {site!r} is not a site of this model; expected one of llama.site_names(cfg)")
+  protocol.check_site(model_cfg, site)
   tokens_BT = jnp.asarray(tokens_BT)
   protocol.check_tokens(tokens_BT, model_cfg.vocab_size)
   return tokens_BT
@@ -181,10 +184,18 @@ def top_contexts(
   return out
 
 
-def steer(direction_D: jax.Array, scale: float):
+def steer(direction_D: Any, scale: float | jax.Array):
   """The edit x -> x + scale * direction (Anthropic's feature steering at one site)."""
   direction_D = jnp.asarray(direction_D, jnp.float32)
-  return lambda x_BTD: x_BTD + scale * direction_D.astype(x_BTD.dtype)
+  if direction_D.ndim != 1:
+    raise ValueError(f"direction_D: expected a vector [D], got shape {direction_D.shape}")
+
+  def edit(x_BTD: jax.Array) -> jax.Array:
+    if x_BTD.shape[-1] != direction_D.shape[0]:
+      raise ValueError(f"direction_D: expected the site's width {x_BTD.shape[-1]}, got {direction_D.shape[0]}")
+    return x_BTD + scale * direction_D.astype(x_BTD.dtype)
+
+  return edit
 
 
 class Steering(NamedTuple):

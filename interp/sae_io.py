@@ -15,7 +15,9 @@ all float32. As in SAELens, the activation normalisation is folded into the weig
 (`sae.fold_scale`) and a BatchTopK SAE is written as a JumpReLU whose threshold is its
 inference threshold for every latent. Our own training config rides in metadata["paperjax"].
 The directory is written beside its destination and renamed into place, so a reader never
-sees half a save and an earlier save stays whole until the new one is complete.
+sees half a save and an earlier save stays whole until the new one is complete (between
+the two renames that replace it, the destination is briefly absent and the old save sits
+in a hidden directory beside it).
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ def save(
   target = pathlib.Path(directory)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the save from other users
   try:
     (tmp / CFG_FILE).write_text(json.dumps(config, indent=2))
     save_file(tensors, tmp / WEIGHTS_FILE)
@@ -104,10 +109,9 @@ def save(
         raise ValueError(f"frequency_F: expected shape ({cfg.d_sae},), got {freq_F.shape}")
       save_file({"sparsity": np.log10(freq_F + 1e-10).astype(np.float32)}, tmp / SPARSITY_FILE)
     if target.exists():  # swap: the old save is removed only after the new one is in place
-      old = target.with_name(f".{target.name}.old")
-      shutil.rmtree(old, ignore_errors=True)
-      os.replace(target, old)
-      os.replace(tmp, target)
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+      os.replace(target, old / "sae")
+      os.replace(tmp, target)  # between the two renames the old save is whole under `old`
       shutil.rmtree(old)
     else:
       os.replace(tmp, target)

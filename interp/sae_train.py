@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -54,13 +55,14 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.999
   resample_every: int = 0
-  seed: int = 0
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 1:
       raise ValueError(f"steps, batch_size: expected >= 1, got {self.steps}, {self.batch_size}")
     if not self.lr > 0 or not (self.threshold_lr is None or self.threshold_lr > 0):
       raise ValueError(f"lr, threshold_lr: expected > 0, got {self.lr}, {self.threshold_lr}")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f"b1, b2: expected Adam decay rates in [0, 1), got {self.b1}, {self.b2}")
     for name in ("lr_warmup_steps", "penalty_warmup_steps", "resample_every"):
       if not 0 <= getattr(self, name) <= self.steps:
         raise ValueError(f"{name}: expected 0 <= {name} <= steps={self.steps}, got {getattr(self, name)}")
@@ -73,6 +75,7 @@ class SAEState:
   opt_state: optax.OptState
   since_fired_F: jax.Array  # int32 [F]: training tokens since each latent last fired
   scale: jax.Array  # float32 scalar: the inputs are activations * scale
+  fingerprint: jax.Array  # uint32 scalar: CRC-32 of the SAE and training configs (resume checks it)
 
 
 def check_pair(cfg: sae.SAEConfig, tcfg: TrainConfig) -> None:
@@ -80,6 +83,10 @@ def check_pair(cfg: sae.SAEConfig, tcfg: TrainConfig) -> None:
   if tcfg.threshold_lr is not None and cfg.architecture != "jumprelu":
     raise ValueError(
       f"threshold_lr: only JumpReLU has thresholds to train, got {tcfg.threshold_lr} for {cfg.architecture}"
+    )
+  if tcfg.penalty_warmup_steps and cfg.architecture not in ("standard", "gated", "jumprelu"):
+    raise ValueError(
+      f"penalty_warmup_steps: {cfg.architecture} has no sparsity penalty, got {tcfg.penalty_warmup_steps}"
     )
   if tcfg.resample_every and cfg.architecture != "standard":
     raise ValueError(
@@ -100,10 +107,17 @@ def optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
   return optax.multi_transform({"rest": adam(tcfg.lr), "threshold": adam(tcfg.threshold_lr)}, labels)
 
 
-def start_state(params: dict, tcfg: TrainConfig, scale: float = 1.0) -> SAEState:
-  d_sae = params["W_dec"].shape[0]
+def fingerprint(cfg: sae.SAEConfig, tcfg: TrainConfig) -> int:
+  """CRC-32 of both configs' fields except `steps`: a checkpoint resumes only the run it came
+  from, which may be extended to more steps (the schedules depend on absolute steps only)."""
+  fields = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "steps"}
+  return zlib.crc32(repr((dataclasses.asdict(cfg), fields)).encode())
+
+
+def start_state(params: dict, cfg: sae.SAEConfig, tcfg: TrainConfig, scale: float = 1.0) -> SAEState:
   opt_state = optimizer(tcfg).init(params)
-  return SAEState(jnp.int32(0), params, opt_state, jnp.zeros((d_sae,), jnp.int32), jnp.float32(scale))
+  since_F = jnp.zeros((cfg.d_sae,), jnp.int32)
+  return SAEState(jnp.int32(0), params, opt_state, since_F, jnp.float32(scale), jnp.uint32(fingerprint(cfg, tcfg)))
 
 
 def dead(state: SAEState, cfg: sae.SAEConfig) -> jax.Array:
@@ -139,7 +153,7 @@ def make_step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.
     fired_F = jnp.any(f_BF != 0, axis=0)
     since_F = jnp.where(fired_F, 0, jnp.minimum(state.since_fired_F + x_BD.shape[0], jnp.iinfo(jnp.int32).max // 2))
     metrics = {"loss": total, **aux, "dead": jnp.mean(dead_F.astype(jnp.float32))}
-    return SAEState(state.step + 1, params, opt_state, since_F, state.scale), metrics
+    return SAEState(state.step + 1, params, opt_state, since_F, state.scale, state.fingerprint), metrics
 
   return step
 
@@ -181,7 +195,9 @@ def resample_dead(state: SAEState, x_ND: jax.Array, cfg: sae.SAEConfig, key: jax
   opt_state = state.opt_state
   for name in ("mu", "nu"):
     opt_state = optax.tree_utils.tree_set(opt_state, **{name: reset(optax.tree_utils.tree_get(opt_state, name))})
-  return SAEState(state.step, params, opt_state, state.since_fired_F.at[idx].set(0), state.scale)
+  return dataclasses.replace(
+    state, params=params, opt_state=opt_state, since_fired_F=state.since_fired_F.at[idx].set(0)
+  )
 
 
 class ActivationStream:
@@ -189,7 +205,8 @@ class ActivationStream:
 
   Windows of tokens (an iterator of int [B, T]) run through `model.forward_with_sites`;
   each refill flattens `refill_windows` of them into the buffer, which is shuffled (numpy,
-  seeded) and served in order, so a batch mixes tokens of many windows and positions.
+  seeded) and served in order, so a batch mixes tokens of many windows and positions. The
+  stream ends when the windows run out; the last rows short of a batch are dropped.
   """
 
   def __init__(
@@ -203,42 +220,45 @@ class ActivationStream:
     refill_windows: int = 8,
     seed: int = 0,
   ):
-    model = protocol.model_for(model_cfg)
-    if site not in model.site_names(model_cfg):
-      raise ValueError(f"site: {site!r} is not a site of this model; expected one of model.site_names(cfg)")
+    protocol.check_site(model_cfg, site)
     if batch_size < 1 or refill_windows < 1:
       raise ValueError(f"batch_size, refill_windows: expected >= 1, got {batch_size}, {refill_windows}")
     self._collect = _collector(model_cfg, site)
-    self._params, self._windows = params, windows
+    self._params, self._windows, self._vocab_size = params, windows, model_cfg.vocab_size
     self.batch_size, self.refill_windows = batch_size, refill_windows
     self._rng = np.random.default_rng(seed)
     self._buffer: np.ndarray = np.zeros((0, 0), np.float32)
     self._pos = 0
     self.tokens_read = 0
 
-  def _refill(self) -> None:
+  def _refill(self) -> bool:
+    """Adds up to refill_windows windows to the unread rows and reshuffles; False when the
+    windows have run out."""
     chunks = []
     for _ in range(self.refill_windows):
       window = next(self._windows, None)
       if window is None:
         break
-      chunks.append(np.asarray(self._collect(self._params, jnp.asarray(window))))
+      tokens_BT = jnp.asarray(window)
+      protocol.check_tokens(tokens_BT, self._vocab_size)
+      chunks.append(np.asarray(self._collect(self._params, tokens_BT)))
     if not chunks:
-      raise StopIteration
+      return False
     self.tokens_read += sum(len(c) for c in chunks)
     if self._pos < len(self._buffer):
       chunks.insert(0, self._buffer[self._pos :])
     self._buffer = np.concatenate(chunks)
     self._buffer = self._buffer[self._rng.permutation(len(self._buffer))]
     self._pos = 0
+    return True
 
   def __iter__(self) -> ActivationStream:
     return self
 
   def __next__(self) -> np.ndarray:
-    if len(self._buffer) - self._pos < self.batch_size:
-      self._refill()
-      if len(self._buffer) < self.batch_size:
+    while len(self._buffer) - self._pos < self.batch_size:
+      if not self._refill():
+        self._pos = len(self._buffer)  # the stream has ended: drop the short remainder
         raise StopIteration
     batch = self._buffer[self._pos : self._pos + self.batch_size]
     self._pos += self.batch_size
@@ -260,9 +280,7 @@ def _collector(model_cfg: Any, site: str) -> Callable[[Any, jax.Array], jax.Arra
 
 def collect(params: Any, model_cfg: Any, site: str, tokens_BT: Any) -> np.ndarray:
   """The activations at `site` of every token of tokens_BT, float32 [B * T, D]."""
-  model = protocol.model_for(model_cfg)
-  if site not in model.site_names(model_cfg):
-    raise ValueError(f"site: {site!r} is not a site of this model; expected one of model.site_names(cfg)")
+  protocol.check_site(model_cfg, site)
   tokens_BT = jnp.asarray(tokens_BT)
   protocol.check_tokens(tokens_BT, model_cfg.vocab_size)
   return np.asarray(_collector(model_cfg, site)(params, tokens_BT))
@@ -305,32 +323,35 @@ def train(
   if not s > 0:
     raise ValueError(f"scale: expected > 0, got {s}")
   init_key, resample_key = jax.random.split(key)
-  state = start_state(sae.init(init_key, cfg, sae.geometric_median(first * s)), tcfg, s)
+  state = start_state(sae.init(init_key, cfg, sae.geometric_median(first * s)), cfg, tcfg, s)
   manager = None if checkpoint_dir is None else checkpoints.checkpoint_manager(checkpoint_dir)
   step = make_step(cfg, tcfg)
-  history: dict[str, list[float]] = {}
+  metrics: list[dict] = []
   batch: np.ndarray | None = first
   try:
     if manager is not None and manager.latest_step() is not None:
       state = checkpoints.restore(manager, state)
+      if int(state.fingerprint) != fingerprint(cfg, tcfg):
+        raise ValueError(f"checkpoint_dir: {checkpoint_dir} holds a run of different SAE or training configs")
       if scale is not None and not np.isclose(float(state.scale), scale):
         raise ValueError(f"scale: the checkpoint in {checkpoint_dir} has {float(state.scale)}, got {scale}")
-    while int(state.step) < tcfg.steps:
+    done = int(state.step)
+    while done < tcfg.steps:  # metrics stay on the device until the end: no host sync per step
       if batch is None:
         batch = np.asarray(next(batches), np.float32)
       x_BD = jnp.asarray(batch) * state.scale
-      state, metrics = step(state, x_BD)
-      for name, value in metrics.items():
-        history.setdefault(name, []).append(float(value))
-      done = int(state.step)
+      state, step_metrics = step(state, x_BD)
+      metrics.append(step_metrics)
+      done += 1
       if tcfg.resample_every and done % tcfg.resample_every == 0 and done < tcfg.steps:
         state = resample_dead(state, x_BD, cfg, jax.random.fold_in(resample_key, done))
       if manager is not None and checkpoint_every and done % checkpoint_every == 0:
         checkpoints.save(manager, state)
       batch = None
-    if manager is not None and manager.latest_step() != int(state.step):
+    if manager is not None and manager.latest_step() != done:
       checkpoints.save(manager, state)
   finally:
     if manager is not None:
       manager.close()
-  return Trained(state.params, float(state.scale), state, {k: np.asarray(v) for k, v in history.items()})
+  history = {k: np.asarray([m[k] for m in metrics]) for k in (metrics[0] if metrics else {})}
+  return Trained(state.params, float(state.scale), state, history)

@@ -90,6 +90,16 @@ def concrete(x: Any) -> np.ndarray | None:
   return np.asarray(x)
 
 
+def check_site(cfg: Any, site: str) -> None:
+  """Raises unless `site` is one of model_for(cfg).site_names(cfg)."""
+  names = model_for(cfg).site_names(cfg)
+  if site not in names:
+    raise ValueError(
+      f"site: {site!r} is not a site of this model; expected one of its {len(names)} sites "
+      f"{names[0]!r} .. {names[-1]!r} (site_names(cfg))"
+    )
+
+
 def check_tokens(tokens_BT: jax.Array, vocab_size: int) -> tuple[int, int]:
   """(B, T) of integer ids [B, T], each in [0, vocab_size) when concrete."""
   if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):

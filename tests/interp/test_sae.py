@@ -1,6 +1,8 @@
 """SAE architectures: losses against numpy transcriptions, JumpReLU's pseudo-derivative,
 TopK / BatchTopK counts, the decoder-norm constraint, the geometric median, scale folding."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -142,10 +144,24 @@ def test_batchtopk_inference_threshold():
   f = jnp.asarray([[0.0, 0.5, 2.0], [0.3, 0.0, 0.0]])
   assert float(sae.batchtopk_threshold(jnp.float32(1.0), f, 0.1)) == pytest.approx(0.9 * 1.0 + 0.1 * 0.3)
   assert float(sae.batchtopk_threshold(jnp.float32(1.0), jnp.zeros((2, 3)), 0.1)) == 1.0
+  assert float(sae.batchtopk_threshold(jnp.float32(0.0), f, 0.1)) == pytest.approx(0.3)  # unset: starts at the min
   cfg = CONFIGS["batchtopk"]
   p = _params("batchtopk") | {"threshold": jnp.float32(0.25)}
   pre = np.asarray(sae.pre_activations(p, _x()))
   np.testing.assert_allclose(sae.encode(p, _x(), cfg), np.where(pre > 0.25, pre, 0), rtol=1e-6)
+
+
+def test_gated_auxiliary_loss_trains_the_gate_through_a_frozen_decoder():
+  cfg, p, x = CONFIGS["gated"], _params("gated"), _x()
+  only_aux = dataclasses.replace(cfg, coefficient=0.0)
+  g_all = jax.grad(lambda q: sae.loss(q, x, only_aux)[0])(p)
+  # the reconstruction term alone, through the same forward pass
+  g_mse = jax.grad(lambda q: sae.loss(q, x, only_aux)[1]["mse"])(p)
+  # the auxiliary term adds nothing to W_dec's gradient (b_dec still learns through the
+  # gate's input x - b_dec, which is not frozen)
+  np.testing.assert_allclose(g_all["W_dec"], g_mse["W_dec"], rtol=1e-5, atol=1e-6)
+  for name in ("W_enc", "b_gate"):  # but trains the gate (through ReLU(pi_gate))
+    assert np.abs(np.asarray(g_all[name] - g_mse[name])).max() > 1e-3
 
 
 def test_decoder_projection_and_renormalisation():
@@ -196,6 +212,12 @@ def test_errors():
     sae.SAEConfig(architecture="topk", d_in=D, d_sae=F, k=3, coefficient=1.0)
   with pytest.raises(ValueError, match="bandwidth: expected > 0"):
     sae.SAEConfig(architecture="jumprelu", d_in=D, d_sae=F, bandwidth=0.0)
+  with pytest.raises(ValueError, match=r"bandwidth: only \['jumprelu'\] read it, got 0.1 for topk"):
+    sae.SAEConfig(architecture="topk", d_in=D, d_sae=F, k=2, bandwidth=0.1)
+  with pytest.raises(ValueError, match="k_aux: only"):
+    sae.SAEConfig(architecture="standard", d_in=D, d_sae=F, k_aux=3)
+  with pytest.raises(ValueError, match="dead_F: expected a bool mask of shape"):
+    sae.loss(_params("topk"), _x(), CONFIGS["topk"], dead_F=jnp.zeros(3, bool))
   with pytest.raises(ValueError, match=r"x_BD: expected shape \[B, 8\] \(d_in\), got \(4, 9\)"):
     sae.encode(_params("standard"), jnp.zeros((4, 9)), CONFIGS["standard"])
   with pytest.raises(ValueError, match="b_dec_D: expected shape"):

@@ -36,14 +36,21 @@ def test_collect_and_stream_serve_every_activation_once(model_params):
   order = lambda a: a[np.lexsort(a.T[::-1])]
   np.testing.assert_allclose(order(served), order(acts), rtol=1e-6)
   assert not np.allclose(served, acts)  # shuffled, across windows
-  with pytest.raises(ValueError, match="site: 'blocks.5.hook_resid_post' is not a site"):
+  # a batch larger than one refill keeps reading windows; a short remainder ends the stream
+  big = sae_train.ActivationStream(model_params, MODEL, SITE, iter(windows), batch_size=80, refill_windows=1)
+  assert [len(b) for b in big] == [80, 80] and big.tokens_read == 192
+  assert next(big, None) is None
+  with pytest.raises(ValueError, match="site: 'blocks.5.hook_resid_post' is not a site of this model; expected one"):
     sae_train.ActivationStream(model_params, MODEL, "blocks.5.hook_resid_post", iter(windows), batch_size=4)
+  bad = sae_train.ActivationStream(model_params, MODEL, SITE, iter([np.full((2, 4), 99)]), batch_size=4)
+  with pytest.raises(ValueError, match=r"tokens_BT: ids must lie in \[0, 64\)"):
+    next(bad)
 
 
 def test_step_keeps_unit_decoder_rows_tracks_dead_latents_and_threshold():
   cfg = sae.SAEConfig(architecture="batchtopk", d_in=16, d_sae=64, k=2, dead_tokens=64)
-  tcfg = sae_train.TrainConfig(steps=10, batch_size=32, lr=1e-2, penalty_warmup_steps=5)
-  state = sae_train.start_state(sae.init(jax.random.key(0), cfg), tcfg)
+  tcfg = sae_train.TrainConfig(steps=10, batch_size=32, lr=1e-2)
+  state = sae_train.start_state(sae.init(jax.random.key(0), cfg), cfg, tcfg)
   step = sae_train.make_step(cfg, tcfg)
   rng = np.random.default_rng(0)
   fired_ever = np.zeros(64, bool)
@@ -63,7 +70,7 @@ def test_step_keeps_unit_decoder_rows_tracks_dead_latents_and_threshold():
 def test_resampling_reinitialises_only_dead_latents():
   cfg = sae.SAEConfig(architecture="standard", d_in=16, d_sae=64, coefficient=1.0, dead_tokens=10)
   tcfg = sae_train.TrainConfig(steps=10, batch_size=32)
-  state = sae_train.start_state(sae.init(jax.random.key(0), cfg), tcfg)
+  state = sae_train.start_state(sae.init(jax.random.key(0), cfg), cfg, tcfg)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)
   state, _ = sae_train.make_step(cfg, tcfg)(state, x)
   dead = np.zeros(64, bool)
@@ -101,6 +108,8 @@ def test_training_lowers_the_loss_and_resumes_from_a_checkpoint(tmp_path):
   assert int(resumed.state.step) == 30 and len(resumed.history["loss"]) == 10
   for name in whole.params:
     np.testing.assert_allclose(resumed.params[name], whole.params[name], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="checkpoint_dir: .* holds a run of different SAE or training configs"):
+    sae_train.train(jax.random.key(0), dataclasses.replace(cfg, k=4), tcfg, iter(data), checkpoint_dir=tmp_path)
   with pytest.raises(ValueError, match="scale: the checkpoint"):
     sae_train.train(jax.random.key(0), cfg, tcfg, iter(data), scale=2.0, checkpoint_dir=tmp_path)
   with pytest.raises(ValueError, match=r"batches: expected arrays \[batch_size=32, d_in=16\]"):

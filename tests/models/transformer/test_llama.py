@@ -176,6 +176,16 @@ def test_edits_replace_the_activation_for_the_rest_of_the_pass(params, key):
   np.testing.assert_allclose(ablated, llama.forward(no_mlp, tokens, CFG)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_edits_reach_the_right_layer_of_a_segmented_stack(params, key):
+  tokens = jax.random.randint(key, (2, 6), 0, CFG.vocab_size)
+  halves = tuple(jax.tree.map(lambda w, s=s: w[s], params["layers"]) for s in (slice(0, 1), slice(1, 2)))
+  segmented = dict(params, layers=halves)  # two scans, as llama_quant builds around quantized layers
+  edits = {"blocks.1.hook_attn_out": lambda x: 3.0 * x}
+  np.testing.assert_allclose(
+    llama.forward(segmented, tokens, CFG, edits=edits)[0], llama.forward(params, tokens, CFG, edits=edits)[0], rtol=1e-5
+  )
+
+
 def test_edit_errors(params):
   tokens = jnp.zeros((1, 4), jnp.int32)
   with pytest.raises(ValueError, match="'blocks.2.hook_resid_pre' is not a site"):
