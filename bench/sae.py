@@ -26,7 +26,8 @@ standard point's metric; denser than every standard point: not comparable, and c
 such). It loses when every comparable point lies below; otherwise the result is mixed. The
 papers find Gated and TopK beat ReLU+L1.
 
-Shapes: N tokens (rows of activations), D the site's width, F dictionary features.
+Shapes: B batch rows (windows), T time, N tokens (rows of activations), D the site's width,
+F dictionary features.
 """
 
 from __future__ import annotations
