@@ -229,10 +229,9 @@ def train_stdlib_lm(
 ) -> StdlibLM:
   """Trains cfg.model on the stdlib corpus (AdamW, cfg.train) and keeps its held-out data.
 
-  `on_step` sees the state after every step (for checkpointing benchmarks). Without it,
-  the result is shared within the process per (cfg,
-  seed, repeats): the suite trains the model that llama's train part and sae study once
-  (training is deterministic per seed).
+  `on_step` sees the state after every step (for checkpointing benchmarks). Without it, the
+  result is shared within the process per (cfg, seed, repeats): the suite trains the model
+  that llama's train part, quant and sae study once (training is deterministic per seed).
   """
   if on_step is None:
     return _shared_lm(cfg, ctx.seed, ctx.repeats)
