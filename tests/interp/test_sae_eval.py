@@ -146,6 +146,26 @@ def test_saelens_files_round_trip(arch, tmp_path):
     loaded, loaded_cfg, _ = sae_io.load(path)
   expected = sae.reconstruct(params, x * scale, cfg) / scale
   np.testing.assert_allclose(sae.reconstruct(loaded, x, loaded_cfg), expected, rtol=1e-4, atol=1e-5)
+  # and SAELens' inference formulas on the file's tensors alone, in numpy
+  tensors = load_file(path / "sae_weights.safetensors")
+  np.testing.assert_allclose(_saelens_reconstruct(tensors, config, np.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+def _saelens_reconstruct(t: dict, config: dict, x: np.ndarray) -> np.ndarray:
+  """SAELens 6's encode / decode per architecture (apply_b_dec_to_input, no normalisation)."""
+  xc = x.astype(np.float64) - t["b_dec"]
+  if config["architecture"] == "gated":
+    gate = xc @ t["W_enc"] + t["b_gate"] > 0
+    f = gate * np.maximum(xc @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"], 0)
+  else:
+    pre = xc @ t["W_enc"] + t["b_enc"]
+    f = np.maximum(pre, 0)
+    if config["architecture"] == "jumprelu":
+      f = f * (pre > t["threshold"])
+    if config["architecture"] == "topk":
+      kth = np.sort(pre, axis=1)[:, -config["k"]][:, None]
+      f = f * (pre >= kth)
+  return f @ t["W_dec"] + t["b_dec"]
 
 
 def test_save_replaces_atomically_and_load_rejects_bad_files(tmp_path):
