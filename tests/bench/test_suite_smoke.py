@@ -13,7 +13,9 @@ RECORD_KEYS = {"benchmark", "metric", "value", "unit", "paper_value", "paper_sou
 
 
 def _run(*args, cwd):
-  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=1200
+  )  # a hang guard: the ci suite takes ~6 min alone, ~10 under make test's -n 2
 
 
 def test_suite_writes_a_well_formed_report(tmp_path):

@@ -105,7 +105,7 @@ def test_steering(model_params):
   ours = sae_eval.steered_greedy(model_params, MODEL, prompt, 6, SITE, direction, 0.0)
   ref, _ = generate.generate(jax.random.key(0), model_params, MODEL, prompt, jnp.array([5, 5]), max_new_tokens=6)
   np.testing.assert_array_equal(ours, ref)
-  steered = sae_eval.steered_greedy(model_params, MODEL, prompt, 6, "blocks.1.hook_resid_post", direction, 50.0)
+  steered = sae_eval.steered_greedy(model_params, MODEL, prompt, 6, SITE, direction, 50.0)  # the same compile
   assert np.mean(np.asarray(steered) == 5) > np.mean(np.asarray(ours) == 5)
 
 
