@@ -25,7 +25,9 @@ def save(manager: ocp.CheckpointManager, state: Any) -> None:
 
 
 def restore(manager: ocp.CheckpointManager, like: T, step: int | None = None) -> T:
-  """Restores `step` (default the latest) into the structure and dtypes of `like`."""
+  """Restores `step` (default the latest) into the structure and dtypes of `like`: arrays
+  or ShapeDtypeStructs, whose shardings say where each leaf goes (a different mesh than
+  the one saved from reshards on load)."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"manager: no checkpoint in {manager.directory}")

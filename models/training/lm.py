@@ -12,6 +12,7 @@ a run resumed from a checkpoint at step i sees exactly the batches it would have
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterator
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from paperjax.models.training.train import TrainConfig, TrainState, make_step, start_state
+from paperjax.models.parallel import sharding
+from paperjax.models.training.train import TrainConfig, TrainState, make_step, optimizer, start_state
 from paperjax.models.transformer import llama
 
 
@@ -50,6 +52,11 @@ def loss_fn(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
     positions_BT=jnp.asarray(batch.positions_BT),
     segment_ids_BT=jnp.asarray(batch.segment_ids_BT),
   )
+  return masked_nll(logits_BTV, batch)
+
+
+def masked_nll(logits_BTV: jax.Array, batch: Batch) -> jax.Array:
+  """mean over batch.mask_BT of -log softmax(logits_BTV)[batch.targets_BT], in float32."""
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch.targets_BT)
   mask_BT = batch.mask_BT.astype(jnp.float32)
   return jnp.sum(nll_BT * mask_BT) / jnp.maximum(mask_BT.sum(), 1.0)
@@ -60,6 +67,35 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """A jitted (state, batch) -> (state, metrics) of next-token training with metrics loss, grad_norm, lr."""
   return make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg)
+
+
+class ShardedTraining(NamedTuple):
+  """A Llama training run laid out on a mesh (`sharded_training`)."""
+
+  state: TrainState  # sharded: params by param_axes, Adam's moments like their params
+  step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+  cfg: llama.LlamaConfig  # with the strategy's activation rules
+  shardings: sharding.Shardings
+
+
+def sharded_training(
+  key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, strategy: str
+) -> ShardedTraining:
+  """`init_state` and `make_train_step` laid out on `mesh` by `sharding.RULES[strategy]`
+  (dp, fsdp, tp, fsdp_tp): the state is created sharded (never whole on one device), the
+  step keeps it so, and batches are split over the batch axes. Raises if the mesh does
+  not divide the batch or a parameter dimension, naming the mesh axis."""
+  if strategy not in sharding.RULES or strategy == "pp":
+    raise ValueError(f"strategy: expected one of {[s for s in sharding.RULES if s != 'pp']}, got {strategy!r}")
+  rules = sharding.RULES[strategy]
+  cfg = dataclasses.replace(cfg, axis_rules=rules)
+  sharding.check_batch(tcfg.batch_size, mesh, rules)
+  init = functools.partial(init_state, cfg=cfg, tcfg=tcfg)
+  state_sh = sharding.state_shardings(jax.eval_shape(init, key), llama.param_axes(cfg), mesh, rules, optimizer(tcfg))
+  state = jax.jit(init, out_shardings=state_sh)(key)
+  shardings = sharding.Shardings(mesh, state_sh, sharding.batch_sharding(mesh, rules))
+  step = make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg, shardings=shardings)
+  return ShardedTraining(state, step, cfg, shardings)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from paperjax.models.parallel.sharding import Shardings
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -73,16 +75,19 @@ def start_state(params: dict, tcfg: TrainConfig) -> TrainState:
 
 
 def make_step(
-  objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig
+  objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig, *, shardings: Shardings | None = None
 ) -> Callable[..., tuple[TrainState, dict]]:
   """A jitted (state, *args) -> (state, metrics) minimising objective(params, *args) -> (loss, aux).
 
   One AdamW step of `optimizer(tcfg)`; metrics are loss, grad_norm, lr and the aux dict.
+  With `shardings` (`parallel.sharding.Shardings`: a mesh, the state's shardings and a
+  prefix of the args' shardings) the step is compiled for that mesh (what pjit became:
+  jit with in/out shardings), runs inside it (so models' activation constraints apply),
+  and returns the state sharded as it came in and the metrics replicated.
   """
   tx = optimizer(tcfg)
   lr = schedule(tcfg)
 
-  @jax.jit
   def step(state: TrainState, *args):
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, *args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,4 +95,15 @@ def make_step(
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state.step), **aux}
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return step
+  if shardings is None:
+    return jax.jit(step)
+  mesh = shardings.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.jit(step, in_shardings=(shardings.state, shardings.batch), out_shardings=(shardings.state, replicated))
+
+  def step_on_mesh(state: TrainState, *args):
+    with jax.set_mesh(mesh):
+      return sharded(state, *args)
+
+  step_on_mesh.jitted = sharded  # type: ignore[attr-defined]  # for .lower(): memory and HLO analysis
+  return step_on_mesh

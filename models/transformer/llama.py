@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from paperjax.models import protocol, stack
+from paperjax.models.parallel import sharding
 from paperjax.ops import attention, mlp, norms, paged_attention, quant, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
@@ -71,6 +72,9 @@ class LlamaConfig:
   dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
   remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
   attention_impl: attention.Impl = "reference"  # training / KVCache; a PagedKVCache uses ops.paged_attention
+  # Logical-axis rules of the activation constraints (`parallel.sharding.RULES[strategy]`);
+  # () or no mesh in context: none.
+  axis_rules: sharding.Rules = ()
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -293,7 +297,8 @@ def decode(params: dict, token_B: jax.Array, state: Cache, cfg: LlamaConfig) -> 
 def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
   """float32 logits of final hidden states: h W_unembed (or h E^T when tied)."""
   w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+  logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+  return sharding.shard(logits_BTV, ("act_batch", "act_length", "act_vocab"), cfg.axis_rules)
 
 
 def forward_hidden(
@@ -319,9 +324,70 @@ def _forward(
 ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """Hidden states after the final RMSNorm, the updated cache and the stacked site
   activations (inputs as in `forward`). The sites record what their edits receive."""
-  cache = state
+  _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, state, num_new_B)
+  x_BTD = sharding.shard(
+    params["embed"][tokens_BT].astype(cfg.dtype), ("act_batch", "act_length", "act_embed"), cfg.axis_rules
+  )
+  x_BTD, cache, stacked = _blocks(
+    layer_segments(params, cfg),
+    x_BTD,
+    cfg,
+    cache=state,
+    positions_BT=positions_BT,
+    segment_ids_BT=segment_ids_BT,
+    num_new_B=num_new_B,
+    edits=edits,
+    kinds=kinds,
+  )
+  hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
+  return hidden_BTD, cache, stacked
+
+
+def run_layers(
+  layers: dict,
+  x_BTD: jax.Array,
+  cfg: LlamaConfig,
+  *,
+  state: KVCache | None = None,
+  positions_BT: jax.Array | None = None,
+  segment_ids_BT: jax.Array | None = None,
+  num_new_B: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+  """Hidden states [B, T, D] through a run of consecutive layers alone (no embedding, no
+  final norm): a pipeline stage's work. `layers` is a slice [n, ...] of params["layers"];
+  `state`, when given, is a `KVCache` of those n layers. Inputs as in `forward`."""
+  n = jax.tree.leaves(layers)[0].shape[0]
+  if state is not None and (not isinstance(state, KVCache) or state.k_LBSGK.shape[0] != n):
+    raise ValueError(f"state: expected a KVCache of the {n} layers given, got {type(state).__name__}")
+  x_BTD, cache, _ = _blocks(
+    [(0, n, layers)],
+    x_BTD,
+    cfg,
+    cache=state,
+    positions_BT=positions_BT,
+    segment_ids_BT=segment_ids_BT,
+    num_new_B=num_new_B,
+  )
+  assert cache is None or isinstance(cache, KVCache)
+  return x_BTD, cache
+
+
+def _blocks(
+  segments: list[tuple[int, int, dict]],
+  x_BTD: jax.Array,
+  cfg: LlamaConfig,
+  *,
+  cache: Cache | None,
+  positions_BT: jax.Array | None,
+  segment_ids_BT: jax.Array | None,
+  num_new_B: jax.Array | None,
+  edits: stack.Edits | None = None,
+  kinds: frozenset[str] = frozenset(),
+) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
+  """x_BTD through the layer segments (start, stop, stacked layers); the cache holds the
+  segments' layers. Returns the hidden states, the updated cache and the stacked sites."""
   edit_by_kind = stack.parse_edits(edits, cfg.n_layers, SITE_KINDS)
-  batch, time = _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B)
+  batch, time = x_BTD.shape[:2]
   if cache is None:
     index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
     positions_BT = index_BT if positions_BT is None else positions_BT
@@ -336,7 +402,7 @@ def _forward(
   added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
   valid_BT = jnp.arange(time)[None, :] < added_B[:, None]  # padding past a row's new tokens is never written
   inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
-  x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
+  constrain = lambda x, *names: sharding.shard(x, names, cfg.axis_rules)
 
   paged = isinstance(cache, PagedKVCache)
   layer_pages = cache.k_pages_GPSK.shape[1] // cfg.n_layers if isinstance(cache, PagedKVCache) else 0
@@ -355,6 +421,9 @@ def _forward(
       q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_A)
       k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_A)
       v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
+      q_BTHK = constrain(q_BTHK, "act_batch", "act_length", "act_heads", None)
+      k_BTGK = constrain(k_BTGK, "act_batch", "act_length", "act_kv_heads", None)
+      v_BTGK = constrain(v_BTGK, "act_batch", "act_length", "act_kv_heads", None)
       if isinstance(cache, PagedKVCache):  # write the new tokens into their pages, attend over the row's pages
         assert pool is not None
         k_pool, v_pool, offset = pool
@@ -371,11 +440,13 @@ def _forward(
         else:
           k_BSGK, v_BSGK = k_BTGK, v_BTGK
         attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
-      attn_out = jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"])
+      attn_BTHK = constrain(attn_BTHK, "act_batch", "act_length", "act_heads", None)
+      attn_out = constrain(jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"]), "act_batch", "act_length", "act_embed")
     resid_mid = x_BTD + hook("hook_attn_out", attn_out)
     x_BTD = hook("hook_resid_mid", resid_mid)
     with jax.named_scope("mlp"):
       mlp_out = mlp.swiglu(norms.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps), p["w1"], p["w3"], p["w2"])
+      mlp_out = constrain(mlp_out, "act_batch", "act_length", "act_embed")
     resid_post = x_BTD + hook("hook_mlp_out", mlp_out)
     x_BTD = hook("hook_resid_post", resid_post)
     acts = {
@@ -390,13 +461,13 @@ def _forward(
   k_out, v_out, acts = [], [], []
   if isinstance(cache, PagedKVCache):
     pool = (cache.k_pages_GPSK, cache.v_pages_GPSK, jnp.int32(0))
-    for start, stop, segment in layer_segments(params, cfg):
+    for start, stop, segment in segments:
       (x_BTD, pool), _, stacked = stack.scan_layers(
         layer, (x_BTD, pool), (segment, None, jnp.arange(start, stop)), remat=cfg.remat, kinds=kinds
       )
       acts.append(stacked)
   else:
-    for start, stop, segment in layer_segments(params, cfg):
+    for start, stop, segment in segments:
       kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
       x_BTD, kv_out, stacked = stack.scan_layers(
         layer, x_BTD, (segment, kv_in, jnp.arange(start, stop)), remat=cfg.remat, kinds=kinds
@@ -411,8 +482,7 @@ def _forward(
     cache = PagedKVCache(pool[0], pool[1], cache.block_tables_BP, cache.lengths_B + added_B)
   elif cache is not None:
     cache = KVCache(join(k_out), join(v_out), cache.lengths_B + added_B)
-  hidden_BTD = norms.rms_norm(x_BTD, params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
-  return hidden_BTD, cache, stacked
+  return x_BTD, cache, stacked
 
 
 def _paged_attend(q_BTHK, kv, block_tables_BP, index_BT, lengths_B) -> jax.Array:

@@ -1,0 +1,122 @@
+"""Multi-process (multi-host) training: one sharded step across processes, on CPU here.
+
+JAX's multi-controller runtime runs one Python process per host; each sees every device
+of the job (`jax.devices()`) but holds only its own (`jax.local_devices()`). The same
+program runs in every process: the mesh spans all devices, each process fills only the
+shards of the batch it holds (`sharding.put`), and XLA's collectives cross processes. On
+CPU they go over loopback through gloo, so
+
+  python -m paperjax.models.parallel.multihost --num_processes=2 --local_devices=4
+
+launches 2 processes of 4 CPU devices each, trains a tiny Llama on a (data 2, fsdp 2,
+tensor 2) mesh over their 8 devices (`train_losses`) and prints the losses as JSON; one
+process with 8 devices gives the same numbers (tests/models/parallel, bench/parallel).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from paperjax.models.parallel import sharding
+from paperjax.models.training import lm
+from paperjax.models.training.train import TrainConfig
+from paperjax.models.transformer import llama
+
+CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+TCFG = TrainConfig(batch_size=8, seq_len=16, warmup_steps=1, total_steps=10)
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # the fsdp_tp rules use every axis
+
+
+def train_losses(steps: int, seed: int = 0) -> list[float]:
+  """Losses of `steps` sharded training steps of CFG on a mesh over all of the job's
+  devices, on a seeded synthetic token stream (the same in every process)."""
+  mesh = sharding.make_mesh(data=MESH["data"], fsdp=MESH["fsdp"], tensor=MESH["tensor"])
+  run = lm.sharded_training(jax.random.key(seed), CFG, TCFG, mesh, "fsdp_tp")
+  rng = np.random.default_rng(seed)
+  ids_N = rng.integers(0, CFG.vocab_size, 4096)
+  segment_ids_N = np.arange(ids_N.size) // 50
+  state, losses = run.state, []
+  for step in range(steps):
+    batch = sharding.put(lm.batch_at(ids_N, segment_ids_N, step, TCFG), run.shardings.batch)
+    state, metrics = run.step(state, batch)
+    losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))  # replicated: every process has it
+  return losses
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
+  """Joins the job: gloo CPU collectives, then `jax.distributed.initialize`."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(steps: int, *, num_processes: int = 2, local_devices: int = 4, timeout_s: float = 300) -> list[float]:
+  """Runs `train_losses(steps)` across `num_processes` processes of `local_devices` CPU
+  devices each; returns process 0's losses (raises, with the workers' output, if any fails)."""
+  if num_processes * local_devices != math.prod(MESH.values()):
+    raise ValueError(
+      f"num_processes, local_devices: {num_processes} x {local_devices} devices do not make the mesh {MESH}"
+    )
+  coordinator = f"127.0.0.1:{_free_port()}"
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
+    "JAX_PLATFORMS": "cpu",
+  }
+  command = [sys.executable, "-m", "paperjax.models.parallel.multihost", f"--coordinator={coordinator}"]
+  command += [f"--num_processes={num_processes}", f"--steps={steps}"]
+  workers = [
+    subprocess.Popen(
+      [*command, f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for i in range(num_processes)
+  ]
+  outputs = []
+  try:
+    for worker in workers:
+      outputs.append(worker.communicate(timeout=timeout_s)[0])
+  finally:
+    for worker in workers:
+      worker.kill()
+  if any(worker.returncode for worker in workers):
+    raise RuntimeError("multihost: a worker failed:\n" + "\n".join(o[-3000:] for o in outputs))
+  return json.loads(outputs[0].strip().splitlines()[-1])["losses"]
+
+
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (worker mode).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This worker's index (worker mode).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes in the job.")
+_LOCAL_DEVICES = flags.DEFINE_integer("local_devices", 4, "CPU devices per process (launcher mode).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Training steps.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _PROCESS_ID.value is None:  # launcher
+    losses = launch(_STEPS.value, num_processes=_NUM_PROCESSES.value, local_devices=_LOCAL_DEVICES.value)
+    print(json.dumps({"processes": _NUM_PROCESSES.value, "losses": losses}))
+    return
+  if _COORDINATOR.value is None:
+    raise app.UsageError("--coordinator: required with --process_id")
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  losses = train_losses(_STEPS.value)
+  print(json.dumps({"process": jax.process_index(), "losses": losses}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,215 @@
+"""GPipe pipeline parallelism over a `pipe` mesh axis: training, prefill and decode.
+
+Shapes: S stages, M micro-batches, B batch, b = B / M rows per micro-batch, T time,
+D model width, L layers, V vocabulary, C cache slots, G kv heads, K head dim.
+
+The scan-stacked layers [L, ...] are split into S stages by sharding their leading axis
+over `pipe` (`sharding.RULES["pp"]`: stage s holds layers s L/S .. (s + 1) L/S - 1; the
+[S, L/S, ...] view costs nothing). Inside `jax.shard_map`, tick t = 0 .. M + S - 2 runs
+micro-batch m = t - s on stage s when 0 <= m < M:
+
+  stage 0 reads micro-batch t; stage s > 0 reads what stage s - 1 produced at tick t - 1
+  (`lax.ppermute` one stage forward); stage S - 1 writes output m.
+
+So each stage idles S - 1 of its M + S - 1 ticks: the bubble (S - 1) / (M + S - 1). The
+backward pass is the transpose of this scan (ppermute's transpose sends cotangents one
+stage back), run after the whole forward: GPipe's schedule, with each stage's weight
+gradients accumulated over the M micro-batches before the optimizer step. Data
+parallelism composes on the `data` axis: each data shard pipelines its own rows.
+
+Inference (Llama 3 405B's recipe, pipeline across nodes): prefill and decode pipeline
+micro-batches of rows the same way; each stage keeps the KV cache of its own layers and
+updates the rows of the micro-batch it runs. Micro-batch m holds rows m, M + m, 2M + m,
+... (a reshape [B] -> [b, M] that keeps each data shard's rows local).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from paperjax.models import protocol
+from paperjax.models.parallel import sharding
+from paperjax.models.training import lm
+from paperjax.models.training.train import TrainConfig, make_step, optimizer
+from paperjax.models.transformer import llama
+from paperjax.ops import norms
+
+StageFn = Callable[[Any, jax.Array, Any, Any], tuple[jax.Array, Any]]
+RULES = sharding.RULES["pp"]
+
+
+def gpipe(
+  stage_fn: StageFn,
+  layers: Any,
+  x_MbTD: jax.Array,
+  mesh: Mesh,
+  *,
+  extras: Any = None,
+  state: Any = None,
+) -> tuple[jax.Array, Any, jax.Array]:
+  """Runs M micro-batches through S = mesh.shape["pipe"] stages of `layers`.
+
+  stage_fn(stage_layers, x_bTD, extras_b, state_b) -> (x_bTD, state_b) is one stage's work
+  on one micro-batch. `layers` has leaves [L, ...]; `extras` (per micro-batch inputs such
+  as positions) has leaves [M, b, ...]; `state` (per layer and micro-batch, such as KV
+  caches) has leaves [L, M, b, ...] and is updated only where a stage ran a real
+  micro-batch. Rows b are split over `data`.
+
+  Returns (the last stage's outputs [M, b, T, D], the state, busy_S: how many of its
+  M + S - 1 ticks each stage ran a real micro-batch).
+  """
+  S, M = mesh.shape["pipe"], x_MbTD.shape[0]
+  n_layers = jax.tree.leaves(layers)[0].shape[0]
+  if n_layers % S:
+    raise ValueError(f"mesh: axis 'pipe' of size {S} does not divide the {n_layers} layers")
+  rows = PartitionSpec(None, "data")
+  state_spec = PartitionSpec("pipe", None, "data")
+
+  def per_stage(layers, x_MbTD, extras, state):
+    stage = jax.lax.axis_index("pipe")
+    varying = lambda x: jax.lax.pcast(x, "pipe", to="varying")
+
+    def tick(carry, t):
+      inbox_bTD, out_MbTD, state = carry
+      m = t - stage
+      real = (m >= 0) & (m < M)
+      mc = jnp.clip(m, 0, M - 1)
+      x_bTD = jnp.where(stage == 0, x_MbTD[mc], inbox_bTD)
+      state_m = jax.tree.map(lambda s: s[:, mc], state)
+      y_bTD, new_m = stage_fn(layers, x_bTD, jax.tree.map(lambda e: e[mc], extras), state_m)
+      state = jax.tree.map(lambda s, new, old: s.at[:, mc].set(jnp.where(real, new, old)), state, new_m, state_m)
+      out_MbTD = out_MbTD.at[mc].set(jnp.where(real & (stage == S - 1), y_bTD, out_MbTD[mc]))
+      inbox_bTD = jax.lax.ppermute(y_bTD, "pipe", [(i, i + 1) for i in range(S - 1)])
+      return (inbox_bTD, out_MbTD, state), real
+
+    init = (varying(jnp.zeros_like(x_MbTD[0])), varying(jnp.zeros_like(x_MbTD)), state)
+    (_, out_MbTD, state), real_ticks = jax.lax.scan(tick, init, jnp.arange(M + S - 1))
+    y_MbTD = jax.lax.psum(jnp.where(stage == S - 1, out_MbTD, 0), "pipe")  # the last stage's, everywhere
+    return y_MbTD, state, real_ticks.sum(dtype=jnp.int32)[None]
+
+  run = jax.shard_map(
+    per_stage,
+    mesh=mesh,
+    in_specs=(PartitionSpec("pipe"), rows, rows, state_spec),
+    out_specs=(rows, state_spec, PartitionSpec("pipe")),
+  )
+  return run(layers, x_MbTD, extras, state)
+
+
+def to_micro(x_B: jax.Array, n_micro: int) -> jax.Array:
+  """[B, ...] -> [M, b, ...]: micro-batch m holds rows m, M + m, 2M + m, ..."""
+  return jnp.swapaxes(x_B.reshape(x_B.shape[0] // n_micro, n_micro, *x_B.shape[1:]), 0, 1)
+
+
+def from_micro(x_Mb: jax.Array) -> jax.Array:
+  """The inverse of `to_micro`."""
+  return jnp.swapaxes(x_Mb, 0, 1).reshape(-1, *x_Mb.shape[2:])
+
+
+def _check_micro(batch: int, n_micro: int, mesh: Mesh) -> None:
+  if n_micro < 1 or batch % n_micro:
+    raise ValueError(f"n_micro: expected a divisor of the batch {batch}, got {n_micro}")
+  if (batch // n_micro) % mesh.shape["data"]:
+    raise ValueError(
+      f"mesh: axis 'data' of size {mesh.shape['data']} does not divide the {batch // n_micro} rows of a micro-batch"
+    )
+
+
+def loss(params: dict, batch: lm.Batch, cfg: llama.LlamaConfig, mesh: Mesh, n_micro: int) -> jax.Array:
+  """`lm.loss_fn` with the layers pipelined over n_micro micro-batches."""
+  tokens_BT = jnp.asarray(batch.tokens_BT)
+  _check_micro(tokens_BT.shape[0], n_micro, mesh)
+  micro = functools.partial(to_micro, n_micro=n_micro)
+  x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
+  extras = (micro(jnp.asarray(batch.positions_BT)), micro(jnp.asarray(batch.segment_ids_BT)))
+
+  def stage(layers, x_bTD, extras, state):
+    positions_bT, segments_bT = extras
+    return llama.run_layers(layers, x_bTD, cfg, positions_BT=positions_bT, segment_ids_BT=segments_bT)[0], state
+
+  y_MbTD, _, _ = gpipe(stage, params["layers"], micro(x_BTD), mesh, extras=extras)
+  hidden_BTD = norms.rms_norm(from_micro(y_MbTD), params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
+  return lm.masked_nll(llama.unembed(params, hidden_BTD, cfg), batch)
+
+
+def training(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig, mesh: Mesh, n_micro: int) -> lm.ShardedTraining:
+  """A Llama training run pipelined over mesh axis `pipe` (and data-parallel over `data`):
+  the state is sharded by `RULES` (each stage holds its layers and their Adam moments),
+  and one step runs the GPipe schedule over n_micro micro-batches."""
+  _check_micro(tcfg.batch_size, n_micro, mesh)
+  init = functools.partial(lm.init_state, cfg=cfg, tcfg=tcfg)
+  state_sh = sharding.state_shardings(jax.eval_shape(init, key), llama.param_axes(cfg), mesh, RULES, optimizer(tcfg))
+  state = jax.jit(init, out_shardings=state_sh)(key)
+  shardings = sharding.Shardings(mesh, state_sh, sharding.batch_sharding(mesh, RULES))
+  step = make_step(lambda params, batch: (loss(params, batch, cfg, mesh, n_micro), {}), tcfg, shardings=shardings)
+  return lm.ShardedTraining(state, step, cfg, shardings)
+
+
+def _cached(params, tokens_BT, cache, num_new_B, cfg, mesh, n_micro):
+  """Hidden states [B, T, D] after the final norm and the cache after tokens_BT, pipelined."""
+  _check_micro(tokens_BT.shape[0], n_micro, mesh)
+  micro = functools.partial(to_micro, n_micro=n_micro)
+  x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
+  kv = (jax.vmap(micro)(cache.k_LBSGK), jax.vmap(micro)(cache.v_LBSGK))  # [L, M, b, C, G, K]
+
+  def stage(layers, x_bTD, extras, kv):
+    lengths_b, new_b = extras
+    y_bTD, kv_cache = llama.run_layers(
+      layers, x_bTD, cfg, state=llama.KVCache(kv[0], kv[1], lengths_b), num_new_B=new_b
+    )
+    assert kv_cache is not None
+    return y_bTD, (kv_cache.k_LBSGK, kv_cache.v_LBSGK)
+
+  y_MbTD, (k, v), _ = gpipe(
+    stage, params["layers"], micro(x_BTD), mesh, extras=(micro(cache.lengths_B), micro(num_new_B)), state=kv
+  )
+  hidden_BTD = norms.rms_norm(from_micro(y_MbTD), params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
+  cache = llama.KVCache(jax.vmap(from_micro)(k), jax.vmap(from_micro)(v), cache.lengths_B + num_new_B)
+  return hidden_BTD, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n_micro", "capacity"))
+def prefill(
+  params: dict,
+  tokens_BT: jax.Array,
+  cfg: llama.LlamaConfig,
+  mesh: Mesh,
+  n_micro: int,
+  *,
+  lengths_B: jax.Array | None = None,
+  capacity: int | None = None,
+) -> tuple[jax.Array, llama.KVCache]:
+  """`llama.prefill` pipelined: n_micro micro-batches of rows flow through the stages.
+
+  Returns the float32 logits [B, V] after each row's last real token and the KV cache
+  [L, B, C, G, K], whose layers stay on their stages."""
+  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
+  lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else lengths_B.astype(jnp.int32)
+  empty = llama.init_state(cfg, batch, time if capacity is None else capacity)
+  hidden_BTD, cache = _cached(params, tokens_BT, empty, lengths_B, cfg, mesh, n_micro)
+  last_B1D = hidden_BTD[jnp.arange(batch), lengths_B - 1][:, None]
+  return llama.unembed(params, last_B1D, cfg)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n_micro"))
+def decode(
+  params: dict, token_B: jax.Array, cache: llama.KVCache, cfg: llama.LlamaConfig, mesh: Mesh, n_micro: int
+) -> tuple[jax.Array, llama.KVCache]:
+  """`llama.decode` pipelined: one token per row, rows in n_micro micro-batches."""
+  if token_B.ndim != 1:
+    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
+  new_B = jnp.ones_like(cache.lengths_B)
+  hidden_B1D, cache = _cached(params, token_B[:, None], cache, new_B, cfg, mesh, n_micro)
+  return llama.unembed(params, hidden_B1D, cfg)[:, 0], cache
+
+
+def param_shardings(cfg: llama.LlamaConfig, mesh: Mesh) -> Any:
+  """Stage-sharded NamedShardings of Llama's params on `mesh` (layers over `pipe`)."""
+  shapes = jax.eval_shape(functools.partial(llama.init, cfg=cfg), jax.random.key(0))
+  return sharding.param_shardings(shapes, llama.param_axes(cfg), mesh, RULES)
