@@ -23,6 +23,7 @@ BENCHMARKS: tuple[str, ...] = (
   "serving",
   "excp",
   "sae",
+  "parallel",
 )
 
 

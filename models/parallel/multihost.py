@@ -11,6 +11,8 @@ CPU they go over loopback through gloo, so
 launches 2 processes of 4 CPU devices each, trains a tiny Llama on a (data 2, fsdp 2,
 tensor 2) mesh over their 8 devices (`train_losses`) and prints the losses as JSON; one
 process with 8 devices gives the same numbers (tests/models/parallel, bench/parallel).
+
+Shapes: N tokens of the synthetic stream.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -64,37 +67,48 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(steps: int, *, num_processes: int = 2, local_devices: int = 4, timeout_s: float = 300) -> list[float]:
-  """Runs `train_losses(steps)` across `num_processes` processes of `local_devices` CPU
-  devices each; returns process 0's losses (raises, with the workers' output, if any fails)."""
+class Job(NamedTuple):
+  """Worker processes running `train_losses` together (`start`)."""
+
+  workers: list[subprocess.Popen]
+
+  def losses(self, timeout_s: float = 300) -> list[float]:
+    """Waits for every worker; process 0's losses (raises, with the workers' output, if any fails)."""
+    outputs = []
+    try:
+      for worker in self.workers:
+        outputs.append(worker.communicate(timeout=timeout_s)[0])
+    finally:
+      for worker in self.workers:
+        worker.kill()
+    if any(worker.returncode for worker in self.workers):
+      raise RuntimeError("multihost: a worker failed:\n" + "\n".join(o[-3000:] for o in outputs))
+    return json.loads(outputs[0].strip().splitlines()[-1])["losses"]
+
+
+def start(steps: int, *, num_processes: int = 2, local_devices: int = 4) -> Job:
+  """Starts `train_losses(steps)` across `num_processes` processes of `local_devices` CPU
+  devices each, and returns without waiting."""
   if num_processes * local_devices != math.prod(MESH.values()):
     raise ValueError(
       f"num_processes, local_devices: {num_processes} x {local_devices} devices do not make the mesh {MESH}"
     )
-  coordinator = f"127.0.0.1:{_free_port()}"
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
-    "JAX_PLATFORMS": "cpu",
-  }
-  command = [sys.executable, "-m", "paperjax.models.parallel.multihost", f"--coordinator={coordinator}"]
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}", "JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, "-m", "paperjax.models.parallel.multihost", f"--coordinator=127.0.0.1:{_free_port()}"]
   command += [f"--num_processes={num_processes}", f"--steps={steps}"]
-  workers = [
-    subprocess.Popen(
-      [*command, f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    for i in range(num_processes)
-  ]
-  outputs = []
-  try:
-    for worker in workers:
-      outputs.append(worker.communicate(timeout=timeout_s)[0])
-  finally:
-    for worker in workers:
-      worker.kill()
-  if any(worker.returncode for worker in workers):
-    raise RuntimeError("multihost: a worker failed:\n" + "\n".join(o[-3000:] for o in outputs))
-  return json.loads(outputs[0].strip().splitlines()[-1])["losses"]
+  return Job(
+    [
+      subprocess.Popen(
+        [*command, f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+      for i in range(num_processes)
+    ]
+  )
+
+
+def launch(steps: int, *, num_processes: int = 2, local_devices: int = 4, timeout_s: float = 300) -> list[float]:
+  """`start`, then wait: process 0's losses of `train_losses(steps)` run across the processes."""
+  return start(steps, num_processes=num_processes, local_devices=local_devices).losses(timeout_s)
 
 
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (worker mode).")

@@ -1,9 +1,11 @@
 """GPipe pipeline parallelism over a `pipe` mesh axis: training, prefill and decode.
 
-Shapes: S stages, M micro-batches, B batch, b = B / M rows per micro-batch, T time,
-D model width, L layers, V vocabulary, C cache slots, G kv heads, K head dim.
+Shapes: N micro-batches (chunks of the batch), B rows (of the batch, or of one
+micro-batch), T time, D model width, L layers, V vocabulary, S cache slots, G kv heads,
+K head dim. (In GPipe's formulas below, S counts stages instead.)
 
-The scan-stacked layers [L, ...] are split into S stages by sharding their leading axis
+In GPipe's notation below, the pipeline has S stages (mesh axis `pipe`) and M = N
+micro-batches. The scan-stacked layers [L, ...] are split into S stages by sharding their leading axis
 over `pipe` (`sharding.RULES["pp"]`: stage s holds layers s L/S .. (s + 1) L/S - 1; the
 [S, L/S, ...] view costs nothing). Inside `jax.shard_map`, tick t = 0 .. M + S - 2 runs
 micro-batch m = t - s on stage s when 0 <= m < M:
@@ -20,7 +22,7 @@ parallelism composes on the `data` axis: each data shard pipelines its own rows.
 Inference (Llama 3 405B's recipe, pipeline across nodes): prefill and decode pipeline
 micro-batches of rows the same way; each stage keeps the KV cache of its own layers and
 updates the rows of the micro-batch it runs. Micro-batch m holds rows m, M + m, 2M + m,
-... (a reshape [B] -> [b, M] that keeps each data shard's rows local).
+... (a reshape [B] -> [B / M, M] that keeps each data shard's rows local).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 from paperjax.models import protocol
 from paperjax.models.parallel import sharding
 from paperjax.models.training import lm
-from paperjax.models.training.train import TrainConfig, make_step, optimizer
+from paperjax.models.training.train import TrainConfig
 from paperjax.models.transformer import llama
 from paperjax.ops import norms
 
@@ -47,7 +49,7 @@ RULES = sharding.RULES["pp"]
 def gpipe(
   stage_fn: StageFn,
   layers: Any,
-  x_MbTD: jax.Array,
+  x_NBTD: jax.Array,
   mesh: Mesh,
   *,
   extras: Any = None,
@@ -55,43 +57,49 @@ def gpipe(
 ) -> tuple[jax.Array, Any, jax.Array]:
   """Runs M micro-batches through S = mesh.shape["pipe"] stages of `layers`.
 
-  stage_fn(stage_layers, x_bTD, extras_b, state_b) -> (x_bTD, state_b) is one stage's work
-  on one micro-batch. `layers` has leaves [L, ...]; `extras` (per micro-batch inputs such
-  as positions) has leaves [M, b, ...]; `state` (per layer and micro-batch, such as KV
-  caches) has leaves [L, M, b, ...] and is updated only where a stage ran a real
-  micro-batch. Rows b are split over `data`.
+  stage_fn(stage_layers, x_BTD, extras, state) -> (x_BTD, state) is one stage's work on
+  one micro-batch: its layers [L / S, ...], the micro-batch's rows, its slice of `extras`
+  and of `state`. `layers` has leaves [L, ...]; `extras` (per micro-batch inputs such as
+  positions) has leaves [N, B, ...]; `state` (per layer and micro-batch, such as KV
+  caches) has leaves [L, N, B, ...] and is updated only where a stage ran a real
+  micro-batch. Rows are split over `data`.
 
-  Returns (the last stage's outputs [M, b, T, D], the state, busy_S: how many of its
+  Returns (the last stage's outputs [N, B, T, D], the state, busy [S]: how many of its
   M + S - 1 ticks each stage ran a real micro-batch).
   """
-  S, M = mesh.shape["pipe"], x_MbTD.shape[0]
+  S, M = mesh.shape["pipe"], x_NBTD.shape[0]
   n_layers = jax.tree.leaves(layers)[0].shape[0]
   if n_layers % S:
     raise ValueError(f"mesh: axis 'pipe' of size {S} does not divide the {n_layers} layers")
+  if mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1:
+    raise ValueError(f"mesh: the pipeline composes with data parallelism only; got {dict(mesh.shape)}")
   rows = PartitionSpec(None, "data")
   state_spec = PartitionSpec("pipe", None, "data")
 
-  def per_stage(layers, x_MbTD, extras, state):
+  def per_stage(layers, x_NBTD, extras, state):
     stage = jax.lax.axis_index("pipe")
-    varying = lambda x: jax.lax.pcast(x, "pipe", to="varying")
+    # Marked device-varying once here, so the backward sums their cotangents once (over the
+    # data shards, over the stages) after the loop, instead of in every tick.
+    layers = jax.lax.pcast(layers, "data", to="varying")
+    x_NBTD = jax.lax.pcast(x_NBTD, "pipe", to="varying")
 
     def tick(carry, t):
-      inbox_bTD, out_MbTD, state = carry
+      inbox_BTD, out_NBTD, state = carry
       m = t - stage
       real = (m >= 0) & (m < M)
       mc = jnp.clip(m, 0, M - 1)
-      x_bTD = jnp.where(stage == 0, x_MbTD[mc], inbox_bTD)
+      x_BTD = jnp.where(stage == 0, x_NBTD[mc], inbox_BTD)
       state_m = jax.tree.map(lambda s: s[:, mc], state)
-      y_bTD, new_m = stage_fn(layers, x_bTD, jax.tree.map(lambda e: e[mc], extras), state_m)
+      y_BTD, new_m = stage_fn(layers, x_BTD, jax.tree.map(lambda e: e[mc], extras), state_m)
       state = jax.tree.map(lambda s, new, old: s.at[:, mc].set(jnp.where(real, new, old)), state, new_m, state_m)
-      out_MbTD = out_MbTD.at[mc].set(jnp.where(real & (stage == S - 1), y_bTD, out_MbTD[mc]))
-      inbox_bTD = jax.lax.ppermute(y_bTD, "pipe", [(i, i + 1) for i in range(S - 1)])
-      return (inbox_bTD, out_MbTD, state), real
+      out_NBTD = out_NBTD.at[mc].set(jnp.where(real & (stage == S - 1), y_BTD, out_NBTD[mc]))
+      inbox_BTD = jax.lax.ppermute(y_BTD, "pipe", [(i, i + 1) for i in range(S - 1)])
+      return (inbox_BTD, out_NBTD, state), real
 
-    init = (varying(jnp.zeros_like(x_MbTD[0])), varying(jnp.zeros_like(x_MbTD)), state)
-    (_, out_MbTD, state), real_ticks = jax.lax.scan(tick, init, jnp.arange(M + S - 1))
-    y_MbTD = jax.lax.psum(jnp.where(stage == S - 1, out_MbTD, 0), "pipe")  # the last stage's, everywhere
-    return y_MbTD, state, real_ticks.sum(dtype=jnp.int32)[None]
+    init = (jnp.zeros_like(x_NBTD[0]), jnp.zeros_like(x_NBTD), state)
+    (_, out_NBTD, state), real_ticks = jax.lax.scan(tick, init, jnp.arange(M + S - 1))
+    y_NBTD = jax.lax.psum(jnp.where(stage == S - 1, out_NBTD, 0), "pipe")  # the last stage's, everywhere
+    return y_NBTD, state, real_ticks.sum(dtype=jnp.int32)[None]
 
   run = jax.shard_map(
     per_stage,
@@ -99,17 +107,17 @@ def gpipe(
     in_specs=(PartitionSpec("pipe"), rows, rows, state_spec),
     out_specs=(rows, state_spec, PartitionSpec("pipe")),
   )
-  return run(layers, x_MbTD, extras, state)
+  return run(layers, x_NBTD, extras, state)
 
 
 def to_micro(x_B: jax.Array, n_micro: int) -> jax.Array:
-  """[B, ...] -> [M, b, ...]: micro-batch m holds rows m, M + m, 2M + m, ..."""
+  """[B, ...] -> [N, B / N, ...]: micro-batch m holds rows m, N + m, 2N + m, ..."""
   return jnp.swapaxes(x_B.reshape(x_B.shape[0] // n_micro, n_micro, *x_B.shape[1:]), 0, 1)
 
 
-def from_micro(x_Mb: jax.Array) -> jax.Array:
+def from_micro(x_NB: jax.Array) -> jax.Array:
   """The inverse of `to_micro`."""
-  return jnp.swapaxes(x_Mb, 0, 1).reshape(-1, *x_Mb.shape[2:])
+  return jnp.swapaxes(x_NB, 0, 1).reshape(-1, *x_NB.shape[2:])
 
 
 def _check_micro(batch: int, n_micro: int, mesh: Mesh) -> None:
@@ -129,26 +137,30 @@ def loss(params: dict, batch: lm.Batch, cfg: llama.LlamaConfig, mesh: Mesh, n_mi
   x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
   extras = (micro(jnp.asarray(batch.positions_BT)), micro(jnp.asarray(batch.segment_ids_BT)))
 
-  def stage(layers, x_bTD, extras, state):
-    positions_bT, segments_bT = extras
-    return llama.run_layers(layers, x_bTD, cfg, positions_BT=positions_bT, segment_ids_BT=segments_bT)[0], state
+  def stage(layers, x_BTD, extras, state):
+    positions_BT, segments_BT = extras
+    return llama.run_layers(layers, x_BTD, cfg, positions_BT=positions_BT, segment_ids_BT=segments_BT)[0], state
 
-  y_MbTD, _, _ = gpipe(stage, params["layers"], micro(x_BTD), mesh, extras=extras)
-  hidden_BTD = norms.rms_norm(from_micro(y_MbTD), params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
+  y_NBTD, _, _ = gpipe(stage, params["layers"], micro(x_BTD), mesh, extras=extras)
+  hidden_BTD = norms.rms_norm(from_micro(y_NBTD), params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
   return lm.masked_nll(llama.unembed(params, hidden_BTD, cfg), batch)
 
 
-def training(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig, mesh: Mesh, n_micro: int) -> lm.ShardedTraining:
+def training(
+  key: jax.Array,
+  cfg: llama.LlamaConfig,
+  tcfg: TrainConfig,
+  mesh: Mesh,
+  n_micro: int,
+  *,
+  params: dict | None = None,
+) -> lm.ShardedTraining:
   """A Llama training run pipelined over mesh axis `pipe` (and data-parallel over `data`):
   the state is sharded by `RULES` (each stage holds its layers and their Adam moments),
-  and one step runs the GPipe schedule over n_micro micro-batches."""
+  and one step runs the GPipe schedule over n_micro micro-batches. `params` (optional)
+  start the run instead of `llama.init(key)`."""
   _check_micro(tcfg.batch_size, n_micro, mesh)
-  init = functools.partial(lm.init_state, cfg=cfg, tcfg=tcfg)
-  state_sh = sharding.state_shardings(jax.eval_shape(init, key), llama.param_axes(cfg), mesh, RULES, optimizer(tcfg))
-  state = jax.jit(init, out_shardings=state_sh)(key)
-  shardings = sharding.Shardings(mesh, state_sh, sharding.batch_sharding(mesh, RULES))
-  step = make_step(lambda params, batch: (loss(params, batch, cfg, mesh, n_micro), {}), tcfg, shardings=shardings)
-  return lm.ShardedTraining(state, step, cfg, shardings)
+  return lm.laid_out(key, cfg, tcfg, mesh, RULES, lambda p, batch: loss(p, batch, cfg, mesh, n_micro), params=params)
 
 
 def _cached(params, tokens_BT, cache, num_new_B, cfg, mesh, n_micro):
@@ -156,20 +168,20 @@ def _cached(params, tokens_BT, cache, num_new_B, cfg, mesh, n_micro):
   _check_micro(tokens_BT.shape[0], n_micro, mesh)
   micro = functools.partial(to_micro, n_micro=n_micro)
   x_BTD = params["embed"][tokens_BT].astype(cfg.dtype)
-  kv = (jax.vmap(micro)(cache.k_LBSGK), jax.vmap(micro)(cache.v_LBSGK))  # [L, M, b, C, G, K]
+  kv = (jax.vmap(micro)(cache.k_LBSGK), jax.vmap(micro)(cache.v_LBSGK))  # [L, N, B / N, S, G, K]
 
-  def stage(layers, x_bTD, extras, kv):
-    lengths_b, new_b = extras
-    y_bTD, kv_cache = llama.run_layers(
-      layers, x_bTD, cfg, state=llama.KVCache(kv[0], kv[1], lengths_b), num_new_B=new_b
+  def stage(layers, x_BTD, extras, kv):
+    lengths_B, new_B = extras
+    y_BTD, kv_cache = llama.run_layers(
+      layers, x_BTD, cfg, state=llama.KVCache(kv[0], kv[1], lengths_B), num_new_B=new_B
     )
     assert kv_cache is not None
-    return y_bTD, (kv_cache.k_LBSGK, kv_cache.v_LBSGK)
+    return y_BTD, (kv_cache.k_LBSGK, kv_cache.v_LBSGK)
 
-  y_MbTD, (k, v), _ = gpipe(
+  y_NBTD, (k, v), _ = gpipe(
     stage, params["layers"], micro(x_BTD), mesh, extras=(micro(cache.lengths_B), micro(num_new_B)), state=kv
   )
-  hidden_BTD = norms.rms_norm(from_micro(y_MbTD), params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
+  hidden_BTD = norms.rms_norm(from_micro(y_NBTD), params["final_norm"].astype(cfg.dtype), cfg.norm_eps)
   cache = llama.KVCache(jax.vmap(from_micro)(k), jax.vmap(from_micro)(v), cache.lengths_B + num_new_B)
   return hidden_BTD, cache
 

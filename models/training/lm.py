@@ -79,22 +79,48 @@ class ShardedTraining(NamedTuple):
 
 
 def sharded_training(
-  key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, strategy: str
+  key: jax.Array,
+  cfg: llama.LlamaConfig,
+  tcfg: TrainConfig,
+  mesh: jax.sharding.Mesh,
+  strategy: str,
+  *,
+  params: dict | None = None,
 ) -> ShardedTraining:
   """`init_state` and `make_train_step` laid out on `mesh` by `sharding.RULES[strategy]`
   (dp, fsdp, tp, fsdp_tp): the state is created sharded (never whole on one device), the
-  step keeps it so, and batches are split over the batch axes. Raises if the mesh does
-  not divide the batch or a parameter dimension, naming the mesh axis."""
+  step keeps it so, and batches are split over the batch axes. `params` (optional) start
+  the run instead of `llama.init(key)`. Raises if the mesh does not divide the batch or a
+  parameter dimension, naming the mesh axis."""
   if strategy not in sharding.RULES or strategy == "pp":
     raise ValueError(f"strategy: expected one of {[s for s in sharding.RULES if s != 'pp']}, got {strategy!r}")
   rules = sharding.RULES[strategy]
   cfg = dataclasses.replace(cfg, axis_rules=rules)
   sharding.check_batch(tcfg.batch_size, mesh, rules)
+  return laid_out(key, cfg, tcfg, mesh, rules, lambda p, batch: loss_fn(p, batch, cfg), params=params)
+
+
+def laid_out(
+  key: jax.Array,
+  cfg: llama.LlamaConfig,
+  tcfg: TrainConfig,
+  mesh: jax.sharding.Mesh,
+  rules: sharding.Rules,
+  loss: Callable[[dict, Batch], jax.Array],
+  *,
+  params: dict | None = None,
+) -> ShardedTraining:
+  """A training run minimising loss(params, batch) with its state sharded by `rules`:
+  created on the mesh by a jitted init (or `params` put there), Adam's moments sharded
+  like their parameters, and a step compiled for the mesh."""
   init = functools.partial(init_state, cfg=cfg, tcfg=tcfg)
   state_sh = sharding.state_shardings(jax.eval_shape(init, key), llama.param_axes(cfg), mesh, rules, optimizer(tcfg))
-  state = jax.jit(init, out_shardings=state_sh)(key)
+  if params is None:
+    state = jax.jit(init, out_shardings=state_sh)(key)
+  else:
+    state = jax.device_put(start_state(params, tcfg), state_sh)
   shardings = sharding.Shardings(mesh, state_sh, sharding.batch_sharding(mesh, rules))
-  step = make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg, shardings=shardings)
+  step = make_step(lambda p, batch: (loss(p, batch), {}), tcfg, shardings=shardings)
   return ShardedTraining(state, step, cfg, shardings)
 
 

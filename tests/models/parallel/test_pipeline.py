@@ -76,17 +76,17 @@ def test_schedule_busy_ticks_and_order(n_micro):
   mesh = sharding.make_mesh(pipe=4, data=2)
   layers = jnp.arange(4.0)[:, None]  # one "layer" per stage holding its own index
 
-  def stage(layers, x_bTD, extras, state):
-    return x_bTD * 10 + layers[0, 0] + 1 + 0 * extras, state
+  def stage(layers, x_BTD, extras, state):
+    return x_BTD * 10 + layers[0, 0] + 1 + 0 * extras, state
 
-  x_MbTD = jnp.broadcast_to(jnp.arange(n_micro, dtype=jnp.float32)[:, None, None, None], (n_micro, 2, 1, 1))
+  x_NBTD = jnp.broadcast_to(jnp.arange(n_micro, dtype=jnp.float32)[:, None, None, None], (n_micro, 2, 1, 1))
   with jax.set_mesh(mesh):
-    y, _, busy_S = jax.jit(lambda l, x: pipeline.gpipe(stage, l, x, mesh, extras=jnp.zeros_like(x)))(layers, x_MbTD)
-  expected = ((x_MbTD * 10 + 1) * 10 + 2) * 10 + 3  # stage 0, 1, 2, 3 in order
+    y, _, busy = jax.jit(lambda l, x: pipeline.gpipe(stage, l, x, mesh, extras=jnp.zeros_like(x)))(layers, x_NBTD)
+  expected = ((x_NBTD * 10 + 1) * 10 + 2) * 10 + 3  # stage 0, 1, 2, 3 in order
   chex.assert_trees_all_close(y, expected * 10 + 4)
-  np.testing.assert_array_equal(busy_S, [n_micro] * 4)
+  np.testing.assert_array_equal(busy, [n_micro] * 4)
   S = 4
-  bubble = 1 - busy_S.sum() / (S * (n_micro + S - 1))
+  bubble = 1 - busy.sum() / (S * (n_micro + S - 1))
   np.testing.assert_allclose(bubble, (S - 1) / (n_micro + S - 1))
 
 
