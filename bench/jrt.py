@@ -96,7 +96,7 @@ FULL_RECALL = RecallConfig(
 )
 CONFIGS = {
   "ci": Config(
-    lengths=(256, 512),
+    lengths=(256,),
     batch=1,
     recall=RecallConfig(vocab_size=32, small=2, large=4, widths=(8,), steps=3, batch=8, eval_batch=16, lr=1e-2),
   ),

@@ -297,6 +297,7 @@ def compile_strategies(cfg: Config, ref: Reference, seed: int) -> tuple[dict, di
       "argument_bytes": memory.argument_size_in_bytes,
       "temp_bytes": memory.temp_size_in_bytes,
       "state_bytes": sum(_leaf_bytes_per_device(x) for x in jax.tree.leaves(c.state)),
+      "param_bytes": sum(_leaf_bytes_per_device(x) for x in jax.tree.leaves(c.state.params)),
       "batch_bytes": sum(_leaf_bytes_per_device(x) for x in c.batch),
       "saved_activations": saved_activations(name, cfg, sizes),
       "collectives": collective_bytes(c.step.as_text()),
@@ -460,6 +461,9 @@ def _strategy_records(ctx: Context, data: dict) -> tuple[list[Record], Plot, str
     records.append(ctx.record(f"{tag}: max |params after a step - one device|", s["param_error"], "abs"))
     analytic_args = s["state_bytes"] + s["batch_bytes"]
     records.append(ctx.record(f"{tag}: argument bytes/device (params, optimizer, batch)", s["argument_bytes"], "bytes"))
+    optimizer_bytes = s["state_bytes"] - s["param_bytes"]
+    records.append(ctx.record(f"{tag}: of which params (analytic)", s["param_bytes"], "bytes"))
+    records.append(ctx.record(f"{tag}: of which optimizer state (analytic)", optimizer_bytes, "bytes"))
     records.append(
       ctx.record(
         f"{tag}: argument bytes measured / analytic",
