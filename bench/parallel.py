@@ -66,7 +66,7 @@ GPIPE = "GPipe (Huang et al., 2019): bubble (S-1)/(M+S-1)"
 H100_BYTES = 80e9
 DEVICES = 8
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-# strategy -> (rules name, mesh axis sizes, micro-batches for pp)
+# strategy -> (its rules in sharding.RULES, the mesh axes it uses and their sizes; the rest are 1)
 STRATEGIES: dict[str, tuple[str, dict[str, int]]] = {
   "dp": ("dp", {"data": 8}),
   "fsdp": ("fsdp", {"fsdp": 8}),
