@@ -21,8 +21,9 @@ Parts:
 - pipeline: the bubble of S = 4 stages (x 2 data shards) for M micro-batches of a fixed
   batch (1, 4, 16; 1..16 at `full`), counted from the schedule gpipe ran (stage-ticks
   without a micro-batch), against (S - 1) / (M + S - 1); and the pipelined step's time
-  against one device's (noise here: every stage computes in every tick, and 8 devices
-  share 2 cores).
+  against one device's. On CPU every stage computes in every tick and the 8 devices share
+  2 cores, so a compute-bound step (`full`) takes about (M + S - 1) / M times one device's;
+  at `small` overheads dominate and the ratio is noise.
 - layouts: Llama 3 8B / 70B / 405B memory per GPU under tensor x pipeline x data layouts
   (the report's TP 8 x PP 16 x DP 128 for 405B on 16k GPUs), for GPipe (M micro-batches of
   activations held) and 1F1B (S held), and 405B inference in BF16 on one and two 8-GPU
@@ -552,8 +553,9 @@ def _pipeline_records(ctx: Context, data: dict) -> tuple[list[Record], Plot, str
   )
   note = (
     f"Pipeline: {S} stages x 2 data shards, a fixed batch in M micro-batches. The bubble is counted from the "
-    "schedule gpipe ran (stage-ticks without a micro-batch). Step times on 8 CPU devices sharing 2 cores do "
-    "not show it: every stage computes in every tick, and the devices' threads share the cores."
+    "schedule gpipe ran (stage-ticks without a micro-batch). On CPU every stage computes in every tick and the "
+    "8 devices share 2 cores, so a compute-bound step takes about (M+S-1)/M times one device's (seen at "
+    "`full`); a tiny model's step times are dominated by overheads."
   )
   return records, plot, note
 
