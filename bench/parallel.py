@@ -207,7 +207,7 @@ def analytic_collectives(strategy: str, cfg: Config, sizes: dict[str, int], n_pa
   return out
 
 
-def saved_activations(strategy: str, cfg: Config, sizes: dict[str, int]) -> int:
+def saved_activations(cfg: Config, sizes: dict[str, int]) -> int:
   """Analytic f32 bytes the backward keeps per device: per layer and token the residual,
   the two norms' outputs and the residual mid (4 D), q, k, v and the attention output
   (H K + 2 G K + H K over the tensor split), the softmax (H T), gate, up and their product
@@ -300,7 +300,7 @@ def compile_strategies(cfg: Config, ref: Reference, seed: int) -> tuple[dict, di
       "state_bytes": sum(_leaf_bytes_per_device(x) for x in jax.tree.leaves(c.state)),
       "param_bytes": sum(_leaf_bytes_per_device(x) for x in jax.tree.leaves(c.state.params)),
       "batch_bytes": sum(_leaf_bytes_per_device(x) for x in c.batch),
-      "saved_activations": saved_activations(name, cfg, sizes),
+      "saved_activations": saved_activations(cfg, sizes),
       "collectives": collective_bytes(c.step.as_text()),
       "analytic_collectives": analytic_collectives(name, cfg, sizes, n_params, n_layer_params),
     }

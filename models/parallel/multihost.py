@@ -122,11 +122,15 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _PROCESS_ID.value is None:  # launcher
+    if _COORDINATOR.present:
+      raise app.UsageError("--coordinator: only for a worker (with --process_id); the launcher picks a free port")
     losses = launch(_STEPS.value, num_processes=_NUM_PROCESSES.value, local_devices=_LOCAL_DEVICES.value)
     print(json.dumps({"processes": _NUM_PROCESSES.value, "losses": losses}))
     return
   if _COORDINATOR.value is None:
     raise app.UsageError("--coordinator: required with --process_id")
+  if _LOCAL_DEVICES.present:
+    raise app.UsageError("--local_devices: only for the launcher; a worker's devices come from XLA_FLAGS")
   initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   losses = train_losses(_STEPS.value)
   print(json.dumps({"process": jax.process_index(), "losses": losses}))
