@@ -52,31 +52,73 @@ JRT = "JRT (arXiv 2407.05483), Table 5, N=32768, batch 16, H100"
 JRT_SETS = "JRT (arXiv 2407.05483), set disjointness (Sec. 3)"
 JRT_PROMPT = "JRT-Prompt: +11.0 +- 1.3 points on recall tasks (JRT Sec. 4)"
 HEADS, FEATURE_DIM, HEAD_DIM = 16, 16, 64
-ORDERS = ("small set first", "large set first")
-# (model, the orders it is trained and scored on): one model per order, so each must solve
-# its order alone. JRT-Prompt and the Transformer run the order that is hard for a causal
-# recurrent model.
-RUNS = (("Based", ORDERS), ("JRT-RNN", ORDERS), ("Based + JRT-Prompt", ORDERS[1:]), ("Transformer", ORDERS[1:]))
+ORDERS = ("small set first", "large set first")  # set disjointness; A is the small set
+TASKS = (*ORDERS, "MQAR")
+# (model, the tasks it is trained and scored on): one model per task and order, so each must
+# solve it alone. JRT-Prompt and the Transformer run the order that is hard for a causal model.
+RUNS = (("Based", TASKS), ("JRT-RNN", TASKS), ("Based + JRT-Prompt", TASKS[1:]), ("Transformer", TASKS[1:]))
+WIDTH_MODELS = ("Based", "JRT-RNN", "Transformer")  # accuracy vs decode state, on MQAR
+# The diagnosis of JRT-RNN's training, on the easy order: (label, JRTConfig changes).
+VARIANTS: tuple[tuple[str, dict], ...] = (
+  ("(a) Eq. 3", {}),
+  ("(b) encoder values 0 [departs from the paper]", {"encoder": "zero_values"}),
+  ("(c) gated encoder [departs from the paper]", {"encoder": "gated"}),
+  ("(d) M = 1", {"prefix_len": 1}),
+)
+# The decision rules, fixed before the runs. Over the seeds, d_s is a per-seed difference
+# (models of seed s start from the same key and see the same data stream), m its mean and
+# sd its standard deviation (ddof 1).
+LEARNED = 0.5  # a cell learned its task at mean held-out accuracy >= 0.5 (above the 1/small of
+# "answer one of the small set's tokens", the best a model without the comparison can do)
+RULES = {
+  "Based order gap": "holds if m > 2 sd and m > 0.05; undecided unless Based learned the small-first order",
+  "JRT-RNN order gap": (
+    "holds if |m| <= max(2 sd, 0.05) and JRT-RNN's small-first accuracy >= Based's - 0.05; "
+    "undecided unless Based learned the small-first order"
+  ),
+  "JRT-Prompt gain": (
+    "holds if m > 2 sd and m > 0 (gain over Based on the same task, large set first for sets); "
+    "undecided unless the Transformer learned that task"
+  ),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RecallConfig:
-  """Set disjointness with a `small` and a `large` set; 2-block models at each width."""
+  """Set disjointness (sets of `small` and `large`) and MQAR (`pairs`, `queries`), `seeds`
+  models per cell trained side by side (vmapped), each on its own data stream."""
 
   vocab_size: int
   small: int
   large: int
-  widths: tuple[int, ...]  # model widths: the decode-state axis
+  pairs: int
+  queries: int
+  width: int  # where the claims are decided
+  widths: tuple[int, ...]  # the decode-state sweep (MQAR)
+  blocks: int  # Based / JRT-RNN blocks, each a conv, a linear-attention and a window layer
+  layers: int  # Transformer layers
+  seeds: int
   steps: int
   batch: int
   eval_batch: int
   lr: float
+  heads: int = 2
+  feature_dim: int = 4
   window: int = 2  # sliding window, well below the set sizes so it cannot hold a set
-  feature_dim: int = 2
+  chunk: int = 16
 
-  @property
-  def prompt_len(self) -> int:  # [1] X [2] Y [3]
-    return self.small + self.large + 3
+  def __post_init__(self):
+    if self.seeds < 2:
+      raise ValueError(f"seeds: expected >= 2 (a spread needs two), got {self.seeds}")
+    if self.width not in self.widths:
+      raise ValueError(f"width: expected one of widths={self.widths}, got {self.width}")
+
+  def prompt_len(self, task: str) -> int:
+    return 2 * (self.pairs + self.queries) if task == "MQAR" else self.small + self.large + 3  # [1] X [2] Y [3]
+
+  def encoder_len(self, task: str) -> int:
+    """JRT-RNN's M: MQAR's key-value context, or the sets up to [3] (the answer is read at [3])."""
+    return 2 * self.pairs if task == "MQAR" else self.prompt_len(task) - 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,30 +128,56 @@ class Config:
   recall: RecallConfig
 
 
-# small (the default suite): a 40-of-62 set against width-8 models, 600 steps, about 3
-# minutes with the prefill part (a trial gave Based 0.83 small set first, 0.13 large set
-# first). full: a 96-of-254 set (239 bits) against a width-8 state of 236 float32 numbers,
-# 1500 steps, about 25 minutes on 2 CPU cores (with 32-of-126 sets, 99 bits, every model
-# solved both orders at widths 8 and 16). paper: the full sets across widths, longer training.
+# small (the default suite): the full experiment's shape at width 16 and 300 steps, about
+# N minutes with the prefill part; its accuracies are not the decision. full: the decision
+# experiment (sizes below), about N minutes on 2 CPU cores. paper: longer, wider.
 FULL_RECALL = RecallConfig(
-  vocab_size=512, small=8, large=96, widths=(8,), steps=1500, batch=64, eval_batch=512, lr=1e-2
+  vocab_size=128,
+  small=4,
+  large=16,
+  pairs=8,
+  queries=8,
+  width=32,
+  widths=(8, 16, 32),
+  blocks=2,
+  layers=4,
+  seeds=3,
+  steps=2000,
+  batch=32,
+  eval_batch=512,
+  lr=3e-3,
 )
 CONFIGS = {
   "ci": Config(
     lengths=(256,),
     batch=1,
-    recall=RecallConfig(vocab_size=32, small=2, large=4, widths=(8,), steps=3, batch=8, eval_batch=16, lr=1e-2),
+    recall=dataclasses.replace(
+      FULL_RECALL,
+      vocab_size=32,
+      small=2,
+      large=4,
+      pairs=2,
+      queries=2,
+      width=8,
+      widths=(8,),
+      blocks=1,
+      layers=1,
+      seeds=2,
+      steps=2,
+      batch=4,
+      eval_batch=8,
+    ),
   ),
   "small": Config(
     lengths=(1024, 2048, 4096),
     batch=1,
-    recall=RecallConfig(vocab_size=128, small=4, large=40, widths=(8,), steps=600, batch=32, eval_batch=256, lr=1e-2),
+    recall=dataclasses.replace(FULL_RECALL, width=8, widths=(8,), seeds=2, steps=150, batch=16, eval_batch=256),
   ),
   "full": Config(lengths=(1024, 2048, 4096, 8192), batch=1, recall=FULL_RECALL),
   "paper": Config(
     lengths=(2048, 4096, 8192, 16384, 32768),
     batch=16,
-    recall=dataclasses.replace(FULL_RECALL, widths=(8, 16, 32, 64), steps=3000, eval_batch=2048),
+    recall=dataclasses.replace(FULL_RECALL, widths=(16, 32, 64, 128), seeds=5, steps=10_000),
   ),
 }
 
@@ -151,10 +219,21 @@ def _jrt_rnn(fq, fk, v):  # PLA over N tokens, encoder = the first N/2 (its own 
   return la.prefix_linear_attention(phi_q, phi_k, v, phi_k[:, ::-1], v[:, ::-1], fq.shape[1] // 2)[0]
 
 
-def _sets(rc: RecallConfig, rng: np.random.Generator, size: int, order: str, readings: int) -> synthetic.RecallBatch:
-  sd_order: Literal["a_first", "b_first"] = "a_first" if order == ORDERS[0] else "b_first"  # A is the small set
-  batch = synthetic.set_disjointness(rng, size, rc.small, rc.large, rc.vocab_size, sd_order)
-  return jrt_prompt.repeat_recall(batch, readings)
+def _task_batch(rc: RecallConfig, task: str, rng: np.random.Generator, size: int, readings: int):
+  """A RecallBatch of `task`; JRT-Prompt's second reading repeats set disjointness's whole
+  prompt (its question is the prompt) and MQAR's key-value context only (its queries carry
+  their answers)."""
+  if task == "MQAR":
+    batch = synthetic.mqar(rng, size, rc.pairs, rc.queries, rc.vocab_size)
+    return jrt_prompt.repeat_recall(batch, readings, context_len=rc.encoder_len(task))
+  order: Literal["a_first", "b_first"] = "a_first" if task == ORDERS[0] else "b_first"
+  return jrt_prompt.repeat_recall(
+    synthetic.set_disjointness(rng, size, rc.small, rc.large, rc.vocab_size, order), readings
+  )
+
+
+def _stacked(batches: list[synthetic.RecallBatch]) -> synthetic.RecallBatch:
+  return synthetic.RecallBatch(*(np.stack(arrays) for arrays in zip(*batches)))
 
 
 def _state_numbers(tree) -> int:
@@ -167,38 +246,36 @@ class _Model(NamedTuple):
   state_numbers: int  # decode state per row: the recurrent state, or the prompt's KV cache
 
 
-def _recall_models(rc: RecallConfig, width: int) -> dict[str, _Model]:
+def _recall_model(rc: RecallConfig, name: str, task: str, width: int, **jrt_changes) -> _Model:
   bcfg = based.BasedConfig(
     vocab_size=rc.vocab_size,
     dim=width,
-    n_blocks=2,
-    n_heads=2,
+    n_blocks=rc.blocks,
+    n_heads=rc.heads,
     feature_dim=rc.feature_dim,
     window=rc.window,
     ffn_dim=2 * width,
+    chunk=rc.chunk,
   )
-  # JRT-RNN's encoder is the prompt up to [3]; the answer comes from the decoder position [3].
-  jcfg = jrt_rnn.JRTConfig(based=bcfg, prefix_len=rc.prompt_len - 1, mask_id=synthetic.PAD, mlm_prob=0.0)
-  lcfg = llama.LlamaConfig(
-    vocab_size=rc.vocab_size,
-    dim=width,
-    n_layers=2,
-    n_heads=2,
-    n_kv_heads=2,
-    ffn_dim=2 * width,
-    rope_theta=10_000.0,
-    max_seq_len=rc.prompt_len,
-  )
+  if name == "Transformer":
+    lcfg = llama.LlamaConfig(
+      vocab_size=rc.vocab_size,
+      dim=width,
+      n_layers=rc.layers,
+      n_heads=rc.heads,
+      n_kv_heads=rc.heads,
+      ffn_dim=2 * width,
+      rope_theta=10_000.0,
+      max_seq_len=rc.prompt_len(task),
+    )
+    cache = jax.eval_shape(lambda: llama.init_state(lcfg, 1, rc.prompt_len(task)))
+    return _Model(lcfg, 1, _state_numbers((cache.k_LBSGK, cache.v_LBSGK)))  # grows with the prompt
   state = jax.eval_shape(lambda: based.init_state(bcfg, 1))
   recurrent = _state_numbers((state.conv_LBWD, state.linear, state.window_k_LBSHK, state.window_v_LBSHK))
-  cache = jax.eval_shape(lambda: llama.init_state(lcfg, 1, rc.prompt_len))
-  kv_cache = _state_numbers((cache.k_LBSGK, cache.v_LBSGK))  # grows with the prompt
-  return {
-    "Based": _Model(bcfg, 1, recurrent),
-    "JRT-RNN": _Model(jcfg, 1, recurrent),
-    "Based + JRT-Prompt": _Model(bcfg, 2, recurrent),
-    "Transformer": _Model(lcfg, 1, kv_cache),
-  }
+  if name == "JRT-RNN":
+    fields = {"prefix_len": rc.encoder_len(task), **jrt_changes}
+    return _Model(jrt_rnn.JRTConfig(based=bcfg, mask_id=synthetic.PAD, mlm_prob=0.0, **fields), 1, recurrent)
+  return _Model(bcfg, 2 if name == "Based + JRT-Prompt" else 1, recurrent)
 
 
 def _recall_objective(params, batch: synthetic.RecallBatch, *, cfg) -> tuple[jax.Array, dict]:
@@ -207,65 +284,164 @@ def _recall_objective(params, batch: synthetic.RecallBatch, *, cfg) -> tuple[jax
   return synthetic.recall_loss(logits_BTV, batch)
 
 
-def _recall_accuracy(ctx: Context, rc: RecallConfig, name: str, order: str, model: _Model) -> float:
-  """Trains one model on `order` (AdamW, answer-only cross-entropy); held-out accuracy on it."""
+class _Cell(NamedTuple):
+  accuracy: np.ndarray  # [seeds] held-out accuracy
+  share_steps: tuple[int, ...]  # JRT-RNN: steps at which the encoder share was logged
+  share: np.ndarray  # [len(share_steps)] mean over seeds of the encoder's denominator share at the answers
+
+
+class _Programs(NamedTuple):
+  """A model's jitted programs, vmapped over seeds (cells of the same model share them)."""
+
+  step: Any  # (stacked TrainState, stacked RecallBatch) -> (state, metrics)
+  accuracy: Any  # (stacked params, stacked RecallBatch) -> [seeds]
+  share: Any  # JRT-RNN: (stacked params, probe RecallBatch) -> mean encoder share at its answers
+
+
+def _programs(model: _Model, tcfg: train.TrainConfig) -> _Programs:
   objective = functools.partial(_recall_objective, cfg=model.cfg)
-  tcfg = train.TrainConfig(
-    batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed
+
+  def share(params, probe: synthetic.RecallBatch) -> jax.Array:
+    share_LBTH = jrt_rnn.encoder_share(params, jnp.asarray(probe.tokens_BT), model.cfg)
+    mask_BT = jnp.asarray(probe.target_mask_BT)
+    return jnp.sum(share_LBTH.mean((0, 3)) * mask_BT) / mask_BT.sum()
+
+  return _Programs(
+    jax.jit(jax.vmap(train.make_step(objective, tcfg))),
+    jax.jit(jax.vmap(lambda params, batch: objective(params, batch)[1]["accuracy"])),
+    jax.jit(lambda params, probe: jax.vmap(share, (0, None))(params, probe).mean()),
   )
-  step = train.make_step(objective, tcfg)
-  state = train.start_state(protocol.model_for(model.cfg).init(jax.random.key(ctx.seed), model.cfg), tcfg)
-  for i in progress(range(rc.steps), f"jrt: train {name}, {order}"):
-    state, _ = step(state, _sets(rc, np.random.default_rng([ctx.seed, i]), rc.batch, order, model.readings))
-  unseen = np.random.default_rng([ctx.seed, rc.steps, 1])  # a stream training never drew from
-  held_out = _sets(rc, unseen, rc.eval_batch, order, model.readings)
-  return float(jax.jit(lambda params, batch: objective(params, batch)[1]["accuracy"])(state.params, held_out))
 
 
-def _recall(ctx: Context, rc: RecallConfig) -> tuple[list, Plot, str]:
+@dataclasses.dataclass
+class _Lab:
+  """Trains the cells the parts ask for, once each, and keeps them (parts share cells)."""
+
+  ctx: Context
+  rc: RecallConfig
+  cells: dict = dataclasses.field(default_factory=dict)
+  programs: dict = dataclasses.field(default_factory=dict)
+
+  def cell(self, name: str, task: str, width: int, variant: tuple = ()) -> _Cell:
+    key = (name, task, width, variant)
+    if key not in self.cells:
+      model = _recall_model(self.rc, name, task, width, **dict(variant))
+      label = f"{name}{' ' + str(dict(variant)) if variant else ''}, width {width}"
+      self.cells[key] = self._train(label, task, model)
+    return self.cells[key]
+
+  def _train(self, label: str, task: str, model: _Model) -> _Cell:
+    """Trains `rc.seeds` models of `model` on `task` side by side (AdamW, answer-only
+    cross-entropy; seed s initialises from key s and draws its own batches); held-out
+    accuracy per seed on a stream training never drew from. JRT-RNN logs the encoder's
+    share of the linear layers' denominators at the answers of a fixed probe batch."""
+    rc, ctx = self.rc, self.ctx
+    tcfg = train.TrainConfig(
+      batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed
+    )
+    programs = self.programs.setdefault(model, _programs(model, tcfg))
+    seeds = [ctx.seed + s for s in range(rc.seeds)]
+    init = protocol.model_for(model.cfg).init
+    keys = jax.vmap(jax.random.key)(jnp.array(seeds))
+    state = jax.vmap(lambda k: train.start_state(init(k, model.cfg), tcfg))(keys)
+    batches = lambda size, stream: _stacked(
+      [_task_batch(rc, task, np.random.default_rng([s, *stream]), size, model.readings) for s in seeds]
+    )
+    logs = isinstance(model.cfg, jrt_rnn.JRTConfig)
+    probe = _task_batch(rc, task, np.random.default_rng([ctx.seed, 10**6]), 64, 1)
+    share_steps, share = [], []
+    log_every = max(rc.steps // 10, 1)
+    for i in progress(range(rc.steps + 1), f"jrt: train {label}, {task}"):
+      if logs and (i % log_every == 0 or i == rc.steps):
+        share_steps.append(i)
+        share.append(float(programs.share(state.params, probe)))
+      if i < rc.steps:
+        state, _ = programs.step(state, batches(rc.batch, [i]))
+    accuracy = np.asarray(programs.accuracy(state.params, batches(rc.eval_batch, [rc.steps, 1])))
+    return _Cell(accuracy, tuple(share_steps), np.asarray(share))
+
+
+def _spread(x: np.ndarray) -> float:
+  return float(np.std(x, ddof=1))
+
+
+def claim_verdict(rule: str, diffs: np.ndarray, *, reference: float, easy: float | None = None) -> str:
+  """ "holds", "fails" or "undecided" for a RULES entry, from the per-seed differences `diffs`.
+
+  `reference` is the mean accuracy of the model that shows the task is learnable at this
+  budget (Based's small-first for the order gaps; for the JRT-Prompt gain, the Transformer's
+  on that task): below LEARNED the claim is undecided. `easy` is JRT-RNN's mean small-first
+  accuracy, for its order-gap rule.
+  """
+  m, sd = float(np.mean(diffs)), _spread(diffs)
+  if reference < LEARNED:
+    return "undecided"
+  if rule == "JRT-Prompt gain":
+    return "holds" if m > 2 * sd and m > 0 else "fails"
+  if rule == "Based order gap":
+    return "holds" if m > 2 * sd and m > 0.05 else "fails"
+  if rule == "JRT-RNN order gap":
+    if easy is None:
+      raise ValueError("easy: the JRT-RNN order-gap rule needs JRT-RNN's small-first accuracy")
+    return "holds" if abs(m) <= max(2 * sd, 0.05) and easy >= reference - 0.05 else "fails"
+  raise ValueError(f"rule: expected one of {tuple(RULES)}, got {rule!r}")
+
+
+def _mean_sd(x: np.ndarray) -> str:
+  return f"{np.mean(x):.3f} +- {_spread(x):.3f}"
+
+
+def _recall(lab: _Lab) -> tuple[list, Plot, str]:
+  """Each claim at `rc.width`, decided by RULES across the seeds."""
+  ctx, rc = lab.ctx, lab.rc
   records: list = []
-  acc: dict[tuple[str, str], list[float]] = {}
-  state_kib: dict[str, list[float]] = {}
+  for name, tasks in RUNS:
+    for task in tasks:
+      cell = lab.cell(name, task, rc.width)
+      what = "MQAR" if task == "MQAR" else f"set disjointness, {task}"
+      records.append(
+        ctx.record(
+          f"accuracy, {name}, {what}, width {rc.width}, mean of {rc.seeds} seeds", cell.accuracy.mean(), "fraction"
+        )
+      )
+      records.append(
+        ctx.record(f"accuracy, {name}, {what}, width {rc.width}, seed sd", _spread(cell.accuracy), "fraction")
+      )
+  acc = lambda name, task: lab.cell(name, task, rc.width).accuracy
   small_first, large_first = ORDERS
-  for width in rc.widths:
-    models = _recall_models(rc, width)
-    for name, orders in RUNS:
-      state_kib.setdefault(name, []).append(models[name].state_numbers * 4 / 1024)
-      for order in orders:
-        value = _recall_accuracy(ctx, rc, f"{name}, width {width}", order, models[name])
-        acc.setdefault((name, order), []).append(value)
-        records.append(ctx.record(f"set disjointness accuracy, {name}, width {width}, {order}", value, "fraction"))
-    at = lambda name, order: acc[name, order][-1]
-    records += [
-      ctx.record(
-        f"order gap (small first - large first), Based, width {width}",
-        at("Based", small_first) - at("Based", large_first),
-        "fraction",
-        "> 0: a causal model prefers the small set first",
-        JRT_SETS,
-      ),
-      ctx.record(
-        f"order gap (small first - large first), JRT-RNN, width {width}",
-        at("JRT-RNN", small_first) - at("JRT-RNN", large_first),
-        "fraction",
-        "~ 0: the non-causal prefix is insensitive to order",
-        JRT_SETS,
-      ),
-      ctx.record(
-        f"JRT-Prompt gain over Based at equal state, width {width}, large set first",
-        at("Based + JRT-Prompt", large_first) - at("Based", large_first),
-        "fraction",
+  claims = [
+    (
+      "Based order gap",
+      "order gap (small first - large first), Based",
+      acc("Based", small_first) - acc("Based", large_first),
+      "> 0: a causal model prefers the small set first",
+      dict(reference=acc("Based", small_first).mean()),
+    ),
+    (
+      "JRT-RNN order gap",
+      "order gap (small first - large first), JRT-RNN",
+      acc("JRT-RNN", small_first) - acc("JRT-RNN", large_first),
+      "~ 0: the non-causal prefix is insensitive to order",
+      dict(reference=acc("Based", small_first).mean(), easy=acc("JRT-RNN", small_first).mean()),
+    ),
+    *(
+      (
+        "JRT-Prompt gain",
+        f"JRT-Prompt gain over Based at equal state, {'MQAR' if task == 'MQAR' else 'sets, ' + task}",
+        acc("Based + JRT-Prompt", task) - acc("Based", task),
         "> 0",
-        JRT_PROMPT,
-      ),
-      ctx.record(
-        f"recurrent decode state (Based = JRT-RNN = JRT-Prompt), width {width}", state_kib["Based"][-1], "KiB"
-      ),
-      ctx.record(
-        f"Transformer KV cache of the {rc.prompt_len}-token prompt, width {width}", state_kib["Transformer"][-1], "KiB"
-      ),
-    ]
-  pool = (rc.vocab_size - synthetic.FIRST) // 2
+        dict(reference=acc("Transformer", task).mean()),
+      )
+      for task in TASKS[1:]
+    ),
+  ]
+  verdicts = []
+  for rule, metric, diffs, expected, kwargs in claims:
+    source = JRT_PROMPT if rule == "JRT-Prompt gain" else JRT_SETS
+    records.append(ctx.record(f"{metric}, width {rc.width}, mean", diffs.mean(), "fraction", expected, source))
+    records.append(ctx.record(f"{metric}, width {rc.width}, seed sd", _spread(diffs), "fraction"))
+    verdicts.append(f"{metric}: {_mean_sd(diffs)} -> {claim_verdict(rule, diffs, **kwargs)}")
+  pool = rc.vocab_size - synthetic.FIRST
   bits = lambda size: (math.lgamma(pool + 1) - math.lgamma(size + 1) - math.lgamma(pool - size + 1)) / math.log(2)
   records += [
     ctx.record(
@@ -283,23 +459,90 @@ def _recall(ctx: Context, rc: RecallConfig) -> tuple[list, Plot, str]:
       JRT_SETS,
     ),
   ]
+  labels = [f"{name}, {task}" for name, tasks in RUNS for task in tasks]
+  means = [lab.cell(name, task, rc.width).accuracy.mean() for name, tasks in RUNS for task in tasks]
   plot = Plot(
     "recall",
-    f"Set disjointness (sets of {rc.small} and {rc.large}): accuracy vs decode state",
+    f"Held-out accuracy at width {rc.width} (mean of {rc.seeds} seeds)",
+    "cell",
+    "accuracy",
+    tuple(Series(label, (float(i),), (float(m),)) for i, (label, m) in enumerate(zip(labels, means))),
+    kind="bar",
+  )
+  note = (
+    f"Claims at width {rc.width} ({rc.blocks} Based blocks of conv + linear attention (feature dim {rc.feature_dim}, "
+    f"{rc.heads} heads) + window {rc.window}; a {rc.layers}-layer Transformer), {rc.seeds} seeds per cell, "
+    f"{rc.steps} steps of batch {rc.batch}, accuracy on {rc.eval_batch} held-out prompts per seed. "
+    f"Set disjointness {rc.small} vs {rc.large} tokens with random vocabulary halves per example; "
+    f"MQAR {rc.pairs} pairs, {rc.queries} queries. Rules fixed before the run: "
+    + "; ".join(f"{rule}: {text}" for rule, text in RULES.items())
+    + f". A cell learned its task at accuracy >= {LEARNED}. Verdicts: "
+    + "; ".join(verdicts)
+    + ". The MLM term of Eq. 5 is off: a random set member cannot be predicted from the rest."
+  )
+  return records, plot, note
+
+
+def _diagnosis(lab: _Lab) -> tuple[list, Plot, str]:
+  """JRT-RNN variants (a)-(d) on the easy order at the same budget, with the encoder's share."""
+  ctx, rc = lab.ctx, lab.rc
+  records: list = []
+  series = []
+  lines = []
+  for label, changes in VARIANTS:
+    cell = lab.cell("JRT-RNN", ORDERS[0], rc.width, tuple(sorted(changes.items())))
+    records += [
+      ctx.record(f"JRT-RNN {label}, small set first, mean accuracy", cell.accuracy.mean(), "fraction"),
+      ctx.record(f"JRT-RNN {label}, small set first, seed sd", _spread(cell.accuracy), "fraction"),
+      ctx.record(f"JRT-RNN {label}, encoder share of the denominator at the answer, step 0", cell.share[0], "fraction"),
+      ctx.record(f"JRT-RNN {label}, encoder share at the answer, step {rc.steps}", cell.share[-1], "fraction"),
+    ]
+    series.append(Series(label, tuple(float(s) for s in cell.share_steps), tuple(float(x) for x in cell.share)))
+    lines.append(f"{label}: accuracy {_mean_sd(cell.accuracy)}, share {cell.share[0]:.3f} -> {cell.share[-1]:.3f}")
+  based_easy = lab.cell("Based", ORDERS[0], rc.width).accuracy
+  records.append(ctx.record("Based, small set first, mean accuracy (the reference)", based_easy.mean(), "fraction"))
+  plot = Plot(
+    "diagnosis",
+    "JRT-RNN: the encoder's share of the linear layers' denominators at the answer",
+    "training step",
+    "encoder share",
+    tuple(series),
+  )
+  note = (
+    f"Diagnosis on set disjointness, small set first, width {rc.width}, {rc.seeds} seeds, {rc.steps} steps each "
+    f"(Based: {_mean_sd(based_easy)}). " + "; ".join(lines) + ". Variants (b) and (c) depart from the paper; "
+    "the default stays Eq. 3."
+  )
+  return records, plot, note
+
+
+def _widths(lab: _Lab) -> tuple[list, Plot, str]:
+  """MQAR accuracy vs decode-state size across widths (the recall-memory trade-off)."""
+  ctx, rc = lab.ctx, lab.rc
+  records: list = []
+  series = []
+  for name in WIDTH_MODELS:
+    kib, acc = [], []
+    for width in rc.widths:
+      cell = lab.cell(name, "MQAR", width)
+      kib.append(_recall_model(rc, name, "MQAR", width).state_numbers * 4 / 1024)
+      acc.append(float(cell.accuracy.mean()))
+      records += [
+        ctx.record(f"MQAR accuracy, {name}, width {width}, mean of {rc.seeds} seeds", acc[-1], "fraction"),
+        ctx.record(f"decode state, {name}, width {width}", kib[-1], "KiB"),
+      ]
+    series.append(Series(name, tuple(kib), tuple(acc)))
+  plot = Plot(
+    "widths",
+    f"MQAR ({rc.pairs} pairs): accuracy vs decode state across widths {list(rc.widths)}",
     "decode state (KiB, float32)",
     "held-out accuracy",
-    tuple(Series(f"{name}, {order}", tuple(state_kib[name]), tuple(v)) for (name, order), v in acc.items()),
+    tuple(series),
     xscale="log",
   )
   note = (
-    f"Set disjointness: 2-block models (2 heads, feature dim {rc.feature_dim}, window {rc.window}, "
-    f"widths {list(rc.widths)}), "
-    f"one per order, each trained {rc.steps} steps and scored on the answer of {rc.eval_batch} held-out prompts. "
-    "JRT-RNN's encoder is the prompt before [3]; "
-    "JRT-Prompt reads the whole prompt twice with the same Based model and state; "
-    "the Transformer's state is its KV cache, which grows with the prompt. It is also the trainability reference: "
-    "where it falls short too, accuracy at that width is limited by training, not by the recurrent state. "
-    "The MLM term of Eq. 5 is off here: a random set member cannot be predicted from the rest."
+    "The recurrent state is constant in the prompt length; the Transformer's is its KV cache of the "
+    f"{rc.prompt_len('MQAR')}-token prompt."
   )
   return records, plot, note
 
@@ -371,14 +614,16 @@ def _prefill(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
   return records, plot, note
 
 
-PARTS = ("recall", "prefill")  # --only=jrt.<part>
+PARTS = ("recall", "diagnosis", "widths", "prefill")  # --only=jrt.<part>
 
 
 def run(ctx: Context) -> Result:
   cfg = CONFIGS[ctx.scale]
   parts = []
-  if ctx.wants("recall"):
-    parts.append(_recall(ctx, cfg.recall))
+  lab = _Lab(ctx, cfg.recall)
+  for name, part in (("recall", _recall), ("diagnosis", _diagnosis), ("widths", _widths)):
+    if ctx.wants(name):
+      parts.append(part(lab))
   if ctx.wants("prefill"):
     parts.append(_prefill(ctx, cfg))
   return Result.from_parts(ctx.benchmark, parts)

@@ -155,17 +155,39 @@ def prefix_linear_attention(
   """
   _check(phi_q_BTHF, phi_kd_BTHF, vd_BTHK)
   _check(phi_q_BTHF, phi_ke_BTHF, ve_BTHK)
-  time = phi_q_BTHF.shape[1]
-  if not 0 < prefix_len <= time:
-    raise ValueError(f"prefix_len: expected 0 < M <= T={time}, got {prefix_len}")
-  real_BT = jnp.ones(phi_q_BTHF.shape[:2], bool) if key_mask_BT is None else key_mask_BT
-  enc_keep_BT = real_BT & (jnp.cumsum(real_BT, axis=1) <= prefix_len)
-  dec_keep_BT = real_BT
-  phi_ke = phi_ke_BTHF.astype(jnp.float32) * enc_keep_BT[:, :, None, None]
-  phi_kd = phi_kd_BTHF.astype(jnp.float32) * dec_keep_BT[:, :, None, None]
+  phi_kd, phi_ke = _prefix_keys(phi_kd_BTHF, phi_ke_BTHF, prefix_len, key_mask_BT)
   enc = State(jnp.einsum("bshf,bshk->bhfk", phi_ke, ve_BTHK.astype(jnp.float32)), phi_ke.sum(1))
   y, state = causal_chunked(phi_q_BTHF, phi_kd, vd_BTHK, chunk=chunk, eps=eps, state=enc)
   return y, state
+
+
+def prefix_encoder_share(
+  phi_q_BTHF, phi_kd_BTHF, phi_ke_BTHF, prefix_len: int, *, key_mask_BT: jax.Array | None = None
+) -> jax.Array:
+  """The encoder's share of PLA's denominator at each query, float32 [B, T, H]:
+
+    phi(q_i) z_e / (phi(q_i) z_e + phi(q_i) sum_{j<=i} phi(k_d,j)),  z_e = sum_{j<=M} phi(k_e,j).
+
+  The Taylor kernel phi(q).phi(k) = 1 + s + s^2/2 is >= 1/2, so the encoder's M keys add at
+  least M / 2 to every denominator whatever the weights; near s = 0 (at initialisation) the
+  share at position i is about M / (M + i + 1).
+  """
+  phi_kd, phi_ke = _prefix_keys(phi_kd_BTHF, phi_ke_BTHF, prefix_len, key_mask_BT)
+  phi_q = phi_q_BTHF.astype(jnp.float32)
+  enc_BTH = jnp.einsum("bthf,bhf->bth", phi_q, phi_ke.sum(1))
+  dec_BTH = jnp.einsum("bthf,bthf->bth", phi_q, jnp.cumsum(phi_kd, axis=1))
+  return enc_BTH / (enc_BTH + dec_BTH)
+
+
+def _prefix_keys(phi_kd_BTHF, phi_ke_BTHF, prefix_len: int, key_mask_BT: jax.Array | None):
+  """(decoder keys with padding zeroed, encoder keys outside each row's first M real tokens zeroed), float32."""
+  time = phi_kd_BTHF.shape[1]
+  if not 0 < prefix_len <= time:
+    raise ValueError(f"prefix_len: expected 0 < M <= T={time}, got {prefix_len}")
+  real_BT = jnp.ones(phi_kd_BTHF.shape[:2], bool) if key_mask_BT is None else key_mask_BT
+  enc_keep_BT = real_BT & (jnp.cumsum(real_BT, axis=1) <= prefix_len)
+  phi_kd = phi_kd_BTHF.astype(jnp.float32) * real_BT[:, :, None, None]
+  return phi_kd, phi_ke_BTHF.astype(jnp.float32) * enc_keep_BT[:, :, None, None]
 
 
 def short_conv(

@@ -4,8 +4,9 @@ A recurrent model that sees the question only after the context must have stored
 everything; repeating the context (after the question has been seen once) lets it store
 what matters. The paper's template is A(C, Q, C, Q): context and question, twice.
 
-Shapes: B batch, T padded length. For the synthetic recall tasks, `repeat_recall` reads a
-whole `RecallBatch` prompt `repeats` times and scores only the last reading.
+Shapes: B batch, T padded length, C context length. For the synthetic recall tasks,
+`repeat_recall` reads a `RecallBatch` prompt (or its context) `repeats` times and scores only
+the last reading.
 """
 
 from __future__ import annotations
@@ -40,15 +41,23 @@ def repeat_rows(tokens_BT: np.ndarray, lengths_B: np.ndarray, repeats: int = 2) 
   return np.where(t < new_lengths[:, None], out, 0).astype(tokens_BT.dtype), new_lengths
 
 
-def repeat_recall(batch: RecallBatch, repeats: int = 2) -> RecallBatch:
-  """The prompt read `repeats` times, scored on the last reading only: [B, repeats * T].
+def repeat_recall(batch: RecallBatch, repeats: int = 2, *, context_len: int | None = None) -> RecallBatch:
+  """The first `context_len` tokens (default: the whole prompt) read `repeats` times, then the
+  rest of the row: [B, (repeats - 1) C + T], scored on the last reading only.
 
-  For tasks whose question is the prompt itself (set disjointness: which token do the two
-  sets share?), so the first reading never shows an answer. Targets stay next tokens.
+  The whole prompt suits tasks whose question is the prompt itself (set disjointness: which
+  token do the two sets share?), so no earlier reading shows an answer; MQAR repeats only its
+  key-value context, since its queries carry their answers. Targets stay next tokens.
   """
+  time = batch.tokens_BT.shape[1]
+  context_len = time if context_len is None else context_len
   if repeats < 1:
     raise ValueError(f"repeats: expected >= 1, got {repeats}")
-  tokens_BT = np.tile(batch.tokens_BT, (1, repeats))
-  targets_BT = np.concatenate([tokens_BT[:, 1:], batch.targets_BT[:, -1:]], axis=1)
-  earlier_BT = np.zeros((batch.tokens_BT.shape[0], (repeats - 1) * batch.tokens_BT.shape[1]), bool)
-  return RecallBatch(tokens_BT, targets_BT, np.concatenate([earlier_BT, batch.target_mask_BT], axis=1))
+  if not 1 <= context_len <= time:
+    raise ValueError(f"context_len: expected 1 <= C <= T={time}, got {context_len}")
+  earlier_BT = np.tile(batch.tokens_BT[:, :context_len], (1, repeats - 1))
+  tokens_BT = np.concatenate([earlier_BT, batch.tokens_BT], axis=1)
+  targets_BT = np.concatenate([tokens_BT[:, 1 : earlier_BT.shape[1] + 1], batch.targets_BT], axis=1)
+  return RecallBatch(
+    tokens_BT, targets_BT, np.concatenate([np.zeros_like(earlier_BT, bool), batch.target_mask_BT], axis=1)
+  )

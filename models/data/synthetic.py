@@ -1,7 +1,10 @@
 """Seeded, vectorised synthetic recall tasks (Zoology / JRT): MQAR and set disjointness.
 
 Shapes: B batch, T sequence length, V vocabulary. Token 0 is padding; 1, 2, 3 are separators; the rest
-of the vocabulary is split into two halves (keys / values, or set A / set B).
+of the vocabulary is split into two halves: keys / values for MQAR (fixed halves, as Zoology's), set A /
+set B for set disjointness (a random split per example by default, as the JRT authors' data: with fixed
+halves the shared token is the only token of A's half inside B, a local shortcut around the set
+comparison).
 
 A `RecallBatch` is next-token data: targets_BT[t] is the token expected after position t,
 and target_mask_BT marks the positions that are scored (the recall answers only);
@@ -69,16 +72,27 @@ def set_disjointness(
   size_b: int,
   vocab_size: int,
   order: Literal["a_first", "b_first"] = "a_first",
+  halves: Literal["random", "fixed"] = "random",
 ) -> RecallBatch:
   """`[1] X [2] Y [3]` with sets A, B from disjoint halves; one token of B is replaced by a
-  token t of A, and the answer after [3] is t. `order` puts A (or B) first."""
+  token t of A, and the answer after [3] is t. `order` puts A (or B) first.
+
+  `halves="random"` splits the vocabulary anew for each row (A and B are then disjoint
+  random subsets of all of it); `"fixed"` draws A from the first half and B from the second,
+  which leaves the shortcut "answer B's one token from the first half"."""
   if size_a < 1 or size_b < 1:
     raise ValueError(f"size_a, size_b: expected >= 1, got {size_a}, {size_b}")
   if order not in ("a_first", "b_first"):
     raise ValueError(f"order: expected 'a_first' or 'b_first', got {order!r}")
+  if halves not in ("random", "fixed"):
+    raise ValueError(f"halves: expected 'random' or 'fixed', got {halves!r}")
   pool_a, pool_b = _halves(vocab_size, max(size_a, size_b))
-  a = _distinct(rng, pool_a, batch, size_a)
-  b = _distinct(rng, pool_b, batch, size_b)
+  if halves == "fixed":
+    a = _distinct(rng, pool_a, batch, size_a)
+    b = _distinct(rng, pool_b, batch, size_b)
+  else:  # a random order of the whole pool per row; its first half holds A, its second B
+    every = _distinct(rng, np.concatenate([pool_a, pool_b]), batch, 2 * pool_a.size)
+    a, b = every[:, :size_a], every[:, pool_a.size : pool_a.size + size_b]
   rows = np.arange(batch)
   shared = a[rows, rng.integers(0, size_a, batch)]
   b[rows, rng.integers(0, size_b, batch)] = shared

@@ -274,6 +274,16 @@ def prefill(
   return _logits(params, x_BTD[:, -1:], cfg)[:, 0], state  # right-aligned: the last column is each row's last token
 
 
+def prefix_encoder_share(
+  params: dict, tokens_BT: jax.Array, cfg: BasedConfig, prefix_len: int, *, key_mask_BT: jax.Array | None = None
+) -> jax.Array:
+  """JRT-RNN's encoder share of each linear layer's denominator, float32 [L, B, T, H]
+  (`ops.linear_attention.prefix_encoder_share`), from an empty state."""
+  kinds = frozenset({"encoder_share"})
+  _, _, sites = _blocks(params, tokens_BT, cfg, None, kinds, prefix_len=prefix_len, key_mask_BT=key_mask_BT)
+  return sites["encoder_share"]
+
+
 def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> tuple[jax.Array, State]:
   """One token per row in constant memory: (float32 logits [B, V], the state after it)."""
   return protocol.decode_by_forward(forward, params, token_B, state, cfg)
@@ -303,8 +313,8 @@ def _blocks(
   batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
   if prefix_len is not None and state is not None:
     raise ValueError(f"prefix_len: the encoder prefix starts a sequence; got prefix_len={prefix_len} and a state")
-  if prefix_len is not None and not {"wk_e", "wv_e"} <= set(params["linear"]):
-    raise ValueError("params: prefix_len needs JRT-RNN's encoder projections wk_e, wv_e (jrt_rnn.init)")
+  if prefix_len is not None and "wk_e" not in params["linear"]:
+    raise ValueError("params: prefix_len needs JRT-RNN's encoder projections (jrt_rnn.init)")
   if key_mask_BT is not None and (key_mask_BT.shape != (batch, time) or key_mask_BT.dtype != jnp.bool_):
     raise ValueError(f"key_mask_BT: expected bool shape {(batch, time)}, got {key_mask_BT.dtype} {key_mask_BT.shape}")
   state = init_state(cfg, batch) if state is None else state
@@ -334,12 +344,20 @@ def _blocks(
       phi_q = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wq"]))
       phi_k = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wk"]))
       v = jnp.einsum("btd,dhk->bthk", h, pl["wv"])
+      diagnostics = {}
       if prefix_len is not None:
         phi_ke = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wk_e"]))
-        v_e = jnp.einsum("btd,dhk->bthk", h, pl["wv_e"])
+        if "encoder_gate" in pl:  # JRT-RNN's gated variant: sigmoid(g_h) scales the encoder's keys
+          phi_ke = phi_ke * jax.nn.sigmoid(pl["encoder_gate"])[:, None]
+        # Without wv_e (the zero-values variant) the encoder's keys only add to the denominator.
+        v_e = jnp.einsum("btd,dhk->bthk", h, pl["wv_e"]) if "wv_e" in pl else jnp.zeros_like(v)
         y, lin_state = la.prefix_linear_attention(
           phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
         )
+        if "encoder_share" in kinds:
+          diagnostics["encoder_share"] = la.prefix_encoder_share(
+            phi_q, phi_k, phi_ke, prefix_len, key_mask_BT=key_mask_BT
+          )
       else:
         if keep_BT1 is not None:
           phi_k = phi_k * keep_BT1[..., None]
@@ -369,6 +387,7 @@ def _blocks(
       "hook_linear_out": linear_out,
       "hook_window_out": window_out,
       "hook_resid_post": x,
+      **diagnostics,
     }
     return x, (conv_state, lin_state, keys[:, -n:], values[:, -n:]), acts
 

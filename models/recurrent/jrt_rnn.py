@@ -8,6 +8,12 @@ the stack is Based's. After the prompt the state is Eq. 4's s_M, z_M and decodin
 Based's recurrence: no extra decode state. Prompts shorter than M are left-padded to M
 and their padded keys zeroed (`based.left_pad`). A `models.protocol.DecodingModel`.
 
+`JRTConfig.encoder` selects the encoder term: "eq3" (the default) is the paper's. Two
+variants that depart from the paper exist for diagnosing training (bench/jrt's diagnosis
+part): "zero_values" has no wv_e (encoder values are 0, its keys stay in the denominator)
+and "gated" scales the encoder's keys per layer and head by sigmoid(g), g learned from
+GATE_INIT, so the encoder starts almost out of numerator and denominator.
+
 Training loss (Eq. 5): L = (w1 L_NTP + w2 L_MLM) / (w1 + w2), w1 = 1, w2 = 0.25. Each
 encoder token is replaced by [MASK] with probability 15% and predicted at its own position
 (MLM, masked positions only); next-token loss only from positions >= M.
@@ -18,12 +24,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from paperjax.models.recurrent import based
+
+ENCODERS = ("eq3", "zero_values", "gated")
+GATE_INIT = -4.0  # sigmoid(-4) = 0.018
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,8 +44,11 @@ class JRTConfig:
   mlm_prob: float = 0.15
   ntp_weight: float = 1.0
   mlm_weight: float = 0.25
+  encoder: Literal["eq3", "zero_values", "gated"] = "eq3"  # the paper's Eq. 3, or a named departure
 
   def __post_init__(self):
+    if self.encoder not in ENCODERS:
+      raise ValueError(f"encoder: expected one of {ENCODERS}, got {self.encoder!r}")
     if self.prefix_len < 1:
       raise ValueError(f"prefix_len: expected >= 1, got {self.prefix_len}")
     if not 0 <= self.mask_id < self.based.vocab_size:
@@ -55,22 +68,28 @@ def init(key: jax.Array, cfg: JRTConfig) -> dict:
   params = based.init(k_model, cfg.based)
   b = cfg.based
   fan = 1 / math.sqrt(b.dim)
-  params["linear"] = {
-    **params["linear"],
+  encoder = {
     "wk_e": jax.random.truncated_normal(k_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.feature_dim)) * fan,
     "wv_e": jax.random.truncated_normal(v_enc, -2, 2, (b.n_blocks, b.dim, b.n_heads, b.head_dim)) * fan,
+    "encoder_gate": jnp.full((b.n_blocks, b.n_heads), GATE_INIT),
   }
+  params["linear"] = {**params["linear"], **{name: encoder[name] for name in _encoder_params(cfg)}}
   return params
 
 
 def param_axes(cfg: JRTConfig) -> dict:
   axes = based.param_axes(cfg.based)
-  axes["linear"] = {
-    **axes["linear"],
+  encoder = {
     "wk_e": ("layers", "embed", "heads", "feature"),
     "wv_e": ("layers", "embed", "heads", "head_dim"),
+    "encoder_gate": ("layers", "heads"),
   }
+  axes["linear"] = {**axes["linear"], **{name: encoder[name] for name in _encoder_params(cfg)}}
   return axes
+
+
+def _encoder_params(cfg: JRTConfig) -> tuple[str, ...]:
+  return {"eq3": ("wk_e", "wv_e"), "zero_values": ("wk_e",), "gated": ("wk_e", "wv_e", "encoder_gate")}[cfg.encoder]
 
 
 def init_state(cfg: JRTConfig, batch: int, capacity: int | None = None) -> based.State:
@@ -108,6 +127,7 @@ def forward_with_sites(
 ) -> tuple[jax.Array, based.State | None, dict[str, jax.Array]]:
   """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`)."""
   prefix_len = None if state is not None else _check_prefix(tokens_BT, cfg)
+  _check_params(params, cfg)
   return based.forward_with_sites(
     params, tokens_BT, cfg.based, sites, state=state, key_mask_BT=key_mask_BT, prefix_len=prefix_len
   )
@@ -123,6 +143,7 @@ def prefill(
 ) -> tuple[jax.Array, based.State]:
   """Right-padded prompts (T >= M), the encoder = each row's first M real tokens: (logits
   [B, V] after each row's last token, the state; Eq. 4's s_M, z_M for a row of M tokens)."""
+  _check_params(params, cfg)
   return based.prefill(
     params, tokens_BT, cfg.based, lengths_B=lengths_B, capacity=capacity, prefix_len=_check_prefix(tokens_BT, cfg)
   )
@@ -133,6 +154,12 @@ def decode(params: dict, token_B: jax.Array, state: based.State, cfg: JRTConfig)
   return based.decode(params, token_B, state, cfg.based)
 
 
+def _check_params(params: dict, cfg: JRTConfig) -> None:
+  got = tuple(name for name in ("wk_e", "wv_e", "encoder_gate") if name in params["linear"])
+  if got != _encoder_params(cfg):
+    raise ValueError(f"params: encoder={cfg.encoder!r} expects linear encoder params {_encoder_params(cfg)}, got {got}")
+
+
 def _check_prefix(tokens_BT: jax.Array, cfg: JRTConfig) -> int:
   if tokens_BT.ndim != 2:
     raise ValueError(f"tokens_BT: expected shape [B, T], got {tokens_BT.shape}")
@@ -141,6 +168,14 @@ def _check_prefix(tokens_BT: jax.Array, cfg: JRTConfig) -> int:
       f"tokens_BT: {tokens_BT.shape[1]} tokens are fewer than the encoder length M={cfg.prefix_len}; left_pad them"
     )
   return cfg.prefix_len
+
+
+def encoder_share(params: dict, tokens_BT: jax.Array, cfg: JRTConfig, *, key_mask_BT=None) -> jax.Array:
+  """The encoder's share of each linear layer's denominator at each position, [L, B, T, H]
+  (`ops.linear_attention.prefix_encoder_share`; gated keys included as scaled)."""
+  _check_params(params, cfg)
+  prefix_len = _check_prefix(tokens_BT, cfg)
+  return based.prefix_encoder_share(params, tokens_BT, cfg.based, prefix_len, key_mask_BT=key_mask_BT)
 
 
 def loss_masks(time: int, prefix_len: int, masked_BT: jax.Array, key_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:

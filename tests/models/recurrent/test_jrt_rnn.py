@@ -1,11 +1,15 @@
 """JRT-RNN: prefill (Eq. 4) + decode equals the parallel forward; left padding; Eq. 5 masks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from paperjax.models.recurrent import based, jrt_rnn
+from paperjax.ops import linear_attention as la
+from paperjax.ops import mlp, norms
 
 CFG = jrt_rnn.JRTConfig(
   based=based.BasedConfig(vocab_size=64, dim=32, n_blocks=2, n_heads=2, feature_dim=4, window=4, ffn_dim=64, chunk=4),
@@ -72,6 +76,48 @@ def test_loss_combines_ntp_and_mlm(params, key):
   assert float(jnp.abs(grads["linear"]["wk_e"]).sum()) > 0  # the encoder projections learn
 
 
+def test_encoder_variants_against_eq3(params, key):
+  tokens = jax.random.randint(key, (2, 9), 0, 60)
+  zero_cfg = dataclasses.replace(CFG, encoder="zero_values")
+  zero = jrt_rnn.init(jax.random.key(1), zero_cfg)
+  assert "wv_e" not in zero["linear"] and jrt_rnn.param_axes(zero_cfg).keys() == zero.keys()
+  silent = {**params, "linear": {**params["linear"], "wv_e": jnp.zeros_like(params["linear"]["wv_e"])}}
+  np.testing.assert_allclose(  # encoder values 0: Eq. 3 with wv_e = 0
+    jrt_rnn.forward(zero, tokens, zero_cfg)[0], jrt_rnn.forward(silent, tokens, CFG)[0], rtol=1e-5, atol=1e-5
+  )
+  gated_cfg = dataclasses.replace(CFG, encoder="gated")
+  gated = jrt_rnn.init(jax.random.key(1), gated_cfg)
+  np.testing.assert_array_equal(gated["linear"]["encoder_gate"], jnp.full((2, 2), jrt_rnn.GATE_INIT))
+  with_gate = lambda g: {**gated, "linear": {**gated["linear"], "encoder_gate": jnp.full((2, 2), g)}}
+  np.testing.assert_allclose(  # gate open: Eq. 3
+    jrt_rnn.forward(with_gate(40.0), tokens, gated_cfg)[0], jrt_rnn.forward(params, tokens, CFG)[0], rtol=1e-5
+  )
+  np.testing.assert_allclose(  # gate shut: the encoder is gone and JRT-RNN is Based
+    jrt_rnn.forward(with_gate(-40.0), tokens, gated_cfg)[0], based.forward(params, tokens, CFG.based)[0], rtol=1e-5
+  )
+
+
+def test_encoder_share_equals_a_loop(params, key):
+  tokens = jax.random.randint(key, (1, 8), 0, 60)
+  share = np.asarray(jrt_rnn.encoder_share(params, tokens, CFG))
+  assert share.shape == (2, 1, 8, 2)
+  # The first block's linear layer by hand: its input is the block input after the conv sublayer.
+  sites = jrt_rnn.forward_with_sites(params, tokens, CFG, ["blocks.0.hook_resid_pre"])[2]
+  x = sites["blocks.0.hook_resid_pre"]
+  pc, pl, b = jax.tree.map(lambda w: w[0], params["conv"]), jax.tree.map(lambda w: w[0], params["linear"]), CFG.based
+  x = x + la.base_conv(norms.rms_norm(x, pc["norm"], b.norm_eps), pc["w_in"], pc["w_gate"], pc["kernel"])[0]
+  x = x + mlp.swiglu(norms.rms_norm(x, pc["mlp_norm"], b.norm_eps), pc["w1"], pc["w3"], pc["w2"])
+  h = np.asarray(norms.rms_norm(x, pl["norm"], b.norm_eps))[0]
+  kernel = lambda a, c: 1 + a @ c / 2 + (a @ c) ** 2 / 8  # phi(q).phi(k) = 1 + s + s^2 / 2, s = q.k / sqrt(J), J = 4
+  for head in range(2):
+    q, kd, ke = (h @ np.asarray(pl[w])[:, head] for w in ("wq", "wk", "wk_e"))
+    for i in range(8):
+      enc = sum(kernel(q[i], ke[j]) for j in range(6))
+      dec = sum(kernel(q[i], kd[j]) for j in range(i + 1))
+      assert share[0, 0, i, head] == pytest.approx(enc / (enc + dec), rel=1e-4)
+      assert enc >= 6 / 2 - 1e-5  # the Taylor kernel's floor: the encoder adds >= M / 2
+
+
 def test_errors(params):
   with pytest.raises(ValueError, match="fewer than the encoder length M=6"):
     jrt_rnn.forward(params, jnp.zeros((1, 4), jnp.int32), CFG)
@@ -79,3 +125,7 @@ def test_errors(params):
     jrt_rnn.JRTConfig(based=CFG.based, prefix_len=4, mask_id=64)
   with pytest.raises(ValueError, match="lengths_B"):
     based.left_pad(np.zeros((1, 8), np.int32), np.array([8]), 6)
+  with pytest.raises(ValueError, match="encoder"):
+    dataclasses.replace(CFG, encoder="none")
+  with pytest.raises(ValueError, match="encoder='gated' expects"):  # params of another variant
+    jrt_rnn.forward(params, jnp.zeros((1, 8), jnp.int32), dataclasses.replace(CFG, encoder="gated"))
