@@ -1,16 +1,22 @@
-"""JRT / Based: recall experiments on set disjointness, and prefill throughput (Table 5).
+"""JRT / Based: recall claims decided across seeds, JRT-RNN's training diagnosed, prefill throughput.
 
-  python -m paperjax.bench.jrt --scale=small [--only=jrt.recall,jrt.prefill]
-  python -m paperjax.bench.jrt --scale=full --only=jrt.recall   # the 96-of-254 study, 25 minutes
+  python -m paperjax.bench.jrt --scale=small [--only=jrt.recall,jrt.diagnosis,jrt.widths,jrt.prefill]
+  python -m paperjax.bench.jrt --scale=full --only=jrt.recall,jrt.diagnosis,jrt.widths   # the decision runs
 
-Parts:
-- recall: tiny models trained on CPU on set disjointness (a small and a large set; the
-  answer is the one token they share), one model per data order, scored on held-out
-  prompts of that order: causal Based and JRT-RNN (Prefix Linear Attention over the
-  prompt) on both orders; Based with JRT-Prompt (the prompt read twice, the same model
-  and state) and a softmax Transformer (Llama) on the large-set-first order. At several
-  widths: accuracy vs decode-state size, the order gap (small set first minus large set
-  first) and the JRT-Prompt gain, beside the papers' qualitative claims.
+Parts (recall, diagnosis and widths train small models on CPU, `seeds` per cell side by side):
+- recall: set disjointness (a small and a large set from random vocabulary halves per
+  example; the answer is the one token they share) in each order, and MQAR. Causal Based
+  and JRT-RNN (Prefix Linear Attention over the prompt, or over MQAR's key-value context)
+  on every task; Based with JRT-Prompt (the prompt, or MQAR's context, read twice: the
+  same model and state) and a softmax Transformer (Llama) on the large-set-first order and
+  MQAR. Each claim is decided by RULES (fixed before the runs) from per-seed differences:
+  Based's order gap (small set first minus large set first), JRT-RNN's order gap, and the
+  JRT-Prompt gain on both tasks.
+- diagnosis: JRT-RNN on the easy order, (a) Eq. 3, (b) encoder values 0, (c) a gated
+  encoder, (d) M = 1, at the same budget, logging the encoder's share of the linear
+  layers' denominators at the answer during training.
+- widths: MQAR accuracy vs decode-state size across widths for Based, JRT-RNN and the
+  Transformer (the recall-memory trade-off).
 - prefill: one attention layer's prefill latency at 16 heads, feature dim 16, head dim 64:
   causal softmax attention over N tokens (paperjax's GQA op and jax.nn.dot_product_attention),
   Based linear attention over N tokens, JRT-Prompt (Based over the 2N-token repeated
@@ -128,9 +134,11 @@ class Config:
   recall: RecallConfig
 
 
-# small (the default suite): the full experiment's shape at width 16 and 300 steps, about
-# N minutes with the prefill part; its accuracies are not the decision. full: the decision
-# experiment (sizes below), about N minutes on 2 CPU cores. paper: longer, wider.
+# small (the default suite): every cell at width 8 with 1 block, 2 seeds and 100 steps, about
+# 2.5 minutes (plus the prefill part); its accuracies are near chance and decide nothing.
+# full: the decision runs, about 50 minutes for recall + diagnosis + widths on 2 CPU cores
+# (25 each as two processes, one per core: --only=jrt.recall and --only=jrt.diagnosis,jrt.widths).
+# paper: longer, wider.
 FULL_RECALL = RecallConfig(
   vocab_size=128,
   small=4,
@@ -171,7 +179,9 @@ CONFIGS = {
   "small": Config(
     lengths=(1024, 2048, 4096),
     batch=1,
-    recall=dataclasses.replace(FULL_RECALL, width=8, widths=(8,), seeds=2, steps=150, batch=16, eval_batch=256),
+    recall=dataclasses.replace(
+      FULL_RECALL, width=8, widths=(8,), blocks=1, layers=2, seeds=2, steps=100, batch=16, eval_batch=256
+    ),
   ),
   "full": Config(lengths=(1024, 2048, 4096, 8192), batch=1, recall=FULL_RECALL),
   "paper": Config(

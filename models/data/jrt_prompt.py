@@ -4,9 +4,9 @@ A recurrent model that sees the question only after the context must have stored
 everything; repeating the context (after the question has been seen once) lets it store
 what matters. The paper's template is A(C, Q, C, Q): context and question, twice.
 
-Shapes: B batch, T padded length, C context length. For the synthetic recall tasks,
-`repeat_recall` reads a `RecallBatch` prompt (or its context) `repeats` times and scores only
-the last reading.
+Shapes: B batch, T padded length. For the synthetic recall tasks, `repeat_recall` reads a
+`RecallBatch` prompt (or its first `context_len` tokens) `repeats` times and scores only the
+last reading.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def repeat_rows(tokens_BT: np.ndarray, lengths_B: np.ndarray, repeats: int = 2) 
 
 def repeat_recall(batch: RecallBatch, repeats: int = 2, *, context_len: int | None = None) -> RecallBatch:
   """The first `context_len` tokens (default: the whole prompt) read `repeats` times, then the
-  rest of the row: [B, (repeats - 1) C + T], scored on the last reading only.
+  rest of the row: [B, (repeats - 1) context_len + T], scored on the last reading only.
 
   The whole prompt suits tasks whose question is the prompt itself (set disjointness: which
   token do the two sets share?), so no earlier reading shows an answer; MQAR repeats only its

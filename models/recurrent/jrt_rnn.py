@@ -170,7 +170,9 @@ def _check_prefix(tokens_BT: jax.Array, cfg: JRTConfig) -> int:
   return cfg.prefix_len
 
 
-def encoder_share(params: dict, tokens_BT: jax.Array, cfg: JRTConfig, *, key_mask_BT=None) -> jax.Array:
+def encoder_share(
+  params: dict, tokens_BT: jax.Array, cfg: JRTConfig, *, key_mask_BT: jax.Array | None = None
+) -> jax.Array:
   """The encoder's share of each linear layer's denominator at each position, [L, B, T, H]
   (`ops.linear_attention.prefix_encoder_share`; gated keys included as scaled)."""
   _check_params(params, cfg)
