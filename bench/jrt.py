@@ -349,7 +349,9 @@ class _Lab:
     tcfg = train.TrainConfig(
       batch_size=rc.batch, peak_lr=rc.lr, warmup_steps=rc.steps // 10, total_steps=rc.steps, seed=ctx.seed
     )
-    programs = self.programs.setdefault(model, _programs(model, tcfg))
+    if model not in self.programs:
+      self.programs[model] = _programs(model, tcfg)
+    programs = self.programs[model]
     seeds = [ctx.seed + s for s in range(rc.seeds)]
     init = protocol.model_for(model.cfg).init
     keys = jax.vmap(jax.random.key)(jnp.array(seeds))
