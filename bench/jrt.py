@@ -136,8 +136,8 @@ class Config:
 
 # small (the default suite): every cell at width 8 with 1 block, 2 seeds and 100 steps, about
 # 2.5 minutes (plus the prefill part); its accuracies are near chance and decide nothing.
-# full: the decision runs, about 50 minutes for recall + diagnosis + widths on 2 CPU cores
-# (25 each as two processes, one per core: --only=jrt.recall and --only=jrt.diagnosis,jrt.widths).
+# full: the decision runs, measured as two processes side by side, one per core of the 2-core
+# machine: --only=jrt.recall (47 minutes) and --only=jrt.diagnosis,jrt.widths (49 minutes).
 # paper: longer, wider.
 FULL_RECALL = RecallConfig(
   vocab_size=128,
@@ -298,6 +298,7 @@ class _Cell(NamedTuple):
   accuracy: np.ndarray  # [seeds] held-out accuracy
   share_steps: tuple[int, ...]  # JRT-RNN: steps at which the encoder share was logged
   share: np.ndarray  # [len(share_steps)] mean over seeds of the encoder's denominator share at the answers
+  state_numbers: int  # the model's decode state per row
 
 
 class _Programs(NamedTuple):
@@ -370,7 +371,7 @@ class _Lab:
       if i < rc.steps:
         state, _ = programs.step(state, batches(rc.batch, [i]))
     accuracy = np.asarray(programs.accuracy(state.params, batches(rc.eval_batch, [rc.steps, 1])))
-    return _Cell(accuracy, tuple(share_steps), np.asarray(share))
+    return _Cell(accuracy, tuple(share_steps), np.asarray(share), model.state_numbers)
 
 
 def _spread(x: np.ndarray) -> float:
@@ -537,7 +538,7 @@ def _widths(lab: _Lab) -> tuple[list, Plot, str]:
     kib, acc = [], []
     for width in rc.widths:
       cell = lab.cell(name, "MQAR", width)
-      kib.append(_recall_model(rc, name, "MQAR", width).state_numbers * 4 / 1024)
+      kib.append(cell.state_numbers * 4 / 1024)
       acc.append(float(cell.accuracy.mean()))
       records += [
         ctx.record(f"MQAR accuracy, {name}, width {width}, mean of {rc.seeds} seeds", acc[-1], "fraction"),
