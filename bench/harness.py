@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import jax
+import numpy as np
 
 # ci: seconds (the smoke test); small: the default, the whole suite within 15 minutes on 2 CPU
 # cores; full: the longer CPU experiments (tens of minutes each); paper: the papers' shapes (a GPU).
@@ -111,6 +112,29 @@ class Plot:
       raise ValueError(f"plot {self.name!r}: kind must be 'line' or 'bar', got {self.kind!r}")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Image:
+  """A picture as data; `name` becomes the PNG file name `<benchmark>_<name>.png`.
+
+  `pixels` is [height, width, 3] in [0, 1]; each of `lines` is a polyline (xs, ys) in pixel
+  coordinates (x = column, y = row) drawn over it.
+  """
+
+  name: str
+  title: str
+  pixels: np.ndarray
+  lines: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
+
+  def __post_init__(self):
+    if self.pixels.ndim != 3 or self.pixels.shape[-1] != 3:
+      raise ValueError(f"image {self.name!r}: pixels must be [height, width, 3], got shape {self.pixels.shape}")
+    if not (np.isfinite(self.pixels).all() and self.pixels.min() >= 0 and self.pixels.max() <= 1):
+      raise ValueError(f"image {self.name!r}: pixels must lie in [0, 1]")
+    for xs, ys in self.lines:
+      if len(xs) != len(ys):
+        raise ValueError(f"image {self.name!r}: a line has {len(xs)} x values but {len(ys)} y values")
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
   benchmark: str
@@ -118,6 +142,7 @@ class Result:
   plots: tuple[Plot, ...] = ()
   notes: tuple[str, ...] = ()
   wall_s: float | None = None  # the whole run's wall time, set by the runner
+  images: tuple[Image, ...] = ()
 
   @classmethod
   def from_parts(cls, benchmark: str, parts: Sequence[tuple[Sequence[Record], Plot, str]]) -> Result:

@@ -1,4 +1,4 @@
-"""Writes benchmark results: `report.md`, `results.json` and one PNG per plot.
+"""Writes benchmark results: `report.md`, `results.json` and one PNG per plot and per image.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run
 never leaves a half-written report over a good one.
@@ -15,7 +15,7 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
-from paperjax.bench.harness import Environment, Plot, Record, Result
+from paperjax.bench.harness import Environment, Image, Plot, Record, Result
 
 COLUMNS = ("benchmark", "metric", "value", "unit", "paper", "paper source", "ours / paper")
 
@@ -76,15 +76,16 @@ def render_markdown(results: Sequence[Result], env: Environment, plot_files: dic
     wall_time_table(results),
   ]
   for result in results:
-    if not (result.notes or result.plots):
+    if not (result.notes or result.plots or result.images):
       continue
     lines += ["", f"## {result.benchmark}", ""]
     lines += [f"- {note}" for note in result.notes]
-    lines += [f"\n![{p.title}]({plot_files[plot_key(result, p)]})" for p in result.plots]
+    figures: list[Plot | Image] = [*result.plots, *result.images]
+    lines += [f"\n![{p.title}]({plot_files[plot_key(result, p)]})" for p in figures]
   return "\n".join(lines) + "\n"
 
 
-def plot_key(result: Result, plot: Plot) -> str:
+def plot_key(result: Result, plot: Plot | Image) -> str:
   return f"{result.benchmark}_{plot.name}"
 
 
@@ -111,6 +112,26 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def render_image(image: Image, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import patheffects
+  from matplotlib import pyplot as plt
+
+  height, width = image.pixels.shape[:2]
+  fig, ax = plt.subplots(figsize=(min(16, max(4, width / 24)), min(12, max(2, height / 24) + 0.6)), dpi=120)
+  ax.imshow(image.pixels, interpolation="nearest")
+  outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+  for xs, ys in image.lines:
+    ax.plot(xs, ys, color="white", linewidth=1.0, path_effects=outline)
+    ax.plot(xs[-1:], ys[-1:], marker="o", markersize=3, color="white", path_effects=outline)
+  ax.set(title=image.title, xticks=[], yticks=[])
+  fig.tight_layout()
+  _atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+  plt.close(fig)
+
+
 def _bar_width(x: Sequence[float]) -> float:
   """0.8 of the smallest gap between distinct x values (0.8 for fewer than two)."""
   return 0.8 * min((b - a for a, b in itertools.pairwise(sorted(set(x)))), default=1.0)
@@ -126,6 +147,10 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
       key = plot_key(result, plot)
       plot_files[key] = f"{key}.png"
       render_png(plot, out / plot_files[key])
+    for image in result.images:
+      key = plot_key(result, image)
+      plot_files[key] = f"{key}.png"
+      render_image(image, out / plot_files[key])
   payload = {
     "environment": dataclasses.asdict(env),
     "records": [r.to_json() for result in results for r in result.records],
@@ -133,6 +158,11 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
       {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **dataclasses.asdict(p)}
       for result in results
       for p in result.plots
+    ],
+    "images": [
+      {"benchmark": result.benchmark, "file": plot_files[plot_key(result, i)], "title": i.title}
+      for result in results
+      for i in result.images
     ],
     "notes": {result.benchmark: list(result.notes) for result in results if result.notes},
     "wall_s": {result.benchmark: result.wall_s for result in results if result.wall_s is not None},

@@ -1,0 +1,1 @@
+"""paperjax.models.diffusion: video diffusion Transformers (Tora)."""

@@ -1,0 +1,444 @@
+"""Tora (arXiv 2407.21705): a trajectory-conditioned Spatial-Temporal DiT, in pixel space.
+
+Shapes: B batch, T frames, N patches per frame (points, for `tracks`), D model width, E MLP
+hidden width, H heads, K head dim, S caption tokens, V caption vocabulary, L blocks,
+A = K / 2 RoPE angles. Pixel grids have no letters: `video` is [B, T, height, width, 3],
+`tracks` [B, T, N, 2] (`models.diffusion.trajectory`), a patch vector holds patch^2 * 3 pixels.
+
+The denoiser, v = velocity(params, z, t, caption, motion): the video is cut into patch x
+patch patches per frame, embedded (plus a 2-D sin-cos position of the patch), and run
+through L ST-DiT blocks, each (with c = MLP(sincos(1000 t)), adaLN-Zero modulation
+(shift_i, scale_i, gate_i) = W_l silu(c), and n(x) = RMSNorm(x) without a learned scale)
+
+  h += gate_1 * SpatialAttn(n(h) (1 + scale_1) + shift_1)    over the N patches of each frame
+  h += CrossAttn(RMSNorm(h), caption)                        every patch reads the caption
+  h += gate_2 * SwiGLU(n(h) (1 + scale_2) + shift_2)         pointwise
+  h = Fuser(h, m)                                            motion guidance (below)
+  h += gate_3 * TemporalAttn(n(h) (1 + scale_3) + shift_3)   over the T frames of each patch
+                                                             position, RoPE on the frame index
+
+then a modulated final norm and a zero-initialised linear back to patch pixels. Attention is
+bidirectional; all of it is `ops.attention` on reshaped batches, so nothing depends on a
+fixed grid: any frame count and any height and width divisible by the patch size run.
+
+Trajectory Extractor: flow maps of the tracks (`trajectory.flow_maps`, [B, T, height,
+width, 3]) pass through log2(patch) 3-D convolutions (3x3x3, stride 1 in time and 2 in
+space, SiLU), then a linear map to D: motion patches m [B, T, N, D] on the video's patch
+grid, computed once per video (the sampler reuses them at every step).
+
+Motion-guidance Fuser, one per block (`fuser`), each residual with zero-initialised output
+weights, so a new fuser leaves the DiT unchanged:
+  "concat":          h += [h, m] W + b                             (channel concatenation)
+  "cross_attention": h += CrossAttn(RMSNorm(h), m)                  (a frame's patches read its motion patches)
+  "adanorm":         h += (m W_g + b_g) * h + (m W_b + b_b)         (Tora's adaptive norm: h_i = g h + b + h)
+  "none":            no extractor, no fuser (the baseline without motion guidance)
+
+Objective: rectified flow (as OpenSora v1.2, Tora's base). With data x, noise e ~ N(0, I)
+and t ~ U(0, 1): z_t = (1 - t) x + t e, the target velocity e - x, the loss
+mean((v(z_t, t) - (e - x))^2). The sampler integrates dz/dt = v from t = 1 (noise) to 0 with
+`steps` Euler steps in a `lax.fori_loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paperjax.models.data import blobs
+from paperjax.models.diffusion import trajectory
+from paperjax.ops import attention, mlp, norms, rope
+
+Fuser = Literal["none", "concat", "cross_attention", "adanorm"]
+FUSERS: tuple[str, ...] = ("none", "concat", "cross_attention", "adanorm")
+ATTENTIONS = ("spatial", "cross", "temporal")  # each block's attention sublayers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToraConfig:
+  """Model shape; hashable, so it is a static jit argument."""
+
+  patch: int = 4
+  width: int = 64  # D
+  heads: int = 4
+  mlp_hidden: int = 128  # E
+  blocks: int = 2  # L
+  vocab_size: int = len(blobs.VOCAB)  # V
+  fuser: Fuser = "adanorm"
+  motion_channels: int = 16  # the extractor's convolution channels
+  sigma: float = 1.5  # the flow maps' Gaussian, pixels
+  rope_theta: float = 10_000.0
+
+  def __post_init__(self):
+    if self.patch < 1 or self.patch & (self.patch - 1):
+      raise ValueError(f"patch: expected a power of two, got {self.patch}")
+    if self.fuser not in FUSERS:
+      raise ValueError(f"fuser: expected one of {FUSERS}, got {self.fuser!r}")
+    if min(self.width, self.heads, self.mlp_hidden, self.blocks, self.vocab_size, self.motion_channels) < 1:
+      raise ValueError(f"width, heads, mlp_hidden, blocks, vocab_size, motion_channels: expected >= 1, got {self}")
+    if self.width % self.heads or (self.width // self.heads) % 2 or self.width % 4:
+      raise ValueError(
+        f"width, heads: expected width divisible by 4 and by heads (even head dim), got {self.width}, {self.heads}"
+      )
+    if self.sigma <= 0:
+      raise ValueError(f"sigma: expected > 0 pixels, got {self.sigma}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch * self.patch * 3
+
+
+def _attention_params(key: jax.Array, cfg: ToraConfig, *, zero_out: bool = False) -> dict:
+  """{wq, wk, wv: [L, D, H, K], wo: [L, H, K, D]}."""
+  d, h, k, n = cfg.width, cfg.heads, cfg.head_dim, cfg.blocks
+  kq, kk, kv, ko = jax.random.split(key, 4)
+  normal = jax.nn.initializers.normal(d**-0.5)
+  return {
+    "wq": normal(kq, (n, d, h, k)),
+    "wk": normal(kk, (n, d, h, k)),
+    "wv": normal(kv, (n, d, h, k)),
+    "wo": jnp.zeros((n, h, k, d)) if zero_out else normal(ko, (n, h, k, d)) * (h * k / d) ** 0.5,
+  }
+
+
+def _fuser_params(key: jax.Array, cfg: ToraConfig) -> dict:
+  """The fuser's weights, zero where its output would otherwise move h (module docstring)."""
+  d, n = cfg.width, cfg.blocks
+  if cfg.fuser == "concat":
+    return {"w": jnp.zeros((n, 2 * d, d)), "b": jnp.zeros((n, d))}
+  if cfg.fuser == "cross_attention":
+    return {"norm": jnp.ones((n, d)), **_attention_params(key, cfg, zero_out=True)}
+  if cfg.fuser == "adanorm":
+    return {
+      "w_scale": jnp.zeros((n, d, d)),
+      "b_scale": jnp.zeros((n, d)),
+      "w_shift": jnp.zeros((n, d, d)),
+      "b_shift": jnp.zeros((n, d)),
+    }
+  return {}
+
+
+def init(key: jax.Array, cfg: ToraConfig) -> dict:
+  """Parameters (float32). adaLN-Zero: every block's modulation and the output layer start
+  at zero (each block the identity, the velocity 0); the fusers' output weights too."""
+  d, e, n, c = cfg.width, cfg.mlp_hidden, cfg.blocks, cfg.motion_channels
+  keys = iter(jax.random.split(key, 16))
+  normal = jax.nn.initializers.normal
+  blocks = {
+    "ada": jnp.zeros((n, d, 9 * d)),
+    "ada_bias": jnp.zeros((n, 9 * d)),
+    **{name: _attention_params(next(keys), cfg) for name in ATTENTIONS},
+    "cross_norm": jnp.ones((n, d)),
+    "w1": normal(d**-0.5)(next(keys), (n, d, e)),
+    "w3": normal(d**-0.5)(next(keys), (n, d, e)),
+    "w2": normal(e**-0.5)(next(keys), (n, e, d)),
+  }
+  params = {
+    "patch_in": normal(cfg.patch_dim**-0.5)(next(keys), (cfg.patch_dim, d)),
+    "patch_bias": jnp.zeros((d,)),
+    "caption": normal(1.0)(next(keys), (cfg.vocab_size, d)),
+    "time": {
+      "w1": normal(d**-0.5)(next(keys), (d, d)),
+      "b1": jnp.zeros((d,)),
+      "w2": normal(d**-0.5)(next(keys), (d, d)),
+      "b2": jnp.zeros((d,)),
+    },
+    "blocks": blocks,
+    "final_ada": jnp.zeros((d, 2 * d)),
+    "final_ada_bias": jnp.zeros((2 * d,)),
+    "out": jnp.zeros((d, cfg.patch_dim)),
+    "out_bias": jnp.zeros((cfg.patch_dim,)),
+  }
+  if cfg.fuser != "none":
+    blocks["fuser"] = _fuser_params(next(keys), cfg)
+    channels = (3,) + (c,) * _levels(cfg)
+    params["motion"] = {
+      "convs": [
+        {"w": normal((27 * c_in) ** -0.5)(next(keys), (3, 3, 3, c_in, c_out)), "b": jnp.zeros((c_out,))}
+        for c_in, c_out in itertools.pairwise(channels)
+      ],
+      "out": normal(channels[-1] ** -0.5)(next(keys), (channels[-1], d)),
+      "out_bias": jnp.zeros((d,)),
+    }
+  return params
+
+
+def param_axes(cfg: ToraConfig) -> dict:
+  """Logical axis names of every leaf of `init(key, cfg)`, in the same tree structure."""
+  attn = {
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "heads", "head_dim"),
+    "wv": ("layers", "embed", "heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+  }
+  blocks: dict = {
+    "ada": ("layers", "embed", "modulation"),
+    "ada_bias": ("layers", "modulation"),
+    **{name: dict(attn) for name in ATTENTIONS},
+    "cross_norm": ("layers", "embed"),
+    "w1": ("layers", "embed", "ffn"),
+    "w3": ("layers", "embed", "ffn"),
+    "w2": ("layers", "ffn", "embed"),
+  }
+  axes: dict = {
+    "patch_in": ("patch_pixels", "embed"),
+    "patch_bias": ("embed",),
+    "caption": ("vocab", "embed"),
+    "time": {"w1": ("embed", "embed_out"), "b1": ("embed_out",), "w2": ("embed_out", "embed"), "b2": ("embed",)},
+    "blocks": blocks,
+    "final_ada": ("embed", "modulation"),
+    "final_ada_bias": ("modulation",),
+    "out": ("embed", "patch_pixels"),
+    "out_bias": ("patch_pixels",),
+  }
+  if cfg.fuser != "none":
+    blocks["fuser"] = {
+      "concat": {"w": ("layers", "embed_in", "embed"), "b": ("layers", "embed")},
+      "cross_attention": {"norm": ("layers", "embed"), **attn},
+      "adanorm": {
+        "w_scale": ("layers", "embed_in", "embed"),
+        "b_scale": ("layers", "embed"),
+        "w_shift": ("layers", "embed_in", "embed"),
+        "b_shift": ("layers", "embed"),
+      },
+    }[cfg.fuser]
+    conv = {"w": ("conv_time", "conv_height", "conv_width", "channels_in", "channels"), "b": ("channels",)}
+    axes["motion"] = {
+      "convs": [dict(conv) for _ in range(_levels(cfg))],
+      "out": ("channels", "embed"),
+      "out_bias": ("embed",),
+    }
+  return axes
+
+
+def _levels(cfg: ToraConfig) -> int:
+  return int(math.log2(cfg.patch))
+
+
+def check_video_shape(cfg: ToraConfig, frames: int, height: int, width: int) -> None:
+  if frames < 1 or height < 1 or width < 1 or height % cfg.patch or width % cfg.patch:
+    raise ValueError(
+      f"video: expected frames >= 1 and height, width positive multiples of patch={cfg.patch}, "
+      f"got {frames} frames of {height}x{width}"
+    )
+
+
+def patchify(video: jax.Array, patch: int) -> jax.Array:
+  """[B, T, height, width, 3] -> [B, T, N, patch^2 * 3], patches row-major."""
+  b, t, h, w, c = video.shape
+  grid = video.reshape(b, t, h // patch, patch, w // patch, patch, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return grid.reshape(b, t, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+  """The inverse of `patchify`."""
+  b, t = patches.shape[:2]
+  grid = patches.reshape(b, t, height // patch, width // patch, patch, patch, -1).transpose(0, 1, 2, 4, 3, 5, 6)
+  return grid.reshape(b, t, height, width, -1)
+
+
+def _sincos(positions: np.ndarray, dim: int) -> np.ndarray:
+  """[P, dim]: (sin(p w_i), cos(p w_i)) with w_i = 10000^(-2i/dim), i < dim / 2."""
+  freq = 10_000.0 ** (-np.arange(dim // 2) / (dim // 2))
+  angle = positions[:, None] * freq[None]
+  return np.concatenate([np.sin(angle), np.cos(angle)], axis=-1)
+
+
+def grid_positions(rows: int, cols: int, width: int) -> np.ndarray:
+  """The 2-D sin-cos embedding [N, D] of a rows x cols patch grid (DiT's): half the channels
+  encode the row, half the column."""
+  row, col = np.divmod(np.arange(rows * cols), cols)
+  return np.concatenate([_sincos(row, width // 2), _sincos(col, width // 2)], axis=-1).astype(np.float32)
+
+
+def _mha(x_BND: jax.Array, kv_BSD: jax.Array, w: dict, *, inv_freq_A: jax.Array | None = None) -> jax.Array:
+  """Bidirectional multi-head attention of x over kv, [B, N, D] -> [B, N, D]; RoPE on both
+  sides' positions (0 .. N - 1, 0 .. S - 1) when `inv_freq_A` is given."""
+  q = jnp.einsum("bnd,dhk->bnhk", x_BND, w["wq"])
+  k = jnp.einsum("bsd,dhk->bshk", kv_BSD, w["wk"])
+  v = jnp.einsum("bsd,dhk->bshk", kv_BSD, w["wv"])
+  if inv_freq_A is not None:
+    q = rope.apply_rope(q, jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2]), inv_freq_A)
+    k = rope.apply_rope(k, jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2]), inv_freq_A)
+  return jnp.einsum("bnhk,hkd->bnd", attention.attention(q, k, v), w["wo"])
+
+
+def spatial_attention(x_BTND: jax.Array, w: dict) -> jax.Array:
+  """Self-attention over the N patches of each frame separately (frames never mix)."""
+  b, t, n, d = x_BTND.shape
+  flat_BND = x_BTND.reshape(b * t, n, d)
+  return _mha(flat_BND, flat_BND, w).reshape(b, t, n, d)
+
+
+def temporal_attention(x_BTND: jax.Array, w: dict, inv_freq_A: jax.Array) -> jax.Array:
+  """Self-attention over the T frames of each patch position separately (positions never
+  mix), RoPE on the frame index."""
+  b, t, n, d = x_BTND.shape
+  flat_BTD = x_BTND.transpose(0, 2, 1, 3).reshape(b * n, t, d)
+  return _mha(flat_BTD, flat_BTD, w, inv_freq_A=inv_freq_A).reshape(b, n, t, d).transpose(0, 2, 1, 3)
+
+
+def conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 3x3x3 convolution, stride 1 in time and 2 in height and width, zero padding 1:
+  [B, T, height, width, C_in] -> [B, T, height / 2, width / 2, C_out] with `kernel`
+  [3, 3, 3, C_in, C_out] (DHWIO),
+
+    out[t, i, j] = sum_{a, b, c < 3} x_pad[t + a, 2 i + b, 2 j + c] kernel[a, b, c],
+
+  written as 27 strided slices and one matmul: XLA's CPU convolution is 4x slower here."""
+  _, frames, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+  taps = [
+    padded[:, a : a + frames, b : b + height : 2, c : c + width : 2]
+    for a in range(3)
+    for b in range(3)
+    for c in range(3)
+  ]
+  return jnp.einsum("kbthwc,kco->bthwo", jnp.stack(taps), kernel.reshape(27, *kernel.shape[3:]))
+
+
+def motion_patches(params: dict, tracks: jax.Array, cfg: ToraConfig, *, height: int, width: int) -> jax.Array:
+  """The Trajectory Extractor: tracks [B, T, N, 2] -> motion patches m [B, T, N, D]."""
+  if cfg.fuser == "none":
+    raise ValueError("tracks: this model has no motion guidance (fuser='none'); pass tracks=None")
+  x = trajectory.flow_maps(tracks, height=height, width=width, sigma=cfg.sigma)
+  for conv in params["motion"]["convs"]:
+    x = jax.nn.silu(conv3d(x, conv["w"]) + conv["b"])
+  b, t, rows, cols, c = x.shape
+  return x.reshape(b, t, rows * cols, c) @ params["motion"]["out"] + params["motion"]["out_bias"]
+
+
+def fuse(h_BTND: jax.Array, m_BTND: jax.Array, w: dict, fuser: str) -> jax.Array:
+  """One block's Motion-guidance Fuser (module docstring); h unchanged for "none"."""
+  if fuser == "concat":
+    return h_BTND + jnp.concatenate([h_BTND, m_BTND], axis=-1) @ w["w"] + w["b"]
+  if fuser == "adanorm":
+    return h_BTND + (m_BTND @ w["w_scale"] + w["b_scale"]) * h_BTND + m_BTND @ w["w_shift"] + w["b_shift"]
+  if fuser == "cross_attention":
+    b, t, n, d = h_BTND.shape
+    normed_BND = norms.rms_norm(h_BTND, w["norm"]).reshape(b * t, n, d)
+    return h_BTND + _mha(normed_BND, m_BTND.reshape(b * t, n, d), w).reshape(b, t, n, d)
+  return h_BTND
+
+
+def _modulate(x_BTND: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """n(x) (1 + scale) + shift, with shift and scale [B, 1, 1, D] (one per video)."""
+  normed = norms.rms_norm(x_BTND, jnp.ones(x_BTND.shape[-1:], x_BTND.dtype))
+  return normed * (1 + scale) + shift
+
+
+def _time_embedding(params: dict, t_B: jax.Array, width: int) -> jax.Array:
+  """c [B, D] = W2 silu(W1 sincos(1000 t) + b1) + b2."""
+  freq = 10_000.0 ** (-jnp.arange(width // 2) / (width // 2))
+  angle = 1000.0 * t_B[:, None] * freq[None]
+  emb = jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+  w = params["time"]
+  return jax.nn.silu(emb @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
+
+
+def velocity(
+  params: dict, z: jax.Array, t_B: jax.Array, caption_BS: jax.Array, m_BTND: jax.Array | None, cfg: ToraConfig
+) -> jax.Array:
+  """The denoiser's velocity v [B, T, height, width, 3] at noisy video z and time t_B in
+  [0, 1] (module equations); m_BTND are the motion patches (None iff fuser is "none")."""
+  _, frames, height, width, _ = z.shape
+  check_video_shape(cfg, frames, height, width)
+  if (m_BTND is None) != (cfg.fuser == "none"):
+    raise ValueError(f"m_BTND: expected motion patches exactly when the model has a fuser, fuser={cfg.fuser!r}")
+  rows, cols = height // cfg.patch, width // cfg.patch
+  h_BTND = patchify(z, cfg.patch) @ params["patch_in"] + params["patch_bias"]
+  h_BTND = h_BTND + grid_positions(rows, cols, cfg.width)
+  c_BD = jax.nn.silu(_time_embedding(params, t_B, cfg.width))
+  caption_BSD = params["caption"][caption_BS] + _sincos(np.arange(caption_BS.shape[1]), cfg.width).astype(np.float32)
+  inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
+
+  def block(h_BTND, w):
+    modulation = (c_BD @ w["ada"] + w["ada_bias"])[:, None, None]  # [B, 1, 1, 9D]
+    shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = jnp.split(modulation, 9, -1)
+    h_BTND = h_BTND + gate1 * spatial_attention(_modulate(h_BTND, shift1, scale1), w["spatial"])
+    b, t, n, d = h_BTND.shape
+    normed_BND = norms.rms_norm(h_BTND, w["cross_norm"]).reshape(b, t * n, d)
+    h_BTND = h_BTND + _mha(normed_BND, caption_BSD, w["cross"]).reshape(b, t, n, d)
+    h_BTND = h_BTND + gate2 * mlp.swiglu(_modulate(h_BTND, shift2, scale2), w["w1"], w["w3"], w["w2"])
+    if m_BTND is not None:
+      h_BTND = fuse(h_BTND, m_BTND, w["fuser"], cfg.fuser)
+    h_BTND = h_BTND + gate3 * temporal_attention(_modulate(h_BTND, shift3, scale3), w["temporal"], inv_freq_A)
+    return h_BTND, None
+
+  h_BTND, _ = jax.lax.scan(block, h_BTND, params["blocks"])
+  shift, scale = jnp.split((c_BD @ params["final_ada"] + params["final_ada_bias"])[:, None, None], 2, -1)
+  out = _modulate(h_BTND, shift, scale) @ params["out"] + params["out_bias"]
+  return unpatchify(out, cfg.patch, height, width)
+
+
+def _motion(params: dict, tracks: jax.Array | None, cfg: ToraConfig, height: int, width: int) -> jax.Array | None:
+  if tracks is None:
+    if cfg.fuser != "none":
+      raise ValueError(f"tracks: this model is guided by trajectories (fuser={cfg.fuser!r}); got None")
+    return None
+  return motion_patches(params, tracks, cfg, height=height, width=width)
+
+
+def loss(
+  params: dict, video: jax.Array, caption_BS: jax.Array, tracks: jax.Array | None, key: jax.Array, cfg: ToraConfig
+) -> tuple[jax.Array, dict]:
+  """Rectified-flow loss mean((v(z_t, t) - (e - x))^2) over a batch of videos x (module
+  docstring), with t ~ U(0, 1) and e ~ N(0, I) drawn from `key`; (loss, {}) for `train.make_step`."""
+  _, frames, height, width, _ = video.shape
+  tracks = None if tracks is None else trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
+  key_t, key_e = jax.random.split(key)
+  t_B = jax.random.uniform(key_t, video.shape[:1])
+  noise = jax.random.normal(key_e, video.shape)
+  z = (1 - t_B[:, None, None, None, None]) * video + t_B[:, None, None, None, None] * noise
+  v = velocity(params, z, t_B, caption_BS, _motion(params, tracks, cfg, height, width), cfg)
+  return jnp.mean((v - (noise - video)) ** 2), {}
+
+
+def sample(
+  params: dict,
+  key: jax.Array,
+  caption_BS: jax.Array,
+  tracks: jax.Array | None,
+  cfg: ToraConfig,
+  *,
+  frames: int,
+  height: int,
+  width: int,
+  steps: int,
+) -> jax.Array:
+  """Videos [B, frames, height, width, 3] from noise drawn with `key`: `steps` Euler steps of
+  dz/dt = v from t = 1 to 0 (deterministic per key)."""
+  check_video_shape(cfg, frames, height, width)
+  if steps < 1:
+    raise ValueError(f"steps: expected >= 1, got {steps}")
+  caption_BS = jnp.asarray(caption_BS)
+  if caption_BS.ndim != 2 or not jnp.issubdtype(caption_BS.dtype, jnp.integer):
+    raise ValueError(f"caption_BS: expected integer ids of shape [B, S], got {caption_BS.dtype} {caption_BS.shape}")
+  if tracks is not None:
+    tracks = trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
+    if tracks.shape[0] != caption_BS.shape[0]:
+      raise ValueError(f"tracks: expected batch {caption_BS.shape[0]} (caption_BS's), got {tracks.shape[0]}")
+  return _sample(params, key, caption_BS, tracks, cfg, frames, height, width, steps)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _sample(params, key, caption_BS, tracks, cfg, frames, height, width, steps):
+  m_BTND = _motion(params, tracks, cfg, height, width)
+  z = jax.random.normal(key, (caption_BS.shape[0], frames, height, width, 3))
+
+  def euler(i, z):
+    t = 1.0 - i / steps
+    v = velocity(params, z, jnp.full(z.shape[:1], t), caption_BS, m_BTND, cfg)
+    return z - v / steps
+
+  return jax.lax.fori_loop(0, steps, euler, z)
