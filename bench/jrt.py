@@ -177,7 +177,7 @@ CONFIGS = {
     ),
   ),
   "small": Config(
-    lengths=(1024, 2048, 4096),
+    lengths=(1024, 2048),  # full adds 4096 and 8192
     batch=1,
     recall=dataclasses.replace(
       FULL_RECALL, width=8, widths=(8,), blocks=1, layers=2, seeds=2, steps=100, batch=16, eval_batch=256

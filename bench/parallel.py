@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -359,7 +358,7 @@ def measure(scale: str, seed: int, repeats: int, parts: list[str]) -> dict:
 
 
 def _measure_in_child(scale: str, seed: int, repeats: int, parts: list[str]) -> dict:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu"}
+  env = multihost.cpu_devices_env(DEVICES)
   code = (
     "import json, sys; from paperjax.bench import parallel as p; print(json.dumps(p.measure(*json.loads(sys.argv[1]))))"
   )

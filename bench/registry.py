@@ -24,6 +24,7 @@ BENCHMARKS: tuple[str, ...] = (
   "excp",
   "sae",
   "parallel",
+  "tora",
 )
 
 

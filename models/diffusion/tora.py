@@ -45,7 +45,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,79 +98,90 @@ class ToraConfig:
     return self.patch * self.patch * 3
 
 
-def _attention_params(key: jax.Array, cfg: ToraConfig, *, zero_out: bool = False) -> dict:
+class _Init(NamedTuple):
+  """A leaf of the init spec: `std` * N(0, 1) when std > 0, else the constant `fill`."""
+
+  shape: tuple[int, ...]
+  std: float = 0.0
+  fill: float = 0.0
+
+
+def _attention_spec(cfg: ToraConfig, *, zero_out: bool = False) -> dict:
   """{wq, wk, wv: [L, D, H, K], wo: [L, H, K, D]}."""
   d, h, k, n = cfg.width, cfg.heads, cfg.head_dim, cfg.blocks
-  kq, kk, kv, ko = jax.random.split(key, 4)
-  normal = jax.nn.initializers.normal(d**-0.5)
   return {
-    "wq": normal(kq, (n, d, h, k)),
-    "wk": normal(kk, (n, d, h, k)),
-    "wv": normal(kv, (n, d, h, k)),
-    "wo": jnp.zeros((n, h, k, d)) if zero_out else normal(ko, (n, h, k, d)) * (h * k / d) ** 0.5,
+    "wq": _Init((n, d, h, k), d**-0.5),
+    "wk": _Init((n, d, h, k), d**-0.5),
+    "wv": _Init((n, d, h, k), d**-0.5),
+    "wo": _Init((n, h, k, d), 0.0 if zero_out else (h * k) ** -0.5),
   }
 
 
-def _fuser_params(key: jax.Array, cfg: ToraConfig) -> dict:
-  """The fuser's weights, zero where its output would otherwise move h (module docstring)."""
-  d, n = cfg.width, cfg.blocks
-  if cfg.fuser == "concat":
-    return {"w": jnp.zeros((n, 2 * d, d)), "b": jnp.zeros((n, d))}
-  if cfg.fuser == "cross_attention":
-    return {"norm": jnp.ones((n, d)), **_attention_params(key, cfg, zero_out=True)}
-  if cfg.fuser == "adanorm":
-    return {
-      "w_scale": jnp.zeros((n, d, d)),
-      "b_scale": jnp.zeros((n, d)),
-      "w_shift": jnp.zeros((n, d, d)),
-      "b_shift": jnp.zeros((n, d)),
+def _spec(cfg: ToraConfig) -> dict:
+  """The init spec: adaLN-Zero (every block's modulation and the output layer start at zero,
+  so each block is the identity and the velocity 0) and zero fuser outputs."""
+  d, e, n, c = cfg.width, cfg.mlp_hidden, cfg.blocks, cfg.motion_channels
+  blocks = {
+    "ada": _Init((n, d, 9 * d)),
+    "ada_bias": _Init((n, 9 * d)),
+    **{name: _attention_spec(cfg) for name in ATTENTIONS},
+    "cross_norm": _Init((n, d), fill=1.0),
+    "w1": _Init((n, d, e), d**-0.5),
+    "w3": _Init((n, d, e), d**-0.5),
+    "w2": _Init((n, e, d), e**-0.5),
+  }
+  spec = {
+    "patch_in": _Init((cfg.patch_dim, d), cfg.patch_dim**-0.5),
+    "patch_bias": _Init((d,)),
+    "caption": _Init((cfg.vocab_size, d), 1.0),
+    "time": {"w1": _Init((d, d), d**-0.5), "b1": _Init((d,)), "w2": _Init((d, d), d**-0.5), "b2": _Init((d,))},
+    "blocks": blocks,
+    "final_ada": _Init((d, 2 * d)),
+    "final_ada_bias": _Init((2 * d,)),
+    "out": _Init((d, cfg.patch_dim)),
+    "out_bias": _Init((cfg.patch_dim,)),
+  }
+  if cfg.fuser != "none":
+    blocks["fuser"] = {
+      "concat": {"w": _Init((n, 2 * d, d)), "b": _Init((n, d))},
+      "cross_attention": {"norm": _Init((n, d), fill=1.0), **_attention_spec(cfg, zero_out=True)},
+      "adanorm": {
+        "w_scale": _Init((n, d, d)),
+        "b_scale": _Init((n, d)),
+        "w_shift": _Init((n, d, d)),
+        "b_shift": _Init((n, d)),
+      },
+    }[cfg.fuser]
+    channels = (3,) + (c,) * _levels(cfg)
+    spec["motion"] = {
+      "convs": [
+        {"w": _Init((3, 3, 3, c_in, c_out), (27 * c_in) ** -0.5), "b": _Init((c_out,))}
+        for c_in, c_out in itertools.pairwise(channels)
+      ],
+      "out": _Init((channels[-1], d), channels[-1] ** -0.5),
+      "out_bias": _Init((d,)),
     }
-  return {}
+  return spec
 
 
 def init(key: jax.Array, cfg: ToraConfig) -> dict:
-  """Parameters (float32). adaLN-Zero: every block's modulation and the output layer start
-  at zero (each block the identity, the velocity 0); the fusers' output weights too."""
-  d, e, n, c = cfg.width, cfg.mlp_hidden, cfg.blocks, cfg.motion_channels
-  keys = iter(jax.random.split(key, 16))
-  normal = jax.nn.initializers.normal
-  blocks = {
-    "ada": jnp.zeros((n, d, 9 * d)),
-    "ada_bias": jnp.zeros((n, 9 * d)),
-    **{name: _attention_params(next(keys), cfg) for name in ATTENTIONS},
-    "cross_norm": jnp.ones((n, d)),
-    "w1": normal(d**-0.5)(next(keys), (n, d, e)),
-    "w3": normal(d**-0.5)(next(keys), (n, d, e)),
-    "w2": normal(e**-0.5)(next(keys), (n, e, d)),
-  }
-  params = {
-    "patch_in": normal(cfg.patch_dim**-0.5)(next(keys), (cfg.patch_dim, d)),
-    "patch_bias": jnp.zeros((d,)),
-    "caption": normal(1.0)(next(keys), (cfg.vocab_size, d)),
-    "time": {
-      "w1": normal(d**-0.5)(next(keys), (d, d)),
-      "b1": jnp.zeros((d,)),
-      "w2": normal(d**-0.5)(next(keys), (d, d)),
-      "b2": jnp.zeros((d,)),
-    },
-    "blocks": blocks,
-    "final_ada": jnp.zeros((d, 2 * d)),
-    "final_ada_bias": jnp.zeros((2 * d,)),
-    "out": jnp.zeros((d, cfg.patch_dim)),
-    "out_bias": jnp.zeros((cfg.patch_dim,)),
-  }
-  if cfg.fuser != "none":
-    blocks["fuser"] = _fuser_params(next(keys), cfg)
-    channels = (3,) + (c,) * _levels(cfg)
-    params["motion"] = {
-      "convs": [
-        {"w": normal((27 * c_in) ** -0.5)(next(keys), (3, 3, 3, c_in, c_out)), "b": jnp.zeros((c_out,))}
-        for c_in, c_out in itertools.pairwise(channels)
-      ],
-      "out": normal(channels[-1] ** -0.5)(next(keys), (channels[-1], d)),
-      "out_bias": jnp.zeros((d,)),
-    }
-  return params
+  """Parameters (float32) as `_spec` says: the random leaves are consecutive slices of one
+  normal draw (one random program to compile, not one per leaf)."""
+  return _init(key, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _init(key: jax.Array, cfg: ToraConfig) -> dict:
+  leaves, tree = jax.tree.flatten(_spec(cfg), is_leaf=lambda x: isinstance(x, _Init))
+  sizes = [math.prod(leaf.shape) if leaf.std > 0 else 0 for leaf in leaves]
+  draws = jnp.split(jax.random.normal(key, (sum(sizes),)), np.cumsum(sizes)[:-1])
+  return jax.tree.unflatten(
+    tree,
+    [
+      draw.reshape(leaf.shape) * leaf.std if leaf.std > 0 else jnp.full(leaf.shape, leaf.fill, jnp.float32)
+      for leaf, draw in zip(leaves, draws, strict=True)
+    ],
+  )
 
 
 def param_axes(cfg: ToraConfig) -> dict:

@@ -86,6 +86,17 @@ class Job(NamedTuple):
     return json.loads(outputs[0].strip().splitlines()[-1])["losses"]
 
 
+def cpu_devices_env(devices: int) -> dict[str, str]:
+  """This process's environment for a child on `devices` host CPU devices: XLA_FLAGS keeps
+  the caller's other flags (a compile option the caller set still applies) and replaces any
+  device count."""
+  kept = [
+    f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  flags = " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
 def start(steps: int, *, num_processes: int = 2, local_devices: int = 4) -> Job:
   """Starts `train_losses(steps)` across `num_processes` processes of `local_devices` CPU
   devices each, and returns without waiting."""
@@ -93,7 +104,7 @@ def start(steps: int, *, num_processes: int = 2, local_devices: int = 4) -> Job:
     raise ValueError(
       f"num_processes, local_devices: {num_processes} x {local_devices} devices do not make the mesh {MESH}"
     )
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}", "JAX_PLATFORMS": "cpu"}
+  env = cpu_devices_env(local_devices)
   command = [sys.executable, "-m", "paperjax.models.parallel.multihost", f"--coordinator=127.0.0.1:{_free_port()}"]
   command += [f"--num_processes={num_processes}", f"--steps={steps}"]
   return Job(

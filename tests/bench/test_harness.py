@@ -4,12 +4,14 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 
 from paperjax.bench import report
 from paperjax.bench.harness import (
   Context,
   Environment,
+  Image,
   Plot,
   Result,
   Series,
@@ -69,6 +71,15 @@ def test_series_lengths_must_match_and_plot_kinds_are_checked():
     Plot("p", "t", "x", "y", (), kind="bars")  # type: ignore[arg-type]
 
 
+def test_images_are_checked():
+  with pytest.raises(ValueError, match=r"pixels must be \[height, width, 3\]"):
+    Image("i", "t", np.zeros((4, 4)))
+  with pytest.raises(ValueError, match=r"pixels must lie in \[0, 1\]"):
+    Image("i", "t", np.full((2, 2, 3), 1.5))
+  with pytest.raises(ValueError, match="2 x values but 1 y values"):
+    Image("i", "t", np.zeros((2, 2, 3)), (((0.0, 1.0), (0.0,)),))
+
+
 def test_report_files(tmp_path):
   ctx = _ctx()
   result = Result(
@@ -80,22 +91,26 @@ def test_report_files(tmp_path):
     ),
     ("a note",),
     wall_s=12.345,
+    images=(Image("strip", "Frames", np.full((4, 6, 3), 0.5), (((0.0, 2.0, 5.0), (0.0, 3.0, 1.0)),)),),
   )
   paths = report.write([result], ENV, tmp_path / "out")
   md = paths["markdown"].read_text()
   assert "| demo | 12.3 |" in md and "| total | 12.3 |" in md
   assert "| demo | a\\|b | 1234 | tokens/s | 1000 | Paper (2024), Table 1 | 1.234 |" in md
-  assert "- a note" in md and "(demo_curve.png)" in md
+  assert "- a note" in md and "(demo_curve.png)" in md and "![Frames](demo_strip.png)" in md
   payload = json.loads(paths["json"].read_text())
   assert payload["environment"]["backend"] == "cpu"
   assert payload["records"][0]["ratio"] == pytest.approx(1.2345)
   assert payload["plots"][0]["series"][0]["y"] == [3.0, 4.0]
   assert payload["wall_s"] == {"demo": 12.345}
+  assert payload["images"] == [{"benchmark": "demo", "file": "demo_strip.png", "title": "Frames"}]
+  assert paths["demo_strip"].read_bytes()[:4] == b"\x89PNG"
   assert paths["demo_curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert payload["plots"][1]["kind"] == "bar" and paths["demo_bars"].read_bytes()[:4] == b"\x89PNG"
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
     "demo_bars.png",
     "demo_curve.png",
+    "demo_strip.png",
     "report.md",
     "results.json",
   ]

@@ -10,3 +10,10 @@ def test_two_processes_equal_one():
   assert len(job) == steps
   assert job == one, (job, one)  # same program, same reductions: bit-identical
   assert job[-1] != job[0]  # the steps trained
+
+
+def test_a_child_keeps_the_callers_xla_flags_but_its_own_device_count(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+  env = multihost.cpu_devices_env(4)
+  assert env["XLA_FLAGS"] == "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4"
+  assert env["JAX_PLATFORMS"] == "cpu"
