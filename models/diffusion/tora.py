@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paperjax.models import stack
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import trajectory
 from paperjax.ops import attention, mlp, norms, rope
@@ -384,9 +385,9 @@ def velocity(
     if m_BTND is not None:
       h_BTND = fuse(h_BTND, m_BTND, w["fuser"], cfg.fuser)
     h_BTND = h_BTND + gate3 * temporal_attention(_modulate(h_BTND, shift3, scale3), w["temporal"], inv_freq_A)
-    return h_BTND, None
+    return h_BTND, None, {}
 
-  h_BTND, _ = jax.lax.scan(block, h_BTND, params["blocks"])
+  h_BTND, _, _ = stack.scan_layers(block, h_BTND, params["blocks"], name="st_dit_block")
   shift, scale = jnp.split((c_BD @ params["final_ada"] + params["final_ada_bias"])[:, None, None], 2, -1)
   out = _modulate(h_BTND, shift, scale) @ params["out"] + params["out_bias"]
   return unpatchify(out, cfg.patch, height, width)

@@ -22,13 +22,16 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
   assert list(tmp_path.iterdir()) == []  # no report: nothing was measured
 
 
+# The case builders draw their inputs eagerly; rbg keys compile those draws much faster than threefry.
+FAST_KEY = jax.random.key(0, impl="unsafe_rbg")
+
+
 def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
-  small = [
-    c for c in gpu_check.maxsim_cases(jax.random.key(0)) if "N=19" in c.name
-  ]  # the test grid; ColBERT shapes on GPU
+  small = [c for c in gpu_check.maxsim_cases(FAST_KEY) if "N=19" in c.name]  # the test grid; ColBERT shapes on GPU
   assert len(small) == 4  # float32, bfloat16, float16, binary
-  errors = gpu_check.check(small, interpret=True)
-  assert errors[small[-1].name] == 0.0  # binary codes are exact
+  # float32 and binary through the check; tests/ops/test_maxsim.py runs every dtype in interpret mode.
+  errors = gpu_check.check([small[0], small[-1]], interpret=True)
+  assert errors[small[0].name] < 1e-4 and errors[small[-1].name] == 0.0  # binary codes are exact
   off_by_one = gpu_check.Case(
     "shifted", lambda impl, interpret: small[0].scores(impl, interpret) + (impl == "pallas"), 0.5
   )
@@ -37,11 +40,13 @@ def test_kernel_grid_passes_in_interpret_mode_and_a_wrong_kernel_fails():
 
 
 def test_paged_grid_passes_in_interpret_mode():
-  grid = [c for c in gpu_check.paged_cases(jax.random.key(0)) if "K=16" in c.name]  # Llama shapes on GPU
+  grid = [c for c in gpu_check.paged_cases(FAST_KEY) if "K=16" in c.name]  # Llama shapes on GPU
   assert len(grid) == 18  # GQA 1/4/8 x pages 8/16/32 x float32/bfloat16
-  small = [c for c in grid if "G=2" in c.name and "page=8" in c.name]  # tests/ops runs the whole grid
-  errors = gpu_check.check(small, interpret=True)  # each case within its tolerance (bfloat16: 3e-2)
-  assert max(e for name, e in errors.items() if "float32" in name) < 1e-5  # exact float32 on CPU
+  # One case through the check; tests/ops/test_paged_attention.py runs the whole grid in interpret mode.
+  small = [c for c in grid if "G=2" in c.name and "page=8" in c.name and "float32" in c.name]
+  assert len(small) == 1
+  errors = gpu_check.check(small, interpret=True)
+  assert errors[small[0].name] < 1e-5  # exact float32 on CPU
 
 
 @pytest.mark.parametrize("name", list(gpu_check.RUNS))

@@ -1,5 +1,7 @@
 """Tora: attention locality, the fusers' zero start, the objective and sampler, shapes, errors."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from paperjax.models.diffusion import tora, trajectory
 FRAMES, HEIGHT, WIDTH = 5, 4, 6
 TINY = dict(patch=2, width=16, heads=2, mlp_hidden=32, blocks=2, motion_channels=4, sigma=1.0)
 velocity = jax.jit(tora.velocity, static_argnums=5)
+loss = jax.jit(tora.loss, static_argnums=5)
 motion_patches = jax.jit(tora.motion_patches, static_argnums=2, static_argnames=("height", "width"))
 spatial_attention = jax.jit(tora.spatial_attention)
 temporal_attention = jax.jit(tora.temporal_attention)
@@ -30,9 +33,10 @@ def _randomised(params, seed: int, scale=0.3):
 
 @pytest.fixture(scope="module")
 def inputs():
-  z = jax.random.normal(jax.random.key(1), (2, FRAMES, HEIGHT, WIDTH, 3))
-  caption_BS = jax.random.randint(jax.random.key(2), (2, 2), 0, len(blobs.VOCAB))
-  tracks = jax.random.uniform(jax.random.key(3), (2, FRAMES, 1, 2), maxval=jnp.array([WIDTH - 1, HEIGHT - 1]))
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.standard_normal((2, FRAMES, HEIGHT, WIDTH, 3)), jnp.float32)
+  caption_BS = jnp.asarray(rng.integers(0, len(blobs.VOCAB), (2, 2)), jnp.int32)
+  tracks = jnp.asarray(rng.uniform(0, 1, (2, FRAMES, 1, 2)) * [WIDTH - 1, HEIGHT - 1], jnp.float32)
   return z, jnp.array([0.3, 0.8]), caption_BS, tracks
 
 
@@ -49,7 +53,7 @@ def test_param_axes_match_params_for_every_fuser(key):
 def test_spatial_attention_never_mixes_frames_and_temporal_never_mixes_positions(key):
   cfg = _config("none")
   w = jax.tree.map(lambda x: x[0], _randomised(tora.init(key, cfg)["blocks"], 0))
-  x = jax.random.normal(jax.random.key(2), (2, FRAMES, 6, cfg.width))
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, FRAMES, 6, cfg.width)), jnp.float32)
   inv_freq = jnp.asarray(tora.rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
   frame, position = 2, 4
   moved_frames = np.abs(
@@ -83,22 +87,28 @@ def test_a_zero_initialised_fuser_leaves_the_dit_unchanged(fuser, key, inputs):
   assert np.abs(velocity(params, z, t_B, caption_BS, motion, cfg) - expected).max() > 1e-3
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _draws(key, shape):
+  """The (t, noise) `tora.loss` draws from `key`, drawn here the same way."""
+  key_t, key_e = jax.random.split(key)
+  return jax.random.uniform(key_t, shape[:1]), jax.random.normal(key_e, shape)
+
+
 def test_loss_is_the_rectified_flow_objective(key, inputs):
   """A new model predicts v = 0 (adaLN-Zero), so its loss is mean((e - x)^2) for the noise e
   the key draws; a trained-looking one matches the formula evaluated by hand."""
-  _, _, caption_BS, tracks = inputs
-  video = jnp.tanh(jax.random.normal(jax.random.key(4), (2, FRAMES, HEIGHT, WIDTH, 3)))
+  z, _, caption_BS, tracks = inputs
+  video = jnp.tanh(z)
   cfg = _config("adanorm")
   params = tora.init(key, cfg)
-  key_t, key_e = jax.random.split(jax.random.key(7))
-  t_B, noise = jax.random.uniform(key_t, (2,)), jax.random.normal(key_e, video.shape)
-  loss, _ = tora.loss(params, video, caption_BS, tracks, jax.random.key(7), cfg)
-  np.testing.assert_allclose(loss, np.mean((np.asarray(noise) - np.asarray(video)) ** 2), rtol=1e-5)
+  t_B, noise = _draws(jax.random.key(7), video.shape)
+  value, _ = loss(params, video, caption_BS, tracks, jax.random.key(7), cfg)
+  np.testing.assert_allclose(value, np.mean((np.asarray(noise) - np.asarray(video)) ** 2), rtol=1e-5)
   params = _randomised(params, 7)
   z = (1 - t_B[:, None, None, None, None]) * video + t_B[:, None, None, None, None] * noise
   v = velocity(params, z, t_B, caption_BS, motion_patches(params, tracks, cfg, height=HEIGHT, width=WIDTH), cfg)
-  loss, _ = tora.loss(params, video, caption_BS, tracks, jax.random.key(7), cfg)
-  np.testing.assert_allclose(loss, np.mean((np.asarray(v) - (np.asarray(noise) - np.asarray(video))) ** 2), rtol=1e-5)
+  value, _ = loss(params, video, caption_BS, tracks, jax.random.key(7), cfg)
+  np.testing.assert_allclose(value, np.mean((np.asarray(v) - (np.asarray(noise) - np.asarray(video))) ** 2), rtol=1e-5)
 
 
 def test_sampler_is_euler_from_noise_and_deterministic_per_key(key, inputs):
