@@ -143,14 +143,14 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
   out.mkdir(parents=True, exist_ok=True)
   plot_files: dict[str, str] = {}
   for result in results:
-    for plot in result.plots:
-      key = plot_key(result, plot)
+    figures: list[Plot | Image] = [*result.plots, *result.images]
+    for figure in figures:
+      key = plot_key(result, figure)
       plot_files[key] = f"{key}.png"
-      render_png(plot, out / plot_files[key])
-    for image in result.images:
-      key = plot_key(result, image)
-      plot_files[key] = f"{key}.png"
-      render_image(image, out / plot_files[key])
+      if isinstance(figure, Plot):
+        render_png(figure, out / plot_files[key])
+      else:
+        render_image(figure, out / plot_files[key])
   payload = {
     "environment": dataclasses.asdict(env),
     "records": [r.to_json() for result in results for r in result.records],

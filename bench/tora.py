@@ -329,7 +329,7 @@ def _strip(ctx: Context, cfg: Config, trained: Trained, shown: int = 8) -> tuple
   error = float(blobs.trajectory_error(guided[:1], data.tracks[:1]).mean())
   image = Image(
     "strip",
-    f"rows: data, adaptive norm, no guidance; frames {picked.tolist()}\nline: the requested trajectory",
+    f"Rows: data, adaptive norm, no guidance. Frames {picked.tolist()}; line: the requested trajectory",
     canvas,
     tuple(lines),
   )

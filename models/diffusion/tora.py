@@ -320,7 +320,8 @@ def conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def motion_patches(params: dict, tracks: jax.Array, cfg: ToraConfig, *, height: int, width: int) -> jax.Array:
-  """The Trajectory Extractor: tracks [B, T, N, 2] -> motion patches m [B, T, N, D]."""
+  """The Trajectory Extractor: tracks [B, T, points, 2] -> motion patches m [B, T, N, D] on
+  the (height / patch) x (width / patch) patch grid."""
   if cfg.fuser == "none":
     raise ValueError("tracks: this model has no motion guidance (fuser='none'); pass tracks=None")
   x = trajectory.flow_maps(tracks, height=height, width=width, sigma=cfg.sigma)
