@@ -10,6 +10,7 @@ import pytest
 
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import tora, trajectory
+from paperjax.ops import rope
 
 # Odd frame count, non-square frames: 5 frames of 4x6 pixels, a 2x3 patch grid.
 FRAMES, HEIGHT, WIDTH = 5, 4, 6
@@ -54,7 +55,7 @@ def test_spatial_attention_never_mixes_frames_and_temporal_never_mixes_positions
   cfg = _config("none")
   w = jax.tree.map(lambda x: x[0], _randomised(tora.init(key, cfg)["blocks"], 0))
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, FRAMES, 6, cfg.width)), jnp.float32)
-  inv_freq = jnp.asarray(tora.rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
+  inv_freq = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
   frame, position = 2, 4
   moved_frames = np.abs(
     spatial_attention(x.at[:, frame].add(1.0), w["spatial"]) - spatial_attention(x, w["spatial"])
