@@ -54,6 +54,7 @@ import numpy as np
 from paperjax.models import stack
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import trajectory
+from paperjax.models.protocol import concrete
 from paperjax.ops import attention, mlp, norms, rope
 
 Fuser = Literal["none", "concat", "cross_attention", "adanorm"]
@@ -245,6 +246,18 @@ def check_video_shape(cfg: ToraConfig, frames: int, height: int, width: int) -> 
     )
 
 
+def check_caption(caption_BS: jax.Array, cfg: ToraConfig) -> jax.Array:
+  """Caption ids [B, S], each in [0, vocab_size) when concrete (an embedding lookup would
+  clamp an out-of-range id silently)."""
+  caption_BS = jnp.asarray(caption_BS)
+  if caption_BS.ndim != 2 or not jnp.issubdtype(caption_BS.dtype, jnp.integer):
+    raise ValueError(f"caption_BS: expected integer ids of shape [B, S], got {caption_BS.dtype} {caption_BS.shape}")
+  ids = concrete(caption_BS)
+  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+    raise ValueError(f"caption_BS: ids must lie in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
+  return caption_BS
+
+
 def patchify(video: jax.Array, patch: int) -> jax.Array:
   """[B, T, height, width, 3] -> [B, T, N, patch^2 * 3], patches row-major."""
   b, t, h, w, c = video.shape
@@ -408,6 +421,7 @@ def loss(
   """Rectified-flow loss mean((v(z_t, t) - (e - x))^2) over a batch of videos x (module
   docstring), with t ~ U(0, 1) and e ~ N(0, I) drawn from `key`; (loss, {}) for `train.make_step`."""
   _, frames, height, width, _ = video.shape
+  caption_BS = check_caption(caption_BS, cfg)
   tracks = None if tracks is None else trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
   key_t, key_e = jax.random.split(key)
   t_B = jax.random.uniform(key_t, video.shape[:1])
@@ -434,9 +448,7 @@ def sample(
   check_video_shape(cfg, frames, height, width)
   if steps < 1:
     raise ValueError(f"steps: expected >= 1, got {steps}")
-  caption_BS = jnp.asarray(caption_BS)
-  if caption_BS.ndim != 2 or not jnp.issubdtype(caption_BS.dtype, jnp.integer):
-    raise ValueError(f"caption_BS: expected integer ids of shape [B, S], got {caption_BS.dtype} {caption_BS.shape}")
+  caption_BS = check_caption(caption_BS, cfg)
   if tracks is not None:
     tracks = trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
     if tracks.shape[0] != caption_BS.shape[0]:

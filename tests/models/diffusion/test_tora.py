@@ -187,6 +187,12 @@ def test_bad_inputs_raise_naming_the_argument(key, inputs):
     sample(tracks, cfg=_config("none"))
   with pytest.raises(ValueError, match="video: expected .* multiples of patch=2"):
     sample(tracks, height=5)
+  with pytest.raises(ValueError, match=r"caption_BS: ids must lie in \[0, 9\), got \d+ \.\. 9"):
+    tora.sample(
+      params, key, caption_BS.at[0, 0].set(9), tracks, cfg, frames=FRAMES, height=HEIGHT, width=WIDTH, steps=1
+    )
+  with pytest.raises(ValueError, match="caption_BS: expected integer ids"):
+    tora.loss(params, jnp.tanh(z), caption_BS.astype(jnp.float32), tracks, key, cfg)
   with pytest.raises(ValueError, match="m_BTND"):
     tora.velocity(params, z, t_B, caption_BS, None, cfg)
 
