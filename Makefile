@@ -9,9 +9,9 @@ STAMP  := $(VENV)/.paperjax-installed
 MODULES := $(VENV)/.paperjax-modules
 PACKAGES := models ops align interp compress bench
 SCALE  ?= small
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --durations=25
 
-.PHONY: test lint format bench venv clean FORCE
+.PHONY: test lint format bench venv clean clean-cache FORCE
 
 venv: $(STAMP)
 
@@ -42,5 +42,9 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m paperjax.bench --scale=$(SCALE) --out=results
 
+# The compilation cache is outside the repository (bench/compile_cache.py): `clean` keeps it.
 clean:
 	rm -rf $(VENV) results .pytest_cache build
+
+clean-cache:
+	rm -rf "$${JAX_COMPILATION_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/paperjax/xla}"

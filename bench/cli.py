@@ -15,7 +15,7 @@ from typing import cast
 
 from absl import app, flags, logging
 
-from paperjax.bench import report
+from paperjax.bench import compile_cache, report
 from paperjax.bench.harness import SCALES, Benchmark, Context, Environment, Result, Scale, selects_benchmark
 
 SCALE = flags.DEFINE_enum(
@@ -41,6 +41,7 @@ def run_benchmarks(runs: Mapping[str, Benchmark]) -> int:
   others still run; the exit code is then 1.
   """
   logging.set_verbosity(logging.WARNING)  # keep jax's backend probing out of the table
+  compile_cache.enable()
   scale = cast(Scale, SCALE.value)  # DEFINE_enum admits only SCALES
   env = Environment.current(scale)
   repeats = REPEATS.value or DEFAULT_REPEATS[scale]

@@ -1,7 +1,9 @@
-"""Shared test setup: 8 host CPU devices and deterministic seeds.
+"""Shared test setup: 8 host CPU devices, jax's persistent compilation cache, deterministic seeds.
 
 XLA reads XLA_FLAGS once, when the backend starts, so the device count is set here,
-before any test module imports jax.
+before any test module imports jax. The compilation cache (`paperjax.bench.compile_cache`:
+the user's cache directory, never the repository) lets a second run, or a clean clone on
+the same machine, load what an earlier run compiled.
 """
 
 import os
@@ -13,6 +15,10 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from paperjax.bench import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 SEED = 0
 
