@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from paperjax.interp import sae
-from paperjax.models import protocol
+from paperjax.models import checks, protocol
 from paperjax.models.transformer import llama
 
 
@@ -141,7 +141,7 @@ def _check(model_cfg: Any, site: str, tokens_BT: Any) -> jax.Array:
     raise TypeError(f"model_cfg: expected a LlamaConfig (a forward that takes edits), got {type(model_cfg).__name__}")
   protocol.check_site(model_cfg, site)
   tokens_BT = jnp.asarray(tokens_BT)
-  protocol.check_tokens(tokens_BT, model_cfg.vocab_size)
+  checks.check_tokens(tokens_BT, model_cfg.vocab_size)
   return tokens_BT
 
 

@@ -34,7 +34,7 @@ import optax
 from flax import struct
 
 from paperjax.interp import sae
-from paperjax.models import protocol
+from paperjax.models import checks, protocol
 from paperjax.models.training import checkpoints
 
 
@@ -240,7 +240,7 @@ class ActivationStream:
       if window is None:
         break
       tokens_BT = jnp.asarray(window)
-      protocol.check_tokens(tokens_BT, self._vocab_size)
+      checks.check_tokens(tokens_BT, self._vocab_size)
       chunks.append(np.asarray(self._collect(self._params, tokens_BT)))
     if not chunks:
       return False
@@ -282,7 +282,7 @@ def collect(params: Any, model_cfg: Any, site: str, tokens_BT: Any) -> np.ndarra
   """The activations at `site` of every token of tokens_BT, float32 [B * T, D]."""
   protocol.check_site(model_cfg, site)
   tokens_BT = jnp.asarray(tokens_BT)
-  protocol.check_tokens(tokens_BT, model_cfg.vocab_size)
+  checks.check_tokens(tokens_BT, model_cfg.vocab_size)
   return np.asarray(_collector(model_cfg, site)(params, tokens_BT))
 
 

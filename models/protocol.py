@@ -35,8 +35,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+
+from paperjax.models.recurrent import based, jrt_rnn
+from paperjax.models.transformer import llama
 
 
 @runtime_checkable
@@ -72,22 +73,11 @@ class DecodingModel(Protocol):
 
 def model_for(cfg: Any) -> DecodingModel:
   """The model module whose config `cfg` is (LlamaConfig -> llama, BasedConfig -> based, ...)."""
-  from paperjax.models.recurrent import based, jrt_rnn
-  from paperjax.models.transformer import llama
-
   modules: dict[type, DecodingModel] = {llama.LlamaConfig: llama, based.BasedConfig: based, jrt_rnn.JRTConfig: jrt_rnn}
   try:
     return modules[type(cfg)]
   except KeyError:
     raise TypeError(f"cfg: expected a config of {[t.__name__ for t in modules]}, got {type(cfg).__name__}") from None
-
-
-def concrete(x: Any) -> np.ndarray | None:
-  """x as numpy when it has a value now (not inside a trace), else None: value checks run
-  eagerly and are skipped under jit, where shapes are all that is known."""
-  if x is None or isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
 
 
 def check_site(cfg: Any, site: str) -> None:
@@ -98,35 +88,3 @@ def check_site(cfg: Any, site: str) -> None:
       f"site: {site!r} is not a site of this model; expected one of its {len(names)} sites "
       f"{names[0]!r} .. {names[-1]!r} (site_names(cfg))"
     )
-
-
-def check_tokens(tokens_BT: jax.Array, vocab_size: int) -> tuple[int, int]:
-  """(B, T) of integer ids [B, T], each in [0, vocab_size) when concrete."""
-  if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-    raise ValueError(f"tokens_BT: expected integer ids of shape [B, T], got {tokens_BT.dtype} {tokens_BT.shape}")
-  ids = concrete(tokens_BT)
-  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-    raise ValueError(f"tokens_BT: ids must lie in [0, {vocab_size}), got {ids.min()} .. {ids.max()}")
-  return tokens_BT.shape[0], tokens_BT.shape[1]
-
-
-def check_lengths(lengths_B: Any, batch: int, width: int, *, name: str = "lengths_B") -> jax.Array:
-  """Row lengths as int32 [B], each in 1 .. width when concrete."""
-  lengths_B = jnp.asarray(lengths_B)
-  if lengths_B.shape != (batch,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-    raise ValueError(f"{name}: expected integer shape ({batch},), got {lengths_B.dtype} {lengths_B.shape}")
-  lengths = concrete(lengths_B)
-  if lengths is not None and ((lengths < 1).any() or (lengths > width).any()):
-    raise ValueError(f"{name}: expected 1 <= length <= {width}, got {lengths.tolist()}")
-  return lengths_B.astype(jnp.int32)
-
-
-def decode_by_forward(forward: Any, params: Any, token_B: jax.Array, state: Any, cfg: Any) -> tuple[jax.Array, Any]:
-  """`decode` for a model whose `forward` continues from a state: one token per row,
-  (float32 logits [B, V], the state after it)."""
-  if token_B.ndim != 1:
-    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
-  logits_B1V, new_state = forward(params, token_B[:, None], cfg, state=state)
-  if new_state is None:
-    raise ValueError("state: forward returned no state to continue from")
-  return logits_B1V[:, 0], new_state

@@ -19,6 +19,9 @@ Remat policies name what the backward pass may keep instead of recomputing:
   "none"           keep every activation (no rematerialisation)
   "full"           keep nothing inside a layer; recompute it from the layer input
   "dots_saveable"  keep matmul outputs, recompute the elementwise work between them
+
+A model whose `forward` continues from a state gets its one-token `decode` from
+`decode_by_forward`.
 """
 
 from __future__ import annotations
@@ -141,3 +144,14 @@ def scan_layers(
     body = jax.checkpoint(body, policy=_POLICIES[remat], prevent_cse=False)  # scan already prevents CSE
   x_BTD, (ys, acts) = jax.lax.scan(body, x_BTD, xs)
   return x_BTD, ys, acts
+
+
+def decode_by_forward(forward: Any, params: Any, token_B: jax.Array, state: Any, cfg: Any) -> tuple[jax.Array, Any]:
+  """`decode` for a model whose `forward` continues from a state: one token per row,
+  (float32 logits [B, V], the state after it)."""
+  if token_B.ndim != 1:
+    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
+  logits_B1V, new_state = forward(params, token_B[:, None], cfg, state=state)
+  if new_state is None:
+    raise ValueError("state: forward returned no state to continue from")
+  return logits_B1V[:, 0], new_state

@@ -52,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperjax.models import stack
+from paperjax.models.checks import concrete
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import trajectory
-from paperjax.models.protocol import concrete
 from paperjax.ops import attention, mlp, norms, rope
 
 Fuser = Literal["none", "concat", "cross_attention", "adanorm"]

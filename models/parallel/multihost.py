@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from paperjax.models.parallel import sharding
+from paperjax.models import sharding
 from paperjax.models.training import lm
 from paperjax.models.training.train import TrainConfig
 from paperjax.models.transformer import llama

@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from paperjax.models import protocol
-from paperjax.models.parallel import sharding
+from paperjax.models import checks, sharding
 from paperjax.models.training import lm
 from paperjax.models.training.train import TrainConfig
 from paperjax.models.transformer import llama
@@ -201,7 +200,7 @@ def prefill(
 
   Returns the float32 logits [B, V] after each row's last real token and the KV cache
   [L, B, C, G, K], whose layers stay on their stages."""
-  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
+  batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else lengths_B.astype(jnp.int32)
   empty = llama.init_state(cfg, batch, time if capacity is None else capacity)
   hidden_BTD, cache = _cached(params, tokens_BT, empty, lengths_B, cfg, mesh, n_micro)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from paperjax.models import protocol, stack
+from paperjax.models import checks, stack
 from paperjax.ops import attention, mlp, norms, rope
 from paperjax.ops import linear_attention as la
 
@@ -201,7 +201,7 @@ def left_pad(tokens_BT: jax.Array, lengths_B: jax.Array, width: int | None = Non
     raise ValueError(f"tokens_BT: expected shape [B, T], got {tokens_BT.shape}")
   time = tokens_BT.shape[1]
   width = time if width is None else width
-  lengths_B = protocol.check_lengths(lengths_B, tokens_BT.shape[0], min(width, time))
+  lengths_B = checks.check_lengths(lengths_B, tokens_BT.shape[0], min(width, time))
   slots_BW = jnp.arange(width)[None, :]
   pad_B1 = (width - lengths_B)[:, None]
   mask_BW = slots_BW >= pad_B1
@@ -264,7 +264,7 @@ def prefill(
   Returns the float32 logits [B, V] after each row's last real token and the recurrent
   state after it. The state's size is constant: `capacity` is only checked against T.
   """
-  time = protocol.check_tokens(tokens_BT, cfg.vocab_size)[1]
+  time = checks.check_tokens(tokens_BT, cfg.vocab_size)[1]
   if capacity is not None and capacity < time:
     raise ValueError(f"capacity: expected >= T={time} (tokens the state will have seen), got {capacity}")
   key_mask_BT = None
@@ -286,7 +286,7 @@ def prefix_encoder_share(
 
 def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> tuple[jax.Array, State]:
   """One token per row in constant memory: (float32 logits [B, V], the state after it)."""
-  return protocol.decode_by_forward(forward, params, token_B, state, cfg)
+  return stack.decode_by_forward(forward, params, token_B, state, cfg)
 
 
 def _logits(params: dict, x_BTD: jax.Array, cfg: BasedConfig) -> jax.Array:
@@ -310,7 +310,7 @@ def _blocks(
   key_mask_BT: jax.Array | None,
 ) -> tuple[jax.Array, State, dict[str, jax.Array]]:
   """Runs all blocks over T new tokens from `state` (None: empty); returns (x, new state, sites)."""
-  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
+  batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   if prefix_len is not None and state is not None:
     raise ValueError(f"prefix_len: the encoder prefix starts a sequence; got prefix_len={prefix_len} and a state")
   if prefix_len is not None and "wk_e" not in params["linear"]:

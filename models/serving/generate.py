@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models import protocol
+from paperjax.models import checks, protocol
 from paperjax.models.data import chat, tokenizer
 from paperjax.models.data.tokenizer import Tokenizer
 from paperjax.ops import sampling
@@ -105,8 +105,8 @@ def check_args(
   cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p
 ) -> tuple[int, ...]:
   """Validates `generate`'s arguments; returns stop_ids as a tuple of ints."""
-  batch, time = protocol.check_tokens(prompts_BT, cfg.vocab_size)
-  protocol.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
+  batch, time = checks.check_tokens(prompts_BT, cfg.vocab_size)
+  checks.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   max_seq_len = getattr(cfg, "max_seq_len", None)  # recurrent models have no limit

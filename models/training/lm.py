@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from paperjax.models.parallel import sharding
+from paperjax.models import sharding
 from paperjax.models.training.train import TrainConfig, TrainState, make_step, optimizer, start_state
 from paperjax.models.transformer import llama
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from paperjax.models.parallel.sharding import Shardings
+from paperjax.models.sharding import Shardings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,7 +80,7 @@ def make_step(
   """A jitted (state, *args) -> (state, metrics) minimising objective(params, *args) -> (loss, aux).
 
   One AdamW step of `optimizer(tcfg)`; metrics are loss, grad_norm, lr and the aux dict.
-  With `shardings` (`parallel.sharding.Shardings`: a mesh, the state's shardings and the
+  With `shardings` (`models.sharding.Shardings`: a mesh, the state's shardings and the
   batch's, for steps of (state, batch)) the step is compiled for that mesh (what pjit became:
   jit with in/out shardings), runs inside it (so models' activation constraints apply),
   and returns the state sharded as it came in and the metrics replicated.

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from paperjax.models import protocol, stack
-from paperjax.models.parallel import sharding
+from paperjax.models import checks, sharding, stack
 from paperjax.ops import attention, mlp, norms, paged_attention, quant, rope
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
@@ -72,7 +71,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
   remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
   attention_impl: attention.Impl = "reference"  # training / KVCache; a PagedKVCache uses ops.paged_attention
-  # Logical-axis rules of the activation constraints (`parallel.sharding.RULES[strategy]`);
+  # Logical-axis rules of the activation constraints (`models.sharding.RULES[strategy]`);
   # () or no mesh in context: none.
   axis_rules: sharding.Rules = ()
 
@@ -275,10 +274,8 @@ def prefill(
   Row b's first lengths_B[b] tokens (default all T) are written; returns the float32
   logits [B, V] after each row's last real token and the cache.
   """
-  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
-  lengths_B = (
-    jnp.full((batch,), time, jnp.int32) if lengths_B is None else protocol.check_lengths(lengths_B, batch, time)
-  )
+  batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
+  lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else checks.check_lengths(lengths_B, batch, time)
   capacity = time if capacity is None else capacity
   if capacity < time:
     raise ValueError(f"capacity: expected >= T={time} (the prompt's slots), got {capacity}")
@@ -291,7 +288,7 @@ def prefill(
 
 def decode(params: dict, token_B: jax.Array, state: Cache, cfg: LlamaConfig) -> tuple[jax.Array, Cache]:
   """One token per row at its own slot: (float32 logits [B, V], the cache after it)."""
-  return protocol.decode_by_forward(forward, params, token_B, state, cfg)
+  return stack.decode_by_forward(forward, params, token_B, state, cfg)
 
 
 def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
@@ -515,11 +512,11 @@ def layer_segments(params: dict, cfg: LlamaConfig) -> list[tuple[int, int, dict]
 def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B) -> tuple[int, int]:
   if tokens_BT.ndim == 2 and not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
     raise TypeError(f"tokens_BT: expected integer ids, got {tokens_BT.dtype}")
-  batch, time = protocol.check_tokens(tokens_BT, cfg.vocab_size)
+  batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   for name, x in (("positions_BT", positions_BT), ("segment_ids_BT", segment_ids_BT)):
     if x is not None and (x.shape != (batch, time) or not jnp.issubdtype(x.dtype, jnp.integer)):
       raise ValueError(f"{name}: expected integer shape {(batch, time)}, got {x.dtype} {x.shape}")
-  positions = protocol.concrete(positions_BT)
+  positions = checks.concrete(positions_BT)
   if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= cfg.max_seq_len):
     raise ValueError(
       f"positions_BT: expected 0 <= position < max_seq_len={cfg.max_seq_len}, "
@@ -548,7 +545,7 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
     raise ValueError(f"state: cache shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
   if num_new_B is not None and num_new_B.shape != (batch,):
     raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")
-  lengths, new = protocol.concrete(cache.lengths_B), protocol.concrete(num_new_B)
+  lengths, new = checks.concrete(cache.lengths_B), checks.concrete(num_new_B)
   if lengths is not None:
     end = lengths + (time if new is None else new)
     if (end > cache.capacity).any():

@@ -12,7 +12,7 @@ axis to mesh axes (or None: replicated). The mesh always has the axes MESH_AXES 
   tp       act_batch -> data; heads, kv_heads, ffn, vocab -> tensor (Megatron: wq, wk, wv,
            w1, w3 split by output columns, wo, w2 by input rows; logits split by vocab)
   fsdp_tp  both
-  pp       act_batch -> data, layers -> pipe (`parallel.pipeline`: stage s holds layers
+  pp       act_batch -> data, layers -> pipe (`models.parallel.pipeline`: stage s holds layers
            s L/S .. (s + 1) L/S - 1)
 
 A logical name that a table does not map is an error, never a silent replication; so is
