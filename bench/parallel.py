@@ -276,22 +276,26 @@ def _layout(cfg: Config, ref: Reference, seed: int, sizes: dict[str, int], rules
   return _compile(run, ref.batch)
 
 
+def _max_abs_difference(a: Any, b: Any) -> float:
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
 def compile_strategies(cfg: Config, ref: Reference, seed: int) -> tuple[dict, dict[str, Compiled]]:
   """Each strategy's step: its loss and parameters against the reference, memory and
   collectives (everything but time, so this may run beside other work)."""
   n_params = sum(x.size for x in jax.tree.leaves(ref.state0.params))
   n_layer_params = sum(x.size for x in jax.tree.leaves(ref.state0.params["layers"]))
-  out: dict[str, Any] = {"n_params": n_params, "strategies": {}}
+  step_size = _max_abs_difference(ref.state1.params, ref.state0.params)
+  out: dict[str, Any] = {"n_params": n_params, "step_size": step_size, "strategies": {}}
   compiled: dict[str, Compiled] = {}
   for name in progress(list(cfg.strategies), "parallel.strategies"):
     rules, sizes = STRATEGIES[name]
     c = compiled[name] = _layout(cfg, ref, seed, sizes, rules, cfg.n_micro)
     memory = c.step.memory_analysis()
     state, metrics = c.step(c.state, c.batch)
-    param_err = max(
-      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-      for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.state1.params))
-    )
+    param_err = _max_abs_difference(state.params, ref.state1.params)
     out["strategies"][name] = {
       "mesh": sizes,
       "loss_error": abs(float(metrics["loss"]) - ref.loss),
@@ -455,7 +459,11 @@ def _layout_records(ctx: Context) -> list[Record]:
 
 
 def _strategy_records(ctx: Context, data: dict) -> tuple[list[Record], Plot, str]:
-  records = []
+  records = [
+    ctx.record(
+      "one device: max |params after a step - before| (the scale of the errors below)", data["step_size"], "abs"
+    )
+  ]
   names = list(data["strategies"])
   for name, s in data["strategies"].items():
     tag = f"{name} ({' x '.join(f'{a} {n}' for a, n in s['mesh'].items())})"

@@ -35,22 +35,25 @@ from paperjax.models.training.train import TrainConfig
 from paperjax.models.transformer import llama
 
 CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
-TCFG = TrainConfig(batch_size=8, seq_len=16, warmup_steps=1, total_steps=10)
+TCFG = TrainConfig(batch_size=8, seq_len=16, warmup_steps=0, total_steps=10)  # no warm-up: every step moves
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # the fsdp_tp rules use every axis
 
 
+def batch(step: int, seed: int = 0) -> lm.Batch:
+  """Step `step`'s batch of a seeded synthetic token stream (the same in every process)."""
+  ids_N = np.random.default_rng(seed).integers(0, CFG.vocab_size, 4096)
+  return lm.batch_at(ids_N, np.arange(ids_N.size) // 50, step, TCFG)
+
+
 def train_losses(steps: int, seed: int = 0) -> list[float]:
-  """Losses of `steps` sharded training steps of CFG on a mesh over all of the job's
-  devices, on a seeded synthetic token stream (the same in every process)."""
+  """Losses of `steps` sharded training steps of CFG from `llama.init(key(seed))`, on a mesh
+  over all of the job's devices, on `batch(step, seed)`: the loss of step k is that of the
+  parameters after k updates."""
   mesh = sharding.make_mesh(data=MESH["data"], fsdp=MESH["fsdp"], tensor=MESH["tensor"])
   run = lm.sharded_training(jax.random.key(seed), CFG, TCFG, mesh, "fsdp_tp")
-  rng = np.random.default_rng(seed)
-  ids_N = rng.integers(0, CFG.vocab_size, 4096)
-  segment_ids_N = np.arange(ids_N.size) // 50
   state, losses = run.state, []
   for step in range(steps):
-    batch = sharding.put(lm.batch_at(ids_N, segment_ids_N, step, TCFG), run.shardings.batch)
-    state, metrics = run.step(state, batch)
+    state, metrics = run.step(state, sharding.put(batch(step, seed), run.shardings.batch))
     losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))  # replicated: every process has it
   return losses
 

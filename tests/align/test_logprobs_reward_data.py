@@ -142,6 +142,9 @@ def test_rejection_sampling_keeps_the_argmax_and_shares_the_prefix(key):
     key, params, CFG, prompts, lengths, reward_fn, k=4, max_new_tokens=5, temperature=1.0
   )
   assert out.samples_BYN.shape == (2, 4, 5)
+  # No stop ids, so every sample runs all 5 tokens and its reward is its id sum, row by row.
+  np.testing.assert_array_equal(out.lengths_BY, 5)
+  np.testing.assert_array_equal(out.rewards_BY, np.asarray(out.samples_BYN).sum(axis=-1))
   np.testing.assert_array_equal(out.best_rewards_B, out.rewards_BY.max(axis=1))
   np.testing.assert_array_equal(out.best_BN, out.samples_BYN[jnp.arange(2), out.rewards_BY.argmax(axis=1)])
   # Shared prefill gives exactly what generating from the K-times repeated prompts gives.

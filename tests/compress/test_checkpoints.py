@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +29,8 @@ def run():
   return states, step, lambda i: lm.batch_at(ids, segments, i, TCFG)
 
 
-def _leaves_equal(a, b):
-  return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+def _max_abs_diff(a, b):
+  return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_a_keyframe_restores_the_state_exactly(run, tmp_path):
@@ -38,7 +39,7 @@ def test_a_keyframe_restores_the_state_exactly(run, tmp_path):
     info = manager.save(states[3])
     assert info.parent is None and info.step == 3 and info.dense_nbytes > 0
     restored = manager.restore(states[0])
-  assert _leaves_equal(restored, states[3])  # params, mu, nu, every count and the step
+  chex.assert_trees_all_equal(restored, states[3])  # params, mu, nu, every count and the step
   assert jax.tree.structure(restored) == jax.tree.structure(states[3])
 
 
@@ -57,10 +58,12 @@ def test_retention_keeps_every_step_a_kept_chain_needs(run, tmp_path):
   reopened = checkpoints.ExcpCheckpointManager(tmp_path, max_to_keep=2, keyframe_every=3)
   assert [reopened.parent(s) for s in reopened.all_steps()] == [None, 8, 10]
   for s, state in restored.items():
-    assert _leaves_equal(reopened.restore(states[0], step=s), state)  # the same replay from disk
+    chex.assert_trees_all_equal(reopened.restore(states[0], step=s), state)  # the same replay from disk
     assert int(state.step) == s
-    errors = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, states[s].params)
-    assert max(jax.tree.leaves(errors)) < 1e-2, errors
+    # Two training steps move the params 5.5e-3..6e-3 (max abs); the lossy chain is off by at most 2.5e-3,
+    # a restore one chain link behind by 5.5e-3..6.9e-3: a bound at 0.6x the two-step move tells them apart.
+    bound = 0.6 * _max_abs_diff(states[s].params, states[s - 2].params)
+    chex.assert_trees_all_close(state.params, states[s].params, rtol=0.0, atol=bound)
   assert reopened.save(states[12].replace(step=jnp.int32(14))).parent is None  # the third save after 8
   assert reopened.all_steps() == [8, 10, 12, 14]
 
@@ -83,11 +86,11 @@ def test_a_save_that_fails_midway_leaves_the_earlier_checkpoints(run, tmp_path, 
   assert manager.all_steps() == [2, 4]
   reopened = checkpoints.ExcpCheckpointManager(tmp_path)
   assert reopened.all_steps() == [2, 4]
-  assert _leaves_equal(reopened.restore(states[0]), before)
+  chex.assert_trees_all_equal(reopened.restore(states[0]), before)
   assert manager.save(states[6]).parent == 4  # the same manager goes on
   again = checkpoints.ExcpCheckpointManager(tmp_path)
   assert again.save(states[8]).parent == 6  # and so does a reopened one
-  assert _leaves_equal(checkpoints.ExcpCheckpointManager(tmp_path).restore(states[0]), again.restore(states[0]))
+  chex.assert_trees_all_equal(checkpoints.ExcpCheckpointManager(tmp_path).restore(states[0]), again.restore(states[0]))
 
 
 def test_each_residual_is_coded_against_the_previous_reconstruction(run, tmp_path):
@@ -98,7 +101,7 @@ def test_each_residual_is_coded_against_the_previous_reconstruction(run, tmp_pat
   for s in (4, 6, 8):  # three residuals in a row: 6 and 8 have lossy references
     previous = checkpoints.split_state(manager.restore(states[0], step=s - 2))
     _, expected = excp.encode(checkpoints.split_state(states[s]), previous.weights, manager.config)
-    assert _leaves_equal(manager.restore(states[0], step=s), checkpoints.merge_state(expected, states[0]))
+    chex.assert_trees_all_equal(manager.restore(states[0], step=s), checkpoints.merge_state(expected, states[0]))
 
 
 def test_a_corrupt_step_file_raises_naming_the_step(run, tmp_path):
@@ -111,7 +114,7 @@ def test_a_corrupt_step_file_raises_naming_the_step(run, tmp_path):
   blob[-100] ^= 1
   path.write_bytes(bytes(blob))
   reopened = checkpoints.ExcpCheckpointManager(tmp_path)
-  assert _leaves_equal(reopened.restore(states[0], step=2), states[2])
+  chex.assert_trees_all_equal(reopened.restore(states[0], step=2), states[2])
   for step in (4, 6):  # 6's chain runs through 4
     with pytest.raises(ValueError, match=f"step 4 in .* \\(restoring step {step}\\): blob: checksum"):
       reopened.restore(states[0], step=step)
@@ -133,7 +136,11 @@ def test_training_resumes_from_a_compressed_checkpoint(run, tmp_path):
     losses["resumed"].append(float(metrics_r["loss"]))
     losses["original"].append(float(metrics_o["loss"]))
   assert int(resumed.step) == 12
-  np.testing.assert_allclose(losses["resumed"], losses["original"], rtol=0.02)
+  # The first step shows which state was restored: measured gap 2e-4 relative; from states[4] it is 1e-2.
+  np.testing.assert_allclose(losses["resumed"][0], losses["original"][0], rtol=1e-3)
+  older = float(step(states[4], batch(8))[1]["loss"])
+  assert abs(older - losses["original"][0]) > 10 * abs(losses["resumed"][0] - losses["original"][0])
+  np.testing.assert_allclose(losses["resumed"], losses["original"], rtol=1e-2)  # the gap grows to 4e-3 by step 11
 
 
 def test_bad_use_raises_clear_errors(run, tmp_path):

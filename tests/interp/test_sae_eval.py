@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,7 +136,7 @@ def test_saelens_files_round_trip(arch, tmp_path):
   assert config["architecture"] == saved_arch and config["d_in"] == D and config["d_sae"] == 32
   assert config["normalize_activations"] == "none" and config["metadata"]["hook_name"] == SITE
   tensors = load_file(path / "sae_weights.safetensors")
-  assert tensors["W_enc"].shape == (D, 32) and tensors["W_dec"].shape == (32, D)
+  chex.assert_shape([tensors["W_enc"], tensors["W_dec"]], [(D, 32), (32, D)])
   np.testing.assert_allclose(load_file(path / "sparsity.safetensors")["sparsity"], np.log10(freq + 1e-10), rtol=1e-6)
   loaded, loaded_cfg, _ = sae_io.load(path)
   assert loaded_cfg.architecture == saved_arch

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,8 +107,7 @@ def test_training_lowers_the_loss_and_resumes_from_a_checkpoint(tmp_path):
   sae_train.train(jax.random.key(0), cfg, half, stream, checkpoint_dir=tmp_path, checkpoint_every=8)
   resumed = sae_train.train(jax.random.key(9), cfg, tcfg, stream, checkpoint_dir=tmp_path)
   assert int(resumed.state.step) == 30 and len(resumed.history["loss"]) == 10
-  for name in whole.params:
-    np.testing.assert_allclose(resumed.params[name], whole.params[name], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(resumed.params, whole.params, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="checkpoint_dir: .* holds a run of different SAE or training configs"):
     sae_train.train(jax.random.key(0), dataclasses.replace(cfg, k=4), tcfg, iter(data), checkpoint_dir=tmp_path)
   with pytest.raises(ValueError, match="scale: the checkpoint"):

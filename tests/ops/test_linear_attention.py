@@ -2,7 +2,7 @@
 
 import math
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,11 +48,11 @@ def test_decode_continues_the_parallel_forward_with_constant_memory(np_rng):
   q, k, v = _qkv(np_rng, time=10)
   full = la.causal_quadratic(q, k, v)
   _, state = la.causal_chunked(q[:, :6], k[:, :6], v[:, :6], chunk=4)
-  shapes = jax.tree.map(jnp.shape, state)
+  prefilled = state
   for t in range(6, 10):
     y, state = la.decode_step(state, q[:, t], k[:, t], v[:, t])
     np.testing.assert_allclose(y, full[:, t], rtol=1e-4, atol=1e-5)
-    assert jax.tree.map(jnp.shape, state) == shapes  # the state does not grow with length
+    chex.assert_trees_all_equal_shapes(state, prefilled)  # the state does not grow with length
 
 
 def test_non_causal_matches_loop(np_rng):

@@ -129,7 +129,7 @@ def test_kernels_lower_for_cuda():
   assert any("triton" in c for c in _custom_calls(binary, qb, qm, db, dm))
 
 
-def test_kernel_entry_points_check_their_contract():
+def test_kernel_entry_points_check_their_contract(np_rng):
   """Called directly on unpadded shapes the kernels raise; the dispatcher pads the same
   shapes and matches the reference."""
   q, qm = jnp.ones((2, 24, 128)), jnp.ones((2, 24))  # T = 24 is not a power of two
@@ -145,6 +145,8 @@ def test_kernel_entry_points_check_their_contract():
   qb, db = jnp.zeros((2, 24, 4), jnp.uint32), jnp.zeros((20, 64, 4), jnp.uint32)
   with pytest.raises(ValueError, match="q: T must be powers of two"):
     kernels.maxsim_binary_pallas(qb, qm, db, dm, dim=128, interpret=True)
+  # Normal draws of the same shapes: with all-ones inputs every score is 3072 and no tiling or indexing bug shows.
+  q, d = jnp.asarray(np_rng.normal(size=q.shape), jnp.float32), jnp.asarray(np_rng.normal(size=d.shape), jnp.float32)
   np.testing.assert_allclose(
     maxsim.maxsim(q, d, impl="pallas", interpret=True), maxsim.maxsim(q, d, impl="reference"), rtol=1e-5
   )
@@ -225,8 +227,10 @@ def test_rerank_and_two_stage(np_rng):
   # A shortlist only ever returns shortlisted documents.
   _, short = maxsim.rerank(maxsim.pack_bits(q), maxsim.pack_bits(d), 8, d_mask_NS=mask, dim=32, impl="reference")
   _, idx3 = maxsim.two_stage_rerank(q, d, 3, 8, d_mask_NS=mask, impl="reference")
-  for row, cands in zip(np.asarray(idx3), np.asarray(short)):
+  for row, cands, scores_N in zip(np.asarray(idx3), np.asarray(short), full):
     assert set(row) <= set(cands)
+    # and orders them by the float scores: the top 3 of the shortlist.
+    np.testing.assert_array_equal(row, cands[np.argsort(-scores_N[cands], kind="stable")[:3]])
 
 
 def test_errors():

@@ -1,5 +1,6 @@
 """Blob videos: seeded, inside the frame, coloured by their caption, and centroids that find them."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -11,9 +12,7 @@ def test_videos_are_seeded_and_blobs_stay_inside_the_frame_for_long_videos():
   first, again, other = blobs.sample(5, 6, cfg), blobs.sample(5, 6, cfg), blobs.sample(6, 6, cfg)
   np.testing.assert_array_equal(first.video, again.video)
   assert np.abs(first.video - other.video).max() > 0.5
-  assert (
-    first.video.shape == (6, 64, 24, 40, 3) and first.caption_BS.shape == (6, 4) and first.tracks.shape == (6, 64, 2, 2)
-  )
+  chex.assert_shape([first.video, first.caption_BS, first.tracks], [(6, 64, 24, 40, 3), (6, 4), (6, 64, 2, 2)])
   x, y = first.tracks[..., 0], first.tracks[..., 1]
   assert x.min() >= cfg.radius + 1 and x.max() <= cfg.width - 2 - cfg.radius
   assert y.min() >= cfg.radius + 1 and y.max() <= cfg.height - 2 - cfg.radius

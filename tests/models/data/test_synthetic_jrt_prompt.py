@@ -1,3 +1,4 @@
+import chex
 import numpy as np
 import pytest
 
@@ -118,7 +119,7 @@ def test_repeat_recall_reads_the_prompt_twice_and_scores_the_last_reading(np_rng
   np.testing.assert_array_equal(
     twice.target_mask_BT, np.concatenate([np.zeros_like(batch.target_mask_BT), batch.target_mask_BT], axis=1)
   )
-  assert all(np.array_equal(a, b) for a, b in zip(jrt_prompt.repeat_recall(batch, 1), batch))
+  chex.assert_trees_all_equal(jrt_prompt.repeat_recall(batch, 1), batch)
   mqar = synthetic.mqar(np_rng, 3, num_pairs=4, num_queries=2, vocab_size=30)  # context C, C, then the queries
   context = jrt_prompt.repeat_recall(mqar, 2, context_len=8)
   np.testing.assert_array_equal(context.tokens_BT, np.concatenate([mqar.tokens_BT[:, :8], mqar.tokens_BT], axis=1))

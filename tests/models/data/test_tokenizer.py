@@ -3,6 +3,7 @@
 import base64
 import warnings
 
+import chex
 import numpy as np
 import pytest
 import tiktoken
@@ -163,7 +164,7 @@ def test_encode_batch_padding_and_mask(cl100k, pad_side):
   batch = cl100k.encode_batch(texts, bos=True, eos=True, pad_side=pad_side)
   rows = [cl100k.encode(t, bos=True, eos=True) for t in texts]
   width = max(map(len, rows))
-  assert batch.ids_BT.shape == batch.mask_BT.shape == (3, width)
+  chex.assert_shape([batch.ids_BT, batch.mask_BT], (3, width))
   assert batch.ids_BT.dtype == np.int32
   np.testing.assert_array_equal(batch.lengths_B, [len(r) for r in rows])
   for ids, mask, row in zip(batch.ids_BT, batch.mask_BT, rows):

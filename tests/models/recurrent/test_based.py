@@ -1,5 +1,6 @@
 """Based hybrid stack: decode equals the parallel forward, chunked prefill too, constant state."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,11 +23,11 @@ def test_decode_equals_parallel_forward_with_constant_state(params, key):
   decode = jax.jit(based.decode, static_argnums=3)
   logits, state = forward(params, tokens[:, :5], CFG, state=based.init_state(CFG, 2))  # a chunk from an empty state
   np.testing.assert_allclose(logits, full[:, :5], rtol=1e-4, atol=1e-4)
-  shapes = jax.tree.map(jnp.shape, state)
+  prefilled = state
   for t in range(5, 11):  # beyond the window (4) and across linear-attention chunks
     step, state = decode(params, tokens[:, t], state, CFG)
     np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
-    assert jax.tree.map(jnp.shape, state) == shapes
+    chex.assert_trees_all_equal_shapes(state, prefilled)
   np.testing.assert_array_equal(state.length_B, [11, 11])
 
 

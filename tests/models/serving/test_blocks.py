@@ -306,8 +306,8 @@ def test_block_hash_is_sha256_of_parent_and_int32_tokens():
   tokens = [0, 1, 2**31 - 1, 70000, 5]
   expected = hashlib.sha256(parent + np.asarray(tokens, "<i4").tobytes()).digest()
   assert blocks.block_hash(parent, tokens) == expected
-  assert blocks.block_hash(parent, tokens) == blocks.block_hash(parent, list(tokens))
-  assert blocks.block_hash(parent, np.array(tokens)) == expected
+  for same in (tuple(tokens), np.array(tokens, np.int64), np.array(tokens, np.int32)):  # any container or dtype
+    assert blocks.block_hash(parent, same) == expected, same
   assert blocks.block_hash(blocks.ROOT_HASH, tokens) != expected
   assert blocks.block_hash(parent, [1, 0, 2**31 - 1, 70000, 5]) != expected
   assert len(expected) == 32

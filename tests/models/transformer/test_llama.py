@@ -97,7 +97,7 @@ def test_f32_params_with_bf16_compute(params, key):
   the gradient's path run in bfloat16; logits stay float32 and close to the f32 model."""
   mixed = dataclasses.replace(CFG, dtype="bfloat16")
   tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(llama.init(key, mixed)))
+  chex.assert_type(jax.tree.leaves(llama.init(key, mixed)), jnp.float32)
   logits, _ = llama.forward(params, tokens, mixed)
   ref, _ = llama.forward(params, tokens, CFG)
   assert logits.dtype == jnp.float32
@@ -107,7 +107,7 @@ def test_f32_params_with_bf16_compute(params, key):
   assert hidden.dtype == jnp.bfloat16
   assert llama.init_state(mixed, 1, 4).k_LBSGK.dtype == jnp.bfloat16
   grads = jax.grad(lambda p: jnp.mean(llama.forward(p, tokens, mixed)[0]))(params)
-  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  chex.assert_type(jax.tree.leaves(grads), jnp.float32)
   with pytest.raises(TypeError, match="param_dtype: expected a dtype name"):
     dataclasses.replace(CFG, param_dtype="float33")
 

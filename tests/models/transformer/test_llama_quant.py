@@ -57,8 +57,9 @@ def test_policy_touches_exactly_the_ffn_weights_of_the_middle_layers(params, nam
 def test_without_the_exemption_every_layer_is_one_quantized_stack(params):
   policy = dataclasses.replace(llama_quant.POLICIES["w8a8"], skip_first_last=False)
   qparams = llama_quant.quantize_params(params, CFG, policy)
-  assert isinstance(qparams["layers"], dict) and qparams["layers"]["w1"].q.shape == (4, 64, 128)
-  assert qparams["layers"]["w1"].scale.shape == (4, 1, 128)  # one scale per output channel per layer
+  assert isinstance(qparams["layers"], dict)
+  # One scale per output channel per layer.
+  chex.assert_shape([qparams["layers"]["w1"].q, qparams["layers"]["w1"].scale], [(4, 64, 128), (4, 1, 128)])
 
 
 @pytest.mark.parametrize("name, tol", [("int8_weight_row", 0.02), ("w8a8", 0.05), ("llama3_fp8", 0.3)])
