@@ -107,11 +107,13 @@ def start(steps: int, *, num_processes: int = 2, local_devices: int = 4) -> Job:
     raise ValueError(
       f"num_processes, local_devices: {num_processes} x {local_devices} devices do not make the mesh {MESH}"
     )
-  # No persistent compilation cache in the workers. jax writes cache entries from process 0
-  # only, so with a warm cache (jax 0.10.2) process 0 loaded the step while process 1 compiled
-  # it, and under make test's load process 0 waited at the first collective past the 30 s
-  # barrier timeout and the job hung. Without it both compile, in step.
-  env = {**cpu_devices_env(local_devices), "JAX_ENABLE_COMPILATION_CACHE": "false"}
+  # No persistent compilation cache in a job of several processes. jax writes cache entries
+  # from process 0 only, so with a warm cache (jax 0.10.2) process 0 loaded the step while
+  # process 1 compiled it, and under make test's load process 0 waited at the first collective
+  # past the 30 s barrier timeout and the job hung. Without it all compile, in step.
+  env = cpu_devices_env(local_devices)
+  if num_processes > 1:
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   command = [sys.executable, "-m", "paperjax.models.parallel.multihost", f"--coordinator=127.0.0.1:{_free_port()}"]
   command += [f"--num_processes={num_processes}", f"--steps={steps}"]
   return Job(

@@ -8,7 +8,6 @@ cache, longer than the rest of the suite on the other worker).
 
 import importlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,11 +18,6 @@ from paperjax.bench import registry
 from paperjax.bench.harness import SCALES
 
 RECORD_KEYS = {"benchmark", "metric", "value", "unit", "paper_value", "paper_source", "ratio", "environment"}
-
-
-# At ci scale the suite is mostly XLA compiles; LLVM's -O0 backend compiles about a third
-# faster. The HLO passes, and so what is computed, are unchanged.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 # Each group about 2 minutes with a cold cache. llama, quant and sae share one group: the suite
@@ -37,9 +31,9 @@ GROUPS = (
 
 
 def _run(*args, cwd):
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
+  """`python -m *args` with this process's environment (tests/conftest.py's XLA_FLAGS: -O0)."""
   return subprocess.run(
-    [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200
+    [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=1200
   )  # a hang guard: a group takes ~2 minutes with a cold cache
 
 

@@ -1,5 +1,7 @@
 """Two processes of 4 CPU devices (gloo over loopback) train exactly as one process of 8."""
 
+import os
+
 import jax
 import numpy as np
 
@@ -8,10 +10,15 @@ from paperjax.models.training import lm
 from paperjax.models.transformer import llama
 
 
-def test_two_processes_equal_one():
+def test_two_processes_equal_one(monkeypatch):
+  # Both runs are child processes at XLA's default optimisation level: bit-identity is a
+  # property of that code, and at the suite's LLVM -O0 (tests/conftest.py) the two programs'
+  # reductions differ in the last bit (4.620265007 against 4.620264530 at step 1).
+  kept = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_backend_optimization_level")]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(kept))
   steps = 3
-  job = multihost.launch(steps, num_processes=2, local_devices=4, timeout_s=300)
-  one = multihost.train_losses(steps)  # this process: 8 host devices (tests/conftest.py)
+  two, one = (multihost.start(steps, num_processes=n, local_devices=8 // n) for n in (2, 1))
+  job, one = two.losses(timeout_s=300), one.losses(timeout_s=300)
   assert len(job) == steps
   assert job == one, (job, one)  # same program, same reductions: bit-identical
   # The steps trained: step 0's loss is the initial parameters' and every later one is not.
