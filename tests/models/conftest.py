@@ -1,5 +1,7 @@
-"""Fixtures shared by the tests of training on meshes (tests/models/test_sharding.py, parallel/)."""
+"""Fixtures shared by the model tests: jitted entry points, and the equality of a training
+step on a mesh with one device's (tests/models/test_sharding.py, parallel/)."""
 
+import functools
 from collections.abc import Callable
 
 import chex
@@ -9,6 +11,20 @@ import optax
 import pytest
 
 from paperjax.models.training.train import TrainState
+
+
+@functools.cache
+def _jitted(fn: Callable, cfg, **static) -> Callable:
+  return jax.jit(functools.partial(fn, cfg=cfg, **static))
+
+
+@pytest.fixture(scope="session")
+def jitted() -> Callable:
+  """`jitted(model.forward, cfg, **static)(params, tokens, ...)`: a model function with its
+  config (and any other static keyword, such as a prefill's capacity) bound, jitted once per
+  session. An eager forward compiles each op and the layer scan apart, about twice the
+  compile time of one jitted program (Based's forward at three lengths: 6.3 s against 3.3 s)."""
+  return _jitted
 
 
 def _assert_step_equals(state: TrainState, ref_state: TrainState, start: TrainState) -> None:

@@ -57,7 +57,7 @@ def test_param_axes_mirror_params(model):
     assert leaf.ndim == len(names)
 
 
-def test_prefill_then_decode_equals_forward(model, key):
+def test_prefill_then_decode_equals_forward(model, key, jitted):
   """Right-padded prompts of lengths 6 and 3, then 4 decode steps each, against the
   parallel forward over each row's own unpadded sequence."""
   name, module, cfg, params = model
@@ -65,35 +65,35 @@ def test_prefill_then_decode_equals_forward(model, key):
   lengths = np.array([WIDTH, 3])
   rows = np.asarray(jax.random.randint(key, (2, WIDTH + new), 1, 60))
   prompts = np.where(np.arange(WIDTH) < lengths[:, None], rows[:, :WIDTH], 0)  # right padding
-  prefill = jax.jit(module.prefill, static_argnames=("cfg", "capacity"))
-  decode = jax.jit(module.decode, static_argnums=3)
-  logits, state = prefill(params, jnp.asarray(prompts), cfg=cfg, lengths_B=jnp.asarray(lengths), capacity=WIDTH + new)
+  prefill, decode = jitted(module.prefill, cfg, capacity=WIDTH + new), jitted(module.decode, cfg)
+  logits, state = prefill(params, jnp.asarray(prompts), lengths_B=jnp.asarray(lengths))
   steps = [logits]
   for i in range(new):  # teacher-forced: row b's next token is rows[b, lengths[b] + i]
-    logits, state = decode(params, jnp.asarray(rows[np.arange(2), lengths + i]), state, cfg)
+    logits, state = decode(params, jnp.asarray(rows[np.arange(2), lengths + i]), state)
     steps.append(logits)
   for b, length in enumerate(lengths):
     seq = jnp.asarray(rows[b : b + 1, : length + new])
     ref_cfg = _reference_cfg(name, cfg, int(length))
-    full, _ = protocol.model_for(ref_cfg).forward(params, seq, ref_cfg)
+    full, _ = jitted(protocol.model_for(ref_cfg).forward, ref_cfg)(params, seq)
     for i, got in enumerate(steps):
       np.testing.assert_allclose(got[b], full[0, length - 1 + i], rtol=2e-4, atol=2e-4)
 
 
-def test_forward_continues_from_the_prefill_state(model, key):
+def test_forward_continues_from_the_prefill_state(model, key, jitted):
   _, module, cfg, params = model
   tokens = jax.random.randint(key, (2, WIDTH + 5), 1, 60)
-  full, none = module.forward(params, tokens, cfg)
+  forward = jitted(module.forward, cfg)
+  full, none = forward(params, tokens)
   assert none is None  # no state in, none out
-  last, state = module.prefill(params, tokens[:, :WIDTH], cfg, capacity=WIDTH + 5)
+  last, state = jitted(module.prefill, cfg, capacity=WIDTH + 5)(params, tokens[:, :WIDTH])
   np.testing.assert_allclose(last, full[:, WIDTH - 1], rtol=2e-4, atol=2e-4)
   shapes = jax.tree.map(jnp.shape, state)
-  chunk, state = module.forward(params, tokens[:, WIDTH:], cfg, state=state)
+  chunk, state = forward(params, tokens[:, WIDTH:], state=state)
   np.testing.assert_allclose(chunk, full[:, WIDTH:], rtol=2e-4, atol=2e-4)
   assert jax.tree.map(jnp.shape, state) == shapes  # a cache or a recurrent state: fixed shapes
 
 
-def test_sites_chain_into_the_logits(model, key):
+def test_sites_chain_into_the_logits(model, key, jitted):
   """resid_post of block l is resid_pre of block l + 1; the last one, normed and unembedded,
   is the logits."""
   _, module, cfg, params = model
@@ -104,7 +104,7 @@ def test_sites_chain_into_the_logits(model, key):
   tokens = jax.random.randint(key, (2, WIDTH), 1, 60)
   run = jax.jit(module.forward_with_sites, static_argnums=(2, 3))
   logits, _, acts = run(params, tokens, cfg, wanted)
-  plain, _ = module.forward(params, tokens, cfg)
+  plain, _ = jitted(module.forward, cfg)(params, tokens)
   np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
   assert sorted(acts) == sorted(wanted)
   for name in wanted:
@@ -130,7 +130,7 @@ def test_llama_mixer_sites_add_up(key):
   np.testing.assert_allclose(a["hook_resid_mid"] + a["hook_mlp_out"], a["hook_resid_post"], rtol=1e-6)
 
 
-def test_greedy_generation_equals_argmax_of_forward(model, key):
+def test_greedy_generation_equals_argmax_of_forward(model, key, jitted):
   """`generate` through the protocol vs recomputing the whole sequence at every step."""
   _, _, cfg, params = model
   prompts = jax.random.randint(key, (2, WIDTH), 1, 60)
@@ -138,7 +138,7 @@ def test_greedy_generation_equals_argmax_of_forward(model, key):
   np.testing.assert_array_equal(lengths, [3, 3])
   seq = np.asarray(prompts)
   for i in range(3):
-    logits, _ = protocol.model_for(cfg).forward(params, jnp.asarray(seq), cfg)
+    logits, _ = jitted(protocol.model_for(cfg).forward, cfg)(params, jnp.asarray(seq))
     expected = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
     np.testing.assert_array_equal(np.asarray(tokens[:, i]), expected)
     seq = np.concatenate([seq, expected[:, None]], axis=1)

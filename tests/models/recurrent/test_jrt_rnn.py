@@ -23,38 +23,38 @@ def params():
   return jrt_rnn.init(jax.random.key(1), CFG)
 
 
-def test_prefill_then_decode_equals_forward(params, key):
+def test_prefill_then_decode_equals_forward(params, key, jitted):
   tokens = jax.random.randint(key, (2, 10), 0, 60)
-  full, _ = jrt_rnn.forward(params, tokens, CFG)
-  encoder, _ = jrt_rnn.forward(params, tokens[:, :6], CFG)  # the encoder region alone
+  full, _ = jitted(jrt_rnn.forward, CFG)(params, tokens)
+  encoder, _ = jitted(jrt_rnn.forward, CFG)(params, tokens[:, :6])  # the encoder region alone
   np.testing.assert_allclose(encoder, full[:, :6], rtol=1e-4, atol=1e-4)
-  logits, state = jrt_rnn.prefill(params, tokens[:, :6], CFG)  # Eq. 4's state
+  logits, state = jitted(jrt_rnn.prefill, CFG)(params, tokens[:, :6])  # Eq. 4's state
   np.testing.assert_allclose(logits, full[:, 5], rtol=1e-4, atol=1e-4)
   for t in range(6, 10):
-    step, state = jrt_rnn.decode(params, tokens[:, t], state, CFG)
+    step, state = jitted(jrt_rnn.decode, CFG)(params, tokens[:, t], state)
     np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
 
 
-def test_encoder_is_non_causal(params, key):
+def test_encoder_is_non_causal(params, key, jitted):
   tokens = jax.random.randint(key, (1, 8), 0, 60)
   changed = tokens.at[0, 5].set((tokens[0, 5] + 1) % 60)  # a late encoder token
-  a, b = jrt_rnn.forward(params, tokens, CFG)[0], jrt_rnn.forward(params, changed, CFG)[0]
+  a, b = jitted(jrt_rnn.forward, CFG)(params, tokens)[0], jitted(jrt_rnn.forward, CFG)(params, changed)[0]
   assert not np.allclose(a[:, 0], b[:, 0])  # position 0 already reads it
   base_cfg = CFG.based
-  c, _ = based.forward(params, tokens, base_cfg)
-  d, _ = based.forward(params, changed, base_cfg)
+  c, _ = jitted(based.forward, base_cfg)(params, tokens)
+  d, _ = jitted(based.forward, base_cfg)(params, changed)
   np.testing.assert_allclose(c[:, :5], d[:, :5], rtol=1e-6)  # plain Based is causal
 
 
-def test_left_padded_prompt_matches_the_unpadded_one(params, key):
+def test_left_padded_prompt_matches_the_unpadded_one(params, key, jitted):
   prompt = jax.random.randint(key, (1, 6), 0, 60)
   padded, mask = based.left_pad(np.asarray(prompt[:, 2:]), np.array([4]), 6)
   assert padded.tolist() == [[0, 0, *np.asarray(prompt[0, 2:]).tolist()]] and mask.tolist() == [
     [False, False, True, True, True, True]
   ]
   short_cfg = jrt_rnn.JRTConfig(based=CFG.based, prefix_len=4, mask_id=63)
-  unpadded, _ = jrt_rnn.forward(params, prompt[:, 2:], short_cfg)
-  got, _ = jrt_rnn.forward(params, jnp.asarray(padded), CFG, key_mask_BT=jnp.asarray(mask))
+  unpadded, _ = jitted(jrt_rnn.forward, short_cfg)(params, prompt[:, 2:])
+  got, _ = jitted(jrt_rnn.forward, CFG)(params, jnp.asarray(padded), key_mask_BT=jnp.asarray(mask))
   np.testing.assert_allclose(got[:, 2:], unpadded, rtol=1e-4, atol=1e-4)
 
 
@@ -76,24 +76,31 @@ def test_loss_combines_ntp_and_mlm(params, key):
   assert float(jnp.abs(grads["linear"]["wk_e"]).sum()) > 0  # the encoder projections learn
 
 
-def test_encoder_variants_against_eq3(params, key):
+def test_encoder_variants_against_eq3(params, key, jitted):
   tokens = jax.random.randint(key, (2, 9), 0, 60)
   zero_cfg = dataclasses.replace(CFG, encoder="zero_values")
   zero = jrt_rnn.init(jax.random.key(1), zero_cfg)
   assert "wv_e" not in zero["linear"] and jrt_rnn.param_axes(zero_cfg).keys() == zero.keys()
   silent = {**params, "linear": {**params["linear"], "wv_e": jnp.zeros_like(params["linear"]["wv_e"])}}
   np.testing.assert_allclose(  # encoder values 0: Eq. 3 with wv_e = 0
-    jrt_rnn.forward(zero, tokens, zero_cfg)[0], jrt_rnn.forward(silent, tokens, CFG)[0], rtol=1e-5, atol=1e-5
+    jitted(jrt_rnn.forward, zero_cfg)(zero, tokens)[0],
+    jitted(jrt_rnn.forward, CFG)(silent, tokens)[0],
+    rtol=1e-5,
+    atol=1e-5,
   )
   gated_cfg = dataclasses.replace(CFG, encoder="gated")
   gated = jrt_rnn.init(jax.random.key(1), gated_cfg)
   np.testing.assert_array_equal(gated["linear"]["encoder_gate"], jnp.full((2, 2), jrt_rnn.GATE_INIT))
   with_gate = lambda g: {**gated, "linear": {**gated["linear"], "encoder_gate": jnp.full((2, 2), g)}}
   np.testing.assert_allclose(  # gate open: Eq. 3
-    jrt_rnn.forward(with_gate(40.0), tokens, gated_cfg)[0], jrt_rnn.forward(params, tokens, CFG)[0], rtol=1e-5
+    jitted(jrt_rnn.forward, gated_cfg)(with_gate(40.0), tokens)[0],
+    jitted(jrt_rnn.forward, CFG)(params, tokens)[0],
+    rtol=1e-5,
   )
   np.testing.assert_allclose(  # gate shut: the encoder is gone and JRT-RNN is Based
-    jrt_rnn.forward(with_gate(-40.0), tokens, gated_cfg)[0], based.forward(params, tokens, CFG.based)[0], rtol=1e-5
+    jitted(jrt_rnn.forward, gated_cfg)(with_gate(-40.0), tokens)[0],
+    jitted(based.forward, CFG.based)(params, tokens)[0],
+    rtol=1e-5,
   )
 
 

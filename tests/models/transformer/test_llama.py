@@ -92,21 +92,21 @@ def test_remat_policy_changes_what_the_backward_pass_keeps(params, key):
   assert full_grad.count("dot_general") > dots_grad.count("dot_general") == none_grad.count("dot_general")
 
 
-def test_f32_params_with_bf16_compute(params, key):
+def test_f32_params_with_bf16_compute(params, key, jitted):
   """param_dtype stays float32 (what the optimizer updates); activations, the KV cache and
   the gradient's path run in bfloat16; logits stay float32 and close to the f32 model."""
   mixed = dataclasses.replace(CFG, dtype="bfloat16")
   tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
   chex.assert_type(jax.tree.leaves(llama.init(key, mixed)), jnp.float32)
-  logits, _ = llama.forward(params, tokens, mixed)
-  ref, _ = llama.forward(params, tokens, CFG)
+  logits, _ = jitted(llama.forward, mixed)(params, tokens)
+  ref, _ = jitted(llama.forward, CFG)(params, tokens)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, ref, rtol=0.05, atol=0.05)
   assert not np.allclose(logits, ref, rtol=1e-6, atol=1e-6)  # it did compute in bf16
   hidden, _ = llama.forward_hidden(params, tokens, mixed)
   assert hidden.dtype == jnp.bfloat16
   assert llama.init_state(mixed, 1, 4).k_LBSGK.dtype == jnp.bfloat16
-  grads = jax.jit(jax.grad(lambda p: jnp.mean(llama.forward(p, tokens, mixed)[0])))(params)  # one compile
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(jitted(llama.forward, mixed)(p, tokens)[0])))(params)  # one compile
   chex.assert_type(jax.tree.leaves(grads), jnp.float32)
   with pytest.raises(TypeError, match="param_dtype: expected a dtype name"):
     dataclasses.replace(CFG, param_dtype="float33")

@@ -112,13 +112,13 @@ def _hf5_config(cfg, **extra):
 
 @pytest.mark.parametrize("shards", [1, 3])
 @pytest.mark.parametrize("layout", [_hf_config, _hf5_config], ids=["transformers4", "transformers5"])
-def test_round_trip_gives_the_same_logits(tmp_path, model, shards, layout):
+def test_round_trip_gives_the_same_logits(tmp_path, model, shards, layout, jitted):
   _write(tmp_path / "ckpt", _export(model, CFG), layout(CFG), shards)
   params, cfg = llama_import.load(tmp_path / "ckpt")
   assert cfg == CFG
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, CFG.vocab_size)
   np.testing.assert_allclose(
-    llama.forward(params, tokens, cfg)[0], llama.forward(model, tokens, CFG)[0], rtol=1e-5, atol=1e-5
+    jitted(llama.forward, cfg)(params, tokens)[0], jitted(llama.forward, CFG)(model, tokens)[0], rtol=1e-5, atol=1e-5
   )
 
 

@@ -63,16 +63,16 @@ def test_without_the_exemption_every_layer_is_one_quantized_stack(params):
 
 
 @pytest.mark.parametrize("name, tol", [("int8_weight_row", 0.02), ("w8a8", 0.05), ("llama3_fp8", 0.3)])
-def test_quantized_forward_stays_near_float_and_decodes_like_it_prefills(params, name, tol):
+def test_quantized_forward_stays_near_float_and_decodes_like_it_prefills(params, name, tol, jitted):
   qparams = llama_quant.quantize_params(params, CFG, llama_quant.POLICIES[name])
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, CFG.vocab_size)
-  ref, _ = llama.forward(params, tokens, CFG)
-  got, _ = llama.forward(qparams, tokens, CFG)
+  ref, _ = jitted(llama.forward, CFG)(params, tokens)
+  got, _ = jitted(llama.forward, CFG)(qparams, tokens)
   assert 0 < float(jnp.max(jnp.abs(got - ref))) < tol * float(jnp.max(jnp.abs(ref)))
-  logits, cache = llama.prefill(qparams, tokens[:, :6], CFG, capacity=12)
+  logits, cache = jitted(llama.prefill, CFG, capacity=12)(qparams, tokens[:, :6])
   np.testing.assert_allclose(logits, got[:, 5], rtol=1e-4, atol=1e-4)
   for t in range(6, 9):  # the quantized cache path equals the quantized parallel forward
-    logits, cache = llama.decode(qparams, tokens[:, t], cache, CFG)
+    logits, cache = jitted(llama.decode, CFG)(qparams, tokens[:, t], cache)
     np.testing.assert_allclose(logits, got[:, t], rtol=1e-4, atol=1e-4)
   _, _, acts = llama.forward_with_sites(qparams, tokens, CFG, ("blocks.3.hook_resid_post",))
   assert acts["blocks.3.hook_resid_post"].shape == (2, 9, CFG.dim)
