@@ -54,12 +54,12 @@ class Config:
 # small: the default suite's budget (about 3 minutes); full: the longer runs of the same study.
 CONFIGS = {
   "ci": Config(  # one policy with a reference model, one without: both code paths, half the compiles
-    sft_steps=30,
-    rm_steps=20,
-    po_steps=10,
-    batch=32,
-    num_pairs=256,
-    eval_prompts=64,
+    sft_steps=5,
+    rm_steps=5,
+    po_steps=3,
+    batch=8,
+    num_pairs=64,
+    eval_prompts=16,
     best_of=2,
     policies=("DPO", "SimPO"),
   ),

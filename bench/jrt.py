@@ -163,8 +163,8 @@ CONFIGS = {
       FULL_RECALL,
       vocab_size=32,
       small=2,
-      large=4,
-      pairs=2,
+      large=5,  # with 3 pairs and 2 queries every task's prompt is 10 tokens: cells of a model share programs
+      pairs=3,
       queries=2,
       width=8,
       widths=(8,),
