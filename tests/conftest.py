@@ -4,9 +4,9 @@ deterministic seeds.
 XLA reads XLA_FLAGS once, when the backend starts, so the flags are set here, before any
 test module imports jax; a flag the caller set wins, and child processes inherit them.
 `--xla_backend_optimization_level=0` compiles LLVM at -O0: the same HLO passes, about half
-the compile time (six model test files, cold: 378 CPU-s at the default level, 199 at -O0),
-and float results that can differ in the last bits from the default level's code (the
-multihost test compares two launched jobs, which agree bit for bit at either level).
+the compile time (WORKSPACE.md, "Time"), and float results that can differ in the last bits
+from the default level's code (the multihost test compares two launched jobs, which agree
+bit for bit at either level).
 
 The compilation cache (`paperjax.bench.compile_cache`: the user's cache directory, never the
 repository) lets a second run, or a clean clone on the same machine, load what an earlier

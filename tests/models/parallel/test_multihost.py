@@ -13,10 +13,10 @@ def test_two_processes_equal_one():
   # bit at XLA's default level and at the suite's -O0 (tests/conftest.py). This process's own
   # run at -O0 differs from them in the last bit (4.620264530 against 4.620265007 at step 1).
   steps = 3
-  two, one = (multihost.start(steps, num_processes=n, local_devices=8 // n) for n in (2, 1))
-  job, one = two.losses(timeout_s=300), one.losses(timeout_s=300)
+  jobs = [multihost.start(steps, num_processes=n, local_devices=8 // n) for n in (2, 1)]  # side by side
+  job, one = (j.losses(timeout_s=300) for j in jobs)
   assert len(job) == steps
-  assert job == one, (job, one)  # same program, same reductions: bit-identical
+  assert job == one, (job, one)  # bit-identical
   # The steps trained: step 0's loss is the initial parameters' and every later one is not.
   params = llama.init(jax.random.key(0), multihost.CFG)
   untrained = [float(lm.loss_fn(params, multihost.batch(k), multihost.CFG)) for k in range(steps)]
