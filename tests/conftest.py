@@ -3,10 +3,14 @@ deterministic seeds.
 
 XLA reads XLA_FLAGS once, when the backend starts, so the flags are set here, before any
 test module imports jax; a flag the caller set wins, and child processes inherit them.
-`--xla_backend_optimization_level=0` compiles LLVM at -O0: the same HLO passes, about half
-the compile time (WORKSPACE.md, "Time"), and float results that can differ in the last bits
-from the default level's code (the multihost test compares two launched jobs, which agree
-bit for bit at either level).
+Two flags make compiles cheap, and both can change float results in the last bits (the
+multihost test compares two launched jobs, which agree bit for bit under any of them):
+- `--xla_backend_optimization_level=0` compiles LLVM at -O0: the same HLO passes, about half
+  the compile time;
+- `--xla_cpu_use_fusion_emitters=false` emits fusions through XLA:CPU's older LLVM emitters
+  instead of the MLIR fusion emitters, which cost most of a small program's compile: a tiny
+  Llama's training step compiles in 1.1 s instead of 2.7 s, an eager op in 18 ms instead of 30.
+WORKSPACE.md, "Time", has the measurements and the commands behind them.
 
 The compilation cache (`paperjax.bench.compile_cache`: the user's cache directory, never the
 repository) lets a second run, or a clean clone on the same machine, load what an earlier
@@ -15,7 +19,11 @@ run compiled.
 
 import os
 
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+for _flag in (
+  "--xla_force_host_platform_device_count=8",
+  "--xla_backend_optimization_level=0",
+  "--xla_cpu_use_fusion_emitters=false",
+):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
