@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from paperjax.ops.dense import dense
+
 DEFAULT_EPS = 1e-6
 
 
@@ -211,8 +213,8 @@ def short_conv(
 
 def base_conv(x_BTD, w_in_DD, w_gate_DD, kernel_WD, state_BWD=None) -> tuple[jax.Array, jax.Array]:
   """BaseConv (Based): a gated short convolution, y = (x W_gate) * conv(x W_in); returns (y, conv state)."""
-  conv, state = short_conv(x_BTD @ w_in_DD, kernel_WD, state_BWD)
-  return (x_BTD @ w_gate_DD) * conv, state
+  conv, state = short_conv(dense(x_BTD, w_in_DD), kernel_WD, state_BWD)
+  return dense(x_BTD, w_gate_DD) * conv, state
 
 
 def _check(phi_q_BTHF, phi_k_BTHF, v_BTHK) -> None:

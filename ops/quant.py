@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from paperjax.ops.dense import dense
+
 Format = Literal["int8", "fp8"]
 Granularity = Literal["tensor", "row", "channel"]
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
@@ -124,7 +126,7 @@ def matmul(x_BTD: jax.Array, w_DE: jax.Array | QuantizedTensor, *, out_dtype=Non
   dtype); module docstring for quantized weights."""
   out_dtype = x_BTD.dtype if out_dtype is None else out_dtype
   if not isinstance(w_DE, QuantizedTensor):
-    return jnp.einsum("...d,de->...e", x_BTD, w_DE, preferred_element_type=jnp.float32).astype(out_dtype)
+    return dense(x_BTD, w_DE, out_dtype=out_dtype)
   if w_DE.q.ndim != 2 or w_DE.shape[0] != x_BTD.shape[-1]:
     raise ValueError(f"w_DE: expected a matrix [D={x_BTD.shape[-1]}, E], got {w_DE.shape}")
   if w_DE.activations is None:

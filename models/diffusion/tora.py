@@ -56,6 +56,7 @@ from paperjax.models.checks import concrete
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import trajectory
 from paperjax.ops import attention, mlp, norms, rope
+from paperjax.ops.dense import dense
 
 Fuser = Literal["none", "concat", "cross_attention", "adanorm"]
 FUSERS: tuple[str, ...] = ("none", "concat", "cross_attention", "adanorm")
@@ -289,13 +290,11 @@ def grid_positions(rows: int, cols: int, width: int) -> np.ndarray:
 def _mha(x_BND: jax.Array, kv_BSD: jax.Array, w: dict, *, inv_freq_A: jax.Array | None = None) -> jax.Array:
   """Bidirectional multi-head attention of x over kv, [B, N, D] -> [B, N, D]; RoPE on both
   sides' positions (0 .. N - 1, 0 .. S - 1) when `inv_freq_A` is given."""
-  q = jnp.einsum("bnd,dhk->bnhk", x_BND, w["wq"])
-  k = jnp.einsum("bsd,dhk->bshk", kv_BSD, w["wk"])
-  v = jnp.einsum("bsd,dhk->bshk", kv_BSD, w["wv"])
+  q, k, v = dense(x_BND, w["wq"]), dense(kv_BSD, w["wk"]), dense(kv_BSD, w["wv"])
   if inv_freq_A is not None:
     q = rope.apply_rope(q, jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2]), inv_freq_A)
     k = rope.apply_rope(k, jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2]), inv_freq_A)
-  return jnp.einsum("bnhk,hkd->bnd", attention.attention(q, k, v), w["wo"])
+  return dense(attention.attention(q, k, v), w["wo"], n_in=2)
 
 
 def spatial_attention(x_BTND: jax.Array, w: dict) -> jax.Array:
@@ -341,15 +340,15 @@ def motion_patches(params: dict, tracks: jax.Array, cfg: ToraConfig, *, height: 
   for conv in params["motion"]["convs"]:
     x = jax.nn.silu(conv3d(x, conv["w"]) + conv["b"])
   b, t, rows, cols, c = x.shape
-  return x.reshape(b, t, rows * cols, c) @ params["motion"]["out"] + params["motion"]["out_bias"]
+  return dense(x.reshape(b, t, rows * cols, c), params["motion"]["out"]) + params["motion"]["out_bias"]
 
 
 def fuse(h_BTND: jax.Array, m_BTND: jax.Array, w: dict, fuser: str) -> jax.Array:
   """One block's Motion-guidance Fuser (module docstring); h unchanged for "none"."""
   if fuser == "concat":
-    return h_BTND + jnp.concatenate([h_BTND, m_BTND], axis=-1) @ w["w"] + w["b"]
+    return h_BTND + dense(jnp.concatenate([h_BTND, m_BTND], axis=-1), w["w"]) + w["b"]
   if fuser == "adanorm":
-    return h_BTND + (m_BTND @ w["w_scale"] + w["b_scale"]) * h_BTND + m_BTND @ w["w_shift"] + w["b_shift"]
+    return h_BTND + (dense(m_BTND, w["w_scale"]) + w["b_scale"]) * h_BTND + dense(m_BTND, w["w_shift"]) + w["b_shift"]
   if fuser == "cross_attention":
     b, t, n, d = h_BTND.shape
     normed_BND = norms.rms_norm(h_BTND, w["norm"]).reshape(b * t, n, d)
@@ -382,7 +381,7 @@ def velocity(
   if (m_BTND is None) != (cfg.fuser == "none"):
     raise ValueError(f"m_BTND: expected motion patches exactly when the model has a fuser, fuser={cfg.fuser!r}")
   rows, cols = height // cfg.patch, width // cfg.patch
-  h_BTND = patchify(z, cfg.patch) @ params["patch_in"] + params["patch_bias"]
+  h_BTND = dense(patchify(z, cfg.patch), params["patch_in"]) + params["patch_bias"]
   h_BTND = h_BTND + grid_positions(rows, cols, cfg.width)
   c_BD = jax.nn.silu(_time_embedding(params, t_B, cfg.width))
   caption_BSD = params["caption"][caption_BS] + _sincos(np.arange(caption_BS.shape[1]), cfg.width).astype(np.float32)
@@ -403,7 +402,7 @@ def velocity(
 
   h_BTND, _, _ = stack.scan_layers(block, h_BTND, params["blocks"], name="st_dit_block")
   shift, scale = jnp.split((c_BD @ params["final_ada"] + params["final_ada_bias"])[:, None, None], 2, -1)
-  out = _modulate(h_BTND, shift, scale) @ params["out"] + params["out_bias"]
+  out = dense(_modulate(h_BTND, shift, scale), params["out"]) + params["out_bias"]
   return unpatchify(out, cfg.patch, height, width)
 
 

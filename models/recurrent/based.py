@@ -37,6 +37,7 @@ from flax import struct
 from paperjax.models import checks, stack
 from paperjax.ops import attention, mlp, norms, rope
 from paperjax.ops import linear_attention as la
+from paperjax.ops.dense import dense
 
 # Activation sites per block, in order (TransformerLens-style hook names).
 SITE_KINDS = ("hook_resid_pre", "hook_conv_out", "hook_linear_out", "hook_window_out", "hook_resid_post")
@@ -291,7 +292,7 @@ def decode(params: dict, token_B: jax.Array, state: State, cfg: BasedConfig) -> 
 
 def _logits(params: dict, x_BTD: jax.Array, cfg: BasedConfig) -> jax.Array:
   h_BTD = norms.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
-  return jnp.einsum("btd,dv->btv", h_BTD, params["unembed"], preferred_element_type=jnp.float32)
+  return dense(h_BTD, params["unembed"], out_dtype=jnp.float32)
 
 
 def _mlp(p, x_BTD, cfg):
@@ -341,16 +342,16 @@ def _blocks(
 
     with jax.named_scope("linear_attention"):
       h = norms.rms_norm(x, pl["norm"], cfg.norm_eps)
-      phi_q = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wq"]))
-      phi_k = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wk"]))
-      v = jnp.einsum("btd,dhk->bthk", h, pl["wv"])
+      phi_q = la.taylor_features(dense(h, pl["wq"]))
+      phi_k = la.taylor_features(dense(h, pl["wk"]))
+      v = dense(h, pl["wv"])
       diagnostics = {}
       if prefix_len is not None:
-        phi_ke = la.taylor_features(jnp.einsum("btd,dhj->bthj", h, pl["wk_e"]))
+        phi_ke = la.taylor_features(dense(h, pl["wk_e"]))
         if "encoder_gate" in pl:  # JRT-RNN's gated variant: sigmoid(g_h) scales the encoder's keys
           phi_ke = phi_ke * jax.nn.sigmoid(pl["encoder_gate"])[:, None]
         # Without wv_e (the zero-values variant) the encoder's keys only add to the denominator.
-        v_e = jnp.einsum("btd,dhk->bthk", h, pl["wv_e"]) if "wv_e" in pl else jnp.zeros_like(v)
+        v_e = dense(h, pl["wv_e"]) if "wv_e" in pl else jnp.zeros_like(v)
         y, lin_state = la.prefix_linear_attention(
           phi_q, phi_k, v, phi_ke, v_e, prefix_len, key_mask_BT=key_mask_BT, chunk=cfg.chunk, eps=cfg.eps
         )
@@ -362,14 +363,14 @@ def _blocks(
         if keep_BT1 is not None:
           phi_k = phi_k * keep_BT1[..., None]
         y, lin_state = la.causal_chunked(phi_q, phi_k, v, chunk=cfg.chunk, eps=cfg.eps, state=lin_state)
-      linear_out = jnp.einsum("bthk,hkd->btd", y, pl["wo"])
+      linear_out = dense(y, pl["wo"], n_in=2)
     x = _mlp(pl, x + linear_out, cfg)
 
     with jax.named_scope("window_attention"):
       h = norms.rms_norm(x, pw["norm"], cfg.norm_eps)
-      q = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h, pw["wq"]), positions_BT, inv_freq_A)
-      k = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h, pw["wk"]), positions_BT, inv_freq_A)
-      v = jnp.einsum("btd,dhk->bthk", h, pw["wv"])
+      q = rope.apply_rope(dense(h, pw["wq"]), positions_BT, inv_freq_A)
+      k = rope.apply_rope(dense(h, pw["wk"]), positions_BT, inv_freq_A)
+      v = dense(h, pw["wv"])
       keys, values = jnp.concatenate([window_k, k], axis=1), jnp.concatenate([window_v, v], axis=1)  # [B, N + T]
       y = attention.sliding_window_attention(
         q,
@@ -379,7 +380,7 @@ def _blocks(
         q_positions_BT=positions_BT,
         k_positions_BS=jnp.concatenate([window_positions_BS, positions_BT], axis=1),
       )
-      window_out = jnp.einsum("bthk,hkd->btd", y, pw["wo"])
+      window_out = dense(y, pw["wo"], n_in=2)
     x = _mlp(pw, x + window_out, cfg)
     acts = {
       "hook_resid_pre": resid_pre,
