@@ -29,6 +29,7 @@ from flax import struct
 
 from paperjax.models import checks, sharding, stack
 from paperjax.ops import attention, mlp, norms, paged_attention, quant, rope
+from paperjax.ops.dense import dense
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
 _AXES = {
@@ -70,6 +71,7 @@ class LlamaConfig:
   param_dtype: str = "float32"  # how parameters are stored (and what the optimizer updates)
   dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
   remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
+  unroll: bool = False  # write the layers out instead of one scan: faster on CPU, compile grows with L (models.stack)
   attention_impl: attention.Impl = "reference"  # training / KVCache; a PagedKVCache uses ops.paged_attention
   # Logical-axis rules of the activation constraints (`models.sharding.RULES[strategy]`);
   # () or no mesh in context: none.
@@ -294,7 +296,7 @@ def decode(params: dict, token_B: jax.Array, state: Cache, cfg: LlamaConfig) -> 
 def unembed(params: dict, hidden_BTD: jax.Array, cfg: LlamaConfig) -> jax.Array:
   """float32 logits of final hidden states: h W_unembed (or h E^T when tied)."""
   w_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+  logits_BTV = dense(hidden_BTD, w_DV.astype(cfg.dtype), out_dtype=jnp.float32)
   return sharding.shard(logits_BTV, ("act_batch", "act_length", "act_vocab"), cfg.axis_rules)
 
 
@@ -415,9 +417,9 @@ def _blocks(
     x_BTD = hook("hook_resid_pre", x_BTD)
     with jax.named_scope("attention"):
       h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
-      q_BTHK = rope.apply_rope(jnp.einsum("btd,dhk->bthk", h_BTD, p["wq"]), positions_BT, inv_freq_A)
-      k_BTGK = rope.apply_rope(jnp.einsum("btd,dgk->btgk", h_BTD, p["wk"]), positions_BT, inv_freq_A)
-      v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, p["wv"])
+      q_BTHK = rope.apply_rope(dense(h_BTD, p["wq"]), positions_BT, inv_freq_A)
+      k_BTGK = rope.apply_rope(dense(h_BTD, p["wk"]), positions_BT, inv_freq_A)
+      v_BTGK = dense(h_BTD, p["wv"])
       q_BTHK = constrain(q_BTHK, "act_batch", "act_length", "act_heads", None)
       k_BTGK = constrain(k_BTGK, "act_batch", "act_length", "act_kv_heads", None)
       v_BTGK = constrain(v_BTGK, "act_batch", "act_length", "act_kv_heads", None)
@@ -438,7 +440,7 @@ def _blocks(
           k_BSGK, v_BSGK = k_BTGK, v_BTGK
         attn_BTHK = attention.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, impl=cfg.attention_impl)
       attn_BTHK = constrain(attn_BTHK, "act_batch", "act_length", "act_heads", None)
-      attn_out = constrain(jnp.einsum("bthk,hkd->btd", attn_BTHK, p["wo"]), "act_batch", "act_length", "act_embed")
+      attn_out = constrain(dense(attn_BTHK, p["wo"], n_in=2), "act_batch", "act_length", "act_embed")
     resid_mid = x_BTD + hook("hook_attn_out", attn_out)
     x_BTD = hook("hook_resid_mid", resid_mid)
     with jax.named_scope("mlp"):
@@ -460,14 +462,14 @@ def _blocks(
     pool = (cache.k_pages_GPSK, cache.v_pages_GPSK, jnp.int32(0))
     for start, stop, segment in segments:
       (x_BTD, pool), _, stacked = stack.scan_layers(
-        layer, (x_BTD, pool), (segment, None, jnp.arange(start, stop)), remat=cfg.remat, kinds=kinds
+        layer, (x_BTD, pool), (segment, None, jnp.arange(start, stop)), remat=cfg.remat, unroll=cfg.unroll, kinds=kinds
       )
       acts.append(stacked)
   else:
     for start, stop, segment in segments:
       kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
       x_BTD, kv_out, stacked = stack.scan_layers(
-        layer, x_BTD, (segment, kv_in, jnp.arange(start, stop)), remat=cfg.remat, kinds=kinds
+        layer, x_BTD, (segment, kv_in, jnp.arange(start, stop)), remat=cfg.remat, unroll=cfg.unroll, kinds=kinds
       )
       if cache is not None:
         k_out.append(kv_out[0])

@@ -72,10 +72,21 @@ def test_xla_attention_and_remat_give_the_same_model(params, key):
   for variant in (
     dataclasses.replace(CFG, attention_impl="xla", remat="full"),
     dataclasses.replace(CFG, remat="dots_saveable"),
+    dataclasses.replace(CFG, unroll=True, remat="full"),
   ):
     chex.assert_trees_all_close(g_ref, grad(params, variant), rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="remat: expected one of"):
     dataclasses.replace(CFG, remat="everything")
+
+
+def test_unrolled_layers_leave_no_loop_and_give_the_scans_numbers(params, key, jitted):
+  tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
+  unrolled = dataclasses.replace(CFG, unroll=True)
+  program = lambda cfg: jax.jit(lambda p: llama.forward(p, tokens, cfg)[0]).lower(params).as_text()
+  assert "stablehlo.while" in program(CFG) and "stablehlo.while" not in program(unrolled)
+  np.testing.assert_allclose(
+    jitted(llama.forward, unrolled)(params, tokens)[0], jitted(llama.forward, CFG)(params, tokens)[0], atol=1e-5
+  )
 
 
 def test_remat_policy_changes_what_the_backward_pass_keeps(params, key):
