@@ -1,7 +1,7 @@
 """Grouped-query attention with causal, document and key-length masks.
 
 Shapes: B batch, T query time, S key time, H query heads, G kv heads (H % G == 0),
-K head dim, R = H / G query heads per kv head.
+K head dim, R = H / G query heads per kv head, Q = R * T query rows of one kv head.
 
   out[b, t, h] = sum_s softmax_s(q[b, t, h] . k[b, s, h // R] / sqrt(K) + mask) v[b, s, h // R]
 
@@ -58,7 +58,7 @@ def attention(
 ) -> jax.Array:
   """Grouped-query attention (module equation); returns [B, T, H, K] in q's dtype.
 
-  impl="reference": explicit einsums grouping the H query heads as [G, R].
+  impl="reference": explicit einsums over each kv head's Q = R * T query rows.
   impl="xla": `jax.nn.dot_product_attention` (XLA's fused path; the same numbers).
   """
   _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
@@ -68,15 +68,23 @@ def attention(
   if impl != "reference":
     raise ValueError(f"impl: expected 'reference' or 'xla', got {impl!r}")
   batch, time, heads, head_dim = q_BTHK.shape
-  groups = k_BSGK.shape[2]
-  q_BTGRK = q_BTHK.reshape(batch, time, groups, heads // groups, head_dim)
-  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-  if mask_BTS is not None:
-    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
-  probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1)
-  out_BTGRK = jnp.einsum(
-    "bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
+  kv_time, groups = k_BSGK.shape[1:3]
+  r = heads // groups
+  # A kv head's R query heads and T times are one axis of Q = R * T rows, so both einsums and
+  # their gradients are batched matmuls over (b, g) with one contracting axis (ops.dense's module
+  # docstring says why XLA:CPU wants that).
+  q_BGQK = (
+    q_BTHK.reshape(batch, time, groups, r, head_dim).transpose(0, 2, 3, 1, 4).reshape(batch, groups, -1, head_dim)
   )
+  k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
+  scores_BGQS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK, preferred_element_type=jnp.float32) * (head_dim**-0.5)
+  if mask_BTS is not None:
+    scores_BGRTS = scores_BGQS.reshape(batch, groups, r, time, kv_time)
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+    scores_BGQS = scores_BGRTS.reshape(scores_BGQS.shape)
+  probs_BGQS = jax.nn.softmax(scores_BGQS, axis=-1)
+  out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", probs_BGQS.astype(v_BSGK.dtype), v_BGSK, preferred_element_type=jnp.float32)
+  out_BTGRK = out_BGQK.reshape(batch, groups, r, time, head_dim).transpose(0, 3, 1, 2, 4)
   return out_BTGRK.reshape(q_BTHK.shape).astype(q_BTHK.dtype)
 
 
