@@ -11,6 +11,10 @@ Parts:
   GQA vs MHA (the report's H/G), computed from the configs.
 - train: training tokens/s of a small model on the stdlib corpus and its loss curve,
   held-out loss vs the unigram cross-entropy.
+- train_speed: one training step of each `Speed.models` config on random tokens, scanned and
+  unrolled (`LlamaConfig.unroll`): tokens/s, the backward pass's time over the forward's,
+  and MFU against a square float32 GEMM timed in the same run (the machine's matmul peak
+  as XLA reaches it). `scripts/torch_train_speed.py` times the same shapes in PyTorch.
 
 Shapes: N tokens in a stream.
 """
@@ -39,6 +43,16 @@ REPORT = "Llama 3 report (arXiv 2407.21783)"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Speed:
+  """The train_speed part: models timed at batch x seq_len tokens, and the GEMM side."""
+
+  models: tuple[llama.LlamaConfig, ...]
+  batch: int
+  seq_len: int
+  gemm: int  # the peak: a [gemm, gemm] @ [gemm, gemm] float32 matmul
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   model: llama.LlamaConfig
   cache_lengths: tuple[int, ...]
@@ -48,6 +62,7 @@ class Config:
   train: train.TrainConfig
   corpus_chars: int
   eval_every: int
+  speed: Speed
 
 
 SMALL = Config(
@@ -59,8 +74,11 @@ SMALL = Config(
   train=train.TrainConfig(batch_size=16, seq_len=128, total_steps=120, warmup_steps=12),
   corpus_chars=4_000_000,
   eval_every=40,
+  speed=Speed(models=(llama.PRESETS["small"],), batch=8, seq_len=128, gemm=2048),  # 5.1M parameters, ~25 s
 )
-# small trains 120 steps (the default suite's budget, ~0.4 s a step on 2 cores); full trains 400.
+_22M = llama.LlamaConfig(vocab_size=4096, dim=512, n_layers=6, n_heads=8, n_kv_heads=2, ffn_dim=1536, max_seq_len=1024)
+# small trains 120 steps (the default suite's budget, ~0.4 s a step on 2 cores); full trains 400
+# and times a 22M-parameter model's training step beside the 5M one.
 CONFIGS = {
   "ci": Config(
     model=llama.LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
@@ -71,9 +89,14 @@ CONFIGS = {
     train=train.TrainConfig(batch_size=8, seq_len=32, total_steps=20, warmup_steps=4),
     corpus_chars=300_000,
     eval_every=10,
+    speed=Speed(models=(llama.PRESETS["tiny"],), batch=2, seq_len=32, gemm=256),
   ),
   "small": SMALL,
-  "full": dataclasses.replace(SMALL, train=dataclasses.replace(SMALL.train, total_steps=400, warmup_steps=40)),
+  "full": dataclasses.replace(
+    SMALL,
+    train=dataclasses.replace(SMALL.train, total_steps=400, warmup_steps=40),
+    speed=dataclasses.replace(SMALL.speed, models=(*SMALL.speed.models, _22M)),  # + 22M parameters, ~50 s more
+  ),
   "paper": Config(
     model=llama.LlamaConfig(
       vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=3584, max_seq_len=8192
@@ -85,11 +108,12 @@ CONFIGS = {
     train=train.TrainConfig(batch_size=32, seq_len=512, total_steps=1000, warmup_steps=100),
     corpus_chars=12_000_000,
     eval_every=100,
+    speed=Speed(models=(llama.PRESETS["small"], _22M), batch=32, seq_len=512, gemm=8192),
   ),
 }
 
 
-PARTS = ("cache", "throughput", "kv_bytes", "train")  # --only=llama.<part>
+PARTS = ("cache", "throughput", "kv_bytes", "train", "train_speed")  # --only=llama.<part>
 
 
 def run(ctx: Context) -> Result:
@@ -109,6 +133,10 @@ def run(ctx: Context) -> Result:
     records += part[0]
     plots.append(part[1])
     notes += part[2]
+  if ctx.wants("train_speed"):
+    part = _train_speed(ctx, cfg.speed)
+    records += part[0]
+    notes += part[1]
   return Result(ctx.benchmark, tuple(records), tuple(plots), tuple(notes))
 
 
@@ -320,6 +348,76 @@ def _train(ctx: Context, cfg: Config):
     f"steps, cosine to {tcfg.final_lr_ratio:g} x peak {tcfg.peak_lr:g}, {tcfg.total_steps} steps."
   ]
   return records, plot, notes
+
+
+def train_flops_per_token(model: llama.LlamaConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward and backward): 6 N + 12 L T H K, where N counts the
+  matmul weights (the embedding lookup is free) and the second term is attention's scores
+  and weighted sum, counted over the whole T x T square as PaLM's appendix B counts them."""
+  d, h, g, k, e, layers = model.dim, model.n_heads, model.n_kv_heads, model.k, model.ffn_dim, model.n_layers
+  n_matmul = layers * (2 * d * h * k + 2 * d * g * k + 3 * d * e) + d * model.vocab_size
+  return 6 * n_matmul + 12 * layers * seq_len * h * k
+
+
+def training_programs(model: llama.LlamaConfig, batch_size: int, seq_len: int, seed: int) -> dict[str, Callable]:
+  """Jitted calls of no arguments on random tokens of one [batch_size, seq_len] batch:
+  "forward" (the loss), "grad" (jax.grad of the loss) and "step" (`lm.make_train_step`: the
+  gradient, the global-norm clip and AdamW). The step does not advance its state, so each
+  call does the same work."""
+  tcfg = train.TrainConfig(batch_size=batch_size, seq_len=seq_len, total_steps=100, warmup_steps=10)
+  tokens = np.random.default_rng(seed).integers(0, model.vocab_size, (batch_size, seq_len + 1))
+  batch = lm.Batch(
+    tokens[:, :-1],
+    tokens[:, 1:],
+    np.ones((batch_size, seq_len), bool),
+    np.zeros((batch_size, seq_len), np.int32),
+    np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+  )
+  state = lm.init_state(jax.random.key(seed), model, tcfg)
+  loss, step = functools.partial(lm.loss_fn, cfg=model), lm.make_train_step(model, tcfg)
+  forward, grad = jax.jit(loss), jax.jit(jax.grad(loss))
+  return {
+    "forward": lambda: forward(state.params, batch),
+    "grad": lambda: grad(state.params, batch),
+    "step": lambda: step(state, batch),
+  }
+
+
+def _train_speed(ctx: Context, speed: Speed):
+  """One AdamW step of each model, scanned and unrolled, against a GEMM timed in the same run."""
+  a = jnp.ones((speed.gemm, speed.gemm), jnp.float32)
+  gemm_s = time_fn(jax.jit(lambda a: a @ a), a, repeats=ctx.repeats).median_s
+  peak = 2 * speed.gemm**3 / gemm_s
+  records = [ctx.record(f"float32 GEMM {speed.gemm}^3 (the MFU peak)", peak / 1e9, "GFLOP/s")]
+  for base in speed.models:
+    label = f"{base.num_params() / 1e6:.1f}M params, B={speed.batch}, T={speed.seq_len}"
+    for unroll in (False, True):
+      model = dataclasses.replace(base, unroll=unroll)
+      programs = training_programs(model, speed.batch, speed.seq_len, ctx.seed)
+      times = {name: time_fn(fn, repeats=ctx.repeats).median_s for name, fn in programs.items()}
+      tokens_per_s = speed.batch * speed.seq_len / times["step"]
+      layout = "unrolled" if unroll else "scanned"
+      records += [
+        ctx.record(f"training tokens/s ({label}), {layout}", tokens_per_s, "tokens/s"),
+        ctx.record(
+          f"backward / forward time ({label}), {layout}",
+          (times["grad"] - times["forward"]) / times["forward"],
+          "x",
+          "~2",
+          "a backward pass costs about twice the forward's FLOPs",
+        ),
+        ctx.record(
+          f"MFU vs the GEMM ({label}), {layout}",
+          train_flops_per_token(model, speed.seq_len) * tokens_per_s / peak,
+          "fraction",
+        ),
+      ]
+  notes = [
+    "train_speed: a training step is the loss's forward and backward, the global-norm clip and AdamW; "
+    "backward / forward is (time of jax.grad of the loss - time of the loss) / time of the loss. "
+    "PyTorch on the same shapes, side by side: scripts/train_speed_vs_torch.py (README, 'Training speed')."
+  ]
+  return records, notes
 
 
 if __name__ == "__main__":

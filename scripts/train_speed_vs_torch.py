@@ -1,0 +1,92 @@
+"""paperjax's Llama training step against transformers + torch.optim.AdamW, side by side.
+
+  .venv/bin/python scripts/train_speed_vs_torch.py --torch_python=/tmp/tv/bin/python [--rounds=3]
+
+`--torch_python` is a Python with torch and transformers (a scratch venv: `python -m venv
+/tmp/tv && /tmp/tv/bin/pip install torch==2.13.0 transformers`; neither is a paperjax
+dependency). For each model of `bench.llama`'s train_speed part at `--scale` (the
+benchmarks' flag, default small; `--seed` too), the rounds
+alternate: paperjax times its forward (the loss), gradient and training step in this
+process (compiled once, `--unroll` chooses the layout), then `scripts/torch_train_speed.py`
+times the same shapes in a fresh process. Each side's figure is the median over rounds of
+each round's median; the ratio's range is over the rounds. Both sides use the machine's
+cores as their libraries do by default, one side at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+
+from absl import app, flags
+
+from paperjax.bench import cli
+from paperjax.bench import llama as bench_llama
+from paperjax.bench.harness import time_fn
+
+TORCH_PYTHON = flags.DEFINE_string("torch_python", None, "A Python with torch and transformers.", required=True)
+ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds per model.", lower_bound=1)
+STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per round and side (median).", lower_bound=1)
+UNROLL = flags.DEFINE_bool("unroll", True, "paperjax side: LlamaConfig.unroll (the layers written out).")
+
+TORCH_SCRIPT = pathlib.Path(__file__).with_name("torch_train_speed.py")
+
+
+def _torch_round(model, batch: int, seq_len: int) -> dict[str, float]:
+  shape = dict(
+    vocab=model.vocab_size,
+    dim=model.dim,
+    layers=model.n_layers,
+    heads=model.n_heads,
+    kv_heads=model.n_kv_heads,
+    ffn=model.ffn_dim,
+    batch=batch,
+    seq=seq_len,
+    steps=STEPS.value,
+  )
+  if model.head_dim not in (None, model.dim // model.n_heads) or model.tie_embeddings:
+    raise ValueError("model: the torch side builds untied models with head_dim = dim / n_heads only")
+  args = [TORCH_PYTHON.value, str(TORCH_SCRIPT), *(f"--{k}={v}" for k, v in shape.items())]
+  proc = subprocess.run(args, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise RuntimeError(f"{TORCH_SCRIPT.name} failed:\n{proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  ignored = [f"--{name}" for name in ("out", "only", "repeats") if flags.FLAGS[name].present]
+  if ignored:
+    raise app.UsageError(f"{ignored}: the benchmarks' flags this script has no use for (it takes --scale and --seed)")
+  speed = bench_llama.CONFIGS[cli.SCALE.value].speed
+  print("| model | side | forward ms | grad ms | step ms | tokens/s | paperjax / torch tokens/s (range over rounds) |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for base in speed.models:
+    model = dataclasses.replace(base, unroll=UNROLL.value)
+    programs = bench_llama.training_programs(model, speed.batch, speed.seq_len, cli.SEED.value)
+    rounds: dict[str, list[dict[str, float]]] = {"paperjax": [], "torch": []}
+    for _ in range(ROUNDS.value):
+      ours = {f"{name}_s": time_fn(fn, repeats=STEPS.value, warmup=2).median_s for name, fn in programs.items()}
+      rounds["paperjax"].append(ours)
+      rounds["torch"].append(_torch_round(model, speed.batch, speed.seq_len))
+    tokens = speed.batch * speed.seq_len
+    ratios = [t["step_s"] / p["step_s"] for p, t in zip(rounds["paperjax"], rounds["torch"])]
+    label = f"{model.num_params() / 1e6:.1f}M, B={speed.batch}, T={speed.seq_len}"
+    for side, runs in rounds.items():
+      med = {key: statistics.median(r[key] for r in runs) for key in ("forward_s", "grad_s", "step_s")}
+      ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f} .. {max(ratios):.2f})" if side == "paperjax" else ""
+      print(
+        f"| {label} | {side}{' (unrolled)' if side == 'paperjax' and model.unroll else ''} | "
+        f"{med['forward_s'] * 1e3:.0f} | {med['grad_s'] * 1e3:.0f} | {med['step_s'] * 1e3:.0f} | "
+        f"{tokens / med['step_s']:.0f} | {ratio} |",
+        flush=True,
+      )
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
