@@ -3,11 +3,12 @@
 Shapes: L layers (blocks), B batch, T time, D model width.
 
 A model's layers are stacked on a leading L axis and run with `lax.scan`, so compile time
-does not grow with depth. A layer body is `layer(x_BTD, xs) -> (x_BTD, ys, acts)`, where
-`acts` maps the model's site kinds (`hook_resid_pre`, `hook_attn_out`, ...) to [B, T, D]
-arrays. `scan_layers` keeps the kinds that were asked for, stacked to [L, B, T, D]; the
-others are never materialised. Sites are named as TransformerLens and SAELens name their
-hooks, `blocks.{l}.{kind}`, so an SAE config's `hook_name` reads the same here.
+does not grow with depth (unless they are unrolled, below). A layer body is
+`layer(x_BTD, xs) -> (x_BTD, ys, acts)`, where `acts` maps the model's site kinds
+(`hook_resid_pre`, `hook_attn_out`, ...) to [B, T, D] arrays. `scan_layers` keeps the kinds
+that were asked for, stacked to [L, B, T, D]; the others are never materialised. Sites are
+named as TransformerLens and SAELens name their hooks, `blocks.{l}.{kind}`, so an SAE
+config's `hook_name` reads the same here.
 
 Edits are the pure-function counterpart of TransformerLens' forward hooks: a mapping
 {site name: fn([B, T, D]) -> [B, T, D]} whose fn replaces the activation at that site for
@@ -19,8 +20,10 @@ Unrolling: a scanned stack is one XLA while loop whose backward pass keeps each 
 residuals in [L, ...] buffers, written and read one layer slice at a time. On XLA:CPU that
 bookkeeping costs a sixth of a small model's gradient (the `small` Llama preset at B=8,
 T=128: 336 ms scanned against 280 ms unrolled; `python -m paperjax.bench.llama
---only=llama.train_speed`). `unroll=True` writes the layers out instead: the same numbers,
-a compile that grows with depth. A model config's `unroll` field passes it.
+--only=llama.train_speed`). `unroll=True` writes the layers out instead: the same function
+(float results can differ in the last bits), a compile that grows with depth, and no remat
+policy (unrolled, XLA merges the recomputation back and keeps what remat would drop).
+`LlamaConfig.unroll` passes it.
 
 Remat policies name what the backward pass may keep instead of recomputing:
   "none"           keep every activation (no rematerialisation)
@@ -48,9 +51,17 @@ REMAT_POLICIES: tuple[str, ...] = ("none", *_POLICIES)
 _SITE = re.compile(r"blocks\.(\d+)\.(\w+)")
 
 
-def check_remat(remat: str) -> None:
+def check_remat(remat: str, unroll: bool = False) -> None:
+  """Raises on an unknown policy, a non-bool `unroll`, or a policy with unrolled layers."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat: expected one of {REMAT_POLICIES}, got {remat!r}")
+  if not isinstance(unroll, bool):
+    raise TypeError(f"unroll: expected a bool, got {unroll!r}")
+  if unroll and remat != "none":
+    raise ValueError(
+      f"unroll, remat: a remat policy needs the scan (unrolled, XLA merges the recomputation back into the "
+      f"forward and keeps what remat would drop), got unroll=True with remat={remat!r}"
+    )
 
 
 def site_names(n_layers: int, kinds: Sequence[str]) -> tuple[str, ...]:
@@ -139,10 +150,10 @@ def scan_layers(
 
   Returns (x after the last layer, the layers' ys stacked on L, {kind: [L, ...]} for each
   kind in `kinds`). Each layer body runs under `jax.named_scope(name)` and the `remat`
-  policy. `unroll=True` writes the L layers out in the program (module docstring: the same
-  numbers, a compile that grows with L, and a faster backward pass on CPU).
+  policy. `unroll=True` writes the L layers out in the program (module docstring: a compile
+  that grows with L, a faster backward pass on CPU, and no remat policy).
   """
-  check_remat(remat)
+  check_remat(remat, unroll)
 
   def body(x, xs):
     with jax.named_scope(name):

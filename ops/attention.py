@@ -74,7 +74,7 @@ def attention(
   # their gradients are batched matmuls over (b, g) with one contracting axis (ops.dense's module
   # docstring says why XLA:CPU wants that).
   q_BGQK = (
-    q_BTHK.reshape(batch, time, groups, r, head_dim).transpose(0, 2, 3, 1, 4).reshape(batch, groups, -1, head_dim)
+    q_BTHK.reshape(batch, time, groups, r, head_dim).transpose(0, 2, 3, 1, 4).reshape(batch, groups, r * time, head_dim)
   )
   k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
   scores_BGQS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK, preferred_element_type=jnp.float32) * (head_dim**-0.5)

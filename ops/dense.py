@@ -26,12 +26,21 @@ import jax.numpy as jnp
 
 def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.Array:
   """x [m..., i...] times w [i..., o...] over the `n_in` axes i: y [m..., o...] in `out_dtype`
-  (default x's dtype), accumulated in float32 (module equation)."""
+  (default: x's and w's promoted dtype) (module equation).
+
+  `out_dtype` float32 asks the dot for float32 results (bf16 inputs accumulate in float32);
+  otherwise the dot runs in the output dtype, as the einsum it replaces did, so a bf16
+  model's backward pass stays in bf16 (XLA accumulates bf16 dots in float32 on CPU and GPU)."""
   if not 1 <= n_in <= min(x.ndim, w.ndim):
     raise ValueError(f"n_in: expected 1 .. min(x.ndim, w.ndim) = {min(x.ndim, w.ndim)}, got {n_in}")
   lead, inner, out = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :], w.shape[n_in:]
   if w.shape[:n_in] != inner:
     raise ValueError(f"x, w: x's last {n_in} axes {inner} must equal w's first {n_in}, got w of shape {w.shape}")
   size = math.prod(inner)
-  y = jnp.matmul(x.reshape(math.prod(lead), size), w.reshape(size, math.prod(out)), preferred_element_type=jnp.float32)
-  return y.reshape(*lead, *out).astype(x.dtype if out_dtype is None else out_dtype)
+  out_dtype = jnp.result_type(x, w) if out_dtype is None else jnp.dtype(out_dtype)
+  y = jnp.matmul(
+    x.reshape(math.prod(lead), size),
+    w.reshape(size, math.prod(out)),
+    preferred_element_type=jnp.float32 if out_dtype == jnp.float32 else None,
+  )
+  return y.reshape(*lead, *out).astype(out_dtype)

@@ -125,10 +125,10 @@ def matmul(x_BTD: jax.Array, w_DE: jax.Array | QuantizedTensor, *, out_dtype=Non
   """x @ W over the last axis of x, float32 accumulation, returned in `out_dtype` (default x's
   dtype); module docstring for quantized weights."""
   out_dtype = x_BTD.dtype if out_dtype is None else out_dtype
+  if len(w_DE.shape) != 2 or w_DE.shape[0] != x_BTD.shape[-1]:
+    raise ValueError(f"w_DE: expected a matrix [D={x_BTD.shape[-1]}, E], got {w_DE.shape}")
   if not isinstance(w_DE, QuantizedTensor):
     return dense(x_BTD, w_DE, out_dtype=out_dtype)
-  if w_DE.q.ndim != 2 or w_DE.shape[0] != x_BTD.shape[-1]:
-    raise ValueError(f"w_DE: expected a matrix [D={x_BTD.shape[-1]}, E], got {w_DE.shape}")
   if w_DE.activations is None:
     return matmul(x_BTD, dequantize(w_DE, x_BTD.dtype), out_dtype=out_dtype)
   if w_DE.scale.shape[0] != 1:

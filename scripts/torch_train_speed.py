@@ -4,7 +4,7 @@ Run with a Python that has torch and transformers (never a paperjax dependency),
 scratch venv: `python -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.13.0 transformers`.
 
   /tmp/tv/bin/python scripts/torch_train_speed.py --vocab 4096 --dim 256 --layers 4 --heads 8 \
-      --kv_heads 2 --ffn 768 --batch 8 --seq 128 --steps 10
+      --kv_heads 2 --ffn 768 --batch 8 --seq 128 --steps 10 --seed 0
 
 Prints one JSON line: the median seconds of a forward (the loss), of a forward and backward,
 and of a training step (forward, backward, clip, AdamW), each over `--steps` timed calls after
@@ -23,10 +23,10 @@ import transformers
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  for name in ("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "batch", "seq", "steps"):
+  for name in ("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "batch", "seq", "steps", "seed"):
     ap.add_argument(f"--{name}", type=int, required=True)
   args = ap.parse_args()
-  torch.manual_seed(0)
+  torch.manual_seed(args.seed)
   cfg = transformers.LlamaConfig(
     vocab_size=args.vocab,
     hidden_size=args.dim,

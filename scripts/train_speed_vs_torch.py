@@ -36,6 +36,23 @@ UNROLL = flags.DEFINE_bool("unroll", True, "paperjax side: LlamaConfig.unroll (t
 TORCH_SCRIPT = pathlib.Path(__file__).with_name("torch_train_speed.py")
 
 
+def _check_torch_can_build(model) -> None:
+  """The torch side builds float32, untied, head_dim = dim / n_heads, RoPE theta 500000 without
+  scaling and eps 1e-5: anything else would time a different model."""
+  expected = dict(
+    head_dim=(None, model.dim // model.n_heads),
+    tie_embeddings=(False,),
+    rope_theta=(500_000.0,),
+    rope_scaling=(None,),
+    norm_eps=(1e-5,),
+    dtype=("float32",),
+    param_dtype=("float32",),
+  )
+  wrong = {name: getattr(model, name) for name, ok in expected.items() if getattr(model, name) not in ok}
+  if wrong:
+    raise ValueError(f"model: the torch side cannot build {wrong}; it builds {expected}")
+
+
 def _torch_round(model, batch: int, seq_len: int) -> dict[str, float]:
   shape = dict(
     vocab=model.vocab_size,
@@ -47,9 +64,8 @@ def _torch_round(model, batch: int, seq_len: int) -> dict[str, float]:
     batch=batch,
     seq=seq_len,
     steps=STEPS.value,
+    seed=cli.SEED.value,
   )
-  if model.head_dim not in (None, model.dim // model.n_heads) or model.tie_embeddings:
-    raise ValueError("model: the torch side builds untied models with head_dim = dim / n_heads only")
   args = [TORCH_PYTHON.value, str(TORCH_SCRIPT), *(f"--{k}={v}" for k, v in shape.items())]
   proc = subprocess.run(args, capture_output=True, text=True, check=False)
   if proc.returncode:
@@ -66,6 +82,8 @@ def main(argv: list[str]) -> None:
   speed = bench_llama.CONFIGS[cli.SCALE.value].speed
   print("| model | side | forward ms | grad ms | step ms | tokens/s | paperjax / torch tokens/s (range over rounds) |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
+  for base in speed.models:
+    _check_torch_can_build(base)
   for base in speed.models:
     model = dataclasses.replace(base, unroll=UNROLL.value)
     programs = bench_llama.training_programs(model, speed.batch, speed.seq_len, cli.SEED.value)

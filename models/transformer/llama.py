@@ -94,7 +94,7 @@ class LlamaConfig:
         jnp.dtype(getattr(self, name))
       except TypeError:
         raise TypeError(f"{name}: expected a dtype name such as 'bfloat16', got {getattr(self, name)!r}") from None
-    stack.check_remat(self.remat)
+    stack.check_remat(self.remat, self.unroll)
 
   @property
   def k(self) -> int:

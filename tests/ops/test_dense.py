@@ -49,6 +49,12 @@ def test_dense_accumulates_in_float32_and_returns_the_asked_dtype(np_rng):
   exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   out = dense(x, w, out_dtype=jnp.float32)
   assert out.dtype == jnp.float32 and dense(x, w).dtype == jnp.bfloat16
+  assert dense(x, w.astype(jnp.float32)).dtype == jnp.float32  # promoted, as the einsum's was
+  # A bf16 model's backward pass stays in bf16: every dot of the gradient takes bf16 operands.
+  grad = jax.make_jaxpr(jax.grad(lambda x, w: dense(x, w).astype(jnp.float32).sum(), argnums=(0, 1)))(x, w)
+  assert {v.aval.dtype for e in grad.eqns if e.primitive.name == "dot_general" for v in e.invars} == {
+    jnp.dtype(jnp.bfloat16)
+  }
   np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-4)
 
 

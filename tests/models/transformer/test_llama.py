@@ -72,11 +72,15 @@ def test_xla_attention_and_remat_give_the_same_model(params, key):
   for variant in (
     dataclasses.replace(CFG, attention_impl="xla", remat="full"),
     dataclasses.replace(CFG, remat="dots_saveable"),
-    dataclasses.replace(CFG, unroll=True, remat="full"),
+    dataclasses.replace(CFG, unroll=True),
   ):
     chex.assert_trees_all_close(g_ref, grad(params, variant), rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="remat: expected one of"):
     dataclasses.replace(CFG, remat="everything")
+  with pytest.raises(ValueError, match="unroll, remat: a remat policy needs the scan"):
+    dataclasses.replace(CFG, unroll=True, remat="full")
+  with pytest.raises(TypeError, match="unroll: expected a bool, got 2"):
+    dataclasses.replace(CFG, unroll=2)
 
 
 def test_unrolled_layers_leave_no_loop_and_give_the_scans_numbers(params, key, jitted):
