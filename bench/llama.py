@@ -365,14 +365,8 @@ def training_programs(model: llama.LlamaConfig, batch_size: int, seq_len: int, s
   gradient, the global-norm clip and AdamW). The step does not advance its state, so each
   call does the same work."""
   tcfg = train.TrainConfig(batch_size=batch_size, seq_len=seq_len, total_steps=100, warmup_steps=10)
-  tokens = np.random.default_rng(seed).integers(0, model.vocab_size, (batch_size, seq_len + 1))
-  batch = lm.Batch(
-    tokens[:, :-1],
-    tokens[:, 1:],
-    np.ones((batch_size, seq_len), bool),
-    np.zeros((batch_size, seq_len), np.int32),
-    np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
-  )
+  windows = np.random.default_rng(seed).integers(0, model.vocab_size, (batch_size, seq_len + 1), np.int32)
+  batch = lm.packed_batch(windows, np.zeros_like(windows))  # one document per row
   state = lm.init_state(jax.random.key(seed), model, tcfg)
   loss, step = functools.partial(lm.loss_fn, cfg=model), lm.make_train_step(model, tcfg)
   forward, grad = jax.jit(loss), jax.jit(jax.grad(loss))

@@ -14,10 +14,8 @@ def test_training_flops_match_xlas_count_of_the_forward():
   """6 N + 12 L T H K per token is three forwards; XLA's cost analysis of one unrolled forward
   (a scan's body is counted once) agrees within the elementwise work the formula leaves out."""
   model, batch, time = dataclasses.replace(llama.PRESETS["tiny"], unroll=True), 2, 32
-  tokens = np.zeros((batch, time), np.int32)
-  data = lm.Batch(
-    tokens, tokens, np.ones_like(tokens, bool), np.zeros_like(tokens), np.broadcast_to(np.arange(time), tokens.shape)
-  )
+  windows = np.zeros((batch, time + 1), np.int32)
+  data = lm.packed_batch(windows, windows)
   params = jax.eval_shape(lambda: llama.init(jax.random.key(0), model))
   compiled = jax.jit(lambda p: lm.loss_fn(p, data, model)).lower(params).compile()
   forward = bench_llama.train_flops_per_token(model, time) / 3 * batch * time
