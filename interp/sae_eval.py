@@ -27,8 +27,9 @@ import numpy as np
 import optax
 
 from paperjax.interp import sae
-from paperjax.models import checks, protocol
+from paperjax.models import protocol
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 
 def explained_variance(x_ND: jax.Array, x_hat_ND: jax.Array) -> jax.Array:

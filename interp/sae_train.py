@@ -34,8 +34,9 @@ import optax
 from flax import struct
 
 from paperjax.interp import sae
-from paperjax.models import checks, protocol
+from paperjax.models import protocol
 from paperjax.models.training import checkpoints
+from paperjax.ops import checks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

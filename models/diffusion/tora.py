@@ -52,10 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperjax.models import stack
-from paperjax.models.checks import concrete
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import trajectory
 from paperjax.ops import attention, mlp, norms, rope
+from paperjax.ops.checks import concrete
 from paperjax.ops.dense import dense
 
 Fuser = Literal["none", "concat", "cross_attention", "adanorm"]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models.checks import concrete
+from paperjax.ops.checks import concrete
 
 
 def check_tracks(tracks: jax.Array, *, frames: int, height: int, width: int) -> jax.Array:

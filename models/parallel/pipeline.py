@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from paperjax.models import checks, sharding
+from paperjax.models import sharding
 from paperjax.models.training import lm
 from paperjax.models.training.train import TrainConfig
 from paperjax.models.transformer import llama
-from paperjax.ops import norms
+from paperjax.ops import checks, norms
 
 StageFn = Callable[[Any, jax.Array, Any, Any], tuple[jax.Array, Any]]
 RULES = sharding.RULES["pp"]

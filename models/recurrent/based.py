@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from paperjax.models import checks, stack
-from paperjax.ops import attention, mlp, norms, rope
+from paperjax.models import stack
+from paperjax.ops import attention, checks, mlp, norms, rope
 from paperjax.ops import linear_attention as la
 from paperjax.ops.dense import dense
 

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models import checks, protocol
+from paperjax.models import protocol
 from paperjax.models.data import chat, tokenizer
 from paperjax.models.data.tokenizer import Tokenizer
-from paperjax.ops import sampling
+from paperjax.ops import checks, sampling
 
 
 def generate(

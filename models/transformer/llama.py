@@ -22,13 +22,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from paperjax.models import checks, sharding, stack
-from paperjax.ops import attention, mlp, norms, paged_attention, quant, rope
+from paperjax.models import sharding, stack
+from paperjax.ops import attention, checks, mlp, norms, paged_attention, quant, rope
 from paperjax.ops.dense import dense
 
 # Logical axis names per parameter leaf; sharding rules map them to mesh axes.
@@ -52,21 +53,24 @@ _AXES = {
 SITE_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class LlamaConfig:
-  """Model shape and numerics; hashable, so it is a static jit argument."""
+  """Model shape and numerics; hashable, so it is a static jit argument. Every field is
+  checked for type and range at construction (`ops.checks.config`)."""
 
-  vocab_size: int
-  dim: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  ffn_dim: int
-  head_dim: int | None = None  # default dim // n_heads
-  rope_theta: float = 500_000.0
-  rope_scaling: rope.RopeScaling | None = None
-  norm_eps: float = 1e-5
-  max_seq_len: int = 8192
+  vocab_size: checks.PositiveInt
+  dim: checks.PositiveInt
+  n_layers: checks.PositiveInt
+  n_heads: checks.PositiveInt
+  n_kv_heads: checks.PositiveInt
+  ffn_dim: checks.PositiveInt
+  head_dim: checks.PositiveInt | None = None  # default dim // n_heads
+  rope_theta: Annotated[float, checks.Range(low=1, low_open=True)] = 500_000.0
+  rope_scaling: rope.RopeScaling | None = dataclasses.field(
+    default=None, metadata={"dict": "llama_import.config_from_hf reads a whole HF config.json dict"}
+  )
+  norm_eps: checks.PositiveFloat = 1e-5
+  max_seq_len: checks.PositiveInt = 8192
   tie_embeddings: bool = False
   param_dtype: str = "float32"  # how parameters are stored (and what the optimizer updates)
   dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
@@ -78,9 +82,6 @@ class LlamaConfig:
   axis_rules: sharding.Rules = ()
 
   def __post_init__(self):
-    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
         f"n_heads, n_kv_heads: query heads must be a multiple of kv heads, got {self.n_heads}, {self.n_kv_heads}"
@@ -98,11 +99,10 @@ class LlamaConfig:
 
   @property
   def k(self) -> int:
-    return self.head_dim or self.dim // self.n_heads
+    return self.dim // self.n_heads if self.head_dim is None else self.head_dim
 
   def num_params(self) -> int:
-    shapes = jax.eval_shape(functools.partial(init, cfg=self), jax.random.key(0))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(self)))
 
   def kv_cache_bytes_per_token(self, itemsize: int = 2) -> int:
     """2 (K and V) * L * G * K * bytes: GQA is H/G times smaller than MHA."""
@@ -221,6 +221,31 @@ def init(key: jax.Array, cfg: LlamaConfig) -> dict:
   return params
 
 
+@functools.cache  # a pure function of the (immutable, hashable) config
+def param_shapes(cfg: LlamaConfig) -> dict:
+  """The tree of `init(key, cfg)` as jax.ShapeDtypeStructs."""
+  return jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
+
+
+def check_params(params: dict, cfg: LlamaConfig) -> None:
+  """Raises unless params has init(key, cfg)'s tree and leaf shapes, naming the leaf and both
+  shapes. params["layers"] may be split into segments (`llama_quant`), whose leaves may be
+  `ops.quant.QuantizedTensor`s; dtypes are free (forward casts to cfg.dtype). Shapes are
+  static, so this holds under jit."""
+  if not isinstance(cfg, LlamaConfig):
+    raise TypeError(f"cfg: expected a LlamaConfig, got {type(cfg).__name__}")
+  if not isinstance(params, dict) or "layers" not in params:
+    raise TypeError(f"params: expected the dict of llama.init(key, cfg), got {type(params).__name__}")
+  expected = param_shapes(cfg)
+  checks.check_tree("params", {k: v for k, v in params.items() if k != "layers"}, {**expected, "layers": None})
+  segments = layer_segments(params, cfg)
+  for start, stop, segment in segments:
+    size = stop - start
+    want = jax.tree.map(lambda x, n=size: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype), expected["layers"])
+    name = "params['layers']" if len(segments) == 1 else f"params['layers'] (layers {start}..{stop - 1})"
+    checks.check_tree(name, segment, want, is_leaf=lambda x: isinstance(x, quant.QuantizedTensor))
+
+
 def param_axes(cfg: LlamaConfig) -> dict:
   """Logical axis names of every leaf of `init(key, cfg)`, in the same tree structure."""
   axes = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _AXES.items()}
@@ -323,6 +348,7 @@ def _forward(
 ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """Hidden states after the final RMSNorm, the updated cache and the stacked site
   activations (inputs as in `forward`). The sites record what their edits receive."""
+  check_params(params, cfg)
   _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, state, num_new_B)
   x_BTD = sharding.shard(
     params["embed"][tokens_BT].astype(cfg.dtype), ("act_batch", "act_length", "act_embed"), cfg.axis_rules

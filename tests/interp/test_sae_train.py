@@ -44,7 +44,7 @@ def test_collect_and_stream_serve_every_activation_once(model_params):
   with pytest.raises(ValueError, match="site: 'blocks.5.hook_resid_post' is not a site of this model; expected one"):
     sae_train.ActivationStream(model_params, MODEL, "blocks.5.hook_resid_post", iter(windows), batch_size=4)
   bad = sae_train.ActivationStream(model_params, MODEL, SITE, iter([np.full((2, 4), 99)]), batch_size=4)
-  with pytest.raises(ValueError, match=r"tokens_BT: ids must lie in \[0, 64\)"):
+  with pytest.raises(ValueError, match=r"tokens_BT: expected ids in \[0, 64\)"):
     next(bad)
 
 

@@ -79,7 +79,7 @@ def test_xla_attention_and_remat_give_the_same_model(params, key):
     dataclasses.replace(CFG, remat="everything")
   with pytest.raises(ValueError, match="unroll, remat: a remat policy needs the scan"):
     dataclasses.replace(CFG, unroll=True, remat="full")
-  with pytest.raises(TypeError, match="unroll: expected a bool, got 2"):
+  with pytest.raises(TypeError, match="unroll: expected bool, got int 2"):
     dataclasses.replace(CFG, unroll=2)
 
 
@@ -147,7 +147,7 @@ def test_errors(params):
     dataclasses.replace(CFG, head_dim=7)
   with pytest.raises(TypeError, match="tokens_BT: expected integer"):
     llama.forward(params, jnp.zeros((1, 4)), CFG)
-  with pytest.raises(ValueError, match=r"tokens_BT: ids must lie in \[0, 256\)"):
+  with pytest.raises(ValueError, match=r"tokens_BT: expected ids in \[0, 256\)"):
     llama.forward(params, jnp.full((1, 4), 256), CFG)
   with pytest.raises(ValueError, match="positions_BT: expected 0 <= position < max_seq_len=256"):
     llama.forward(params, jnp.zeros((1, 2), jnp.int32), CFG, positions_BT=jnp.array([[0, 256]]))
