@@ -21,8 +21,9 @@ record or a too-long row raises an error naming its file and line: nothing is dr
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -64,15 +65,25 @@ class UnpairedBatch(NamedTuple):
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """Parsed and validated records of one TRL format; errors name the file and line.
 
-  Implicit-prompt records come back split into prompt, chosen and rejected messages.
+  Implicit-prompt records come back split into prompt, chosen and rejected messages. Blank
+  lines may end the file but not sit between records (a gap is a record lost on the way);
+  a file without records raises.
   """
   records: list[dict] = []
   first: tuple[str, str] | None = None  # (format, style) of the file's first record
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+  blank = 0  # the first blank line since the last record
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
       where = f"{os.fspath(path)}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+      if not line.strip():
+        blank = blank or lineno
+        continue
+      if blank:
+        raise ValueError(f"{os.fspath(path)}:{blank}: blank line between records (one JSON record per line)")
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -85,6 +96,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       elif (kind, style) != first:
         raise ValueError(f"{where}: a {style} {kind} record in a file of {first[1]} {first[0]} records")
       records.append({**record, "_where": where})
+  if not records:
+    raise ValueError(f"path: {os.fspath(path)!r} holds no records")
   return records
 
 
@@ -95,16 +108,21 @@ def _check_record(record: dict, where: str) -> tuple[str, str, dict]:
   unknown = keys - required - (_PAIR_EXTRAS if kind == "paired" else frozenset())
   if unknown:
     raise ValueError(f"{where}: unknown fields {sorted(unknown)} in a {kind} record (fields: {sorted(required)})")
+  missing = sorted(required - keys)
+  if missing:
+    raise ValueError(f"{where}: missing fields {missing} in a {kind} record (fields: {sorted(required)})")
   texts = [k for k in ("prompt", "chosen", "rejected", "completion") if k in required]
   for field in texts:
-    if not isinstance(record.get(field), (str, list)):
-      raise ValueError(f"{where}: field {field!r} must be a string or a list of messages, got {record.get(field)!r}")
-  if kind == "unpaired" and not isinstance(record.get("label"), bool):
-    raise ValueError(f"{where}: field 'label' must be true or false, got {record.get('label')!r}")
-  if "margin" in record and not isinstance(record["margin"], (int, float)):
-    raise ValueError(f"{where}: 'margin' must be a number, got {record['margin']!r}")
-  if "rating" in record and record["rating"] not in LLAMA2_MARGINS:
-    raise ValueError(f"{where}: 'rating' must be one of {sorted(LLAMA2_MARGINS)}, got {record['rating']!r}")
+    if not isinstance(record[field], (str, list)):
+      raise ValueError(f"{where}: field {field!r} must be a string or a list of messages, got {record[field]!r}")
+  if kind == "unpaired" and not isinstance(record["label"], bool):
+    raise ValueError(f"{where}: field 'label' must be true or false, got {record['label']!r}")
+  if "margin" in record and "rating" in record:
+    raise ValueError(f"{where}: fields 'margin' and 'rating' both give the pair's margin; keep one")
+  if "margin" in record and not _finite_number(record["margin"]):
+    raise ValueError(f"{where}: field 'margin' must be a finite number, got {record['margin']!r}")
+  if "rating" in record and (not isinstance(record["rating"], str) or record["rating"] not in LLAMA2_MARGINS):
+    raise ValueError(f"{where}: field 'rating' must be one of {sorted(LLAMA2_MARGINS)}, got {record['rating']!r}")
   types = {k: type(record[k]).__name__ for k in texts}
   if kind == "implicit" and not all(isinstance(record[k], list) for k in texts):
     raise ValueError(f"{where}: an implicit-prompt record holds two conversations (message lists), got {types}")
@@ -128,6 +146,34 @@ def _check_record(record: dict, where: str) -> tuple[str, str, dict]:
   return kind, "conversational", {**record, **messages}
 
 
+def _finite_number(value: object) -> bool:
+  """An int or float that is finite; JSON's true and false are not numbers here."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int beyond float's range
+    return False
+
+
+def _checked(records: Sequence[dict], tok: object, max_len: object) -> list[tuple[str, dict]]:
+  """(where, record) of records from read_jsonl or built by hand, checked as read_jsonl checks a line."""
+  if not isinstance(tok, (Tokenizer, chat.ChatFormat)):
+    raise TypeError(f"tok: expected a Tokenizer or a chat.ChatFormat, got {type(tok).__name__}")
+  if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len <= 0:
+    raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+  if isinstance(records, (str, Mapping)) or not len(records):
+    raise ValueError(f"records: expected a non-empty sequence of records, got {records!r:.100}")
+  checked = []
+  for i, record in enumerate(records):
+    if not isinstance(record, Mapping):
+      raise TypeError(f"records[{i}]: expected a dict, got {type(record).__name__}")
+    where = record.get("_where", f"records[{i}]")
+    _, _, fields = _check_record({k: v for k, v in record.items() if k != "_where"}, where)
+    checked.append((where, fields))
+  return checked
+
+
 def tokenize(
   records: Sequence[dict], tok: Tokenizer | chat.ChatFormat, *, max_len: int, mask_formatting: bool = True
 ) -> PreferenceBatch:
@@ -137,8 +183,7 @@ def tokenize(
   vocabulary. `mask_formatting` drops chat headers and <|eot_id|> from the completion masks.
   """
   prompts, chosen, rejected, margins = [], [], [], []
-  for i, record in enumerate(records):
-    where = record.get("_where", f"records[{i}]")
+  for where, record in _checked(records, tok, max_len):
     if "completion" in record:
       raise ValueError(f"{where}: an unpaired record; read unpaired files with tokenize_unpaired")
     prompt_len, rows = _rows(record, ("chosen", "rejected"), tok, max_len, where)
@@ -166,8 +211,7 @@ def tokenize_unpaired(
 ) -> UnpairedBatch:
   """Rows of prompt + completion ids with their labels (unpaired files)."""
   prompts, rows, labels = [], [], []
-  for i, record in enumerate(records):
-    where = record.get("_where", f"records[{i}]")
+  for where, record in _checked(records, tok, max_len):
     if "completion" not in record:
       raise ValueError(f"{where}: a paired record; read paired files with tokenize")
     prompt_len, (row,) = _rows(record, ("completion",), tok, max_len, where)
@@ -225,6 +269,10 @@ def _pad_rows(rows: list[tuple[list[int], list[bool]]], prompt_lengths: np.ndarr
 
 def from_token_arrays(prompts: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> PreferenceBatch:
   """A batch from already-tokenized, equal-width prompts and completions (synthetic tasks)."""
+  prompts, chosen, rejected = np.asarray(prompts), np.asarray(chosen), np.asarray(rejected)
+  for name, x in (("prompts", prompts), ("chosen", chosen), ("rejected", rejected)):
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"{name}: expected a 2-D integer id array, got shape {x.shape} dtype {x.dtype}")
   if not (prompts.shape[0] == chosen.shape[0] == rejected.shape[0]) or chosen.shape != rejected.shape:
     raise ValueError(
       f"prompts, chosen, rejected: expected [B, prompt length], [B, completion length] twice, "

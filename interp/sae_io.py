@@ -34,6 +34,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from paperjax.interp import sae
+from paperjax.models.transformer.llama_import import read_safetensors
 
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 FORMAT_VERSION = "6.18.0"  # the SAELens version whose inference format this writes (its loaders read it)
@@ -122,38 +123,79 @@ def save(
 
 def load(directory: str | os.PathLike) -> tuple[dict, sae.SAEConfig, dict[str, Any]]:
   """(params in the activations' own units, config, cfg.json) of a saved SAE, ours or
-  SAELens'. A JumpReLU file loads as jumprelu (log_threshold = log threshold)."""
+  SAELens'. A JumpReLU file loads as jumprelu (log_threshold = log threshold). A missing,
+  damaged or inconsistent file raises an error naming its path and the field or tensor."""
   path = pathlib.Path(directory)
-  config = json.loads((path / CFG_FILE).read_text())
+  cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f"directory: no {CFG_FILE} in {str(path)!r}")
+  try:
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{cfg_path}: not a valid JSON file ({e})") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{cfg_path}: expected a JSON object of config fields, got {type(config).__name__}")
   arch = config.get("architecture")
   if arch not in _EXTRA:
-    raise ValueError(f"{path / CFG_FILE}: architecture must be one of {sorted(_EXTRA)}, got {arch!r}")
+    raise ValueError(f"{cfg_path}: architecture must be one of {sorted(_EXTRA)}, got {arch!r}")
   if config.get("normalize_activations", "none") != "none":
     raise ValueError(
-      f"{path / CFG_FILE}: normalize_activations={config['normalize_activations']!r} is not supported; "
+      f"{cfg_path}: normalize_activations={config['normalize_activations']!r} is not supported; "
       "expected 'none' (the scale folded into the weights)"
     )
-  if not config.get("apply_b_dec_to_input", True):
-    raise ValueError(f"{path / CFG_FILE}: apply_b_dec_to_input=false is not supported (x - b_dec is encoded)")
-  tensors = load_file(path / WEIGHTS_FILE)
+  if not _flag(config, "apply_b_dec_to_input", True, cfg_path):
+    raise ValueError(f"{cfg_path}: apply_b_dec_to_input=false is not supported (x - b_dec is encoded)")
+  d_in, d_sae = _size(config, "d_in", cfg_path), _size(config, "d_sae", cfg_path)
+  metadata = config.get("metadata", {})
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{cfg_path}: metadata: expected an object, got {metadata!r}")
+  ours = metadata.get("paperjax", {})
+  ours = ours.get("config", {}) if isinstance(ours, dict) else ours
+  if not isinstance(ours, dict):
+    raise ValueError(f"{cfg_path}: metadata.paperjax.config: expected an object, got {ours!r}")
+  kwargs: dict[str, Any] = {"architecture": arch, "d_in": d_in, "d_sae": d_sae}
+  if arch == "topk":
+    if _flag(config, "rescale_acts_by_decoder_norm", False, cfg_path):
+      raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
+    kwargs["k"] = _size(config, "k", cfg_path)
+  tensors = read_safetensors(weights_path, load_file)
   names = {"W_enc", "W_dec", "b_dec", *_EXTRA[arch]}
   if set(tensors) != names:
-    raise ValueError(f"{path / WEIGHTS_FILE}: expected tensors {sorted(names)} for {arch}, got {sorted(tensors)}")
-  d_in, d_sae = int(config["d_in"]), int(config["d_sae"])
+    raise ValueError(f"{weights_path}: expected tensors {sorted(names)} for {arch}, got {sorted(tensors)}")
   shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
   for name, value in tensors.items():
     if value.shape != shapes.get(name, (d_sae,)):
-      raise ValueError(f"{path / WEIGHTS_FILE}: {name} has shape {value.shape}, expected {shapes.get(name, (d_sae,))}")
+      raise ValueError(
+        f"{weights_path}: {name} has shape {value.shape}, expected {shapes.get(name, (d_sae,))} "
+        f"(d_in={d_in}, d_sae={d_sae} in {CFG_FILE})"
+      )
+    if not np.issubdtype(value.dtype, np.floating):
+      raise ValueError(f"{weights_path}: {name}: expected a float dtype, got {value.dtype}")
   params = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-  ours = config.get("metadata", {}).get("paperjax", {}).get("config", {})
-  kwargs: dict[str, Any] = {"architecture": arch, "d_in": d_in, "d_sae": d_sae}
-  if arch == "topk":
-    if config.get("rescale_acts_by_decoder_norm", False):
-      raise ValueError(f"{path / CFG_FILE}: rescale_acts_by_decoder_norm=true is not supported")
-    kwargs["k"] = int(config["k"])
   if arch == "jumprelu":  # SAELens' ReLU(pi) 1[pi > t] is ours with theta = max(t, 0); log 0 = -inf
     with np.errstate(divide="ignore"):
       params["log_threshold"] = np.log(np.maximum(params.pop("threshold"), 0.0))
   if ours.get("architecture") == arch:  # our own training settings come back
     kwargs = {**ours, **kwargs}
-  return params, sae.SAEConfig(**kwargs), config
+  try:
+    cfg = sae.SAEConfig(**kwargs)
+  except (TypeError, ValueError) as e:  # SAEConfig's own checks (k <= d_sae, an unknown field in our metadata)
+    raise type(e)(f"{cfg_path}: {e}") from None
+  return params, cfg, config
+
+
+def _size(config: dict, name: str, where: pathlib.Path) -> int:
+  """config[name] as a positive int: a missing field, true or 16.5 raise rather than truncate."""
+  if name not in config:
+    raise ValueError(f"{where}: missing field {name!r} (expected a positive integer)")
+  value = config[name]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{where}: {name}: expected a positive integer, got {value!r} ({type(value).__name__})")
+  return value
+
+
+def _flag(config: dict, name: str, default: bool, where: pathlib.Path) -> bool:
+  value = config.get(name, default)
+  if not isinstance(value, bool):  # the string "false" would read as true
+    raise ValueError(f"{where}: {name}: expected true or false, got {value!r} ({type(value).__name__})")
+  return value

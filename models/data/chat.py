@@ -43,10 +43,20 @@ class ChatFormat:
   eot_id: int
   pad_id: int = 0
 
+  def __post_init__(self):
+    if not callable(self.encode):
+      raise TypeError(f"encode: expected a function str -> list[int], got {type(self.encode).__name__}")
+    for name in ("bos_id", "start_header_id", "end_header_id", "eot_id", "pad_id"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}: expected a token id (an int >= 0), got {value!r}")
+
   @classmethod
   def from_tokenizer(cls, tok: Tokenizer) -> ChatFormat:
     """From a tokenizer with Llama 3's special tokens (`tokenizer.llama3_offline()`, or
     `tokenizer.from_file` on Meta's tokenizer.model)."""
+    if not isinstance(tok, Tokenizer):
+      raise TypeError(f"tok: expected a tokenizer.Tokenizer, got {type(tok).__name__}")
     missing = [s for s in SPECIALS if s not in tok.encoding.special_tokens_set]
     if missing:
       raise ValueError(f"tok: encoding {tok.name!r} lacks the chat format's special tokens {missing}")
@@ -88,6 +98,13 @@ def render(
 
   `add_generation_prompt` appends the assistant header, so the model's reply comes next.
   """
+  if not isinstance(fmt, ChatFormat):
+    raise TypeError(f"fmt: expected a ChatFormat (ChatFormat.from_tokenizer), got {type(fmt).__name__}")
+  if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+    raise TypeError(f"messages: expected a list of {{'role', 'content'}} messages, got {type(messages).__name__}")
+  for name, flag in (("add_generation_prompt", add_generation_prompt), ("bos", bos)):
+    if not isinstance(flag, (bool, np.bool_)):  # the string "false" would read as true
+      raise TypeError(f"{name}: expected a bool, got {flag!r}")
   pieces: list[tuple[list[int], bool, bool]] = []  # (ids, formatting, assistant)
   if bos:
     pieces.append(([fmt.bos_id], True, False))

@@ -48,8 +48,8 @@ def stdlib_documents(max_chars: int | None = None) -> list[Document]:
   Files that are not valid UTF-8 are skipped. With `max_chars`, documents are taken in
   order until that many characters; the last one is cut to fit exactly.
   """
-  if max_chars is not None and max_chars <= 0:
-    raise ValueError(f"max_chars: expected a positive count or None, got {max_chars}")
+  if max_chars is not None and (not _is_int(max_chars) or max_chars <= 0):
+    raise ValueError(f"max_chars: expected a positive int or None, got {max_chars!r}")
   root = stdlib_root()
   paths = sorted(
     (p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
@@ -92,6 +92,13 @@ def split_documents(docs: Sequence[Document], fractions: Sequence[float]) -> tup
 
 def tokenize(tokenizer: Tokenizer, docs: Sequence[Document]) -> TokenStream:
   """Tokenizes documents (tiktoken's threaded batch encoder) into one EOS-separated stream."""
+  if not isinstance(tokenizer, Tokenizer):
+    raise TypeError(f"tokenizer: expected a tokenizer.Tokenizer, got {type(tokenizer).__name__}")
+  if isinstance(docs, (str, Document)) or not len(docs):
+    raise ValueError(f"docs: expected a non-empty sequence of Documents, got {docs!r:.80}")
+  for i, doc in enumerate(docs):
+    if not isinstance(doc, Document):  # a bare string would fail deep in tiktoken, or tokenize its name
+      raise TypeError(f"docs[{i}]: expected a Document(name, text), got {type(doc).__name__} {doc!r:.60}")
   if tokenizer.eos_id is None:
     raise ValueError(f"tokenizer: encoding {tokenizer.name!r} has no EOS to separate documents")
   rows = tokenizer.encoding.encode_ordinary_batch([d.text for d in docs])
@@ -111,8 +118,8 @@ def windows(x_N: np.ndarray, length: int, *, stride: int | None = None) -> np.nd
   stride = length if stride is None else stride
   if x_N.ndim != 1:
     raise ValueError(f"x_N: expected a 1-D stream, got shape {x_N.shape}")
-  if length <= 0 or stride <= 0:
-    raise ValueError(f"length, stride: expected positive ints, got {length}, {stride}")
+  if not (_is_int(length) and _is_int(stride)) or length <= 0 or stride <= 0:
+    raise ValueError(f"length, stride: expected positive ints, got {length!r}, {stride!r}")
   if x_N.shape[0] < length:
     raise ValueError(f"x_N: stream of {x_N.shape[0]} tokens is shorter than one window ({length})")
   return np.lib.stride_tricks.sliding_window_view(x_N, length)[::stride].copy()
@@ -124,15 +131,42 @@ def compact_vocab(ids: np.ndarray, size: int) -> np.ndarray:
   Count tables need V^(k+1) cells, so table models on a 100k vocabulary work on a
   compact one: these ids plus one "other" id for the rest (see `to_compact`).
   """
-  if size < 2:
-    raise ValueError(f"size: expected >= 2 (one kept token plus 'other'), got {size}")
-  values, counts = np.unique(np.asarray(ids), return_counts=True)
+  if not _is_int(size) or size < 2:
+    raise ValueError(f"size: expected an int >= 2 (one kept token plus 'other'), got {size!r}")
+  ids = _token_ids(ids, "ids")
+  if not ids.size:
+    raise ValueError("ids: expected at least one id to count, got none")
+  values, counts = np.unique(ids, return_counts=True)
   return values[np.lexsort((values, -counts))][: size - 1].astype(np.int32)
 
 
 def to_compact(ids: np.ndarray, kept: np.ndarray) -> np.ndarray:
-  """Maps ids to their index in `kept`; ids not kept map to len(kept), the "other" id."""
-  ids, kept = np.asarray(ids), np.asarray(kept)
-  lookup = np.full(int(max(ids.max(initial=0), kept.max(initial=0))) + 1, kept.size, np.int32)
-  lookup[kept] = np.arange(kept.size, dtype=np.int32)
-  return lookup[ids]
+  """Maps ids to their index in `kept`; ids not kept map to len(kept), the "other" id.
+
+  Ids are token ids, ints in [0, 2^31); `kept` holds distinct ones (`compact_vocab`'s output).
+  """
+  ids, kept = _token_ids(ids, "ids"), _token_ids(kept, "kept")
+  if kept.ndim != 1 or not kept.size:
+    raise ValueError(f"kept: expected a non-empty 1-D array of ids, got shape {kept.shape}")
+  order = np.argsort(kept, kind="stable")
+  sorted_kept = kept[order]
+  repeated = sorted_kept[1:][sorted_kept[1:] == sorted_kept[:-1]]
+  if repeated.size:  # two compact ids for one token: the later would win silently
+    raise ValueError(f"kept: expected distinct ids, got repeats {np.unique(repeated)[:5].tolist()}")
+  at = np.minimum(np.searchsorted(sorted_kept, ids), kept.size - 1)
+  return np.where(sorted_kept[at] == ids, order[at], kept.size).astype(np.int32)
+
+
+def _is_int(value: object) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _token_ids(x, arg: str) -> np.ndarray:
+  """`x` as an integer array of token ids in [0, 2^31); a float, bool or negative id raises."""
+  x = np.asarray(x)
+  if x.size and not np.issubdtype(x.dtype, np.integer):  # bool is no integer dtype: it would index as a mask
+    raise TypeError(f"{arg}: expected integer token ids, got dtype {x.dtype}")
+  if x.size and (x.min() < 0 or x.max() >= 2**31):
+    bad = x[(x < 0) | (x >= 2**31)]
+    raise ValueError(f"{arg}: expected token ids in [0, 2^31), got {np.unique(bad)[:5].tolist()}")
+  return x.astype(np.int64)

@@ -128,11 +128,12 @@ class Tokenizer:
     (`pad_side="left"`) right-aligns rows, the layout batched decoding wants.
     """
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-      raise TypeError("texts: expected a sequence of str")
-    if pad_side not in ("right", "left"):
-      raise ValueError(f"pad_side: expected 'right' or 'left', got {pad_side!r}")
-    if max_len is not None and max_len < 0:
-      raise ValueError(f"max_len: expected >= 0, got {max_len}")
+      bad = texts if isinstance(texts, str) else next(t for t in texts if not isinstance(t, str))
+      raise TypeError(f"texts: expected a sequence of str, got {type(bad).__name__} {bad!r:.80}")
+    _check_pad_side(pad_side)
+    _check_count(max_len, "max_len")
+    if not isinstance(truncate, (bool, np.bool_)):
+      raise TypeError(f"truncate: expected a bool, got {truncate!r}")
     rows = [self._wrap(r, bos, eos) for r in self.encoding.encode_ordinary_batch(list(texts))]
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
     if max_len is None:
@@ -151,13 +152,18 @@ class Tokenizer:
     ids_BT = np.asarray(ids_BT)
     if ids_BT.ndim != 2:
       raise ValueError(f"ids_BT: expected shape [B, T], got {ids_BT.shape}")
-    mask_BT = np.ones(ids_BT.shape, bool) if mask_BT is None else np.asarray(mask_BT, bool)
+    mask_BT = np.ones(ids_BT.shape, bool) if mask_BT is None else np.asarray(mask_BT)
+    if mask_BT.dtype != bool and not (np.issubdtype(mask_BT.dtype, np.integer) and np.isin(mask_BT, (0, 1)).all()):
+      raise TypeError(f"mask_BT: expected a boolean (or 0/1) mask, got dtype {mask_BT.dtype}")
+    mask_BT = mask_BT.astype(bool)
     if mask_BT.shape != ids_BT.shape:
       raise ValueError(f"mask_BT: expected shape {ids_BT.shape}, got {mask_BT.shape}")
     return [self.decode(row[m]) for row, m in zip(ids_BT, mask_BT)]
 
   def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
     for flag, token_id, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
+      if not isinstance(flag, (bool, np.bool_)):  # bos="no" would add the token
+        raise TypeError(f"{what}: expected a bool, got {flag!r}")
       if flag and token_id is None:
         raise ValueError(f"{what}: encoding {self.name!r} has no {what.upper()} token")
     head = [self.bos_id] if bos and self.bos_id is not None else []
@@ -185,17 +191,52 @@ def pad_rows(
   rows: Sequence[Sequence[int]], pad_id: int, *, width: int | None = None, pad_side: Literal["right", "left"] = "right"
 ) -> TokenBatch:
   """Id rows of different lengths in one [B, T] array (T = `width`, default the longest row)
-  filled with `pad_id`, and the mask of real positions."""
-  lengths = np.array([len(r) for r in rows], dtype=np.int64)
-  width = int(lengths.max(initial=0)) if width is None else width
+  filled with `pad_id`, and the mask of real positions.
+
+  Ids and `pad_id` are ints in [0, 2^31) (the array is int32): a float, bool or larger id
+  raises rather than being cut to another id.
+  """
+  _check_pad_side(pad_side)
+  _check_count(width, "width")
+  if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < 2**31:
+    raise ValueError(f"pad_id: expected an int in [0, 2^31), got {pad_id!r}")
+  if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence | np.ndarray):
+    raise TypeError(f"rows: expected a sequence of id rows, got {type(rows).__name__}")
+  arrays = []
+  for i, row in enumerate(rows):
+    if isinstance(row, (str, bytes)):
+      raise TypeError(f"rows[{i}]: expected a sequence of int ids, got {type(row).__name__} {row!r:.40}")
+    a = np.asarray(row)
+    if a.size and (a.ndim != 1 or not np.issubdtype(a.dtype, np.integer)):
+      raise TypeError(f"rows[{i}]: expected a 1-D sequence of int ids, got shape {a.shape} dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= 2**31):
+      raise ValueError(f"rows[{i}]: ids must lie in [0, 2^31), got {int(a.min())}..{int(a.max())}")
+    arrays.append(a.reshape(-1).astype(np.int32))
+  lengths = np.array([a.size for a in arrays], dtype=np.int64)
+  width = int(lengths.max(initial=0)) if width is None else int(width)
   if (lengths > width).any():
     raise ValueError(f"rows: lengths {lengths.tolist()} exceed width={width}")
   positions = np.arange(width)[None, :]
   mask_BT = positions < lengths[:, None] if pad_side == "right" else positions >= width - lengths[:, None]
   ids_BT = np.full(mask_BT.shape, pad_id, dtype=np.int32)
   # Row-major order of the True cells is each row's tokens in order, for both sides.
-  ids_BT[mask_BT] = np.fromiter((t for r in rows for t in r), np.int32, int(lengths.sum()))
+  ids_BT[mask_BT] = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
   return TokenBatch(ids_BT, mask_BT)
+
+
+def _check_pad_side(pad_side: object) -> None:
+  if pad_side not in ("right", "left"):  # anything else would pad one side silently
+    raise ValueError(f"pad_side: expected 'right' or 'left', got {pad_side!r}")
+
+
+def _check_count(value: object, arg: str) -> None:
+  """None or an int >= 0 (3.5 and True are not lengths)."""
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{arg}: expected an int >= 0 or None, got {type(value).__name__} {value!r}")
+  if value < 0:
+    raise ValueError(f"{arg}: expected >= 0, got {value}")
 
 
 def from_name(name: str, *, bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT) -> Tokenizer:
@@ -263,6 +304,9 @@ def from_file(
   if special_tokens is None:
     special_tokens = llama3_special_tokens(max(ranks.values()) + 1)
   special_tokens = dict(special_tokens)
+  for special, number in special_tokens.items():
+    if not isinstance(special, str) or isinstance(number, bool) or not isinstance(number, int) or number < 0:
+      raise ValueError(f"special_tokens: expected str -> int >= 0, got {special!r}: {number!r}")
   clash = set(special_tokens.values()) & set(ranks.values())
   if clash:
     raise ValueError(f"special_tokens: ids {sorted(clash)[:5]} are already BPE ranks in {path!r}")
@@ -319,6 +363,8 @@ def _read_bpe_file(path: str) -> dict[bytes, int]:
         token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
       except (ValueError, binascii.Error):
         raise ValueError(f"path: {path}:{lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+      if rank < 0 or not token:
+        raise ValueError(f"path: {path}:{lineno}: expected a non-empty token and a rank >= 0, got {line[:80]!r}")
       if token in ranks:
         raise ValueError(f"path: {path}:{lineno}: token {token!r} appears twice")
       ranks[token] = rank

@@ -112,8 +112,8 @@ def test_preference_data_round_trip(tmp_path, tok):
   "line, message",
   [
     ("{not json", r"prefs.jsonl:2: not valid JSON"),
-    ('{"prompt": "a", "chosen": "b"}', r"prefs.jsonl:2: field 'rejected' must be a string"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c", "rating": "meh"}', r"prefs.jsonl:2: 'rating' must be one of"),
+    ('{"prompt": "a", "chosen": "b"}', r"prefs.jsonl:2: missing fields \['rejected'\]"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "rating": "meh"}', r"prefs.jsonl:2: field 'rating' must be"),
     ('["a"]', r"prefs.jsonl:2: expected a JSON object"),
   ],
 )

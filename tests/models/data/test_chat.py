@@ -57,6 +57,12 @@ def test_render_errors(fmt):
     chat.render(fmt, [])
   with pytest.raises(ValueError, match="lacks the chat format's special tokens"):
     chat.ChatFormat.from_tokenizer(tokenizer.from_name("cl100k_base"))
+  with pytest.raises(TypeError, match="tok: expected a tokenizer.Tokenizer, got str"):
+    chat.ChatFormat.from_tokenizer("cl100k_base")
+  with pytest.raises(TypeError, match="add_generation_prompt: expected a bool, got 'no'"):
+    chat.render(fmt, CONVERSATION, add_generation_prompt="no")
+  with pytest.raises(ValueError, match="eot_id: expected a token id"):
+    chat.ChatFormat(encode=fmt.encode, bos_id=0, start_header_id=1, end_header_id=2, eot_id=-1)
 
 
 def test_generation_on_chat_prompts_stops_at_eot(key):

@@ -57,6 +57,8 @@ def test_windows():
     corpus.windows(x, 11)
   with pytest.raises(ValueError, match="1-D"):
     corpus.windows(x.reshape(2, 5), 2)
+  with pytest.raises(ValueError, match=r"length, stride: expected positive ints, got 2\.5"):
+    corpus.windows(x, 2.5)
 
 
 def test_compact_vocab_matches_counter(np_rng):
@@ -69,3 +71,5 @@ def test_compact_vocab_matches_counter(np_rng):
   assert compact.tolist() == [lookup.get(i, 49) for i in ids.tolist()]
   with pytest.raises(ValueError, match="size"):
     corpus.compact_vocab(ids, 1)
+  with pytest.raises(TypeError, match="ids: expected integer token ids, got dtype float64"):
+    corpus.compact_vocab(ids.astype(float), 50)

@@ -193,6 +193,12 @@ def test_encode_batch_errors(cl100k):
     tok.from_name("cl100k_base", bos_token=None).encode("a", bos=True)
   with pytest.raises(ValueError, match="mask_BT"):
     cl100k.decode_batch(np.zeros((2, 3), int), np.ones((2, 2), bool))
+  with pytest.raises(TypeError, match=r"mask_BT: expected a boolean \(or 0/1\) mask, got dtype float64"):
+    cl100k.decode_batch(np.zeros((2, 3), int), np.full((2, 3), 0.5))
+  with pytest.raises(TypeError, match="texts: expected a sequence of str, got NoneType"):
+    cl100k.encode_batch(["a", None])
+  with pytest.raises(TypeError, match="max_len: expected an int >= 0 or None, got float"):
+    cl100k.encode_batch(["a"], max_len=2.5)
 
 
 def test_pad_rows_both_sides_and_width():
@@ -202,3 +208,7 @@ def test_pad_rows_both_sides_and_width():
   assert left.ids_BT.tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]] and left.mask_BT.sum() == 4
   with pytest.raises(ValueError, match=r"rows: lengths \[3, 1\] exceed width=2"):
     tok.pad_rows([[5, 6, 7], [8]], 0, width=2)
+  with pytest.raises(ValueError, match="width: expected >= 0, got -3"):
+    tok.pad_rows([[5]], 0, width=-3)
+  with pytest.raises(ValueError, match=r"rows\[1\]: ids must lie in \[0, 2\^31\)"):
+    tok.pad_rows([[5], [2**31]], 0)
