@@ -117,6 +117,7 @@ def _tcfg(cfg: Config, steps: int, lr: float) -> train.TrainConfig:
 
 
 PARTS = ("pipeline", "chat")  # --only=align.<part>
+TIMED = False  # it times nothing: --repeats is a usage error (bench/cli.py)
 
 
 def run(ctx: Context) -> Result:
@@ -309,4 +310,4 @@ def _chat(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"align": Benchmark(run, PARTS)}))
+  app.run(cli.main_for({"align": Benchmark(run, PARTS, TIMED)}))

@@ -271,10 +271,12 @@ SUITE_PARTS = ("maxsim.throughput", "quant.throughput", "serving.kernel")  # the
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runs = {**RUNS, **{name: registry.load(name) for name in SUITE}}
+  cli.check_flags(runs)  # a bad flag is an error with or without a GPU
   if jax.default_backend() != "gpu":
     print(f"gpu_check: no GPU backend here (jax.default_backend() = {jax.default_backend()!r}); nothing was timed.")
     return 0
-  return cli.run_benchmarks({**RUNS, **{name: registry.load(name) for name in SUITE}})
+  return cli.run_benchmarks(runs)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import platform
 import statistics
 import sys
@@ -66,6 +67,21 @@ class Record:
   paper_value: float | str | None
   paper_source: str
   environment: Environment
+
+  def __post_init__(self):
+    for name in ("benchmark", "metric", "unit"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+        raise ValueError(f"record {self.metric!r}: {name} must be a non-empty string, got {getattr(self, name)!r}")
+    # A measured value may come out non-finite (a diverged loss): it is reported as 'nan' / 'inf'.
+    if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real):
+      raise TypeError(f"record {self.metric!r}: value must be a number, got {self.value!r}")
+    paper = self.paper_value
+    if isinstance(paper, bool) or not (paper is None or isinstance(paper, (numbers.Real, str))):
+      raise TypeError(f"record {self.metric!r}: paper_value must be a number, a claim or None, got {paper!r}")
+    if isinstance(paper, numbers.Real) and not math.isfinite(paper):
+      raise ValueError(f"record {self.metric!r}: paper_value must be finite, got {paper!r}")
+    if isinstance(paper, str) and not paper.strip():
+      raise ValueError(f"record {self.metric!r}: paper_value must be a non-empty claim or None, got {paper!r}")
 
   @property
   def ratio(self) -> float | None:
@@ -144,6 +160,22 @@ class Result:
   wall_s: float | None = None  # the whole run's wall time, set by the runner
   images: tuple[Image, ...] = ()
 
+  def __post_init__(self):
+    if not isinstance(self.benchmark, str) or not self.benchmark.strip():
+      raise ValueError(f"result: benchmark must be a non-empty string, got {self.benchmark!r}")
+    others = sorted({r.benchmark for r in self.records} - {self.benchmark})
+    if others:
+      raise ValueError(f"result {self.benchmark!r}: records must be its own, got records of {others}")
+    if self.wall_s is not None and not (math.isfinite(self.wall_s) and self.wall_s >= 0):
+      raise ValueError(f"result {self.benchmark!r}: wall_s must be finite and >= 0, got {self.wall_s!r}")
+    names = [plot.name for plot in self.plots] + [image.name for image in self.images]
+    repeated = sorted(name for name in set(names) if names.count(name) > 1)
+    if repeated:  # each becomes the file <benchmark>_<name>.png: one would overwrite the other
+      raise ValueError(f"result {self.benchmark!r}: plot and image names must be unique, got {repeated} repeated")
+    unsafe = [name for name in names if not name or "/" in name or "\\" in name or name.startswith(".")]
+    if unsafe:
+      raise ValueError(f"result {self.benchmark!r}: plot and image names must be file names, got {unsafe}")
+
   @classmethod
   def from_parts(cls, benchmark: str, parts: Sequence[tuple[Sequence[Record], Plot, str]]) -> Result:
     """One result from the (records, plot, note) of each part that ran."""
@@ -173,6 +205,14 @@ class Context:
   parts: tuple[str, ...] | None = None
   recorded: dict[str | None, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
   _current: list[str | None] = dataclasses.field(default_factory=lambda: [None], compare=False, repr=False)
+
+  def __post_init__(self):
+    if self.scale not in SCALES:
+      raise ValueError(f"scale: expected one of {SCALES}, got {self.scale!r}")
+    if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+      raise ValueError(f"repeats: expected an int >= 1, got {self.repeats!r}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+      raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
 
   def wants(self, part: str) -> bool:
     """True if `--only` is empty or names this benchmark or `<benchmark>.<part>`."""
@@ -206,6 +246,7 @@ class Benchmark(NamedTuple):
 
   run: Callable[[Context], Result]
   parts: tuple[str, ...] = ()  # () = one undivided part
+  timed: bool = True  # False: it times nothing, so `--repeats` is a usage error rather than ignored
 
 
 def selects_benchmark(only: Sequence[str], benchmark: str) -> bool:

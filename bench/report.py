@@ -137,9 +137,41 @@ def _bar_width(x: Sequence[float]) -> float:
   return 0.8 * min((b - a for a, b in itertools.pairwise(sorted(set(x)))), default=1.0)
 
 
+def check_out(out: str | os.PathLike) -> pathlib.Path:
+  """Checks that `out` is a folder this process can write into, or can be made as one; raises
+  ValueError naming `out` otherwise. Leaves the file system as it found it: a write test is a
+  temporary file in `out`, or in its nearest existing parent, removed at once.
+  """
+  if not os.fspath(out).strip():
+    raise ValueError(f"out: expected a folder path, got {os.fspath(out)!r}")
+  path = pathlib.Path(out)
+  existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+  if not existing.is_dir():
+    where = "" if existing == path else f" (its parent {os.fspath(existing)!r} is a file)"
+    raise ValueError(f"out: expected a folder or a path where one can be made, got {os.fspath(out)!r}{where}")
+  try:
+    fd, tmp = tempfile.mkstemp(dir=existing, prefix=".paperjax-write-check.", suffix=".tmp")
+  except OSError as e:
+    raise ValueError(
+      f"out: expected a folder this process can write in, got {os.fspath(out)!r} "
+      f"(a test file in {os.fspath(existing)!r} failed: {e.strerror or e})"
+    ) from None
+  os.close(fd)
+  os.unlink(tmp)
+  return path
+
+
 def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -> dict[str, pathlib.Path]:
-  """Writes report.md, results.json and the plots under `out`; returns their paths."""
-  out = pathlib.Path(out)
+  """Writes report.md, results.json and the plots under `out`; returns their paths.
+
+  `out` is checked first (`check_out`), so a path that is a file is a ValueError naming it,
+  before any file is written; so are two results of one benchmark.
+  """
+  out = check_out(out)
+  names = [result.benchmark for result in results]
+  repeated = sorted(name for name in set(names) if names.count(name) > 1)
+  if repeated:
+    raise ValueError(f"results: expected one result per benchmark, got {repeated} repeated")
   out.mkdir(parents=True, exist_ok=True)
   plot_files: dict[str, str] = {}
   for result in results:
@@ -155,7 +187,7 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
     "environment": dataclasses.asdict(env),
     "records": [r.to_json() for result in results for r in result.records],
     "plots": [
-      {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **dataclasses.asdict(p)}
+      {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **_json_safe(dataclasses.asdict(p))}
       for result in results
       for p in result.plots
     ],
@@ -171,6 +203,17 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
   _atomic(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))
   _atomic(paths["json"], lambda f: json.dump(payload, f, indent=2, allow_nan=False))
   return {**paths, **{key: out / name for key, name in plot_files.items()}}
+
+
+def _json_safe(tree):
+  """`tree` with each non-finite float as the string 'nan' / 'inf' / '-inf' (as `Record.to_json` does)."""
+  if isinstance(tree, float) and not math.isfinite(tree):
+    return str(tree)
+  if isinstance(tree, dict):
+    return {k: _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_safe(v) for v in tree]
+  return tree
 
 
 def _atomic(path: pathlib.Path, write_fn, binary: bool = False) -> None:
