@@ -47,8 +47,12 @@ ERRORS = checkify.user_checks | checkify.index_checks  # what `checked` catches 
 
 
 def concrete(x: Any) -> np.ndarray | None:
-  """x as numpy when it has a value now (not inside a trace), else None."""
+  """x as numpy when it has a value now (not inside a trace), else None. A global array
+  spread over other processes' devices counts as unknown: each process checks its own
+  data before it becomes global."""
   if x is None or isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return None
   return np.asarray(x)
 
@@ -93,7 +97,7 @@ def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: s
     raise ValueError(f"{name}: expected {kind}{shape or f'rank {ndim}'}, got {x.dtype} of shape {tuple(x.shape)}")
 
 
-def check_tokens(tokens_BT: jax.Array, vocab_size: int, *, name: str = "tokens_BT") -> tuple[int, int]:
+def check_tokens(tokens_BT: jax.Array | np.ndarray, vocab_size: int, *, name: str = "tokens_BT") -> tuple[int, int]:
   """(B, T) of integer ids [B, T], each in [0, vocab_size)."""
   check_array(name, tokens_BT, 2, integer=True, shape="[B, T]")
   _bad_values(name, tokens_BT, lambda v: (v < 0) | (v >= vocab_size), f"ids in [0, {vocab_size})")

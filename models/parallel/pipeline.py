@@ -130,6 +130,8 @@ def _check_micro(batch: int, n_micro: int, mesh: Mesh) -> None:
 
 def loss(params: dict, batch: lm.Batch, cfg: llama.LlamaConfig, mesh: Mesh, n_micro: int) -> jax.Array:
   """`lm.loss_fn` with the layers pipelined over n_micro micro-batches."""
+  llama.check_params(params, cfg)
+  lm.check_batch(batch, cfg)
   tokens_BT = jnp.asarray(batch.tokens_BT)
   _check_micro(tokens_BT.shape[0], n_micro, mesh)
   micro = functools.partial(to_micro, n_micro=n_micro)
@@ -185,7 +187,6 @@ def _cached(params, tokens_BT, cache, num_new_B, cfg, mesh, n_micro):
   return hidden_BTD, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n_micro", "capacity"))
 def prefill(
   params: dict,
   tokens_BT: jax.Array,
@@ -199,22 +200,47 @@ def prefill(
   """`llama.prefill` pipelined: n_micro micro-batches of rows flow through the stages.
 
   Returns the float32 logits [B, V] after each row's last real token and the KV cache
-  [L, B, C, G, K], whose layers stay on their stages."""
+  [L, B, C, G, K], whose layers stay on their stages. Checks params, ids and lengths
+  (1 .. T) on the host, then runs one jitted program."""
+  llama.check_params(params, cfg)
   batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
-  lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else lengths_B.astype(jnp.int32)
-  empty = llama.init_state(cfg, batch, time if capacity is None else capacity)
+  lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else checks.check_lengths(lengths_B, batch, time)
+  capacity = time if capacity is None else capacity
+  if not time <= capacity <= cfg.max_seq_len:
+    raise ValueError(f"capacity: expected T={time} .. max_seq_len={cfg.max_seq_len}, got {capacity}")
+  _check_micro(batch, n_micro, mesh)
+  return _prefill(params, tokens_BT, lengths_B, cfg, mesh, n_micro, capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n_micro", "capacity"))
+def _prefill(params, tokens_BT, lengths_B, cfg, mesh, n_micro, capacity):
+  batch = tokens_BT.shape[0]
+  empty = llama.init_state(cfg, batch, capacity)
   hidden_BTD, cache = _cached(params, tokens_BT, empty, lengths_B, cfg, mesh, n_micro)
   last_B1D = hidden_BTD[jnp.arange(batch), lengths_B - 1][:, None]
   return llama.unembed(params, last_B1D, cfg)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n_micro"))
 def decode(
   params: dict, token_B: jax.Array, cache: llama.KVCache, cfg: llama.LlamaConfig, mesh: Mesh, n_micro: int
 ) -> tuple[jax.Array, llama.KVCache]:
-  """`llama.decode` pipelined: one token per row, rows in n_micro micro-batches."""
-  if token_B.ndim != 1:
-    raise ValueError(f"token_B: expected shape [B], got {token_B.shape}")
+  """`llama.decode` pipelined: one token per row, rows in n_micro micro-batches. Checks
+  params, ids, the cache's shapes and its room for one more token on the host."""
+  llama.check_params(params, cfg)
+  checks.check_array("token_B", token_B, 1, integer=True, shape="[B]")
+  checks.check_tokens(token_B[:, None], cfg.vocab_size, name="token_B")
+  if not isinstance(cache, llama.KVCache):
+    raise TypeError(f"cache: expected a llama.KVCache (from prefill), got {type(cache).__name__}")
+  want = (cfg.n_layers, token_B.shape[0], cache.capacity, cfg.n_kv_heads, cfg.k)
+  if cache.k_LBSGK.shape != want or cache.lengths_B.shape != token_B.shape:
+    raise ValueError(f"cache: expected keys of shape {want} for these tokens and config, got {cache.k_LBSGK.shape}")
+  checks.check_in("cache.lengths_B", cache.lengths_B, 0, cache.capacity - 1, what="lengths (room for one token)")
+  _check_micro(token_B.shape[0], n_micro, mesh)
+  return _decode(params, token_B, cache, cfg, mesh, n_micro)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n_micro"))
+def _decode(params, token_B, cache, cfg, mesh, n_micro):
   new_B = jnp.ones_like(cache.lengths_B)
   hidden_B1D, cache = _cached(params, token_B[:, None], cache, new_B, cfg, mesh, n_micro)
   return llama.unembed(params, hidden_B1D, cfg)[:, 0], cache
@@ -222,5 +248,4 @@ def decode(
 
 def param_shardings(cfg: llama.LlamaConfig, mesh: Mesh) -> Any:
   """Stage-sharded NamedShardings of Llama's params on `mesh` (layers over `pipe`)."""
-  shapes = jax.eval_shape(functools.partial(llama.init, cfg=cfg), jax.random.key(0))
-  return sharding.param_shardings(shapes, llama.param_axes(cfg), mesh, RULES)
+  return sharding.param_shardings(llama.param_shapes(cfg), llama.param_axes(cfg), mesh, RULES)

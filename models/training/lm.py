@@ -26,6 +26,7 @@ import optax
 from paperjax.models import sharding
 from paperjax.models.training.train import TrainConfig, TrainState, make_step, optimizer, start_state
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 
 class Batch(NamedTuple):
@@ -36,6 +37,22 @@ class Batch(NamedTuple):
   mask_BT: np.ndarray  # True where the target is the same document's next token
   segment_ids_BT: np.ndarray
   positions_BT: np.ndarray  # restart at 0 at each document start inside a window
+
+
+def check_batch(batch: Batch, cfg: llama.LlamaConfig) -> None:
+  """Raises unless the batch's five arrays are [B, T], ids and targets lie in [0, V) and
+  positions in [0, max_seq_len): on the host, before a jitted step (under jit the ids
+  would be clamped and the loss silently wrong)."""
+  if not isinstance(batch, Batch):
+    raise TypeError(f"batch: expected an lm.Batch (lm.packed_batch, lm.batch_at), got {type(batch).__name__}")
+  batch_size, time = checks.check_tokens(batch.tokens_BT, cfg.vocab_size, name="batch.tokens_BT")
+  checks.check_tokens(batch.targets_BT, cfg.vocab_size, name="batch.targets_BT")
+  for name in ("targets_BT", "mask_BT", "segment_ids_BT", "positions_BT"):
+    if getattr(batch, name).shape != (batch_size, time):
+      raise ValueError(
+        f"batch.{name}: expected shape {(batch_size, time)} (tokens_BT's), got {getattr(batch, name).shape}"
+      )
+  checks.check_in("batch.positions_BT", batch.positions_BT, 0, cfg.max_seq_len - 1, what="positions")
 
 
 def init_state(key: jax.Array, cfg: llama.LlamaConfig, tcfg: TrainConfig) -> TrainState:
@@ -65,8 +82,11 @@ def masked_nll(logits_BTV: jax.Array, batch: Batch) -> jax.Array:
 def make_train_step(
   cfg: llama.LlamaConfig, tcfg: TrainConfig
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """A jitted (state, batch) -> (state, metrics) of next-token training with metrics loss, grad_norm, lr."""
-  return make_step(lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg)
+  """A jitted (state, batch) -> (state, metrics) of next-token training with metrics loss,
+  grad_norm, lr; `check_batch` runs on the host before each step."""
+  return make_step(
+    lambda params, batch: (loss_fn(params, batch, cfg), {}), tcfg, check_args=lambda b: check_batch(b, cfg)
+  )
 
 
 class ShardedTraining(NamedTuple):
@@ -120,7 +140,9 @@ def laid_out(
   else:
     state = jax.device_put(start_state(params, tcfg), state_sh)
   shardings = sharding.Shardings(mesh, state_sh, sharding.batch_sharding(mesh, rules))
-  step = make_step(lambda p, batch: (loss(p, batch), {}), tcfg, shardings=shardings)
+  step = make_step(
+    lambda p, batch: (loss(p, batch), {}), tcfg, shardings=shardings, check_args=lambda b: check_batch(b, cfg)
+  )
   return ShardedTraining(state, step, cfg, shardings)
 
 

@@ -9,9 +9,8 @@ into a jitted step; the LM objective lives in `training.lm`, the post-training o
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import jax
 import jax.numpy as jnp
@@ -19,30 +18,29 @@ import optax
 from flax import struct
 
 from paperjax.models.sharding import Shardings
+from paperjax.ops import checks
+
+Beta = Annotated[float, checks.Range(low=0, high=1, high_open=True)]  # an Adam decay rate
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class TrainConfig:
-  batch_size: int = 16
-  seq_len: int = 64
-  peak_lr: float = 3e-3
-  warmup_steps: int = 20
-  total_steps: int = 300
-  final_lr_ratio: float = 0.1  # cosine decays to peak_lr * final_lr_ratio
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  clip_norm: float = 1.0
-  seed: int = 0
+  batch_size: checks.PositiveInt = 16
+  seq_len: checks.PositiveInt = 64
+  peak_lr: checks.PositiveFloat = 3e-3
+  warmup_steps: checks.NonNegativeInt = 20
+  total_steps: checks.PositiveInt = 300
+  final_lr_ratio: checks.Fraction = 0.1  # cosine decays to peak_lr * final_lr_ratio
+  weight_decay: checks.NonNegativeFloat = 0.1
+  b1: Beta = 0.9
+  b2: Beta = 0.95
+  eps: checks.PositiveFloat = 1e-8
+  clip_norm: checks.PositiveFloat = 1.0
+  seed: checks.NonNegativeInt = 0
 
   def __post_init__(self):
-    if self.batch_size < 1 or self.seq_len < 1:
-      raise ValueError(f"batch_size, seq_len: expected >= 1, got {self.batch_size}, {self.seq_len}")
-    if not 0 <= self.warmup_steps < self.total_steps:
-      raise ValueError(f"warmup_steps: expected 0 <= warmup < total_steps={self.total_steps}, got {self.warmup_steps}")
-    if self.peak_lr <= 0 or self.clip_norm <= 0:
-      raise ValueError(f"peak_lr, clip_norm: expected > 0, got {self.peak_lr}, {self.clip_norm}")
+    if self.warmup_steps >= self.total_steps:
+      raise ValueError(f"warmup_steps: expected < total_steps={self.total_steps}, got {self.warmup_steps}")
 
 
 @struct.dataclass
@@ -75,11 +73,18 @@ def start_state(params: dict, tcfg: TrainConfig) -> TrainState:
 
 
 def make_step(
-  objective: Callable[..., tuple[jax.Array, dict]], tcfg: TrainConfig, *, shardings: Shardings | None = None
+  objective: Callable[..., tuple[jax.Array, dict]],
+  tcfg: TrainConfig,
+  *,
+  shardings: Shardings | None = None,
+  check_args: Callable[..., None] | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
   """A jitted (state, *args) -> (state, metrics) minimising objective(params, *args) -> (loss, aux).
 
   One AdamW step of `optimizer(tcfg)`; metrics are loss, grad_norm, lr and the aux dict.
+  `check_args(*args)` runs on the host before each call: the value checks (ids in range,
+  ...) that cannot run inside the jitted step. The jitted program is `step.jitted` (for
+  `.lower()`).
   With `shardings` (`models.sharding.Shardings`: a mesh, the state's shardings and the
   batch's, for steps of (state, batch)) the step is compiled for that mesh (what pjit became:
   jit with in/out shardings), runs inside it (so models' activation constraints apply),
@@ -96,14 +101,19 @@ def make_step(
     return TrainState(state.step + 1, params, opt_state), metrics
 
   if shardings is None:
-    return jax.jit(step)
-  mesh = shardings.mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  sharded = jax.jit(step, in_shardings=(shardings.state, shardings.batch), out_shardings=(shardings.state, replicated))
+    jitted = jax.jit(step)
+  else:
+    replicated = jax.sharding.NamedSharding(shardings.mesh, jax.sharding.PartitionSpec())
+    out_shardings = (shardings.state, replicated)
+    jitted = jax.jit(step, in_shardings=(shardings.state, shardings.batch), out_shardings=out_shardings)
 
-  def step_on_mesh(state: TrainState, *args):
-    with jax.set_mesh(mesh):
-      return sharded(state, *args)
+  def checked_step(state: TrainState, *args):
+    if check_args is not None:
+      check_args(*args)
+    if shardings is None:
+      return jitted(state, *args)
+    with jax.set_mesh(shardings.mesh):
+      return jitted(state, *args)
 
-  step_on_mesh.jitted = sharded  # type: ignore[attr-defined]  # for .lower(): memory and HLO analysis
-  return step_on_mesh
+  checked_step.jitted = jitted  # type: ignore[attr-defined]  # for .lower(): memory and HLO analysis
+  return checked_step
