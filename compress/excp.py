@@ -70,23 +70,29 @@ class ExcpConfig:
   level: int | None = None
 
   def __post_init__(self):
-    if not (math.isfinite(self.alpha) and self.alpha >= 0):
-      raise ValueError(f"alpha: expected a finite value >= 0, got {self.alpha}")
-    if not (math.isfinite(self.beta) and self.beta >= 0):
-      raise ValueError(f"beta: expected a finite value >= 0, got {self.beta}")
-    if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+    # Python numbers only: the header is JSON, which has no numpy scalars (np.float64 is a float, np.float32 is not).
+    for name in ("alpha", "beta"):
+      x = getattr(self, name)
+      if not (_is_number(x, float) and math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name}: expected a finite Python float >= 0, got {x!r}")
+    if not (_is_number(self.bits, int) and 1 <= self.bits <= 8):
       raise ValueError(f"bits: expected an int, 1 <= bits <= 8, got {self.bits!r}")
-    if not (isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0):
+    if not (_is_number(self.kmeans_iters, int) and self.kmeans_iters >= 0):
       raise ValueError(f"kmeans_iters: expected an int >= 0, got {self.kmeans_iters!r}")
-    if self.coder not in CODERS:
+    if not (isinstance(self.coder, str) and self.coder in CODERS):
       raise ValueError(f"coder: expected one of {CODERS}, got {self.coder!r}")
-    if self.level is not None and not (isinstance(self.level, int) and self.level in LEVELS[self.coder]):
+    if self.level is not None and not (_is_number(self.level, int) and self.level in LEVELS[self.coder]):
       levels = LEVELS[self.coder]
-      raise ValueError(f"level: expected {levels.start}..{levels.stop - 1} for {self.coder}, got {self.level}")
+      raise ValueError(f"level: expected {levels.start}..{levels.stop - 1} for {self.coder}, got {self.level!r}")
 
   @property
   def coder_level(self) -> int:
     return DEFAULT_LEVEL[self.coder] if self.level is None else self.level
+
+
+def _is_number(x: Any, kind: type) -> bool:
+  """An int (for kind int), or an int or float (for kind float); never a bool."""
+  return isinstance(x, (int, float) if kind is float else int) and not isinstance(x, bool)
 
 
 class Checkpoint(NamedTuple):
@@ -249,13 +255,28 @@ SECTION_COMPONENTS = {
 }
 
 
-def _check_inputs(ckpt: Checkpoint, reference: Arrays | None) -> None:
+def _check_inputs(ckpt: Checkpoint, reference: Arrays | None, cfg: ExcpConfig, meta: Any) -> None:
+  if not isinstance(ckpt, Checkpoint):
+    raise TypeError(f"ckpt: expected an excp.Checkpoint(weights, m, v, other), got {type(ckpt).__name__}")
+  if not isinstance(cfg, ExcpConfig):
+    raise TypeError(f"cfg: expected an excp.ExcpConfig, got {cfg!r}")
+  if meta is not None:
+    try:
+      json.dumps(dict(meta))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"meta: expected a mapping of JSON-serialisable values, got {meta!r} ({e})") from None
+  mappings = ckpt._asdict() | {"reference": {} if reference is None else reference}
+  for label, group in mappings.items():
+    if not isinstance(group, Mapping):
+      raise TypeError(f"{label}: expected a name -> array mapping, got {type(group).__name__}")
   groups = {"m": ckpt.m, "v": ckpt.v} | ({} if reference is None else {"reference": reference})
   for label, group in groups.items():
     if set(group) != set(ckpt.weights):
       raise ValueError(f"{label}: expected the weights' names, got {sorted(set(group) ^ set(ckpt.weights))} differing")
   for name, w in ckpt.weights.items():
     for label, x in [("weights", w)] + [(label, group[name]) for label, group in groups.items()]:
+      if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{label}[{name!r}]: expected an array, got {type(x).__name__}")
       if x.shape != w.shape:
         raise ValueError(f"{label}[{name!r}]: expected shape {w.shape}, got {x.shape}")
       if not _is_float(x.dtype):
@@ -301,7 +322,7 @@ def encode(
 
   `meta` (JSON-serialisable) is stored in the header for the caller (step, parent).
   """
-  _check_inputs(ckpt, reference)
+  _check_inputs(ckpt, reference, cfg, meta)
   records: list[dict[str, Any]] = []
   streams: dict[str, list[bytes]] = {c: [] for c in COMPONENTS}
   for name, w in ckpt.weights.items():
@@ -358,6 +379,8 @@ def _split_header(blob: bytes) -> tuple[dict[str, Any], int]:
   if len(blob) < end:
     raise ValueError(f"blob: truncated inside the header ({len(blob)} bytes, the header ends at {end})")
   header = json.loads(blob[PREFIX_BYTES:end])
+  if not isinstance(header, dict):
+    raise ValueError(f"blob: expected a JSON object as the header, got {type(header).__name__}")
   if header.get("format") != FORMAT_VERSION:
     raise ValueError(f"blob: expected format {FORMAT_VERSION}, got {header.get('format')}")
   return header, end
@@ -378,6 +401,10 @@ def decode(blob: bytes, reference: Arrays | None) -> Checkpoint:
   Raises ValueError for a file whose checksum fails (corrupt or truncated), or that needs a
   reference it was not given or was given another one than it was coded against.
   """
+  if not isinstance(blob, (bytes, bytearray)):
+    raise TypeError(f"blob: expected bytes (a file's contents), got {type(blob).__name__}")
+  if not (reference is None or isinstance(reference, Mapping)):
+    raise TypeError(f"reference: expected a name -> array mapping or None, got {type(reference).__name__}")
   if len(blob) < PREFIX_BYTES + _DIGEST or hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:
     raise ValueError(f"blob: checksum mismatch, the file is corrupt or truncated ({len(blob)} bytes)")
   header, offset = _split_header(blob)
