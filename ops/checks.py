@@ -288,6 +288,12 @@ def config(cls: type[C]) -> type[C]:
 # ---- parameter trees ----
 
 
+@functools.cache  # a pure function of the (hashable, immutable) init and config
+def init_shapes(init: Callable[..., Any], cfg: Any) -> Any:
+  """The tree of init(key, cfg) as jax.ShapeDtypeStructs, computed without running init."""
+  return jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
+
+
 def check_tree(name: str, tree: Any, expected: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> None:
   """`tree` has expected's structure and every leaf its shape (expected: a tree of arrays or
   jax.ShapeDtypeStruct, e.g. jax.eval_shape of an init). Names the leaf and both shapes."""

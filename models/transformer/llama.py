@@ -221,10 +221,9 @@ def init(key: jax.Array, cfg: LlamaConfig) -> dict:
   return params
 
 
-@functools.cache  # a pure function of the (immutable, hashable) config
 def param_shapes(cfg: LlamaConfig) -> dict:
   """The tree of `init(key, cfg)` as jax.ShapeDtypeStructs."""
-  return jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
+  return checks.init_shapes(init, cfg)
 
 
 def check_params(params: dict, cfg: LlamaConfig) -> None:
