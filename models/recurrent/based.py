@@ -26,9 +26,9 @@ state continues as the row's would. `prefill` takes right-padded prompts and rig
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
@@ -43,29 +43,25 @@ from paperjax.ops.dense import dense
 SITE_KINDS = ("hook_resid_pre", "hook_conv_out", "hook_linear_out", "hook_window_out", "hook_resid_post")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class BasedConfig:
-  vocab_size: int
-  dim: int
-  n_blocks: int
-  n_heads: int = 4
-  feature_dim: int = 16  # J: the feature map's input dim
-  window: int = 64
-  conv_width: int = 3
-  ffn_dim: int = 256
-  norm_eps: float = 1e-5
-  eps: float = la.DEFAULT_EPS
-  chunk: int = 64
-  rope_theta: float = 10_000.0
+  vocab_size: checks.PositiveInt
+  dim: checks.PositiveInt
+  n_blocks: checks.PositiveInt
+  n_heads: checks.PositiveInt = 4
+  feature_dim: checks.PositiveInt = 16  # J: the feature map's input dim
+  window: checks.PositiveInt = 64
+  conv_width: checks.PositiveInt = 3
+  ffn_dim: checks.PositiveInt = 256
+  norm_eps: checks.PositiveFloat = 1e-5
+  eps: checks.PositiveFloat = la.DEFAULT_EPS
+  chunk: checks.PositiveInt = 64
+  rope_theta: Annotated[float, checks.Range(low=1, low_open=True)] = 10_000.0
   remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
 
   def __post_init__(self):
-    for name in ("vocab_size", "dim", "n_blocks", "n_heads", "feature_dim", "window", "conv_width", "ffn_dim", "chunk"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
     if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
       raise ValueError(f"dim, n_heads: head dim dim // n_heads must be an even int, got {self.dim}, {self.n_heads}")
-    stack.check_remat(self.remat)
 
   @property
   def head_dim(self) -> int:
@@ -185,6 +181,18 @@ def init_state(cfg: BasedConfig, batch: int, capacity: int | None = None) -> Sta
     window,
     jnp.zeros((batch,), jnp.int32),
   )
+
+
+ENCODER_PARAMS = ("wk_e", "wv_e", "encoder_gate")  # JRT-RNN's, in params["linear"] (`jrt_rnn.check_params`)
+
+
+def check_params(params: dict, cfg: BasedConfig) -> None:
+  """Raises unless params has init(key, cfg)'s tree and leaf shapes, naming the leaf and both
+  shapes; JRT-RNN's encoder projections in params["linear"] are left to jrt_rnn."""
+  if not isinstance(params, dict) or not isinstance(params.get("linear"), dict):
+    raise TypeError(f"params: expected the dict of based.init(key, cfg), got {type(params).__name__}")
+  linear = {k: v for k, v in params["linear"].items() if k not in ENCODER_PARAMS}
+  checks.check_tree("params", {**params, "linear": linear}, checks.init_shapes(init, cfg))
 
 
 def site_names(cfg: BasedConfig) -> tuple[str, ...]:
@@ -311,6 +319,7 @@ def _blocks(
   key_mask_BT: jax.Array | None,
 ) -> tuple[jax.Array, State, dict[str, jax.Array]]:
   """Runs all blocks over T new tokens from `state` (None: empty); returns (x, new state, sites)."""
+  check_params(params, cfg)
   batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   if prefix_len is not None and state is not None:
     raise ValueError(f"prefix_len: the encoder prefix starts a sequence; got prefix_len={prefix_len} and a state")

@@ -21,42 +21,35 @@ encoder token is replaced by [MASK] with probability 15% and predicted at its ow
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from paperjax.models.recurrent import based
+from paperjax.ops import checks
 
-ENCODERS = ("eq3", "zero_values", "gated")
 GATE_INIT = -4.0  # sigmoid(-4) = 0.018
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class JRTConfig:
   based: based.BasedConfig
-  prefix_len: int  # M
-  mask_id: int  # the [MASK] token (a vocabulary id unused by the data)
-  mlm_prob: float = 0.15
-  ntp_weight: float = 1.0
-  mlm_weight: float = 0.25
+  prefix_len: checks.PositiveInt  # M
+  mask_id: checks.NonNegativeInt  # the [MASK] token (a vocabulary id unused by the data)
+  mlm_prob: Annotated[float, checks.Range(low=0, high=1, high_open=True)] = 0.15
+  ntp_weight: checks.NonNegativeFloat = 1.0
+  mlm_weight: checks.NonNegativeFloat = 0.25
   encoder: Literal["eq3", "zero_values", "gated"] = "eq3"  # the paper's Eq. 3, or a named departure
 
   def __post_init__(self):
-    if self.encoder not in ENCODERS:
-      raise ValueError(f"encoder: expected one of {ENCODERS}, got {self.encoder!r}")
-    if self.prefix_len < 1:
-      raise ValueError(f"prefix_len: expected >= 1, got {self.prefix_len}")
-    if not 0 <= self.mask_id < self.based.vocab_size:
+    if self.mask_id >= self.based.vocab_size:
       raise ValueError(f"mask_id: expected an id in [0, {self.based.vocab_size}), got {self.mask_id}")
-    if (
-      not 0 <= self.mlm_prob < 1 or self.ntp_weight < 0 or self.mlm_weight < 0 or self.ntp_weight + self.mlm_weight == 0
-    ):
-      raise ValueError(f"mlm_prob in [0, 1) and non-negative, not both zero, weights expected; got {self}")
+    if self.ntp_weight + self.mlm_weight == 0:
+      raise ValueError("ntp_weight, mlm_weight: expected at least one > 0, got both 0")
 
   @property
   def vocab_size(self) -> int:
@@ -127,7 +120,7 @@ def forward_with_sites(
 ) -> tuple[jax.Array, based.State | None, dict[str, jax.Array]]:
   """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`)."""
   prefix_len = None if state is not None else _check_prefix(tokens_BT, cfg)
-  _check_params(params, cfg)
+  check_params(params, cfg)
   return based.forward_with_sites(
     params, tokens_BT, cfg.based, sites, state=state, key_mask_BT=key_mask_BT, prefix_len=prefix_len
   )
@@ -143,7 +136,7 @@ def prefill(
 ) -> tuple[jax.Array, based.State]:
   """Right-padded prompts (T >= M), the encoder = each row's first M real tokens: (logits
   [B, V] after each row's last token, the state; Eq. 4's s_M, z_M for a row of M tokens)."""
-  _check_params(params, cfg)
+  check_params(params, cfg)
   return based.prefill(
     params, tokens_BT, cfg.based, lengths_B=lengths_B, capacity=capacity, prefix_len=_check_prefix(tokens_BT, cfg)
   )
@@ -154,10 +147,15 @@ def decode(params: dict, token_B: jax.Array, state: based.State, cfg: JRTConfig)
   return based.decode(params, token_B, state, cfg.based)
 
 
-def _check_params(params: dict, cfg: JRTConfig) -> None:
-  got = tuple(name for name in ("wk_e", "wv_e", "encoder_gate") if name in params["linear"])
+def check_params(params: dict, cfg: JRTConfig) -> None:
+  """Raises unless params has init(key, cfg)'s tree (the encoder's projections included) and
+  leaf shapes, naming the leaf and both shapes."""
+  if not isinstance(params, dict) or not isinstance(params.get("linear"), dict):
+    raise TypeError(f"params: expected the dict of jrt_rnn.init(key, cfg), got {type(params).__name__}")
+  got = tuple(name for name in based.ENCODER_PARAMS if name in params["linear"])
   if got != _encoder_params(cfg):
     raise ValueError(f"params: encoder={cfg.encoder!r} expects linear encoder params {_encoder_params(cfg)}, got {got}")
+  checks.check_tree("params", params, checks.init_shapes(init, cfg))
 
 
 def _check_prefix(tokens_BT: jax.Array, cfg: JRTConfig) -> int:
@@ -175,7 +173,7 @@ def encoder_share(
 ) -> jax.Array:
   """The encoder's share of each linear layer's denominator at each position, [L, B, T, H]
   (`ops.linear_attention.prefix_encoder_share`; gated keys included as scaled)."""
-  _check_params(params, cfg)
+  check_params(params, cfg)
   prefix_len = _check_prefix(tokens_BT, cfg)
   return based.prefix_encoder_share(params, tokens_BT, cfg.based, prefix_len, key_mask_BT=key_mask_BT)
 
