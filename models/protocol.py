@@ -9,6 +9,7 @@ no per-model code. `model_for(cfg)` finds the module of a config.
 
   init(key, cfg) -> params
   param_axes(cfg) -> the tree of `params` with a tuple of logical axis names per leaf
+  check_params(params, cfg) -> None, or raises naming the leaf whose shape is not init's
   init_state(cfg, batch, capacity) -> an empty state for `capacity` tokens per row
   forward(params, tokens_BT, cfg, *, state=None) -> (logits_BTV float32, state)
       the parallel form: from an empty context without a state (training; the state
@@ -22,6 +23,10 @@ no per-model code. `model_for(cfg)` finds the module of a config.
       per row (default T; a recurrent state's size does not depend on it)
   decode(params, token_B, state, cfg) -> (logits_BV, state after token_B)
   site_names(cfg) -> every valid site name
+
+Every model checks its params against `init`'s shapes (`check_params(params, cfg)`; shapes
+are static, so also under jit) and the values of its inputs (ids, lengths) where they are
+concrete; under a user's own jax.jit, `ops.checks.checked` keeps the value checks.
 
 Models add their own keyword inputs after these (Llama: positions_BT, segment_ids_BT;
 Based: key_mask_BT), always with defaults, so the protocol's calls work on every model.
@@ -47,6 +52,8 @@ class DecodingModel(Protocol):
   def init(self, key: jax.Array, cfg: Any) -> Any: ...
 
   def param_axes(self, cfg: Any) -> Any: ...
+
+  def check_params(self, params: Any, cfg: Any) -> None: ...
 
   def init_state(self, cfg: Any, batch: int, capacity: int) -> Any: ...
 

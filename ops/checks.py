@@ -89,12 +89,14 @@ def check_finite(name: str, x: Any) -> None:
 
 def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: str = "") -> None:
   """x is an array (not a list) of rank `ndim`, of integers when `integer`; `shape` names the
-  expected shape in the message, e.g. "[B, T]"."""
+  expected shape in the message, e.g. "[B, T]". TypeError for a non-array or a wrong dtype,
+  ValueError for a wrong rank."""
   if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
     raise TypeError(f"{name}: expected an array {shape} (jnp.asarray(...)), got {type(x).__name__}")
-  kind = "integer " if integer else ""
-  if x.ndim != ndim or (integer and not jnp.issubdtype(x.dtype, jnp.integer)):
-    raise ValueError(f"{name}: expected {kind}{shape or f'rank {ndim}'}, got {x.dtype} of shape {tuple(x.shape)}")
+  if integer and not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name}: expected integer ids {shape}, got {x.dtype} of shape {tuple(x.shape)}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name}: expected {shape or f'rank {ndim}'}, got {x.dtype} of shape {tuple(x.shape)}")
 
 
 def check_tokens(tokens_BT: jax.Array | np.ndarray, vocab_size: int, *, name: str = "tokens_BT") -> tuple[int, int]:
@@ -193,13 +195,15 @@ def _describe(tp: Any) -> str:
     return " or ".join(_describe(a) for a in args)
   if tp is type(None):
     return "None"
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    return f"a tuple of ({_describe(args[0])})"
   if origin is not None:
     return getattr(origin, "__name__", str(tp))
   return getattr(tp, "__name__", str(tp))
 
 
 def _conforms(value: Any, tp: Any) -> bool:
-  """Whether value has type tp (ranges in Annotated included; floats must not be NaN)."""
+  """Whether value has type tp (ranges in Annotated included; floats must be finite)."""
   origin, args = typing.get_origin(tp), typing.get_args(tp)
   if tp is Any or isinstance(tp, TypeVar):
     return True
@@ -217,7 +221,7 @@ def _conforms(value: Any, tp: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
   if tp is float:
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    return real and not math.isnan(value)
+    return real and math.isfinite(value)
   if origin is tuple:
     if not isinstance(value, tuple):
       return False
@@ -239,6 +243,8 @@ def _kind(tp: Any) -> Any:
     return functools.reduce(operator.or_, {type(a) for a in args})
   if origin in (typing.Union, types.UnionType):
     return functools.reduce(operator.or_, [_kind(a) for a in args])
+  if origin is tuple:
+    return tuple[tuple(a if a is Ellipsis else _kind(a) for a in args)]  # type: ignore[misc]
   return tp
 
 
@@ -249,13 +255,14 @@ def _hints(cls: Any) -> dict[str, Any]:
 
 def check_fields(cfg: Any) -> None:
   """Every field of the dataclass cfg has its annotated type and lies in its annotated
-  Range; raises TypeError (wrong type) or ValueError (out of range, NaN) naming the field."""
+  Range; raises TypeError (wrong type) or ValueError (out of range, NaN, inf) naming the field."""
   hints = _hints(cfg.__class__)
   for field in dataclasses.fields(cfg):
     tp, value = hints[field.name], getattr(cfg, field.name)
     if _conforms(value, tp):
       continue
-    wrong_type = not _conforms(value, _kind(tp)) and not (isinstance(value, float) and math.isnan(value))
+    non_finite = isinstance(value, (float, np.floating)) and not math.isfinite(value)
+    wrong_type = not _conforms(value, _kind(tp)) and not non_finite
     message = f"{type(cfg).__name__}.{field.name}: expected {_describe(tp)}, got {type(value).__name__} {value!r}"
     if isinstance(value, dict):
       options = typing.get_args(tp) or (tp,)
@@ -302,7 +309,10 @@ def check_tree(name: str, tree: Any, expected: Any, *, is_leaf: Callable[[Any], 
   key = jax.tree_util.keystr
   missing, extra = [key(p) for p in want if p not in got], [key(p) for p in got if p not in want]
   if missing or extra:
-    raise ValueError(f"{name}: expected the leaves of the config's init, missing {missing}, unexpected {extra}")
+    listed = lambda paths: ", ".join(f"{name}{p}" for p in paths) or "none"
+    raise ValueError(
+      f"{name}: expected the leaves of the config's init; missing: {listed(missing)}; unexpected: {listed(extra)}"
+    )
   for path, leaf in want.items():
     shape = tuple(getattr(got[path], "shape", ()))
     if shape != tuple(leaf.shape):

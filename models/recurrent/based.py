@@ -227,7 +227,10 @@ def forward(
   key_mask_BT: jax.Array | None = None,
   prefix_len: int | None = None,
 ) -> tuple[jax.Array, State | None]:
-  """Next-token logits float32 [B, T, V] and the state after T tokens (None without one)."""
+  """Next-token logits float32 [B, T, V] and the state after T tokens (None without one).
+
+  Params are checked against the config's shapes, also under jit; ids in [0, V) on
+  concrete inputs, or under your own jax.jit inside `ops.checks.checked`."""
   logits_BTV, state, _ = forward_with_sites(
     params, tokens_BT, cfg, (), state=state, key_mask_BT=key_mask_BT, prefix_len=prefix_len
   )

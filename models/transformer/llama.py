@@ -282,6 +282,7 @@ def forward_with_sites(
   params: dict, tokens_BT: jax.Array, cfg: LlamaConfig, sites: Sequence[str], *, state: Cache | None = None, **inputs
 ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """`forward` plus the activations [B, T, D] at `sites` (names from `site_names(cfg)`)."""
+  check_params(params, cfg)
   kinds = stack.parse_sites(sites, cfg.n_layers, SITE_KINDS)
   hidden_BTD, state, stacked = _forward(params, tokens_BT, cfg, state=state, kinds=kinds, **inputs)
   return unembed(params, hidden_BTD, cfg), state, stack.pick_sites(sites, stacked)
@@ -298,7 +299,8 @@ def prefill(
   """Right-padded prompts into a fresh cache of `capacity` slots (default T).
 
   Row b's first lengths_B[b] tokens (default all T) are written; returns the float32
-  logits [B, V] after each row's last real token and the cache.
+  logits [B, V] after each row's last real token and the cache. Ids and lengths (1 .. T)
+  are checked as in `forward`.
   """
   batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else checks.check_lengths(lengths_B, batch, time)
@@ -329,6 +331,7 @@ def forward_hidden(
 ) -> tuple[jax.Array, Cache | None]:
   """Hidden states after the final RMSNorm ([B, T, D], compute dtype) and the updated cache
   (keyword inputs as in `forward`)."""
+  check_params(params, cfg)
   hidden_BTD, state, _ = _forward(params, tokens_BT, cfg, state=state, **inputs)
   return hidden_BTD, state
 
@@ -347,7 +350,6 @@ def _forward(
 ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
   """Hidden states after the final RMSNorm, the updated cache and the stacked site
   activations (inputs as in `forward`). The sites record what their edits receive."""
-  check_params(params, cfg)
   _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, state, num_new_B)
   x_BTD = sharding.shard(
     params["embed"][tokens_BT].astype(cfg.dtype), ("act_batch", "act_length", "act_embed"), cfg.axis_rules
@@ -537,8 +539,6 @@ def layer_segments(params: dict, cfg: LlamaConfig) -> list[tuple[int, int, dict]
 
 
 def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B) -> tuple[int, int]:
-  if tokens_BT.ndim == 2 and not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-    raise TypeError(f"tokens_BT: expected integer ids, got {tokens_BT.dtype}")
   batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   for name, x in (("positions_BT", positions_BT), ("segment_ids_BT", segment_ids_BT)):
     if x is not None and (x.shape != (batch, time) or not jnp.issubdtype(x.dtype, jnp.integer)):

@@ -17,18 +17,21 @@ unchanged (each segment is one scan; `ops.quant.matmul` reads the quantized weig
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import numpy as np
 
 from paperjax.models.transformer.llama import LlamaConfig
-from paperjax.ops import quant
+from paperjax.ops import checks, quant
 from paperjax.ops.quant import Format, Granularity
 
-FFN = ("w1", "w3", "w2")  # the matmuls a policy may quantize (attention's einsums take float weights)
+Target = Literal["w1", "w3", "w2"]
+# The matmuls a policy may quantize (attention's projections take float weights).
+FFN: tuple[Target, ...] = ("w1", "w3", "w2")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class QuantPolicy:
   """Which layer weights are quantized and how (ops.quant's equations).
 
@@ -42,20 +45,16 @@ class QuantPolicy:
   weights: Format
   granularity: Granularity = "channel"
   activations: Format | None = None
-  scale_ub: float | None = None
-  targets: tuple[str, ...] = FFN
+  scale_ub: checks.PositiveFloat | None = None
+  targets: tuple[Target, ...] = FFN
   skip_first_last: bool = True
 
   def __post_init__(self):
-    if self.weights not in ("int8", "fp8"):
-      raise ValueError(f"weights: expected 'int8' or 'fp8', got {self.weights!r}")
     if self.activations not in (None, self.weights):
       raise ValueError(f"activations: expected None or the weights' format {self.weights!r}, got {self.activations!r}")
-    if self.granularity not in ("tensor", "row", "channel"):
-      raise ValueError(f"granularity: expected 'tensor', 'row' or 'channel', got {self.granularity!r}")
     if self.activations is not None and self.granularity == "row":
       raise ValueError("granularity: quantized activations need one weight scale per output ('tensor' or 'channel')")
-    if not self.targets or not set(self.targets) <= set(FFN):
+    if not self.targets:
       raise ValueError(f"targets: expected a non-empty subset of the FFN weights {FFN}, got {self.targets}")
     if self.scale_ub is not None and self.activations != "fp8":
       raise ValueError(f"scale_ub: bounds FP8 activation scales, but activations={self.activations!r}")
