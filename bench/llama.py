@@ -15,6 +15,9 @@ Parts:
   unrolled (`LlamaConfig.unroll`): tokens/s, the backward pass's time over the forward's,
   and MFU against a square float32 GEMM timed in the same run (the machine's matmul peak
   as XLA reaches it). `scripts/torch_train_speed.py` times the same shapes in PyTorch.
+- checked: what the value checks cost. The forward under `ops.checks.checked` (checkify's
+  id and index checks compiled in) against the same forward under a plain jax.jit, and a
+  training step with its host batch check (`lm.check_batch`) against its jitted core alone.
 
 Shapes: N tokens in a stream.
 """
@@ -38,6 +41,7 @@ from paperjax.models.data import corpus, tokenizer
 from paperjax.models.serving import generate
 from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 REPORT = "Llama 3 report (arXiv 2407.21783)"
 
@@ -113,7 +117,7 @@ CONFIGS = {
 }
 
 
-PARTS = ("cache", "throughput", "kv_bytes", "train", "train_speed")  # --only=llama.<part>
+PARTS = ("cache", "throughput", "kv_bytes", "train", "train_speed", "checked")  # --only=llama.<part>
 
 
 def run(ctx: Context) -> Result:
@@ -137,6 +141,8 @@ def run(ctx: Context) -> Result:
     part = _train_speed(ctx, cfg.speed)
     records += part[0]
     notes += part[1]
+  if ctx.wants("checked"):
+    records += _checked(ctx, cfg, params)
   return Result(ctx.benchmark, tuple(records), tuple(plots), tuple(notes))
 
 
@@ -361,9 +367,10 @@ def train_flops_per_token(model: llama.LlamaConfig, seq_len: int) -> float:
 
 def training_programs(model: llama.LlamaConfig, batch_size: int, seq_len: int, seed: int) -> dict[str, Callable]:
   """Jitted calls of no arguments on random tokens of one [batch_size, seq_len] batch:
-  "forward" (the loss), "grad" (jax.grad of the loss) and "step" (`lm.make_train_step`: the
-  gradient, the global-norm clip and AdamW). The step does not advance its state, so each
-  call does the same work."""
+  "forward" (the loss), "grad" (jax.grad of the loss), "step" (`lm.make_train_step`: the
+  host batch check, then the gradient, the global-norm clip and AdamW) and "step_core" (the
+  step's jitted program alone). The step does not advance its state, so each call does the
+  same work."""
   tcfg = train.TrainConfig(batch_size=batch_size, seq_len=seq_len, total_steps=100, warmup_steps=10)
   windows = np.random.default_rng(seed).integers(0, model.vocab_size, (batch_size, seq_len + 1), np.int32)
   batch = lm.packed_batch(windows, np.zeros_like(windows))  # one document per row
@@ -374,6 +381,7 @@ def training_programs(model: llama.LlamaConfig, batch_size: int, seq_len: int, s
     "forward": lambda: forward(state.params, batch),
     "grad": lambda: grad(state.params, batch),
     "step": lambda: step(state, batch),
+    "step_core": lambda: step.jitted(state, batch),  # type: ignore[attr-defined]
   }
 
 
@@ -412,6 +420,37 @@ def _train_speed(ctx: Context, speed: Speed):
     "PyTorch on the same shapes, side by side: scripts/train_speed_vs_torch.py (README, 'Training speed')."
   ]
   return records, notes
+
+
+def _checked(ctx: Context, cfg: Config, params: dict):
+  """Time with the value checks over time without: the median of per-round ratios, the two
+  sides alternating within each round (the machine's speed drifts between minutes)."""
+  model, batch, time = cfg.model, cfg.batch, cfg.prefill_len
+  tokens_BT = jax.random.randint(jax.random.key(ctx.seed), (batch, time), 0, model.vocab_size)
+  plain = jax.jit(llama.forward, static_argnames="cfg")
+  checked = checks.checked(llama.forward, static_argnames="cfg")
+  speed = cfg.speed
+  step = training_programs(speed.models[0], speed.batch, speed.seq_len, ctx.seed)
+
+  def ratio(with_checks: Callable, without: Callable) -> float:
+    rounds = [
+      time_fn(with_checks, repeats=ctx.repeats).median_s / time_fn(without, repeats=ctx.repeats).median_s
+      for _ in range(5)
+    ]
+    return float(np.median(rounds))
+
+  forward = ratio(lambda: checked(params, tokens_BT, cfg=model), lambda: plain(params, tokens_BT, cfg=model))
+  label = f"{speed.models[0].num_params() / 1e6:.1f}M params, B={speed.batch}, T={speed.seq_len}"
+  return [
+    ctx.record(
+      f"forward under checks.checked / plain jit ({model.num_params() / 1e6:.1f}M params, B={batch}, T={time})",
+      forward,
+      "x",
+    ),
+    ctx.record(
+      f"train step with its host batch check / jitted step alone ({label})", ratio(step["step"], step["step_core"]), "x"
+    ),
+  ]
 
 
 if __name__ == "__main__":
