@@ -31,15 +31,16 @@ which use averaged log-probs. KTO takes unpaired completions: `kto_loss`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paperjax.align.logprobs import SequenceLogProbs
+from paperjax.ops import checks
 
 log_sig = jax.nn.log_sigmoid
 sig = jax.nn.sigmoid
@@ -77,37 +78,33 @@ class Terms(NamedTuple):
     return self.rho_w - self.rho_l
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class PreferenceConfig:
+  """Which loss and its hyperparameters; every field is checked for type and range at
+  construction (`ops.checks.config`), `loss` against the registry `LOSSES`."""
+
   loss: str = "sigmoid"
-  beta: float = 0.1
-  label_smoothing: float = 0.0  # eps
+  beta: checks.PositiveFloat = 0.1
+  label_smoothing: Annotated[float, checks.Range(low=0, high=1, high_open=True)] = 0.0  # eps
   gamma: float = 1.375  # SimPO target margin (paper recipe: beta 2.5, gamma 1.375)
-  orpo_lambda: float = 0.1
-  discopop_tau: float = 0.05
+  orpo_lambda: checks.NonNegativeFloat = 0.1
+  discopop_tau: checks.PositiveFloat = 0.05
   length_alpha: float = 0.0  # R-DPO length penalty
   bco_shift: float = 0.0  # BCO: running mean of rewards, kept by the caller
-  rpo_alpha: float = 0.0  # weight of the chosen response's NLL (RPO / Llama 3)
+  rpo_alpha: checks.NonNegativeFloat = 0.0  # weight of the chosen response's NLL (RPO / Llama 3)
 
   def __post_init__(self):
     if self.loss not in LOSSES:
       raise ValueError(f"loss: unknown {self.loss!r}; registered: {sorted(LOSSES)}")
-    if not self.beta > 0:
-      raise ValueError(f"beta: expected > 0, got {self.beta}")
     eps = self.label_smoothing
     if self.loss == "exo_pair":
       if not 0 < eps < 1:
         raise ValueError(f"label_smoothing: exo_pair needs 0 < eps < 1 (e.g. 1e-3), got {eps}")
     elif not 0 <= eps < 0.5:
       raise ValueError(f"label_smoothing: expected 0 <= eps < 0.5, got {eps}")
-    if self.discopop_tau <= 0 or self.rpo_alpha < 0 or self.orpo_lambda < 0:
-      raise ValueError(
-        f"discopop_tau > 0, rpo_alpha >= 0, orpo_lambda >= 0 expected, got "
-        f"{self.discopop_tau}, {self.rpo_alpha}, {self.orpo_lambda}"
-      )
 
 
-@dataclasses.dataclass(frozen=True)
+@checks.config
 class LossSpec:
   fn: Callable[[Terms, PreferenceConfig], jax.Array]  # per-pair losses [B]
   reference: bool  # needs reference log-probs
@@ -119,7 +116,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 def _register(name: str, *, reference: bool = True, averaged: bool = False):
   def add(fn):
-    LOSSES[name] = LossSpec(fn, reference, averaged)
+    LOSSES[name] = LossSpec(fn=fn, reference=reference, averaged=averaged)
     return fn
 
   return add
@@ -227,7 +224,14 @@ def preference_loss(lp: PairLogProbs, cfg: PreferenceConfig) -> tuple[jax.Array,
   Metrics: rewards_chosen / rewards_rejected (implicit rewards b * rho, or b * a for
   reference-free losses), reward_accuracy (share of pairs with reward_w > reward_l),
   reward_margin, logps_chosen / logps_rejected (summed), nll_chosen (length-normalised).
+
+  Value checks (log-probs finite and <= 0, counts >= 0) run on concrete inputs, or inside
+  `ops.checks.checked`.
   """
+  if not isinstance(cfg, PreferenceConfig):
+    raise TypeError(f"cfg: expected a dpo.PreferenceConfig, got {type(cfg).__name__}")
+  if not isinstance(lp, PairLogProbs):
+    raise TypeError(f"lp: expected a dpo.PairLogProbs, got {type(lp).__name__}")
   spec = LOSSES[cfg.loss]
   _check(lp, spec, cfg)
   zeros = jnp.zeros_like(lp.chosen.sum_B)
@@ -281,17 +285,39 @@ def kto_loss(
   (prompt, completion) pairs), held constant (no gradient);
   desirable: w_D (1 - sig(b (rho - z))), undesirable: w_U (1 - sig(b (z - rho))); mean over B.
   """
-  if not beta > 0:
+  for name, value in (
+    ("beta", beta),
+    ("desirable_weight", desirable_weight),
+    ("undesirable_weight", undesirable_weight),
+  ):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+      raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+  if not beta > 0:  # NaN fails too
     raise ValueError(f"beta: expected > 0, got {beta}")
-  if desirable_weight < 0 or undesirable_weight < 0:
+  if not (desirable_weight >= 0 and undesirable_weight >= 0):
     raise ValueError(
       f"desirable_weight, undesirable_weight: expected >= 0, got {desirable_weight}, {undesirable_weight}"
     )
-  if not policy.sum_B.shape == reference.sum_B.shape == desirable_B.shape:
+  parts = {"policy": policy, "reference": reference, "kl_policy": kl_policy, "kl_reference": kl_reference}
+  for name, s in parts.items():
+    if not isinstance(s, SequenceLogProbs):
+      raise TypeError(f"{name}: expected logprobs.SequenceLogProbs, got {type(s).__name__}")
+  if not hasattr(desirable_B, "dtype") or desirable_B.dtype != jnp.bool_:
+    # Labels of +-1 or 0/1 floats would pass through jnp.where as "desirable" wherever nonzero.
+    raise TypeError(
+      f"desirable_B: expected a bool array [B], got {getattr(desirable_B, 'dtype', type(desirable_B).__name__)}"
+    )
+  if not policy.sum_B.shape == reference.sum_B.shape == desirable_B.shape or desirable_B.ndim != 1:
     raise ValueError(
-      f"policy, reference, desirable_B: expected one batch shape, got {policy.sum_B.shape}, "
+      f"policy, reference, desirable_B: expected one batch shape [B], got {policy.sum_B.shape}, "
       f"{reference.sum_B.shape}, {desirable_B.shape}"
     )
+  if kl_policy.sum_B.shape != kl_reference.sum_B.shape:
+    raise ValueError(
+      f"kl_policy, kl_reference: expected one shape, got {kl_policy.sum_B.shape}, {kl_reference.sum_B.shape}"
+    )
+  for name, s in parts.items():
+    _check_values(name, s)
   z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_policy.sum_B - kl_reference.sum_B), 0.0))
   rho_B = policy.sum_B - reference.sum_B
   losses_B = jnp.where(
@@ -306,6 +332,19 @@ def _check(lp: PairLogProbs, spec: LossSpec, cfg: PreferenceConfig) -> None:
     if lp.ref_chosen is None or lp.ref_rejected is None:
       raise ValueError(f"lp: loss {cfg.loss!r} needs ref_chosen and ref_rejected log-probs")
     parts |= {"ref_chosen": lp.ref_chosen, "ref_rejected": lp.ref_rejected}
+  for name, s in parts.items():
+    if not isinstance(s, SequenceLogProbs):
+      raise TypeError(f"lp.{name}: expected logprobs.SequenceLogProbs, got {type(s).__name__}")
   shapes = {name: (s.sum_B.shape, s.count_B.shape) for name, s in parts.items()}
   if len(set(shapes.values())) != 1 or lp.chosen.sum_B.ndim != 1:
     raise ValueError(f"lp: expected one batch shape [B] for every part, got {shapes}")
+  for name, s in parts.items():
+    _check_values(f"lp.{name}", s)
+
+
+def _check_values(name: str, s: SequenceLogProbs) -> None:
+  """Log-probs are finite and <= 0 (a positive one is a logit or a probability passed by
+  mistake), counts >= 0."""
+  checks.check_finite(f"{name}.sum_B", s.sum_B)
+  checks.check_in(f"{name}.sum_B", s.sum_B, -np.inf, 0, what="log-probs")
+  checks.check_in(f"{name}.count_B", s.count_B, 0, np.inf, what="token counts")

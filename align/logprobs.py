@@ -16,8 +16,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paperjax.models import protocol
+from paperjax.ops import checks
+
+
+def _check_logits(logits_BTV: jax.Array) -> None:
+  checks.check_array("logits_BTV", logits_BTV, 3, shape="[B, T, V]")
+  if not jnp.issubdtype(logits_BTV.dtype, jnp.floating):
+    raise TypeError(f"logits_BTV: expected a floating dtype, got {logits_BTV.dtype}")
 
 
 class SequenceLogProbs(NamedTuple):
@@ -30,9 +38,14 @@ class SequenceLogProbs(NamedTuple):
 
 
 def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-  """lp[b, t] = log softmax(logits[b, t - 1])[tokens[b, t]] for t >= 1, lp[b, 0] = 0 (float32)."""
+  """lp[b, t] = log softmax(logits[b, t - 1])[tokens[b, t]] for t >= 1, lp[b, 0] = 0 (float32).
+
+  Value checks (ids in [0, V)) run on concrete inputs, or inside `ops.checks.checked`."""
+  _check_logits(logits_BTV)
+  checks.check_array("tokens_BT", tokens_BT, 2, integer=True, shape="[B, T]")
   if logits_BTV.shape[:2] != tokens_BT.shape:
     raise ValueError(f"tokens_BT: expected shape {logits_BTV.shape[:2]}, got {tokens_BT.shape}")
+  checks.check_tokens(tokens_BT, logits_BTV.shape[2])
   logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
   return jnp.pad(picked, ((0, 0), (1, 0)))
@@ -44,7 +57,18 @@ def completion_mask(
   lengths_B: jax.Array,
   exclude_ids: Sequence[int] = (),
 ) -> jax.Array:
-  """True at completion tokens: prompt_length <= t < length, and tokens not in exclude_ids."""
+  """True at completion tokens: prompt_length <= t < length, and tokens not in exclude_ids.
+
+  Value checks (1 <= prompt length <= length <= T) run on concrete inputs, or inside
+  `ops.checks.checked`."""
+  checks.check_array("tokens_BT", tokens_BT, 2, integer=True, shape="[B, T]")
+  batch, time = tokens_BT.shape
+  prompt_lengths_B = checks.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
+  lengths_B = checks.check_lengths(lengths_B, batch, time, name="lengths_B")
+  # A completion ends after its prompt (an empty one is allowed); swapped arguments fail here.
+  checks.check_in("lengths_B", lengths_B - prompt_lengths_B, 0, time, what="lengths - prompt_lengths_B")
+  if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in exclude_ids):
+    raise TypeError(f"exclude_ids: expected token ids (ints), got {exclude_ids!r}")
   t = jnp.arange(tokens_BT.shape[1])[None, :]
   mask_BT = (t >= prompt_lengths_B[:, None]) & (t < lengths_B[:, None])
   if exclude_ids:
@@ -53,11 +77,18 @@ def completion_mask(
 
 
 def sequence_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array) -> SequenceLogProbs:
-  """Masked sum (and count, for the averaged form) of token log-probs per row."""
+  """Masked sum (and count, for the averaged form) of token log-probs per row.
+
+  Value checks (ids in [0, V), mask False at position 0) run on concrete inputs, or inside
+  `ops.checks.checked`."""
+  checks.check_array("mask_BT", mask_BT, 2, shape="[B, T]")
   if mask_BT.shape != tokens_BT.shape:
     raise ValueError(f"mask_BT: expected shape {tokens_BT.shape}, got {mask_BT.shape}")
-  if not isinstance(mask_BT, jax.core.Tracer) and bool(jnp.any(mask_BT[:, 0])):
-    raise ValueError("mask_BT: position 0 has no prediction (logits t - 1); the prompt must come first")
+  if mask_BT.dtype != jnp.bool_:
+    raise TypeError(f"mask_BT: expected a bool mask (True at completion tokens), got {mask_BT.dtype}")
+  checks.check_values(
+    "mask_BT", mask_BT[:, 0], lambda v: v, "False at position 0 (it has no prediction: the prompt must come first)"
+  )
   mask = mask_BT.astype(jnp.float32)
   return SequenceLogProbs(jnp.sum(token_logprobs(logits_BTV, tokens_BT) * mask, axis=1), mask.sum(axis=1))
 

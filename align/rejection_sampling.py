@@ -22,7 +22,7 @@ import numpy as np
 
 from paperjax.models.serving import blocks, generate
 from paperjax.models.transformer import llama
-from paperjax.ops import paged_attention
+from paperjax.ops import checks, paged_attention
 
 PAGE_SIZE = 16
 
@@ -40,8 +40,19 @@ class Samples(NamedTuple):
 
 
 def concat(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -> tuple[jax.Array, jax.Array]:
-  """prompt[:len] + completion[:len] per row, right-padded to T + N; returns (tokens, lengths)."""
+  """prompt[:len] + completion[:len] per row, right-padded to T + N; returns (tokens, lengths).
+
+  Value checks (prompt lengths in 1 .. T, completion lengths in 0 .. N) run on concrete inputs,
+  or inside `ops.checks.checked`."""
+  checks.check_array("prompts_BT", prompts_BT, 2, integer=True, shape="[B, T]")
+  checks.check_array("completions_BN", completions_BN, 2, integer=True, shape="[B, N]")
   batch = prompts_BT.shape[0]
+  if completions_BN.shape[0] != batch:
+    raise ValueError(f"completions_BN: expected {batch} rows like prompts_BT, got shape {completions_BN.shape}")
+  prompt_lengths_B = checks.check_lengths(prompt_lengths_B, batch, prompts_BT.shape[1], name="prompt_lengths_B")
+  completion_lengths_B = checks.check_lengths(
+    completion_lengths_B, batch, completions_BN.shape[1], name="completion_lengths_B", low=0
+  )
   out = jnp.pad(prompts_BT, ((0, 0), (0, completions_BN.shape[1])))
   slots = prompt_lengths_B[:, None] + jnp.arange(completions_BN.shape[1])
   out = out.at[jnp.arange(batch)[:, None], slots].set(completions_BN, mode="drop")
@@ -63,12 +74,16 @@ def best_of_k(
   top_k: int | None = None,
   top_p: float | None = None,
 ) -> Samples:
-  """Samples k completions per prompt from a shared prefill and keeps the argmax reward."""
+  """Samples k completions per prompt from a shared prefill and keeps the argmax reward.
+
+  `reward_fn` must return finite float rewards [B * k] (a NaN would win the argmax)."""
+  if not isinstance(cfg, llama.LlamaConfig):
+    raise TypeError(f"cfg: expected a llama.LlamaConfig (paged sampling is Llama's), got {type(cfg).__name__}")
   prompts_BT = jnp.asarray(prompts_BT)
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
   stop_ids = generate.check_args(cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
-  if not isinstance(k, int) or k < 1:
-    raise ValueError(f"k: expected an int >= 1, got {k!r}")
+  prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+  _check_k(k)
   pages = shared_pages(np.asarray(prompt_lengths_B).tolist(), k, max_new_tokens, PAGE_SIZE)
   arrays = tuple(
     jnp.asarray(x) for x in (pages.prompt_tables_BP, pages.sample_tables_BP, pages.copy_src_N, pages.copy_dst_N)
@@ -90,6 +105,12 @@ def best_of_k(
   )
   rewards = reward_fn(jnp.repeat(prompts_BT, k, axis=0), jnp.repeat(prompt_lengths_B, k), samples, lengths)
   batch = prompts_BT.shape[0]
+  checks.check_array("reward_fn", rewards, 1, shape=f"[B * k] = [{batch * k}] rewards")
+  if not jnp.issubdtype(rewards.dtype, jnp.floating):
+    raise TypeError(f"reward_fn: expected float rewards, got {rewards.dtype}")
+  if tuple(rewards.shape) != (batch * k,):
+    raise ValueError(f"reward_fn: expected rewards [B * k] = [{batch * k}], got shape {tuple(rewards.shape)}")
+  checks.check_finite("reward_fn", rewards)
   samples_BYN = samples.reshape(batch, k, -1)
   lengths_BY, rewards_BY = lengths.reshape(batch, k), rewards.reshape(batch, k)
   best_B = jnp.argmax(rewards_BY, axis=1)
@@ -102,6 +123,7 @@ def best_of_k(
 def shared_pages(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, page_size: int) -> SharedPages:
   """Block tables for k forked samples of each prompt: the prompt's pages (prefilled once) and
   each sample's own pages for its new tokens, with the copy-on-write copies to make first."""
+  _check_pages_args(prompt_lengths, k, max_new_tokens, page_size)
   manager = blocks.BlockManager(
     num_blocks=pages_needed(prompt_lengths, k, max_new_tokens, page_size), block_size=page_size
   )
@@ -126,10 +148,31 @@ def pages_needed(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, pag
   """Pool pages for shared sampling: each prompt's pages once, plus each sample's pages past the
   prompt's full pages (its copy of a partly filled last page, and its new tokens), less one
   per partly filled last page: the last sample to fork writes the original."""
+  _check_pages_args(prompt_lengths, k, max_new_tokens, page_size)
   return sum(
     -(-n // page_size) + k * (-(-(n + max_new_tokens) // page_size) - n // page_size) - (n % page_size > 0)
     for n in prompt_lengths
   )
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_k(k) -> None:
+  if not _is_int(k) or k < 1:
+    raise ValueError(f"k: expected an int >= 1, got {k!r}")
+
+
+def _check_pages_args(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, page_size: int) -> None:
+  lengths = list(prompt_lengths)
+  if not lengths or not all(_is_int(n) and n >= 1 for n in lengths):
+    raise ValueError(f"prompt_lengths: expected a non-empty sequence of ints >= 1, got {prompt_lengths!r}")
+  _check_k(k)
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+  if not _is_int(page_size) or page_size < 1:
+    raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
 
 
 class SharedPages(NamedTuple):

@@ -17,11 +17,10 @@ plus CHAT_TOKENS: <|eot_id|> ends the reply where EOS did.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from paperjax.models.data import chat
+from paperjax.ops import checks
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_DIGIT = 4
@@ -29,10 +28,12 @@ FIRST_DIGIT = 4
 CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "user", "assistant", "\n\n")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class SortTask:
-  length: int = 6
-  num_digits: int = 10
+  """The task's sizes; fields are checked for type and range at construction (`ops.checks.config`)."""
+
+  length: checks.PositiveInt = 6
+  num_digits: checks.PositiveInt = 10
 
   @property
   def vocab_size(self) -> int:
@@ -52,26 +53,53 @@ class SortTask:
 
   def prompts(self, rng: np.random.Generator, n: int) -> np.ndarray:
     """[n, length + 2] prompts."""
+    _check_count("n", n, low=0)
     digits = rng.integers(FIRST_DIGIT, self.vocab_size, (n, self.length))
     return np.concatenate([np.full((n, 1), BOS), digits, np.full((n, 1), SEP)], axis=1).astype(np.int32)
 
   def target(self, prompts: np.ndarray) -> np.ndarray:
     """[n, length] sorted digits of each prompt."""
+    prompts = self._check_prompts(prompts)
     return np.sort(prompts[:, 1:-1], axis=1)
 
   def demonstrations(self, rng: np.random.Generator, prompts: np.ndarray, noise: float | np.ndarray) -> np.ndarray:
     """[n, length + 1] completions: the target with positions replaced w.p. noise, then EOS."""
     target = self.target(prompts)
-    noise = np.broadcast_to(np.asarray(noise, np.float64).reshape(-1, 1), target.shape)
+    noise = np.asarray(noise)
+    if not np.issubdtype(noise.dtype, np.number) or np.issubdtype(noise.dtype, np.complexfloating):
+      raise TypeError(f"noise: expected a probability or one per prompt, got {noise.dtype}")
+    if noise.ndim > 1 or noise.size not in (1, len(target)):
+      raise ValueError(f"noise: expected a scalar or shape ({len(target)},), got shape {noise.shape}")
+    checks.check_finite("noise", noise.reshape(-1))
+    checks.check_in("noise", noise.reshape(-1), 0, 1, what="probabilities")
+    noise = np.broadcast_to(noise.astype(np.float64).reshape(-1, 1), target.shape)
     random = rng.integers(FIRST_DIGIT, self.vocab_size, target.shape)
     digits = np.where(rng.random(target.shape) < noise, random, target)
     return np.concatenate([digits, np.full((len(prompts), 1), EOS)], axis=1).astype(np.int32)
 
   def score(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
     """[n] number of positions matching the sorted digits (tokens after the first EOS never count)."""
-    completions = np.asarray(completions)[:, : self.length]
+    prompts, completions = self._check_prompts(prompts), np.asarray(completions)
+    checks.check_array("completions", completions, 2, integer=True, shape=f"[n, >= {self.length}]")
+    if completions.shape[0] != prompts.shape[0] or completions.shape[1] < self.length:
+      raise ValueError(
+        f"completions: expected [n={prompts.shape[0]}, >= length={self.length}] (one per prompt), "
+        f"got shape {completions.shape}"
+      )
+    completions = completions[:, : self.length]
     before_eos = np.cumsum(completions == EOS, axis=1) == 0
     return ((completions == self.target(prompts)) & before_eos).sum(axis=1)
+
+  def _check_prompts(self, prompts: np.ndarray) -> np.ndarray:
+    prompts = np.asarray(prompts)
+    checks.check_array("prompts", prompts, 2, integer=True, shape=f"[n, {self.prompt_len}]")
+    if prompts.shape[1] != self.prompt_len:
+      raise ValueError(
+        f"prompts: expected integer ids [n, length + 2 = {self.prompt_len}] (from prompts()), got "
+        f"{prompts.dtype} {prompts.shape}"
+      )
+    checks.check_in("prompts", prompts[:, 1:-1], FIRST_DIGIT, self.vocab_size - 1, what="digit ids")
+    return prompts
 
   def chat_format(self) -> chat.ChatFormat:
     """Llama 3's chat template over the task's ids: digits are written "3 1 4"."""
@@ -109,6 +137,9 @@ class SortTask:
   def preference_pairs(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n (prompt, chosen, rejected) triples of demonstrations at random noise levels, chosen
     strictly better by score (candidate pairs that tie are not preferences and are redrawn)."""
+    _check_count("n", n, low=1)
+    if self.num_digits < 2:  # one digit: every completion scores the same, so no pair is ever strict
+      raise ValueError(f"num_digits: preference pairs need at least 2 digits, got {self.num_digits}")
     prompts_out, chosen_out, rejected_out, have = [], [], [], 0
     while have < n:
       prompts = self.prompts(rng, 2 * n)
@@ -122,6 +153,11 @@ class SortTask:
       rejected_out.append(np.where(better_a, b[keep], a[keep]))
       have += int(keep.sum())
     return np.concatenate(prompts_out)[:n], np.concatenate(chosen_out)[:n], np.concatenate(rejected_out)[:n]
+
+
+def _check_count(name: str, n: int, *, low: int) -> None:
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < low:
+    raise ValueError(f"{name}: expected an int >= {low}, got {n!r}")
 
 
 def _words(digit_ids: np.ndarray) -> str:

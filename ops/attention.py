@@ -17,6 +17,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from paperjax.ops import checks
 
 Impl = Literal["reference", "xla"]
 
@@ -35,7 +38,22 @@ def make_mask(
   causal:    kv_index[b, s] <= q_index[b, t]   (indices are sequence slots / positions)
   document:  q_segment[b, t] == kv_segment[b, s]
   length:    s < kv_length[b]                   (valid cache entries)
+
+  Value checks (kv_length_B in 0 .. S) run on concrete inputs, or inside `ops.checks.checked`.
   """
+  checks.check_array("q_index_BT", q_index_BT, 2, shape="[B, T]")
+  checks.check_array("kv_index_BS", kv_index_BS, 2, shape="[B, S]")
+  batch, time, kv_time = q_index_BT.shape[0], q_index_BT.shape[1], kv_index_BS.shape[1]
+  if kv_index_BS.shape[0] != batch:
+    raise ValueError(f"kv_index_BS: expected batch {batch} like q_index_BT, got shape {kv_index_BS.shape}")
+  for name, x, shape in (
+    ("q_segment_ids_BT", q_segment_ids_BT, (batch, time)),
+    ("kv_segment_ids_BS", kv_segment_ids_BS, (batch, kv_time)),
+  ):
+    if x is not None and tuple(x.shape) != shape:
+      raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+  if kv_length_B is not None:
+    checks.check_lengths(kv_length_B, batch, kv_time, name="kv_length_B", low=0)
   mask_BTS = jnp.ones((q_index_BT.shape[0], q_index_BT.shape[1], kv_index_BS.shape[1]), bool)
   if causal:
     mask_BTS &= kv_index_BS[:, None, :] <= q_index_BT[:, :, None]
@@ -62,11 +80,11 @@ def attention(
   impl="xla": `jax.nn.dot_product_attention` (XLA's fused path; the same numbers).
   """
   _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
+  if impl not in ("reference", "xla"):
+    raise ValueError(f"impl: expected 'reference' or 'xla', got {impl!r}")
   if impl == "xla":
     mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, implementation="xla")
-  if impl != "reference":
-    raise ValueError(f"impl: expected 'reference' or 'xla', got {impl!r}")
   batch, time, heads, head_dim = q_BTHK.shape
   kv_time, groups = k_BSGK.shape[1:3]
   r = heads // groups
@@ -93,8 +111,8 @@ def window_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array, window: in
 
   A negative key position marks an empty slot (a window not yet full, left padding).
   """
-  if window < 1:
-    raise ValueError(f"window: expected >= 1, got {window}")
+  if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+    raise ValueError(f"window: expected an int >= 1, got {window!r}")
   q_BT1, k_B1S = q_positions_BT[:, :, None], k_positions_BS[:, None, :]
   return (k_B1S <= q_BT1) & (k_B1S > q_BT1 - window) & (k_B1S >= 0)
 
@@ -129,6 +147,9 @@ def sliding_window_attention(
 
 
 def _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> None:
+  for name, x in (("q_BTHK", q_BTHK), ("k_BSGK", k_BSGK), ("v_BSGK", v_BSGK)):
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name}: expected an array (jnp.asarray(...)), got {type(x).__name__}")
   if q_BTHK.ndim != 4 or k_BSGK.ndim != 4:
     raise ValueError(f"q_BTHK, k_BSGK: expected rank 4, got shapes {q_BTHK.shape}, {k_BSGK.shape}")
   if k_BSGK.shape != v_BSGK.shape:
@@ -145,3 +166,6 @@ def _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> None:
     raise TypeError(f"q_BTHK: expected a floating dtype, got {q_BTHK.dtype}")
   if mask_BTS is not None and mask_BTS.shape != (batch, q_BTHK.shape[1], kv_time):
     raise ValueError(f"mask_BTS: expected shape {(batch, q_BTHK.shape[1], kv_time)}, got {mask_BTS.shape}")
+  if mask_BTS is not None and mask_BTS.dtype != jnp.bool_:
+    # An additive float mask (0 / -inf) would read as "True" wherever it is -inf: the mask inverted.
+    raise TypeError(f"mask_BTS: expected a bool mask (True where a query may attend), got {mask_BTS.dtype}")

@@ -11,8 +11,7 @@ lengths in 1 .. T, finite floats) need the values:
 - inside a function the user jits, the values are tracers and the checks cannot run,
   unless the function is wrapped in `checked`: it runs it under
   `jax.experimental.checkify`, where the same checks become `checkify.check`s compiled
-  into the program (plus checkify's out-of-bounds index checks), and raises after the
-  call.
+  into the program, and raises after the call.
 
   forward = checks.checked(llama.forward, static_argnames="cfg")   # instead of jax.jit
   logits_BTV, _ = forward(params, tokens_BT, cfg=cfg)              # raises on an id >= V
@@ -43,7 +42,10 @@ from jax.experimental import checkify
 # context variable, not a global flag: it is scoped to the trace of one call.
 _UNDER_CHECKIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("paperjax_under_checkify", default=False)
 
-ERRORS = checkify.user_checks | checkify.index_checks  # what `checked` catches by default
+# What `checked` catches by default: the package's own checks. checkify.index_checks would
+# add every gather's and scatter's bounds, but it ignores their mode, so it also flags the
+# deliberate out-of-range writes a KV cache drops (mode="drop"): opt in where none occur.
+ERRORS = checkify.user_checks
 
 
 def concrete(x: Any) -> np.ndarray | None:
@@ -62,14 +64,15 @@ def _show(values: np.ndarray, limit: int = 6) -> str:
   return f"[{shown}{', ...' if values.size > limit else ''}]"
 
 
-def _bad_values(name: str, x: Any, bad: Callable[[Any], Any], expected: str) -> None:
-  """Raises (concrete x), emits a checkify check (traced x under `checked`), or does nothing
-  (traced x elsewhere) where bad(x) holds for any element."""
+def check_values(name: str, x: Any, bad: Callable[[Any], Any], expected: str) -> None:
+  """Raises where bad(x) (elementwise, numpy or jnp) holds anywhere: a ValueError naming
+  `name`, `expected` and the offending values and indices on concrete x; a checkify check
+  on traced x under `checked`; nothing on traced x elsewhere."""
   values = concrete(x)
   if values is not None:
     mask = np.asarray(bad(values))
     if mask.any():
-      where = [tuple(i) if len(i) > 1 else i[0] for i in np.argwhere(mask)[:6].tolist()]
+      where = [tuple(i) if len(i) != 1 else i[0] for i in np.argwhere(mask)[:6].tolist()]
       raise ValueError(f"{name}: expected {expected}, got {_show(values[mask])} at index {where}")
   elif _UNDER_CHECKIFY.get():
     mask = bad(x)
@@ -79,12 +82,12 @@ def _bad_values(name: str, x: Any, bad: Callable[[Any], Any], expected: str) -> 
 
 def check_in(name: str, x: Any, low: float, high: float, *, what: str = "values") -> None:
   """Every element of x lies in [low, high] (see the module docstring for when it runs)."""
-  _bad_values(name, x, lambda v: (v < low) | (v > high), f"{what} in [{low}, {high}]")
+  check_values(name, x, lambda v: (v < low) | (v > high), f"{what} in [{low}, {high}]")
 
 
 def check_finite(name: str, x: Any) -> None:
   """Every element of the float array x is finite."""
-  _bad_values(name, x, lambda v: ~(jnp.isfinite(v) if isinstance(v, jax.Array) else np.isfinite(v)), "finite values")
+  check_values(name, x, lambda v: ~(jnp.isfinite(v) if isinstance(v, jax.Array) else np.isfinite(v)), "finite values")
 
 
 def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: str = "") -> None:
@@ -102,7 +105,7 @@ def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: s
 def check_tokens(tokens_BT: jax.Array | np.ndarray, vocab_size: int, *, name: str = "tokens_BT") -> tuple[int, int]:
   """(B, T) of integer ids [B, T], each in [0, vocab_size)."""
   check_array(name, tokens_BT, 2, integer=True, shape="[B, T]")
-  _bad_values(name, tokens_BT, lambda v: (v < 0) | (v >= vocab_size), f"ids in [0, {vocab_size})")
+  check_values(name, tokens_BT, lambda v: (v < 0) | (v >= vocab_size), f"ids in [0, {vocab_size})")
   return tokens_BT.shape[0], tokens_BT.shape[1]
 
 
@@ -129,8 +132,9 @@ def checked(
 ) -> F:
   """`jax.jit(fn)` with the package's value checks compiled in: a failing check raises
   `checkify.JaxRuntimeError` (its message names the argument, the expectation and the
-  first offending value) when the call returns. `errors` adds checkify's own sets (e.g.
-  `checkify.nan_checks`). Use it as the outermost transformation, in place of jax.jit.
+  first offending value) when the call returns. `errors`: the checkify error sets caught
+  (default `ERRORS`; e.g. `ERRORS | checkify.nan_checks`). Use it as the outermost
+  transformation, in place of jax.jit.
   """
 
   def flagged(*args, **kwargs):

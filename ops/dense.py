@@ -32,7 +32,10 @@ def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.A
   `out_dtype` float32 asks the dot for float32 results (bf16 inputs accumulate in float32);
   otherwise the dot runs in the output dtype, as the einsum it replaces did, so a bf16
   model's backward pass stays in bf16 (XLA accumulates bf16 dots in float32 on CPU and GPU)."""
-  if not 1 <= n_in <= min(x.ndim, w.ndim):
+  for name, a in (("x", x), ("w", w)):
+    if not hasattr(a, "ndim") or not hasattr(a, "dtype"):
+      raise TypeError(f"{name}: expected an array (jnp.asarray(...)), got {type(a).__name__}")
+  if not isinstance(n_in, int) or isinstance(n_in, bool) or not 1 <= n_in <= min(x.ndim, w.ndim):
     raise ValueError(f"n_in: expected 1 .. min(x.ndim, w.ndim) = {min(x.ndim, w.ndim)}, got {n_in}")
   lead, inner, out = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :], w.shape[n_in:]
   if w.shape[:n_in] != inner:

@@ -26,8 +26,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from paperjax.ops import checks
 from paperjax.ops.dense import dense
 
 DEFAULT_EPS = 1e-6
@@ -60,7 +62,7 @@ def empty_state(batch: int, heads: int, features: int, value_dim: int) -> State:
 
 def causal_quadratic(phi_q_BTHF, phi_k_BTHF, v_BTHK, eps: float = DEFAULT_EPS) -> jax.Array:
   """The parallel form: A = (phi(Q) phi(K)^T) * causal mask; Y = A V / (rowsum(A) + eps). O(T^2)."""
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK, eps=eps)
   a_BHTS = jnp.einsum("bthf,bshf->bhts", phi_q_BTHF, phi_k_BTHF)
   a_BHTS = jnp.where(jnp.tril(jnp.ones(a_BHTS.shape[-2:], bool)), a_BHTS, 0.0)
   num = jnp.einsum("bhts,bshk->bthk", a_BHTS, v_BTHK.astype(jnp.float32))
@@ -74,9 +76,9 @@ def causal_chunked(
 
   Cost O(T U F K); returns (y [B, T, H, K], the state after the last token).
   """
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
-  if chunk < 1:
-    raise ValueError(f"chunk: expected >= 1, got {chunk}")
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK, eps=eps, state=state)
+  if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+    raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
   batch, time, heads, features = phi_q_BTHF.shape
   value_dim = v_BTHK.shape[-1]
   pad = -time % chunk
@@ -101,7 +103,7 @@ def causal_chunked(
 
 def causal_recurrent(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, eps: float = DEFAULT_EPS, state: State | None = None):
   """Token by token with `decode_step`: returns (y [B, T, H, K], the final state)."""
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK, eps=eps, state=state)
   batch, _, heads, features = phi_q_BTHF.shape
   state = empty_state(batch, heads, features, v_BTHK.shape[-1]) if state is None else state
 
@@ -116,6 +118,15 @@ def causal_recurrent(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, eps: float = DEFAULT_EPS
 
 def decode_step(state: State, phi_q_BHF, phi_k_BHF, v_BHK, *, eps: float = DEFAULT_EPS) -> tuple[jax.Array, State]:
   """One token: S += phi(k)^T v, z += phi(k); y = phi(q) S / (phi(q) z + eps). Constant memory."""
+  for name, x in (("phi_q_BHF", phi_q_BHF), ("phi_k_BHF", phi_k_BHF), ("v_BHK", v_BHK)):
+    checks.check_array(name, x, 3, shape="[B, H, F]" if name != "v_BHK" else "[B, H, K]")
+  if phi_q_BHF.shape != phi_k_BHF.shape or v_BHK.shape[:2] != phi_q_BHF.shape[:2]:
+    raise ValueError(
+      f"phi_q_BHF, phi_k_BHF, v_BHK: expected [B, H, F] twice and [B, H, K], got {phi_q_BHF.shape}, "
+      f"{phi_k_BHF.shape}, {v_BHK.shape}"
+    )
+  _check_state(state, (*phi_q_BHF.shape, v_BHK.shape[-1]))
+  _check_eps(eps)
   k, v = phi_k_BHF.astype(jnp.float32), v_BHK.astype(jnp.float32)
   state = State(state.s_BHFK + k[..., :, None] * v[..., None, :], state.z_BHF + k)
   q = phi_q_BHF.astype(jnp.float32)
@@ -125,7 +136,7 @@ def decode_step(state: State, phi_q_BHF, phi_k_BHF, v_BHK, *, eps: float = DEFAU
 
 def non_causal(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, key_mask_BT: jax.Array | None = None, eps: float = DEFAULT_EPS):
   """Every query sees every (unmasked) key: y_i = phi(q_i) S_T / (phi(q_i) z_T + eps)."""
-  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK)
+  _check(phi_q_BTHF, phi_k_BTHF, v_BTHK, eps=eps, key_mask_BT=key_mask_BT)
   k = phi_k_BTHF.astype(jnp.float32)
   if key_mask_BT is not None:
     k = k * key_mask_BT[:, :, None, None]
@@ -155,7 +166,7 @@ def prefix_linear_attention(
   (y [B, T, H, K], the recurrent state after the last token), so decoding continues with
   `decode_step`. The state after the prompt alone is Eq. 4's s_M, z_M.
   """
-  _check(phi_q_BTHF, phi_kd_BTHF, vd_BTHK)
+  _check(phi_q_BTHF, phi_kd_BTHF, vd_BTHK, eps=eps, key_mask_BT=key_mask_BT)
   _check(phi_q_BTHF, phi_ke_BTHF, ve_BTHK)
   phi_kd, phi_ke = _prefix_keys(phi_kd_BTHF, phi_ke_BTHF, prefix_len, key_mask_BT)
   enc = State(jnp.einsum("bshf,bshk->bhfk", phi_ke, ve_BTHK.astype(jnp.float32)), phi_ke.sum(1))
@@ -174,6 +185,12 @@ def prefix_encoder_share(
   least M / 2 to every denominator whatever the weights; near s = 0 (at initialisation) the
   share at position i is about M / (M + i + 1).
   """
+  if phi_q_BTHF.shape != phi_kd_BTHF.shape or phi_q_BTHF.shape != phi_ke_BTHF.shape:
+    raise ValueError(
+      f"phi_q_BTHF, phi_kd_BTHF, phi_ke_BTHF: expected one shape, got {phi_q_BTHF.shape}, {phi_kd_BTHF.shape}, "
+      f"{phi_ke_BTHF.shape}"
+    )
+  _check_mask(key_mask_BT, phi_q_BTHF.shape[:2])
   phi_kd, phi_ke = _prefix_keys(phi_kd_BTHF, phi_ke_BTHF, prefix_len, key_mask_BT)
   phi_q = phi_q_BTHF.astype(jnp.float32)
   enc_BTH = jnp.einsum("bthf,bhf->bth", phi_q, phi_ke.sum(1))
@@ -184,8 +201,8 @@ def prefix_encoder_share(
 def _prefix_keys(phi_kd_BTHF, phi_ke_BTHF, prefix_len: int, key_mask_BT: jax.Array | None):
   """(decoder keys with padding zeroed, encoder keys outside each row's first M real tokens zeroed), float32."""
   time = phi_kd_BTHF.shape[1]
-  if not 0 < prefix_len <= time:
-    raise ValueError(f"prefix_len: expected 0 < M <= T={time}, got {prefix_len}")
+  if not isinstance(prefix_len, (int, np.integer)) or isinstance(prefix_len, bool) or not 0 < prefix_len <= time:
+    raise ValueError(f"prefix_len: expected 0 < M <= T={time} (an int), got {prefix_len!r}")
   real_BT = jnp.ones(phi_kd_BTHF.shape[:2], bool) if key_mask_BT is None else key_mask_BT
   enc_keep_BT = real_BT & (jnp.cumsum(real_BT, axis=1) <= prefix_len)
   phi_kd = phi_kd_BTHF.astype(jnp.float32) * real_BT[:, :, None, None]
@@ -200,9 +217,16 @@ def short_conv(
   `state_BWD` holds the W - 1 inputs before x (zeros at the start); returns (y, the new
   state), so a decode step is the same call with T = 1.
   """
+  checks.check_array("x_BTD", x_BTD, 3, shape="[B, T, D]")
+  checks.check_array("kernel_WD", kernel_WD, 2, shape="[W, D]")
   width = kernel_WD.shape[0]
-  if kernel_WD.shape[1] != x_BTD.shape[-1]:
-    raise ValueError(f"kernel_WD: expected width dim D={x_BTD.shape[-1]}, got {kernel_WD.shape}")
+  if width < 1 or kernel_WD.shape[1] != x_BTD.shape[-1]:
+    raise ValueError(f"kernel_WD: expected [W >= 1, D={x_BTD.shape[-1]}], got {kernel_WD.shape}")
+  if state_BWD is not None and tuple(state_BWD.shape) != (x_BTD.shape[0], width - 1, x_BTD.shape[-1]):
+    raise ValueError(
+      f"state_BWD: expected the W - 1 inputs before x, shape {(x_BTD.shape[0], width - 1, x_BTD.shape[-1])}, "
+      f"got {tuple(state_BWD.shape)}"
+    )
   if state_BWD is None:
     state_BWD = jnp.zeros((x_BTD.shape[0], width - 1, x_BTD.shape[-1]), x_BTD.dtype)
   full = jnp.concatenate([state_BWD, x_BTD], axis=1)
@@ -217,8 +241,44 @@ def base_conv(x_BTD, w_in_DD, w_gate_DD, kernel_WD, state_BWD=None) -> tuple[jax
   return dense(x_BTD, w_gate_DD) * conv, state
 
 
-def _check(phi_q_BTHF, phi_k_BTHF, v_BTHK) -> None:
+def _check(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, eps: float = DEFAULT_EPS, state=None, key_mask_BT=None) -> None:
+  for name, x in (("phi_q_BTHF", phi_q_BTHF), ("phi_k_BTHF", phi_k_BTHF), ("v_BTHK", v_BTHK)):
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name}: expected an array (jnp.asarray(...)), got {type(x).__name__}")
   if phi_q_BTHF.ndim != 4 or phi_q_BTHF.shape != phi_k_BTHF.shape:
     raise ValueError(f"phi_q_BTHF, phi_k_BTHF: expected one rank-4 shape, got {phi_q_BTHF.shape}, {phi_k_BTHF.shape}")
   if v_BTHK.ndim != 4 or v_BTHK.shape[:3] != phi_q_BTHF.shape[:3]:
     raise ValueError(f"v_BTHK: expected [B, T, H] = {phi_q_BTHF.shape[:3]}, got {v_BTHK.shape}")
+  if not jnp.issubdtype(v_BTHK.dtype, jnp.floating):
+    raise TypeError(f"v_BTHK: expected a floating dtype (y comes back in it), got {v_BTHK.dtype}")
+  _check_eps(eps)
+  batch, _, heads, features = phi_q_BTHF.shape
+  _check_state(state, (batch, heads, features, v_BTHK.shape[-1]))
+  _check_mask(key_mask_BT, phi_q_BTHF.shape[:2])
+
+
+def _check_eps(eps) -> None:
+  if checks.concrete(eps) is not None and not float(eps) > 0:  # NaN fails too
+    raise ValueError(f"eps: expected > 0 (it keeps the denominator away from 0), got {eps}")
+
+
+def _check_state(state: State | None, shape_BHFK: tuple[int, ...]) -> None:
+  if state is None:
+    return
+  if not isinstance(state, State):
+    raise TypeError(f"state: expected a linear_attention.State, got {type(state).__name__}")
+  if tuple(state.s_BHFK.shape) != tuple(shape_BHFK) or tuple(state.z_BHF.shape) != tuple(shape_BHFK[:3]):
+    raise ValueError(
+      f"state: expected s [B, H, F, K] = {tuple(shape_BHFK)} and z {tuple(shape_BHFK[:3])}, got "
+      f"{tuple(state.s_BHFK.shape)}, {tuple(state.z_BHF.shape)}"
+    )
+
+
+def _check_mask(key_mask_BT, shape_BT: tuple[int, ...]) -> None:
+  if key_mask_BT is None:
+    return
+  checks.check_array("key_mask_BT", key_mask_BT, 2, shape="[B, T]")
+  if key_mask_BT.dtype != jnp.bool_:
+    raise TypeError(f"key_mask_BT: expected a bool mask (False at padding), got {key_mask_BT.dtype}")
+  if tuple(key_mask_BT.shape) != tuple(shape_BT):
+    raise ValueError(f"key_mask_BT: expected shape {tuple(shape_BT)}, got {tuple(key_mask_BT.shape)}")

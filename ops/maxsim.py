@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.ops import pallas
+from paperjax.ops import checks, pallas
 from paperjax.ops.pallas import maxsim as kernels
 
 Impl = Literal["auto", "reference", "pallas"]
@@ -59,8 +59,11 @@ def maxsim(
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     kernel_options: the kernel's tiling (`ops.pallas.maxsim.maxsim_pallas`: block_q, block_n,
       block_s, num_warps); the defaults are what `bench.gpu_check` measured fastest.
+
+  Value checks (d_lengths_N in 0 .. S) run on concrete inputs, or inside `ops.checks.checked`.
   """
   _check_float(q_QTK, d_NSK)
+  pallas.resolve(impl)
   q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, d_lengths_N)
   if normalize:
     q_QTK, d_NSK = _l2_normalize(q_QTK), _l2_normalize(d_NSK)
@@ -84,11 +87,18 @@ def maxsim_binary(
 ) -> jax.Array:
   """MaxSim of packed sign codes (`pack_bits`) of `dim`-dimensional vectors, float32 [Q, N].
 
-  Equals `maxsim` of the +-1 vectors the codes stand for, exactly. Arguments as in `maxsim`.
+  Equals `maxsim` of the +-1 vectors the codes stand for, exactly. Arguments and value checks
+  as in `maxsim`.
   """
   for name, x in (("q_bits_QTI", q_bits_QTI), ("d_bits_NSI", d_bits_NSI)):
-    if x.dtype != jnp.uint32 or x.ndim != 3:
-      raise TypeError(f"{name}: expected uint32 codes of rank 3 (from pack_bits), got {x.dtype} {x.shape}")
+    if not hasattr(x, "dtype") or x.dtype != jnp.uint32 or x.ndim != 3:
+      raise TypeError(
+        f"{name}: expected uint32 codes of rank 3 (from pack_bits), got {getattr(x, 'dtype', type(x).__name__)} "
+        f"{getattr(x, 'shape', '')}"
+      )
+  if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+    raise ValueError(f"dim: expected the embedding dim, an int >= 1, got {dim!r}")
+  pallas.resolve(impl)
   words = -(-dim // 32)
   if q_bits_QTI.shape[2] != words or d_bits_NSI.shape[2] != words:
     raise ValueError(
@@ -159,9 +169,15 @@ def pack_bits(x_K: jax.Array) -> jax.Array:
 
   Bit j of word w is 1 iff x[..., 32 w + j] > 0 (zero counts as negative); the padding
   bits of the last word are 0 in every code, so they never add to a Hamming distance.
+
+  Value checks (no NaN: it would pack as a negative coordinate) run on concrete inputs, or
+  inside `ops.checks.checked`.
   """
-  if not jnp.issubdtype(x_K.dtype, jnp.floating):
-    raise TypeError(f"x_K: expected float embeddings, got {x_K.dtype}")
+  if not hasattr(x_K, "dtype") or not jnp.issubdtype(x_K.dtype, jnp.floating) or x_K.ndim < 1:
+    raise TypeError(f"x_K: expected float embeddings [..., K], got {getattr(x_K, 'dtype', type(x_K).__name__)}")
+  values = checks.concrete(x_K)
+  xp, x = (jnp, x_K) if values is None else (np, values)
+  checks.check_values("x_K", x, xp.isnan, "values that are not NaN")
   dim = x_K.shape[-1]
   bits = jnp.pad(x_K > 0, [(0, 0)] * (x_K.ndim - 1) + [(0, -dim % 32)])
   bits = bits.reshape(*x_K.shape[:-1], -1, 32).astype(jnp.uint32)
@@ -189,12 +205,17 @@ def tensor_array_maxsim(
 
   Passages of all documents sit in one [Z, S, K] array; passage_doc_Z[p] names the
   document of passage p (any order, ragged counts). A document without passages scores -inf.
+
+  Value checks (passage_doc_Z in 0 .. num_docs - 1, and those of `maxsim`) run on concrete
+  inputs, or inside `ops.checks.checked`.
   """
-  if passage_doc_Z.shape != passages_ZSK.shape[:1] or not jnp.issubdtype(passage_doc_Z.dtype, jnp.integer):
-    raise ValueError(
-      f"passage_doc_Z: expected integer shape ({passages_ZSK.shape[0]},), "
-      f"got {passage_doc_Z.dtype} {passage_doc_Z.shape}"
-    )
+  _check_float(q_QTK, passages_ZSK, names=("q_QTK", "passages_ZSK"))
+  checks.check_array("passage_doc_Z", passage_doc_Z, 1, integer=True, shape="[Z]")
+  if passage_doc_Z.shape != passages_ZSK.shape[:1]:
+    raise ValueError(f"passage_doc_Z: expected shape ({passages_ZSK.shape[0]},), got {passage_doc_Z.shape}")
+  if not isinstance(num_docs, (int, np.integer)) or isinstance(num_docs, bool) or num_docs < 1:
+    raise ValueError(f"num_docs: expected an int >= 1, got {num_docs!r}")
+  checks.check_in("passage_doc_Z", passage_doc_Z, 0, num_docs - 1, what="document ids")
   scores_QZ = maxsim(
     q_QTK,
     passages_ZSK,
@@ -209,8 +230,9 @@ def tensor_array_maxsim(
 
 def top_k(scores_QN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """The k best documents per query: (scores [Q, k] descending, indices [Q, k]); ties -> lower index."""
-  if not 1 <= k <= scores_QN.shape[1]:
-    raise ValueError(f"k: expected 1 <= k <= N={scores_QN.shape[1]}, got {k}")
+  checks.check_array("scores_QN", scores_QN, 2, shape="[Q, N]")
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= scores_QN.shape[1]:
+    raise ValueError(f"k: expected an int, 1 <= k <= N={scores_QN.shape[1]}, got {k!r}")
   values_Qk, indices_Qk = jax.lax.top_k(scores_QN, k)
   return values_Qk, indices_Qk
 
@@ -225,8 +247,9 @@ def rerank(
   dim: int | None = None,
   impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
-  """Top-k documents by MaxSim; uint32 inputs are binary codes of `dim`-dim vectors."""
-  if d_NSK.dtype == jnp.uint32:
+  """Top-k documents by MaxSim; uint32 inputs are binary codes of `dim`-dim vectors. Value checks
+  as in `maxsim`."""
+  if getattr(d_NSK, "dtype", None) == jnp.uint32:
     if dim is None:
       raise ValueError("dim: binary codes need the original embedding dim")
     scores = maxsim_binary(q_QTK, d_NSK, dim, q_mask_QT=q_mask_QT, d_mask_NS=d_mask_NS, impl=impl)
@@ -249,11 +272,20 @@ def two_stage_rerank(
   """Binary MaxSim keeps `shortlist` candidates per query; float MaxSim ranks those.
 
   Returns (scores [Q, k], document indices [Q, k]). Pass precomputed `d_bits_NSI`
-  (`pack_bits(d_NSK)`) to avoid re-packing the collection.
+  (`pack_bits(d_NSK)`) to avoid re-packing the collection. Value checks as in `pack_bits`
+  (when it packs here).
   """
+  _check_float(q_QTK, d_NSK)
   num_n, dim = d_NSK.shape[0], d_NSK.shape[-1]
-  if not 1 <= k <= shortlist <= num_n:
-    raise ValueError(f"k, shortlist: expected 1 <= k <= shortlist <= N={num_n}, got {k}, {shortlist}")
+  ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in (k, shortlist))
+  if not ints or not 1 <= k <= shortlist <= num_n:
+    raise ValueError(f"k, shortlist: expected ints, 1 <= k <= shortlist <= N={num_n}, got {k!r}, {shortlist!r}")
+  words = -(-dim // 32)
+  if d_bits_NSI is not None and tuple(getattr(d_bits_NSI, "shape", ())) != (*d_NSK.shape[:2], words):
+    raise ValueError(
+      f"d_bits_NSI: expected pack_bits(d_NSK) of shape {(*d_NSK.shape[:2], words)}, got "
+      f"{getattr(d_bits_NSI, 'shape', type(d_bits_NSI).__name__)}"
+    )
   q_mask_QT, d_mask_NS = _masks(q_QTK, d_NSK, q_mask_QT, d_mask_NS, None)
   d_bits_NSI = pack_bits(d_NSK) if d_bits_NSI is None else d_bits_NSI
   _, cand_QC = rerank(
@@ -273,16 +305,27 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=-1, keepdims=True), 1e-12))).astype(x.dtype)
 
 
-def _check_float(q_QTK, d_NSK) -> None:
+def _check_float(q_QTK, d_NSK, names: tuple[str, str] = ("q_QTK", "d_NSK")) -> None:
+  q, d = names
+  for name, x in zip(names, (q_QTK, d_NSK)):
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name}: expected an array (jnp.asarray(...)), got {type(x).__name__}")
   if q_QTK.ndim != 3 or d_NSK.ndim != 3:
-    raise ValueError(f"q_QTK, d_NSK: expected rank 3, got shapes {q_QTK.shape}, {d_NSK.shape}")
+    raise ValueError(f"{q}, {d}: expected rank 3, got shapes {q_QTK.shape}, {d_NSK.shape}")
   if q_QTK.shape[2] != d_NSK.shape[2]:
-    raise ValueError(f"d_NSK: expected dim K={q_QTK.shape[2]} like q_QTK, got {d_NSK.shape[2]}")
+    raise ValueError(f"{d}: expected dim K={q_QTK.shape[2]} like {q}, got {d_NSK.shape[2]}")
   if q_QTK.dtype not in _FLOATS or d_NSK.dtype != q_QTK.dtype:
-    raise TypeError(f"q_QTK, d_NSK: expected one dtype of float32/bfloat16/float16, got {q_QTK.dtype}, {d_NSK.dtype}")
+    raise TypeError(f"{q}, {d}: expected one dtype of float32/bfloat16/float16, got {q_QTK.dtype}, {d_NSK.dtype}")
 
 
 def _masks(q, d, q_mask_QT, d_mask_NS, d_lengths_N):
+  # Masks are bool (or 0/1 integers); a float mask may be an additive one (0 / -inf), which
+  # would read as True wherever it is -inf.
+  for name, mask in (("q_mask_QT", q_mask_QT), ("d_mask_NS", d_mask_NS)):
+    if mask is not None and not (
+      hasattr(mask, "dtype") and (mask.dtype == bool or jnp.issubdtype(mask.dtype, jnp.integer))
+    ):
+      raise TypeError(f"{name}: expected a bool mask, got {getattr(mask, 'dtype', type(mask).__name__)}")
   if q_mask_QT is None:
     q_mask_QT = jnp.ones(q.shape[:2], bool)
   elif q_mask_QT.shape != q.shape[:2]:
@@ -290,8 +333,7 @@ def _masks(q, d, q_mask_QT, d_mask_NS, d_lengths_N):
   if d_mask_NS is not None and d_lengths_N is not None:
     raise ValueError("d_mask_NS, d_lengths_N: give one or neither")
   if d_lengths_N is not None:
-    if d_lengths_N.shape != d.shape[:1]:
-      raise ValueError(f"d_lengths_N: expected shape {d.shape[:1]}, got {d_lengths_N.shape}")
+    d_lengths_N = checks.check_lengths(d_lengths_N, d.shape[0], d.shape[1], name="d_lengths_N", low=0)
     d_mask_NS = jnp.arange(d.shape[1])[None, :] < d_lengths_N[:, None]
   elif d_mask_NS is None:
     d_mask_NS = jnp.ones(d.shape[:2], bool)

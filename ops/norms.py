@@ -5,11 +5,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from paperjax.ops import checks
+
 
 def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float = 1e-5) -> jax.Array:
   """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, computed in float32, cast back to x's dtype."""
+  if not hasattr(x_BTD, "dtype") or x_BTD.ndim < 1 or not jnp.issubdtype(x_BTD.dtype, jnp.floating):
+    raise TypeError(f"x_BTD: expected a float array [..., D], got {getattr(x_BTD, 'dtype', type(x_BTD).__name__)}")
   if scale_D.shape != x_BTD.shape[-1:]:
     raise ValueError(f"scale_D: expected shape {x_BTD.shape[-1:]}, got {scale_D.shape}")
+  if checks.concrete(eps) is not None and not float(eps) > 0:  # 0 divides an all-zero row by 0; NaN fails too
+    raise ValueError(f"eps: expected > 0, got {eps}")
   x = x_BTD.astype(jnp.float32)
   normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
   return (normed * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.ops import attention, pallas
+from paperjax.ops import attention, checks, pallas
 from paperjax.ops.pallas import paged_attention as kernels
 
 Impl = Literal["auto", "reference", "pallas"]
@@ -54,28 +54,23 @@ def paged_attention(
   impl="auto" is the Pallas kernel on GPU and the reference elsewhere. `kernel_options` go to
   `ops.pallas.paged_attention.paged_decode`: num_splits (programs per row, flash-decoding
   style), step_pages, num_warps; the defaults are what `bench.gpu_check` measured fastest.
+
+  Value checks (lengths in 0 .. P * S, the page ids a row's length reads in the pool) run on
+  concrete inputs, or inside `ops.checks.checked`.
   """
-  if q_BHK.ndim != 3:
-    raise ValueError(f"q_BHK: expected one query per row, [B, H, K], got shape {q_BHK.shape}")
+  if not hasattr(q_BHK, "ndim") or q_BHK.ndim != 3:
+    raise ValueError(f"q_BHK: expected one query per row, [B, H, K], got shape {getattr(q_BHK, 'shape', q_BHK)}")
   _check(q_BHK[:, None], k_pages_GPSK, v_pages_GPSK, block_tables_BP)
-  if lengths_B.shape != q_BHK.shape[:1] or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-    raise ValueError(f"lengths_B: expected integer shape ({q_BHK.shape[0]},), got {lengths_B.dtype} {lengths_B.shape}")
-  pages, page_size = block_tables_BP.shape[1], k_pages_GPSK.shape[2]
-  lengths = None if isinstance(lengths_B, jax.core.Tracer) else np.asarray(lengths_B)  # checked when known
-  if lengths is not None and lengths.size and (lengths.min() < 0 or lengths.max() > pages * page_size):
-    raise ValueError(
-      f"lengths_B: expected 0 <= length <= {pages * page_size} ({pages} pages of {page_size}), "
-      f"got {lengths.min()} .. {lengths.max()}"
-    )
-  if pallas.resolve(impl) == "reference":
+  resolved = pallas.resolve(impl)
+  lengths_B = _check_reads(block_tables_BP, lengths_B, k_pages_GPSK.shape[1], k_pages_GPSK.shape[2])
+  if resolved == "reference":
     q_B1HK, positions_B1 = q_BHK[:, None], lengths_B[:, None] - 1
-    return paged_attention_reference(q_B1HK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, positions_B1, lengths_B)[:, 0]
+    return _reference(q_B1HK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, positions_B1, lengths_B)[:, 0]
   return kernels.paged_decode(
     q_BHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, lengths_B, interpret=interpret, **kernel_options
   )
 
 
-@jax.jit
 def paged_attention_reference(
   q_BTHK: jax.Array,
   k_pages_GPSK: jax.Array,
@@ -91,8 +86,18 @@ def paged_attention_reference(
   The pages are gathered into a contiguous [B, P * S, G, K] cache, and slots past a row's
   length are zeroed first, so whatever a stale page holds (NaN included) cannot reach the
   output (a masked score has probability 0, but 0 * NaN is NaN). A row of length 0 gets
-  zeros.
+  zeros. Value checks as in `paged_attention`.
   """
+  _check(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP)
+  checks.check_array("q_positions_BT", q_positions_BT, 2, integer=True, shape="[B, T]")
+  if q_positions_BT.shape != q_BTHK.shape[:2]:
+    raise ValueError(f"q_positions_BT: expected shape {q_BTHK.shape[:2]}, got {q_positions_BT.shape}")
+  lengths_B = _check_reads(block_tables_BP, lengths_B, k_pages_GPSK.shape[1], k_pages_GPSK.shape[2])
+  return _reference(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, q_positions_BT, lengths_B)
+
+
+@jax.jit
+def _reference(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP, q_positions_BT, lengths_B) -> jax.Array:
   num_g, num_p, num_s, head_dim = k_pages_GPSK.shape
   batch, pages = block_tables_BP.shape
   table_BP = jnp.clip(block_tables_BP, 0, num_p - 1)  # unused entries may be anything
@@ -119,9 +124,17 @@ def write(
 ) -> tuple[jax.Array, jax.Array]:
   """The pools [G, P, S, K] with token t of row b written at position positions_BT[b, t]:
   page block_tables[b, pos // S], slot pos % S; tokens where valid_BT is False are dropped.
-  Prefill writes a chunk (T > 1), decode one token (T = 1)."""
+  Prefill writes a chunk (T > 1), decode one token (T = 1).
+
+  Value checks (each valid token's position inside its row's table, and the page it lands on
+  inside the pool) run on concrete inputs, or inside `ops.checks.checked`; padding is dropped by
+  an out-of-range scatter, which checkify's index checks flag, so check a call with padding
+  under `checked(..., errors=checkify.user_checks)`."""
+  _check_write(k_pages, v_pages, k_BTGK, v_BTGK, block_tables_BP, positions_BT, valid_BT)
   num_p, num_s = k_pages.shape[1], k_pages.shape[2]
-  page_BT = jnp.take_along_axis(block_tables_BP, positions_BT // num_s, axis=1, mode="clip")
+  # Clipped here, not by the gather's mode, so checkify's index checks see no read out of range.
+  entry_BT = jnp.clip(positions_BT // num_s, 0, block_tables_BP.shape[1] - 1)
+  page_BT = jnp.take_along_axis(block_tables_BP, entry_BT, axis=1)
   page_BT = jnp.where(valid_BT, page_BT, num_p)  # out of range: dropped
   slot_BT = positions_BT % num_s
   k_pages = k_pages.at[:, page_BT, slot_BT].set(k_BTGK.transpose(2, 0, 1, 3), mode="drop")
@@ -132,14 +145,85 @@ def write(
 def copy_pages(pool_GPSK: jax.Array, src_N: jax.Array, dst_N: jax.Array, *, layers: int = 1) -> jax.Array:
   """Pages dst_N[i] become copies of src_N[i] (copy-on-write). The pool's P axis may hold
   `layers` consecutive blocks of per-layer pages (a model's [G, L * P, S, K]); the ids are
-  per-layer, and the copy is made in every layer."""
-  if src_N.shape != dst_N.shape or src_N.ndim != 1:
+  per-layer, and the copy is made in every layer.
+
+  Value checks (page ids in 0 .. P / layers - 1) run on concrete inputs, or inside
+  `ops.checks.checked`."""
+  checks.check_array("pool_GPSK", pool_GPSK, 4, shape="[G, P, S, K]")
+  checks.check_array("src_N", src_N, 1, integer=True, shape="[N]")
+  checks.check_array("dst_N", dst_N, 1, integer=True, shape="[N]")
+  if src_N.shape != dst_N.shape:
     raise ValueError(f"src_N, dst_N: expected equal 1-D shapes, got {src_N.shape}, {dst_N.shape}")
-  if layers < 1 or pool_GPSK.shape[1] % layers:
-    raise ValueError(f"layers: expected a divisor of the pool's {pool_GPSK.shape[1]} pages, got {layers}")
+  if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or pool_GPSK.shape[1] % layers:
+    raise ValueError(f"layers: expected a divisor of the pool's {pool_GPSK.shape[1]} pages, got {layers!r}")
+  per_layer = pool_GPSK.shape[1] // layers
+  checks.check_in("src_N", src_N, 0, per_layer - 1, what="page ids")
+  checks.check_in("dst_N", dst_N, 0, per_layer - 1, what="page ids")
   offsets_L1 = (jnp.arange(layers) * (pool_GPSK.shape[1] // layers))[:, None]
   src, dst = (src_N[None] + offsets_L1).ravel(), (dst_N[None] + offsets_L1).ravel()
   return pool_GPSK.at[:, dst].set(pool_GPSK[:, src])
+
+
+def _check_reads(block_tables_BP, lengths_B, num_pages: int, page_size: int) -> jax.Array:
+  """lengths_B as int32 after checking each is in 0 .. P * S, and that the table entries a row's
+  length reads (its first ceil(length / S)) are pages of the pool; later entries may be anything."""
+  batch, pages = block_tables_BP.shape
+  checks.check_array("lengths_B", lengths_B, 1, integer=True, shape="[B]")
+  if lengths_B.shape != (batch,):
+    raise ValueError(f"lengths_B: expected shape ({batch},), got {lengths_B.shape}")
+  what = f"lengths ({pages} pages of {page_size})"
+  checks.check_in("lengths_B", lengths_B, 0, pages * page_size, what=what)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  checks.check_in(
+    "block_tables_BP", _read_entries(block_tables_BP, lengths_B, page_size), 0, num_pages - 1, what="page ids"
+  )
+  return lengths_B
+
+
+def _read_entries(block_tables_BP, lengths_B, page_size: int):
+  """The table with the entries no token reads set to 0 (a valid id): numpy when both are
+  concrete (an eager check costs no dispatch), jnp in a trace."""
+  tables, lengths = checks.concrete(block_tables_BP), checks.concrete(lengths_B)
+  if tables is not None and lengths is not None:
+    return np.where(np.arange(tables.shape[1]) * page_size < lengths[:, None], tables, 0)
+  return jnp.where(jnp.arange(block_tables_BP.shape[1]) * page_size < lengths_B[:, None], block_tables_BP, 0)
+
+
+def _check_write(k_pages, v_pages, k_BTGK, v_BTGK, block_tables_BP, positions_BT, valid_BT) -> None:
+  checks.check_array("k_pages", k_pages, 4, shape="[G, P, S, K]")
+  if v_pages.shape != k_pages.shape:
+    raise ValueError(f"v_pages: expected the shape of k_pages {k_pages.shape}, got {v_pages.shape}")
+  checks.check_array("k_BTGK", k_BTGK, 4, shape="[B, T, G, K]")
+  batch, time, groups, head_dim = k_BTGK.shape
+  if v_BTGK.shape != k_BTGK.shape:
+    raise ValueError(f"v_BTGK: expected the shape of k_BTGK {k_BTGK.shape}, got {v_BTGK.shape}")
+  if (groups, head_dim) != (k_pages.shape[0], k_pages.shape[3]):
+    raise ValueError(f"k_BTGK: expected [B, T, G={k_pages.shape[0]}, K={k_pages.shape[3]}], got {k_BTGK.shape}")
+  checks.check_array("block_tables_BP", block_tables_BP, 2, integer=True, shape="[B, P]")
+  checks.check_array("positions_BT", positions_BT, 2, integer=True, shape="[B, T]")
+  checks.check_array("valid_BT", valid_BT, 2, shape="[B, T]")
+  if block_tables_BP.shape[0] != batch or positions_BT.shape != (batch, time) or valid_BT.shape != (batch, time):
+    raise ValueError(
+      f"block_tables_BP, positions_BT, valid_BT: expected [B={batch}, P], [{batch}, {time}] twice, got "
+      f"{block_tables_BP.shape}, {positions_BT.shape}, {valid_BT.shape}"
+    )
+  if valid_BT.dtype != jnp.bool_:
+    raise TypeError(f"valid_BT: expected a bool mask, got {valid_BT.dtype}")
+  num_s = k_pages.shape[2]
+  tables, positions, valid = (checks.concrete(x) for x in (block_tables_BP, positions_BT, valid_BT))
+  xp, tables, positions, valid = (
+    (np, tables, positions, valid)
+    if tables is not None and positions is not None and valid is not None
+    else (jnp, block_tables_BP, positions_BT, valid_BT)
+  )
+  # Only valid tokens are written: padding may sit anywhere.
+  capacity = block_tables_BP.shape[1] * num_s
+  checks.check_in("positions_BT", xp.where(valid, positions, 0), 0, capacity - 1, what="positions of valid tokens")
+  page_index_BT = xp.clip(positions // num_s, 0, block_tables_BP.shape[1] - 1)
+  pages_BT = xp.take_along_axis(tables, page_index_BT, axis=1)
+  checks.check_in(
+    "block_tables_BP", xp.where(valid, pages_BT, 0), 0, k_pages.shape[1] - 1, what="page ids of valid tokens' pages"
+  )
 
 
 def _check(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP) -> None:
@@ -155,8 +239,13 @@ def _check(q_BTHK, k_pages_GPSK, v_pages_GPSK, block_tables_BP) -> None:
       f"k_pages_GPSK: expected [G, P, S, K={head_dim}] with H={heads} a multiple of G, got {k_pages_GPSK.shape}"
     )
   if q_BTHK.dtype != k_pages_GPSK.dtype or k_pages_GPSK.dtype != v_pages_GPSK.dtype:
-    raise TypeError(f"q, k_pages, v_pages: expected one dtype, got {q_BTHK.dtype}, {k_pages_GPSK.dtype}")
-  if block_tables_BP.ndim != 2 or block_tables_BP.shape[0] != q_BTHK.shape[0] or block_tables_BP.dtype != jnp.int32:
-    raise ValueError(
-      f"block_tables_BP: expected int32 [B={q_BTHK.shape[0]}, P], got {block_tables_BP.dtype} {block_tables_BP.shape}"
+    raise TypeError(
+      f"q, k_pages, v_pages: expected one dtype, got {q_BTHK.dtype}, {k_pages_GPSK.dtype}, {v_pages_GPSK.dtype}"
     )
+  if not jnp.issubdtype(q_BTHK.dtype, jnp.floating):
+    raise TypeError(f"q, k_pages, v_pages: expected a floating dtype, got {q_BTHK.dtype}")
+  if not hasattr(block_tables_BP, "dtype") or block_tables_BP.dtype != jnp.int32:
+    got = getattr(block_tables_BP, "dtype", type(block_tables_BP).__name__)
+    raise TypeError(f"block_tables_BP: expected int32 page ids, got {got}")
+  if block_tables_BP.ndim != 2 or block_tables_BP.shape[0] != q_BTHK.shape[0]:
+    raise ValueError(f"block_tables_BP: expected int32 [B={q_BTHK.shape[0]}, P], got shape {block_tables_BP.shape}")

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from paperjax.ops import checks
 from paperjax.ops.dense import dense
 
 Format = Literal["int8", "fp8"]
@@ -85,13 +86,20 @@ def quantize(
     fmt: "int8" (round to nearest, saturate to +-127) or "fp8" (E4M3, saturate to +-448).
     granularity: which axes share a scale (module docstring).
     scale_ub: upper bound on max|x| when computing the scale (values above it saturate).
+
+  Value checks (x finite: NaN or inf would turn its whole group's scale and codes into garbage)
+  run on concrete inputs, or inside `ops.checks.checked`.
   """
-  if fmt not in _QMAX:
+  if not isinstance(fmt, str) or fmt not in _QMAX:
     raise ValueError(f"fmt: expected 'int8' or 'fp8', got {fmt!r}")
-  if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
-    raise TypeError(f"x: expected a float array of rank >= 1, got {x.dtype} of shape {x.shape}")
-  if scale_ub is not None and not scale_ub > 0:
+  if not isinstance(granularity, str) or granularity not in ("tensor", "row", "channel"):
+    raise ValueError(f"granularity: expected 'tensor', 'row' or 'channel', got {granularity!r}")
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
+    got = f"{x.dtype} of shape {x.shape}" if hasattr(x, "dtype") else type(x).__name__
+    raise TypeError(f"x: expected a float array of rank >= 1, got {got}")
+  if scale_ub is not None and (isinstance(scale_ub, bool) or not scale_ub > 0):  # NaN fails too
     raise ValueError(f"scale_ub: expected a positive bound or None, got {scale_ub}")
+  checks.check_finite("x", x)
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=_reduced_axes(x.ndim, granularity), keepdims=True)
   if scale_ub is not None:
@@ -123,12 +131,18 @@ def dequantize(t: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
 
 def matmul(x_BTD: jax.Array, w_DE: jax.Array | QuantizedTensor, *, out_dtype=None) -> jax.Array:
   """x @ W over the last axis of x, float32 accumulation, returned in `out_dtype` (default x's
-  dtype); module docstring for quantized weights."""
+  dtype); module docstring for quantized weights. Value checks as in `quantize` for the
+  activations it quantizes."""
+  if not hasattr(x_BTD, "dtype") or not jnp.issubdtype(x_BTD.dtype, jnp.floating) or x_BTD.ndim < 1:
+    got = f"{x_BTD.dtype} of shape {x_BTD.shape}" if hasattr(x_BTD, "dtype") else type(x_BTD).__name__
+    raise TypeError(f"x_BTD: expected a float array [..., D], got {got}")  # an int x would truncate the product
   out_dtype = x_BTD.dtype if out_dtype is None else out_dtype
-  if len(w_DE.shape) != 2 or w_DE.shape[0] != x_BTD.shape[-1]:
-    raise ValueError(f"w_DE: expected a matrix [D={x_BTD.shape[-1]}, E], got {w_DE.shape}")
+  if not hasattr(w_DE, "shape") or len(w_DE.shape) != 2 or w_DE.shape[0] != x_BTD.shape[-1]:
+    raise ValueError(f"w_DE: expected a matrix [D={x_BTD.shape[-1]}, E], got {getattr(w_DE, 'shape', w_DE)}")
   if not isinstance(w_DE, QuantizedTensor):
     return dense(x_BTD, w_DE, out_dtype=out_dtype)
+  if w_DE.activations is not None and w_DE.activations not in _QMAX:
+    raise ValueError(f"w_DE.activations: expected 'int8', 'fp8' or None, got {w_DE.activations!r}")
   if w_DE.activations is None:
     return matmul(x_BTD, dequantize(w_DE, x_BTD.dtype), out_dtype=out_dtype)
   if w_DE.scale.shape[0] != 1:
@@ -138,8 +152,6 @@ def matmul(x_BTD: jax.Array, w_DE: jax.Array | QuantizedTensor, *, out_dtype=Non
     )
   if w_DE.q.dtype != _DTYPES[w_DE.activations]:
     raise ValueError(f"w_DE: {w_DE.activations} activations need {w_DE.activations} weights, got {w_DE.q.dtype}")
-  if not jnp.issubdtype(x_BTD.dtype, jnp.floating):
-    raise TypeError(f"x_BTD: expected a float array, got {x_BTD.dtype}")
   bound = w_DE.scale_ub if w_DE.activations == "fp8" else None
   x_q = quantize(x_BTD, w_DE.activations, "row", scale_ub=bound)
   out = dot(x_q.q.reshape(-1, x_q.shape[-1]), w_DE.q).reshape(*x_q.shape[:-1], -1)

@@ -9,32 +9,31 @@ permute the q/k projection rows to match; `models.transformer.llama_import` undo
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paperjax.ops import checks
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+
+@checks.config
 class RopeScaling:
-  """Llama 3.1's frequency-dependent stretch ("values obtained from grid search")."""
+  """Llama 3.1's frequency-dependent stretch ("values obtained from grid search"); fields are
+  checked for type and range at construction (`ops.checks.config`)."""
 
-  factor: float = 8.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position: int = 8192
+  factor: Annotated[float, checks.Range(low=1)] = 8.0
+  low_freq_factor: checks.PositiveFloat = 1.0
+  high_freq_factor: checks.PositiveFloat = 4.0
+  original_max_position: checks.PositiveInt = 8192
 
   def __post_init__(self):
-    if self.factor < 1:
-      raise ValueError(f"factor: expected >= 1, got {self.factor}")
-    if not 0 < self.low_freq_factor < self.high_freq_factor:
+    if not self.low_freq_factor < self.high_freq_factor:
       raise ValueError(
         "low_freq_factor, high_freq_factor: expected 0 < low < high, got "
         f"{self.low_freq_factor}, {self.high_freq_factor}"
       )
-    if self.original_max_position <= 0:
-      raise ValueError(f"original_max_position: expected > 0, got {self.original_max_position}")
 
 
 def inv_frequencies(head_dim: int, theta: float = 500_000.0, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -48,10 +47,12 @@ def inv_frequencies(head_dim: int, theta: float = 500_000.0, scaling: RopeScalin
                             s = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor).
   Computed in float64 on the host (static), returned as float32 [F].
   """
-  if head_dim <= 0 or head_dim % 2:
-    raise ValueError(f"head_dim: expected a positive even int, got {head_dim}")
-  if theta <= 1:
-    raise ValueError(f"theta: expected > 1, got {theta}")
+  if not isinstance(head_dim, (int, np.integer)) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+    raise ValueError(f"head_dim: expected a positive even int, got {head_dim!r}")
+  if isinstance(theta, bool) or not isinstance(theta, (int, float, np.integer, np.floating)) or not theta > 1:
+    raise ValueError(f"theta: expected a float > 1, got {theta!r}")  # NaN fails too
+  if scaling is not None and not isinstance(scaling, RopeScaling):
+    raise TypeError(f"scaling: expected a RopeScaling or None, got {type(scaling).__name__}")
   inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
   if scaling is not None:
     wavelen = 2 * np.pi / inv_freq
@@ -73,7 +74,12 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_A: jax.Array
   to x's dtype. Explicit integer positions make packed documents, decode steps and
   left-padded rows work alike.
   """
+  checks.check_array("x_BTHK", x_BTHK, 4, shape="[B, T, H, K]")
+  if not jnp.issubdtype(x_BTHK.dtype, jnp.floating):
+    raise TypeError(f"x_BTHK: expected a floating dtype, got {x_BTHK.dtype}")
   batch, time, _, head_dim = x_BTHK.shape
+  if head_dim % 2:
+    raise ValueError(f"x_BTHK: expected an even head dim K (pairs rotate together), got shape {x_BTHK.shape}")
   if inv_freq_A.shape != (head_dim // 2,):
     raise ValueError(f"inv_freq_A: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_A.shape}")
   if positions_BT.shape != (batch, time):

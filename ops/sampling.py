@@ -9,16 +9,28 @@ mass p, then draw. Temperature 0 is greedy and ignores the filters.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from paperjax.ops import checks
 
 _NEG_INF = -jnp.inf
 
 
 def top_k_logits(logits_BV: jax.Array, k: int) -> jax.Array:
-  """Keeps exactly the k largest logits per row (ties: lower id first); the rest -> -inf."""
+  """Keeps exactly the k largest logits per row (ties: lower id first); the rest -> -inf.
+
+  Value checks (no NaN or +inf logit, a logit above -inf in every row) run on concrete inputs,
+  or inside `ops.checks.checked`."""
   _check_logits(logits_BV)
   check_args(logits_BV.shape[-1], 1.0, k, None)
+  return _top_k(logits_BV, k)
+
+
+def _top_k(logits_BV: jax.Array, k: int) -> jax.Array:
   _, top_ids_BN = jax.lax.top_k(logits_BV, k)
   keep_BV = jnp.zeros(logits_BV.shape, bool).at[jnp.arange(logits_BV.shape[0])[:, None], top_ids_BN].set(True)
   return jnp.where(keep_BV, logits_BV, _NEG_INF)
@@ -28,10 +40,15 @@ def top_p_logits(logits_BV: jax.Array, p: float) -> jax.Array:
   """Keeps the nucleus: the smallest most-probable prefix whose mass is >= p.
 
   With tokens sorted by probability (ties: lower id first), token i is kept iff the mass
-  strictly before it is < p; so the top token is always kept. The rest -> -inf.
+  strictly before it is < p; so the top token is always kept. The rest -> -inf. Value checks
+  as in `top_k_logits`.
   """
   _check_logits(logits_BV)
   check_args(logits_BV.shape[-1], 1.0, None, p)
+  return _top_p(logits_BV, p)
+
+
+def _top_p(logits_BV: jax.Array, p: float) -> jax.Array:
   order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
   probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, axis=-1).astype(jnp.float32), axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
@@ -66,6 +83,9 @@ def select(
 
   Returns:
     int32 token ids, shape [B].
+
+  Value checks (no NaN or +inf logit, a logit above -inf in every row: either would pick a token
+  no distribution gave) run on concrete inputs, or inside `ops.checks.checked`.
   """
   _check_logits(logits_BV)
   check_args(logits_BV.shape[1], temperature, top_k, top_p)
@@ -74,9 +94,9 @@ def select(
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV / float(temperature)
   if top_k is not None:
-    logits_BV = top_k_logits(logits_BV, top_k)
+    logits_BV = _top_k(logits_BV, top_k)
   if top_p is not None:
-    logits_BV = top_p_logits(logits_BV, top_p)
+    logits_BV = _top_p(logits_BV, top_p)
   probs_BV = jax.nn.softmax(logits_BV, axis=-1)
   cdf_BV = jnp.cumsum(probs_BV, axis=-1)
   u_B1 = jax.random.uniform(key, (logits_BV.shape[0], 1)) * cdf_BV[:, -1:]
@@ -87,17 +107,28 @@ def select(
 
 
 def check_args(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-  """Raises ValueError for selection arguments that `select` would refuse."""
-  if not float(temperature) >= 0.0:
+  """Raises ValueError (TypeError for a non-number) for selection arguments that `select` would refuse."""
+  for name, value in (("temperature", temperature), ("top_p", top_p)):
+    if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_))):
+      raise TypeError(f"{name}: expected a python float, got {type(value).__name__} {value!r}")
+  if not float(temperature) >= 0.0:  # NaN fails too
     raise ValueError(f"temperature: expected >= 0, got {temperature}")
-  if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+  is_int = isinstance(top_k, (int, np.integer)) and not isinstance(top_k, (bool, np.bool_))
+  if top_k is not None and (not is_int or not 1 <= top_k <= vocab_size):
     raise ValueError(f"top_k: expected an int in [1, {vocab_size}], got {top_k!r}")
   if top_p is not None and not 0.0 < float(top_p) <= 1.0:
     raise ValueError(f"top_p: expected 0 < p <= 1, got {top_p}")
 
 
 def _check_logits(logits_BV: jax.Array) -> None:
-  if logits_BV.ndim != 2:
-    raise ValueError(f"logits_BV: expected shape [B, V], got {logits_BV.shape}")
+  checks.check_array("logits_BV", logits_BV, 2, shape="[B, V]")
   if not jnp.issubdtype(logits_BV.dtype, jnp.floating):
     raise TypeError(f"logits_BV: expected a floating dtype, got {logits_BV.dtype}")
+  if logits_BV.shape[1] == 0:
+    raise ValueError(f"logits_BV: expected at least one vocabulary entry, got shape {logits_BV.shape}")
+  values = checks.concrete(logits_BV)
+  xp, x = (jnp, logits_BV) if values is None else (np, values)
+  # NaN or +inf makes the softmax NaN, and a row without a finite logit has no distribution:
+  # both would come out as token 0.
+  checks.check_values("logits_BV", x, lambda v: xp.isnan(v) | (v == np.inf), "logits that are finite or -inf")
+  checks.check_values("logits_BV", x.max(axis=1), lambda v: v == -np.inf, "a logit above -inf in every row")

@@ -74,7 +74,8 @@ def _batch(np_rng, batch=6):
   counts_l = np_rng.integers(1, 20, batch).astype(np.float32)
   # Summed log-probs: negative, about -1 per token.
   w, l = -counts_w * np_rng.uniform(0.3, 2, batch), -counts_l * np_rng.uniform(0.3, 2, batch)
-  rw, rl = w + np_rng.normal(0, 1, batch), l + np_rng.normal(0, 1, batch)
+  # Reference log-probs near the policy's, and log-probs all the same (<= 0: preference_loss refuses others).
+  rw, rl = np.minimum(w + np_rng.normal(0, 1, batch), 0), np.minimum(l + np_rng.normal(0, 1, batch), 0)
   return [np.asarray(x, np.float32) for x in (w, l, rw, rl, counts_w, counts_l)]
 
 
@@ -178,7 +179,7 @@ def test_kto_matches_transcription(np_rng):
 
 
 def test_errors(np_rng):
-  with pytest.raises(ValueError, match="beta: expected > 0, got 0"):
+  with pytest.raises(ValueError, match=r"PreferenceConfig.beta: expected float > 0, got float 0.0"):
     dpo.PreferenceConfig(beta=0.0)
   with pytest.raises(ValueError, match="label_smoothing"):
     dpo.PreferenceConfig(label_smoothing=0.5)
