@@ -351,8 +351,12 @@ def _forward(
   """Hidden states after the final RMSNorm, the updated cache and the stacked site
   activations (inputs as in `forward`). The sites record what their edits receive."""
   _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, state, num_new_B)
+  # The table whole along D before the lookup (FSDP's gather of a weight before its use):
+  # a gather from a table split on D into rows split on the batch is a reshard XLA cannot
+  # do efficiently ("Involuntary full rematerialization").
+  embed_VD = sharding.shard(params["embed"], ("vocab", None), cfg.axis_rules)
   x_BTD = sharding.shard(
-    params["embed"][tokens_BT].astype(cfg.dtype), ("act_batch", "act_length", "act_embed"), cfg.axis_rules
+    embed_VD[tokens_BT].astype(cfg.dtype), ("act_batch", "act_length", "act_embed"), cfg.axis_rules
   )
   x_BTD, cache, stacked = _blocks(
     layer_segments(params, cfg),
