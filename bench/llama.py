@@ -19,7 +19,7 @@ Parts:
   id and index checks compiled in) against the same forward under a plain jax.jit, and a
   training step with its host batch check (`lm.check_batch`) against its jitted core alone.
 
-Shapes: N tokens in a stream.
+Shapes: B batch, T time, N tokens in a stream.
 """
 
 from __future__ import annotations

@@ -33,8 +33,10 @@ def triggering_matrix(n: int) -> np.ndarray:
 
 
 def _system(n: int, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
-  if sigma2 < 0:
-    raise ValueError(f"sigma2: expected >= 0, got {sigma2}")
+  if isinstance(sigma2, (bool, np.bool_)) or not isinstance(sigma2, (int, float, np.integer, np.floating)):
+    raise TypeError(f"sigma2: expected a float >= 0, got {type(sigma2).__name__} {sigma2!r}")
+  if not 0 <= sigma2 < np.inf:
+    raise ValueError(f"sigma2: expected a finite float >= 0, got {sigma2}")
   j = triggering_matrix(n)
   c = 2.0 ** subset_orders(n) * sigma2
   return j, j.T @ j + 2**n * np.diag(c)
@@ -42,9 +44,12 @@ def _system(n: int, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
 
 def closed_form_weights(w_star: np.ndarray, n: int, sigma2: float) -> np.ndarray:
   """w_hat = M_hat w* (the optimum for the target y = J w*); w_star [M] or a batch [X, M]."""
+  _check(n)
   w_star = np.asarray(w_star, np.float64)
   if w_star.shape[-1:] != (2**n,) or w_star.ndim > 2:
     raise ValueError(f"w_star: expected shape ({2**n},) or [X, {2**n}] for n={n}, got {w_star.shape}")
+  if not np.isfinite(w_star).all():
+    raise ValueError(f"w_star: expected finite interactions, got {int((~np.isfinite(w_star)).sum())} NaN or inf")
   return w_star @ m_hat(n, sigma2).T
 
 
@@ -65,9 +70,15 @@ def order_ratios(n: int, sigma2: float) -> np.ndarray:
 def order_distribution(w: np.ndarray, n: int, tau: float = 0.0) -> np.ndarray:
   """Strength per order, sum over |T| = k of |w_T| >= tau (averaged over rows of a batch
   [X, M]), normalised to mean 1 over k = 1 .. n; shape [n + 1], entry 0 is 0."""
-  w = np.abs(np.asarray(w, np.float64)).reshape(-1, 2**n)
+  orders = subset_orders(n)  # checks n
+  w = np.asarray(w, np.float64)
+  if w.shape[-1:] != (2**n,) or w.ndim > 2:
+    raise ValueError(f"w: expected shape ({2**n},) or [X, {2**n}] for n={n}, got {w.shape}")
+  if not 0 <= tau < np.inf:
+    raise ValueError(f"tau: expected a finite salience threshold >= 0, got {tau}")
+  w = np.abs(w).reshape(-1, 2**n)
   kept = np.where(w >= tau, w, 0.0).mean(axis=0)
-  strength = np.bincount(subset_orders(n), weights=kept, minlength=n + 1)
+  strength = np.bincount(orders, weights=kept, minlength=n + 1)
   strength[0] = 0.0
   return strength / max(strength[1:].mean(), 1e-300)
 
@@ -83,10 +94,15 @@ def fit_sigma2(
   Returns (sigma2, predicted distribution at it), per checkpoint when measured is 2-D. A
   sigma2 on the grid's first or last point is a bound (the best fit may lie beyond it).
   """
+  _check(n)
   measured = np.asarray(measured, np.float64)
   if measured.shape[-1:] != (n + 1,) or measured.ndim > 2:
     raise ValueError(f"measured: expected order distributions of shape [..., {n + 1}], got {measured.shape}")
+  if not np.isfinite(measured).all():
+    raise ValueError(f"measured: expected finite order distributions, got {measured.tolist()}")
   grid = SIGMA2_GRID if grid is None else np.asarray(grid, np.float64)
+  if grid.ndim != 1 or grid.size < 1 or not (np.isfinite(grid) & (grid >= 0)).all():
+    raise ValueError(f"grid: expected a 1-D grid of finite sigma^2 >= 0, got {grid.tolist()}")
   predictions = np.stack([order_distribution(closed_form_weights(w_star, n, s2), n, tau) for s2 in grid])
   errors = ((predictions[None, :, 1:] - np.atleast_2d(measured)[:, None, 1:]) ** 2).sum(axis=-1)
   best = np.argmin(errors, axis=1)
@@ -97,6 +113,8 @@ def fit_sigma2(
 
 def relative_residual(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:
   """||predicted - measured|| / ||measured|| over orders 1 .. n (the last axis), per distribution."""
+  if np.shape(predicted) != np.shape(measured) or np.ndim(measured) < 1:
+    raise ValueError(f"predicted: expected the shape of measured {np.shape(measured)}, got {np.shape(predicted)}")
   measured, predicted = np.asarray(measured, np.float64)[..., 1:], np.asarray(predicted, np.float64)[..., 1:]
   return np.linalg.norm(predicted - measured, axis=-1) / np.maximum(np.linalg.norm(measured, axis=-1), 1e-300)
 

@@ -18,15 +18,16 @@ The transforms are the fast subset (zeta / Moebius) transforms, O(n 2^n).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from paperjax.ops import checks
 
 MAX_VARIABLES = 20  # 2^20 masked forward passes is already a large job
 
@@ -43,7 +44,20 @@ def subset_orders(n: int) -> np.ndarray:
 
 
 def log_odds(logits_BC: jax.Array, label: int | jax.Array) -> jax.Array:
-  """v = log p_y - log(1 - p_y) = logit_y - logsumexp_{c != y} logit_c, float32 [B]."""
+  """v = log p_y - log(1 - p_y) = logit_y - logsumexp_{c != y} logit_c, float32 [B].
+
+  label: an int class in [0, C) (or one per row, [B]). Value checks (label in range) run on
+  concrete inputs, or inside `ops.checks.checked`: a label >= C would make p_y 0 silently."""
+  if not hasattr(logits_BC, "ndim") or logits_BC.ndim != 2:
+    raise ValueError(f"logits_BC: expected logits [B, C], got shape {jnp.shape(logits_BC)}")
+  if isinstance(label, (bool, np.bool_)) or not jnp.issubdtype(jnp.result_type(label), jnp.integer):
+    raise TypeError(f"label: expected an int class id, got {jnp.result_type(label)} {label!r:.40}")
+  if jnp.ndim(label) not in (0, 1) or (jnp.ndim(label) == 1 and jnp.shape(label) != logits_BC.shape[:1]):
+    raise ValueError(f"label: expected one class or one per row {logits_BC.shape[:1]}, got shape {jnp.shape(label)}")
+  label_1 = jnp.atleast_1d(label) if isinstance(label, jax.core.Tracer) else np.atleast_1d(label)
+  checks.check_in("label", label_1, 0, logits_BC.shape[-1] - 1, what="class ids")
+  if jnp.ndim(label) == 1:
+    label = jnp.asarray(label)[:, None]
   logits_BC = logits_BC.astype(jnp.float32)
   is_label = jnp.arange(logits_BC.shape[-1]) == label
   others = jax.nn.logsumexp(jnp.where(is_label, -jnp.inf, logits_BC), axis=-1)
@@ -75,7 +89,13 @@ def evaluate_subsets(
     chunk: masked inputs per model call (bounds memory).
   """
   _check_n(n)
+  if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+    raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
   x_BF, baseline_F, variable_of_F = jnp.asarray(x_BF), jnp.asarray(baseline_F), jnp.asarray(variable_of_F)
+  if x_BF.ndim < 2 or x_BF.shape[0] < 1:
+    raise ValueError(f"x_BF: expected samples [B, *F] with B >= 1, got shape {x_BF.shape}")
+  checks.check_finite("x_BF", x_BF)
+  checks.check_finite("baseline_F", baseline_F)
   feature_shape = x_BF.shape[1:]
   if baseline_F.shape != feature_shape or variable_of_F.shape != feature_shape:
     raise ValueError(
@@ -83,13 +103,21 @@ def evaluate_subsets(
       f"got {baseline_F.shape}, {variable_of_F.shape}"
     )
   labels_B = jnp.asarray(labels_B)
+  if not jnp.issubdtype(labels_B.dtype, jnp.integer):
+    raise TypeError(f"labels_B: expected int class ids, got dtype {labels_B.dtype}")
   if labels_B.shape != x_BF.shape[:1]:
     raise ValueError(f"labels_B: expected shape {x_BF.shape[:1]}, got {labels_B.shape}")
+  if not jnp.issubdtype(variable_of_F.dtype, jnp.integer):
+    raise TypeError(f"variable_of_F: expected int variable ids (-1: fixed), got dtype {variable_of_F.dtype}")
   ids = np.asarray(variable_of_F)
   if ids.min() < -1 or ids.max() >= n or len(set(ids[ids >= 0].ravel().tolist())) != n:
     raise ValueError(
       f"variable_of_F: expected every id 0 .. {n - 1} used (-1: fixed features), got {np.unique(ids).tolist()}"
     )
+  out = jax.eval_shape(model_fn, params, x_BF[:1])  # the logits' shape, without running the model
+  if getattr(out, "ndim", None) != 2 or out.shape[0] != 1:
+    raise ValueError(f"model_fn: expected logits [K, C] for K inputs, got {getattr(out, 'shape', type(out))} for K = 1")
+  checks.check_in("labels_B", labels_B, 0, out.shape[1] - 1, what=f"class ids of the model's {out.shape[1]} classes")
   return _evaluate(model_fn, params, x_BF, baseline_F, variable_of_F, labels_B, n, min(chunk, 2**n))
 
 
@@ -114,7 +142,7 @@ def _evaluate(model_fn, params, x_BF, baseline_F, variable_of_F, labels_B, n, ch
 
 def moebius(f_M: jax.Array) -> jax.Array:
   """g(S) = sum_{T subset S} (-1)^{|S|-|T|} f(T), by one pass per variable (O(n 2^n))."""
-  n = _n_of(f_M)
+  n = _n_of(f_M, "f_M")
   g = f_M
   for i in range(n):
     g = g.reshape(-1, 2, 2**i)
@@ -124,7 +152,7 @@ def moebius(f_M: jax.Array) -> jax.Array:
 
 def zeta(g_M: jax.Array) -> jax.Array:
   """f(S) = sum_{T subset S} g(T): the inverse of `moebius`."""
-  n = _n_of(g_M)
+  n = _n_of(g_M, "g_M")
   f = g_M
   for i in range(n):
     f = f.reshape(-1, 2, 2**i)
@@ -134,33 +162,30 @@ def zeta(g_M: jax.Array) -> jax.Array:
 
 def and_interactions(v_and_M: jax.Array) -> jax.Array:
   """I_and = Moebius(v_and) (the Harsanyi dividends); I_and({}) = v_and(x_{})."""
+  _n_of(v_and_M, "v_and_M")
   return moebius(v_and_M)
 
 
 def or_interactions(v_or_M: jax.Array) -> jax.Array:
   """I_or(S) = -Moebius(T -> v_or(x_{N \\ T}))(S); the complement of index T is M - 1 - T."""
+  _n_of(v_or_M, "v_or_M")
   return -moebius(v_or_M[::-1])
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class DecompositionConfig:
   """The reference optimiser: SGD with momentum, learning rate decayed 10x over the run.
 
   The L1 objective's gradient grows as 2^n, so the step is learning_rate / 2^n: one
   setting works for every n (0.015 roughly halves the L1 of a digit MLP's n = 9 games).
+  Every field is checked at construction (`ops.checks.config`).
   """
 
-  steps: int = 10_000
-  learning_rate: float = 0.015
-  momentum: float = 0.9
-  decay: float = 0.1  # total learning-rate decay over `steps`
-  noise_fraction: float = 0.02  # zeta = noise_fraction * |v(x_N) - v(x_{})|; 0 disables delta
-
-  def __post_init__(self):
-    if self.steps < 1 or self.learning_rate <= 0 or not 0 <= self.momentum < 1 or not 0 < self.decay <= 1:
-      raise ValueError(f"DecompositionConfig: invalid optimiser settings {self}")
-    if self.noise_fraction < 0:
-      raise ValueError(f"noise_fraction: expected >= 0, got {self.noise_fraction}")
+  steps: checks.PositiveInt = 10_000
+  learning_rate: checks.PositiveFloat = 0.015
+  momentum: Annotated[float, checks.Range(low=0, high=1, high_open=True)] = 0.9
+  decay: Annotated[float, checks.Range(low=0, high=1, low_open=True)] = 0.1  # total learning-rate decay over `steps`
+  noise_fraction: checks.NonNegativeFloat = 0.02  # zeta = noise_fraction * |v(x_N) - v(x_{})|; 0 disables delta
 
 
 class Decomposition(NamedTuple):
@@ -173,13 +198,21 @@ class Decomposition(NamedTuple):
   l1_after: jax.Array
 
 
-def decompose(v_M: jax.Array, cfg: DecompositionConfig = DecompositionConfig()) -> Decomposition:
+DEFAULT_DECOMPOSITION = DecompositionConfig()
+
+
+def decompose(v_M: jax.Array, cfg: DecompositionConfig = DEFAULT_DECOMPOSITION) -> Decomposition:
   """Learns gamma (and bounded delta) for the sparsest AND-OR interactions of v.
 
   v_M may be [M] or a batch [X, M] of samples (decomposed independently, in one vmap).
   """
+  if not isinstance(cfg, DecompositionConfig):
+    raise TypeError(f"cfg: expected a DecompositionConfig, got {type(cfg).__name__}")
   v_M = jnp.asarray(v_M, jnp.float32)
-  _n_of(v_M[0] if v_M.ndim == 2 else v_M)
+  if v_M.ndim not in (1, 2) or (v_M.ndim == 2 and v_M.shape[0] < 1):
+    raise ValueError(f"v_M: expected v over 2^n subsets [M] or a batch [X, M], got shape {v_M.shape}")
+  _n_of(v_M[0] if v_M.ndim == 2 else v_M, "v_M")
+  checks.check_finite("v_M", v_M)
   if v_M.ndim == 2:
     return jax.vmap(_decompose, in_axes=(0, None))(v_M, cfg)
   return _decompose(v_M, cfg)
@@ -198,6 +231,9 @@ def _l1(v_M, gamma_M, delta_M):
 @jax.jit
 def reconstruct(i_and_M: jax.Array, i_or_M: jax.Array, v_empty: jax.Array) -> jax.Array:
   """v(x_{}) + sum_{{} != S subset T} I_and(S) + sum_{S cap T != {}} I_or(S), for every T."""
+  _check_pair(i_and_M, i_or_M)
+  if jnp.ndim(v_empty) != 0:
+    raise ValueError(f"v_empty: expected a scalar v(x_{{}}), got shape {jnp.shape(v_empty)}")
   and_part = zeta(i_and_M.at[0].set(0.0))
   or_total = jnp.sum(i_or_M[1:])
   or_disjoint = zeta(i_or_M.at[0].set(0.0))[::-1]  # sum over {} != S subset N \ T
@@ -229,12 +265,17 @@ def _decompose(v_M, cfg: DecompositionConfig):
 
 def salience_threshold(v_full: jax.Array, v_empty: jax.Array, fraction: float = 0.03) -> jax.Array:
   """tau = fraction * mean over samples of |v(x) - v(x_{})|."""
+  if not 0 <= fraction < np.inf:
+    raise ValueError(f"fraction: expected a finite float >= 0, got {fraction}")
+  if jnp.shape(v_full) != jnp.shape(v_empty):
+    raise ValueError(f"v_empty: expected the shape of v_full {jnp.shape(v_full)}, got {jnp.shape(v_empty)}")
   return fraction * jnp.mean(jnp.abs(jnp.asarray(v_full) - jnp.asarray(v_empty)))
 
 
 def order_strength(i_and_M: jax.Array, i_or_M: jax.Array, tau: float) -> tuple[jax.Array, jax.Array]:
   """(A_k^+, A_k^-) for k = 0 .. n: summed salient positive / |negative| interactions, AND and OR together."""
-  n = _n_of(i_and_M)
+  n = _check_pair(i_and_M, i_or_M)
+  _check_tau(tau)
   orders = jnp.asarray(subset_orders(n))
   both = jnp.stack([i_and_M, i_or_M]).at[:, 0].set(0.0)  # the empty set is not an interaction
   salient = jnp.abs(both) >= tau
@@ -245,6 +286,10 @@ def order_strength(i_and_M: jax.Array, i_or_M: jax.Array, tau: float) -> tuple[j
 
 def normalized_order_strength(i_and_BM: jax.Array, i_or_BM: jax.Array, tau: float) -> jax.Array:
   """I^(k) = E_x[sum_{type, |S| = k, salient} |I(S)|] / Z, Z = mean over k = 1 .. n; shape [n + 1] (k = 0 is 0)."""
+  if jnp.ndim(i_and_BM) != 2 or jnp.shape(i_or_BM) != jnp.shape(i_and_BM):
+    raise ValueError(f"i_and_BM, i_or_BM: expected one shape [B, M], got {jnp.shape(i_and_BM)}, {jnp.shape(i_or_BM)}")
+  _n_of(i_and_BM[0], "i_and_BM")
+  _check_tau(tau)
   plus, minus = jax.vmap(order_strength, in_axes=(0, 0, None))(i_and_BM, i_or_BM, tau)
   per_order = (plus + minus).mean(axis=0)
   return per_order / jnp.maximum(per_order[1:].mean(), 1e-12)
@@ -252,7 +297,10 @@ def normalized_order_strength(i_and_BM: jax.Array, i_or_BM: jax.Array, tau: floa
 
 def order_vector(i_and_M: jax.Array, i_or_M: jax.Array, k: int) -> jax.Array:
   """The order-k interactions, AND then OR entries: [2 * C(n, k)]."""
-  select = subset_orders(_n_of(i_and_M)) == k
+  n = _check_pair(i_and_M, i_or_M)
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= n:
+    raise ValueError(f"k: expected an order in 0 .. n={n}, got {k!r}")
+  select = subset_orders(n) == k
   return jnp.concatenate([i_and_M[select], i_or_M[select]])
 
 
@@ -270,9 +318,24 @@ def _check_n(n: int) -> None:
     raise ValueError(f"n: expected 1 <= n <= {MAX_VARIABLES} input variables (2^n masked inputs), got {n}")
 
 
-def _n_of(f_M: jax.Array) -> int:
-  size = f_M.shape[-1] if f_M.ndim else 0
+def _n_of(f_M: jax.Array, name: str = "f_M") -> int:
+  shape = jnp.shape(f_M)
+  size = shape[-1] if shape else 0
   n = size.bit_length() - 1
-  if f_M.ndim != 1 or size < 2 or 2**n != size:
-    raise ValueError(f"expected a vector over 2^n subsets, got shape {f_M.shape}")
+  if len(shape) != 1 or size < 2 or 2**n != size:
+    raise ValueError(f"{name}: expected a vector over 2^n subsets (M = 2, 4, 8, ...), got shape {shape}")
   return n
+
+
+def _check_pair(i_and_M: jax.Array, i_or_M: jax.Array) -> int:
+  """n of two interaction vectors over the same 2^n subsets."""
+  n = _n_of(i_and_M, "i_and_M")
+  if jnp.shape(i_or_M) != jnp.shape(i_and_M):
+    raise ValueError(f"i_or_M: expected the shape of i_and_M {jnp.shape(i_and_M)}, got {jnp.shape(i_or_M)}")
+  return n
+
+
+def _check_tau(tau: Any) -> None:
+  value = checks.concrete(tau)
+  if value is not None and (value.ndim or not 0 <= float(value) < np.inf):
+    raise ValueError(f"tau: expected a finite salience threshold >= 0, got {tau!r}")

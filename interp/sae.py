@@ -33,11 +33,14 @@ weights its L1 by the decoder norms (Anthropic's April 2024 update; SAELens v6).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from paperjax.ops import checks
 
 Architecture = Literal["standard", "topk", "batchtopk", "gated", "jumprelu"]
 ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "batchtopk", "gated", "jumprelu")
@@ -54,39 +57,40 @@ _READ_BY = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+_FinitePositive = Annotated[float, checks.Range(low=0, high=math.inf, low_open=True, high_open=True)]
+_FiniteNonNegative = Annotated[float, checks.Range(low=0, high=math.inf, high_open=True)]
+
+
+@checks.config
 class SAEConfig:
-  """One SAE's shape and loss; hashable, so it is a static jit argument.
+  """One SAE's shape and loss; hashable, so it is a static jit argument. Every field is
+  checked for type and range at construction (`ops.checks.config`).
 
   coefficient: lambda, the L1 (standard, gated) or L0 (jumprelu) penalty weight (0 in a
     config loaded for inference, which has none).
-  k: latents per row (topk; batchtopk keeps k*B per batch).
+  k: latents per row (topk; batchtopk keeps k*B per batch), 1 <= k <= d_sae.
   k_aux, aux_coefficient: AuxK's latent count (default D // 2) and weight (1/32, the paper's).
   dead_tokens: a latent is dead after this many training tokens without firing (AuxK).
   bandwidth, init_threshold: JumpReLU's eps and starting theta.
-  threshold_rate: BatchTopK's EMA rate for the inference threshold.
+  threshold_rate: BatchTopK's EMA rate for the inference threshold, in (0, 1].
   decoder_init_norm: the standard SAE's initial decoder row norm (the others start at 1).
   A field that the architecture does not read must keep its default.
   """
 
   architecture: Architecture
-  d_in: int
-  d_sae: int
-  coefficient: float = 0.0
-  k: int = 0
-  k_aux: int | None = None
-  aux_coefficient: float = 1 / 32
-  dead_tokens: int = 100_000
-  bandwidth: float = 0.05
-  init_threshold: float = 0.01
-  threshold_rate: float = 0.01
-  decoder_init_norm: float = 0.1
+  d_in: checks.PositiveInt
+  d_sae: checks.PositiveInt
+  coefficient: _FiniteNonNegative = 0.0
+  k: checks.NonNegativeInt = 0
+  k_aux: checks.PositiveInt | None = None
+  aux_coefficient: _FinitePositive = 1 / 32
+  dead_tokens: checks.PositiveInt = 100_000
+  bandwidth: _FinitePositive = 0.05
+  init_threshold: _FinitePositive = 0.01
+  threshold_rate: Annotated[float, checks.Range(low=0, high=1, low_open=True)] = 0.01
+  decoder_init_norm: _FinitePositive = 0.1
 
   def __post_init__(self):
-    if self.architecture not in ARCHITECTURES:
-      raise ValueError(f"architecture: expected one of {ARCHITECTURES}, got {self.architecture!r}")
-    if self.d_in < 1 or self.d_sae < 1:
-      raise ValueError(f"d_in, d_sae: expected >= 1, got {self.d_in}, {self.d_sae}")
     if self.architecture in _TOPK:
       if not 1 <= self.k <= self.d_sae:
         raise ValueError(f"k: expected 1 <= k <= d_sae={self.d_sae} for {self.architecture}, got {self.k}")
@@ -94,17 +98,8 @@ class SAEConfig:
         raise ValueError(f"k_aux: expected 1 <= k_aux <= d_sae={self.d_sae}, got {self.aux_k}")
     elif self.k:
       raise ValueError(f"k: only topk and batchtopk use k, got k={self.k} for {self.architecture}")
-    if self.coefficient < 0:
-      raise ValueError(f"coefficient: expected lambda >= 0, got {self.coefficient}")
     if self.coefficient and self.architecture not in _SPARSITY_PENALTY:
       raise ValueError(f"coefficient: {self.architecture} has no sparsity penalty, got {self.coefficient}")
-    for name in ("aux_coefficient", "bandwidth", "init_threshold", "threshold_rate", "decoder_init_norm"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-    if self.dead_tokens < 1 or self.threshold_rate > 1:
-      raise ValueError(
-        f"dead_tokens, threshold_rate: expected >= 1 and <= 1, got {self.dead_tokens}, {self.threshold_rate}"
-      )
     for name, readers in _READ_BY.items():
       field = next(f for f in dataclasses.fields(self) if f.name == name)
       if self.architecture not in readers and getattr(self, name) != field.default:
@@ -130,6 +125,7 @@ def inference_config(cfg: SAEConfig) -> SAEConfig:
 def init(key: jax.Array, cfg: SAEConfig, b_dec_D: jax.Array | None = None) -> dict:
   """W_dec rows in random directions at norm decoder_init_norm (1 for unit-norm decoders),
   W_enc = W_dec^T, biases 0, b_dec = b_dec_D (e.g. `geometric_median` of a batch)."""
+  _check_cfg(cfg)
   w_FD = jax.random.normal(key, (cfg.d_sae, cfg.d_in), jnp.float32)
   norm = 1.0 if cfg.unit_norm_decoder else cfg.decoder_init_norm
   w_FD = norm * w_FD / jnp.linalg.norm(w_FD, axis=-1, keepdims=True)
@@ -137,6 +133,8 @@ def init(key: jax.Array, cfg: SAEConfig, b_dec_D: jax.Array | None = None) -> di
     b_dec_D = jnp.zeros((cfg.d_in,), jnp.float32)
   elif jnp.shape(b_dec_D) != (cfg.d_in,):
     raise ValueError(f"b_dec_D: expected shape ({cfg.d_in},), got {jnp.shape(b_dec_D)}")
+  else:
+    checks.check_finite("b_dec_D", b_dec_D)
   zeros_F = jnp.zeros((cfg.d_sae,), jnp.float32)
   params = {"W_enc": w_FD.T, "W_dec": w_FD, "b_dec": jnp.asarray(b_dec_D, jnp.float32)}
   if cfg.architecture == "gated":
@@ -149,9 +147,44 @@ def init(key: jax.Array, cfg: SAEConfig, b_dec_D: jax.Array | None = None) -> di
   return params
 
 
-def check_input(x_BD: jax.Array, cfg: SAEConfig) -> None:
+def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+  """The shape of every leaf `init(key, cfg)` makes."""
+  d, f = cfg.d_in, cfg.d_sae
+  shapes = {"W_enc": (d, f), "W_dec": (f, d), "b_dec": (d,)}
+  if cfg.architecture == "gated":
+    return shapes | {"b_gate": (f,), "r_mag": (f,), "b_mag": (f,)}
+  shapes["b_enc"] = (f,)
+  if cfg.architecture == "jumprelu":
+    shapes["log_threshold"] = (f,)
+  if cfg.architecture == "batchtopk":
+    shapes["threshold"] = ()
+  return shapes
+
+
+def check_params(params: Any, cfg: SAEConfig) -> None:
+  """params has exactly the leaves of `init(key, cfg)`, at their shapes (names the leaf)."""
+  _check_cfg(cfg)
+  if not isinstance(params, dict):
+    raise TypeError(f"params: expected the dict of sae.init(key, cfg), got {type(params).__name__}")
+  expected = {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in param_shapes(cfg).items()}
+  checks.check_tree("params", params, expected)
+
+
+def _check_cfg(cfg: Any) -> None:
+  if not isinstance(cfg, SAEConfig):
+    raise TypeError(f"cfg: expected an SAEConfig, got {type(cfg).__name__}")
+
+
+def check_input(x_BD: jax.Array, cfg: SAEConfig, *, name: str = "x_BD") -> None:
+  """x_BD is a float array [B, d_in] of finite values (the values when concrete, or inside
+  `ops.checks.checked`)."""
+  if not hasattr(x_BD, "ndim") or not hasattr(x_BD, "dtype"):
+    raise TypeError(f"{name}: expected an array [B, {cfg.d_in}] (jnp.asarray(...)), got {type(x_BD).__name__}")
   if x_BD.ndim != 2 or x_BD.shape[1] != cfg.d_in:
-    raise ValueError(f"x_BD: expected shape [B, {cfg.d_in}] (d_in), got {x_BD.shape}")
+    raise ValueError(f"{name}: expected shape [B, {cfg.d_in}] (d_in), got {tuple(x_BD.shape)}")
+  if not jnp.issubdtype(x_BD.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected float activations, got dtype {x_BD.dtype}")
+  checks.check_finite(name, x_BD)
 
 
 def pre_activations(params: dict, x_BD: jax.Array) -> jax.Array:
@@ -162,14 +195,21 @@ def pre_activations(params: dict, x_BD: jax.Array) -> jax.Array:
 
 def topk_mask(pi_BF: jax.Array, k: int) -> jax.Array:
   """bool [B, F]: the k largest entries of each row (exactly k; ties to the lower index)."""
+  _check_k(k, pi_BF.shape[-1])
   _, idx_Bk = jax.lax.top_k(pi_BF, k)
   return jnp.zeros(pi_BF.shape, bool).at[jnp.arange(pi_BF.shape[0])[:, None], idx_Bk].set(True)
 
 
 def batch_topk_mask(acts_BF: jax.Array, k: int) -> jax.Array:
   """bool [B, F]: the k * B largest entries of the whole batch."""
+  _check_k(k, acts_BF.shape[-1])
   _, idx = jax.lax.top_k(acts_BF.reshape(-1), k * acts_BF.shape[0])
   return jnp.zeros(acts_BF.size, bool).at[idx].set(True).reshape(acts_BF.shape)
+
+
+def _check_k(k: Any, features: int) -> None:
+  if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)) or not 1 <= k <= features:
+    raise ValueError(f"k: expected an int in [1, {features}] (the features per row), got {k!r}")
 
 
 @jax.custom_vjp
@@ -238,7 +278,10 @@ def _features(params: dict, x_BD: jax.Array, cfg: SAEConfig, *, training: bool) 
 
 
 def encode(params: dict, x_BD: jax.Array, cfg: SAEConfig) -> jax.Array:
-  """Inference features f [B, F] (BatchTopK through its learned threshold)."""
+  """Inference features f [B, F] (BatchTopK through its learned threshold).
+
+  Value checks (finite x_BD) run on concrete inputs, or inside `ops.checks.checked`."""
+  check_params(params, cfg)
   check_input(x_BD, cfg)
   return _features(params, x_BD, cfg, training=False)[0]
 
@@ -267,10 +310,22 @@ def loss(
   latents AuxK revives (topk, batchtopk; none dead -> AuxK = 0).
   Returns (loss, {"mse", "sparsity", "aux", "l0", "f_BF", "pi_BF"}); mse is
   mean_B sum_D (x_hat - x)^2 and l0 the mean count of nonzero features per row.
+  Value checks (finite x_BD, penalty_scale finite and >= 0) run on concrete inputs, or
+  inside `ops.checks.checked`.
   """
+  check_params(params, cfg)
   check_input(x_BD, cfg)
-  if dead_F is not None and jnp.shape(dead_F) != (cfg.d_sae,):
-    raise ValueError(f"dead_F: expected a bool mask of shape ({cfg.d_sae},), got {jnp.shape(dead_F)}")
+  if dead_F is not None and (jnp.shape(dead_F) != (cfg.d_sae,) or jnp.result_type(dead_F) != jnp.bool_):
+    raise ValueError(
+      f"dead_F: expected a bool mask of shape ({cfg.d_sae},), got {jnp.result_type(dead_F)} {jnp.shape(dead_F)}"
+    )
+  if jnp.ndim(penalty_scale) != 0:
+    raise ValueError(f"penalty_scale: expected a scalar, got shape {jnp.shape(penalty_scale)}")
+  # as [1]: ops.checks cannot index the failing element of a 0-d array
+  traced = isinstance(penalty_scale, jax.core.Tracer)
+  scale_1 = jnp.atleast_1d(penalty_scale) if traced else np.atleast_1d(penalty_scale)
+  checks.check_finite("penalty_scale", scale_1)
+  checks.check_in("penalty_scale", scale_1, 0, math.inf)
   f_BF, pi_BF = _features(params, x_BD, cfg, training=True)
   x_hat_BD = decode(params, f_BF)
   mse = jnp.mean(jnp.sum((x_hat_BD - x_BD) ** 2, axis=-1))
@@ -338,6 +393,9 @@ def geometric_median(x_ND: Any, *, iters: int = 100, eps: float = 1e-8) -> jax.A
   x_ND = jnp.asarray(x_ND, jnp.float32)
   if x_ND.ndim != 2 or x_ND.shape[0] < 1:
     raise ValueError(f"x_ND: expected points [N, D] with N >= 1, got {x_ND.shape}")
+  checks.check_finite("x_ND", x_ND)
+  if not isinstance(iters, (int, np.integer)) or iters < 0 or not eps > 0:
+    raise ValueError(f"iters, eps: expected an int >= 0 and a float > 0, got {iters!r}, {eps!r}")
 
   def body(_, y_D):
     w_N = 1.0 / jnp.maximum(jnp.linalg.norm(x_ND - y_D, axis=-1), eps)
@@ -349,6 +407,9 @@ def geometric_median(x_ND: Any, *, iters: int = 100, eps: float = 1e-8) -> jax.A
 def normalization_scale(x_ND: Any) -> float:
   """s with E||s x||^2 = D over the sample: s = sqrt(D / mean_N ||x_N||^2)."""
   x_ND = np.asarray(x_ND, np.float64)
+  if x_ND.ndim != 2 or x_ND.shape[0] < 1:
+    raise ValueError(f"x_ND: expected activations [N, D] with N >= 1, got shape {x_ND.shape}")
+  checks.check_finite("x_ND", x_ND)
   mean_sq = float(np.mean(np.sum(x_ND**2, axis=-1)))
   if not mean_sq > 0:
     raise ValueError(f"x_ND: expected activations with nonzero norm, got mean ||x||^2 = {mean_sq}")
@@ -359,4 +420,7 @@ def fold_scale(params: dict, scale: float) -> dict:
   """The parameters of the same SAE on unscaled inputs, for an SAE trained on x * scale:
   W_enc * s, W_dec / s, b_dec / s (pre-activations, thresholds and gates are unchanged),
   so reconstruct(folded, x) = reconstruct(params, s x) / s."""
+  value = checks.concrete(scale)
+  if value is not None and (value.ndim or not 0 < float(value) < math.inf):
+    raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
   return params | {"W_enc": params["W_enc"] * scale, "W_dec": params["W_dec"] / scale, "b_dec": params["b_dec"] / scale}

@@ -44,6 +44,8 @@ def explained_variance(x_ND: jax.Array, x_hat_ND: jax.Array) -> jax.Array:
 
 def firing_frequency(f_NF: Any) -> np.ndarray:
   """The fraction of the N rows on which each feature is nonzero, float64 [F]."""
+  if np.ndim(f_NF) != 2:
+    raise ValueError(f"f_NF: expected features [N, F], got shape {np.shape(f_NF)}")
   return np.asarray(np.mean(np.asarray(f_NF) != 0, axis=0, dtype=np.float64))
 
 
@@ -60,10 +62,16 @@ def reconstruction(
   params: dict, cfg: sae.SAEConfig, x_ND: Any, *, dense_above: float = 0.1, chunk: int = 8192
 ) -> Reconstruction:
   """Reconstruction metrics of an SAE over activations x_ND (module docstring)."""
-  x_ND = np.asarray(x_ND, np.float32)
-  sae.check_input(jnp.asarray(x_ND[:1]), cfg)
-  if not 0 < dense_above < 1 or chunk < 1:
-    raise ValueError(f"dense_above, chunk: expected a fraction in (0, 1) and >= 1, got {dense_above}, {chunk}")
+  sae.check_params(params, cfg)
+  x_ND = np.asarray(x_ND)
+  sae.check_input(x_ND, cfg, name="x_ND")  # on the host: every value is checked
+  x_ND = x_ND.astype(np.float32)
+  if len(x_ND) == 0:
+    raise ValueError(f"x_ND: expected at least one row, got shape {x_ND.shape}")
+  if not 0 < dense_above < 1:
+    raise ValueError(f"dense_above: expected a fraction in (0, 1), got {dense_above}")
+  if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+    raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
   f_parts, x_hat_parts = [], []
   for start in range(0, len(x_ND), chunk):
     f_NF, x_hat_ND = _encode_decode(params, jnp.asarray(x_ND[start : start + chunk]), sae.inference_config(cfg))
@@ -91,8 +99,15 @@ def density_histogram(frequency_F: Any, *, bins: Sequence[float] = tuple(range(-
   """(counts per log10-frequency bin, dead count): the feature-density histogram over the
   edges `bins` (log10 of the firing frequency); features that never fired are counted apart."""
   freq_F = np.asarray(frequency_F, np.float64)
+  if freq_F.ndim != 1:
+    raise ValueError(f"frequency_F: expected firing frequencies [F], got shape {freq_F.shape}")
+  checks.check_in("frequency_F", freq_F, 0.0, 1.0, what="fractions")
+  checks.check_finite("frequency_F", freq_F)
+  edges = np.asarray(bins, np.float64)
+  if edges.ndim != 1 or edges.size < 2 or not (np.diff(edges) > 0).all():
+    raise ValueError(f"bins: expected at least 2 increasing log10 edges, got {edges.tolist()}")
   alive = freq_F > 0
-  counts, _ = np.histogram(np.log10(freq_F[alive]), bins=np.asarray(bins, np.float64))
+  counts, _ = np.histogram(np.log10(freq_F[alive]), bins=edges)
   return counts, int((~alive).sum())
 
 
@@ -109,6 +124,7 @@ def splice(model_params: Any, model_cfg: Any, site: str, params: dict, cfg: sae.
   (module docstring); CE is the mean over every position t >= 1 of tokens_BT. Loss recovered
   is NaN when zero ablation leaves the CE unchanged (the ratio is undefined)."""
   tokens_BT = _check(model_cfg, site, tokens_BT)
+  _check_sae(params, cfg, model_cfg)
   if tokens_BT.shape[1] < 2:
     raise ValueError(f"tokens_BT: expected at least 2 tokens per row, got shape {tokens_BT.shape}")
   losses = _splice(model_params, params, tokens_BT, model_cfg, site, sae.inference_config(cfg))
@@ -134,6 +150,26 @@ def _splice(model_params, params, tokens_BT, model_cfg, site, cfg):
   logp_spliced = jax.nn.log_softmax(logits["spliced"][:, :-1], axis=-1)
   kl = jnp.mean(jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_spliced), axis=-1))
   return ce["clean"], ce["spliced"], ce["zero"], kl
+
+
+def _check_sae(params: dict, cfg: sae.SAEConfig, model_cfg: llama.LlamaConfig) -> None:
+  sae.check_params(params, cfg)
+  if cfg.d_in != model_cfg.dim:
+    raise ValueError(f"cfg: the SAE reads d_in={cfg.d_in} activations, the model's sites have dim={model_cfg.dim}")
+
+
+def _check_direction(direction_D: Any, model_cfg: llama.LlamaConfig) -> jax.Array:
+  direction_D = jnp.asarray(direction_D, jnp.float32)
+  if direction_D.shape != (model_cfg.dim,):
+    raise ValueError(f"direction_D: expected a vector [D = {model_cfg.dim}], got shape {direction_D.shape}")
+  checks.check_finite("direction_D", direction_D)
+  return direction_D
+
+
+def _check_scale(scale: Any) -> None:
+  value = checks.concrete(scale)
+  if value is not None and (value.ndim or not np.isfinite(value)):
+    raise ValueError(f"scale: expected a finite float, got {scale!r}")
 
 
 def _check(model_cfg: Any, site: str, tokens_BT: Any) -> jax.Array:
@@ -167,12 +203,17 @@ def top_contexts(
   of tokens_BT's tokens in row-major order), each with `before` tokens of context, as text by
   `decode` (ids -> str: a tokenizer's decode, or one that maps a compact vocabulary first)."""
   f_NF, tokens_BT = np.asarray(f_NF), np.asarray(tokens_BT)
+  if tokens_BT.ndim != 2 or f_NF.ndim != 2:
+    raise ValueError(f"tokens_BT, f_NF: expected [B, T] and [N, F], got shapes {tokens_BT.shape}, {f_NF.shape}")
+  for name, value, low in (("n", n, 1), ("before", before, 0)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+      raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
   if f_NF.shape[0] != tokens_BT.size:
     raise ValueError(f"f_NF: expected one row per token of tokens_BT ({tokens_BT.size}), got {f_NF.shape[0]}")
   time = tokens_BT.shape[1]
   out = []
   for feature in features:
-    if not 0 <= feature < f_NF.shape[1]:
+    if not isinstance(feature, (int, np.integer)) or not 0 <= feature < f_NF.shape[1]:
       raise ValueError(f"features: expected ids in [0, {f_NF.shape[1]}), got {feature}")
     top = np.argsort(-f_NF[:, feature], kind="stable")[:n]
     rows = []
@@ -186,10 +227,15 @@ def top_contexts(
 
 
 def steer(direction_D: Any, scale: float | jax.Array):
-  """The edit x -> x + scale * direction (Anthropic's feature steering at one site)."""
+  """The edit x -> x + scale * direction (Anthropic's feature steering at one site).
+
+  Value checks (finite direction and scale) run on concrete inputs, or inside
+  `ops.checks.checked`."""
   direction_D = jnp.asarray(direction_D, jnp.float32)
   if direction_D.ndim != 1:
     raise ValueError(f"direction_D: expected a vector [D], got shape {direction_D.shape}")
+  checks.check_finite("direction_D", direction_D)
+  _check_scale(scale)
 
   def edit(x_BTD: jax.Array) -> jax.Array:
     if x_BTD.shape[-1] != direction_D.shape[0]:
@@ -216,8 +262,11 @@ def steering_effect(
     raise ValueError(
       f"tokens_BT: expected at least 2 rows (choose on one half, measure on the other), got {tokens_BT.shape}"
     )
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= model_cfg.vocab_size:
+    raise ValueError(f"n: expected an int in [1, {model_cfg.vocab_size}] (token ids to promote), got {n!r}")
+  _check_scale(scale)
   half = tokens_BT.shape[0] // 2
-  direction_D = jnp.asarray(direction_D, jnp.float32)
+  direction_D = _check_direction(direction_D, model_cfg)
   rise_V, _, _ = _steer(model_params, tokens_BT[:half], direction_D, jnp.float32(scale), model_cfg, site)
   promoted_V = np.zeros(model_cfg.vocab_size, bool)
   promoted = np.argsort(-np.asarray(rise_V), kind="stable")[:n]
@@ -244,10 +293,16 @@ def steered_greedy(
   at `site` on every position (the prefix is recomputed each step, so the edit reaches every
   position as a hook does; scale 0 is the clean model)."""
   prompt_BT = _check(model_cfg, site, prompt_BT)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-  direction_D = jnp.asarray(direction_D, jnp.float32)
-  return _greedy(model_params, prompt_BT, direction_D, jnp.float32(scale), model_cfg, site, max_new_tokens)
+  if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens!r}")
+  if prompt_BT.shape[1] + max_new_tokens > model_cfg.max_seq_len:
+    raise ValueError(
+      f"max_new_tokens: prompt length {prompt_BT.shape[1]} + {max_new_tokens} new tokens exceed "
+      f"max_seq_len={model_cfg.max_seq_len}"
+    )
+  _check_scale(scale)
+  direction_D = _check_direction(direction_D, model_cfg)
+  return _greedy(model_params, prompt_BT, direction_D, jnp.float32(scale), model_cfg, site, int(max_new_tokens))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))

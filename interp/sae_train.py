@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,34 +39,31 @@ from paperjax.models import protocol
 from paperjax.models.training import checkpoints
 from paperjax.ops import checks
 
+_Rate = Annotated[float, checks.Range(low=0, high=math.inf, low_open=True, high_open=True)]  # finite, > 0
+_Decay = Annotated[float, checks.Range(low=0, high=1, high_open=True)]  # an Adam decay rate, in [0, 1)
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+
+@checks.config
 class TrainConfig:
   """steps of batch_size rows; Adam (b1, b2) at lr after a linear warm-up of lr_warmup_steps
   (JumpReLU's log-thresholds at threshold_lr, default lr: Adam moves a log-threshold about lr
   per step, so a short run needs a larger rate to reach its sparsity); lambda warmed up
   linearly over penalty_warmup_steps; the standard SAE resamples dead latents every
-  resample_every steps (0: never)."""
+  resample_every steps (0: never). Every field is checked at construction (`ops.checks.config`)."""
 
-  steps: int
-  batch_size: int = 1024
-  lr: float = 1e-3
-  threshold_lr: float | None = None
-  lr_warmup_steps: int = 0
-  penalty_warmup_steps: int = 0
-  b1: float = 0.9
-  b2: float = 0.999
-  resample_every: int = 0
+  steps: checks.PositiveInt
+  batch_size: checks.PositiveInt = 1024
+  lr: _Rate = 1e-3
+  threshold_lr: _Rate | None = None
+  lr_warmup_steps: checks.NonNegativeInt = 0
+  penalty_warmup_steps: checks.NonNegativeInt = 0
+  b1: _Decay = 0.9
+  b2: _Decay = 0.999
+  resample_every: checks.NonNegativeInt = 0
 
   def __post_init__(self):
-    if self.steps < 1 or self.batch_size < 1:
-      raise ValueError(f"steps, batch_size: expected >= 1, got {self.steps}, {self.batch_size}")
-    if not self.lr > 0 or not (self.threshold_lr is None or self.threshold_lr > 0):
-      raise ValueError(f"lr, threshold_lr: expected > 0, got {self.lr}, {self.threshold_lr}")
-    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-      raise ValueError(f"b1, b2: expected Adam decay rates in [0, 1), got {self.b1}, {self.b2}")
     for name in ("lr_warmup_steps", "penalty_warmup_steps", "resample_every"):
-      if not 0 <= getattr(self, name) <= self.steps:
+      if getattr(self, name) > self.steps:
         raise ValueError(f"{name}: expected 0 <= {name} <= steps={self.steps}, got {getattr(self, name)}")
 
 
@@ -81,6 +79,10 @@ class SAEState:
 
 def check_pair(cfg: sae.SAEConfig, tcfg: TrainConfig) -> None:
   """Raises on a training setting the architecture has no use for."""
+  if not isinstance(cfg, sae.SAEConfig):
+    raise TypeError(f"cfg: expected an sae.SAEConfig, got {type(cfg).__name__}")
+  if not isinstance(tcfg, TrainConfig):
+    raise TypeError(f"tcfg: expected an sae_train.TrainConfig, got {type(tcfg).__name__}")
   if tcfg.threshold_lr is not None and cfg.architecture != "jumprelu":
     raise ValueError(
       f"threshold_lr: only JumpReLU has thresholds to train, got {tcfg.threshold_lr} for {cfg.architecture}"
@@ -128,10 +130,36 @@ def dead(state: SAEState, cfg: sae.SAEConfig) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def make_step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.Array], tuple[SAEState, dict]]:
-  """A jitted (state, x_BD scaled activations) -> (state, metrics): one training step
-  (module docstring); metrics are loss, mse, sparsity, aux, l0 and dead (fraction). Cached
-  per (cfg, tcfg), so every run of one setting shares one compiled step."""
+  """(state, x_BD scaled activations) -> (state, metrics): one training step (module
+  docstring), jitted; metrics are loss, mse, sparsity, aux, l0 and dead (fraction). Cached
+  per (cfg, tcfg), so every run of one setting shares one compiled step. The step checks
+  its inputs on the host first: state's params have the config's shapes, x_BD is a float
+  [batch_size, d_in] array of finite values."""
   check_pair(cfg, tcfg)
+  core = _step(cfg, tcfg)
+
+  def step(state: SAEState, x_BD: jax.Array) -> tuple[SAEState, dict]:
+    if not isinstance(state, SAEState):
+      raise TypeError(f"state: expected an SAEState (sae_train.start_state), got {type(state).__name__}")
+    sae.check_params(state.params, cfg)
+    _check_batch("x_BD", x_BD, cfg, tcfg)
+    return core(state, x_BD)
+
+  return step
+
+
+def _check_batch(name: str, x_BD: Any, cfg: sae.SAEConfig, tcfg: TrainConfig) -> None:
+  """x_BD: a float array [batch_size, d_in] of finite values (on the host, before the step)."""
+  if hasattr(x_BD, "shape") and tuple(x_BD.shape) != (tcfg.batch_size, cfg.d_in):
+    raise ValueError(
+      f"{name}: expected arrays [batch_size={tcfg.batch_size}, d_in={cfg.d_in}], got {tuple(x_BD.shape)}"
+    )
+  sae.check_input(x_BD, cfg, name=name)
+
+
+@functools.lru_cache(maxsize=32)
+def _step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.Array], tuple[SAEState, dict]]:
+  """`make_step`'s jitted core, without the host checks."""
   tx = optimizer(tcfg)
 
   @jax.jit
@@ -166,6 +194,9 @@ def resample_dead(state: SAEState, x_ND: jax.Array, cfg: sae.SAEConfig, key: jax
   encoder norm, b_enc[f] = 0, and its Adam moments reset; its counter restarts."""
   if cfg.architecture != "standard":
     raise ValueError(f"cfg: resampling is for the standard SAE, got {cfg.architecture}")
+  sae.check_input(x_ND, cfg, name="x_ND")
+  if x_ND.shape[0] < 1:
+    raise ValueError(f"x_ND: expected at least one row to draw from, got shape {tuple(x_ND.shape)}")
   dead_F = np.asarray(dead(state, cfg))
   n_dead = int(dead_F.sum())
   if n_dead == 0:
@@ -222,10 +253,13 @@ class ActivationStream:
     seed: int = 0,
   ):
     protocol.check_site(model_cfg, site)
-    if batch_size < 1 or refill_windows < 1:
-      raise ValueError(f"batch_size, refill_windows: expected >= 1, got {batch_size}, {refill_windows}")
+    for name, value in (("batch_size", batch_size), ("refill_windows", refill_windows)):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(windows, np.ndarray) or not isinstance(windows, Iterable):
+      raise TypeError(f"windows: expected an iterator of token arrays [B, T], got {type(windows).__name__}")
     self._collect = _collector(model_cfg, site)
-    self._params, self._windows, self._vocab_size = params, windows, model_cfg.vocab_size
+    self._params, self._windows, self._vocab_size = params, iter(windows), model_cfg.vocab_size
     self.batch_size, self.refill_windows = batch_size, refill_windows
     self._rng = np.random.default_rng(seed)
     self._buffer: np.ndarray = np.zeros((0, 0), np.float32)
@@ -300,7 +334,7 @@ def train(
   key: jax.Array,
   cfg: sae.SAEConfig,
   tcfg: TrainConfig,
-  batches: Iterator[np.ndarray],
+  batches: Iterable[np.ndarray],
   *,
   scale: float | None = None,
   checkpoint_dir: str | os.PathLike | None = None,
@@ -313,20 +347,52 @@ def train(
   saved through orbax every `checkpoint_every` steps and at the end, and a run finding a
   checkpoint there resumes from its latest step; `batches` then continues where the caller's
   iterator is (pass the stream positioned after the batches already trained on).
+
+  Every batch is checked on the host before its step (float [batch_size, d_in], finite); a
+  stream that ends before tcfg.steps steps raises ValueError saying how many it gave.
   """
   check_pair(cfg, tcfg)
-  if checkpoint_every < 0 or (checkpoint_every and checkpoint_dir is None):
-    raise ValueError(f"checkpoint_every: expected >= 0 and a checkpoint_dir, got {checkpoint_every}, {checkpoint_dir}")
-  first = np.asarray(next(batches), np.float32)
-  if first.shape != (tcfg.batch_size, cfg.d_in):
-    raise ValueError(f"batches: expected arrays [batch_size={tcfg.batch_size}, d_in={cfg.d_in}], got {first.shape}")
-  s = sae.normalization_scale(first) if scale is None else float(scale)
-  if not s > 0:
-    raise ValueError(f"scale: expected > 0, got {s}")
+  if (
+    not isinstance(checkpoint_every, (int, np.integer))
+    or checkpoint_every < 0
+    or (checkpoint_every and checkpoint_dir is None)
+  ):
+    raise ValueError(
+      f"checkpoint_every: expected an int >= 0 and a checkpoint_dir, got {checkpoint_every!r}, {checkpoint_dir}"
+    )
+  if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
+    raise TypeError(f"batches: expected an iterator of arrays [batch_size, d_in], got {type(batches).__name__}")
+  batches = iter(batches)
+  read = 0  # batches drawn from the stream
+
+  def draw(steps_done: int) -> np.ndarray:
+    nonlocal read
+    try:
+      batch = next(batches)
+    except StopIteration:
+      raise ValueError(
+        f"batches: the stream ran out after {read} batches, at step {steps_done} of the steps={tcfg.steps} "
+        "requested (one batch per step: give a longer stream, or fewer steps)"
+      ) from None
+    read += 1
+    if isinstance(batch, (list, tuple)) or hasattr(batch, "dtype"):
+      batch = np.asarray(batch)
+    _check_batch("batches", batch, cfg, tcfg)
+    return np.asarray(batch, np.float32)
+
+  first = draw(0)
+  if scale is None:
+    s = sae.normalization_scale(first)
+  elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+    raise TypeError(f"scale: expected a float > 0 or None, got {type(scale).__name__} {scale!r}")
+  else:
+    s = float(scale)
+  if not 0 < s < math.inf:
+    raise ValueError(f"scale: expected a finite float > 0, got {s}")
   init_key, resample_key = jax.random.split(key)
   state = start_state(sae.init(init_key, cfg, sae.geometric_median(first * s)), cfg, tcfg, s)
   manager = None if checkpoint_dir is None else checkpoints.checkpoint_manager(checkpoint_dir)
-  step = make_step(cfg, tcfg)
+  step = _step(cfg, tcfg)  # the batches are checked on the host as they are drawn
   metrics: list[dict] = []
   batch: np.ndarray | None = first
   try:
@@ -339,7 +405,7 @@ def train(
     done = int(state.step)
     while done < tcfg.steps:  # metrics stay on the device until the end: no host sync per step
       if batch is None:
-        batch = np.asarray(next(batches), np.float32)
+        batch = draw(done)
       x_BD = jnp.asarray(batch) * state.scale
       state, step_metrics = step(state, x_BD)
       metrics.append(step_metrics)

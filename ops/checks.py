@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import inspect
 import math
 import operator
 import types
@@ -123,19 +124,16 @@ def check_lengths(lengths_B: Any, batch: int, width: int, *, name: str = "length
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def checked(
-  fn: F,
-  *,
-  static_argnums: int | Sequence[int] = (),
-  static_argnames: str | Sequence[str] = (),
-  errors: frozenset = ERRORS,
-) -> F:
-  """`jax.jit(fn)` with the package's value checks compiled in: a failing check raises
-  `checkify.JaxRuntimeError` (its message names the argument, the expectation and the
-  first offending value) when the call returns. `errors`: the checkify error sets caught
-  (default `ERRORS`; e.g. `ERRORS | checkify.nan_checks`). Use it as the outermost
-  transformation, in place of jax.jit.
+def checked(fn: F, *, static_argnames: str | Sequence[str] = (), errors: frozenset = ERRORS) -> F:
+  """`jax.jit(fn, static_argnames=...)` with the package's value checks compiled in: a
+  failing check raises `checkify.JaxRuntimeError` (its message names the argument, the
+  expectation and the first offending value) when the call returns. `errors`: the checkify
+  error sets caught (default `ERRORS`; e.g. `ERRORS | checkify.nan_checks`). Use it as the
+  outermost transformation, in place of jax.jit; static arguments may be given by position
+  or by name.
   """
+  static = {static_argnames} if isinstance(static_argnames, str) else set(static_argnames)
+  signature = inspect.signature(fn)
 
   def flagged(*args, **kwargs):
     token = _UNDER_CHECKIFY.set(True)
@@ -144,13 +142,30 @@ def checked(
     finally:
       _UNDER_CHECKIFY.reset(token)
 
-  jitted = jax.jit(
-    checkify.checkify(flagged, errors=errors), static_argnums=static_argnums, static_argnames=static_argnames
-  )
+  jitted = jax.jit(checkify.checkify(flagged, errors=errors), static_argnames=tuple(static))
+
+  def split(args: tuple, kwargs: dict) -> tuple[list, dict]:
+    """checkify's wrapper hides fn's signature from jit, which then finds static arguments
+    by name only: a static argument, and every positional one after it, goes by name."""
+    positional: list = []
+    named: dict = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+      kind = signature.parameters[name].kind
+      by_name = bool(named) or name in static
+      if kind is inspect.Parameter.VAR_KEYWORD:
+        named.update(value)
+      elif kind is inspect.Parameter.KEYWORD_ONLY or (by_name and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        named[name] = value
+      elif by_name:
+        raise TypeError(f"{name}: {fn.__name__} takes it by position after a static argument; pass that one by name")
+      else:
+        positional.extend(value if kind is inspect.Parameter.VAR_POSITIONAL else (value,))
+    return positional, named
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
-    error, out = jitted(*args, **kwargs)
+    positional, named = split(args, kwargs)
+    error, out = jitted(*positional, **named)
     error.throw()
     return out
 

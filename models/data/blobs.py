@@ -17,8 +17,11 @@ fly (numpy on the host).
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated, Any
 
 import numpy as np
+
+from paperjax.ops import checks
 
 COLOURS: dict[str, tuple[float, float, float]] = {
   "red": (1.0, -1.0, -1.0),
@@ -34,20 +37,18 @@ VOCAB: tuple[str, ...] = (*COLOURS, *SHAPES)  # caption token ids index this
 OMEGA = (0.15, 0.35)  # rad / frame: a period of 18 to 42 frames
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class BlobConfig:
-  frames: int = 16
-  height: int = 32
-  width: int = 32
-  blobs: int = 1
-  radius: float = 4.0
+  """The videos' size and blobs; every field is checked at construction (`ops.checks.config`)."""
+
+  frames: checks.PositiveInt = 16
+  height: checks.PositiveInt = 32
+  width: checks.PositiveInt = 32
+  blobs: checks.PositiveInt = 1
+  radius: Annotated[float, checks.Range(low=1)] = 4.0  # and < min(height, width) / 2 - 2
 
   def __post_init__(self):
-    if min(self.frames, self.height, self.width, self.blobs) < 1:
-      raise ValueError(
-        f"frames, height, width, blobs: expected >= 1, got {self.frames}, {self.height}, {self.width}, {self.blobs}"
-      )
-    if not 1 <= self.radius < min(self.height, self.width) / 2 - 2:
+    if not self.radius < min(self.height, self.width) / 2 - 2:
       raise ValueError(
         f"radius: expected 1 <= radius < min(height, width) / 2 - 2 = {min(self.height, self.width) / 2 - 2}, "
         f"got {self.radius}"
@@ -63,8 +64,10 @@ class Blobs:
 
 def sample(seed: int, batch: int, cfg: BlobConfig) -> Blobs:
   """`batch` videos of cfg.blobs blobs, seeded (the same seed gives the same videos)."""
-  if batch < 1:
-    raise ValueError(f"batch: expected >= 1, got {batch}")
+  if not _is_int(batch) or batch < 1:
+    raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+  if not isinstance(cfg, BlobConfig):
+    raise TypeError(f"cfg: expected a BlobConfig, got {type(cfg).__name__}")
   rng = np.random.default_rng(seed)
   shape = (batch, cfg.blobs)
   colour = rng.integers(0, len(COLOURS), shape)
@@ -91,6 +94,15 @@ def _path(rng: np.random.Generator, shape: tuple[int, int], frames: int, size: i
 
 def render(tracks: np.ndarray, colour_BN: np.ndarray, shape_BN: np.ndarray, cfg: BlobConfig) -> np.ndarray:
   """The video [B, T, height, width, 3] of blobs at `tracks` (module equation)."""
+  tracks, colour_BN, shape_BN = np.asarray(tracks), np.asarray(colour_BN), np.asarray(shape_BN)
+  if tracks.ndim != 4 or tracks.shape[-1] != 2 or not np.isfinite(tracks).all():
+    raise ValueError(f"tracks: expected finite positions [B, T, N, 2], got shape {tracks.shape}")
+  for name, ids, count in (("colour_BN", colour_BN, len(COLOURS)), ("shape_BN", shape_BN, len(SHAPES))):
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise TypeError(f"{name}: expected int ids, got dtype {ids.dtype}")
+    if ids.shape != (tracks.shape[0], tracks.shape[2]):
+      raise ValueError(f"{name}: expected ids [B, N] = {(tracks.shape[0], tracks.shape[2])}, got shape {ids.shape}")
+    checks.check_in(name, ids, 0, count - 1, what="ids")
   dx = np.arange(cfg.width)[None, None, None, None, :] - tracks[..., 0, None, None]  # [B, T, N, 1, width]
   dy = np.arange(cfg.height)[None, None, None, :, None] - tracks[..., 1, None, None]  # [B, T, N, height, 1]
   square = shape_BN[:, None, :, None, None] == SHAPES.index("square")
@@ -108,8 +120,11 @@ def centroids(video: np.ndarray, *, threshold: float = 0.5) -> tuple[np.ndarray,
   weighted by max(w - threshold, 0), so faint noise does not pull it. A frame with no pixel
   above the threshold has no centre (reported at the frame's middle, `found` False).
   """
+  video = np.asarray(video)
   if video.ndim != 5 or video.shape[-1] != 3:
     raise ValueError(f"video: expected shape [B, T, height, width, 3], got {video.shape}")
+  if not 0 <= threshold < 1:
+    raise ValueError(f"threshold: expected a brightness in [0, 1), got {threshold}")
   height, width = video.shape[2:4]
   w = np.maximum(np.clip((video.max(-1) + 1) / 2, 0, 1) - threshold, 0)  # [B, T, height, width]
   mass = w.sum((-2, -1))
@@ -123,7 +138,14 @@ def centroids(video: np.ndarray, *, threshold: float = 0.5) -> tuple[np.ndarray,
 def trajectory_error(video: np.ndarray, tracks: np.ndarray) -> np.ndarray:
   """Per-frame distance [B, T] in pixels between the video's blob centre and the requested
   one-point trajectory (`tracks` [B, T, 1, 2])."""
+  video, tracks = np.asarray(video), np.asarray(tracks)
+  if video.ndim != 5:
+    raise ValueError(f"video: expected shape [B, T, height, width, 3], got {video.shape}")
   if tracks.ndim != 4 or tracks.shape[2] != 1 or tracks.shape[:2] != video.shape[:2]:
     raise ValueError(f"tracks: expected one point per frame, shape {(*video.shape[:2], 1, 2)}, got {tracks.shape}")
   centre, _ = centroids(video)
   return np.linalg.norm(centre - tracks[:, :, 0], axis=-1)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))

@@ -11,6 +11,8 @@ last reading.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from paperjax.models.data.synthetic import RecallBatch
@@ -18,8 +20,10 @@ from paperjax.models.data.synthetic import RecallBatch
 
 def build(context: str, question: str, *, repeats: int = 2, separator: str = "\n\n") -> str:
   """Text prompt: (context, question) `repeats` times, joined by `separator`."""
-  if repeats < 1:
-    raise ValueError(f"repeats: expected >= 1, got {repeats}")
+  _check_repeats(repeats)
+  for name, text in (("context", context), ("question", question), ("separator", separator)):
+    if not isinstance(text, str):
+      raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
   return separator.join([context + separator + question] * repeats)
 
 
@@ -29,8 +33,11 @@ def repeat_rows(tokens_BT: np.ndarray, lengths_B: np.ndarray, repeats: int = 2) 
   Returns ([B, repeats * T] ids, new lengths). Vectorised: one gather, no Python loop.
   """
   tokens_BT, lengths_B = np.asarray(tokens_BT), np.asarray(lengths_B)
-  if repeats < 1:
-    raise ValueError(f"repeats: expected >= 1, got {repeats}")
+  _check_repeats(repeats)
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"tokens_BT: expected ids [B, T], got shape {tokens_BT.shape}")
+  if not np.issubdtype(lengths_B.dtype, np.integer):
+    raise TypeError(f"lengths_B: expected int lengths, got dtype {lengths_B.dtype}")
   if lengths_B.shape != tokens_BT.shape[:1] or (lengths_B < 0).any() or (lengths_B > tokens_BT.shape[1]).any():
     raise ValueError(f"lengths_B: expected [B] lengths within 0 .. T={tokens_BT.shape[1]}, got {lengths_B.tolist()}")
   width = repeats * tokens_BT.shape[1]
@@ -49,11 +56,12 @@ def repeat_recall(batch: RecallBatch, repeats: int = 2, *, context_len: int | No
   token do the two sets share?), so no earlier reading shows an answer; MQAR repeats only its
   key-value context, since its queries carry their answers. Targets stay next tokens.
   """
+  if not isinstance(batch, RecallBatch):
+    raise TypeError(f"batch: expected a RecallBatch, got {type(batch).__name__}")
   time = batch.tokens_BT.shape[1]
   context_len = time if context_len is None else context_len
-  if repeats < 1:
-    raise ValueError(f"repeats: expected >= 1, got {repeats}")
-  if not 1 <= context_len <= time:
+  _check_repeats(repeats)
+  if not _is_int(context_len) or not 1 <= context_len <= time:
     raise ValueError(f"context_len: expected 1 <= C <= T={time}, got {context_len}")
   earlier_BT = np.tile(batch.tokens_BT[:, :context_len], (1, repeats - 1))
   tokens_BT = np.concatenate([earlier_BT, batch.tokens_BT], axis=1)
@@ -61,3 +69,12 @@ def repeat_recall(batch: RecallBatch, repeats: int = 2, *, context_len: int | No
   return RecallBatch(
     tokens_BT, targets_BT, np.concatenate([np.zeros_like(earlier_BT, bool), batch.target_mask_BT], axis=1)
   )
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_repeats(repeats: Any) -> None:
+  if not _is_int(repeats) or repeats < 1:
+    raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")

@@ -13,12 +13,14 @@ and target_mask_BT marks the positions that are scored (the recall answers only)
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from paperjax.ops import checks
 
 PAD, SEP1, SEP2, SEP3 = 0, 1, 2, 3
 FIRST = 4
@@ -28,6 +30,15 @@ class RecallBatch(NamedTuple):
   tokens_BT: np.ndarray  # int32
   targets_BT: np.ndarray  # int32
   target_mask_BT: np.ndarray  # bool
+
+
+def _check_common(rng: Any, batch: Any, vocab_size: Any, **counts: Any) -> None:
+  """rng is a numpy Generator; batch, vocab_size and each count are ints >= 1."""
+  if not isinstance(rng, np.random.Generator):
+    raise TypeError(f"rng: expected a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+  for name, value in {"batch": batch, "vocab_size": vocab_size, **counts}.items():
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+      raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
 def _halves(vocab_size: int, need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +60,7 @@ def mqar(rng: np.random.Generator, batch: int, num_pairs: int, num_queries: int,
   Keys are distinct per row (first half of the vocabulary), values from the second half;
   the scored positions are the query keys (their target is the paired value).
   """
+  _check_common(rng, batch, vocab_size, num_pairs=num_pairs, num_queries=num_queries)
   if not 1 <= num_queries <= num_pairs:
     raise ValueError(f"num_queries: expected 1 <= queries <= num_pairs={num_pairs}, got {num_queries}")
   key_pool, value_pool = _halves(vocab_size, num_pairs)
@@ -80,8 +92,7 @@ def set_disjointness(
   `halves="random"` splits the vocabulary anew for each row (A and B are then disjoint
   random subsets of all of it); `"fixed"` draws A from the first half and B from the second,
   which leaves the shortcut "answer B's one token from the first half"."""
-  if size_a < 1 or size_b < 1:
-    raise ValueError(f"size_a, size_b: expected >= 1, got {size_a}, {size_b}")
+  _check_common(rng, batch, vocab_size, size_a=size_a, size_b=size_b)
   if order not in ("a_first", "b_first"):
     raise ValueError(f"order: expected 'a_first' or 'b_first', got {order!r}")
   if halves not in ("random", "fixed"):
@@ -106,9 +117,18 @@ def set_disjointness(
 
 
 def recall_loss(logits_BTV: jax.Array, batch: RecallBatch) -> tuple[jax.Array, dict]:
-  """(mean cross-entropy over the scored positions, {"accuracy": argmax == target there})."""
-  if logits_BTV.shape[:2] != batch.tokens_BT.shape:
+  """(mean cross-entropy over the scored positions, {"accuracy": argmax == target there}).
+
+  Value checks (targets in [0, V)) run on concrete inputs, or inside `ops.checks.checked`."""
+  if not isinstance(batch, RecallBatch):
+    raise TypeError(f"batch: expected a RecallBatch, got {type(batch).__name__}")
+  if logits_BTV.ndim != 3 or logits_BTV.shape[:2] != batch.tokens_BT.shape:
     raise ValueError(f"logits_BTV: expected leading shape {batch.tokens_BT.shape}, got {logits_BTV.shape}")
+  if not jnp.issubdtype(logits_BTV.dtype, jnp.floating):
+    raise TypeError(f"logits_BTV: expected float logits, got dtype {logits_BTV.dtype}")
+  vocab = logits_BTV.shape[-1]
+  # an id >= V would gather a clamped logit silently
+  checks.check_in("batch.targets_BT", batch.targets_BT, 0, vocab - 1, what="ids of the logits' vocabulary")
   mask_BT = jnp.asarray(batch.target_mask_BT, jnp.float32)
   count = jnp.maximum(mask_BT.sum(), 1.0)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), batch.targets_BT)

@@ -41,11 +41,10 @@ mean((v(z_t, t) - (e - x))^2). The sampler integrates dz/dt = v from t = 1 (nois
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
-from typing import Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +53,7 @@ import numpy as np
 from paperjax.models import stack
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import trajectory
-from paperjax.ops import attention, mlp, norms, rope
-from paperjax.ops.checks import concrete
+from paperjax.ops import attention, checks, mlp, norms, rope
 from paperjax.ops.dense import dense
 
 Fuser = Literal["none", "concat", "cross_attention", "adanorm"]
@@ -63,34 +61,29 @@ FUSERS: tuple[str, ...] = ("none", "concat", "cross_attention", "adanorm")
 ATTENTIONS = ("spatial", "cross", "temporal")  # each block's attention sublayers
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class ToraConfig:
-  """Model shape; hashable, so it is a static jit argument."""
+  """Model shape; hashable, so it is a static jit argument. Every field is checked for type
+  and range at construction (`ops.checks.config`)."""
 
-  patch: int = 4
-  width: int = 64  # D
-  heads: int = 4
-  mlp_hidden: int = 128  # E
-  blocks: int = 2  # L
-  vocab_size: int = len(blobs.VOCAB)  # V
+  patch: checks.PositiveInt = 4  # a power of two
+  width: checks.PositiveInt = 64  # D
+  heads: checks.PositiveInt = 4
+  mlp_hidden: checks.PositiveInt = 128  # E
+  blocks: checks.PositiveInt = 2  # L
+  vocab_size: checks.PositiveInt = len(blobs.VOCAB)  # V
   fuser: Fuser = "adanorm"
-  motion_channels: int = 16  # the extractor's convolution channels
-  sigma: float = 1.5  # the flow maps' Gaussian, pixels
-  rope_theta: float = 10_000.0
+  motion_channels: checks.PositiveInt = 16  # the extractor's convolution channels
+  sigma: checks.PositiveFloat = 1.5  # the flow maps' Gaussian, pixels
+  rope_theta: Annotated[float, checks.Range(low=1, low_open=True)] = 10_000.0
 
   def __post_init__(self):
-    if self.patch < 1 or self.patch & (self.patch - 1):
+    if self.patch & (self.patch - 1):
       raise ValueError(f"patch: expected a power of two, got {self.patch}")
-    if self.fuser not in FUSERS:
-      raise ValueError(f"fuser: expected one of {FUSERS}, got {self.fuser!r}")
-    if min(self.width, self.heads, self.mlp_hidden, self.blocks, self.vocab_size, self.motion_channels) < 1:
-      raise ValueError(f"width, heads, mlp_hidden, blocks, vocab_size, motion_channels: expected >= 1, got {self}")
     if self.width % self.heads or (self.width // self.heads) % 2 or self.width % 4:
       raise ValueError(
         f"width, heads: expected width divisible by 4 and by heads (even head dim), got {self.width}, {self.heads}"
       )
-    if self.sigma <= 0:
-      raise ValueError(f"sigma: expected > 0 pixels, got {self.sigma}")
 
   @property
   def head_dim(self) -> int:
@@ -170,7 +163,25 @@ def _spec(cfg: ToraConfig) -> dict:
 def init(key: jax.Array, cfg: ToraConfig) -> dict:
   """Parameters (float32) as `_spec` says: the random leaves are consecutive slices of one
   normal draw (one random program to compile, not one per leaf)."""
+  _check_cfg(cfg)
   return _init(key, cfg)
+
+
+def check_params(params: Any, cfg: ToraConfig) -> None:
+  """params has the leaves of `init(key, cfg)` at their shapes (a tree of another config's, or
+  of another fuser's, raises naming the leaf)."""
+  _check_cfg(cfg)
+  expected = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.float32), _spec(cfg), is_leaf=lambda x: isinstance(x, _Init)
+  )
+  if not isinstance(params, dict):
+    raise TypeError(f"params: expected the dict of tora.init(key, cfg), got {type(params).__name__}")
+  checks.check_tree("params", params, expected)
+
+
+def _check_cfg(cfg: Any) -> None:
+  if not isinstance(cfg, ToraConfig):
+    raise TypeError(f"cfg: expected a ToraConfig, got {type(cfg).__name__}")
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -240,6 +251,9 @@ def _levels(cfg: ToraConfig) -> int:
 
 
 def check_video_shape(cfg: ToraConfig, frames: int, height: int, width: int) -> None:
+  for name, value in (("frames", frames), ("height", height), ("width", width)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
   if frames < 1 or height < 1 or width < 1 or height % cfg.patch or width % cfg.patch:
     raise ValueError(
       f"video: expected frames >= 1 and height, width positive multiples of patch={cfg.patch}, "
@@ -247,16 +261,50 @@ def check_video_shape(cfg: ToraConfig, frames: int, height: int, width: int) -> 
     )
 
 
-def check_caption(caption_BS: jax.Array, cfg: ToraConfig) -> jax.Array:
-  """Caption ids [B, S], each in [0, vocab_size) when concrete (an embedding lookup would
-  clamp an out-of-range id silently)."""
-  caption_BS = jnp.asarray(caption_BS)
-  if caption_BS.ndim != 2 or not jnp.issubdtype(caption_BS.dtype, jnp.integer):
-    raise ValueError(f"caption_BS: expected integer ids of shape [B, S], got {caption_BS.dtype} {caption_BS.shape}")
-  ids = concrete(caption_BS)
-  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-    raise ValueError(f"caption_BS: ids must lie in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
-  return caption_BS
+def check_caption(caption_BS: jax.Array, cfg: ToraConfig, *, batch: int | None = None) -> jax.Array:
+  """Caption ids [B, S] (S >= 1, B = `batch` when given), each in [0, vocab_size): an
+  embedding lookup would clamp an out-of-range id silently. Value checks run on concrete
+  inputs, or inside `ops.checks.checked`."""
+  if isinstance(caption_BS, (list, tuple)):
+    caption_BS = np.asarray(caption_BS)
+  checks.check_array("caption_BS", caption_BS, 2, integer=True, shape="[B, S]")
+  if caption_BS.shape[1] < 1:
+    raise ValueError(f"caption_BS: expected at least one caption token per row, got shape {tuple(caption_BS.shape)}")
+  if batch is not None and caption_BS.shape[0] != batch:
+    raise ValueError(f"caption_BS: expected one caption per video, batch {batch}, got {caption_BS.shape[0]} rows")
+  checks.check_tokens(caption_BS, cfg.vocab_size, name="caption_BS")
+  return jnp.asarray(caption_BS)
+
+
+def check_video(video: jax.Array, cfg: ToraConfig, *, name: str = "video") -> None:
+  """A float video [B, T, height, width, 3] of finite pixels in [-1, 1] (`blobs`' range), height
+  and width multiples of the patch. Value checks run on concrete inputs, or inside
+  `ops.checks.checked`."""
+  checks.check_array(name, video, 5, shape="[B, T, height, width, 3]")
+  if video.shape[-1] != 3 or video.shape[0] < 1:
+    raise ValueError(f"{name}: expected shape [B, T, height, width, 3] (RGB), got {tuple(video.shape)}")
+  if not jnp.issubdtype(video.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected float pixels in [-1, 1] (x / 127.5 - 1 for 8-bit), got dtype {video.dtype}")
+  check_video_shape(cfg, *video.shape[1:4])
+  checks.check_finite(name, video)
+  checks.check_in(name, video, -1.0, 1.0, what="pixels")
+
+
+def _check_tracks(
+  tracks: jax.Array | None, cfg: ToraConfig, batch: int, frames: int, height: int, width: int
+) -> jax.Array | None:
+  """tracks for a model of cfg's fuser (None iff "none"), checked as `trajectory.check_tracks`
+  says, one set per video."""
+  if tracks is None:
+    if cfg.fuser != "none":
+      raise ValueError(f"tracks: this model is guided by trajectories (fuser={cfg.fuser!r}); got None")
+    return None
+  if cfg.fuser == "none":
+    raise ValueError("tracks: this model has no motion guidance (fuser='none'); pass tracks=None")
+  tracks = trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
+  if tracks.shape[0] != batch:
+    raise ValueError(f"tracks: expected one trajectory set per video, batch {batch}, got {tracks.shape[0]}")
+  return tracks
 
 
 def patchify(video: jax.Array, patch: int) -> jax.Array:
@@ -375,11 +423,44 @@ def velocity(
   params: dict, z: jax.Array, t_B: jax.Array, caption_BS: jax.Array, m_BTND: jax.Array | None, cfg: ToraConfig
 ) -> jax.Array:
   """The denoiser's velocity v [B, T, height, width, 3] at noisy video z and time t_B in
-  [0, 1] (module equations); m_BTND are the motion patches (None iff fuser is "none")."""
-  _, frames, height, width, _ = z.shape
+  [0, 1] (module equations); m_BTND are the motion patches (None iff fuser is "none").
+
+  Value checks (caption ids in range, t in [0, 1], z finite) run on concrete inputs, or
+  inside `ops.checks.checked`."""
+  _check_cfg(cfg)
+  checks.check_array("z", z, 5, shape="[B, T, height, width, 3]")
+  if not jnp.issubdtype(z.dtype, jnp.floating):
+    raise TypeError(f"z: expected a float video [B, T, height, width, 3], got {z.dtype}")
+  if z.shape[-1] != 3:
+    raise ValueError(f"z: expected shape [B, T, height, width, 3] (RGB), got {tuple(z.shape)}")
+  batch, frames, height, width, _ = z.shape
   check_video_shape(cfg, frames, height, width)
+  checks.check_finite("z", z)
+  t_B = jnp.asarray(t_B) if isinstance(t_B, (list, tuple, float, int)) else t_B
+  checks.check_array("t_B", t_B, 1, shape=f"[{batch}]")
+  if not jnp.issubdtype(t_B.dtype, jnp.floating):
+    raise TypeError(f"t_B: expected float times in [0, 1], got {t_B.dtype}")
+  if t_B.shape != (batch,):
+    raise ValueError(f"t_B: expected one time per video, shape ({batch},), got {tuple(t_B.shape)}")
+  checks.check_in("t_B", t_B, 0.0, 1.0, what="times")
+  caption_BS = check_caption(caption_BS, cfg, batch=batch)
   if (m_BTND is None) != (cfg.fuser == "none"):
     raise ValueError(f"m_BTND: expected motion patches exactly when the model has a fuser, fuser={cfg.fuser!r}")
+  rows, cols = height // cfg.patch, width // cfg.patch
+  if m_BTND is not None and tuple(m_BTND.shape) != (batch, frames, rows * cols, cfg.width):
+    raise ValueError(
+      f"m_BTND: expected motion patches {(batch, frames, rows * cols, cfg.width)} (motion_patches of the same "
+      f"video's tracks), got {tuple(m_BTND.shape)}"
+    )
+  check_params(params, cfg)
+  return _velocity(params, z, t_B, caption_BS, m_BTND, cfg)
+
+
+def _velocity(
+  params: dict, z: jax.Array, t_B: jax.Array, caption_BS: jax.Array, m_BTND: jax.Array | None, cfg: ToraConfig
+) -> jax.Array:
+  """`velocity` without its checks (its callers have made them)."""
+  _, _, height, width, _ = z.shape
   rows, cols = height // cfg.patch, width // cfg.patch
   h_BTND = dense(patchify(z, cfg.patch), params["patch_in"]) + params["patch_bias"]
   h_BTND = h_BTND + grid_positions(rows, cols, cfg.width)
@@ -418,15 +499,27 @@ def loss(
   params: dict, video: jax.Array, caption_BS: jax.Array, tracks: jax.Array | None, key: jax.Array, cfg: ToraConfig
 ) -> tuple[jax.Array, dict]:
   """Rectified-flow loss mean((v(z_t, t) - (e - x))^2) over a batch of videos x (module
-  docstring), with t ~ U(0, 1) and e ~ N(0, I) drawn from `key`; (loss, {}) for `train.make_step`."""
-  _, frames, height, width, _ = video.shape
-  caption_BS = check_caption(caption_BS, cfg)
-  tracks = None if tracks is None else trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
+  docstring), with t ~ U(0, 1) and e ~ N(0, I) drawn from `key`; (loss, {}) for `train.make_step`.
+
+  video: float [B, T, height, width, 3], pixels in [-1, 1]; caption_BS: ids [B, S] in
+  [0, vocab_size); tracks: [B, T, N, 2] inside the frame (None iff fuser is "none").
+  Shapes are checked always. Value checks (caption ids in range, finite pixels in [-1, 1],
+  finite tracks inside the frame) run on concrete inputs, or inside `ops.checks.checked`;
+  under a plain `jax.jit` the inputs are tracers and they cannot run (an out-of-range id
+  would be clamped silently), so jit it as `checks.checked(tora.loss, static_argnames="cfg")`
+  and pass cfg by keyword.
+  """
+  _check_cfg(cfg)
+  check_video(video, cfg)
+  batch, frames, height, width, _ = video.shape
+  caption_BS = check_caption(caption_BS, cfg, batch=batch)
+  tracks = _check_tracks(tracks, cfg, batch, frames, height, width)
+  check_params(params, cfg)
   key_t, key_e = jax.random.split(key)
   t_B = jax.random.uniform(key_t, video.shape[:1])
   noise = jax.random.normal(key_e, video.shape)
   z = (1 - t_B[:, None, None, None, None]) * video + t_B[:, None, None, None, None] * noise
-  v = velocity(params, z, t_B, caption_BS, _motion(params, tracks, cfg, height, width), cfg)
+  v = _velocity(params, z, t_B, caption_BS, _motion(params, tracks, cfg, height, width), cfg)
   return jnp.mean((v - (noise - video)) ** 2), {}
 
 
@@ -443,16 +536,16 @@ def sample(
   steps: int,
 ) -> jax.Array:
   """Videos [B, frames, height, width, 3] from noise drawn with `key`: `steps` Euler steps of
-  dz/dt = v from t = 1 to 0 (deterministic per key)."""
+  dz/dt = v from t = 1 to 0 (deterministic per key). Every argument is checked on the host
+  before the jitted sampler (caption ids in range, tracks finite and inside the frame)."""
+  _check_cfg(cfg)
   check_video_shape(cfg, frames, height, width)
-  if steps < 1:
-    raise ValueError(f"steps: expected >= 1, got {steps}")
+  if not isinstance(steps, (int, np.integer)) or isinstance(steps, (bool, np.bool_)) or steps < 1:
+    raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
   caption_BS = check_caption(caption_BS, cfg)
-  if tracks is not None:
-    tracks = trajectory.check_tracks(tracks, frames=frames, height=height, width=width)
-    if tracks.shape[0] != caption_BS.shape[0]:
-      raise ValueError(f"tracks: expected batch {caption_BS.shape[0]} (caption_BS's), got {tracks.shape[0]}")
-  return _sample(params, key, caption_BS, tracks, cfg, frames, height, width, steps)
+  tracks = _check_tracks(tracks, cfg, caption_BS.shape[0], frames, height, width)
+  check_params(params, cfg)
+  return _sample(params, key, caption_BS, tracks, cfg, int(frames), int(height), int(width), int(steps))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
@@ -462,7 +555,7 @@ def _sample(params, key, caption_BS, tracks, cfg, frames, height, width, steps):
 
   def euler(i, z):
     t = 1.0 - i / steps
-    v = velocity(params, z, jnp.full(z.shape[:1], t), caption_BS, m_BTND, cfg)
+    v = _velocity(params, z, jnp.full(z.shape[:1], t), caption_BS, m_BTND, cfg)
     return z - v / steps
 
   return jax.lax.fori_loop(0, steps, euler, z)

@@ -21,28 +21,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.ops.checks import concrete
+from paperjax.ops import checks
 
 
 def check_tracks(tracks: jax.Array, *, frames: int, height: int, width: int) -> jax.Array:
-  """`tracks` as float32 [B, frames, N, 2]; raises on a wrong shape, a non-finite value, or a
-  point outside the frame (x in [0, width - 1], y in [0, height - 1]) when concrete."""
-  tracks = jnp.asarray(tracks)
-  if tracks.ndim != 4 or tracks.shape[-1] != 2 or tracks.shape[2] < 1:
-    raise ValueError(f"tracks: expected shape [B, T, N, 2] (x, y per point), got {tracks.shape}")
+  """`tracks` as float32 [B, frames, N, 2]; raises on a wrong shape or dtype, and on a
+  non-finite value or a point outside the frame (x in [0, width - 1], y in [0, height - 1]).
+  Value checks run on concrete inputs, or inside `ops.checks.checked`."""
+  if isinstance(tracks, (list, tuple)):
+    tracks = np.asarray(tracks)
+  checks.check_array("tracks", tracks, 4, shape="[B, T, N, 2]")
+  if tracks.shape[-1] != 2 or tracks.shape[2] < 1:
+    raise ValueError(f"tracks: expected shape [B, T, N, 2] (x, y per point), got {tuple(tracks.shape)}")
+  if not (jnp.issubdtype(tracks.dtype, jnp.floating) or jnp.issubdtype(tracks.dtype, jnp.integer)):
+    raise TypeError(f"tracks: expected real pixel positions, got dtype {tracks.dtype}")
   if tracks.shape[1] != frames:
     raise ValueError(f"tracks: expected one position per frame, T = {frames}, got {tracks.shape[1]} frames")
-  values = concrete(tracks)
-  if values is not None:
-    if not np.isfinite(values).all():
-      raise ValueError(f"tracks: expected finite positions, got {int((~np.isfinite(values)).sum())} NaN or inf")
-    x, y = values[..., 0], values[..., 1]
-    if x.min() < 0 or x.max() > width - 1 or y.min() < 0 or y.max() > height - 1:
-      raise ValueError(
-        f"tracks: points must lie inside the {height}x{width} frame (x in [0, {width - 1}], y in [0, {height - 1}]), "
-        f"got x in [{x.min():.3g}, {x.max():.3g}], y in [{y.min():.3g}, {y.max():.3g}]"
-      )
-  return tracks.astype(jnp.float32)
+  values = checks.concrete(tracks)
+  source = tracks if values is None else values  # slices of a concrete array stay on the host
+  checks.check_finite("tracks", source)
+  frame = f"inside the {height}x{width} frame"
+  checks.check_in("tracks", source[..., 0], 0, width - 1, what=f"x positions (columns) {frame}")
+  checks.check_in("tracks", source[..., 1], 0, height - 1, what=f"y positions (rows) {frame}")
+  return jnp.asarray(tracks, jnp.float32)
 
 
 def displacements(tracks: jax.Array) -> jax.Array:
@@ -54,7 +55,7 @@ def displacements(tracks: jax.Array) -> jax.Array:
 
 def flow_maps(tracks: jax.Array, *, height: int, width: int, sigma: float) -> jax.Array:
   """Dense flow maps [B, T, height, width, 3] of `tracks` (module equation)."""
-  if sigma <= 0:
+  if not sigma > 0:
     raise ValueError(f"sigma: expected > 0 pixels, got {sigma}")
   tracks = check_tracks(tracks, frames=jnp.shape(tracks)[1], height=height, width=width)
   x = jnp.arange(width, dtype=jnp.float32)

@@ -22,13 +22,15 @@ N generated tokens.
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from paperjax.ops import sampling
+from paperjax.ops import checks, sampling
 
 DEFAULT_MAX_TABLE_BYTES = 4 * 2**30
 
@@ -70,8 +72,8 @@ def count(
     mask_BT: bool, True at real tokens; default all True.
     max_table_bytes: refuse a float32 table larger than this.
   """
-  tokens_BT, mask_BT = _check_tokens(tokens_BT, mask_BT, vocab_size)
   _check_table(vocab_size, order, max_table_bytes)
+  tokens_BT, mask_BT = _check_tokens(tokens_BT, mask_BT, vocab_size)
   return _count(jnp.asarray(tokens_BT), jnp.asarray(mask_BT), vocab_size, order)
 
 
@@ -97,12 +99,14 @@ def probabilities(counts_CV: jax.Array, *, alpha: float = 0.0) -> NgramTable:
   [v != last(c)] / (V - 1) where it has none (uniform over all V for order 0).
   `alpha` is traced: sweeping it compiles once.
   """
+  checks.check_array("counts_CV", counts_CV, 2, shape="[V^k, V]")
   num_contexts, vocab_size = counts_CV.shape
-  order = round(np.log(num_contexts) / np.log(vocab_size)) if num_contexts > 1 else 0
+  order = round(np.log(num_contexts) / np.log(vocab_size)) if num_contexts > 1 and vocab_size > 1 else 0
   if vocab_size < 2 or vocab_size**order != num_contexts:
     raise ValueError(f"counts_CV: expected shape [V^k, V] with V >= 2, got {counts_CV.shape}")
-  if not alpha >= 0:
-    raise ValueError(f"alpha: expected >= 0, got {alpha}")
+  checks.check_finite("counts_CV", counts_CV)
+  checks.check_in("counts_CV", counts_CV, 0, math.inf, what="counts")
+  _check_scalar("alpha", alpha)
   return NgramTable(_probabilities(counts_CV, jnp.float32(alpha), order), order)
 
 
@@ -138,11 +142,11 @@ def fit(
 def next_token_probs(table: NgramTable, context_BO: jax.Array) -> jax.Array:
   """P(next | the last `order` tokens of each row): float32 [B, V].
 
-  `context_BO` may hold more than `order` tokens; only the last `order` are read.
+  `context_BO` may hold more than `order` tokens; only the last `order` are read (all are
+  checked). Value checks (ids in [0, V)) run on concrete inputs, or inside `ops.checks.checked`.
   """
-  context_BO = jnp.asarray(context_BO)
-  if context_BO.ndim != 2 or context_BO.shape[1] < table.order:
-    raise ValueError(f"context_BO: expected shape [B, O] with O >= order={table.order}, got {context_BO.shape}")
+  _check_table_type(table)
+  context_BO = _check_context("context_BO", context_BO, table)
   return table.probs_CV[_context_index(context_BO, table.order, table.vocab_size)]
 
 
@@ -151,6 +155,7 @@ def log_probs(table: NgramTable, tokens_BT: jax.Array | np.ndarray, mask_BT=None
 
   Position t is defined when t >= order and tokens t-k .. t are all masked in.
   """
+  _check_table_type(table)
   tokens_BT, mask_BT = _check_tokens(tokens_BT, mask_BT, table.vocab_size)
   return _log_probs(table, jnp.asarray(tokens_BT), jnp.asarray(mask_BT))
 
@@ -174,10 +179,10 @@ def perplexity(table: NgramTable, tokens_BT, mask_BT=None, *, start: int | None 
 
   Pass one `start` to compare models of different orders on the same positions.
   """
-  lp_BT, defined_BT = log_probs(table, tokens_BT, mask_BT)
   start = table.order if start is None else start
-  if start < table.order:
-    raise ValueError(f"start: expected >= order={table.order}, got {start}")
+  if not _is_int(start) or start < table.order:
+    raise ValueError(f"start: expected an int >= order={table.order}, got {start!r}")
+  lp_BT, defined_BT = log_probs(table, tokens_BT, mask_BT)
   defined_BT = defined_BT.at[:, :start].set(False)
   n = defined_BT.sum()
   if int(n) == 0:
@@ -202,25 +207,25 @@ def generate(
   Args:
     key: PRNG key.
     table: fitted `NgramTable`.
-    prompt_BO: int prompts, [B, O] with O >= order (their last `order` tokens are read).
+    prompt_BO: integer ids in [0, V), [B, O] with O >= order (their last `order` tokens are
+      read; every one is checked).
     max_new_tokens: N >= 1.
     eos_id: stop token, or None to always generate N tokens.
-    temperature: >= 0.
+    temperature: a finite float >= 0.
 
   Returns:
     (tokens_BN int32, lengths_B int32): row b's generation is tokens_BN[b, :lengths_B[b]].
   """
-  prompt_BO = jnp.asarray(prompt_BO)
-  if prompt_BO.ndim != 2 or prompt_BO.shape[1] < table.order:
-    raise ValueError(f"prompt_BO: expected shape [B, O] with O >= order={table.order}, got {prompt_BO.shape}")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+  _check_table_type(table)
+  prompt_BO = _check_context("prompt_BO", prompt_BO, table)
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  if eos_id is not None and not 0 <= eos_id < table.vocab_size:
-    raise ValueError(f"eos_id: expected an id in [0, {table.vocab_size}), got {eos_id}")
-  if not float(temperature) >= 0:
-    raise ValueError(f"temperature: expected >= 0, got {temperature}")
+  if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < table.vocab_size):
+    raise ValueError(f"eos_id: expected an int id in [0, {table.vocab_size}) or None, got {eos_id!r}")
+  _check_scalar("temperature", temperature)
   context_BO = prompt_BO[:, prompt_BO.shape[1] - table.order :].astype(jnp.int32)
-  return _generate(key, table, context_BO, max_new_tokens, eos_id, float(temperature))
+  eos = None if eos_id is None else int(eos_id)
+  return _generate(key, table, context_BO, int(max_new_tokens), eos, float(temperature))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
@@ -252,11 +257,46 @@ def _context_index(context_BO: jax.Array, order: int, vocab_size: int) -> jax.Ar
   return index
 
 
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_scalar(name: str, x: Any) -> None:
+  """x is a real scalar, finite and >= 0 (when concrete: a traced alpha is not checked)."""
+  if isinstance(x, (bool, np.bool_)):
+    raise TypeError(f"{name}: expected a float >= 0, got bool {x!r}")
+  value = checks.concrete(x)
+  if value is None:
+    return
+  if value.ndim or not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+    raise TypeError(f"{name}: expected a float >= 0, got {type(x).__name__} {x!r}")
+  if not 0 <= float(value) < math.inf:
+    raise ValueError(f"{name}: expected a finite float >= 0, got {float(value)}")
+
+
+def _check_table_type(table: Any) -> None:
+  if not isinstance(table, NgramTable):
+    raise TypeError(f"table: expected an NgramTable (bigram.fit(...)), got {type(table).__name__}")
+
+
+def _check_context(name: str, context_BO: Any, table: NgramTable) -> jax.Array:
+  """context_BO as an integer array [B, O >= order] of ids in [0, V) (values when concrete,
+  or under `checks.checked`)."""
+  if isinstance(context_BO, (list, tuple)):
+    context_BO = np.asarray(context_BO)
+  checks.check_tokens(context_BO, table.vocab_size, name=name)
+  if context_BO.shape[1] < table.order:
+    raise ValueError(f"{name}: expected shape [B, O] with O >= order={table.order}, got {tuple(context_BO.shape)}")
+  return jnp.asarray(context_BO)
+
+
 def _check_table(vocab_size: int, order: int, max_table_bytes: int) -> None:
-  if not isinstance(order, int) or order < 0:
+  if not _is_int(order) or order < 0:
     raise ValueError(f"order: expected an int >= 0, got {order!r}")
-  if not isinstance(vocab_size, int) or vocab_size < 2:
+  if not _is_int(vocab_size) or vocab_size < 2:
     raise ValueError(f"vocab_size: expected an int >= 2, got {vocab_size!r}")
+  if isinstance(max_table_bytes, bool) or not isinstance(max_table_bytes, (int, float, np.integer, np.floating)):
+    raise TypeError(f"max_table_bytes: expected a number of bytes, got {type(max_table_bytes).__name__}")
   need = table_bytes(vocab_size, order)
   if need > max_table_bytes or vocab_size ** (order + 1) >= 2**31:
     raise MemoryError(

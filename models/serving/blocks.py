@@ -37,7 +37,15 @@ ROOT_HASH = bytes(32)  # the parent hash of a sequence's first block
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
   """SHA-256 of the parent block's hash and the block's token ids (int32 little-endian)."""
-  return hashlib.sha256(parent + np.asarray(tokens, "<i4").tobytes()).digest()
+  ids = np.asarray(tokens)
+  if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < -(2**31) or ids.max() >= 2**31):
+    # a cast to int32 would truncate 1.7 to 1 or wrap 2^32 to 0: two prompts could share a prefix hash
+    raise ValueError(f"tokens: expected int32 token ids, got {ids.dtype} {_show(ids)}")
+  return hashlib.sha256(parent + ids.astype("<i4").tobytes()).digest()
+
+
+def _show(ids: np.ndarray) -> str:
+  return str(ids.ravel()[:6].tolist())[:-1] + (", ...]" if ids.size > 6 else "]")
 
 
 @dataclasses.dataclass
@@ -58,8 +66,10 @@ class BlockManager:
   prefix_hashes: dict[Hashable, list[bytes]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    if self.num_blocks < 1 or self.block_size < 1:
-      raise ValueError(f"num_blocks, block_size: expected >= 1, got {self.num_blocks}, {self.block_size}")
+    for name in ("num_blocks", "block_size"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
     if not self.ref_counts:
       self.ref_counts = [0] * self.num_blocks
       self.free.extend(range(self.num_blocks))
@@ -126,8 +136,8 @@ class BlockManager:
     """Reserves slots for `count` more tokens of a sequence; returns the (src, dst) block
     copies to make first (copy-on-write of a shared, partly filled last block)."""
     table, used = self._table(seq_id), self.num_tokens[seq_id]
-    if count < 1:
-      raise ValueError(f"count: expected >= 1, got {count}")
+    if not isinstance(count, (int, np.integer)) or isinstance(count, (bool, np.bool_)) or count < 1:
+      raise ValueError(f"count: expected an int >= 1, got {count!r}")
     partial = used % self.block_size != 0
     shared = partial and self.ref_counts[table[-1]] > 1
     needed = self.blocks_for(used + count) - len(table) + shared

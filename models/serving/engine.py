@@ -26,47 +26,83 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models.serving import blocks
+from paperjax.models.serving import blocks, generate
 from paperjax.models.transformer import llama
-from paperjax.ops import paged_attention, sampling
+from paperjax.ops import checks, paged_attention, sampling
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class EngineConfig:
-  num_blocks: int  # pages in the pool (per layer and kv head)
-  block_size: int = 16  # tokens per page
-  max_batch: int = 8  # running sequences (rows of the decode call)
-  prefill_rows: int = 2  # sequences prefilled per step
-  prefill_chunk: int = 64  # prompt tokens per prefill row per step
+  """The pool and the batch shapes; every field is checked at construction (`ops.checks.config`)."""
+
+  num_blocks: checks.PositiveInt  # pages in the pool (per layer and kv head)
+  block_size: checks.PositiveInt = 16  # tokens per page, a power of two
+  max_batch: checks.PositiveInt = 8  # running sequences (rows of the decode call)
+  prefill_rows: checks.PositiveInt = 2  # sequences prefilled per step
+  prefill_chunk: checks.PositiveInt = 64  # prompt tokens per prefill row per step
   prefix_caching: bool = True
 
   def __post_init__(self):
-    for name in ("num_blocks", "block_size", "max_batch", "prefill_rows", "prefill_chunk"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
     if self.block_size & (self.block_size - 1):  # the decode kernel's page tiles are powers of two
       raise ValueError(f"block_size: expected a power of two, got {self.block_size}")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+_Temperature = Annotated[float, checks.Range(low=0, high=math.inf, high_open=True)]  # finite, >= 0
+_TopP = Annotated[float, checks.Range(low=0, high=1, low_open=True)]
+_Seed = Annotated[int, checks.Range(low=-(2**63), high=2**63, high_open=True)]  # a jax.random.key seed
+
+
+@checks.config
 class Request:
-  """One generation request; sampling as in `ops.sampling.select` (temperature 0 is greedy)."""
+  """One generation request; sampling as in `ops.sampling.select` (temperature 0 is greedy).
+
+  `prompt` and `stop_ids` take any sequence (or 1-D integer array) of token ids and are
+  stored as tuples of ints; the ids' range is checked against the model in `Engine.add`.
+  """
 
   id: Hashable
-  prompt: tuple[int, ...]
-  max_new_tokens: int
-  stop_ids: tuple[int, ...] = ()
-  temperature: float = 0.0
-  top_k: int | None = None
-  top_p: float | None = None
-  seed: int = 0  # token i is drawn with fold_in(key(seed), i)
+  prompt: Any  # tuple[int, ...] once constructed, non-empty
+  max_new_tokens: checks.PositiveInt
+  stop_ids: Any = ()  # tuple[int, ...] once constructed
+  temperature: _Temperature = 0.0
+  top_k: checks.PositiveInt | None = None
+  top_p: _TopP | None = None
+  seed: _Seed = 0  # token i is drawn with fold_in(key(seed), i)
+
+  def __post_init__(self):
+    object.__setattr__(self, "prompt", _token_ids("Request.prompt", self.prompt, empty=False))
+    object.__setattr__(self, "stop_ids", _token_ids("Request.stop_ids", self.stop_ids, empty=True))
+
+
+def _token_ids(name: str, ids: Any, *, empty: bool) -> tuple[int, ...]:
+  """ids (a sequence or 1-D integer array of token ids) as a tuple of ints >= 0."""
+  if isinstance(ids, (np.ndarray, jax.Array)):
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+      raise TypeError(f"{name}: expected a 1-D integer array of token ids, got {ids.dtype} of shape {ids.shape}")
+    ids = ids.tolist()
+  if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+    raise TypeError(
+      f"{name}: expected a sequence of int token ids (tokenize text first), got {type(ids).__name__} {ids!r:.60}"
+    )
+  bad = [i for i, x in enumerate(ids) if not _is_int(x)]
+  if bad:
+    x = ids[bad[0]]
+    raise TypeError(f"{name}: expected int token ids, got {x!r} ({type(x).__name__}) at index {bad[0]}")
+  if not empty and len(ids) == 0:
+    raise ValueError(f"{name}: expected a non-empty sequence of token ids, got {ids!r}")
+  values = tuple(int(x) for x in ids)
+  negative = [i for i, x in enumerate(values) if x < 0]
+  if negative:
+    raise ValueError(f"{name}: expected ids >= 0, got {values[negative[0]]} at index {negative[0]}")
+  return values
 
 
 class Event(NamedTuple):
@@ -116,6 +152,9 @@ class Engine:
   def __init__(self, params: dict, cfg: llama.LlamaConfig, engine_cfg: EngineConfig):
     if not isinstance(cfg, llama.LlamaConfig):
       raise TypeError(f"cfg: the engine serves Llama (a paged KV cache), got {type(cfg).__name__}")
+    if not isinstance(engine_cfg, EngineConfig):
+      raise TypeError(f"engine_cfg: expected an EngineConfig, got {type(engine_cfg).__name__}")
+    llama.check_params(params, cfg)
     self.params, self.cfg, self.ecfg = params, cfg, engine_cfg
     self.manager = blocks.BlockManager(num_blocks=engine_cfg.num_blocks, block_size=engine_cfg.block_size)
     self.k_pages_GPSK, self.v_pages_GPSK = llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
@@ -127,7 +166,8 @@ class Engine:
     self._ids: set[Hashable] = set()
 
   def add(self, request: Request) -> None:
-    """Queues a request; a bad one raises ValueError here and leaves the engine as it was."""
+    """Queues a request; a bad one raises ValueError (TypeError: not a Request) here and leaves
+    the engine as it was. Every request is checked on the host before any model call."""
     check_request(request, self.cfg, self.ecfg)
     if request.id in self._ids:
       raise ValueError(f"request.id: {request.id!r} is already queued or running")
@@ -140,6 +180,8 @@ class Engine:
 
   def run(self, requests: Iterable[Request] = ()) -> Iterator[Event]:
     """Adds the requests, then steps until every request finished, streaming events."""
+    if isinstance(requests, Request):
+      raise TypeError("requests: expected an iterable of Request, got one Request (wrap it in a list)")
     for request in requests:
       self.add(request)
     while not self.idle:
@@ -147,6 +189,8 @@ class Engine:
 
   def generate(self, requests: Iterable[Request]) -> dict[Hashable, list[int]]:
     """Every request's generated tokens (stop token kept, as in `generate.generate`)."""
+    if isinstance(requests, Request):
+      raise TypeError("requests: expected an iterable of Request, got one Request (wrap it in a list)")
     out: dict[Hashable, list[int]] = {}
     for event in self.run(requests):
       out.setdefault(event.id, []).append(event.token)
@@ -282,15 +326,12 @@ def _select(key, logits_V, temperature, top_k, top_p):
 
 
 def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineConfig) -> None:
-  """ValueError naming the field for a request the engine cannot serve."""
+  """ValueError naming the field for a request the engine cannot serve (its fields' own types
+  and ranges were checked when the Request was built)."""
+  if not isinstance(request, Request):
+    raise TypeError(f"request: expected an engine.Request, got {type(request).__name__}")
   prompt = request.prompt
-  if not isinstance(prompt, Sequence) or len(prompt) == 0:
-    raise ValueError(f"request.prompt: expected a non-empty sequence of token ids, got {prompt!r}")
-  ids = np.asarray(prompt)
-  if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= cfg.vocab_size:
-    raise ValueError(f"request.prompt: ids must be integers in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
-  if not _is_int(request.max_new_tokens) or request.max_new_tokens < 1:
-    raise ValueError(f"request.max_new_tokens: expected an int >= 1, got {request.max_new_tokens!r}")
+  checks.check_in("request.prompt", np.asarray(prompt), 0, cfg.vocab_size - 1, what="ids")
   total = len(prompt) + request.max_new_tokens
   if total > cfg.max_seq_len:
     raise ValueError(
@@ -302,12 +343,10 @@ def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineCo
       f"request: {total} tokens need {-(-total // engine_cfg.block_size)} blocks, more than the whole pool "
       f"({engine_cfg.num_blocks} blocks of {engine_cfg.block_size}), even alone"
     )
-  if any(not _is_int(s) or not 0 <= s < cfg.vocab_size for s in request.stop_ids):
-    raise ValueError(f"request.stop_ids: expected int ids in [0, {cfg.vocab_size}), got {request.stop_ids}")
-  if not _is_int(request.seed) or not -(2**63) <= request.seed < 2**63:
-    raise ValueError(f"request.seed: expected an int in [-2^63, 2^63) (a jax.random.key seed), got {request.seed!r}")
-  sampling.check_args(cfg.vocab_size, request.temperature, request.top_k, request.top_p)
+  if any(s >= cfg.vocab_size for s in request.stop_ids):
+    raise ValueError(f"request.stop_ids: expected ids in [0, {cfg.vocab_size}), got {request.stop_ids}")
+  generate.check_selection(cfg.vocab_size, request.temperature, request.top_k, request.top_p)
 
 
 def _is_int(x) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool)
+  return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)

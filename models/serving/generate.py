@@ -12,6 +12,7 @@ when every row has emitted a stop token or after `max_new_tokens`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,20 +44,24 @@ def generate(
   Args:
     key: PRNG key (step i uses fold_in(key, i)).
     params, cfg: the model (any config `models.protocol.model_for` knows).
-    prompts_BT: right-padded prompt ids [B, T].
-    prompt_lengths_B: real prompt lengths, 1 <= length <= T.
-    max_new_tokens: N.
+    prompts_BT: right-padded integer prompt ids [B, T], each in [0, V).
+    prompt_lengths_B: real prompt lengths, integers 1 <= length <= T. A float array is
+      refused even when its values are whole (a cast would truncate 2.7 to 2 silently).
+    max_new_tokens: N >= 1.
     stop_ids: a row stops after emitting any of these (the stop token is kept).
     temperature, top_k, top_p: selection (`ops.sampling.select`); temperature 0 is greedy.
+
+  Every argument is checked on the host before the jitted loop (`check_args`).
 
   Returns:
     (tokens_BN int32, lengths_B int32): row b's output is tokens_BN[b, :lengths_B[b]];
     slots after a row stopped hold stop_ids[0] (or 0).
   """
-  prompts = jnp.asarray(prompts_BT)
-  lengths = jnp.asarray(prompt_lengths_B, jnp.int32)
-  stop_ids = check_args(cfg, prompts, lengths, max_new_tokens, stop_ids, temperature, top_k, top_p)
-  return _generate(key, params, prompts, lengths, cfg, max_new_tokens, stop_ids, float(temperature), top_k, top_p)
+  prompts = np.asarray(prompts_BT) if isinstance(prompts_BT, (list, tuple)) else prompts_BT
+  stop_ids = check_args(cfg, prompts, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
+  prompts, lengths = jnp.asarray(prompts), jnp.asarray(np.asarray(prompt_lengths_B), jnp.int32)
+  top_k, top_p = None if top_k is None else int(top_k), None if top_p is None else float(top_p)
+  return _generate(key, params, prompts, lengths, cfg, int(max_new_tokens), stop_ids, float(temperature), top_k, top_p)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
@@ -105,9 +110,11 @@ def check_args(
   cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p
 ) -> tuple[int, ...]:
   """Validates `generate`'s arguments; returns stop_ids as a tuple of ints."""
-  batch, time = checks.check_tokens(prompts_BT, cfg.vocab_size)
+  if not hasattr(cfg, "vocab_size"):
+    raise TypeError(f"cfg: expected a model config (LlamaConfig, BasedConfig, ...), got {type(cfg).__name__}")
+  batch, time = checks.check_tokens(prompts_BT, cfg.vocab_size, name="prompts_BT")
   checks.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   max_seq_len = getattr(cfg, "max_seq_len", None)  # recurrent models have no limit
   if max_seq_len is not None and prompts_BT.shape[1] + max_new_tokens > max_seq_len:
@@ -115,11 +122,32 @@ def check_args(
       f"max_new_tokens: prompt width {prompts_BT.shape[1]} + {max_new_tokens} new tokens exceed "
       f"max_seq_len={cfg.max_seq_len}"
     )
-  stop_ids = tuple(int(s) for s in stop_ids)
-  if any(not 0 <= s < cfg.vocab_size for s in stop_ids):
-    raise ValueError(f"stop_ids: expected ids in [0, {cfg.vocab_size}), got {stop_ids}")
-  sampling.check_args(cfg.vocab_size, temperature, top_k, top_p)
-  return stop_ids
+  if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (Sequence, np.ndarray)):
+    raise TypeError(f"stop_ids: expected a sequence of token ids, got {type(stop_ids).__name__} {stop_ids!r}")
+  if any(not _is_int(s) or not 0 <= s < cfg.vocab_size for s in stop_ids):
+    raise ValueError(f"stop_ids: expected int ids in [0, {cfg.vocab_size}), got {tuple(stop_ids)}")
+  check_selection(cfg.vocab_size, temperature, top_k, top_p)
+  return tuple(int(s) for s in stop_ids)
+
+
+def check_selection(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+  """`ops.sampling.check_args`, plus the types a static jit argument must have: temperature
+  a finite real number, top_k an int (not a bool), top_p a real number."""
+  if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+    raise TypeError(f"temperature: expected a float >= 0, got {type(temperature).__name__} {temperature!r}")
+  if not 0 <= temperature < math.inf:
+    raise ValueError(f"temperature: expected a finite float >= 0, got {temperature}")
+  if top_k is not None and not _is_int(top_k):
+    raise TypeError(f"top_k: expected an int in [1, {vocab_size}] or None, got {type(top_k).__name__} {top_k!r}")
+  if top_p is not None and (
+    isinstance(top_p, (bool, np.bool_)) or not isinstance(top_p, (int, float, np.integer, np.floating))
+  ):
+    raise TypeError(f"top_p: expected a float in (0, 1] or None, got {type(top_p).__name__} {top_p!r}")
+  sampling.check_args(vocab_size, temperature, None if top_k is None else int(top_k), top_p)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def generate_text(
@@ -139,10 +167,12 @@ def generate_text(
   stop_ids default to the tokenizer's EOS. The model's vocabulary must cover the
   tokenizer's ids.
   """
+  if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+    raise TypeError(f"prompts: expected a list of strings (wrap one prompt in a list), got {prompts!r:.80}")
   if stop_ids is None:
     stop_ids = () if tok.eos_id is None else (tok.eos_id,)
   rows = [tok.encode(prompt, bos=bos) for prompt in prompts]
-  return _complete(key, params, cfg, tok, rows, max_new_tokens, tuple(stop_ids), select_kwargs)
+  return _complete(key, params, cfg, tok, rows, max_new_tokens, stop_ids, select_kwargs)
 
 
 def generate_chat(
@@ -160,6 +190,13 @@ def generate_chat(
   Each conversation is rendered with the assistant header appended; a row stops at
   <|eot_id|>, which the reply excludes.
   """
+  if isinstance(conversations, (str, Mapping)) or any(
+    isinstance(c, (str, Mapping)) or not all(isinstance(m, Mapping) for m in c) for c in conversations
+  ):
+    raise TypeError(
+      "conversations: expected a list of conversations, each a list of {'role', 'content'} messages "
+      f"(wrap one conversation in a list), got {conversations!r:.80}"
+    )
   fmt = chat.ChatFormat.from_tokenizer(tok)
   rows = [chat.render(fmt, messages, add_generation_prompt=True).ids_T.tolist() for messages in conversations]
   return _complete(key, params, cfg, tok, rows, max_new_tokens, (fmt.eot_id,), select_kwargs)

@@ -210,7 +210,7 @@ def test_errors():
     sae.SAEConfig(architecture="standard", d_in=D, d_sae=F, k=3)
   with pytest.raises(ValueError, match="coefficient: topk has no sparsity penalty"):
     sae.SAEConfig(architecture="topk", d_in=D, d_sae=F, k=3, coefficient=1.0)
-  with pytest.raises(ValueError, match="bandwidth: expected > 0"):
+  with pytest.raises(ValueError, match=r"SAEConfig.bandwidth: expected float in \(0, inf\), got float 0.0"):
     sae.SAEConfig(architecture="jumprelu", d_in=D, d_sae=F, bandwidth=0.0)
   with pytest.raises(ValueError, match=r"bandwidth: only \['jumprelu'\] read it, got 0.1 for topk"):
     sae.SAEConfig(architecture="topk", d_in=D, d_sae=F, k=2, bandwidth=0.1)

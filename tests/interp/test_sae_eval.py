@@ -198,11 +198,11 @@ def test_errors(model_params):
     sae_eval.splice(model_params, based_cfg, SITE, params, cfg, _tokens())
   with pytest.raises(ValueError, match="site: 'blocks.9.hook_resid_post' is not a site"):
     sae_eval.splice(model_params, MODEL, "blocks.9.hook_resid_post", params, cfg, _tokens())
-  with pytest.raises(ValueError, match=r"x_BD: expected shape \[B, 16\]"):
+  with pytest.raises(ValueError, match=r"x_ND: expected shape \[B, 16\]"):
     sae_eval.reconstruction(params, cfg, np.zeros((4, 3)))
   with pytest.raises(ValueError, match=r"direction_D: expected a vector \[D\], got shape \(\)"):
     sae_eval.steer(1.0, 2.0)
-  with pytest.raises(ValueError, match="direction_D: expected the site's width 16, got 3"):
+  with pytest.raises(ValueError, match=r"direction_D: expected a vector \[D = 16\], got shape \(3,\)"):
     sae_eval.steering_effect(model_params, MODEL, SITE, jnp.ones(3), 1.0, _tokens())
   with pytest.raises(ValueError, match="max_new_tokens: expected >= 1"):
     sae_eval.steered_greedy(model_params, MODEL, _tokens((1, 4)), 0, SITE, jnp.zeros(D), 1.0)

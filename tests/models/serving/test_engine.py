@@ -120,21 +120,22 @@ def test_bad_requests_raise_and_the_rest_finish_unharmed(params):
   eng = engine.Engine(params, CFG, SMALL)
   eng.add(good[0])
   ok = dict(id="bad", prompt=(1, 2), max_new_tokens=2)
-  bad = [
-    ({"prompt": ()}, "request.prompt: expected a non-empty"),
-    ({"prompt": (1, CFG.vocab_size)}, r"request.prompt: ids must be integers in \[0, 256\)"),
-    ({"max_new_tokens": 0}, "request.max_new_tokens: expected an int >= 1"),
-    ({"prompt": (1,) * 250, "max_new_tokens": 10}, "exceed the context max_seq_len=256"),
-    ({"stop_ids": (-1,)}, "request.stop_ids"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"seed": 2**63}, "request.seed"),
-    ({"seed": 1.5}, "request.seed"),
-    ({"max_new_tokens": True}, "request.max_new_tokens"),
-    ({"stop_ids": (2.0,)}, "request.stop_ids"),
-    ({"id": "r0"}, "already queued or running"),
+  bad = [  # the Request's own fields raise as it is built; the rest when the engine checks it against the model
+    ({"prompt": ()}, ValueError, "Request.prompt: expected a non-empty"),
+    ({"prompt": (1, CFG.vocab_size)}, ValueError, r"request.prompt: expected ids in \[0, 255\], got \[256\]"),
+    ({"max_new_tokens": 0}, ValueError, "Request.max_new_tokens: expected int >= 1"),
+    ({"prompt": (1,) * 250, "max_new_tokens": 10}, ValueError, "exceed the context max_seq_len=256"),
+    ({"stop_ids": (-1,)}, ValueError, "Request.stop_ids"),
+    ({"stop_ids": (CFG.vocab_size,)}, ValueError, "request.stop_ids"),
+    ({"temperature": -1.0}, ValueError, "temperature"),
+    ({"seed": 2**63}, ValueError, "Request.seed"),
+    ({"seed": 1.5}, TypeError, "Request.seed"),
+    ({"max_new_tokens": True}, TypeError, "Request.max_new_tokens"),
+    ({"stop_ids": (2.0,)}, TypeError, "Request.stop_ids"),
+    ({"id": "r0"}, ValueError, "already queued or running"),
   ]
-  for change, message in bad:
-    with pytest.raises(ValueError, match=message):
+  for change, error, message in bad:
+    with pytest.raises(error, match=message):
       eng.add(engine.Request(**{**ok, **change}))
   with pytest.raises(TypeError, match="cfg: the engine serves Llama"):
     engine.Engine(params, object(), SMALL)  # type: ignore[arg-type]
