@@ -98,7 +98,7 @@ def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: s
   if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
     raise TypeError(f"{name}: expected an array {shape} (jnp.asarray(...)), got {type(x).__name__}")
   if integer and not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{name}: expected integer ids {shape}, got {x.dtype} of shape {tuple(x.shape)}")
+    raise TypeError(f"{name}: expected integers {shape}, got {x.dtype} of shape {tuple(x.shape)}")
   if x.ndim != ndim:
     raise ValueError(f"{name}: expected {shape or f'rank {ndim}'}, got {x.dtype} of shape {tuple(x.shape)}")
 

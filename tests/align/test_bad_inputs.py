@@ -66,7 +66,7 @@ CASES = [
   pytest.param(
     lambda: logprobs.token_logprobs(_logits(), np.array([[0.0, 1.0, 2.0]])),
     TypeError,
-    r"tokens_BT: expected integer ids",
+    r"tokens_BT: expected integer",
     id="token-float-ids",
   ),
   pytest.param(
@@ -297,7 +297,7 @@ CASES = [
       KEY, {}, MODEL, np.zeros((1, 2), np.int32), np.array([2.0]), None, k=2, max_new_tokens=1
     ),
     TypeError,
-    r"prompt_lengths_B: expected integer ids",
+    r"prompt_lengths_B: expected integer",
     id="best-of-k-float-lengths",
   ),
   # ---- tasks ----
@@ -329,7 +329,7 @@ CASES = [
   pytest.param(
     lambda: TASK.target(np.array([[1, 4, 5, 6, 2]])),
     ValueError,
-    r"prompts: expected integer ids \[n, length \+ 2 = 4\]",
+    r"prompts: expected integer \[n, length \+ 2 = 4\]",
     id="task-prompt-width",
   ),
   pytest.param(

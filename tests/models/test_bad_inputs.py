@@ -143,7 +143,7 @@ CASES = [
   pytest.param(lambda: protocol.check_site(CFG, "blocks.9.hook_resid_pre"), ValueError, r"site: .* is not a site"),
   # Token ids and their companions.
   pytest.param(lambda: llama.forward(PARAMS, [[1, 2, 3]], CFG), TypeError, r"tokens_BT: expected an array \[B, T\]"),
-  pytest.param(lambda: llama.forward(PARAMS, jnp.zeros((1, 4)), CFG), TypeError, r"tokens_BT: expected integer ids"),
+  pytest.param(lambda: llama.forward(PARAMS, jnp.zeros((1, 4)), CFG), TypeError, r"tokens_BT: expected integer"),
   pytest.param(lambda: llama.forward(PARAMS, jnp.arange(4), CFG), ValueError, r"tokens_BT: expected \[B, T\], got"),
   pytest.param(
     lambda: llama.forward(PARAMS, jnp.array([[1, 2, 300]]), CFG),
@@ -172,7 +172,7 @@ CASES = [
   pytest.param(
     lambda: llama.prefill(PARAMS, jnp.ones((2, 3), jnp.int32), CFG, lengths_B=[3.0, 2.7]),
     TypeError,
-    r"lengths_B: expected integer ids \[2\], got float",
+    r"lengths_B: expected integers \[2\], got float",
     id="lengths-float",
   ),
   pytest.param(lambda: llama.prefill(PARAMS, TOKENS, CFG, capacity=2), ValueError, r"capacity: expected >= T=4"),

@@ -144,7 +144,7 @@ CASES = [
   pytest.param(
     lambda: _loss(caption=_data().caption_BS.astype(np.float32)),
     TypeError,
-    "caption_BS: expected integer ids",
+    "caption_BS: expected integer",
     id="caption-float",
   ),
   pytest.param(

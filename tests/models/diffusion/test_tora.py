@@ -191,7 +191,7 @@ def test_bad_inputs_raise_naming_the_argument(key, inputs):
     tora.sample(
       params, key, caption_BS.at[0, 0].set(9), tracks, cfg, frames=FRAMES, height=HEIGHT, width=WIDTH, steps=1
     )
-  with pytest.raises(TypeError, match="caption_BS: expected integer ids"):
+  with pytest.raises(TypeError, match="caption_BS: expected integer"):
     tora.loss(params, jnp.tanh(z), caption_BS.astype(jnp.float32), tracks, key, cfg)
   with pytest.raises(ValueError, match="m_BTND"):
     tora.velocity(params, z, t_B, caption_BS, None, cfg)

@@ -34,7 +34,7 @@ CASES = [
   pytest.param(
     lambda: _generate([[99]]), ValueError, r"prompt_BO: expected ids in \[0, 16\), got \[99\]", id="prompt-99"
   ),
-  pytest.param(lambda: _generate([[3.7]]), TypeError, r"prompt_BO: expected integer .*got float", id="prompt-3.7"),
+  pytest.param(lambda: _generate([[3.7]]), TypeError, r"prompt_BO: expected integers .*got float", id="prompt-3.7"),
   pytest.param(
     lambda: bigram.next_token_probs(_table(), jnp.array([[-1]])),
     ValueError,
@@ -134,7 +134,7 @@ CASES = [
   pytest.param(
     lambda: bigram.count(np.array([[1.5, 3]]), vocab_size=V),
     TypeError,
-    "tokens_BT: expected integer ids",
+    "tokens_BT: expected integer",
     id="count-float",
   ),
   pytest.param(
