@@ -35,11 +35,12 @@ from paperjax.models.data import chat
 from paperjax.models.serving import generate
 from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 DPO_PAPER = "DPO (arXiv 2305.18290): beats the SFT model it starts from"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   sft_steps: int
   rm_steps: int

@@ -18,7 +18,6 @@ Shapes: N tokens in a stream.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import jax
@@ -30,12 +29,13 @@ from paperjax.bench import cli
 from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.ngram import bigram
+from paperjax.ops import checks
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUALITATIVE = "LLM explainer (qualitative)"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   max_chars: int | None  # corpus budget; None = the whole stdlib
   vocab_size: int  # compact vocabulary, "other" included

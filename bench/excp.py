@@ -33,11 +33,12 @@ from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, pro
 from paperjax.compress import checkpoints, excp
 from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 PAPER = "ExCP (arXiv 2406.11257)"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   lm: bench_llama.Config
   save_every: int

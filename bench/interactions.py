@@ -32,7 +32,6 @@ n variables, D model width, T tokens.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from paperjax.interp import dynamics
 from paperjax.interp import interactions as ia
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 PAPER = "Two-phase dynamics (arXiv 2405.10262)"
 THEORY = "Ren et al. (arXiv 2407.19198)"
@@ -58,14 +58,14 @@ TEXT_TOKENS = 8
 TEXT_VOCAB = 512  # 510 most frequent training tokens, "other", [MASK]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class RunConfig:
   epochs: int
   checkpoints: tuple[int, ...]
   width: int  # MLP hidden width / Transformer model width
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   digits: RunConfig
   text: RunConfig

@@ -51,7 +51,7 @@ from paperjax.models.data import jrt_prompt, synthetic
 from paperjax.models.recurrent import based, jrt_rnn
 from paperjax.models.training import train
 from paperjax.models.transformer import llama
-from paperjax.ops import attention
+from paperjax.ops import attention, checks
 from paperjax.ops import linear_attention as la
 
 JRT = "JRT (arXiv 2407.05483), Table 5, N=32768, batch 16, H100"
@@ -89,7 +89,7 @@ RULES = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class RecallConfig:
   """Set disjointness (sets of `small` and `large`) and MQAR (`pairs`, `queries`), `seeds`
   models per cell trained side by side (vmapped), each on its own data stream."""
@@ -127,7 +127,7 @@ class RecallConfig:
     return 2 * self.pairs if task == "MQAR" else self.prompt_len(task) - 1
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   lengths: tuple[int, ...]
   batch: int

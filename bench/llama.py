@@ -46,7 +46,7 @@ from paperjax.ops import checks
 REPORT = "Llama 3 report (arXiv 2407.21783)"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Speed:
   """The train_speed part: models timed at batch x seq_len tokens, and the GEMM side."""
 
@@ -56,7 +56,7 @@ class Speed:
   gemm: int  # the peak: a [gemm, gemm] @ [gemm, gemm] float32 matmul
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   model: llama.LlamaConfig
   cache_lengths: tuple[int, ...]

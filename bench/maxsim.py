@@ -32,13 +32,13 @@ from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, pro
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.training import lm, train
 from paperjax.models.transformer import llama
-from paperjax.ops import maxsim
+from paperjax.ops import checks, maxsim
 
 COLBERT = "ColBERT (arXiv 2004.12832)"
 INFINITY = "Infinity tensor search (binary quantization)"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   num_queries: int
   doc_lengths: tuple[int, ...]

@@ -60,6 +60,7 @@ from paperjax.models.parallel import multihost, pipeline
 from paperjax.models.training import lm
 from paperjax.models.training.train import TrainConfig, TrainState
 from paperjax.models.transformer import llama
+from paperjax.ops import checks
 
 PARTS = ("strategies", "pipeline", "layouts", "multihost")
 LLAMA3 = "Llama 3 report (arXiv 2407.21783), Sec. 3.3.2"
@@ -78,7 +79,7 @@ STRATEGIES: dict[str, tuple[str, dict[str, int]]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   model: llama.LlamaConfig
   strategies: tuple[str, ...]  # names in STRATEGIES

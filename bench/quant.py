@@ -45,7 +45,7 @@ from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, pro
 from paperjax.models.serving import generate
 from paperjax.models.training import lm
 from paperjax.models.transformer import llama, llama_quant
-from paperjax.ops import norms, quant
+from paperjax.ops import checks, norms, quant
 
 LLAMA3 = "Llama 3 report (arXiv 2407.21783), FP8 inference"
 FP8 = llama_quant.POLICIES["llama3_fp8"]
@@ -60,7 +60,7 @@ VARIANTS: dict[str, llama_quant.QuantPolicy | None] = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   n_layers: int  # bench/llama's model at this scale, with this many layers (Llama 3's policy exempts two)
   train_steps: int

@@ -47,6 +47,7 @@ from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, pro
 from paperjax.interp import sae, sae_eval, sae_train
 from paperjax.models import protocol
 from paperjax.models.data import tokenizer
+from paperjax.ops import checks
 
 SOURCES = {
   "frontier": "Gated SAE (arXiv 2404.16014), TopK (arXiv 2406.04093): Gated and TopK beat ReLU+L1 at equal L0",
@@ -55,7 +56,7 @@ SOURCES = {
 PARTS = ("frontier", "features")  # --only=sae.<part>
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   lm: bench_llama.Config
   site: str

@@ -50,14 +50,14 @@ from paperjax.bench import cli
 from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
 from paperjax.models.serving import engine, generate
 from paperjax.models.transformer import llama
-from paperjax.ops import paged_attention
+from paperjax.ops import checks, paged_attention
 
 VLLM = "vLLM (Kwon et al., SOSP 2023)"
 H200_HBM_BYTES_PER_S = 4.8e12  # NVIDIA H200 datasheet
 LLAMA3_8B_ATTENTION = (32, 8, 128)  # H query heads, G kv heads, K head dim: the kernel part's shapes
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   model: str  # a llama.PRESETS name
   requests: int

@@ -26,7 +26,6 @@ Shapes: B batch (videos), T frames, S caption tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import statistics
 from typing import Any, cast
@@ -41,6 +40,7 @@ from paperjax.bench.harness import Benchmark, Context, Image, Plot, Record, Resu
 from paperjax.models.data import blobs
 from paperjax.models.diffusion import tora
 from paperjax.models.training import train
+from paperjax.ops import checks
 
 TORA = "Tora (arXiv 2407.21705)"
 EVAL_SEED = 10**7  # held-out videos: seeds EVAL_SEED + frames never occur in training (seeds 10**6 s + step)
@@ -64,7 +64,7 @@ RULES = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Config:
   width: int
   heads: int
