@@ -29,6 +29,7 @@ import functools
 import inspect
 import math
 import operator
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -269,7 +270,9 @@ def _kind(tp: Any) -> Any:
 
 @functools.cache
 def _hints(cls: Any) -> dict[str, Any]:
-  return typing.get_type_hints(cls, include_extras=True)
+  # The globals of the module that defined cls (captured by `config`): a module run as
+  # __main__ through runpy is not the sys.modules["__main__"] that get_type_hints would read.
+  return typing.get_type_hints(cls, globalns=getattr(cls, "_defining_globals", None), include_extras=True)
 
 
 def check_fields(cfg: Any) -> None:
@@ -301,6 +304,7 @@ def config(cls: type[C]) -> type[C]:
   """A keyword-only frozen dataclass whose fields are checked (`check_fields`) before its own
   `__post_init__` runs."""
   own = cls.__dict__.get("__post_init__")
+  setattr(cls, "_defining_globals", sys._getframe(1).f_globals)  # noqa: B010
 
   def __post_init__(self):
     check_fields(self)
