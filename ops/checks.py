@@ -23,7 +23,6 @@ checks every field at construction: a new field gets the check by being annotate
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
 import inspect
@@ -40,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-# Set while `checked` traces its function: the value checks then emit checkify.check. A
-# context variable, not a global flag: it is scoped to the trace of one call.
-_UNDER_CHECKIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("paperjax_under_checkify", default=False)
+# True while `checked` traces its function: the value checks then emit checkify.check. A
+# jax user context, not a global flag: it is scoped to the trace of one call and is part of
+# jit's cache key, so a function the package jits inside (generate's `_generate`, ...) is
+# traced once with the checks and once without, never reusing the other's program.
+_UNDER_CHECKIFY = jax.make_user_context(default_value=False)
 
 # What `checked` catches by default: the package's own checks. checkify.index_checks would
 # add every gather's and scatter's bounds, but it ignores their mode, so it also flags the
@@ -76,7 +77,7 @@ def check_values(name: str, x: Any, bad: Callable[[Any], Any], expected: str) ->
     if mask.any():
       where = [tuple(i) if len(i) != 1 else i[0] for i in np.argwhere(mask)[:6].tolist()]
       raise ValueError(f"{name}: expected {expected}, got {_show(values[mask])} at index {where}")
-  elif _UNDER_CHECKIFY.get():
+  elif _UNDER_CHECKIFY.value:
     mask = bad(x)
     first = jnp.argmax(mask.ravel())
     checkify.check(~mask.any(), f"{name}: expected {expected}, got {{}} at flat index {{}}", x.ravel()[first], first)
@@ -136,14 +137,7 @@ def checked(fn: F, *, static_argnames: str | Sequence[str] = (), errors: frozens
   static = {static_argnames} if isinstance(static_argnames, str) else set(static_argnames)
   signature = inspect.signature(fn)
 
-  def flagged(*args, **kwargs):
-    token = _UNDER_CHECKIFY.set(True)
-    try:
-      return fn(*args, **kwargs)
-    finally:
-      _UNDER_CHECKIFY.reset(token)
-
-  jitted = jax.jit(checkify.checkify(flagged, errors=errors), static_argnames=tuple(static))
+  jitted = jax.jit(checkify.checkify(fn, errors=errors), static_argnames=tuple(static))
 
   def split(args: tuple, kwargs: dict) -> tuple[list, dict]:
     """checkify's wrapper hides fn's signature from jit, which then finds static arguments
@@ -166,7 +160,8 @@ def checked(fn: F, *, static_argnames: str | Sequence[str] = (), errors: frozens
   @functools.wraps(fn)
   def call(*args, **kwargs):
     positional, named = split(args, kwargs)
-    error, out = jitted(*positional, **named)
+    with _UNDER_CHECKIFY(True):
+      error, out = jitted(*positional, **named)
     error.throw()
     return out
 

@@ -91,3 +91,21 @@ def test_checked_takes_static_arguments_by_position_or_name():
     fn(jnp.float32(jnp.nan), 3, jnp.float32(1))
   with pytest.raises(checkify.JaxRuntimeError, match="nan generated"):  # more of checkify's sets on request
     checks.checked(lambda x: jnp.log(x), errors=checks.ERRORS | checkify.nan_checks)(jnp.float32(-1))
+
+
+@jax.jit
+def _inner(x_N, index_M):
+  checks.check_in("index_M", index_M, 0, x_N.shape[0] - 1)
+  return x_N[index_M]
+
+
+def test_checked_and_plain_calls_of_an_inner_jit_do_not_share_a_trace():
+  """The package jits inside its public functions; a `checked` call and a plain one must
+  each get their own trace of that inner jit, in either order (the flag is part of jit's
+  cache key): the plain one has no check to trip over, the checked one keeps its check."""
+  x_N, bad = jnp.arange(4.0), jnp.array([1, 7])
+  outer = lambda x, i: _inner(x, i) * 2
+  np.testing.assert_array_equal(outer(x_N, bad), [2.0, 6.0])  # plain first: clamped, the documented gap
+  with pytest.raises(checkify.JaxRuntimeError, match=r"index_M: expected values in \[0, 3\], got 7"):
+    checks.checked(outer)(x_N, bad)
+  np.testing.assert_array_equal(outer(x_N, bad), [2.0, 6.0])  # and plain again after
