@@ -75,6 +75,8 @@ def parse_sites(sites: Sequence[str], n_layers: int, kinds: Sequence[str]) -> fr
     raise TypeError(f"sites: expected a sequence of site names, got the string {sites!r}")
   needed = set()
   for name in sites:
+    if not isinstance(name, str):
+      raise TypeError(f"sites: expected site names (str), got {type(name).__name__} {name!r}")
     match = _SITE.fullmatch(name)
     if not match or int(match[1]) >= n_layers or match[2] not in kinds:
       raise ValueError(
@@ -127,6 +129,8 @@ def pick_sites(sites: Sequence[str], stacked: dict[str, jax.Array]) -> dict[str,
   """{name: stacked[kind][l]} for each blocks.{l}.{kind} in `sites` (already parsed)."""
   picked = {}
   for name in sites:
+    if not isinstance(name, str):
+      raise TypeError(f"sites: expected site names (str), got {type(name).__name__} {name!r}")
     match = _SITE.fullmatch(name)
     assert match is not None, name  # parse_sites ran first
     picked[name] = stacked[match[2]][int(match[1])]

@@ -330,7 +330,11 @@ def _blocks(
     raise ValueError("params: prefix_len needs JRT-RNN's encoder projections (jrt_rnn.init)")
   if key_mask_BT is not None and (key_mask_BT.shape != (batch, time) or key_mask_BT.dtype != jnp.bool_):
     raise ValueError(f"key_mask_BT: expected bool shape {(batch, time)}, got {key_mask_BT.dtype} {key_mask_BT.shape}")
+  if state is not None and not isinstance(state, State):
+    raise TypeError(f"state: expected a based.State (init_state, prefill), got {type(state).__name__}")
   state = init_state(cfg, batch) if state is None else state
+  checks.check_array("state.length_B", state.length_B, 1, integer=True, shape=f"[{batch}]")
+  checks.check_values("state.length_B", state.length_B, lambda n: n < 0, "counts of tokens seen >= 0")
   if state.length_B.shape != (batch,):
     raise ValueError(f"state: built for batch {state.length_B.shape[0]}, got tokens for batch {batch}")
   real_BT = jnp.ones((batch, time), bool) if key_mask_BT is None else key_mask_BT

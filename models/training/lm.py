@@ -40,18 +40,25 @@ class Batch(NamedTuple):
 
 
 def check_batch(batch: Batch, cfg: llama.LlamaConfig) -> None:
-  """Raises unless the batch's five arrays are [B, T], ids and targets lie in [0, V) and
-  positions in [0, max_seq_len): on the host, before a jitted step (under jit the ids
-  would be clamped and the loss silently wrong)."""
+  """Raises unless the batch's five arrays are [B, T], ids lie in [0, V), targets too where
+  mask_BT (a bool mask) reads them, and positions in [0, max_seq_len): on the host, before
+  a jitted step (under jit the ids would be clamped and the loss silently wrong)."""
   if not isinstance(batch, Batch):
     raise TypeError(f"batch: expected an lm.Batch (lm.packed_batch, lm.batch_at), got {type(batch).__name__}")
   batch_size, time = checks.check_tokens(batch.tokens_BT, cfg.vocab_size, name="batch.tokens_BT")
-  checks.check_tokens(batch.targets_BT, cfg.vocab_size, name="batch.targets_BT")
   for name in ("targets_BT", "mask_BT", "segment_ids_BT", "positions_BT"):
-    if getattr(batch, name).shape != (batch_size, time):
-      raise ValueError(
-        f"batch.{name}: expected shape {(batch_size, time)} (tokens_BT's), got {getattr(batch, name).shape}"
-      )
+    x = getattr(batch, name)
+    checks.check_array(f"batch.{name}", x, 2, integer=name != "mask_BT", shape="[B, T]")
+    if x.shape != (batch_size, time):
+      raise ValueError(f"batch.{name}: expected shape {(batch_size, time)} (tokens_BT's), got {x.shape}")
+  if batch.mask_BT.dtype != bool:
+    raise TypeError(f"batch.mask_BT: expected bool (True where the target counts), got {batch.mask_BT.dtype}")
+  # Targets the mask leaves out are never read (HF's -100 ignore index is fine there).
+  mask_BT, targets_BT = checks.concrete(batch.mask_BT), checks.concrete(batch.targets_BT)
+  if mask_BT is not None and targets_BT is not None:
+    ids = f"ids in [0, {cfg.vocab_size}) where mask_BT"
+    bad = lambda v: (v < 0) | (v >= cfg.vocab_size)
+    checks.check_values("batch.targets_BT", np.where(mask_BT, targets_BT, 0), bad, ids)
   checks.check_in("batch.positions_BT", batch.positions_BT, 0, cfg.max_seq_len - 1, what="positions")
 
 
@@ -146,8 +153,14 @@ def laid_out(
   return ShardedTraining(state, step, cfg, shardings)
 
 
-@functools.partial(jax.jit, static_argnums=2)
 def eval_loss(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
+  """`loss_fn`, jitted, after `check_batch` on the host."""
+  check_batch(batch, cfg)
+  return _eval_loss(params, batch, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _eval_loss(params: dict, batch: Batch, cfg: llama.LlamaConfig) -> jax.Array:
   return loss_fn(params, batch, cfg)
 
 
@@ -156,6 +169,12 @@ def batch_at(ids_N: np.ndarray, segment_ids_N: np.ndarray, step: int, tcfg: Trai
   ids_N, segment_ids_N = np.asarray(ids_N), np.asarray(segment_ids_N)
   if ids_N.shape != segment_ids_N.shape or ids_N.ndim != 1:
     raise ValueError(f"ids_N, segment_ids_N: expected equal 1-D shapes, got {ids_N.shape}, {segment_ids_N.shape}")
+  for name, x in (("ids_N", ids_N), ("segment_ids_N", segment_ids_N)):
+    checks.check_array(name, x, 1, integer=True, shape="[N]")
+    checks.check_in(name, x, 0, np.iinfo(np.int32).max, what="int32 ids")  # cast to int32 below
+  if not isinstance(tcfg, TrainConfig):
+    raise TypeError(f"tcfg: expected a TrainConfig, got {type(tcfg).__name__}")
+  step = checks.check_int("step", step, 0)
   span = tcfg.seq_len + 1
   if ids_N.size < span:
     raise ValueError(f"ids_N: {ids_N.size} tokens are fewer than one window of {span}")

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import jax
 import jax.numpy as jnp
@@ -72,8 +72,8 @@ class LlamaConfig:
   norm_eps: checks.PositiveFloat = 1e-5
   max_seq_len: checks.PositiveInt = 8192
   tie_embeddings: bool = False
-  param_dtype: str = "float32"  # how parameters are stored (and what the optimizer updates)
-  dtype: str = "float32"  # compute: activations and the KV cache; softmax, norms and logits stay float32
+  param_dtype: Any = "float32"  # how parameters are stored (and what the optimizer updates); a name or a dtype
+  dtype: Any = "float32"  # compute: activations and the KV cache (softmax, norms and logits stay float32)
   remat: stack.RematPolicy = "none"  # what the backward pass recomputes (models.stack)
   unroll: bool = False  # write the layers out instead of one scan: faster on CPU, compile grows with L (models.stack)
   attention_impl: attention.Impl = "reference"  # training / KVCache; a PagedKVCache uses ops.paged_attention
@@ -90,11 +90,16 @@ class LlamaConfig:
       raise ValueError(f"dim: {self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
     if self.k % 2:
       raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.k}")
-    for name in ("param_dtype", "dtype"):
+    for name in ("param_dtype", "dtype"):  # stored as the dtype's name: hashable, comparable
       try:
-        jnp.dtype(getattr(self, name))
+        dtype = jnp.dtype(getattr(self, name))
       except TypeError:
-        raise TypeError(f"{name}: expected a dtype name such as 'bfloat16', got {getattr(self, name)!r}") from None
+        raise TypeError(
+          f"{name}: expected a float dtype or its name, such as 'bfloat16', got {getattr(self, name)!r}"
+        ) from None
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name}: expected a float dtype, got {dtype.name}")
+      object.__setattr__(self, name, dtype.name)
     stack.check_remat(self.remat, self.unroll)
 
   @property
@@ -173,18 +178,15 @@ Cache = KVCache | PagedKVCache
 
 def init_pages(cfg: LlamaConfig, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
   """Empty K and V pools [G, L * num_pages, S, K] in the compute dtype (`PagedKVCache`)."""
-  if num_pages < 1 or page_size < 1:
-    raise ValueError(f"num_pages, page_size: expected >= 1, got {num_pages}, {page_size}")
+  num_pages, page_size = checks.check_int("num_pages", num_pages, 1), checks.check_int("page_size", page_size, 1)
   shape = (cfg.n_kv_heads, cfg.n_layers * num_pages, page_size, cfg.k)
   return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)  # two buffers: callers may donate both
 
 
 def init_state(cfg: LlamaConfig, batch: int, capacity: int) -> KVCache:
   """An empty cache of `capacity` slots per row (lengths 0), in the compute dtype."""
-  if not 0 < capacity <= cfg.max_seq_len:
-    raise ValueError(f"capacity: expected 1 .. max_seq_len={cfg.max_seq_len}, got {capacity}")
-  if batch < 1:
-    raise ValueError(f"batch: expected >= 1, got {batch}")
+  capacity = checks.check_int("capacity", capacity, 1, cfg.max_seq_len)
+  batch = checks.check_int("batch", batch, 1)
   zeros = jnp.zeros((cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.k), cfg.dtype)
   return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
@@ -192,6 +194,8 @@ def init_state(cfg: LlamaConfig, batch: int, capacity: int) -> KVCache:
 @functools.partial(jax.jit, static_argnums=1)  # one compilation instead of one per eager op and shape
 def init(key: jax.Array, cfg: LlamaConfig) -> dict:
   """Parameters in param_dtype: truncated normal, std fan_in^-1/2 (residual outputs / sqrt(2L)), norms 1."""
+  if not isinstance(cfg, LlamaConfig):
+    raise TypeError(f"cfg: expected a LlamaConfig, got {type(cfg).__name__}")
   L, D, H, G, K, E, V = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.k, cfg.ffn_dim, cfg.vocab_size
   keys = iter(jax.random.split(key, 9))
   residual = 1 / math.sqrt(2 * L)
@@ -233,8 +237,10 @@ def check_params(params: dict, cfg: LlamaConfig) -> None:
   static, so this holds under jit."""
   if not isinstance(cfg, LlamaConfig):
     raise TypeError(f"cfg: expected a LlamaConfig, got {type(cfg).__name__}")
-  if not isinstance(params, dict) or "layers" not in params:
+  if not isinstance(params, dict):
     raise TypeError(f"params: expected the dict of llama.init(key, cfg), got {type(params).__name__}")
+  if "layers" not in params:
+    raise ValueError(f"params: expected the dict of llama.init(key, cfg), with 'layers'; got keys {sorted(params)}")
   expected = param_shapes(cfg)
   checks.check_tree("params", {k: v for k, v in params.items() if k != "layers"}, {**expected, "layers": None})
   segments = layer_segments(params, cfg)
@@ -304,7 +310,7 @@ def prefill(
   """
   batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   lengths_B = jnp.full((batch,), time, jnp.int32) if lengths_B is None else checks.check_lengths(lengths_B, batch, time)
-  capacity = time if capacity is None else capacity
+  capacity = time if capacity is None else checks.check_int("capacity", capacity, 1)
   if capacity < time:
     raise ValueError(f"capacity: expected >= T={time} (the prompt's slots), got {capacity}")
   empty = init_state(cfg, batch, capacity)
@@ -545,22 +551,26 @@ def layer_segments(params: dict, cfg: LlamaConfig) -> list[tuple[int, int, dict]
 def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B) -> tuple[int, int]:
   batch, time = checks.check_tokens(tokens_BT, cfg.vocab_size)
   for name, x in (("positions_BT", positions_BT), ("segment_ids_BT", segment_ids_BT)):
-    if x is not None and (x.shape != (batch, time) or not jnp.issubdtype(x.dtype, jnp.integer)):
-      raise ValueError(f"{name}: expected integer shape {(batch, time)}, got {x.dtype} {x.shape}")
-  positions = checks.concrete(positions_BT)
-  if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= cfg.max_seq_len):
-    raise ValueError(
-      f"positions_BT: expected 0 <= position < max_seq_len={cfg.max_seq_len}, "
-      f"got {positions.min()} .. {positions.max()}"
-    )
+    if x is not None:
+      checks.check_array(name, x, 2, integer=True, shape=f"[{batch}, {time}]")
+      if x.shape != (batch, time):
+        raise ValueError(f"{name}: expected integer shape {(batch, time)}, got {x.dtype} {x.shape}")
+  if positions_BT is not None:
+    what = f"positions (max_seq_len={cfg.max_seq_len})"
+    checks.check_in("positions_BT", positions_BT, 0, cfg.max_seq_len - 1, what=what)
   if cache is None:
     if num_new_B is not None:
       raise ValueError("num_new_B: only meaningful with a state (KV cache)")
-    if positions is None and time > cfg.max_seq_len:
+    if positions_BT is None and time > cfg.max_seq_len:
       raise ValueError(f"tokens_BT: {time} tokens exceed max_seq_len={cfg.max_seq_len}")
     return batch, time
+  if not isinstance(cache, (KVCache, PagedKVCache)):
+    raise TypeError(
+      f"state: expected a llama.KVCache or PagedKVCache (init_state, prefill), got {type(cache).__name__}"
+    )
   if segment_ids_BT is not None:
     raise ValueError("segment_ids_BT: document masks are for training without a cache")
+  checks.check_array("state.lengths_B", cache.lengths_B, 1, integer=True, shape=f"[{batch}]")
   if cache.lengths_B.shape != (batch,):
     raise ValueError(f"state: cache built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
   if isinstance(cache, PagedKVCache):
@@ -574,11 +584,12 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
       )
   elif cache.k_LBSGK.shape[3:] != (cfg.n_kv_heads, cfg.k) or cache.k_LBSGK.shape[0] != cfg.n_layers:
     raise ValueError(f"state: cache shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
-  if num_new_B is not None and num_new_B.shape != (batch,):
-    raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")
-  lengths, new = checks.concrete(cache.lengths_B), checks.concrete(num_new_B)
-  if lengths is not None:
-    end = lengths + (time if new is None else new)
-    if (end > cache.capacity).any():
-      raise ValueError(f"state: row lengths would reach {int(end.max())} > capacity {cache.capacity}")
+  if num_new_B is not None:
+    checks.check_array("num_new_B", num_new_B, 1, integer=True, shape=f"[{batch}]")
+    if num_new_B.shape != (batch,):
+      raise ValueError(f"num_new_B: expected shape ({batch},), got {num_new_B.shape}")
+    checks.check_in("num_new_B", num_new_B, 0, time, what="counts of new tokens")
+  checks.check_in("state.lengths_B", cache.lengths_B, 0, cache.capacity, what="lengths")
+  end_B = cache.lengths_B + (time if num_new_B is None else num_new_B)
+  checks.check_values("state", end_B, lambda end: end > cache.capacity, f"row lengths <= capacity {cache.capacity}")
   return batch, time

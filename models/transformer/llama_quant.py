@@ -22,6 +22,7 @@ from typing import Literal
 import jax
 import numpy as np
 
+from paperjax.models.transformer import llama
 from paperjax.models.transformer.llama import LlamaConfig
 from paperjax.ops import checks, quant
 from paperjax.ops.quant import Format, Granularity
@@ -74,6 +75,11 @@ def quantize_params(params: dict, cfg: LlamaConfig, policy: QuantPolicy) -> dict
   Raises ValueError naming the leaf when a quantized weight holds NaN or inf, and when the
   policy would quantize nothing (n_layers < 3 with the first and last layers exempt).
   """
+  llama.check_params(params, cfg)
+  if not isinstance(policy, QuantPolicy):
+    raise TypeError(
+      f"policy: expected a QuantPolicy (e.g. POLICIES['llama3_fp8']), got {type(policy).__name__} {policy!r}"
+    )
   layers = params["layers"]
   if not isinstance(layers, dict):
     raise TypeError("params: expected float params (a single layer stack), got already-quantized segments")

@@ -87,7 +87,7 @@ CASES = [
   pytest.param(lambda: llama_cfg(remat="everything"), ValueError, r"remat: expected one of 'none', 'full'"),
   pytest.param(lambda: llama_cfg(unroll=1), TypeError, r"unroll: expected bool, got int 1"),
   pytest.param(lambda: llama_cfg(unroll=True, remat="full"), ValueError, r"unroll, remat: a remat policy needs"),
-  pytest.param(lambda: llama_cfg(dtype="bf16"), TypeError, r"dtype: expected a dtype name"),
+  pytest.param(lambda: llama_cfg(dtype="bf16"), TypeError, r"dtype: expected a float dtype or its name"),
   pytest.param(lambda: llama_cfg(n_kv_heads=3), ValueError, r"n_heads, n_kv_heads: query heads must be a multiple"),
   pytest.param(lambda: llama_cfg(max_seq_len=0), ValueError, r"max_seq_len: expected int >= 1"),
   pytest.param(lambda: llama_cfg(tie_embeddings="yes"), TypeError, r"tie_embeddings: expected bool, got str"),
@@ -155,7 +155,7 @@ CASES = [
   pytest.param(
     lambda: llama.forward(PARAMS, TOKENS, CFG, positions_BT=jnp.array([[0, 1, 2, 99]])),
     ValueError,
-    r"positions_BT: expected 0 <= position < max_seq_len=16, got 0 \.\. 99",
+    r"positions_BT: expected positions \(max_seq_len=16\) in \[0, 15\], got \[99\]",
     id="position-too-large",
   ),
   pytest.param(
@@ -179,17 +179,51 @@ CASES = [
   pytest.param(
     lambda: llama.decode(PARAMS, jnp.array([1]), full_cache(), CFG),
     ValueError,
-    r"state: row lengths would reach 5 > capacity 4",
+    r"state: expected row lengths <= capacity 4, got \[5\]",
     id="decode-past-capacity",
   ),
   pytest.param(lambda: llama.decode(PARAMS, jnp.array([64]), llama.init_state(CFG, 1, 4), CFG), ValueError, r"ids in"),
-  pytest.param(lambda: llama.init_state(CFG, 1, 17), ValueError, r"capacity: expected 1 \.\. max_seq_len=16, got 17"),
+  pytest.param(lambda: llama_cfg(dtype="int8"), ValueError, r"dtype: expected a float dtype, got int8"),
+  pytest.param(lambda: llama.init(jax.random.key(0), None), TypeError, r"cfg: expected a LlamaConfig, got NoneType"),
+  pytest.param(lambda: llama.init_state(CFG, 2.0, 4), TypeError, r"batch: expected an int, got float 2.0"),
+  pytest.param(lambda: llama.prefill(PARAMS, TOKENS, CFG, capacity=16.0), TypeError, r"capacity: expected an int"),
+  pytest.param(lambda: llama.forward_with_sites(PARAMS, TOKENS, CFG, [0]), TypeError, r"sites: expected site names"),
+  pytest.param(
+    lambda: llama.forward(PARAMS, TOKENS, CFG, positions_BT=[[0, 1, 2, 3]]),
+    TypeError,
+    r"positions_BT: expected an array",
+  ),
+  pytest.param(
+    lambda: llama.decode(PARAMS, jnp.array([1]), (full_cache().k_LBSGK, full_cache().v_LBSGK), CFG),
+    TypeError,
+    r"state: expected a llama.KVCache or PagedKVCache",
+    id="decode-tuple-state",
+  ),
+  pytest.param(
+    lambda: llama.forward(PARAMS, TOKENS, CFG, state=llama.init_state(CFG, 1, 8), num_new_B=jnp.array([-2])),
+    ValueError,
+    r"num_new_B: expected counts of new tokens in \[0, 4\], got \[-2\]",
+    id="num-new-negative",
+  ),
+  pytest.param(
+    lambda: llama.forward(PARAMS, TOKENS, CFG, state=llama.init_state(CFG, 1, 8), num_new_B=jnp.array([1.0])),
+    TypeError,
+    r"num_new_B: expected integers",
+    id="num-new-float",
+  ),
+  pytest.param(
+    lambda: llama.decode(PARAMS, jnp.array([1]), dataclasses.replace(full_cache(), lengths_B=jnp.array([-1])), CFG),
+    ValueError,
+    r"state.lengths_B: expected lengths in \[0, 4\], got \[-1\]",
+    id="negative-cache-length",
+  ),
+  pytest.param(lambda: llama.init_state(CFG, 1, 17), ValueError, r"capacity: expected an int in \[1, 16\], got 17"),
   # Training: the host checks before the jitted step.
   pytest.param(lambda: train_step(batch(np.full((2, 5), 100_000))), ValueError, r"batch.tokens_BT: expected ids in"),
   pytest.param(
     lambda: train_step(batch(targets_BT=np.full((2, 4), 64, np.int32))),
     ValueError,
-    r"batch.targets_BT: expected ids in \[0, 64\), got \[64, 64",
+    r"batch.targets_BT: expected ids in \[0, 64\) where mask_BT, got \[64, 64",
     id="step-target-too-large",
   ),
   pytest.param(
@@ -215,7 +249,7 @@ CASES = [
   pytest.param(
     lambda: TrainConfig(clip_norm=float("inf")), ValueError, r"clip_norm: expected float > 0, got float inf"
   ),
-  pytest.param(lambda: lm.batch_at(np.arange(3), np.zeros(3), 0, TCFG), ValueError, r"ids_N: 3 tokens are fewer"),
+  pytest.param(lambda: lm.batch_at(np.arange(3), np.zeros(3, int), 0, TCFG), ValueError, r"ids_N: 3 tokens are fewer"),
   pytest.param(
     lambda: lm.sharded_training(jax.random.key(0), CFG, TCFG, mesh(), "zero3"), ValueError, r"strategy: expected one of"
   ),
@@ -290,6 +324,44 @@ CASES = [
     r"lengths_B: expected lengths in \[1, 3\], got \[0\]",
     id="based-length-0",
   ),
+  pytest.param(
+    lambda: based.decode(
+      BASED_PARAMS, jnp.array([1]), dataclasses.replace(based.init_state(BASED, 1), length_B=jnp.array([-5])), BASED
+    ),
+    ValueError,
+    r"state.length_B: expected counts of tokens seen >= 0, got \[-5\]",
+    id="based-negative-length",
+  ),
+  pytest.param(
+    lambda: based.decode(BASED_PARAMS, jnp.array([1]), "cache", BASED), TypeError, r"state: expected a based.State"
+  ),
+  pytest.param(
+    lambda: train_step(batch(mask_BT=np.ones((2, 4), np.float32))),
+    TypeError,
+    r"batch.mask_BT: expected bool",
+    id="step-float-mask",
+  ),
+  pytest.param(
+    lambda: lm.batch_at(np.arange(50) + 0.7, np.zeros(50, int), 0, TCFG), TypeError, r"ids_N: expected integers"
+  ),
+  pytest.param(
+    lambda: lm.batch_at(np.arange(50) + 2**32, np.zeros(50, int), 0, TCFG), ValueError, r"ids_N: expected int32 ids in"
+  ),
+  pytest.param(
+    lambda: lm.batch_at(np.arange(50), np.zeros(50, int), -1, TCFG), ValueError, r"step: expected an int in \[0"
+  ),
+  pytest.param(
+    lambda: lm.eval_loss(PARAMS, batch(np.full((2, 5), 1000)), CFG), ValueError, r"batch.tokens_BT: expected ids in"
+  ),
+  pytest.param(
+    lambda: llama_quant.quantize_params(PARAMS, llama_cfg(n_layers=4), llama_quant.POLICIES["int8_weight_row"]),
+    ValueError,
+    r"params\['layers'\]: expected 4 layers",
+    id="quantize-other-config",
+  ),
+  pytest.param(
+    lambda: llama_quant.quantize_params(PARAMS, CFG, "llama3_fp8"), TypeError, r"policy: expected a QuantPolicy"
+  ),
   pytest.param(lambda: dataclasses.replace(JRT, mask_id=32), ValueError, r"mask_id: expected an id in \[0, 32\)"),
   pytest.param(lambda: dataclasses.replace(JRT, mask_id=-1), ValueError, r"mask_id: expected int >= 0"),
   pytest.param(lambda: dataclasses.replace(JRT, mlm_prob=1.0), ValueError, r"mlm_prob: expected float in \[0, 1\)"),
@@ -345,6 +417,13 @@ def test_checked_keeps_the_value_checks_inside_jit():
   with pytest.raises(checkify.JaxRuntimeError, match=r"tokens_BT: expected ids in \[0, 64\), got 300 at flat index 2"):
     forward(PARAMS, bad, cfg=CFG)
   np.testing.assert_array_equal(forward(PARAMS, TOKENS, cfg=CFG)[0], plain(PARAMS, TOKENS, cfg=CFG)[0])
+
+
+def test_targets_the_mask_leaves_out_are_not_read():
+  """HF's ignore index -100 where mask_BT is False passes the check and changes nothing."""
+  good = batch()
+  ignored = good._replace(targets_BT=np.where(good.mask_BT, good.targets_BT, -100), mask_BT=good.mask_BT)
+  np.testing.assert_allclose(lm.eval_loss(PARAMS, ignored, CFG), lm.eval_loss(PARAMS, good, CFG))
 
 
 def test_a_bad_batch_leaves_the_state_unchanged():
