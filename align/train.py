@@ -73,7 +73,7 @@ def check_batch(batch: PreferenceBatch, vocab_size: int) -> None:
   checks.check_lengths(batch.prompt_lengths_B, size or 0, np.shape(batch.chosen_BT)[1], name="batch.prompt_lengths_B")
   margin = batch.margin_B
   checks.check_array("batch.margin_B", margin, 1, shape=f"[{size}]")
-  if not np.issubdtype(margin.dtype, np.floating):
+  if not jnp.issubdtype(margin.dtype, jnp.floating):  # jnp: numpy does not count ml_dtypes' bfloat16
     raise TypeError(f"batch.margin_B: expected float margins, got {margin.dtype}")
   if margin.shape != (size,):
     raise ValueError(f"batch.margin_B: expected shape ({size},), got {tuple(margin.shape)}")
@@ -99,7 +99,7 @@ def make_reward_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, *, centeri
     return reward.bradley_terry_loss(r_c, r_r, margin_B=jnp.asarray(batch.margin_B), centering=centering)
 
   reward.check_centering(centering)  # now, not at the first step
-  return _checked_step(train.make_step(loss_fn, tcfg), cfg)
+  return train.make_step(loss_fn, tcfg, check_args=lambda batch: check_batch(batch, cfg.vocab_size))
 
 
 def pair_logprobs(
@@ -117,26 +117,52 @@ def pair_logprobs(
 def make_preference_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, pcfg: dpo.PreferenceConfig) -> Callable:
   """(state, PreferenceBatch, reference (chosen, rejected) log-probs) -> (state, metrics).
 
-  The batch is checked on the host (`check_batch`) before the jitted step runs."""
+  The batch (`check_batch`) and the reference log-probs (`check_reference`) are checked on
+  the host before the jitted step (`step.jitted`) runs. A reference-free loss takes
+  reference=None (or (None, None))."""
   if not isinstance(pcfg, dpo.PreferenceConfig):
     raise TypeError(f"pcfg: expected a dpo.PreferenceConfig, got {type(pcfg).__name__}")
+  needs_reference = dpo.LOSSES[pcfg.loss].reference
 
   def loss_fn(params, batch: PreferenceBatch, reference):
     chosen, rejected = pair_logprobs(params, cfg, batch)
-    return dpo.preference_loss(dpo.PairLogProbs(chosen, rejected, *reference), pcfg)
+    return dpo.preference_loss(dpo.PairLogProbs(chosen, rejected, *(reference or (None, None))), pcfg)
 
-  return _checked_step(train.make_step(loss_fn, tcfg), cfg)
-
-
-def _checked_step(jitted: Callable, cfg: llama.LlamaConfig) -> Callable:
-  """`jitted(state, batch, *rest)` after `check_batch` on the host."""
-
-  def step(state: train.TrainState, batch: PreferenceBatch, *rest):
+  def check_args(batch: PreferenceBatch, reference) -> None:
     check_batch(batch, cfg.vocab_size)
-    return jitted(state, batch, *rest)
+    absent = reference is None or (isinstance(reference, tuple) and all(r is None for r in reference))
+    if needs_reference or not absent:
+      check_reference(reference, np.shape(batch.chosen_BT)[0], loss=pcfg.loss)
 
-  step.jitted = jitted  # type: ignore[attr-defined]  # for .lower(), as train.make_step's mesh steps
-  return step
+  return train.make_step(loss_fn, tcfg, check_args=check_args)
+
+
+def check_reference(reference, batch: int, *, loss: str = "") -> None:
+  """Raises unless `reference` is a (chosen, rejected) pair of `logprobs.SequenceLogProbs`
+  (what `reference_logprobs` returns) of shape [batch], log-probs finite and <= 0, counts >= 0.
+  Shapes always; values when concrete."""
+  if not isinstance(reference, (tuple, list)) or len(reference) != 2:
+    length = f" of length {len(reference)}" if isinstance(reference, (tuple, list)) else ""
+    for_loss = f" (loss {loss!r} compares against a frozen reference)" if loss else ""
+    raise TypeError(
+      f"reference: expected a (chosen, rejected) pair of logprobs.SequenceLogProbs from "
+      f"align.train.reference_logprobs{for_loss}, got a {type(reference).__name__}{length}"
+    )
+  for side, s in zip(("chosen", "rejected"), reference):
+    name = f"reference.{side}"
+    if not isinstance(s, logprobs.SequenceLogProbs):
+      raise TypeError(f"{name}: expected logprobs.SequenceLogProbs, got {type(s).__name__}")
+    for field in ("sum_B", "count_B"):
+      x = getattr(s, field)
+      checks.check_array(f"{name}.{field}", x, 1, shape=f"[{batch}]")
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}.{field}: expected floats, got {x.dtype}")
+      if tuple(x.shape) != (batch,):
+        raise ValueError(f"{name}.{field}: expected shape ({batch},) like the batch, got {tuple(x.shape)}")
+      checks.check_finite(f"{name}.{field}", x)
+    # A positive log-prob is a logit or a probability passed by mistake.
+    checks.check_in(f"{name}.sum_B", s.sum_B, -np.inf, 0, what="log-probs")
+    checks.check_in(f"{name}.count_B", s.count_B, 0, np.inf, what="token counts")
 
 
 def reference_logprobs(ref_params: dict, cfg: llama.LlamaConfig, batch: PreferenceBatch):

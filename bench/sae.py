@@ -60,8 +60,8 @@ PARTS = ("frontier", "features")  # --only=sae.<part>
 class Config:
   lm: bench_llama.Config
   site: str
-  windows: int  # training windows of the LM (lm.train batch shape) whose activations are collected
-  expansion: int  # F = expansion * D
+  windows: checks.PositiveInt  # training windows of the LM (lm.train batch shape) whose activations are collected
+  expansion: checks.PositiveInt  # F = expansion * D
   steps: int
   batch_size: int
   lr: float
@@ -81,8 +81,8 @@ class Config:
         f"grid: expected distinct architectures of {sae.ARCHITECTURES} with standard and topk, got {archs}"
       )
     protocol.check_site(self.lm.model, self.site)
-    if not self.seeds or self.windows < 1 or self.expansion < 1:
-      raise ValueError(f"seeds, windows, expansion: expected non-empty, >= 1, >= 1, got {self}")
+    if not self.seeds:
+      raise ValueError(f"seeds: expected at least one seed, got {self.seeds}")
 
 
 SMALL = Config(
@@ -301,7 +301,8 @@ def _throughput(ctx, cfg, acts_ND, d_in):
     tcfg = train_config(cfg, arch)
     state = sae_train.start_state(sae.init(jax.random.key(0), scfg), scfg, tcfg)
     step = sae_train.make_step(scfg, tcfg)
-    rates[arch] = cfg.batch_size / time_fn(step, state, x_BD, repeats=ctx.repeats).median_s
+    step(state, x_BD)  # the host checks once; the timing below is the jitted core's
+    rates[arch] = cfg.batch_size / time_fn(step.jitted, state, x_BD, repeats=ctx.repeats).median_s  # type: ignore[attr-defined]
   records = [ctx.record("standard: training throughput", rates["standard"], "tokens/s")]
   for arch, rate in rates.items():
     if arch != "standard":

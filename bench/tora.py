@@ -151,7 +151,8 @@ class Trained:
   def step(self, fuser: str):
     if fuser not in self._steps:
       mcfg = self.cfg.model(fuser)
-      self._steps[fuser] = train.make_step(functools.partial(_objective, cfg=mcfg), self.tcfg)
+      objective = functools.partial(_objective, cfg=mcfg)
+      self._steps[fuser] = train.make_step(objective, self.tcfg, check_args=functools.partial(_check_args, cfg=mcfg))
     return self._steps[fuser]
 
   def params(self, fuser: str, seed: int) -> Any:
@@ -191,6 +192,13 @@ class Trained:
 
 def _objective(params, video, caption_BS, tracks, key, *, cfg):
   return tora.loss(params, video, caption_BS, tracks, key, cfg)
+
+
+def _check_args(video, caption_BS, tracks, key, *, cfg) -> None:
+  """The loss's value checks, on the host before the jitted step (they do nothing inside it)."""
+  tora.check_video(video, cfg)
+  tora.check_caption(caption_BS, cfg, batch=video.shape[0])
+  tora._check_tracks(tracks, cfg, *video.shape[:4])
 
 
 def _batch(data: blobs.Blobs, fuser: str) -> tuple[jax.Array, jax.Array, jax.Array | None]:

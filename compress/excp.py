@@ -36,9 +36,12 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import zstandard
+
+from paperjax.ops import checks
 
 MAGIC = b"PJEXCP\x01\n"
 PREFIX_BYTES = len(MAGIC) + 4  # the magic and the header's length (u32)
@@ -127,6 +130,14 @@ def masks(dw: np.ndarray, m: np.ndarray, v: np.ndarray, *, alpha: float, beta: f
   keep = |dW| > min(2.5, alpha / sqrt(mean v)) * median|dW|, keep_o = keep & (|m| > beta *
   mean|m|). Thresholds are computed and compared in float64; mean v = 0 gives the 2.5 cap.
   """
+  dw, m, v = (np.asarray(x) for x in (dw, m, v))
+  if not dw.shape == m.shape == v.shape:
+    raise ValueError(f"dw, m, v: expected one shape, got {dw.shape}, {m.shape}, {v.shape}")
+  for name, x in (("dw", dw), ("m", m), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name}: expected a float array, got {x.dtype}")
+  # v is Adam's second moment: a negative one has no square root (NaN ratio, every weight kept).
+  checks.check_values("v", v, lambda a: ~(a >= 0), "second moments >= 0")
   mean_v = float(np.mean(v, dtype=np.float64))
   ratio = min(2.5, alpha / math.sqrt(mean_v)) if mean_v > 0 else 2.5
   abs_dw = np.abs(dw.astype(np.float64))
@@ -146,6 +157,7 @@ def kmeans_1d(x: np.ndarray, k: int, iters: int = 25) -> np.ndarray:
   n = xs.size
   if n == 0 or k < 1:
     raise ValueError(f"x, k: expected a non-empty array and k >= 1, got size {n} and k={k}")
+  checks.check_finite("x", xs)  # a NaN would make every centre it touches NaN
   centres = xs[((np.arange(k) + 0.5) * n / k).astype(np.int64)]
   prefix = np.concatenate([[0.0], np.cumsum(xs)])
   for _ in range(iters):
@@ -167,14 +179,29 @@ def assign(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
   """Unsigned integers < 2^bits, `bits` bits each, least significant first (4 bits: two per byte)."""
+  _check_bits(bits)
+  values = np.asarray(values)
+  if values.ndim != 1 or (values.size and not np.issubdtype(values.dtype, np.integer)):
+    raise TypeError(f"values: expected a 1-d integer array, got {values.dtype} of shape {values.shape}")
+  checks.check_in("values", values, 0, 2**bits - 1, what="integers")  # a larger one would lose its high bits
   planes = (values.astype(np.uint8)[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
   return np.packbits(planes.ravel(), bitorder="little").tobytes()
 
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
-  """The inverse of `pack_bits` for n values."""
+  """The inverse of `pack_bits` for n values (data must be exactly ceil(n * bits / 8) bytes)."""
+  _check_bits(bits)
+  if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 0:
+    raise ValueError(f"n: expected an int >= 0, got {n!r}")
+  if len(data) != math.ceil(n * bits / 8):  # a short one would pad with zeros, a long one hide trailing bytes
+    raise ValueError(f"data: expected {math.ceil(n * bits / 8)} bytes for {n} values of {bits} bits, got {len(data)}")
   planes = np.unpackbits(np.frombuffer(data, np.uint8), count=n * bits, bitorder="little").reshape(n, bits)
   return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+
+
+def _check_bits(bits: Any) -> None:
+  if not isinstance(bits, (int, np.integer)) or isinstance(bits, (bool, np.bool_)) or not 1 <= bits <= 8:
+    raise ValueError(f"bits: expected an int in [1, 8], got {bits!r}")
 
 
 # ---------------------------------------------------------------------------- sections

@@ -19,6 +19,7 @@ The transforms are the fast subset (zeta / Moebius) transforms, O(n 2^n).
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Annotated, Any, NamedTuple
 
@@ -54,8 +55,9 @@ def log_odds(logits_BC: jax.Array, label: int | jax.Array) -> jax.Array:
     raise TypeError(f"label: expected an int class id, got {jnp.result_type(label)} {label!r:.40}")
   if jnp.ndim(label) not in (0, 1) or (jnp.ndim(label) == 1 and jnp.shape(label) != logits_BC.shape[:1]):
     raise ValueError(f"label: expected one class or one per row {logits_BC.shape[:1]}, got shape {jnp.shape(label)}")
-  label_1 = jnp.atleast_1d(label) if isinstance(label, jax.core.Tracer) else np.atleast_1d(label)
-  checks.check_in("label", label_1, 0, logits_BC.shape[-1] - 1, what="class ids")
+  if logits_BC.shape[-1] < 2:  # no other class: logsumexp over nothing is -inf, v = inf
+    raise ValueError(f"logits_BC: expected at least 2 classes [B, C >= 2], got shape {logits_BC.shape}")
+  checks.check_in("label", label, 0, logits_BC.shape[-1] - 1, what="class ids")
   if jnp.ndim(label) == 1:
     label = jnp.asarray(label)[:, None]
   logits_BC = logits_BC.astype(jnp.float32)
@@ -265,8 +267,15 @@ def _decompose(v_M, cfg: DecompositionConfig):
 
 def salience_threshold(v_full: jax.Array, v_empty: jax.Array, fraction: float = 0.03) -> jax.Array:
   """tau = fraction * mean over samples of |v(x) - v(x_{})|."""
-  if not 0 <= fraction < np.inf:
-    raise ValueError(f"fraction: expected a finite float >= 0, got {fraction}")
+  real = isinstance(fraction, numbers.Real) or (
+    hasattr(fraction, "dtype")
+    and jnp.ndim(fraction) == 0
+    and (jnp.issubdtype(fraction.dtype, jnp.floating) or jnp.issubdtype(fraction.dtype, jnp.integer))
+  )  # any real scalar, bfloat16 too (no np.floating)
+  if isinstance(fraction, (bool, np.bool_)) or not real:
+    raise TypeError(f"fraction: expected a float in [0, 1], got {type(fraction).__name__} {fraction!r}")
+  if not 0 <= fraction <= 1:  # NaN fails too
+    raise ValueError(f"fraction: expected a float in [0, 1], got {fraction}")
   if jnp.shape(v_full) != jnp.shape(v_empty):
     raise ValueError(f"v_empty: expected the shape of v_full {jnp.shape(v_full)}, got {jnp.shape(v_empty)}")
   return fraction * jnp.mean(jnp.abs(jnp.asarray(v_full) - jnp.asarray(v_empty)))
@@ -319,6 +328,8 @@ def _check_n(n: int) -> None:
 
 
 def _n_of(f_M: jax.Array, name: str = "f_M") -> int:
+  if not hasattr(f_M, "shape") or not hasattr(f_M, "dtype"):
+    raise TypeError(f"{name}: expected an array over 2^n subsets (jnp.asarray(...)), got {type(f_M).__name__}")
   shape = jnp.shape(f_M)
   size = shape[-1] if shape else 0
   n = size.bit_length() - 1

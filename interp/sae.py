@@ -288,6 +288,13 @@ def encode(params: dict, x_BD: jax.Array, cfg: SAEConfig) -> jax.Array:
 
 def decode(params: dict, f_BF: jax.Array) -> jax.Array:
   """x_hat = f W_dec + b_dec [B, D]."""
+  w_dec: Any = params.get("W_dec") if isinstance(params, dict) else None
+  if not hasattr(w_dec, "shape") or len(w_dec.shape) != 2:
+    raise ValueError(f"params: expected SAE params with a W_dec [d_sae, D], got {type(params).__name__}")
+  if not hasattr(f_BF, "shape") or not hasattr(f_BF, "dtype"):
+    raise TypeError(f"f_BF: expected an array [B, d_sae] (jnp.asarray(...)), got {type(f_BF).__name__}")
+  if f_BF.ndim < 1 or f_BF.shape[-1] != w_dec.shape[0]:
+    raise ValueError(f"f_BF: expected features [B, d_sae={w_dec.shape[0]}], got shape {tuple(f_BF.shape)}")
   return f_BF @ params["W_dec"] + params["b_dec"]
 
 
@@ -321,11 +328,8 @@ def loss(
     )
   if jnp.ndim(penalty_scale) != 0:
     raise ValueError(f"penalty_scale: expected a scalar, got shape {jnp.shape(penalty_scale)}")
-  # as [1]: ops.checks cannot index the failing element of a 0-d array
-  traced = isinstance(penalty_scale, jax.core.Tracer)
-  scale_1 = jnp.atleast_1d(penalty_scale) if traced else np.atleast_1d(penalty_scale)
-  checks.check_finite("penalty_scale", scale_1)
-  checks.check_in("penalty_scale", scale_1, 0, math.inf)
+  checks.check_finite("penalty_scale", penalty_scale)
+  checks.check_in("penalty_scale", penalty_scale, 0, math.inf)
   f_BF, pi_BF = _features(params, x_BD, cfg, training=True)
   x_hat_BD = decode(params, f_BF)
   mse = jnp.mean(jnp.sum((x_hat_BD - x_BD) ** 2, axis=-1))

@@ -18,6 +18,7 @@ replaces x (steering); the model is a Llama (`models.transformer.llama`, whose f
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -167,9 +168,12 @@ def _check_direction(direction_D: Any, model_cfg: llama.LlamaConfig) -> jax.Arra
 
 
 def _check_scale(scale: Any) -> None:
-  value = checks.concrete(scale)
-  if value is not None and (value.ndim or not np.isfinite(value)):
-    raise ValueError(f"scale: expected a finite float, got {scale!r}")
+  """A real scalar (python, numpy or jax), finite: through `checks`, so it also runs under `checks.checked`."""
+  if isinstance(scale, (bool, np.bool_)) or not (isinstance(scale, numbers.Real) or hasattr(scale, "dtype")):
+    raise TypeError(f"scale: expected a finite float, got {type(scale).__name__} {scale!r}")
+  if jnp.ndim(scale) != 0:
+    raise ValueError(f"scale: expected a finite float (a scalar), got shape {jnp.shape(scale)}")
+  checks.check_finite("scale", scale)
 
 
 def _check(model_cfg: Any, site: str, tokens_BT: Any) -> jax.Array:

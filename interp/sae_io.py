@@ -26,18 +26,24 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from paperjax.interp import sae
 from paperjax.models.transformer.llama_import import read_safetensors
+from paperjax.ops import checks
 
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 FORMAT_VERSION = "6.18.0"  # the SAELens version whose inference format this writes (its loaders read it)
+# A TransformerLens hook point: "blocks.0.hook_resid_post", "blocks.3.attn.hook_z", "hook_embed",
+# "ln_final.hook_normalized". SAELens and our loaders look the site up by this name.
+_HOOK_NAME = re.compile(r"(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+")
 _EXTRA = {  # the tensors besides W_enc, W_dec, b_dec
   "standard": ("b_enc",),
   "topk": ("b_enc",),
@@ -72,7 +78,26 @@ def save(
   metadata: dict[str, Any] | None = None,
 ) -> pathlib.Path:
   """Writes the SAE (trained on activations * scale) to `directory` (module docstring);
-  returns the path. An existing directory is replaced only once the new one is complete."""
+  returns the path. An existing directory is replaced only once the new one is complete.
+
+  Checked before anything is written: params against cfg (`sae.check_params`, naming the
+  leaf), the weights finite, scale a finite positive number, hook_name a TransformerLens
+  hook point ("blocks.0.hook_resid_post") and model_name a non-empty string."""
+  sae.check_params(params, cfg)
+  for name, value in params.items():
+    if name == "log_threshold":  # -inf is a threshold of 0 (what `load` makes of a SAELens threshold <= 0)
+      bad = lambda v: np.isnan(v) | (v == np.inf)
+      checks.check_values(f"params[{name!r}]", np.asarray(value, np.float32), bad, "values finite or -inf")
+    else:
+      checks.check_finite(f"params[{name!r}]", np.asarray(value, np.float32))
+  if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not 0 < scale < np.inf:
+    raise ValueError(f"scale: expected a finite float > 0 (the activations' scale in training), got {scale!r}")
+  if not isinstance(hook_name, str) or not _HOOK_NAME.fullmatch(hook_name):
+    raise ValueError(
+      f"hook_name: expected a TransformerLens hook point such as 'blocks.0.hook_resid_post', got {hook_name!r}"
+    )
+  if not isinstance(model_name, str) or not model_name:
+    raise ValueError(f"model_name: expected a non-empty string, got {model_name!r}")
   arch, tensors = to_saelens(params, cfg, scale)
   config: dict[str, Any] = {
     "architecture": arch,
@@ -169,7 +194,7 @@ def load(directory: str | os.PathLike) -> tuple[dict, sae.SAEConfig, dict[str, A
         f"{weights_path}: {name} has shape {value.shape}, expected {shapes.get(name, (d_sae,))} "
         f"(d_in={d_in}, d_sae={d_sae} in {CFG_FILE})"
       )
-    if not np.issubdtype(value.dtype, np.floating):
+    if not jnp.issubdtype(value.dtype, jnp.floating):  # jnp: numpy does not count ml_dtypes' bfloat16
       raise ValueError(f"{weights_path}: {name}: expected a float dtype, got {value.dtype}")
   params = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   if arch == "jumprelu":  # SAELens' ReLU(pi) 1[pi > t] is ours with theta = max(t, 0); log 0 = -inf

@@ -134,7 +134,7 @@ def make_step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.
   docstring), jitted; metrics are loss, mse, sparsity, aux, l0 and dead (fraction). Cached
   per (cfg, tcfg), so every run of one setting shares one compiled step. The step checks
   its inputs on the host first: state's params have the config's shapes, x_BD is a float
-  [batch_size, d_in] array of finite values."""
+  [batch_size, d_in] array of finite values. `step.jitted` is the jitted core, unchecked."""
   check_pair(cfg, tcfg)
   core = _step(cfg, tcfg)
 
@@ -145,6 +145,7 @@ def make_step(cfg: sae.SAEConfig, tcfg: TrainConfig) -> Callable[[SAEState, jax.
     _check_batch("x_BD", x_BD, cfg, tcfg)
     return core(state, x_BD)
 
+  step.jitted = core  # type: ignore[attr-defined]  # the jitted program, for timing and .lower()
   return step
 
 

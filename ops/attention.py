@@ -43,6 +43,8 @@ def make_mask(
   """
   checks.check_array("q_index_BT", q_index_BT, 2, shape="[B, T]")
   checks.check_array("kv_index_BS", kv_index_BS, 2, shape="[B, S]")
+  if not isinstance(causal, (bool, np.bool_)):  # a string or an int would read as truthy
+    raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
   batch, time, kv_time = q_index_BT.shape[0], q_index_BT.shape[1], kv_index_BS.shape[1]
   if kv_index_BS.shape[0] != batch:
     raise ValueError(f"kv_index_BS: expected batch {batch} like q_index_BT, got shape {kv_index_BS.shape}")
@@ -50,6 +52,8 @@ def make_mask(
     ("q_segment_ids_BT", q_segment_ids_BT, (batch, time)),
     ("kv_segment_ids_BS", kv_segment_ids_BS, (batch, kv_time)),
   ):
+    if x is not None:
+      checks.check_array(name, x, 2, shape=f"[{'B, T' if name.startswith('q') else 'B, S'}]")
     if x is not None and tuple(x.shape) != shape:
       raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
   if kv_length_B is not None:
@@ -113,6 +117,8 @@ def window_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array, window: in
   """
   if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
     raise ValueError(f"window: expected an int >= 1, got {window!r}")
+  checks.check_array("q_positions_BT", q_positions_BT, 2, shape="[B, T]")
+  checks.check_array("k_positions_BS", k_positions_BS, 2, shape="[B, S]")
   q_BT1, k_B1S = q_positions_BT[:, :, None], k_positions_BS[:, None, :]
   return (k_B1S <= q_BT1) & (k_B1S > q_BT1 - window) & (k_B1S >= 0)
 
@@ -138,6 +144,8 @@ def sliding_window_attention(
     q_positions_BT = jnp.broadcast_to(jnp.arange(time), (batch, time))
   if k_positions_BS is None:
     k_positions_BS = jnp.broadcast_to(jnp.arange(kv_time), (batch, kv_time))
+  checks.check_array("q_positions_BT", q_positions_BT, 2, shape="[B, T]")
+  checks.check_array("k_positions_BS", k_positions_BS, 2, shape="[B, S]")
   if q_positions_BT.shape != (batch, time) or k_positions_BS.shape != (batch, kv_time):
     raise ValueError(
       f"q_positions_BT, k_positions_BS: expected shapes {(batch, time)}, {(batch, kv_time)}, "
@@ -164,6 +172,8 @@ def _check(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> None:
     raise TypeError(f"q, k, v: expected one dtype, got {q_BTHK.dtype}, {k_BSGK.dtype}, {v_BSGK.dtype}")
   if not jnp.issubdtype(q_BTHK.dtype, jnp.floating):
     raise TypeError(f"q_BTHK: expected a floating dtype, got {q_BTHK.dtype}")
+  if mask_BTS is not None:
+    checks.check_array("mask_BTS", mask_BTS, 3, shape="[B, T, S]")
   if mask_BTS is not None and mask_BTS.shape != (batch, q_BTHK.shape[1], kv_time):
     raise ValueError(f"mask_BTS: expected shape {(batch, q_BTHK.shape[1], kv_time)}, got {mask_BTS.shape}")
   if mask_BTS is not None and mask_BTS.dtype != jnp.bool_:

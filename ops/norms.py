@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paperjax.ops import checks
 
@@ -12,8 +15,11 @@ def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float = 1e-5) -> jax.Arr
   """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, computed in float32, cast back to x's dtype."""
   if not hasattr(x_BTD, "dtype") or x_BTD.ndim < 1 or not jnp.issubdtype(x_BTD.dtype, jnp.floating):
     raise TypeError(f"x_BTD: expected a float array [..., D], got {getattr(x_BTD, 'dtype', type(x_BTD).__name__)}")
+  checks.check_array("scale_D", scale_D, 1, shape="[D]")
   if scale_D.shape != x_BTD.shape[-1:]:
     raise ValueError(f"scale_D: expected shape {x_BTD.shape[-1:]}, got {scale_D.shape}")
+  if isinstance(eps, (bool, np.bool_, str)) or not (isinstance(eps, numbers.Real) or hasattr(eps, "dtype")):
+    raise TypeError(f"eps: expected a float > 0, got {type(eps).__name__} {eps!r}")
   if checks.concrete(eps) is not None and not float(eps) > 0:  # 0 divides an all-zero row by 0; NaN fails too
     raise ValueError(f"eps: expected > 0, got {eps}")
   x = x_BTD.astype(jnp.float32)

@@ -125,7 +125,15 @@ def dot(a_ND: jax.Array, b_DE: jax.Array) -> jax.Array:
 
 
 def dequantize(t: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
-  """x_hat = q / scale, in `dtype`."""
+  """x_hat = q / scale, in `dtype` (a float dtype: an int one would truncate x_hat)."""
+  if not isinstance(t, QuantizedTensor):
+    raise TypeError(f"t: expected a QuantizedTensor, got {type(t).__name__}")
+  try:
+    floating = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise TypeError(f"dtype: expected a float dtype, got {dtype!r}")
   return (t.q.astype(jnp.float32) / t.scale).astype(dtype)
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import json
 
+import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from paperjax.align import data
-from paperjax.interp import sae_io
-from paperjax.models.data import chat, corpus, tokenizer
+from paperjax.interp import sae, sae_io
+from paperjax.models.data import chat, corpus, jrt_prompt, synthetic, tokenizer
 from paperjax.models.transformer import llama_import
 
 # A tiny Llama: V=16, D=8, L=1, H=2, G=1, K=4, F=16.
@@ -116,6 +118,18 @@ def _sae(d, config=None, tensors=None, *, config_text=None, cut=0, drop=()):
     file = path / "sae_weights.safetensors"
     file.write_bytes(file.read_bytes()[:-cut])
   return path
+
+
+SAE_CFG = sae.SAEConfig(architecture="standard", d_in=4, d_sae=8)
+
+
+def _sae_save(d, *, params_cfg=SAE_CFG, nan=None, **kwargs):
+  """sae_io.save of a D=4, F=8 SAE (params from params_cfg, entry 0 of `nan` set to NaN) to d / "out"."""
+  params = {k: np.array(v) for k, v in sae.init(jax.random.key(0), params_cfg).items()}
+  if nan:
+    params[nan].flat[0] = np.nan
+  kwargs = {"hook_name": "blocks.0.hook_resid_post", "model_name": "tiny", **kwargs}
+  return sae_io.save(d / "out", params, SAE_CFG, **kwargs)
 
 
 PAIR = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
@@ -282,6 +296,30 @@ CASES = [
     r"directory: no cfg\.json in .*nowhere",
     id="sae-no-directory",
   ),
+  pytest.param(
+    lambda d: _sae_save(d, params_cfg=sae.SAEConfig(architecture="standard", d_in=4, d_sae=16)),
+    ValueError,
+    r"params\['W_dec'\]: expected shape \(8, 4\) for this config, got \(16, 4\)",
+    id="sae-save-params-vs-cfg",
+  ),
+  pytest.param(
+    lambda d: _sae_save(d, hook_name="resid"),
+    ValueError,
+    r"hook_name: expected a TransformerLens hook point such as 'blocks\.0\.hook_resid_post', got 'resid'",
+    id="sae-save-hook-name",
+  ),
+  pytest.param(
+    lambda d: _sae_save(d, nan="b_dec"),
+    ValueError,
+    r"params\['b_dec'\]: expected finite values, got \[nan\] at index \[0\]",
+    id="sae-save-nan-weight",
+  ),
+  pytest.param(
+    lambda d: _sae_save(d, scale=0.0),
+    ValueError,
+    r"scale: expected a finite float > 0",
+    id="sae-save-scale-0",
+  ),
   # TRL preference files
   pytest.param(
     lambda d: data.read_jsonl(_jsonl(d, PAIR, PAIR | {"margin": float("nan")})),
@@ -408,7 +446,63 @@ CASES = [
     r"docs\[0\]: expected a Document",
     id="corpus-docs-str",
   ),
+  pytest.param(
+    lambda d: corpus.split_documents(["a", "b"], [0.5, 0.5]),
+    TypeError,
+    r"docs\[0\]: expected a Document",
+    id="split-documents-str",
+  ),
+  # Tokenizer: a BPE file without every single byte would panic in Rust on encode
+  pytest.param(
+    lambda d: tokenizer.from_file(_write(d / "t.tiktoken", "YQ== 0\nYg== 1\nYWI= 2\n")),
+    ValueError,
+    r"path: .*t\.tiktoken.*: expected all 256 single bytes .* 254 are missing",
+    id="bpe-missing-bytes",
+  ),
+  # Synthetic recall data and JRT prompts
+  pytest.param(
+    lambda d: synthetic.recall_loss(np.zeros((2, 4, 8), np.float32), _recall(mask=np.ones((2, 1), bool))),
+    ValueError,
+    r"batch\.target_mask_BT: expected shape \(2, 4\)",
+    id="recall-loss-mask-shape",
+  ),
+  pytest.param(
+    lambda d: synthetic.recall_loss(np.zeros((2, 4, 8), np.float32), _recall(mask=np.ones((2, 4), np.int32))),
+    TypeError,
+    r"batch\.target_mask_BT: expected a bool mask",
+    id="recall-loss-int-mask",
+  ),
+  pytest.param(
+    lambda d: synthetic.recall_loss(np.zeros((2, 4, 8), np.float32), _recall(targets=np.zeros((2, 1), np.int32))),
+    ValueError,
+    r"batch\.targets_BT: expected shape \(2, 4\)",
+    id="recall-loss-targets-shape",
+  ),
+  pytest.param(
+    lambda d: synthetic.recall_loss(np.zeros((2, 4, 8), np.int32), _recall()),
+    TypeError,
+    r"logits_BTV: expected float logits",
+    id="recall-loss-int-logits",
+  ),
+  pytest.param(
+    lambda d: jrt_prompt.repeat_rows(np.ones((1, 3), np.float32), np.array([3])),
+    TypeError,
+    r"tokens_BT: expected int ids \[B, T\], got dtype float32",
+    id="repeat-rows-float-tokens",
+  ),
 ]
+
+
+def _write(path, text: str):
+  path.write_text(text)
+  return path
+
+
+def _recall(targets=None, mask=None) -> synthetic.RecallBatch:
+  """A [2, 4] recall batch; `targets` or `mask` replace the well-formed ones."""
+  tokens = np.zeros((2, 4), np.int32)
+  targets = np.zeros((2, 4), np.int32) if targets is None else targets
+  return synthetic.RecallBatch(tokens, targets, np.ones((2, 4), bool) if mask is None else mask)
 
 
 @pytest.mark.parametrize("call, error, match", CASES)
@@ -425,6 +519,13 @@ def test_the_unbroken_inputs_load(tmp_path):
     assert cfg.n_kv_heads == 1 and cfg.rope_scaling is not None and params["layers"]["w3"].shape == (1, 8, 16)
   _, sae_cfg, _ = sae_io.load(_sae(tmp_path))
   assert (sae_cfg.d_in, sae_cfg.d_sae) == (4, 8)
+  (tmp_path / "bf16").mkdir()  # SAELens writes bfloat16 SAEs: ml_dtypes' bfloat16 is no np.floating
+  bf16 = {"W_enc": np.ones((4, 8)), "W_dec": np.ones((8, 4)), "b_dec": np.zeros(4), "b_enc": np.zeros(8)}
+  sae_params, _, _ = sae_io.load(
+    _sae(tmp_path / "bf16", tensors={k: v.astype(ml_dtypes.bfloat16) for k, v in bf16.items()})
+  )
+  assert sae_params["W_enc"].dtype == np.float32 and sae_params["W_enc"].sum() == 32
+  assert sae_io.load(_sae_save(tmp_path))[1] == SAE_CFG
   records = data.read_jsonl(_jsonl(tmp_path, PAIR, PAIR | {"margin": 0.5}, "", ""))  # blank lines may end a file
   assert len(records) == 2
   batch = data.tokenize(
@@ -434,3 +535,7 @@ def test_the_unbroken_inputs_load(tmp_path):
   assert tokenizer.pad_rows([[1, 2], [3]], 0, pad_side="left").ids_BT.tolist() == [[1, 2], [0, 3]]
   assert _tok(tmp_path).encode_batch(["ab", "c"], max_len=np.int64(3)).ids_BT.shape == (2, 3)
   np.testing.assert_array_equal(corpus.to_compact(np.array([[3, 9], [5, 3]]), np.array([5, 3])), [[1, 2], [0, 1]])
+  loss, metrics = synthetic.recall_loss(np.zeros((2, 4, 8), np.float32), _recall())
+  assert float(metrics["accuracy"]) == 1.0  # argmax of equal logits is 0, the target
+  np.testing.assert_allclose(loss, np.log(8), rtol=1e-6)
+  assert jrt_prompt.repeat_rows(np.array([[1, 2, 0]]), np.array([2]))[0].tolist() == [[1, 2, 1, 2, 0, 0]]

@@ -79,6 +79,12 @@ def split_documents(docs: Sequence[Document], fractions: Sequence[float]) -> tup
   A document's part depends only on its name (crc32), so taking more or fewer documents
   never moves one from a held-out part into training.
   """
+  if isinstance(docs, (str, Document)):
+    raise TypeError(f"docs: expected a sequence of Documents, got {type(docs).__name__}")
+  docs = list(docs)
+  for i, doc in enumerate(docs):
+    if not isinstance(doc, Document):  # a bare string has no .name to hash
+      raise TypeError(f"docs[{i}]: expected a Document(name, text), got {type(doc).__name__} {doc!r:.60}")
   shares = np.asarray(fractions, dtype=np.float64)
   if shares.ndim != 1 or (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
     raise ValueError(f"fractions: expected non-negative numbers summing to 1, got {shares.tolist()}")

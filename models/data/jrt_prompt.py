@@ -36,6 +36,8 @@ def repeat_rows(tokens_BT: np.ndarray, lengths_B: np.ndarray, repeats: int = 2) 
   _check_repeats(repeats)
   if tokens_BT.ndim != 2:
     raise ValueError(f"tokens_BT: expected ids [B, T], got shape {tokens_BT.shape}")
+  if not np.issubdtype(tokens_BT.dtype, np.integer):  # float ids would come back as floats, not tokens
+    raise TypeError(f"tokens_BT: expected int ids [B, T], got dtype {tokens_BT.dtype}")
   if not np.issubdtype(lengths_B.dtype, np.integer):
     raise TypeError(f"lengths_B: expected int lengths, got dtype {lengths_B.dtype}")
   if lengths_B.shape != tokens_BT.shape[:1] or (lengths_B < 0).any() or (lengths_B > tokens_BT.shape[1]).any():

@@ -122,10 +122,20 @@ def recall_loss(logits_BTV: jax.Array, batch: RecallBatch) -> tuple[jax.Array, d
   Value checks (targets in [0, V)) run on concrete inputs, or inside `ops.checks.checked`."""
   if not isinstance(batch, RecallBatch):
     raise TypeError(f"batch: expected a RecallBatch, got {type(batch).__name__}")
-  if logits_BTV.ndim != 3 or logits_BTV.shape[:2] != batch.tokens_BT.shape:
-    raise ValueError(f"logits_BTV: expected leading shape {batch.tokens_BT.shape}, got {logits_BTV.shape}")
+  checks.check_array("logits_BTV", logits_BTV, 3, shape="[B, T, V]")
+  if logits_BTV.shape[:2] != tuple(np.shape(batch.tokens_BT)):
+    raise ValueError(f"logits_BTV: expected leading shape {np.shape(batch.tokens_BT)}, got {logits_BTV.shape}")
   if not jnp.issubdtype(logits_BTV.dtype, jnp.floating):
     raise TypeError(f"logits_BTV: expected float logits, got dtype {logits_BTV.dtype}")
+  # Both must be [B, T] exactly: a [B, 1] mask would broadcast over every position, and an
+  # int mask would weight the positions by its values.
+  checks.check_array("batch.targets_BT", batch.targets_BT, 2, integer=True, shape="[B, T]")
+  checks.check_array("batch.target_mask_BT", batch.target_mask_BT, 2, shape="[B, T]")
+  for name, x in (("batch.targets_BT", batch.targets_BT), ("batch.target_mask_BT", batch.target_mask_BT)):
+    if tuple(x.shape) != logits_BTV.shape[:2]:
+      raise ValueError(f"{name}: expected shape {logits_BTV.shape[:2]} (the logits' [B, T]), got {tuple(x.shape)}")
+  if batch.target_mask_BT.dtype != np.bool_:
+    raise TypeError(f"batch.target_mask_BT: expected a bool mask [B, T], got {batch.target_mask_BT.dtype}")
   vocab = logits_BTV.shape[-1]
   # an id >= V would gather a clamped logit silently
   checks.check_in("batch.targets_BT", batch.targets_BT, 0, vocab - 1, what="ids of the logits' vocabulary")

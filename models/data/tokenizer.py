@@ -301,6 +301,14 @@ def from_file(
   if not os.path.isfile(path):
     raise FileNotFoundError(f"path: no BPE file at {path!r}")
   ranks = _read_bpe_file(path)
+  # Byte-level BPE encodes any text only if every single byte is a token: without one,
+  # tiktoken panics in Rust (a BaseException, not an Exception) on the first text using it.
+  missing = [b for b in range(256) if bytes([b]) not in ranks]
+  if missing:
+    raise ValueError(
+      f"path: {path!r}: expected all 256 single bytes as tokens of a byte-level BPE, {len(missing)} are missing "
+      f"(e.g. {[bytes([b]) for b in missing[:4]]})"
+    )
   if special_tokens is None:
     special_tokens = llama3_special_tokens(max(ranks.values()) + 1)
   special_tokens = dict(special_tokens)

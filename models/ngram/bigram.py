@@ -179,6 +179,7 @@ def perplexity(table: NgramTable, tokens_BT, mask_BT=None, *, start: int | None 
 
   Pass one `start` to compare models of different orders on the same positions.
   """
+  _check_table_type(table)
   start = table.order if start is None else start
   if not _is_int(start) or start < table.order:
     raise ValueError(f"start: expected an int >= order={table.order}, got {start!r}")
@@ -268,15 +269,35 @@ def _check_scalar(name: str, x: Any) -> None:
   value = checks.concrete(x)
   if value is None:
     return
-  if value.ndim or not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+  # jnp.issubdtype: ml_dtypes' bfloat16 is no np.floating, but a float here all the same
+  if value.ndim or not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
     raise TypeError(f"{name}: expected a float >= 0, got {type(x).__name__} {x!r}")
   if not 0 <= float(value) < math.inf:
     raise ValueError(f"{name}: expected a finite float >= 0, got {float(value)}")
 
 
 def _check_table_type(table: Any) -> None:
+  """table is an NgramTable whose rows are distributions: probs_CV float [V^order, V], finite,
+  >= 0, each row summing to 1 within 1e-4 (values when concrete, or under `checks.checked`).
+  A hand-built table with a negative or unnormalised row would give NaN or a wrong perplexity."""
   if not isinstance(table, NgramTable):
     raise TypeError(f"table: expected an NgramTable (bigram.fit(...)), got {type(table).__name__}")
+  if not _is_int(table.order) or table.order < 0:
+    raise ValueError(f"table.order: expected an int >= 0, got {table.order!r}")
+  checks.check_array("table.probs_CV", table.probs_CV, 2, shape="[V^order, V]")
+  probs_CV = table.probs_CV
+  if not jnp.issubdtype(probs_CV.dtype, jnp.floating):
+    raise TypeError(f"table.probs_CV: expected float probabilities, got {probs_CV.dtype}")
+  if probs_CV.shape[0] != probs_CV.shape[1] ** table.order:
+    raise ValueError(
+      f"table.probs_CV: expected [V^order, V] = [{probs_CV.shape[1] ** table.order}, {probs_CV.shape[1]}] for "
+      f"order={table.order}, got {tuple(probs_CV.shape)}"
+    )
+  values = checks.concrete(probs_CV)
+  x = probs_CV if values is None else values.astype(np.float64)
+  checks.check_finite("table.probs_CV", x)
+  checks.check_values("table.probs_CV", x, lambda v: v < 0, "probabilities >= 0")
+  checks.check_values("table.probs_CV", x.sum(axis=1), lambda v: abs(v - 1) > 1e-4, "rows summing to 1 (within 1e-4)")
 
 
 def _check_context(name: str, context_BO: Any, table: NgramTable) -> jax.Array:

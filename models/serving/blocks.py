@@ -44,6 +44,16 @@ def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
   return hashlib.sha256(parent + ids.astype("<i4").tobytes()).digest()
 
 
+def _check_ids(tokens: Sequence[int]) -> list[int]:
+  """tokens as a list of python ints, each a token id in [0, 2^31)."""
+  ids = np.asarray(tokens)
+  if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+    raise ValueError(f"tokens: expected int32 token ids, got {ids.dtype} {_show(ids)} of shape {ids.shape}")
+  if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
+    raise ValueError(f"tokens: expected int32 token ids >= 0, got {_show(ids[(ids < 0) | (ids >= 2**31)])}")
+  return ids.tolist()
+
+
 def _show(ids: np.ndarray) -> str:
   return str(ids.ravel()[:6].tolist())[:-1] + (", ...]" if ids.size > 6 else "]")
 
@@ -54,25 +64,29 @@ class BlockManager:
 
   num_blocks: int
   block_size: int
-  free: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
-  ref_counts: list[int] = dataclasses.field(default_factory=list)
-  tables: dict[Hashable, list[int]] = dataclasses.field(default_factory=dict)
-  num_tokens: dict[Hashable, int] = dataclasses.field(default_factory=dict)  # slots reserved per sequence
-  cached: dict[bytes, int] = dataclasses.field(default_factory=dict)  # prefix hash -> block
-  hash_of: dict[int, bytes] = dataclasses.field(default_factory=dict)  # block -> prefix hash
-  evictable: collections.OrderedDict[int, None] = dataclasses.field(default_factory=collections.OrderedDict)
+  # The state below is built by __post_init__ and the operations, never passed in (init=False):
+  # a free list handed to the constructor could list a block twice.
+  free: collections.deque[int] = dataclasses.field(default_factory=collections.deque, init=False)
+  ref_counts: list[int] = dataclasses.field(default_factory=list, init=False)
+  tables: dict[Hashable, list[int]] = dataclasses.field(default_factory=dict, init=False)
+  num_tokens: dict[Hashable, int] = dataclasses.field(default_factory=dict, init=False)  # slots reserved per sequence
+  cached: dict[bytes, int] = dataclasses.field(default_factory=dict, init=False)  # prefix hash -> block
+  hash_of: dict[int, bytes] = dataclasses.field(default_factory=dict, init=False)  # block -> prefix hash
+  evictable: collections.OrderedDict[int, None] = dataclasses.field(default_factory=collections.OrderedDict, init=False)
   # Per sequence: the prefix hashes of its leading full blocks that `commit` (or a prefix hit)
   # has computed, so each commit hashes only the blocks filled since.
-  prefix_hashes: dict[Hashable, list[bytes]] = dataclasses.field(default_factory=dict)
+  prefix_hashes: dict[Hashable, list[bytes]] = dataclasses.field(default_factory=dict, init=False)
+  # Per sequence: the tokens known so far (the prompt, extended by commits); a commit must agree
+  # with them, or its hashes would name K/V computed for other tokens.
+  known_tokens: dict[Hashable, list[int]] = dataclasses.field(default_factory=dict, init=False)
 
   def __post_init__(self):
     for name in ("num_blocks", "block_size"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
-    if not self.ref_counts:
-      self.ref_counts = [0] * self.num_blocks
-      self.free.extend(range(self.num_blocks))
+    self.ref_counts = [0] * self.num_blocks
+    self.free.extend(range(self.num_blocks))
 
   # ---- queries
 
@@ -82,6 +96,8 @@ class BlockManager:
     return len(self.free) + len(self.evictable)
 
   def blocks_for(self, num_tokens: int) -> int:
+    if not isinstance(num_tokens, (int, np.integer)) or isinstance(num_tokens, (bool, np.bool_)) or num_tokens < 0:
+      raise ValueError(f"num_tokens: expected an int >= 0, got {type(num_tokens).__name__} {num_tokens!r}")
     return -(-num_tokens // self.block_size)
 
   def block_table(self, seq_id: Hashable) -> list[int]:
@@ -117,6 +133,7 @@ class BlockManager:
       raise ValueError(f"seq_id: {seq_id!r} already has blocks")
     if len(tokens) < 1:
       raise ValueError("tokens: expected a non-empty prompt")
+    tokens = _check_ids(tokens)
     if self.blocks_for(len(tokens)) > self.num_blocks:
       raise MemoryError(
         f"tokens: a {len(tokens)}-token prompt needs {self.blocks_for(len(tokens))} blocks, "
@@ -130,6 +147,7 @@ class BlockManager:
     self.tables[seq_id] = hits + [self._take() for _ in range(self.blocks_for(len(tokens)) - len(hits))]
     self.num_tokens[seq_id] = len(tokens)
     self.prefix_hashes[seq_id] = hashes
+    self.known_tokens[seq_id] = tokens
     return len(hits) * self.block_size
 
   def append(self, seq_id: Hashable, count: int = 1) -> list[tuple[int, int]]:
@@ -163,6 +181,7 @@ class BlockManager:
     self.tables[child] = list(table)
     self.num_tokens[child] = self.num_tokens[parent]
     self.prefix_hashes[child] = list(self.prefix_hashes[parent])
+    self.known_tokens[child] = list(self.known_tokens[parent])
 
   def commit(self, seq_id: Hashable, tokens: Sequence[int]) -> None:
     """Registers the full blocks of `tokens` (the sequence's tokens whose K/V are written) in
@@ -172,6 +191,15 @@ class BlockManager:
     table = self._table(seq_id)
     if len(tokens) > self.num_tokens[seq_id]:
       raise ValueError(f"tokens: {len(tokens)} exceed the {self.num_tokens[seq_id]} slots of {seq_id!r}")
+    tokens = _check_ids(tokens)
+    known = self.known_tokens[seq_id]
+    agree = min(len(known), len(tokens))
+    if tokens[:agree] != known[:agree]:
+      first = next(i for i in range(agree) if tokens[i] != known[i])
+      raise ValueError(
+        f"tokens: expected the tokens of {seq_id!r} (its prompt and earlier commits), got {tokens[first]} at index "
+        f"{first} where it has {known[first]}"
+      )
     hashes = list(self.prefix_hashes[seq_id])
     for i in range(len(hashes), len(tokens) // self.block_size):
       hashes.append(
@@ -185,13 +213,15 @@ class BlockManager:
         self.cached[prefix] = block
         self.hash_of[block] = prefix
     self.prefix_hashes[seq_id] = hashes
+    if len(tokens) > len(known):
+      self.known_tokens[seq_id] = tokens
 
   def free_sequence(self, seq_id: Hashable) -> None:
     """Drops a sequence's references (finished or preempted); unreferenced blocks go back to
     the free list, or stay cached as evictable."""
     for block in reversed(self._table(seq_id)):  # the tail first, so LRU evicts it first
       self._unref(block)
-    del self.tables[seq_id], self.num_tokens[seq_id], self.prefix_hashes[seq_id]
+    del self.tables[seq_id], self.num_tokens[seq_id], self.prefix_hashes[seq_id], self.known_tokens[seq_id]
 
   # ---- internals
 

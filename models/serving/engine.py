@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models.serving import blocks, generate
+from paperjax.models.serving import blocks
 from paperjax.models.transformer import llama
 from paperjax.ops import checks, paged_attention, sampling
 
@@ -236,7 +236,10 @@ class Engine:
         except MemoryError:
           self._preempt(max(self.running, key=lambda s: s.admitted))
     if copies:
-      src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
+      # numpy, not jnp: copy_pages checks the page ids on the host, and a device array would be copied back.
+      src: Any
+      dst: Any
+      src, dst = (np.asarray(x, np.int32) for x in zip(*copies))
       layers = self.cfg.n_layers
       self.k_pages_GPSK = paged_attention.copy_pages(self.k_pages_GPSK, src, dst, layers=layers)
       self.v_pages_GPSK = paged_attention.copy_pages(self.v_pages_GPSK, src, dst, layers=layers)
@@ -345,7 +348,10 @@ def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineCo
     )
   if any(s >= cfg.vocab_size for s in request.stop_ids):
     raise ValueError(f"request.stop_ids: expected ids in [0, {cfg.vocab_size}), got {request.stop_ids}")
-  generate.check_selection(cfg.vocab_size, request.temperature, request.top_k, request.top_p)
+  # temperature, top_k and top_p have their types and ranges from the Request's annotations;
+  # only top_k's bound depends on the model.
+  if request.top_k is not None and request.top_k > cfg.vocab_size:
+    raise ValueError(f"request.top_k: expected an int in [1, {cfg.vocab_size}] or None, got {request.top_k}")
 
 
 def _is_int(x) -> bool:

@@ -12,7 +12,6 @@ when every row has emitted a stop token or after `max_new_tokens`.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,15 +50,19 @@ def generate(
     stop_ids: a row stops after emitting any of these (the stop token is kept).
     temperature, top_k, top_p: selection (`ops.sampling.select`); temperature 0 is greedy.
 
-  Every argument is checked on the host before the jitted loop (`check_args`).
+  Every argument is checked on the host before the jitted loop (`check_args`); under a
+  user's `jax.jit` (cfg, max_new_tokens, stop_ids and the selection arguments static) the
+  shape and type checks still run, the value checks (ids, lengths) do not.
 
   Returns:
     (tokens_BN int32, lengths_B int32): row b's output is tokens_BN[b, :lengths_B[b]];
     slots after a row stopped hold stop_ids[0] (or 0).
   """
-  prompts = np.asarray(prompts_BT) if isinstance(prompts_BT, (list, tuple)) else prompts_BT
-  stop_ids = check_args(cfg, prompts, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
-  prompts, lengths = jnp.asarray(prompts), jnp.asarray(np.asarray(prompt_lengths_B), jnp.int32)
+  prompts = as_prompts(prompts_BT)
+  stop_ids, lengths = _check(cfg, prompts, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)
+  # No np.asarray here: under a user's jit or vmap the prompts and lengths are tracers, and a
+  # global array may span other hosts' devices.
+  prompts = jnp.asarray(prompts)
   top_k, top_p = None if top_k is None else int(top_k), None if top_p is None else float(top_p)
   return _generate(key, params, prompts, lengths, cfg, int(max_new_tokens), stop_ids, float(temperature), top_k, top_p)
 
@@ -106,14 +109,34 @@ def decode(key, params, cfg, state, logits_BV, max_new_tokens, stop_ids, tempera
   return tokens_BN, lengths_B
 
 
+def as_prompts(prompts_BT: Any) -> Any:
+  """A list of prompt rows as a numpy array (a ragged one refused, naming prompts_BT); an
+  array as it is (a traced one stays traced)."""
+  if not isinstance(prompts_BT, (list, tuple)):
+    return prompts_BT
+  rows = [len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in prompts_BT]
+  if len(set(rows)) > 1:
+    raise ValueError(
+      f"prompts_BT: expected rows of one length (right-pad them and pass prompt_lengths_B), got row lengths {rows}"
+    )
+  return np.asarray(prompts_BT)
+
+
 def check_args(
   cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p
 ) -> tuple[int, ...]:
   """Validates `generate`'s arguments; returns stop_ids as a tuple of ints."""
+  return _check(cfg, as_prompts(prompts_BT), prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p)[0]
+
+
+def _check(
+  cfg, prompts_BT, prompt_lengths_B, max_new_tokens, stop_ids, temperature, top_k, top_p
+) -> tuple[tuple[int, ...], jax.Array]:
+  """`check_args`, also returning the lengths as the int32 array `checks.check_lengths` gives."""
   if not hasattr(cfg, "vocab_size"):
     raise TypeError(f"cfg: expected a model config (LlamaConfig, BasedConfig, ...), got {type(cfg).__name__}")
   batch, time = checks.check_tokens(prompts_BT, cfg.vocab_size, name="prompts_BT")
-  checks.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
+  lengths_B = checks.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   max_seq_len = getattr(cfg, "max_seq_len", None)  # recurrent models have no limit
@@ -126,24 +149,10 @@ def check_args(
     raise TypeError(f"stop_ids: expected a sequence of token ids, got {type(stop_ids).__name__} {stop_ids!r}")
   if any(not _is_int(s) or not 0 <= s < cfg.vocab_size for s in stop_ids):
     raise ValueError(f"stop_ids: expected int ids in [0, {cfg.vocab_size}), got {tuple(stop_ids)}")
-  check_selection(cfg.vocab_size, temperature, top_k, top_p)
-  return tuple(int(s) for s in stop_ids)
-
-
-def check_selection(vocab_size: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-  """`ops.sampling.check_args`, plus the types a static jit argument must have: temperature
-  a finite real number, top_k an int (not a bool), top_p a real number."""
-  if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating)):
-    raise TypeError(f"temperature: expected a float >= 0, got {type(temperature).__name__} {temperature!r}")
-  if not 0 <= temperature < math.inf:
-    raise ValueError(f"temperature: expected a finite float >= 0, got {temperature}")
-  if top_k is not None and not _is_int(top_k):
-    raise TypeError(f"top_k: expected an int in [1, {vocab_size}] or None, got {type(top_k).__name__} {top_k!r}")
-  if top_p is not None and (
-    isinstance(top_p, (bool, np.bool_)) or not isinstance(top_p, (int, float, np.integer, np.floating))
-  ):
-    raise TypeError(f"top_p: expected a float in (0, 1] or None, got {type(top_p).__name__} {top_p!r}")
-  sampling.check_args(vocab_size, temperature, None if top_k is None else int(top_k), top_p)
+  if top_k is not None and not _is_int(top_k):  # a static jit argument: 2.5 is a type error, not a range one
+    raise TypeError(f"top_k: expected an int in [1, {cfg.vocab_size}] or None, got {type(top_k).__name__} {top_k!r}")
+  sampling.check_args(cfg.vocab_size, temperature, top_k, top_p)  # types and ranges of the selection
+  return tuple(int(s) for s in stop_ids), lengths_B
 
 
 def _is_int(x) -> bool:

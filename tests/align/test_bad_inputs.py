@@ -44,6 +44,10 @@ def _pair(chosen=(-1.0, -2.0), rejected=(-2.0, -1.0), ref=(-1.5, -1.5), counts=N
   return dpo.PairLogProbs(_seq(chosen, counts), _seq(rejected), _seq(ref), _seq(ref))
 
 
+def _preference_step():
+  return align_train.make_preference_step(MODEL, TCFG, dpo.PreferenceConfig())
+
+
 def _kto(desirable, **kw):
   s = _seq([-1.0, -2.0])
   return dpo.kto_loss(s, s, desirable, s, s, **kw)
@@ -329,7 +333,7 @@ CASES = [
   pytest.param(
     lambda: TASK.target(np.array([[1, 4, 5, 6, 2]])),
     ValueError,
-    r"prompts: expected integer \[n, length \+ 2 = 4\]",
+    r"prompts: expected integer ids \[n, length \+ 2 = 4\]",
     id="task-prompt-width",
   ),
   pytest.param(
@@ -408,6 +412,49 @@ CASES = [
     r"batch.rejected_lengths_B: expected lengths in \[1, 5\], got \[6\]",
     id="preference-step-bad-batch",
   ),
+  # ---- the preference step's reference log-probs, checked on the host with the batch ----
+  pytest.param(
+    lambda: _preference_step()(None, PAIR, None),
+    TypeError,
+    r"reference: expected a \(chosen, rejected\) pair of logprobs.SequenceLogProbs .*got a NoneType",
+    id="preference-step-reference-none",
+  ),
+  pytest.param(
+    lambda: _preference_step()(None, PAIR, (_seq([-1.0]),) * 3),
+    TypeError,
+    r"reference: expected a \(chosen, rejected\) pair .*got a tuple of length 3",
+    id="preference-step-reference-3-tuple",
+  ),
+  pytest.param(
+    lambda: _preference_step()(None, PAIR, (_seq([-1.0]), np.zeros(1, np.float32))),
+    TypeError,
+    r"reference.rejected: expected logprobs.SequenceLogProbs, got ndarray",
+    id="preference-step-reference-not-seq",
+  ),
+  pytest.param(
+    lambda: _preference_step()(None, PAIR, (_seq([0.5]), _seq([-1.0]))),
+    ValueError,
+    r"reference.chosen.sum_B: expected log-probs in \[-inf, 0\], got \[0.5\] at index \[0\]",
+    id="preference-step-reference-positive",
+  ),
+  pytest.param(
+    lambda: _preference_step()(None, PAIR, (_seq([-1.0]), _seq([NAN]))),
+    ValueError,
+    r"reference.rejected.sum_B: expected finite values, got \[nan\]",
+    id="preference-step-reference-nan",
+  ),
+  pytest.param(
+    lambda: _preference_step()(None, PAIR, (_seq([-1.0, -2.0]), _seq([-1.0, -2.0]))),
+    ValueError,
+    r"reference.chosen.sum_B: expected shape \(1,\) like the batch, got \(2,\)",
+    id="preference-step-reference-batch-shape",
+  ),
+  pytest.param(
+    lambda: align_train.check_batch(PAIR._replace(margin_B=np.array([1], np.int32)), 8),
+    TypeError,
+    r"batch.margin_B: expected float margins, got int32",
+    id="batch-margin-int",
+  ),
   pytest.param(
     lambda: align_train.reference_logprobs({}, MODEL, PAIR._replace(chosen_BT=PAIR.chosen_BT + 5)),
     ValueError,
@@ -439,6 +486,22 @@ def test_the_batch_this_file_corrupts_is_valid():
   # Each batch case changes one field of PAIR: PAIR itself passes.
   align_train.check_batch(PAIR, 8)
   assert PAIR.chosen_mask_BT.tolist() == [[False, False, False, True, True]]
+
+
+def test_batch_takes_bfloat16_margins():
+  # ml_dtypes' bfloat16 is no np.floating: the dtype check uses jnp.issubdtype.
+  align_train.check_batch(PAIR._replace(margin_B=jnp.zeros(1, jnp.bfloat16)), 8)
+
+
+def test_preference_step_is_train_make_step():
+  # The host-checked step exposes train.make_step's jitted program, which compiles as is.
+  params = llama.init(KEY, MODEL)
+  step = _preference_step()
+  state = train.start_state(params, TCFG)
+  reference = align_train.reference_logprobs(params, MODEL, PAIR)
+  assert step.jitted.lower(state, PAIR, reference).compile() is not None
+  _, metrics = step(state, PAIR, reference)
+  assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_token_logprobs_checks_compile_into_checked():

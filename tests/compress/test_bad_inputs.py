@@ -5,6 +5,7 @@ import functools
 import math
 import pathlib
 
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -150,6 +151,37 @@ CASES = [
     r"mu\['w'\]: expected float32\[4\] as in like, got float32\[8\]",
     id="like-shape",
   ),
+  # ---- the coding primitives ----
+  pytest.param(
+    lambda: excp.pack_bits(np.array([20, 1]), 4),
+    ValueError,
+    r"values: expected integers in \[0, 15\], got \[20\] at index \[0\]",
+    id="pack-bits-too-large",
+  ),
+  pytest.param(
+    lambda: excp.unpack_bits(b"\x12", 4, 10),
+    ValueError,
+    r"data: expected 5 bytes for 10 values of 4 bits, got 1",
+    id="unpack-bits-short",
+  ),
+  pytest.param(
+    lambda: excp.kmeans_1d(np.array([1.0, np.nan]), 2),
+    ValueError,
+    r"x: expected finite values, got \[nan\]",
+    id="kmeans-nan",
+  ),
+  pytest.param(
+    lambda: excp.masks(W["w"], M["w"], -np.ones(64, np.float32), alpha=5e-5, beta=2.0),
+    ValueError,
+    r"v: expected second moments >= 0, got \[-1\.0",
+    id="masks-negative-v",
+  ),
+  pytest.param(
+    lambda: excp.masks(W["w"], M["w"][:3], V["w"], alpha=5e-5, beta=2.0),
+    ValueError,
+    r"dw, m, v: expected one shape, got \(64,\), \(3,\), \(64,\)",
+    id="masks-shapes",
+  ),
 ]
 
 
@@ -162,3 +194,10 @@ def _in_tmp_path(tmp_path, monkeypatch):
 def test_bad_input(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+def test_pack_bits_round_trips_and_masks_take_bfloat16():
+  values = np.array([0, 15, 7, 1, 9], np.uint8)
+  np.testing.assert_array_equal(excp.unpack_bits(excp.pack_bits(values, 4), 4, 5), values)
+  keep, _ = excp.masks(W["w"].astype(ml_dtypes.bfloat16), M["w"], V["w"], alpha=5e-5, beta=2.0)
+  assert keep.shape == (64,)

@@ -332,7 +332,10 @@ SAE = [
     lambda: sae_eval.steer(np.full(D, NAN), 1.0), ValueError, "direction_D: expected finite values", id="steer-nan"
   ),
   pytest.param(
-    lambda: sae_eval.steer(np.ones(D), INF), ValueError, "scale: expected a finite float, got inf", id="steer-scale-inf"
+    lambda: sae_eval.steer(np.ones(D), INF),
+    ValueError,
+    r"scale: expected finite values, got \[inf\]",
+    id="steer-scale-inf",
   ),
   # The model is never run: each check fails before it (no parameters needed).
   pytest.param(
@@ -499,8 +502,35 @@ INTERACTIONS = [
   pytest.param(
     lambda: ia.salience_threshold(jnp.zeros(3), jnp.zeros(3), NAN),
     ValueError,
-    "fraction: expected a finite float >= 0, got nan",
+    r"fraction: expected a float in \[0, 1\], got nan",
     id="salience-fraction-nan",
+  ),
+  pytest.param(
+    lambda: ia.salience_threshold(jnp.zeros(3), jnp.zeros(3), 2.0),
+    ValueError,
+    r"fraction: expected a float in \[0, 1\], got 2.0",
+    id="salience-fraction-2",
+  ),
+  pytest.param(
+    lambda: ia.log_odds(jnp.zeros((2, 1)), 0),
+    ValueError,
+    r"logits_BC: expected at least 2 classes \[B, C >= 2\], got shape \(2, 1\)",
+    id="log-odds-one-class",
+  ),
+  pytest.param(
+    lambda: ia.moebius([1.0, 2.0]), TypeError, r"f_M: expected an array over 2\^n subsets", id="moebius-list"
+  ),
+  pytest.param(
+    lambda: sae.decode(_params(), jnp.ones((2, 10))),
+    ValueError,
+    r"f_BF: expected features \[B, d_sae=\d+\], got shape \(2, 10\)",
+    id="decode-width",
+  ),
+  pytest.param(
+    lambda: sae_eval.steer(np.ones(D), "big"),
+    TypeError,
+    r"scale: expected a finite float, got str",
+    id="steer-scale-str",
   ),
   pytest.param(
     lambda: dynamics.m_hat(3, NAN), ValueError, "sigma2: expected a finite float >= 0, got nan", id="sigma2-nan"
@@ -554,3 +584,19 @@ def test_checked_catches_what_a_plain_jit_cannot():
   encode = checks.checked(sae.encode, static_argnames="cfg")
   with pytest.raises(checkify.JaxRuntimeError, match="x_BD: expected finite values, got nan"):
     encode(_params(), jnp.asarray(_nan_x()), cfg=TOPK)
+
+
+def test_steer_scale_is_checked_under_checked():
+  # the scale check goes through ops.checks, so it compiles into checks.checked (it was concrete-only)
+  steered = checks.checked(lambda d, scale, x: sae_eval.steer(d, scale)(x))
+  x = jnp.zeros((1, 2, D))
+  np.testing.assert_allclose(steered(jnp.ones(D), 2.0, x), 2.0 * np.ones((1, 2, D)))
+  with pytest.raises(checkify.JaxRuntimeError, match="scale: expected finite values, got nan"):
+    steered(jnp.ones(D), jnp.float32(np.nan), x)
+
+
+def test_penalty_scale_and_label_checks_on_scalars():
+  with pytest.raises(ValueError, match=r"penalty_scale: expected values in \[0, inf\], got \[-1.0\]"):
+    sae.loss(_params(), jnp.ones((2, _params()["W_dec"].shape[1])), TOPK, penalty_scale=-1.0)
+  with pytest.raises(ValueError, match=r"label: expected class ids in \[0, 9\], got \[10\]"):
+    ia.log_odds(jnp.zeros((2, 10)), 10)

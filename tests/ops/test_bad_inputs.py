@@ -106,7 +106,7 @@ CASES = [
   pytest.param(
     lambda: sampling.select(KEY, _logits([0, 1]), NAN),
     ValueError,
-    r"temperature: expected >= 0, got nan",
+    r"temperature: expected >= 0 and finite, got nan",
     id="temperature-nan",
   ),
   pytest.param(
@@ -115,8 +115,77 @@ CASES = [
   pytest.param(
     lambda: sampling.select(KEY, _logits([0, 1]), "hot"),
     TypeError,
-    r"temperature: expected a python float",
+    r"temperature: expected a real number",
     id="temperature-str",
+  ),
+  pytest.param(
+    lambda: sampling.select(KEY, _logits([0, 1]), INF),
+    ValueError,
+    r"temperature: expected >= 0 and finite",
+    id="temp-inf",
+  ),
+  # ---- lists where arrays go, flags and dtypes (attention, norms, mlp, quant) ----
+  pytest.param(
+    lambda: attention.make_mask(np.zeros((1, 2)), np.zeros((1, 2)), causal="no"),
+    TypeError,
+    r"causal: expected a bool, got str 'no'",
+    id="make-mask-causal-str",
+  ),
+  pytest.param(
+    lambda: attention.make_mask(
+      np.zeros((1, 2)), np.zeros((1, 2)), q_segment_ids_BT=[[0, 0]], kv_segment_ids_BS=[[0, 0]]
+    ),
+    TypeError,
+    r"q_segment_ids_BT: expected an array",
+    id="make-mask-segment-list",
+  ),
+  pytest.param(
+    lambda: attention.attention(*_qkv(), [[[True, True], [True, True]]]),
+    TypeError,
+    r"mask_BTS: expected an array",
+    id="attention-mask-list",
+  ),
+  pytest.param(
+    lambda: attention.sliding_window_attention(*_qkv(), 2, q_positions_BT=[[0, 1]]),
+    TypeError,
+    r"q_positions_BT: expected an array",
+    id="swa-positions-list",
+  ),
+  pytest.param(
+    lambda: attention.window_mask(np.zeros((1, 2)), [[0, 1]], 2),
+    TypeError,
+    r"k_positions_BS: expected an array",
+    id="window-mask-list",
+  ),
+  pytest.param(
+    lambda: norms.rms_norm(np.ones((2, 4), np.float32), [1.0, 1.0, 1.0, 1.0]),
+    TypeError,
+    r"scale_D: expected an array \[D\]",
+    id="rms-norm-scale-list",
+  ),
+  pytest.param(
+    lambda: norms.rms_norm(np.ones((2, 4), np.float32), np.ones(4, np.float32), "1e-5"),
+    TypeError,
+    r"eps: expected a float > 0, got str",
+    id="rms-norm-eps-str",
+  ),
+  pytest.param(
+    lambda: mlp.swiglu(np.ones((1, 4), np.float32), [[1.0] * 2] * 4, np.ones((4, 2)), np.ones((2, 4))),
+    TypeError,
+    r"w1_DE: expected an array \[D, E\]",
+    id="swiglu-weight-list",
+  ),
+  pytest.param(
+    lambda: quant.dequantize(quant.quantize(jnp.ones((2, 2)), "int8"), jnp.int32),
+    TypeError,
+    r"dtype: expected a float dtype",
+    id="dequantize-int-dtype",
+  ),
+  pytest.param(
+    lambda: sampling.check_args(2, jnp.array([0.5, 1.0]), None, None),
+    TypeError,
+    r"temperature: expected a real number",
+    id="temperature-vector",
   ),
   pytest.param(
     lambda: sampling.select(KEY, _logits([0, 1]), top_k=0),
@@ -309,7 +378,7 @@ CASES = [
   pytest.param(
     lambda: _paged(lengths=np.array([3.0, 6.0], np.float32)),
     TypeError,
-    r"lengths_B: expected integer \[B\], got float32",
+    r"lengths_B: expected integers? \[B\], got float32",
     id="paged-float-lengths",
   ),
   pytest.param(
@@ -336,7 +405,7 @@ CASES = [
       Q_BHK[:, None], POOL, POOL, TABLES, np.array([[2.0], [5.0]], np.float32), LENGTHS
     ),
     TypeError,
-    r"q_positions_BT: expected integer \[B, T\]",
+    r"q_positions_BT: expected integers? \[B, T\]",
     id="paged-reference-float-positions",
   ),
   pytest.param(
@@ -601,3 +670,34 @@ def test_tensor_array_checks_compile_into_checked():
   np.testing.assert_allclose(fn(q, p, jnp.array([0, 1, 2])), 4 * 3 * np.ones((2, 3)))
   with pytest.raises(checkify.JaxRuntimeError, match=r"passage_doc_Z: expected document ids in \[0, 2\], got 7"):
     fn(q, p, jnp.array([0, 7, 2]))
+
+
+# ---- tiny temperatures and huge logits: the max logit is subtracted before dividing by T ----
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+  "row, temperature, kwargs",
+  [
+    ([0.0, 1.0, 3.0, 2.0], 1e-40, {}),
+    ([0.0, 3e38, 1e38], 0.5, {}),
+    ([0.0, 1.0, 3.0, 2.0], 1e-40, {"top_k": 2}),
+    ([0.0, 1.0, 3.0, 2.0], 1e-40, {"top_p": 0.9}),
+    ([0.0, 3e38, 1e38], 0.5, {"top_k": 2, "top_p": 0.5}),
+    ([0.0, 1e10, 3e10, 2e10], 1.0, {}),
+  ],
+)
+def test_select_is_greedy_at_tiny_temperature(row, temperature, kwargs, jit):
+  logits = jnp.asarray(_logits(row, row[::-1]))
+  fn = lambda key, x: sampling.select(key, x, temperature, **kwargs)
+  fn = jax.jit(fn) if jit else fn
+  greedy = sampling.select(KEY, logits, 0.0)
+  for seed in range(3):
+    np.testing.assert_array_equal(fn(jax.random.key(seed), logits), greedy)
+
+
+def test_check_args_takes_jax_and_numpy_scalars():
+  for value in (jnp.float32(0.7), np.float32(0.7), jnp.asarray(1), np.int64(2)):
+    sampling.check_args(10, value, None, None)
+  sampling.check_args(10, 1.0, None, jnp.float32(0.5))
+  assert sampling.select(KEY, jnp.asarray(_logits([0, 5, 1])), jnp.float32(1e-30)).tolist() == [1]

@@ -24,6 +24,11 @@ def _table(order: int = 1) -> bigram.NgramTable:
   return bigram.NgramTable(jnp.full((V**order, V), 1.0 / V, jnp.float32), order)
 
 
+def _hand_table(first: float) -> bigram.NgramTable:
+  """The uniform table with probs_CV[0, 0] set to `first` (row 0 no longer a distribution)."""
+  return bigram.NgramTable(_table().probs_CV.at[0, 0].set(first), 1)
+
+
 def _generate(prompt_BO=((1,),), **kwargs):
   return bigram.generate(KEY, _table(), prompt_BO, **{"max_new_tokens": 2, **kwargs})
 
@@ -194,6 +199,37 @@ CASES = [
   pytest.param(
     lambda: bigram.log_probs(_table(), np.array([[1, 99]])), ValueError, "tokens_BT: id 99 outside", id="log-probs-99"
   ),
+  # Hand-built tables: each row must be a distribution
+  pytest.param(
+    lambda: bigram.perplexity(_hand_table(-0.1), OK_TOKENS),
+    ValueError,
+    r"table\.probs_CV: expected probabilities >= 0, got \[-0\.1",
+    id="table-negative",
+  ),
+  pytest.param(
+    lambda: bigram.log_probs(_hand_table(0.5), OK_TOKENS),
+    ValueError,
+    r"table\.probs_CV: expected rows summing to 1 \(within 1e-4\), got \[1\.4",
+    id="table-unnormalised",
+  ),
+  pytest.param(
+    lambda: bigram.next_token_probs(_hand_table(np.nan), jnp.array([[0]])),
+    ValueError,
+    r"table\.probs_CV: expected finite values, got \[nan\]",
+    id="table-nan",
+  ),
+  pytest.param(
+    lambda: bigram.perplexity({"probs_CV": _table().probs_CV, "order": 1}, OK_TOKENS),
+    TypeError,
+    r"table: expected an NgramTable",
+    id="perplexity-dict",
+  ),
+  pytest.param(
+    lambda: bigram.next_token_probs(bigram.NgramTable(jnp.full((4, 16), 1 / 16), 1), jnp.array([[0]])),
+    ValueError,
+    r"table\.probs_CV: expected \[V\^order, V\] = \[16, 16\] for order=1, got \(4, 16\)",
+    id="table-rows",
+  ),
 ]
 
 
@@ -210,3 +246,16 @@ def test_checked_next_token_probs_raises_inside_jit_for_an_id_out_of_range():
   np.testing.assert_allclose(probs(_table(), jnp.array([[3]])), np.full((1, V), 1 / V))
   with pytest.raises(checkify.JaxRuntimeError, match=r"context_BO: expected ids in \[0, 16\), got 99"):
     probs(_table(), jnp.array([[99]]))
+
+
+def test_bfloat16_temperature_and_table_are_accepted():
+  tokens, _ = bigram.generate(KEY, _table(), [[1]], max_new_tokens=2, temperature=jnp.bfloat16(0.5))
+  assert tokens.shape == (1, 2)
+  bf16 = bigram.NgramTable(_table().probs_CV.astype(jnp.bfloat16), 1)
+  assert bigram.next_token_probs(bf16, jnp.array([[0]])).shape == (1, 16)
+
+
+def test_checked_log_probs_refuses_an_unnormalised_table():
+  fn = checks.checked(lambda table, tokens: bigram.next_token_probs(table, tokens))
+  with pytest.raises(checkify.JaxRuntimeError, match="table.probs_CV: expected rows summing to 1"):
+    fn(_hand_table(0.5), jnp.array([[0]]))

@@ -92,6 +92,15 @@ GENERATE = [
   pytest.param(lambda: _generate(max_new_tokens=2.5), ValueError, "max_new_tokens: expected an int", id="new-float"),
   pytest.param(lambda: _generate(max_new_tokens=True), ValueError, "max_new_tokens: expected an int", id="new-bool"),
   pytest.param(
+    lambda: _generate(prompts=[[1, 2, 3], [4, 5]]),
+    ValueError,
+    r"prompts_BT: expected rows of one length \(right-pad them and pass prompt_lengths_B\), got row lengths \[3, 2\]",
+    id="prompts-ragged-list",
+  ),
+  pytest.param(
+    lambda: _generate(temperature=True), TypeError, "temperature: expected a real number", id="temperature-bool"
+  ),
+  pytest.param(
     lambda: _generate(max_new_tokens=254),
     ValueError,
     "max_new_tokens: prompt width 3 .* max_seq_len=256",
@@ -100,16 +109,19 @@ GENERATE = [
   pytest.param(
     lambda: _generate(temperature=NAN),
     ValueError,
-    "temperature: expected a finite float >= 0, got nan",
+    "temperature: expected >= 0 and finite, got nan",
     id="temperature-nan",
   ),
   pytest.param(
-    lambda: _generate(temperature=INF), ValueError, "temperature: expected a finite float", id="temperature-inf"
+    lambda: _generate(temperature=INF),
+    ValueError,
+    "temperature: expected >= 0 and finite, got inf",
+    id="temperature-inf",
   ),
   pytest.param(
     lambda: _generate(temperature=-0.5),
     ValueError,
-    "temperature: expected a finite float >= 0, got -0.5",
+    "temperature: expected >= 0 and finite, got -0.5",
     id="temperature-negative",
   ),
   pytest.param(
@@ -304,6 +316,17 @@ ENGINE = [
   ),
 ]
 
+
+def _allocated_a() -> blocks.BlockManager:
+  mgr = blocks.BlockManager(num_blocks=4, block_size=2)
+  mgr.allocate("a", [1, 2, 3, 4, 5])
+  return mgr
+
+
+def _committed_other_tokens() -> None:
+  _allocated_a().commit("a", [9, 9, 9, 9, 9])  # would let a later [9, 9, 9, 9, 1] hit a's K/V
+
+
 BLOCKS = [
   pytest.param(
     lambda: blocks.BlockManager(num_blocks=0, block_size=4),
@@ -322,6 +345,42 @@ BLOCKS = [
     ValueError,
     "tokens: expected int32 token ids, got float64",
     id="allocate-float",
+  ),
+  pytest.param(
+    lambda: _committed_other_tokens(),
+    ValueError,
+    r"tokens: expected the tokens of 'a' \(its prompt and earlier commits\), got 9 at index 0 where it has 1",
+    id="commit-other-tokens",
+  ),
+  pytest.param(
+    lambda: _allocated_a().commit("a", [1, 2, 3, 4, 5, 6]),
+    ValueError,
+    r"tokens: 6 exceed the 5 slots of 'a'",
+    id="commit-longer",
+  ),
+  pytest.param(
+    lambda: _allocated_a().commit("a", [1, -2]),
+    ValueError,
+    r"tokens: expected int32 token ids >= 0, got \[-2\]",
+    id="commit-negative-id",
+  ),
+  pytest.param(
+    lambda: blocks.BlockManager(4, 2).allocate("s", [3, -1, 2]),
+    ValueError,
+    r"tokens: expected int32 token ids >= 0, got \[-1\]",
+    id="allocate-negative-id",
+  ),
+  pytest.param(
+    lambda: blocks.BlockManager(4, 2, [0]),  # type: ignore[call-arg]
+    TypeError,
+    r"BlockManager.__init__\(\) takes 3 positional arguments",
+    id="blocks-internal-free",
+  ),
+  pytest.param(
+    lambda: blocks.BlockManager(4, 2).blocks_for(-5),
+    ValueError,
+    r"num_tokens: expected an int >= 0, got int -5",
+    id="blocks-for-negative",
   ),
   pytest.param(
     lambda: blocks.block_hash(blocks.ROOT_HASH, [2**40]),
@@ -345,6 +404,16 @@ def _allocated() -> blocks.BlockManager:
 def test_bad_input(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+def test_generate_traces_under_jit():
+  # The lengths go on as the array check_lengths returns: no np.asarray of a tracer.
+  static = ("cfg", "max_new_tokens", "stop_ids", "temperature", "top_k", "top_p")
+  jitted = jax.jit(generate.generate, static_argnames=static)
+  tokens, lengths = jitted(KEY, _params(), CFG, jnp.asarray(PROMPTS), jnp.asarray(LENGTHS), max_new_tokens=2)
+  want_tokens, want_lengths = _generate()
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_array_equal(lengths, want_lengths)
 
 
 def test_bad_requests_leave_the_engine_as_it_was():

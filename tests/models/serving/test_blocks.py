@@ -384,7 +384,8 @@ def test_committed_blocks_are_hashed_once_and_never_recached_under_other_tokens(
   mgr.commit("a", [5, 6])
   mgr.commit("b", [5, 6, 7, 8])  # b's block 0 stays uncached (a's holds [5, 6]); block 1 is cached
   before = _state(mgr)
-  mgr.commit("b", [1, 1, 7, 8])  # tokens b did not write: its committed prefix is not re-read
+  with pytest.raises(ValueError, match=r"tokens: expected the tokens of 'b'.* got 1 at index 0 where it has 5"):
+    mgr.commit("b", [1, 1, 7, 8])  # tokens b did not write: refused, nothing changes
   _assert_unchanged(mgr, before)
   assert mgr.cached_prefix([1, 1, 0]) == []  # b's block 0 holds [5, 6], not [1, 1]
 
