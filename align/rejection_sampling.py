@@ -155,23 +155,19 @@ def pages_needed(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, pag
   )
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _check_k(k) -> None:
-  if not _is_int(k) or k < 1:
+  if not checks.is_int(k) or k < 1:
     raise ValueError(f"k: expected an int >= 1, got {k!r}")
 
 
 def _check_pages_args(prompt_lengths: Sequence[int], k: int, max_new_tokens: int, page_size: int) -> None:
   lengths = list(prompt_lengths)
-  if not lengths or not all(_is_int(n) and n >= 1 for n in lengths):
+  if not lengths or not all(checks.is_int(n) and n >= 1 for n in lengths):
     raise ValueError(f"prompt_lengths: expected a non-empty sequence of ints >= 1, got {prompt_lengths!r}")
   _check_k(k)
-  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+  if not checks.is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  if not _is_int(page_size) or page_size < 1:
+  if not checks.is_int(page_size) or page_size < 1:
     raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
 
 

@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import shutil
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from etils import epath
 
 from paperjax.compress import excp
 from paperjax.models.training.train import TrainState
+from paperjax.ops import checks
 
 FILE = "excp.bin"
 ITEM = ocp.checkpoint_manager.DEFAULT_ITEM_NAME  # the item directory orbax writes FILE in: <step>/default/excp.bin
@@ -185,9 +185,9 @@ class ExcpCheckpointManager:
       raise NotADirectoryError(f"directory: expected a directory (or a path to create one at), got the file {path}")
     if not (config is None or isinstance(config, excp.ExcpConfig)):
       raise TypeError(f"config: expected an excp.ExcpConfig or None, got {config!r}")
-    if max_to_keep is not None and not _is_int(max_to_keep):
+    if max_to_keep is not None and not checks.is_int(max_to_keep):
       raise TypeError(f"max_to_keep: expected an int >= 1 or None, got {max_to_keep!r}")
-    if not _is_int(keyframe_every):
+    if not checks.is_int(keyframe_every):
       raise TypeError(f"keyframe_every: expected an int >= 0 (0: only the first save), got {keyframe_every!r}")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep: expected >= 1 or None, got {max_to_keep}")
@@ -297,7 +297,7 @@ class ExcpCheckpointManager:
     """
     if not isinstance(like, TrainState):
       raise TypeError(f"like: expected a TrainState (arrays or abstract), got {type(like).__name__}")
-    if not (step is None or _is_int(step)):
+    if not (step is None or checks.is_int(step)):
       raise TypeError(f"step: expected an int or None (the latest), got {step!r}")
     step = self.latest_step() if step is None else int(step)
     if step is None:
@@ -320,7 +320,7 @@ class ExcpCheckpointManager:
       return
     meta = meta if isinstance(meta, dict) else {}
     parent = meta.get("parent", -1)
-    if not (meta.get("step") == step and (parent is None or (_is_int(parent) and 0 <= parent < step))):
+    if not (meta.get("step") == step and (parent is None or (checks.is_int(parent) and 0 <= parent < step))):
       expected = f"{{'step': {step}, 'parent': an earlier step or None}}"
       self._damaged[step] = f"unreadable ExCP header in {path}: expected meta {expected}, got {meta}"
       return
@@ -374,10 +374,6 @@ class ExcpCheckpointManager:
     if self._cache is not None and self._cache[0] == step:
       return self._cache[1]
     return self._decode(step).weights
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _step_of(state: TrainState) -> int:

@@ -105,12 +105,17 @@ def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: s
     raise ValueError(f"{name}: expected {shape or f'rank {ndim}'}, got {x.dtype} of shape {tuple(x.shape)}")
 
 
+def is_int(x: Any) -> bool:
+  """A Python or numpy integer, not a bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_int(name: str, x: Any, low: int | None = None, high: int | None = None) -> int:
   """x as an int: a Python, numpy or concrete 0-d jax integer (not a bool) in [low, high]
   (None: open)."""
   if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 0:
     x = np.asarray(x)[()]  # e.g. a TrainState's step
-  if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_)):
+  if not is_int(x):
     raise TypeError(f"{name}: expected an int, got {type(x).__name__} {x!r}")
   if (low is not None and x < low) or (high is not None and x > high):
     raise ValueError(f"{name}: expected an int in [{low}, {'inf' if high is None else high}], got {x}")

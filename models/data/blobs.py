@@ -17,7 +17,7 @@ fly (numpy on the host).
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Blobs:
 
 def sample(seed: int, batch: int, cfg: BlobConfig) -> Blobs:
   """`batch` videos of cfg.blobs blobs, seeded (the same seed gives the same videos)."""
-  if not _is_int(batch) or batch < 1:
+  if not checks.is_int(batch) or batch < 1:
     raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
   if not isinstance(cfg, BlobConfig):
     raise TypeError(f"cfg: expected a BlobConfig, got {type(cfg).__name__}")
@@ -145,7 +145,3 @@ def trajectory_error(video: np.ndarray, tracks: np.ndarray) -> np.ndarray:
     raise ValueError(f"tracks: expected one point per frame, shape {(*video.shape[:2], 1, 2)}, got {tracks.shape}")
   centre, _ = centroids(video)
   return np.linalg.norm(centre - tracks[:, :, 0], axis=-1)
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from paperjax.models.data.tokenizer import Tokenizer
+from paperjax.ops import checks
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
@@ -48,7 +49,7 @@ def stdlib_documents(max_chars: int | None = None) -> list[Document]:
   Files that are not valid UTF-8 are skipped. With `max_chars`, documents are taken in
   order until that many characters; the last one is cut to fit exactly.
   """
-  if max_chars is not None and (not _is_int(max_chars) or max_chars <= 0):
+  if max_chars is not None and (not checks.is_int(max_chars) or max_chars <= 0):
     raise ValueError(f"max_chars: expected a positive int or None, got {max_chars!r}")
   root = stdlib_root()
   paths = sorted(
@@ -124,7 +125,7 @@ def windows(x_N: np.ndarray, length: int, *, stride: int | None = None) -> np.nd
   stride = length if stride is None else stride
   if x_N.ndim != 1:
     raise ValueError(f"x_N: expected a 1-D stream, got shape {x_N.shape}")
-  if not (_is_int(length) and _is_int(stride)) or length <= 0 or stride <= 0:
+  if not (checks.is_int(length) and checks.is_int(stride)) or length <= 0 or stride <= 0:
     raise ValueError(f"length, stride: expected positive ints, got {length!r}, {stride!r}")
   if x_N.shape[0] < length:
     raise ValueError(f"x_N: stream of {x_N.shape[0]} tokens is shorter than one window ({length})")
@@ -137,7 +138,7 @@ def compact_vocab(ids: np.ndarray, size: int) -> np.ndarray:
   Count tables need V^(k+1) cells, so table models on a 100k vocabulary work on a
   compact one: these ids plus one "other" id for the rest (see `to_compact`).
   """
-  if not _is_int(size) or size < 2:
+  if not checks.is_int(size) or size < 2:
     raise ValueError(f"size: expected an int >= 2 (one kept token plus 'other'), got {size!r}")
   ids = _token_ids(ids, "ids")
   if not ids.size:
@@ -161,10 +162,6 @@ def to_compact(ids: np.ndarray, kept: np.ndarray) -> np.ndarray:
     raise ValueError(f"kept: expected distinct ids, got repeats {np.unique(repeated)[:5].tolist()}")
   at = np.minimum(np.searchsorted(sorted_kept, ids), kept.size - 1)
   return np.where(sorted_kept[at] == ids, order[at], kept.size).astype(np.int32)
-
-
-def _is_int(value: object) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _token_ids(x, arg: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from paperjax.models.data.synthetic import RecallBatch
+from paperjax.ops import checks
 
 
 def build(context: str, question: str, *, repeats: int = 2, separator: str = "\n\n") -> str:
@@ -63,7 +64,7 @@ def repeat_recall(batch: RecallBatch, repeats: int = 2, *, context_len: int | No
   time = batch.tokens_BT.shape[1]
   context_len = time if context_len is None else context_len
   _check_repeats(repeats)
-  if not _is_int(context_len) or not 1 <= context_len <= time:
+  if not checks.is_int(context_len) or not 1 <= context_len <= time:
     raise ValueError(f"context_len: expected 1 <= C <= T={time}, got {context_len}")
   earlier_BT = np.tile(batch.tokens_BT[:, :context_len], (1, repeats - 1))
   tokens_BT = np.concatenate([earlier_BT, batch.tokens_BT], axis=1)
@@ -73,10 +74,6 @@ def repeat_recall(batch: RecallBatch, repeats: int = 2, *, context_len: int | No
   )
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _check_repeats(repeats: Any) -> None:
-  if not _is_int(repeats) or repeats < 1:
+  if not checks.is_int(repeats) or repeats < 1:
     raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")

@@ -181,7 +181,7 @@ def perplexity(table: NgramTable, tokens_BT, mask_BT=None, *, start: int | None 
   """
   _check_table_type(table)
   start = table.order if start is None else start
-  if not _is_int(start) or start < table.order:
+  if not checks.is_int(start) or start < table.order:
     raise ValueError(f"start: expected an int >= order={table.order}, got {start!r}")
   lp_BT, defined_BT = log_probs(table, tokens_BT, mask_BT)
   defined_BT = defined_BT.at[:, :start].set(False)
@@ -219,9 +219,9 @@ def generate(
   """
   _check_table_type(table)
   prompt_BO = _check_context("prompt_BO", prompt_BO, table)
-  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+  if not checks.is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < table.vocab_size):
+  if eos_id is not None and (not checks.is_int(eos_id) or not 0 <= eos_id < table.vocab_size):
     raise ValueError(f"eos_id: expected an int id in [0, {table.vocab_size}) or None, got {eos_id!r}")
   _check_scalar("temperature", temperature)
   context_BO = prompt_BO[:, prompt_BO.shape[1] - table.order :].astype(jnp.int32)
@@ -258,10 +258,6 @@ def _context_index(context_BO: jax.Array, order: int, vocab_size: int) -> jax.Ar
   return index
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _check_scalar(name: str, x: Any) -> None:
   """x is a real scalar, finite and >= 0 (when concrete: a traced alpha is not checked)."""
   if isinstance(x, (bool, np.bool_)):
@@ -282,7 +278,7 @@ def _check_table_type(table: Any) -> None:
   A hand-built table with a negative or unnormalised row would give NaN or a wrong perplexity."""
   if not isinstance(table, NgramTable):
     raise TypeError(f"table: expected an NgramTable (bigram.fit(...)), got {type(table).__name__}")
-  if not _is_int(table.order) or table.order < 0:
+  if not checks.is_int(table.order) or table.order < 0:
     raise ValueError(f"table.order: expected an int >= 0, got {table.order!r}")
   checks.check_array("table.probs_CV", table.probs_CV, 2, shape="[V^order, V]")
   probs_CV = table.probs_CV
@@ -312,9 +308,9 @@ def _check_context(name: str, context_BO: Any, table: NgramTable) -> jax.Array:
 
 
 def _check_table(vocab_size: int, order: int, max_table_bytes: int) -> None:
-  if not _is_int(order) or order < 0:
+  if not checks.is_int(order) or order < 0:
     raise ValueError(f"order: expected an int >= 0, got {order!r}")
-  if not _is_int(vocab_size) or vocab_size < 2:
+  if not checks.is_int(vocab_size) or vocab_size < 2:
     raise ValueError(f"vocab_size: expected an int >= 2, got {vocab_size!r}")
   if isinstance(max_table_bytes, bool) or not isinstance(max_table_bytes, (int, float, np.integer, np.floating)):
     raise TypeError(f"max_table_bytes: expected a number of bytes, got {type(max_table_bytes).__name__}")

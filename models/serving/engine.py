@@ -92,7 +92,7 @@ def _token_ids(name: str, ids: Any, *, empty: bool) -> tuple[int, ...]:
     raise TypeError(
       f"{name}: expected a sequence of int token ids (tokenize text first), got {type(ids).__name__} {ids!r:.60}"
     )
-  bad = [i for i, x in enumerate(ids) if not _is_int(x)]
+  bad = [i for i, x in enumerate(ids) if not checks.is_int(x)]
   if bad:
     x = ids[bad[0]]
     raise TypeError(f"{name}: expected int token ids, got {x!r} ({type(x).__name__}) at index {bad[0]}")
@@ -352,7 +352,3 @@ def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineCo
   # only top_k's bound depends on the model.
   if request.top_k is not None and request.top_k > cfg.vocab_size:
     raise ValueError(f"request.top_k: expected an int in [1, {cfg.vocab_size}] or None, got {request.top_k}")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)

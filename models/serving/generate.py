@@ -137,7 +137,7 @@ def _check(
     raise TypeError(f"cfg: expected a model config (LlamaConfig, BasedConfig, ...), got {type(cfg).__name__}")
   batch, time = checks.check_tokens(prompts_BT, cfg.vocab_size, name="prompts_BT")
   lengths_B = checks.check_lengths(prompt_lengths_B, batch, time, name="prompt_lengths_B")
-  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+  if not checks.is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   max_seq_len = getattr(cfg, "max_seq_len", None)  # recurrent models have no limit
   if max_seq_len is not None and prompts_BT.shape[1] + max_new_tokens > max_seq_len:
@@ -147,16 +147,12 @@ def _check(
     )
   if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (Sequence, np.ndarray)):
     raise TypeError(f"stop_ids: expected a sequence of token ids, got {type(stop_ids).__name__} {stop_ids!r}")
-  if any(not _is_int(s) or not 0 <= s < cfg.vocab_size for s in stop_ids):
+  if any(not checks.is_int(s) or not 0 <= s < cfg.vocab_size for s in stop_ids):
     raise ValueError(f"stop_ids: expected int ids in [0, {cfg.vocab_size}), got {tuple(stop_ids)}")
-  if top_k is not None and not _is_int(top_k):  # a static jit argument: 2.5 is a type error, not a range one
+  if top_k is not None and not checks.is_int(top_k):  # a static jit argument: 2.5 is a type error, not a range one
     raise TypeError(f"top_k: expected an int in [1, {cfg.vocab_size}] or None, got {type(top_k).__name__} {top_k!r}")
   sampling.check_args(cfg.vocab_size, temperature, top_k, top_p)  # types and ranges of the selection
   return tuple(int(s) for s in stop_ids), lengths_B
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def generate_text(
