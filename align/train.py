@@ -62,13 +62,9 @@ def check_batch(batch: PreferenceBatch, vocab_size: int) -> None:
     _check_mask(f"batch.{side}_mask_BT", mask, tokens.shape)
     # True at position 0 (no prediction) or past the row's length (padding) would score a token
     # that is not part of the completion.
-    concrete_mask, concrete_lengths = checks.concrete(mask), checks.concrete(lengths)
-    if concrete_mask is not None and concrete_lengths is not None:  # numpy: no device dispatch for an eager check
-      slots_T = np.arange(time)
-      scored = concrete_mask & ((slots_T[None, :] >= concrete_lengths[:, None]) | (slots_T[None, :] == 0))
-    else:
-      slots = jnp.arange(time)
-      scored = mask & ((slots[None, :] >= lengths[:, None]) | (slots[None, :] == 0))
+    xp, (mask_BT, lengths_B) = checks.on_host(mask, lengths)
+    slots_T = xp.arange(time)
+    scored = mask_BT & ((slots_T[None, :] >= lengths_B[:, None]) | (slots_T[None, :] == 0))
     checks.check_values(f"batch.{side}_mask_BT", scored, lambda v: v, "False at position 0 and past each row's length")
   checks.check_lengths(batch.prompt_lengths_B, size or 0, np.shape(batch.chosen_BT)[1], name="batch.prompt_lengths_B")
   margin = batch.margin_B

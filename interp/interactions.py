@@ -347,6 +347,4 @@ def _check_pair(i_and_M: jax.Array, i_or_M: jax.Array) -> int:
 
 
 def _check_tau(tau: Any) -> None:
-  value = checks.concrete(tau)
-  if value is not None and (value.ndim or not 0 <= float(value) < np.inf):
-    raise ValueError(f"tau: expected a finite salience threshold >= 0, got {tau!r}")
+  checks.check_scalar("tau", tau, checks.Range(low=0))  # a salience threshold

@@ -424,7 +424,5 @@ def fold_scale(params: dict, scale: float) -> dict:
   """The parameters of the same SAE on unscaled inputs, for an SAE trained on x * scale:
   W_enc * s, W_dec / s, b_dec / s (pre-activations, thresholds and gates are unchanged),
   so reconstruct(folded, x) = reconstruct(params, s x) / s."""
-  value = checks.concrete(scale)
-  if value is not None and (value.ndim or not 0 < float(value) < math.inf):
-    raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+  checks.check_scalar("scale", scale, checks.Range(low=0, low_open=True))
   return params | {"W_enc": params["W_enc"] * scale, "W_dec": params["W_dec"] / scale, "b_dec": params["b_dec"] / scale}

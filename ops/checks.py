@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 import operator
 import sys
 import types
@@ -62,6 +63,14 @@ def concrete(x: Any) -> np.ndarray | None:
   return np.asarray(x)
 
 
+def on_host(*xs: Any) -> tuple[Any, tuple]:
+  """(np, numpy copies of xs) when every x is concrete, else (jnp, xs): a check that first
+  derives what it compares (a masked table, a row max) runs the same code eagerly, with no
+  device dispatch, and in a trace, where the derived check compiles into `checked`."""
+  values = tuple(concrete(x) for x in xs)
+  return (np, values) if all(v is not None for v in values) else (jnp, xs)
+
+
 def _show(values: np.ndarray, limit: int = 6) -> str:
   shown = ", ".join(str(v) for v in values.ravel()[:limit].tolist())
   return f"[{shown}{', ...' if values.size > limit else ''}]"
@@ -74,6 +83,8 @@ def check_values(name: str, x: Any, bad: Callable[[Any], Any], expected: str) ->
   values = concrete(x)
   if values is not None:
     mask = np.asarray(bad(values))
+    if values.ndim == 0 and mask:
+      raise ValueError(f"{name}: expected {expected}, got {values.item()}")
     if mask.any():
       where = [tuple(i) if len(i) != 1 else i[0] for i in np.argwhere(mask)[:6].tolist()]
       raise ValueError(f"{name}: expected {expected}, got {_show(values[mask])} at index {where}")
@@ -108,6 +119,27 @@ def check_array(name: str, x: Any, ndim: int, *, integer: bool = False, shape: s
 def is_int(x: Any) -> bool:
   """A Python or numpy integer, not a bool."""
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_scalar(name: str, x: Any, valid: Range | None = None) -> None:
+  """x is one real number (Python, numpy or a 0-d jax array; not a bool or a str), finite and
+  in `valid`; the value check runs eagerly and inside `checked` like the others."""
+  real_array = hasattr(x, "dtype") and jnp.ndim(x) == 0 and jnp.issubdtype(x.dtype, jnp.number)
+  if isinstance(x, (bool, np.bool_, str)) or not (isinstance(x, numbers.Real) or real_array):
+    raise TypeError(f"{name}: expected a real number, got {type(x).__name__} {x!r}")
+  valid = valid or Range()
+
+  def bad(v):
+    out = ~(jnp.isfinite(v) if isinstance(v, jax.Array) else np.isfinite(v))
+    if valid.low is not None:
+      out |= (v <= valid.low) if valid.low_open else (v < valid.low)
+    if valid.high is not None:
+      out |= (v >= valid.high) if valid.high_open else (v > valid.high)
+    return out
+
+  check_values(
+    name, x, bad, f"a finite number {valid}" if valid.low is not None or valid.high is not None else "a finite number"
+  )
 
 
 def check_int(name: str, x: Any, low: int | None = None, high: int | None = None) -> int:

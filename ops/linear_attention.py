@@ -258,8 +258,7 @@ def _check(phi_q_BTHF, phi_k_BTHF, v_BTHK, *, eps: float = DEFAULT_EPS, state=No
 
 
 def _check_eps(eps) -> None:
-  if checks.concrete(eps) is not None and not float(eps) > 0:  # NaN fails too
-    raise ValueError(f"eps: expected > 0 (it keeps the denominator away from 0), got {eps}")
+  checks.check_scalar("eps", eps, checks.Range(low=0, low_open=True))  # it keeps the denominator away from 0
 
 
 def _check_state(state: State | None, shape_BHFK: tuple[int, ...]) -> None:

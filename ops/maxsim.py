@@ -175,8 +175,7 @@ def pack_bits(x_K: jax.Array) -> jax.Array:
   """
   if not hasattr(x_K, "dtype") or not jnp.issubdtype(x_K.dtype, jnp.floating) or x_K.ndim < 1:
     raise TypeError(f"x_K: expected float embeddings [..., K], got {getattr(x_K, 'dtype', type(x_K).__name__)}")
-  values = checks.concrete(x_K)
-  xp, x = (jnp, x_K) if values is None else (np, values)
+  xp, (x,) = checks.on_host(x_K)
   checks.check_values("x_K", x, xp.isnan, "values that are not NaN")
   dim = x_K.shape[-1]
   bits = jnp.pad(x_K > 0, [(0, 0)] * (x_K.ndim - 1) + [(0, -dim % 32)])

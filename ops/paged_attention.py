@@ -30,7 +30,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from paperjax.ops import attention, checks, pallas
 from paperjax.ops.pallas import paged_attention as kernels
@@ -183,10 +182,8 @@ def _check_reads(block_tables_BP, lengths_B, num_pages: int, page_size: int) -> 
 def _read_entries(block_tables_BP, lengths_B, page_size: int):
   """The table with the entries no token reads set to 0 (a valid id): numpy when both are
   concrete (an eager check costs no dispatch), jnp in a trace."""
-  tables, lengths = checks.concrete(block_tables_BP), checks.concrete(lengths_B)
-  if tables is not None and lengths is not None:
-    return np.where(np.arange(tables.shape[1]) * page_size < lengths[:, None], tables, 0)
-  return jnp.where(jnp.arange(block_tables_BP.shape[1]) * page_size < lengths_B[:, None], block_tables_BP, 0)
+  xp, (tables, lengths) = checks.on_host(block_tables_BP, lengths_B)
+  return xp.where(xp.arange(tables.shape[1]) * page_size < lengths[:, None], tables, 0)
 
 
 def _check_write(k_pages, v_pages, k_BTGK, v_BTGK, block_tables_BP, positions_BT, valid_BT) -> None:
@@ -210,12 +207,7 @@ def _check_write(k_pages, v_pages, k_BTGK, v_BTGK, block_tables_BP, positions_BT
   if valid_BT.dtype != jnp.bool_:
     raise TypeError(f"valid_BT: expected a bool mask, got {valid_BT.dtype}")
   num_s = k_pages.shape[2]
-  tables, positions, valid = (checks.concrete(x) for x in (block_tables_BP, positions_BT, valid_BT))
-  xp, tables, positions, valid = (
-    (np, tables, positions, valid)
-    if tables is not None and positions is not None and valid is not None
-    else (jnp, block_tables_BP, positions_BT, valid_BT)
-  )
+  xp, (tables, positions, valid) = checks.on_host(block_tables_BP, positions_BT, valid_BT)
   # Only valid tokens are written: padding may sit anywhere.
   capacity = block_tables_BP.shape[1] * num_s
   checks.check_in("positions_BT", xp.where(valid, positions, 0), 0, capacity - 1, what="positions of valid tokens")

@@ -149,8 +149,7 @@ def _check_logits(logits_BV: jax.Array) -> None:
     raise TypeError(f"logits_BV: expected a floating dtype, got {logits_BV.dtype}")
   if logits_BV.shape[1] == 0:
     raise ValueError(f"logits_BV: expected at least one vocabulary entry, got shape {logits_BV.shape}")
-  values = checks.concrete(logits_BV)
-  xp, x = (jnp, logits_BV) if values is None else (np, values)
+  xp, (x,) = checks.on_host(logits_BV)
   # NaN or +inf makes the softmax NaN, and a row without a finite logit has no distribution:
   # both would come out as token 0.
   checks.check_values("logits_BV", x, lambda v: xp.isnan(v) | (v == np.inf), "logits that are finite or -inf")

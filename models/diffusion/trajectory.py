@@ -37,8 +37,7 @@ def check_tracks(tracks: jax.Array, *, frames: int, height: int, width: int) -> 
     raise TypeError(f"tracks: expected real pixel positions, got dtype {tracks.dtype}")
   if tracks.shape[1] != frames:
     raise ValueError(f"tracks: expected one position per frame, T = {frames}, got {tracks.shape[1]} frames")
-  values = checks.concrete(tracks)
-  source = tracks if values is None else values  # slices of a concrete array stay on the host
+  _, (source,) = checks.on_host(tracks)  # slices of a concrete array stay on the host
   checks.check_finite("tracks", source)
   frame = f"inside the {height}x{width} frame"
   checks.check_in("tracks", source[..., 0], 0, width - 1, what=f"x positions (columns) {frame}")

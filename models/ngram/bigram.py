@@ -259,17 +259,7 @@ def _context_index(context_BO: jax.Array, order: int, vocab_size: int) -> jax.Ar
 
 
 def _check_scalar(name: str, x: Any) -> None:
-  """x is a real scalar, finite and >= 0 (when concrete: a traced alpha is not checked)."""
-  if isinstance(x, (bool, np.bool_)):
-    raise TypeError(f"{name}: expected a float >= 0, got bool {x!r}")
-  value = checks.concrete(x)
-  if value is None:
-    return
-  # jnp.issubdtype: ml_dtypes' bfloat16 is no np.floating, but a float here all the same
-  if value.ndim or not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
-    raise TypeError(f"{name}: expected a float >= 0, got {type(x).__name__} {x!r}")
-  if not 0 <= float(value) < math.inf:
-    raise ValueError(f"{name}: expected a finite float >= 0, got {float(value)}")
+  checks.check_scalar(name, x, checks.Range(low=0))
 
 
 def _check_table_type(table: Any) -> None:
@@ -289,8 +279,8 @@ def _check_table_type(table: Any) -> None:
       f"table.probs_CV: expected [V^order, V] = [{probs_CV.shape[1] ** table.order}, {probs_CV.shape[1]}] for "
       f"order={table.order}, got {tuple(probs_CV.shape)}"
     )
-  values = checks.concrete(probs_CV)
-  x = probs_CV if values is None else values.astype(np.float64)
+  xp, (x,) = checks.on_host(probs_CV)
+  x = x.astype(xp.float64 if xp is np else jnp.float32)
   checks.check_finite("table.probs_CV", x)
   checks.check_values("table.probs_CV", x, lambda v: v < 0, "probabilities >= 0")
   checks.check_values("table.probs_CV", x.sum(axis=1), lambda v: abs(v - 1) > 1e-4, "rows summing to 1 (within 1e-4)")

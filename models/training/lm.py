@@ -54,11 +54,10 @@ def check_batch(batch: Batch, cfg: llama.LlamaConfig) -> None:
   if batch.mask_BT.dtype != bool:
     raise TypeError(f"batch.mask_BT: expected bool (True where the target counts), got {batch.mask_BT.dtype}")
   # Targets the mask leaves out are never read (HF's -100 ignore index is fine there).
-  mask_BT, targets_BT = checks.concrete(batch.mask_BT), checks.concrete(batch.targets_BT)
-  if mask_BT is not None and targets_BT is not None:
-    ids = f"ids in [0, {cfg.vocab_size}) where mask_BT"
-    bad = lambda v: (v < 0) | (v >= cfg.vocab_size)
-    checks.check_values("batch.targets_BT", np.where(mask_BT, targets_BT, 0), bad, ids)
+  xp, (mask_BT, targets_BT) = checks.on_host(batch.mask_BT, batch.targets_BT)
+  bad = lambda v: (v < 0) | (v >= cfg.vocab_size)
+  read_BT = xp.where(mask_BT, targets_BT, 0)
+  checks.check_values("batch.targets_BT", read_BT, bad, f"ids in [0, {cfg.vocab_size}) where mask_BT")
   checks.check_in("batch.positions_BT", batch.positions_BT, 0, cfg.max_seq_len - 1, what="positions")
 
 

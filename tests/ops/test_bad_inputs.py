@@ -166,7 +166,7 @@ CASES = [
   pytest.param(
     lambda: norms.rms_norm(np.ones((2, 4), np.float32), np.ones(4, np.float32), "1e-5"),
     TypeError,
-    r"eps: expected a float > 0, got str",
+    r"eps: expected a real number, got str",
     id="rms-norm-eps-str",
   ),
   pytest.param(
@@ -276,13 +276,13 @@ CASES = [
   pytest.param(
     lambda: norms.rms_norm(np.zeros((1, 4), np.float32), np.ones(4, np.float32), 0.0),
     ValueError,
-    r"eps: expected > 0, got 0.0",
+    r"eps: expected a finite number > 0, got 0.0",
     id="rms-eps-0",
   ),
   pytest.param(
     lambda: norms.rms_norm(np.zeros((1, 4), np.float32), np.ones(4, np.float32), NAN),
     ValueError,
-    r"eps: expected > 0",
+    r"eps: expected a finite number > 0, got nan",
     id="rms-eps-nan",
   ),
   pytest.param(
@@ -571,7 +571,12 @@ CASES = [
   ),
   # ---- linear attention ----
   pytest.param(lambda: la.causal_chunked(*_phi(), chunk=2.5), ValueError, r"chunk: expected an int >= 1", id="chunk"),
-  pytest.param(lambda: la.causal_chunked(*_phi(), eps=0.0), ValueError, r"eps: expected > 0", id="linear-eps-0"),
+  pytest.param(
+    lambda: la.causal_chunked(*_phi(), eps=0.0),
+    ValueError,
+    r"eps: expected a finite number > 0, got 0.0",
+    id="linear-eps-0",
+  ),
   pytest.param(
     lambda: la.non_causal(*_phi(), key_mask_BT=np.ones((1, 4), np.float32)),
     TypeError,

@@ -109,3 +109,16 @@ def test_checked_and_plain_calls_of_an_inner_jit_do_not_share_a_trace():
   with pytest.raises(checkify.JaxRuntimeError, match=r"index_M: expected values in \[0, 3\], got 7"):
     checks.checked(outer)(x_N, bad)
   np.testing.assert_array_equal(outer(x_N, bad), [2.0, 6.0])  # and plain again after
+
+
+def test_check_scalar_eagerly_and_inside_checked():
+  positive = checks.Range(low=0, low_open=True)
+  checks.check_scalar("eps", 1e-5, positive)
+  checks.check_scalar("eps", jnp.float32(1e-5), positive)
+  with pytest.raises(ValueError, match=r"eps: expected a finite number > 0, got 0.0"):
+    checks.check_scalar("eps", 0.0, positive)
+  with pytest.raises(TypeError, match=r"eps: expected a real number, got bool True"):
+    checks.check_scalar("eps", True, positive)
+  scaled = checks.checked(lambda x, eps: (checks.check_scalar("eps", eps, positive), x * eps)[1])
+  with pytest.raises(checkify.JaxRuntimeError, match=r"eps: expected a finite number > 0, got nan"):
+    scaled(jnp.ones(2), jnp.float32(jnp.nan))

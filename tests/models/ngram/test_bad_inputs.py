@@ -88,22 +88,24 @@ CASES = [
   pytest.param(
     lambda: _generate(temperature=float("nan")),
     ValueError,
-    "temperature: expected a finite float >= 0, got nan",
+    "temperature: expected a finite number >= 0, got nan",
     id="temperature-nan",
   ),
   pytest.param(
     lambda: _generate(temperature=float("inf")),
     ValueError,
-    "temperature: expected a finite float",
+    "temperature: expected a finite number",
     id="temperature-inf",
   ),
   pytest.param(
     lambda: _generate(temperature=-0.5),
     ValueError,
-    "temperature: expected a finite float >= 0, got -0.5",
+    "temperature: expected a finite number >= 0, got -0.5",
     id="temperature-negative",
   ),
-  pytest.param(lambda: _generate(temperature="hot"), TypeError, "temperature: expected a float", id="temperature-str"),
+  pytest.param(
+    lambda: _generate(temperature="hot"), TypeError, "temperature: expected a real number", id="temperature-str"
+  ),
   pytest.param(lambda: _generate(eos_id=V), ValueError, r"eos_id: expected an int id in \[0, 16\)", id="eos-16"),
   pytest.param(lambda: _generate(eos_id=2.5), ValueError, "eos_id: expected an int id", id="eos-float"),
   pytest.param(
@@ -175,7 +177,7 @@ CASES = [
   pytest.param(
     lambda: bigram.probabilities(np.ones((V, V)), alpha=float("nan")),
     ValueError,
-    "alpha: expected a finite float >= 0, got nan",
+    "alpha: expected a finite number >= 0, got nan",
     id="alpha-nan",
   ),
   pytest.param(
@@ -185,7 +187,10 @@ CASES = [
     id="alpha-inf",
   ),
   pytest.param(
-    lambda: bigram.probabilities(np.ones((V, V)), alpha="1"), TypeError, "alpha: expected a float", id="alpha-str"
+    lambda: bigram.probabilities(np.ones((V, V)), alpha="1"),
+    TypeError,
+    "alpha: expected a real number, got str",
+    id="alpha-str",
   ),
   pytest.param(
     lambda: bigram.perplexity(_table(), OK_TOKENS, start=0),
