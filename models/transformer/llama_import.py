@@ -141,6 +141,9 @@ def _config_from_hf(hf: Any, where: str, overrides: dict) -> llama.LlamaConfig:
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"{where}: hidden_act must be 'silu', got {hf['hidden_act']!r}")
   ints = {name: _integer(hf, name, where) for name in _REQUIRED_INTS}
+  head_dim = _integer(hf, "head_dim", where, default=None)
+  if head_dim == ints["hidden_size"] // ints["num_attention_heads"]:  # transformers 5 writes the default out
+    head_dim = None
   theta, scaling = _rope_from_hf(hf, where)
   eps = _number(hf.get("rms_norm_eps"), "rms_norm_eps", where)
   fields = dict(
@@ -150,7 +153,7 @@ def _config_from_hf(hf: Any, where: str, overrides: dict) -> llama.LlamaConfig:
     n_heads=ints["num_attention_heads"],
     n_kv_heads=_integer(hf, "num_key_value_heads", where, default=ints["num_attention_heads"]),
     ffn_dim=ints["intermediate_size"],
-    head_dim=_integer(hf, "head_dim", where, default=None),
+    head_dim=head_dim,
     rope_theta=theta,
     rope_scaling=scaling,
     norm_eps=1e-5 if eps is None else eps,

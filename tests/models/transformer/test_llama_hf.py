@@ -1,5 +1,7 @@
-"""HF import: a random model exported to HF layout (here, by hand) imports to the same logits,
-and HF's rotate-half RoPE on HF weights gives the scores ours gives on imported weights."""
+"""HF round trips. Import: a random model exported to HF layout by hand (a loop over rows)
+imports to the same logits, and HF's rotate-half RoPE on HF weights gives the scores ours gives
+on imported weights. Export: `llama_export.save` writes what the hand export writes, in
+transformers 5's config format, sharded, atomically, and re-imports to identical params."""
 
 import dataclasses
 import json
@@ -10,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from paperjax.models.transformer import llama, llama_import
-from paperjax.ops import rope
+from paperjax.models.transformer import llama, llama_export, llama_import, llama_quant
+from paperjax.ops import files, quant, rope
 
 CFG = dataclasses.replace(
   llama.PRESETS["tiny"], rope_scaling=rope.RopeScaling(original_max_position=64), rope_theta=10_000.0
@@ -219,3 +221,157 @@ def test_transformers4_rope_fields_are_checked_too():
   legacy["rope_scaling"] = {**legacy["rope_scaling"], "attention_factor": 1.0}
   with pytest.raises(ValueError, match=r"rope_scaling \(llama3\) has unknown fields \['attention_factor'\]"):
     llama_import.config_from_hf(legacy)
+
+
+# Export: one shape family each (GQA with llama3 RoPE scaling is CFG).
+FAMILIES = {
+  "gqa_llama3_rope": CFG,
+  "mha_default_rope": dataclasses.replace(CFG, n_kv_heads=CFG.n_heads, rope_scaling=None, rope_theta=500_000.0),
+  "tied_embeddings": dataclasses.replace(CFG, tie_embeddings=True),
+  "bfloat16": dataclasses.replace(CFG, param_dtype="bfloat16", dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_then_import_gives_identical_params(tmp_path, family):
+  cfg = FAMILIES[family]
+  params = llama.init(jax.random.key(5), cfg)
+  path = llama_export.save(tmp_path / "hf", params, cfg)
+  loaded, loaded_cfg = llama_import.load(path)
+  assert loaded_cfg == cfg
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for (where, a), b in zip(jax.tree.leaves_with_path(loaded), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype == jnp.dtype(cfg.param_dtype), where
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=str(where))
+
+
+def test_export_writes_what_the_hand_export_writes_in_transformers5_format(tmp_path, model):
+  from safetensors import safe_open
+
+  path = llama_export.save(tmp_path / "hf", model, CFG, bos_token_id=1, eos_token_id=[2, 3])
+  with safe_open(str(path / "model.safetensors"), "np") as f:
+    assert f.metadata() == {"format": "pt"}  # transformers refuses other formats
+    names = list(f.keys())
+    written = {name: f.get_tensor(name) for name in names}
+  expected = _export(model, CFG)
+  assert sorted(names) == sorted(expected)
+  for name, w in expected.items():
+    np.testing.assert_array_equal(written[name], w, err_msg=name)
+  config = json.loads((path / "config.json").read_text())
+  assert config == {**_hf5_config(CFG), **config}  # every field the hand-written transformers 5 config has
+  assert config["rope_parameters"] == _hf5_config(CFG)["rope_parameters"]
+  assert not {"rope_theta", "rope_scaling", "torch_dtype"} & set(config)  # 4.x's fields
+  assert (config["bos_token_id"], config["eos_token_id"], config["head_dim"]) == (1, [2, 3], CFG.k)
+  assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+  assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left behind
+
+
+def test_export_shards_above_the_size_limit(tmp_path, model):
+  tensors = llama_export.to_hf(model, CFG)
+  limit = 3 * tensors["model.layers.0.self_attn.q_proj.weight"].nbytes  # the embedding table alone is larger
+  path = llama_export.save(tmp_path / "hf", model, CFG, max_shard_bytes=limit)
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  files = sorted({*index["weight_map"].values()})
+  n = len(files)
+  assert n > 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+  assert index["weight_map"].keys() == tensors.keys()
+  assert index["metadata"]["total_size"] == sum(w.nbytes for w in tensors.values())
+  for file in files:
+    held = [t for t, f in index["weight_map"].items() if f == file]
+    size = sum(tensors[t].nbytes for t in held)
+    assert size <= limit or len(held) == 1, (file, held, size)
+  assert index["weight_map"]["model.embed_tokens.weight"] == files[0]
+  assert not (path / "model.safetensors").exists()
+  loaded, _ = llama_import.load(path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, model)
+
+
+def test_export_refuses_quantized_weights_unless_asked_to_dequantize(tmp_path, jitted):
+  cfg = dataclasses.replace(CFG, n_layers=3)
+  float_params = llama.init(jax.random.key(6), cfg)
+  params = llama_quant.quantize_params(float_params, cfg, llama_quant.POLICIES["int8_weight_row"])
+  with pytest.raises(ValueError, match=r"\['w1', 'w2', 'w3'\] are quantized.*dequantize=True"):
+    llama_export.save(tmp_path / "hf", params, cfg)
+  assert not (tmp_path / "hf").exists()
+  loaded, _ = llama_import.load(llama_export.save(tmp_path / "hf", params, cfg, dequantize=True))
+  middle = params["layers"][1]["w1"]
+  np.testing.assert_array_equal(loaded["layers"]["w1"][1:2], quant.dequantize(middle))
+  np.testing.assert_array_equal(loaded["layers"]["w1"][0], float_params["layers"]["w1"][0])  # exempt: as it was
+  assert not np.array_equal(loaded["layers"]["w1"][1], float_params["layers"]["w1"][1])
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)  # weight-only: the same matmuls
+  np.testing.assert_allclose(
+    jitted(llama.forward, cfg)(loaded, tokens)[0], jitted(llama.forward, cfg)(params, tokens)[0], rtol=1e-5, atol=1e-5
+  )
+
+
+def test_export_is_atomic_and_overwrites_only_when_asked(tmp_path, model, monkeypatch):
+  import safetensors.flax
+
+  path = llama_export.save(tmp_path / "hf", model, CFG, max_shard_bytes=10**5)
+  old_files = sorted(p.name for p in path.iterdir())
+  assert "model.safetensors.index.json" in old_files
+  (path / "tokenizer.json").write_text("{}")
+  (path / "original").mkdir()
+  (path / "original" / "params.json").write_text("{}")
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    llama_export.save(path, model, CFG)
+  calls = []
+
+  def failing(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) == 2:
+      raise OSError("disk full")
+    return save_file_(tensors, filename, metadata)
+
+  save_file_ = safetensors.flax.save_file
+  monkeypatch.setattr(safetensors.flax, "save_file", failing)
+  with pytest.raises(OSError, match="disk full"):
+    llama_export.save(path, model, CFG, max_shard_bytes=10**5, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(p.name for p in path.iterdir()) == sorted([*old_files, "original", "tokenizer.json"])
+  assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the failed save's directory is gone
+  renames = []
+
+  def failing_rename(src, dst):  # the swap's second rename, the new directory into place
+    renames.append(src)
+    if len(renames) == 2:
+      raise OSError("rename failed")
+    return os_replace(src, dst)
+
+  os_replace = files.os.replace
+  monkeypatch.setattr(files.os, "replace", failing_rename)
+  with pytest.raises(OSError, match="rename failed"):
+    llama_export.save(path, model, CFG, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(p.name for p in path.iterdir()) == sorted([*old_files, "original", "tokenizer.json"])  # put back
+  assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+  other = llama.init(jax.random.key(9), CFG)
+  llama_export.save(path, other, CFG, overwrite=True)  # one file now: the old shards and index go
+  assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "original", "tokenizer.json"]
+  assert (path / "original" / "params.json").read_text() == "{}"
+  loaded, _ = llama_import.load(path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, other)
+  assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+@pytest.mark.parametrize(
+  "change, kwargs, error, message",
+  [
+    ({}, {"eos_token_id": CFG.vocab_size}, ValueError, r"eos_token_id: expected a token id in \[0, 256\)"),
+    ({}, {"bos_token_id": True}, ValueError, "bos_token_id"),
+    ({}, {"max_shard_bytes": 0}, ValueError, "max_shard_bytes: expected a positive int, got 0"),
+    ({}, {"dequantize": "yes"}, TypeError, "dequantize: expected True or False"),
+    ({"nan": True}, {}, ValueError, r"params\['layers'\]\['wk'\].*finite"),
+    ({"head_dim": 16}, {}, ValueError, "hidden_size divisible by num_attention_heads"),
+  ],
+)
+def test_export_bad_inputs(tmp_path, model, change, kwargs, error, message):
+  cfg, params = CFG, model
+  if change.get("nan"):
+    params = {**model, "layers": {**model["layers"], "wk": model["layers"]["wk"].at[1, 0, 0, 0].set(jnp.nan)}}
+  if "head_dim" in change:
+    cfg = dataclasses.replace(CFG, dim=70, head_dim=16)
+    params = llama.init(jax.random.key(0), cfg)
+  with pytest.raises(error, match=message):
+    llama_export.save(tmp_path / "hf", params, cfg, **kwargs)
+  assert not (tmp_path / "hf").exists()

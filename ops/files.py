@@ -1,0 +1,58 @@
+"""Directories written whole or not at all.
+
+`atomic_directory(target)` yields a fresh hidden directory beside `target`; when the block
+ends without an error it is renamed to `target`, so a reader never sees half a save. An
+existing `target` is replaced only once the new one is complete: it is first renamed into
+a hidden directory beside it and removed after the new one is in place (between the two
+renames `target` is briefly absent and the old one is whole in that hidden directory).
+On an error, also in the second rename, the new directory is removed and `target` is left
+as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields the directory to write into; renames it to `target` on success (module docstring)."""
+  target = pathlib.Path(target)
+  if target.exists() and not target.is_dir():
+    raise FileExistsError(f"directory: {str(target)!r} exists and is not a directory")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the save from other users
+  try:
+    yield tmp
+    if target.exists():  # swap: the old directory is removed only after the new one is in place
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+      try:
+        os.replace(target, old / target.name)
+        try:
+          os.replace(tmp, target)  # between the two renames the old directory is whole under `old`
+        except BaseException:
+          os.replace(old / target.name, target)  # put it back
+          raise
+      finally:
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+  """A hard link to `source` at `destination` (no bytes copied); a copy where links fail
+  (another file system)."""
+  try:
+    os.link(source, destination)
+  except OSError:
+    shutil.copy2(source, destination)
