@@ -1,15 +1,11 @@
-"""SAE evaluation and files: explained variance, splicing, contexts, steering, SAELens format."""
+"""SAE evaluation: explained variance, splicing, contexts, steering (SAELens files: test_sae_io.py)."""
 
-import json
-
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
-from paperjax.interp import sae, sae_eval, sae_io
+from paperjax.interp import sae, sae_eval
 from paperjax.models.data import tokenizer
 from paperjax.models.recurrent import based
 from paperjax.models.serving import generate
@@ -110,85 +106,6 @@ def test_steering(model_params):
   np.testing.assert_array_equal(ours, ref)
   steered = sae_eval.steered_greedy(model_params, MODEL, prompt, 6, SITE, direction, 50.0)  # the same compile
   assert np.mean(np.asarray(steered) == 5) > np.mean(np.asarray(ours) == 5)
-
-
-CONFIGS = {
-  "standard": sae.SAEConfig(architecture="standard", d_in=D, d_sae=32, coefficient=0.5),
-  "topk": sae.SAEConfig(architecture="topk", d_in=D, d_sae=32, k=4),
-  "batchtopk": sae.SAEConfig(architecture="batchtopk", d_in=D, d_sae=32, k=4),
-  "gated": sae.SAEConfig(architecture="gated", d_in=D, d_sae=32, coefficient=0.5),
-  "jumprelu": sae.SAEConfig(architecture="jumprelu", d_in=D, d_sae=32, coefficient=0.5),
-}
-
-
-@pytest.mark.parametrize("arch", sae.ARCHITECTURES)
-def test_saelens_files_round_trip(arch, tmp_path):
-  cfg = CONFIGS[arch]
-  rng = np.random.default_rng(0)
-  params = sae.init(jax.random.key(0), cfg)
-  params = {k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-  scale = 0.37
-  x = jnp.asarray(rng.normal(size=(20, D)) * 3, jnp.float32)
-  freq = rng.uniform(0, 0.2, 32)
-  path = sae_io.save(tmp_path / "sae", params, cfg, scale=scale, hook_name=SITE, model_name="tiny", frequency_F=freq)
-  config = json.loads((path / "cfg.json").read_text())
-  saved_arch = "jumprelu" if arch == "batchtopk" else arch  # SAELens writes BatchTopK as JumpReLU
-  assert config["architecture"] == saved_arch and config["d_in"] == D and config["d_sae"] == 32
-  assert config["normalize_activations"] == "none" and config["metadata"]["hook_name"] == SITE
-  tensors = load_file(path / "sae_weights.safetensors")
-  chex.assert_shape([tensors["W_enc"], tensors["W_dec"]], [(D, 32), (32, D)])
-  np.testing.assert_allclose(load_file(path / "sparsity.safetensors")["sparsity"], np.log10(freq + 1e-10), rtol=1e-6)
-  loaded, loaded_cfg, _ = sae_io.load(path)
-  assert loaded_cfg.architecture == saved_arch
-  if arch != "batchtopk":
-    assert loaded_cfg == cfg
-  # the loaded SAE on raw activations equals the trained one on scaled activations, rescaled
-  if arch == "batchtopk":
-    params["threshold"] = jnp.float32(0.3)
-    sae_io.save(path, params, cfg, scale=scale, hook_name=SITE, model_name="tiny")
-    loaded, loaded_cfg, _ = sae_io.load(path)
-  expected = sae.reconstruct(params, x * scale, cfg) / scale
-  np.testing.assert_allclose(sae.reconstruct(loaded, x, loaded_cfg), expected, rtol=1e-4, atol=1e-5)
-  # and SAELens' inference formulas on the file's tensors alone, in numpy
-  tensors = load_file(path / "sae_weights.safetensors")
-  np.testing.assert_allclose(_saelens_reconstruct(tensors, config, np.asarray(x)), expected, rtol=1e-4, atol=1e-4)
-
-
-def _saelens_reconstruct(t: dict, config: dict, x: np.ndarray) -> np.ndarray:
-  """SAELens 6's encode / decode per architecture (apply_b_dec_to_input, no normalisation)."""
-  xc = x.astype(np.float64) - t["b_dec"]
-  if config["architecture"] == "gated":
-    gate = xc @ t["W_enc"] + t["b_gate"] > 0
-    f = gate * np.maximum(xc @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"], 0)
-  else:
-    pre = xc @ t["W_enc"] + t["b_enc"]
-    f = np.maximum(pre, 0)
-    if config["architecture"] == "jumprelu":
-      f = f * (pre > t["threshold"])
-    if config["architecture"] == "topk":
-      kth = np.sort(pre, axis=1)[:, -config["k"]][:, None]
-      f = f * (pre >= kth)
-  return f @ t["W_dec"] + t["b_dec"]
-
-
-def test_save_replaces_atomically_and_load_rejects_bad_files(tmp_path):
-  cfg = CONFIGS["topk"]
-  params = sae.init(jax.random.key(0), cfg)
-  path = sae_io.save(tmp_path / "sae", params, cfg, hook_name=SITE, model_name="tiny")
-  before = (path / "sae_weights.safetensors").read_bytes()
-  with pytest.raises(ValueError, match=r"frequency_F: expected shape \(32,\)"):
-    sae_io.save(path, params, cfg, hook_name=SITE, model_name="tiny", frequency_F=np.zeros(3))
-  assert (path / "sae_weights.safetensors").read_bytes() == before  # the failed save left the old one whole
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # and no temporary directory behind
-  config = json.loads((path / "cfg.json").read_text())
-  (path / "cfg.json").write_text(json.dumps(config | {"normalize_activations": "expected_average_only_in"}))
-  with pytest.raises(ValueError, match="normalize_activations='expected_average_only_in' is not supported"):
-    sae_io.load(path)
-  (path / "cfg.json").write_text(json.dumps(config))
-  tensors = load_file(path / "sae_weights.safetensors")
-  save_file({**tensors, "W_dec": tensors["W_dec"][:, :3].copy()}, path / "sae_weights.safetensors")
-  with pytest.raises(ValueError, match=r"W_dec has shape \(32, 3\), expected \(32, 16\)"):
-    sae_io.load(path)
 
 
 def test_errors(model_params):
