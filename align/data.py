@@ -12,9 +12,9 @@ One format per file, as TRL defines them:
 
 Standard text is tokenized as prompt (after BOS) + completion (before EOS). Messages are
 rendered in Llama 3's chat format (`models.data.chat`): the prompt ends with the assistant
-header and each completion ends with <|eot_id|>. Completion masks keep completion tokens
+header and each completion ends with <|eot_id|> (or <|eom_id|>). Completion masks keep completion tokens
 only (prompt and padding excluded); with `mask_formatting` (Llama 3's DPO) they also drop
-the chat's formatting tokens, headers and <|eot_id|>, from both log-probs. A malformed
+the chat's formatting tokens, headers and end tokens, from both log-probs. A malformed
 record or a too-long row raises an error naming its file and line: nothing is dropped.
 """
 
@@ -180,7 +180,7 @@ def tokenize(
   """Rows of prompt + completion ids; a row over max_len raises (with its record's line).
 
   `tok` is a tokenizer, or a `chat.ChatFormat` for conversational records over another
-  vocabulary. `mask_formatting` drops chat headers and <|eot_id|> from the completion masks.
+  vocabulary. `mask_formatting` drops chat headers and end tokens from the completion masks.
   """
   prompts, chosen, rejected, margins = [], [], [], []
   for where, record in _checked(records, tok, max_len):

@@ -9,10 +9,15 @@ Two constructors:
   (hash-checked), that copy is used and a warning says so once per process.
 - `from_file(path)`: a `.tiktoken` BPE file (one `<base64 token> <rank>` per line, the
   format of Llama 3's `tokenizer.model`) with a split regex and special tokens, by
-  default Llama 3's.
+  default Llama 3.1's.
 - `llama3_offline()`: Llama 3's id layout without its file: tiktoken's cl100k ranks (the
   100K tokens Llama 3's 128K vocabulary starts from), Llama 3's split regex and its 256
   special tokens at 128000-128255, so the chat format (`models.data.chat`) has its ids.
+
+Llama 3 and 3.1 share the BPE file and differ in the names of their 256 special tokens
+(`llama3_special_tokens`): 3.1 names 128004, 128005, 128008 and 128010, which 3.0 keeps
+reserved. Both constructors take `version="3.1"` (the default; Llama 3.2 and 3.3 text
+models use it too) or `version="3"`.
 
 Text is encoded as ordinary text: a special token's spelling inside user text (say
 "<|endoftext|>") is tokenized as the characters it is, never as the special id. BOS/EOS
@@ -40,25 +45,69 @@ LLAMA3_PATTERN = (
 )
 ENDOFTEXT = "<|endoftext|>"
 LLAMA3_NUM_SPECIAL = 256
+LLAMA3_VERSIONS = ("3", "3.1")  # special-token tables; 3.2 and 3.3 text models use 3.1's
 
 
-def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
-  """Llama 3's 256 special tokens (Meta's llama3 tokenizer), numbered from `num_base_tokens`.
+def llama3_special_tokens(num_base_tokens: int, *, version: str = "3.1") -> dict[str, int]:
+  """Llama 3's 256 special tokens, numbered from `num_base_tokens` (128000 in Llama 3).
 
-  For Llama 3, num_base_tokens = 128000: <|begin_of_text|> = 128000, <|eot_id|> = 128009,
-  and reserved tokens fill the rest up to <|reserved_special_token_250|> = 128255.
+  Offsets from `num_base_tokens`, and their names in each version:
+
+    offset   "3" (Llama 3.0)                    "3.1" (Llama 3.1 and later)
+    0        <|begin_of_text|>                  <|begin_of_text|>
+    1        <|end_of_text|>                    <|end_of_text|>
+    2, 3     <|reserved_special_token_0|>, _1   <|reserved_special_token_0|>, _1
+    4        <|reserved_special_token_2|>       <|finetune_right_pad_id|>
+    5        <|reserved_special_token_3|>       <|step_id|>
+    6, 7     <|start_header_id|>, <|end_header_id|> in both
+    8        <|reserved_special_token_4|>       <|eom_id|>
+    9        <|eot_id|>                         <|eot_id|>
+    10       <|reserved_special_token_5|>       <|python_tag|>
+    11-255   <|reserved_special_token_6|>-_250  <|reserved_special_token_2|>-_246
+
+  "3" is the table of Meta's llama3 repository, "3.1" that of Meta's llama-models
+  (`models/llama3/tokenizer.py`). Hugging Face's tokenizer_config.json for 3.1 names
+  offset 5 <|reserved_special_token_2|> instead and numbers the reserved tokens after
+  offset 10 one higher; every id with a role in the chat format agrees.
   """
-  names = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    *(f"<|reserved_special_token_{i}|>" for i in range(4)),
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|reserved_special_token_4|>",
-    "<|eot_id|>",
-  ]
-  names += [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_NUM_SPECIAL - 5)]
-  return {name: num_base_tokens + i for i, name in enumerate(names)}
+  if isinstance(num_base_tokens, bool) or not isinstance(num_base_tokens, (int, np.integer)) or num_base_tokens < 0:
+    raise ValueError(f"num_base_tokens: expected an int >= 0, got {num_base_tokens!r}")
+  _check_version(version)
+  if version == "3":
+    names = [
+      "<|begin_of_text|>",
+      "<|end_of_text|>",
+      *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+      "<|start_header_id|>",
+      "<|end_header_id|>",
+      "<|reserved_special_token_4|>",
+      "<|eot_id|>",
+    ]
+    first_reserved = 5
+  else:
+    names = [
+      "<|begin_of_text|>",
+      "<|end_of_text|>",
+      "<|reserved_special_token_0|>",
+      "<|reserved_special_token_1|>",
+      "<|finetune_right_pad_id|>",
+      "<|step_id|>",
+      "<|start_header_id|>",
+      "<|end_header_id|>",
+      "<|eom_id|>",  # end of message: the model waits for a tool's output
+      "<|eot_id|>",  # end of turn
+      "<|python_tag|>",  # opens a tool call
+    ]
+    first_reserved = 2
+  names += [f"<|reserved_special_token_{first_reserved + i}|>" for i in range(LLAMA3_NUM_SPECIAL - len(names))]
+  return {name: int(num_base_tokens) + i for i, name in enumerate(names)}
+
+
+def _check_version(version: object) -> None:
+  if not isinstance(version, str) or version not in LLAMA3_VERSIONS:
+    raise ValueError(
+      f"version: expected one of {LLAMA3_VERSIONS} (Llama 3.2 and 3.3 text models use '3.1'), got {version!r}"
+    )
 
 
 class TokenBatch(NamedTuple):
@@ -282,6 +331,7 @@ def _load_named(name: str) -> tiktoken.Encoding:
 def from_file(
   path: str | os.PathLike,
   *,
+  version: str | None = None,
   pattern: str = LLAMA3_PATTERN,
   special_tokens: Mapping[str, int] | None = None,
   bos_token: str | None = "<|begin_of_text|>",
@@ -292,11 +342,19 @@ def from_file(
 
   Args:
     path: file of `<base64 token bytes> <rank>` lines (blank lines ignored).
+    version: the Llama special-token table numbered after the ranks when `special_tokens`
+      is None: "3.1" (the default) or "3" (`llama3_special_tokens`).
     pattern: the pre-tokenizer split regex; Llama 3's by default.
-    special_tokens: name -> id; default Llama 3's 256 specials numbered after the ranks.
+    special_tokens: name -> id, replacing the Llama table (then `version` must be None).
     bos_token, eos_token: names in `special_tokens` (None: no such token).
     name: encoding name; default the file's stem.
   """
+  if version is not None:
+    _check_version(version)
+    if special_tokens is not None:
+      raise ValueError(
+        f"version: {version!r} picks a Llama special-token table, which special_tokens replaces; pass one of them"
+      )
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"path: no BPE file at {path!r}")
@@ -310,7 +368,7 @@ def from_file(
       f"(e.g. {[bytes([b]) for b in missing[:4]]})"
     )
   if special_tokens is None:
-    special_tokens = llama3_special_tokens(max(ranks.values()) + 1)
+    special_tokens = llama3_special_tokens(max(ranks.values()) + 1, version=version or "3.1")
   special_tokens = dict(special_tokens)
   for special, number in special_tokens.items():
     if not isinstance(special, str) or isinstance(number, bool) or not isinstance(number, int) or number < 0:
@@ -335,20 +393,27 @@ def from_file(
   return Tokenizer(encoding, bos_id, eos_id, pad_id=eos_id if eos_id is not None else 0)
 
 
-@functools.cache
-def llama3_offline(base: str = "cl100k_base") -> Tokenizer:
+def llama3_offline(base: str = "cl100k_base", *, version: str = "3.1") -> Tokenizer:
   """Llama 3's special tokens and split regex over a bundled tiktoken encoding's BPE ranks.
 
   Llama 3's vocabulary is tiktoken's 100K tokens plus 28K more, then 256 specials at
-  128000: <|begin_of_text|> 128000 (BOS), <|end_of_text|> 128001 (EOS), <|start_header_id|>
-  128006, <|end_header_id|> 128007, <|eot_id|> 128009. Here the 28K extra merges are
-  missing (some text splits into more tokens than with Meta's file); every special id,
-  and so the chat format, is Llama 3's. For the real tokenizer use `from_file`.
+  128000 (`llama3_special_tokens(128000, version=version)`): <|begin_of_text|> 128000
+  (BOS), <|end_of_text|> 128001 (EOS), <|start_header_id|> 128006, <|end_header_id|>
+  128007, <|eot_id|> 128009, and for version "3.1" also <|eom_id|> 128008 and
+  <|python_tag|> 128010. Here the 28K extra merges are missing (some text splits into
+  more tokens than with Meta's file); every special id, and so the chat format, is
+  Llama's. For the real tokenizer use `from_file`.
   """
+  _check_version(version)
+  return _llama3_offline(base, version)
+
+
+@functools.cache
+def _llama3_offline(base: str, version: str) -> Tokenizer:
   encoding = _load_named(base)
-  specials = llama3_special_tokens(128_000)
+  specials = llama3_special_tokens(128_000, version=version)
   llama3 = tiktoken.Encoding(
-    f"{encoding.name}+llama3",
+    f"{encoding.name}+llama{version}",
     pat_str=LLAMA3_PATTERN,
     mergeable_ranks=encoding._mergeable_ranks,  # tiktoken's documented way to extend an encoding
     special_tokens=specials,

@@ -192,8 +192,10 @@ def generate_chat(
 ) -> list[str]:
   """The assistant's reply to each conversation in Llama 3's chat format (`models.data.chat`).
 
-  Each conversation is rendered with the assistant header appended; a row stops at
-  <|eot_id|>, which the reply excludes.
+  Each conversation is rendered with the assistant header appended; a row stops at one of
+  the format's stop ids (`ChatFormat.stop_ids`: <|eot_id|>, and with Llama 3.1's layout
+  <|eom_id|>, which ends a tool call), which the reply excludes. A tool call's reply starts
+  with "<|python_tag|>".
   """
   if isinstance(conversations, (str, Mapping)) or any(
     isinstance(c, (str, Mapping)) or not all(isinstance(m, Mapping) for m in c) for c in conversations
@@ -204,7 +206,7 @@ def generate_chat(
     )
   fmt = chat.ChatFormat.from_tokenizer(tok)
   rows = [chat.render(fmt, messages, add_generation_prompt=True).ids_T.tolist() for messages in conversations]
-  return _complete(key, params, cfg, tok, rows, max_new_tokens, (fmt.eot_id,), select_kwargs)
+  return _complete(key, params, cfg, tok, rows, max_new_tokens, fmt.stop_ids, select_kwargs)
 
 
 def _complete(key, params, cfg, tok: Tokenizer, rows: list[list[int]], max_new_tokens, stop_ids, select_kwargs):

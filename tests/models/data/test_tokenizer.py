@@ -127,12 +127,71 @@ def test_file_constructor_llama3_defaults(tiny_bpe):
   assert tok._read_bpe_file(str(tiny_bpe)) == tiktoken.load.load_tiktoken_bpe(str(tiny_bpe))
 
 
-def test_llama3_special_token_table():
-  specials = tok.llama3_special_tokens(128_000)
-  assert len(specials) == 256
-  assert specials["<|begin_of_text|>"] == 128_000
-  assert specials["<|eot_id|>"] == 128_009
+def test_llama3_special_token_table_3():
+  """Llama 3.0's table (Meta's llama3 repository), unchanged by the 3.1 layout's arrival."""
+  specials = tok.llama3_special_tokens(128_000, version="3")
+  named = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+  named += ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+  expected = {name: 128_000 + i for i, name in enumerate(named)}
+  expected |= {f"<|reserved_special_token_{k}|>": 128_005 + k for k in range(5, 251)}
+  assert specials == expected and len(specials) == 256
   assert specials["<|reserved_special_token_250|>"] == 128_255
+  assert "<|eom_id|>" not in specials and "<|python_tag|>" not in specials
+
+
+def test_llama3_special_token_table_31():
+  """Llama 3.1's table (Meta's llama-models models/llama3/tokenizer.py), the default."""
+  specials = tok.llama3_special_tokens(128_000)
+  assert specials == tok.llama3_special_tokens(128_000, version="3.1")
+  named = {
+    "<|begin_of_text|>": 128_000,
+    "<|end_of_text|>": 128_001,
+    "<|reserved_special_token_0|>": 128_002,
+    "<|reserved_special_token_1|>": 128_003,
+    "<|finetune_right_pad_id|>": 128_004,
+    "<|step_id|>": 128_005,
+    "<|start_header_id|>": 128_006,
+    "<|end_header_id|>": 128_007,
+    "<|eom_id|>": 128_008,
+    "<|eot_id|>": 128_009,
+    "<|python_tag|>": 128_010,
+  }
+  expected = named | {f"<|reserved_special_token_{k}|>": 128_009 + k for k in range(2, 247)}
+  assert specials == expected and len(specials) == 256
+  assert sorted(specials.values()) == list(range(128_000, 128_256))
+  assert tok.llama3_special_tokens(0)["<|python_tag|>"] == 10
+
+
+def test_llama3_version_errors(tiny_bpe):
+  with pytest.raises(ValueError, match=r"version: expected one of \('3', '3.1'\) \(Llama 3.2 and 3.3 .*\), got '3.2'"):
+    tok.llama3_special_tokens(128_000, version="3.2")
+  for bad in (3.1, None):
+    with pytest.raises(ValueError, match=f"version: expected one of .*, got {bad}"):
+      tok.llama3_special_tokens(128_000, version=bad)
+  with pytest.raises(ValueError, match="version: expected one of"):
+    tok.llama3_offline(version="4")
+  with pytest.raises(ValueError, match="version: expected one of"):
+    tok.from_file(tiny_bpe, version="3.0")
+  with pytest.raises(ValueError, match="version: '3' picks a Llama special-token table, which special_tokens replaces"):
+    tok.from_file(tiny_bpe, version="3", special_tokens={"<s>": 900}, bos_token="<s>", eos_token=None)
+  with pytest.raises(ValueError, match="num_base_tokens: expected an int >= 0, got -1"):
+    tok.llama3_special_tokens(-1)
+
+
+def test_versions_share_ids_and_differ_in_names(tiny_bpe):
+  """3 and 3.1 encode text alike and give the same BOS/EOS; 3.1 names 128008 and 128010."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    v3, v31 = tok.llama3_offline(version="3"), tok.llama3_offline()
+  assert v31 is tok.llama3_offline(version="3.1")  # cached per version
+  assert (v3.bos_id, v3.eos_id, v3.pad_id) == (v31.bos_id, v31.eos_id, v31.pad_id) == (128_000, 128_001, 128_001)
+  for text in TEXTS:
+    assert v3.encode(text) == v31.encode(text)
+  assert v3.decode([128_008, 128_010]) == "<|reserved_special_token_4|><|reserved_special_token_5|>"
+  assert v31.decode([128_008, 128_010]) == "<|eom_id|><|python_tag|>"
+  assert v3.name.endswith("+llama3") and v31.name.endswith("+llama3.1")
+  assert tok.from_file(tiny_bpe, version="3").decode([260 + 8]) == "<|reserved_special_token_4|>"
+  assert tok.from_file(tiny_bpe).decode([260 + 8]) == "<|eom_id|>"
 
 
 def test_file_errors(tmp_path, tiny_bpe):
