@@ -1,5 +1,7 @@
 """Write `models.llama` params as a Hugging Face Llama checkpoint: `llama_import`'s inverse.
 
+Shapes: D model width, H query heads, G key-value heads, K head dim, E MLP width, V vocab.
+
 The directory `save` writes is what transformers' `save_pretrained` writes for
 `LlamaForCausalLM`, so transformers, vLLM and `llama_import.load` read it:
   config.json                    transformers 5's format: `rope_parameters` {rope_type,
@@ -15,7 +17,7 @@ expects. Layout conversion (ours -> HF), the inverse of `llama_import`'s:
   from our interleaved RoPE pairs (2i, 2i+1), order [K/2, 2], to HF's rotate-half order
   [2, K/2];
 - wv [D, G, K] -> v_proj [G*K, D]; wo [H, K, D] -> o_proj [D, H*K];
-- w1, w3 [D, F] -> gate_proj, up_proj [F, D]; w2 [F, D] -> down_proj [D, F];
+- w1, w3 [D, E] -> gate_proj, up_proj [E, D]; w2 [E, D] -> down_proj [D, E];
 - embed [V, D] -> embed_tokens; unembed [D, V] -> lm_head [V, D]; tied embeddings write no
   lm_head (transformers drops the shared tensor and ties it on load).
 """
@@ -156,11 +158,11 @@ def to_hf(params: dict, cfg: llama.LlamaConfig, *, dequantize: bool = False) -> 
   return tensors
 
 
-def _permute_rope_rows(w_DNK: jax.Array) -> jax.Array:
-  """Ours [D, N, K], pairs (2i, 2i+1) -> HF [N*K, D] with each head's rows in rotate-half
-  order: row n*K + j*K/2 + i holds our dim 2i + j (the inverse of `llama_import`'s)."""
-  d, n, k = w_DNK.shape
-  return w_DNK.reshape(d, n, k // 2, 2).transpose(1, 3, 2, 0).reshape(n * k, d)
+def _permute_rope_rows(w_DHK: jax.Array) -> jax.Array:
+  """Ours [D, H, K] (or [D, G, K]), pairs (2i, 2i+1) -> HF [H*K, D] with each head's rows in
+  rotate-half order: row h*K + j*K/2 + i holds our dim 2i + j (`llama_import`'s inverse)."""
+  d, h, k = w_DHK.shape
+  return w_DHK.reshape(d, h, k // 2, 2).transpose(1, 3, 2, 0).reshape(h * k, d)
 
 
 def shards(tensors: dict[str, jax.Array], max_shard_bytes: int) -> list[dict[str, jax.Array]]:
