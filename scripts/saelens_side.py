@@ -19,13 +19,13 @@ import numpy as np
 import sae_lens
 import torch
 from sae_lens import (
+  SAE,
   BatchTopKTrainingSAE,
   BatchTopKTrainingSAEConfig,
   GatedSAE,
   GatedSAEConfig,
   JumpReLUSAE,
   JumpReLUSAEConfig,
-  SAE,
   StandardSAE,
   StandardSAEConfig,
   TopKSAE,
