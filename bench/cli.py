@@ -143,10 +143,15 @@ def run_benchmarks(runs: Mapping[str, Benchmark]) -> int:
       traceback.print_exc()
       failed.append(name)
     else:
-      results.append(dataclasses.replace(result, wall_s=time.perf_counter() - start))
+      results.append(dataclasses.replace(result, wall_s=time.perf_counter() - start, claims=tuple(ctx.claims)))
       empty = [p for p in ctx.selected_parts() if not ctx.recorded.get(p)]
       if empty or not sum(ctx.recorded.values()):
         print(f"{name}: parts {empty or ['(all)']} recorded nothing", file=sys.stderr)
+        failed.append(name)
+      parts, produced = ctx.selected_parts(), {c.spec.name for c in ctx.claims}
+      missing = [c.name for c in runs[name].claims if (not parts or c.part in parts) and c.name not in produced]
+      if missing:  # a registered claim its part did not produce would vanish from the ledger silently
+        print(f"{name}: claims {missing} are registered but were not produced", file=sys.stderr)
         failed.append(name)
     print(f"[{i}/{len(selected)}] {name} done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
   paths = report.write(results, env, settings.out)

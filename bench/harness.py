@@ -15,7 +15,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import jax
@@ -151,6 +151,223 @@ class Image:
         raise ValueError(f"image {self.name!r}: a line has {len(xs)} x values but {len(ys)} y values")
 
 
+Verdict = Literal["holds", "fails", "undecided"]
+# Why a claim is undecided, each with the words the ledger prints.
+REASONS = {
+  "budget": "the budget at this scale",
+  "needs a GPU": "needs a GPU",
+  "margin": "the measurement cannot resolve the margin",
+  "reference did not learn": "the reference model did not learn the task",
+}
+Reason = Literal["budget", "needs a GPU", "margin", "reference did not learn"]
+Op = Literal[">", "<", "|x| <="]
+Over = Literal["each seed", "mean", "mean ± k sd"]
+_Outcome = Literal["pass", "fail", "unresolved"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Test:
+  """One condition on one statistic's per-seed values x_1..x_n, as data.
+
+  `op` compares a value with `bound`: x > bound, x < bound, or |x| <= bound. `over` says
+  which values must satisfy it:
+    "each seed"    pass if every x_s does, fail if none does, otherwise unresolved;
+    "mean"         pass if the mean does, fail otherwise (a deterministic measurement, or a
+                   practical-size condition beside a spread condition);
+    "mean ± k sd"  pass if every point of [mean - k sd, mean + k sd] does, fail if none
+                   does, otherwise unresolved (sd over the seeds, ddof 1; n >= 2).
+  """
+
+  statistic: str
+  op: Op
+  bound: float
+  over: Over = "each seed"
+  k: float = 2.0
+
+  def __post_init__(self):
+    if not isinstance(self.statistic, str) or not self.statistic.strip():
+      raise ValueError(f"test: statistic must be a non-empty name, got {self.statistic!r}")
+    if self.op not in (">", "<", "|x| <="):
+      raise ValueError(f"test {self.statistic!r}: op must be '>', '<' or '|x| <=', got {self.op!r}")
+    if self.over not in ("each seed", "mean", "mean ± k sd"):
+      raise ValueError(f"test {self.statistic!r}: over must be 'each seed', 'mean' or 'mean ± k sd', got {self.over!r}")
+    for name in ("bound", "k"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"test {self.statistic!r}: {name} must be a finite number, got {value!r}")
+    if self.k <= 0:
+      raise ValueError(f"test {self.statistic!r}: k must be > 0, got {self.k!r}")
+
+  @property
+  def text(self) -> str:
+    x = {"each seed": "for every seed", "mean": "for the mean", "mean ± k sd": f"over mean ± {self.k:g} sd"}
+    cond = (
+      f"|{self.statistic}| <= {self.bound:g}" if self.op == "|x| <=" else f"{self.statistic} {self.op} {self.bound:g}"
+    )
+    return f"{cond} {x[self.over]}"
+
+  def outcome(self, values: Sequence[float]) -> _Outcome:
+    x = np.asarray(values, np.float64)
+    if x.ndim != 1 or not x.size or not np.isfinite(x).all():
+      return "fail" if x.size and np.isnan(x).any() else "unresolved"  # a diverged run fails its test
+    if self.over == "mean":
+      return "pass" if self._passes(np.array([x.mean()]))[0] else "fail"
+    if self.over == "mean ± k sd":
+      if x.size < 2:
+        return "unresolved"
+      m, sd = x.mean(), x.std(ddof=1)
+      x = np.array([m - self.k * sd, m, m + self.k * sd])
+      if self.op == "|x| <=" and x[0] < -self.bound < self.bound < x[2]:  # an interval around the band
+        return "unresolved"
+    passes = self._passes(x)
+    return "pass" if passes.all() else "fail" if not passes.any() else "unresolved"
+
+  def _passes(self, x: np.ndarray) -> np.ndarray:
+    if self.op == ">":
+      return x > self.bound
+    if self.op == "<":
+      return x < self.bound
+    return np.abs(x) <= self.bound
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+  """How a claim is decided, fixed before the run: `decide` is the one interpreter.
+
+  holds if every test passes; fails if any test fails; otherwise undecided (the margin). It
+  is undecided instead, whatever the tests say, when a `requires` test does not pass (the
+  reference model did not learn the task: a claim about a comparison means nothing then),
+  below the scale `decided_at` (the budget), and off a GPU when `gpu`.
+  """
+
+  tests: tuple[Test, ...]
+  requires: tuple[Test, ...] = ()
+  decided_at: Scale = "small"
+  gpu: bool = False
+
+  def __post_init__(self):
+    if not self.tests or not all(isinstance(t, Test) for t in (*self.tests, *self.requires)):
+      raise ValueError(f"rule: expected at least one Test in tests (and Tests in requires), got {self.tests!r}")
+    if self.decided_at not in SCALES:
+      raise ValueError(f"rule: decided_at must be one of {SCALES}, got {self.decided_at!r}")
+
+  @property
+  def statistics(self) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(t.statistic for t in (*self.tests, *self.requires)))
+
+  @property
+  def text(self) -> str:
+    text = "holds if " + " and ".join(t.text for t in self.tests) + "; fails if any of these fails"
+    if self.requires:
+      text += "; undecided unless " + " and ".join(t.text for t in self.requires)
+    if self.gpu:
+      text += "; decided on a GPU"
+    if self.decided_at != "small":
+      text += f"; decided at --scale={self.decided_at} or larger"
+    return text
+
+  def decide(self, values: Mapping[str, Sequence[float]], *, scale: Scale, gpu: bool) -> tuple[Verdict, Reason | None]:
+    """(verdict, reason if undecided) from the per-seed values of each statistic."""
+    missing = sorted(set(self.statistics) - set(values))
+    if missing:
+      raise ValueError(f"values: the rule needs the statistics {missing}, got {sorted(values)}")
+    if self.gpu and not gpu:
+      return "undecided", "needs a GPU"
+    if SCALES.index(scale) < SCALES.index(self.decided_at):
+      return "undecided", "budget"
+    if any(t.outcome(values[t.statistic]) != "pass" for t in self.requires):
+      return "undecided", "reference did not learn"
+    outcomes = [t.outcome(values[t.statistic]) for t in self.tests]
+    if all(o == "pass" for o in outcomes):
+      return "holds", None
+    if "fail" in outcomes:
+      return "fails", None
+    return "undecided", "margin"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClaimSpec:
+  """A paper's claim and its rule, declared in a benchmark module's CLAIMS before any run.
+
+  `name` is unique within the benchmark; `part` is the part that measures it; `source` the
+  paper and where in it (table, figure, section); `claim` the paper's words.
+  """
+
+  name: str
+  part: str
+  source: str
+  claim: str
+  rule: Rule
+
+  def __post_init__(self):
+    for field in ("name", "part", "source", "claim"):
+      if not isinstance(getattr(self, field), str) or not getattr(self, field).strip():
+        raise ValueError(f"claim {self.name!r}: {field} must be a non-empty string, got {getattr(self, field)!r}")
+    if not isinstance(self.rule, Rule):
+      raise ValueError(f"claim {self.name!r}: rule must be a Rule, got {self.rule!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Claim:
+  """A claim decided in one run: the spec, the per-seed values of each statistic, the
+  verdict (and the reason when undecided), the scale and the command that reproduces it."""
+
+  benchmark: str
+  spec: ClaimSpec
+  seeds: tuple[int, ...]
+  values: dict[str, tuple[float, ...]]
+  verdict: Verdict
+  reason: Reason | None
+  scale: Scale
+  command: str
+  note: str = ""  # what the numbers mean beyond the rule (a diagnosis, a different baseline)
+
+  def __post_init__(self):
+    if self.verdict not in ("holds", "fails", "undecided"):
+      raise ValueError(f"claim {self.spec.name!r}: verdict must be holds, fails or undecided, got {self.verdict!r}")
+    if (self.verdict == "undecided") != (self.reason in REASONS):
+      raise ValueError(f"claim {self.spec.name!r}: an undecided verdict needs a reason from {list(REASONS)}")
+    if not self.command.strip():
+      raise ValueError(f"claim {self.spec.name!r}: command must say how to reproduce it")
+
+  @property
+  def key(self) -> str:
+    return f"{self.benchmark}/{self.spec.name}"
+
+  def measured(self) -> str:
+    """Each statistic as mean ± sd (n), or its single value."""
+
+    def one(x: tuple[float, ...]) -> str:
+      if len(x) < 2:
+        return f"{x[0]:.4g}" if x else "—"
+      return f"{statistics.fmean(x):.4g} ± {statistics.stdev(x):.2g} (n={len(x)})"
+
+    return "; ".join(f"{name} {one(x)}" for name, x in self.values.items())
+
+  def verdict_text(self) -> str:
+    return self.verdict if self.reason is None else f"undecided: {REASONS[self.reason]}"
+
+  def to_json(self) -> dict[str, Any]:
+    finite = lambda v: v if math.isfinite(v) else str(v)
+    return {
+      "key": self.key,
+      "benchmark": self.benchmark,
+      "name": self.spec.name,
+      "part": self.spec.part,
+      "source": self.spec.source,
+      "claim": self.spec.claim,
+      "rule": self.spec.rule.text,
+      "seeds": list(self.seeds),
+      "values": {k: [finite(float(v)) for v in x] for k, x in self.values.items()},
+      "measured": self.measured(),
+      "verdict": self.verdict,
+      "reason": self.reason,
+      "scale": self.scale,
+      "command": self.command,
+      "note": self.note,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
   benchmark: str
@@ -159,6 +376,7 @@ class Result:
   notes: tuple[str, ...] = ()
   wall_s: float | None = None  # the whole run's wall time, set by the runner
   images: tuple[Image, ...] = ()
+  claims: tuple[Claim, ...] = ()  # set by the runner from the Context's `claim` calls
 
   def __post_init__(self):
     if not isinstance(self.benchmark, str) or not self.benchmark.strip():
@@ -204,6 +422,7 @@ class Context:
   environment: Environment
   parts: tuple[str, ...] | None = None
   recorded: dict[str | None, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  claims: list[Claim] = dataclasses.field(default_factory=list, compare=False, repr=False)
   _current: list[str | None] = dataclasses.field(default_factory=lambda: [None], compare=False, repr=False)
 
   def __post_init__(self):
@@ -240,6 +459,41 @@ class Context:
     self.recorded[self._current[0]] = self.recorded.get(self._current[0], 0) + 1
     return Record(self.benchmark, metric, float(value), unit, paper_value, paper_source, self.environment)
 
+  def claim(
+    self,
+    spec: ClaimSpec,
+    values: dict[str, Sequence[float] | float],
+    *,
+    seeds: Sequence[int] = (),
+    note: str = "",
+  ) -> Claim:
+    """Decides `spec` on the per-seed `values` of its rule's statistics (a number: one
+    measurement) and keeps the claim for the run's Result. The command reruns its part at
+    this scale and seed."""
+    if self.parts is not None and spec.part not in self.parts:
+      raise ValueError(f"claim {spec.name!r}: part {spec.part!r} is not among {self.benchmark}'s PARTS {self.parts}")
+    per_seed = {
+      k: tuple(float(x) for x in (v if isinstance(v, Sequence | np.ndarray) else [v])) for k, v in values.items()
+    }
+    verdict, reason = spec.rule.decide(per_seed, scale=self.scale, gpu=self.environment.backend == "gpu")
+    command = f"python -m paperjax.bench.{self.benchmark} --scale={self.scale} --only={self.benchmark}.{spec.part}"
+    command += f" --seed={self.seed}"
+    claim = Claim(
+      benchmark=self.benchmark,
+      spec=spec,
+      seeds=tuple(int(s) for s in seeds) or (self.seed,),
+      values=per_seed,
+      verdict=verdict,
+      reason=reason,
+      scale=self.scale,
+      command=command,
+      note=note,
+    )
+    if any(c.spec.name == spec.name for c in self.claims):
+      raise ValueError(f"claim {spec.name!r}: decided twice in one run of {self.benchmark}")
+    self.claims.append(claim)
+    return claim
+
 
 class Benchmark(NamedTuple):
   """A benchmark binary's `run` and the parts it splits into (`--only=<name>.<part>`)."""
@@ -247,6 +501,7 @@ class Benchmark(NamedTuple):
   run: Callable[[Context], Result]
   parts: tuple[str, ...] = ()  # () = one undivided part
   timed: bool = True  # False: it times nothing, so `--repeats` is a usage error rather than ignored
+  claims: tuple[ClaimSpec, ...] = ()  # the claims its parts decide (a module's CLAIMS)
 
 
 def selects_benchmark(only: Sequence[str], benchmark: str) -> bool:
