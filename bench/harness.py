@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import jax
 import numpy as np
@@ -177,6 +177,8 @@ class Test:
     "mean ± k sd"  pass if every point of [mean - k sd, mean + k sd] does, fail if none
                    does, otherwise unresolved (sd over the seeds, ddof 1; n >= 2).
   """
+
+  __test__: ClassVar[bool] = False  # a statistical test, not one for pytest to collect
 
   statistic: str
   op: Op

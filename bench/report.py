@@ -1,5 +1,8 @@
 """Writes benchmark results: `report.md`, `results.json` and one PNG per plot and per image.
 
+report.md opens with the run's claims ledger (`bench.ledger`), then the records; results.json
+holds `claims`, `records`, plots, notes and wall times.
+
 Every file is written to a temporary name and renamed into place, so an interrupted run
 never leaves a half-written report over a good one.
 """
@@ -15,6 +18,7 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
+from paperjax.bench import ledger
 from paperjax.bench.harness import Environment, Image, Plot, Record, Result
 
 COLUMNS = ("benchmark", "metric", "value", "unit", "paper", "paper source", "ours / paper")
@@ -66,11 +70,13 @@ def describe(env: Environment) -> str:
 
 
 def render_markdown(results: Sequence[Result], env: Environment, plot_files: dict[str, str]) -> str:
-  lines = [
-    "# paperjax benchmark report",
-    "",
-    f"Measured on {describe(env)}.",
-    "",
+  """The ledger of the run's claims first (`bench.ledger`), then every record, the wall
+  times, and each benchmark's notes and figures."""
+  claims = [c.to_json() for result in results for c in result.claims]
+  lines = ["# paperjax benchmark report", "", f"Measured on {describe(env)}.", ""]
+  if claims:
+    lines += ["## Claims", "", ledger.counts(claims), "", ledger.markdown(claims), "", "## Measurements", ""]
+  lines += [
     markdown_table([r for result in results for r in result.records]),
     "",
     wall_time_table(results),
@@ -108,7 +114,7 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
   if len(plot.series) > 1:
     ax.legend()
   fig.tight_layout()
-  _atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+  atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
   plt.close(fig)
 
 
@@ -128,7 +134,7 @@ def render_image(image: Image, path: pathlib.Path) -> None:
     ax.plot(xs[-1:], ys[-1:], marker="o", markersize=3, color="white", path_effects=outline)
   ax.set(title=image.title, xticks=[], yticks=[])
   fig.tight_layout()
-  _atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+  atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
   plt.close(fig)
 
 
@@ -185,6 +191,7 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
         render_image(figure, out / plot_files[key])
   payload = {
     "environment": dataclasses.asdict(env),
+    "claims": [c.to_json() for result in results for c in result.claims],
     "records": [r.to_json() for result in results for r in result.records],
     "plots": [
       {"benchmark": result.benchmark, "file": plot_files[plot_key(result, p)], **_json_safe(dataclasses.asdict(p))}
@@ -200,8 +207,8 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
     "wall_s": {result.benchmark: result.wall_s for result in results if result.wall_s is not None},
   }
   paths = {"markdown": out / "report.md", "json": out / "results.json"}
-  _atomic(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))
-  _atomic(paths["json"], lambda f: json.dump(payload, f, indent=2, allow_nan=False))
+  atomic_write(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))
+  atomic_write(paths["json"], lambda f: json.dump(payload, f, indent=2, allow_nan=False))
   return {**paths, **{key: out / name for key, name in plot_files.items()}}
 
 
@@ -216,7 +223,8 @@ def _json_safe(tree):
   return tree
 
 
-def _atomic(path: pathlib.Path, write_fn, binary: bool = False) -> None:
+def atomic_write(path: pathlib.Path, write_fn, binary: bool = False) -> None:
+  """Calls write_fn on a temporary file beside `path`, then renames it to `path`."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
