@@ -259,7 +259,10 @@ class Rule:
 
   @property
   def text(self) -> str:
-    text = "holds if " + " and ".join(t.text for t in self.tests) + "; fails if any of these fails"
+    false = {"each seed": "for every seed", "mean": "for the mean", "mean ± k sd": "over the whole mean ± k sd"}
+    kinds = dict.fromkeys(t.over for t in self.tests)
+    text = "holds if " + " and ".join(t.text for t in self.tests)
+    text += "; fails if one of these is false " + " or ".join(false[k] for k in kinds) + "; otherwise undecided"
     if self.requires:
       text += "; undecided unless " + " and ".join(t.text for t in self.requires)
     if self.gpu:
@@ -464,7 +467,7 @@ class Context:
   def claim(
     self,
     spec: ClaimSpec,
-    values: dict[str, Sequence[float] | float],
+    values: Mapping[str, Sequence[float] | np.ndarray | float],
     *,
     seeds: Sequence[int] = (),
     note: str = "",

@@ -66,8 +66,8 @@ def test_rule_decides(gain, extra, scale, gpu, expected):
 
 def test_rule_text_comes_from_its_data_and_its_gates_apply():
   assert RULE.text == (
-    "holds if gain > 0 over mean ± 2 sd and gain > 0.05 for the mean; fails if any of these fails; "
-    "undecided unless reference accuracy > 0.5 for the mean"
+    "holds if gain > 0 over mean ± 2 sd and gain > 0.05 for the mean; fails if one of these is false over the "
+    "whole mean ± k sd or for the mean; otherwise undecided; undecided unless reference accuracy > 0.5 for the mean"
   )
   gpu = Rule(tests=(Test(statistic="speed-up", op=">", bound=1.5),), gpu=True, decided_at="full")
   assert gpu.text.endswith("; decided on a GPU; decided at --scale=full or larger")
@@ -167,7 +167,7 @@ def _row(key, scale, verdict, reason=None, source="P (arXiv 1), Table 1"):
     "name": name,
     "source": source,
     "claim": f"claim {name}",
-    "rule": "holds if x > 0 for every seed; fails if any of these fails",
+    "rule": "holds if x > 0 for every seed; fails if one of these is false for every seed; otherwise undecided",
     "measured": "x 1",
     "verdict": verdict,
     "reason": reason,
