@@ -6,12 +6,18 @@ Parts:
 - fit: tokens/s of counting (paperjax's jitted scatter-add) vs numpy's bincount on the
   same tokens, side by side.
 - perplexity: held-out perplexity of the bigram vs the unigram baseline, each with its
-  additive smoothing chosen on a validation split; the table size on the full vocabulary.
+  additive smoothing chosen on a validation split; the table size on the full vocabulary,
+  and the bytes of the tables the code builds over a range of compact vocabularies.
 - generate: batched generation throughput and sample text.
 
 Data: cl100k tokens of the stdlib's source files, split 80/10/10 by file; tables use the
 training split's most frequent tokens plus one "other" id (a 100k-token bigram table
 would take 37 GiB).
+
+Claims (`CLAIMS`, decided by the perplexity part; each a single deterministic measurement:
+the split is fixed by file names, so there are no seeds to vary): the bigram's test
+perplexity is below the unigram's; the bytes of the order-k table fitted here grow as
+V^(k+1) (the exponent fitted over V in `TABLE_VOCABS`, in log-log, within 0.05 of k + 1).
 
 Shapes: N tokens in a stream.
 """
@@ -19,6 +25,7 @@ Shapes: N tokens in a stream.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +33,45 @@ import numpy as np
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
+from paperjax.bench.harness import (
+  Benchmark,
+  ClaimSpec,
+  Context,
+  Plot,
+  Result,
+  Rule,
+  Series,
+  Test,
+  progress,
+  time_fn,
+)
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.ngram import bigram
 from paperjax.ops import checks
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUALITATIVE = "LLM explainer (qualitative)"
+EXPLAINER = "LLM explainer article (no arXiv id), 'LLM basics' in papers/llama3.md"
+TABLE_VOCABS = {1: (256, 512, 1024, 2048), 2: (32, 64, 128)}  # compact vocabularies V per order k
+RATIO = "bigram / unigram test perplexity"
+EXPONENT = {k: f"order-{k} table bytes: exponent in V fitted in log-log, minus {k + 1}" for k in TABLE_VOCABS}
+CLAIMS = (
+  ClaimSpec(
+    name="the bigram beats the unigram",
+    part="perplexity",
+    source=EXPLAINER,
+    claim="a bigram (Markov chain) model, one next-token distribution per previous token, predicts text better "
+    "than token frequencies alone (the explainer's premise, in our words)",
+    rule=Rule(tests=(Test(statistic=RATIO, op="<", bound=1.0, over="mean"),)),
+  ),
+  ClaimSpec(
+    name="the table grows as V^(k+1)",
+    part="perplexity",
+    source=EXPLAINER,
+    claim="a context window of k tokens needs V^k rows of V entries, which is why neural networks replace the table",
+    rule=Rule(tests=tuple(Test(statistic=EXPONENT[k], op="|x| <=", bound=0.05, over="mean") for k in TABLE_VOCABS)),
+  ),
+)
 
 
 @checks.config
@@ -81,6 +120,7 @@ def run(ctx: Context) -> Result:
     result = _perplexity(ctx, train_c, val_c, test_c, vocab)
     records += result[0]
     plots.append(result[1])
+    records += _table_growth(ctx, train)
     full = tok.vocab_size
     for order, name in ((1, "bigram"), (2, "trigram")):
       records.append(
@@ -133,9 +173,16 @@ def _perplexity(ctx: Context, train_c, val_c, test_c, vocab: int):
   records = [
     ctx.record(f"test perplexity, unigram (alpha={best[0]:g})", test_ppl[0], "ppl"),
     ctx.record(f"test perplexity, bigram (alpha={best[1]:g})", test_ppl[1], "ppl"),
-    ctx.record("bigram / unigram test perplexity", test_ppl[1] / test_ppl[0], "ratio", "< 1", QUALITATIVE),
+    ctx.record(RATIO, test_ppl[1] / test_ppl[0], "ratio", "< 1", QUALITATIVE),
     ctx.record("test tokens inside the compact vocabulary", float(np.mean(test_c < vocab - 1)), "fraction"),
   ]
+  ctx.claim(
+    CLAIMS[0],
+    {RATIO: test_ppl[1] / test_ppl[0]},
+    note=f"Test perplexity {test_ppl[1]:.4g} (bigram, alpha {best[1]:g}) vs {test_ppl[0]:.4g} (unigram, alpha "
+    f"{best[0]:g}) on {test_c.size:,} test tokens in a {vocab}-id compact vocabulary, both scored on the same "
+    "positions; one deterministic measurement on a split fixed by file names.",
+  )
   plot = Plot(
     "smoothing",
     "Validation perplexity vs additive smoothing",
@@ -146,6 +193,39 @@ def _perplexity(ctx: Context, train_c, val_c, test_c, vocab: int):
     yscale="log",
   )
   return records, plot
+
+
+def _table_growth(ctx: Context, train: np.ndarray):
+  """Bytes of the order-k table fitted on the training tokens at each compact vocabulary in
+  TABLE_VOCABS, and the exponent of V fitted to them (and to the cells the data fills)."""
+  records: list = []
+  values: dict[str, Sequence[float] | float] = {}
+  filled: dict[int, float] = {}
+  frequent = corpus.compact_vocab(train, max(max(v) for v in TABLE_VOCABS.values()))  # most frequent first
+  for order, vocabs in TABLE_VOCABS.items():
+    sizes, cells = [], []
+    for v in vocabs:
+      ids = corpus.to_compact(train, frequent[: v - 1])  # = compact_vocab(train, v)
+      counts = bigram.count(ids, vocab_size=v, order=order)
+      sizes.append(bigram.probabilities(counts, alpha=0.0).probs_CV.nbytes)
+      cells.append(int(jnp.count_nonzero(counts)))
+    slope = lambda y, vocabs=vocabs: float(np.polyfit(np.log(vocabs), np.log(y), 1)[0])
+    values[EXPONENT[order]] = slope(sizes) - (order + 1)
+    filled[order] = slope(cells)
+    records += [
+      ctx.record(f"order-{order} table bytes at V={vocabs[-1]}", sizes[-1], "bytes", "V^(k+1) x 4", "LLM explainer"),
+      ctx.record(f"order-{order} table bytes: fitted exponent of V over V={list(vocabs)}", slope(sizes), "exponent"),
+      ctx.record(f"order-{order} cells the training data fills: fitted exponent of V", filled[order], "exponent"),
+    ]
+  ctx.claim(
+    CLAIMS[1],
+    values,
+    note="The bytes of the float32 table the code builds (an exact count of a dense array: this checks that the "
+    "implementation stores what the explainer describes); the cells the training data fills grow with exponents "
+    + ", ".join(f"{filled[k]:.2f} (k={k})" for k in filled)
+    + ", which is why most of a large table is empty.",
+  )
+  return records
 
 
 def _generation(ctx: Context, cfg: Config, train_c, vocab: int, kept: np.ndarray, tok):
@@ -185,4 +265,4 @@ def _decode_compact(tok: tokenizer.Tokenizer, kept: np.ndarray, ids_c: np.ndarra
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"bigram": Benchmark(run, PARTS)}))
+  app.run(cli.main_for({"bigram": Benchmark(run, PARTS, claims=CLAIMS)}))

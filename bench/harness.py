@@ -158,8 +158,9 @@ REASONS = {
   "needs a GPU": "needs a GPU",
   "margin": "the measurement cannot resolve the margin",
   "reference did not learn": "the reference model did not learn the task",
+  "nothing to compare": "the run produced nothing to compare",
 }
-Reason = Literal["budget", "needs a GPU", "margin", "reference did not learn"]
+Reason = Literal["budget", "needs a GPU", "margin", "reference did not learn", "nothing to compare"]
 Op = Literal[">", "<", "|x| <="]
 Over = Literal["each seed", "mean", "mean ± k sd"]
 _Outcome = Literal["pass", "fail", "unresolved"]
@@ -237,19 +238,23 @@ class Rule:
   """How a claim is decided, fixed before the run: `decide` is the one interpreter.
 
   holds if every test passes; fails if any test fails; otherwise undecided (the margin). It
-  is undecided instead, whatever the tests say, when a `requires` test does not pass (the
-  reference model did not learn the task: a claim about a comparison means nothing then),
+  is undecided instead, whatever the tests say, when a `requires` test does not pass (for the
+  reason `unmet`: the reference model did not learn the task, so a comparison means nothing,
+  or the run produced nothing to compare),
   below the scale `decided_at` (the budget), and off a GPU when `gpu`.
   """
 
   tests: tuple[Test, ...]
   requires: tuple[Test, ...] = ()
+  unmet: Reason = "reference did not learn"  # the reason given when a `requires` test does not pass
   decided_at: Scale = "small"
   gpu: bool = False
 
   def __post_init__(self):
     if not self.tests or not all(isinstance(t, Test) for t in (*self.tests, *self.requires)):
       raise ValueError(f"rule: expected at least one Test in tests (and Tests in requires), got {self.tests!r}")
+    if self.unmet not in REASONS:
+      raise ValueError(f"rule: unmet must be one of {list(REASONS)}, got {self.unmet!r}")
     if self.decided_at not in SCALES:
       raise ValueError(f"rule: decided_at must be one of {SCALES}, got {self.decided_at!r}")
 
@@ -281,7 +286,7 @@ class Rule:
     if SCALES.index(scale) < SCALES.index(self.decided_at):
       return "undecided", "budget"
     if any(t.outcome(values[t.statistic]) != "pass" for t in self.requires):
-      return "undecided", "reference did not learn"
+      return "undecided", self.unmet
     outcomes = [t.outcome(values[t.statistic]) for t in self.tests]
     if all(o == "pass" for o in outcomes):
       return "holds", None

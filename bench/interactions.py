@@ -25,6 +25,15 @@ is the final model's AND interactions, so the fit at the end is circular (sigma^
 reproduces it by construction) and is reported as such; a fit on the edge of the sigma^2
 grid is reported as a bound.
 
+Claims (`CLAIMS`, one set per run, each run a single measurement at one seed; the rules in
+`RULES` were written after the README's `small` numbers had been seen, as the papers'
+qualitative statements made numeric, and decide every run since): the two phases (spindle at init, the mean
+order falling by more than one order in phase 1 and rising by more than a quarter of an order
+in phase 2); phase 2 starting within one checkpoint of the loss gap's growth; the fitted
+sigma^2 falling at every non-circular phase-2 step; the theory's median residual under half a
+flat distribution's. The end-distribution baseline (every checkpoint predicted by the end's own
+distribution, which the theory's w* already holds) is recorded beside it, not claimed.
+
 Shapes: B samples, F input features (pixels or tokens), C classes, M = 2^n subsets of the
 n variables, D model width, T tokens.
 """
@@ -44,7 +53,7 @@ import optax
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress
+from paperjax.bench.harness import Benchmark, ClaimSpec, Context, Plot, Result, Rule, Series, Test, progress
 from paperjax.interp import dynamics
 from paperjax.interp import interactions as ia
 from paperjax.models.data import corpus, tokenizer
@@ -56,6 +65,87 @@ THEORY = "Ren et al. (arXiv 2407.19198)"
 FAMILIES = ("asyncio", "email", "tkinter", "xml")  # stdlib packages with 460-600 8-token lines each
 TEXT_TOKENS = 8
 TEXT_VOCAB = 512  # 510 most frequent training tokens, "other", [MASK]
+
+# The runs (the tag each part gives its run -> its part and its name in the claims).
+RUNS = {
+  "clean labels": ("digits", "digits MLP, clean labels"),
+  "30% label noise": ("digits", "digits MLP, 30% label noise"),
+  "Transformer, stdlib lines": ("text", "Transformer, stdlib lines"),
+}
+# Statistics, one value per run (one seed each: a single measurement, not a spread over seeds).
+INIT_OFFSET = "mean order at init - middle order (n+1)/2"
+PHASE1_FALL = "phase 1: fall of the mean order from init to its lowest"
+PHASE2_RISE = "phase 2: rise of the mean order from its lowest to the end"
+LAG = "checkpoints from the phase-2 start to the loss gap's growth"
+SIGMA2_FALLS = "share of phase-2 steps where fitted sigma^2 falls, end excluded"
+STEPS = "phase-2 steps, end excluded"
+VS_FLAT = "theory residual / flat-distribution residual, median over phase 2, end excluded"
+CHECKPOINTS = "phase-2 checkpoints, end excluded"
+RULES = {
+  # Spindle at init (its mean order within one order of the middle), a fall of more than one
+  # order in phase 1, and a rise of more than a quarter of an order in phase 2.
+  "phases": Rule(
+    tests=(
+      Test(statistic=INIT_OFFSET, op="|x| <=", bound=1.0),
+      Test(statistic=PHASE1_FALL, op=">", bound=1.0),
+      Test(statistic=PHASE2_RISE, op=">", bound=0.25),
+    )
+  ),
+  # "About when": within one checkpoint (a factor of about 2 in epochs on these schedules).
+  "overfitting": Rule(tests=(Test(statistic=LAG, op="|x| <=", bound=1.0),)),
+  "sigma2": Rule(
+    tests=(Test(statistic=SIGMA2_FALLS, op=">", bound=0.99),),  # every step: the theory's sigma^2 only decreases
+    requires=(Test(statistic=STEPS, op=">", bound=0.0),),
+    unmet="nothing to compare",
+  ),
+  "theory": Rule(
+    tests=(Test(statistic=VS_FLAT, op="<", bound=0.5),),  # less than half the flat baseline's error
+    requires=(Test(statistic=CHECKPOINTS, op=">", bound=0.0),),
+    unmet="nothing to compare",
+  ),
+}
+
+
+def _claims(run: str, part: str) -> tuple[ClaimSpec, ...]:
+  return (
+    ClaimSpec(
+      name=f"two phases ({run})",
+      part=part,
+      source=f"Zhang et al., {PAPER}, abstract",
+      claim="at initialisation interactions are mostly of middle order; the first phase mainly penalizes "
+      "interactions of medium and high orders, and the second phase mainly learns interactions of gradually "
+      "increasing orders",
+      rule=RULES["phases"],
+    ),
+    ClaimSpec(
+      name=f"phase 2 starts with over-fitting ({run})",
+      part=part,
+      source=f"Zhang et al., {PAPER}, title and abstract",
+      claim="the two-phase phenomenon is the starting point of a DNN learning over-fitted features: phase 2 starts "
+      "about when the gap between test and training loss starts to grow",
+      rule=RULES["overfitting"],
+    ),
+    ClaimSpec(
+      name=f"sigma^2 decreases in phase 2 ({run})",
+      part=part,
+      source=f"{THEORY}, Theorem 3",
+      claim="training in phase 2 is the optimum of Theorem 3 under a parameter-noise sigma^2 that decreases over "
+      "training; sigma^2 fitted to each epoch's order distribution falls",
+      rule=RULES["sigma2"],
+    ),
+    ClaimSpec(
+      name=f"theory predicts phase 2 ({run})",
+      part=part,
+      source=f"{THEORY}, abstract and Theorem 3",
+      claim="the theory well predicts the real learning dynamics: the order distribution of Theorem 3 at the "
+      "fitted sigma^2 matches each phase-2 epoch's (here: better than a flat distribution)",
+      rule=RULES["theory"],
+    ),
+  )
+
+
+CLAIMS = tuple(spec for run, (part, name) in RUNS.items() for spec in _claims(name, part))
+CLAIMS_OF = {run: _claims(name, part) for run, (part, name) in RUNS.items()}
 
 
 @checks.config
@@ -332,6 +422,7 @@ def _theory(ctx: Context, tag: str, slug: str, n: int, history, taus, start: int
   sigma2, predicted = dynamics.fit_sigma2(measured, history[-1]["i_and"], n, tau=taus[-1])
   residual = dynamics.relative_residual(measured, predicted)
   flat = dynamics.relative_residual(measured, np.ones_like(measured))  # every order equally strong
+  end = dynamics.relative_residual(measured, np.broadcast_to(measured[-1], measured.shape))  # already at the end
   fitted = epochs[start:]
   records = []
   if len(fitted) > 1:  # a phase 2 of one checkpoint has only the circular end point
@@ -354,8 +445,15 @@ def _theory(ctx: Context, tag: str, slug: str, n: int, history, taus, start: int
     )
   )
   honest = slice(0, len(fitted) - 1)  # every phase-2 checkpoint but the circular end point
+  falls = np.diff(sigma2[honest]) < 0
+  ratio = lambda baseline: float(np.median(residual[honest]) / max(np.median(baseline[honest]), 1e-12))
+  stats = {  # the claims' statistics (nan where phase 2 is too short to have them)
+    SIGMA2_FALLS: float(falls.mean()) if falls.size else float("nan"),
+    STEPS: falls.size,
+    VS_FLAT: ratio(flat) if len(fitted) > 1 else float("nan"),
+    CHECKPOINTS: len(fitted) - 1,
+  }
   if len(fitted) > 2:
-    falls = np.diff(sigma2[honest]) < 0
     records += [
       ctx.record(
         f"fitted sigma^2 at the last non-circular checkpoint, epoch {fitted[-2]} ({tag})",
@@ -366,7 +464,7 @@ def _theory(ctx: Context, tag: str, slug: str, n: int, history, taus, start: int
       ),
       ctx.record(
         f"phase-2 steps where fitted sigma^2 falls, end excluded ({tag})",
-        float(falls.mean()) if falls.size else float("nan"),
+        stats[SIGMA2_FALLS],
         "fraction",
         "1 (sigma^2 decreases)",
         THEORY,
@@ -381,10 +479,15 @@ def _theory(ctx: Context, tag: str, slug: str, n: int, history, taus, start: int
       ),
       ctx.record(
         f"theory residual / flat-distribution residual, phase 2, end excluded ({tag})",
-        float(np.median(residual[honest]) / max(np.median(flat[honest]), 1e-12)),
+        stats[VS_FLAT],
         "ratio",
         "< 1: the theory predicts the shape",
         THEORY,
+      ),
+      ctx.record(
+        f"theory residual / end-distribution residual, phase 2, end excluded ({tag})",
+        ratio(end),
+        "ratio",
       ),
     ]
   shown = sorted({0, len(fitted) // 3, 2 * len(fitted) // 3, len(fitted) - 1})
@@ -421,11 +524,13 @@ def _theory(ctx: Context, tag: str, slug: str, n: int, history, taus, start: int
   ]
   note = (
     f"{tag}: phase-2 fit at epochs {fitted}: sigma^2 {[float(f'{s:.3g}') for s in sigma2]}, relative residual "
-    f"{[round(float(r), 3) for r in residual]} (flat baseline {[round(float(r), 3) for r in flat]}). "
+    f"{[round(float(r), 3) for r in residual]} (flat baseline {[round(float(r), 3) for r in flat]}; the end's "
+    f"own distribution as the prediction: {[round(float(r), 3) for r in end]}). "
     f"The sigma^2 grid spans {dynamics.SIGMA2_GRID[0]:.0e} .. {dynamics.SIGMA2_GRID[-1]:.0e}; a fit on its edge is a "
-    "bound. w* is the final checkpoint's AND interactions, so the end-point fit is circular."
+    "bound. w* is the final checkpoint's AND interactions, so the end-point fit is circular, and the theory "
+    "sees the final interactions at every checkpoint: the end-distribution baseline says what that alone gives."
   )
-  return records, plots, note
+  return records, plots, note, stats
 
 
 def _analyse(ctx: Context, cfg: Config, tag: str, slug: str, task: Task, params, history, *, jaccard: bool):
@@ -438,7 +543,8 @@ def _analyse(ctx: Context, cfg: Config, tag: str, slug: str, task: Task, params,
   start = 1 + int(np.argmin(mean_orders[1:])) if len(history) > 1 else 0  # lowest mean order: phase 2 starts
   # The gap "starts to grow" at the first checkpoint 20% of its range above the lowest gap so far.
   grown = gaps > np.minimum.accumulate(gaps) + 0.2 * max(np.ptp(gaps), 1e-9)
-  overfit = epochs[int(np.argmax(grown))] if grown.any() else epochs[-1]
+  overfit_at = int(np.argmax(grown)) if grown.any() else len(epochs) - 1
+  overfit = epochs[overfit_at]
   records = [
     ctx.record(f"test accuracy ({tag})", history[-1]["test_acc"], "fraction"),
     ctx.record(f"test - train loss gap at the end ({tag})", float(gaps[-1]), "nats"),
@@ -484,9 +590,24 @@ def _analyse(ctx: Context, cfg: Config, tag: str, slug: str, task: Task, params,
         kind="bar",
       )
     )
-  theory_records, theory_plots, theory_note = _theory(ctx, tag, slug, n, history, taus, start)
+  theory_records, theory_plots, theory_note, stats = _theory(ctx, tag, slug, n, history, taus, start)
   records += theory_records
   plots += theory_plots
+  stats |= {
+    INIT_OFFSET: mean_orders[0] - (n + 1) / 2,
+    PHASE1_FALL: mean_orders[0] - mean_orders[start],
+    PHASE2_RISE: mean_orders[-1] - mean_orders[start],
+    LAG: overfit_at - start,
+  }
+  for spec in CLAIMS_OF[tag]:
+    ctx.claim(
+      spec,
+      {name: stats[name] for name in spec.rule.statistics},
+      seeds=[ctx.seed],
+      note=f"One run (seed {ctx.seed}): a single measurement. Checkpoints at epochs {epochs}; mean order "
+      f"{[round(m, 2) for m in mean_orders]}; phase 2 starts at epoch {epochs[start]}, the loss gap grows from epoch "
+      f"{overfit}; the sigma^2 fits use w* = the final model's AND interactions.",
+    )
   if jaccard:
     jac = _jaccard_by_order(ctx, cfg, task, params)
     plots.append(
@@ -553,4 +674,4 @@ def run(ctx: Context) -> Result:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"interactions": Benchmark(run, PARTS, TIMED)}))
+  app.run(cli.main_for({"interactions": Benchmark(run, PARTS, TIMED, CLAIMS)}))
