@@ -8,7 +8,8 @@ Parts:
 - throughput: prefill tokens/s (our reference GQA vs jax.nn.dot_product_attention in the
   same model) and batched generation tokens/s.
 - kv_bytes: KV-cache bytes per token and parameter counts of the 8B/70B/405B shapes,
-  GQA vs MHA (the report's H/G), computed from the configs.
+  GQA vs MHA (the report's H/G): the bytes of the cache `llama.prefill` returns in bfloat16,
+  traced with `jax.eval_shape` (nothing allocated), per cached token.
 - train: training tokens/s of a small model on the stdlib corpus and its loss curve,
   held-out loss vs the unigram cross-entropy.
 - train_speed: one training step of each `Speed.models` config on random tokens, scanned and
@@ -36,7 +37,18 @@ import numpy as np
 from absl import app
 
 from paperjax.bench import cli
-from paperjax.bench.harness import Benchmark, Context, Plot, Result, Series, progress, time_fn
+from paperjax.bench.harness import (
+  Benchmark,
+  ClaimSpec,
+  Context,
+  Plot,
+  Result,
+  Rule,
+  Series,
+  Test,
+  progress,
+  time_fn,
+)
 from paperjax.models.data import corpus, tokenizer
 from paperjax.models.serving import generate
 from paperjax.models.training import lm, train
@@ -44,6 +56,28 @@ from paperjax.models.transformer import llama
 from paperjax.ops import checks
 
 REPORT = "Llama 3 report (arXiv 2407.21783)"
+LLAMA3_SHAPES = ("llama3_8b", "llama3_70b", "llama3_405b")
+
+# Declared before any run (the registry reads CLAIMS); the part named decides each one.
+CLAIMS = (
+  ClaimSpec(
+    name="gqa_kv_cache",
+    part="kv_bytes",
+    source=f"{REPORT}, Sec. 3.2 (GQA with 8 key-value heads) and Table 3 (the 8B/70B/405B shapes)",
+    claim=(
+      "grouped query attention with 8 key-value heads reduces the size of key-value caches during decoding: "
+      "2 L G K bytes per token, H/G times smaller than multi-head attention (4x, 8x, 16x for 8B, 70B, 405B)"
+    ),
+    # Exact integer arithmetic on array shapes: equality within float rounding, at every scale.
+    rule=Rule(
+      tests=(
+        Test(statistic="ratio_error", op="|x| <=", bound=1e-9),
+        Test(statistic="formula_error", op="|x| <=", bound=1e-9),
+      ),
+      decided_at="ci",
+    ),
+  ),
+)
 
 
 @checks.config
@@ -206,23 +240,45 @@ def _throughput(ctx: Context, cfg: Config, params):
   ]
 
 
+def cache_bytes_per_token(cfg: llama.LlamaConfig, batch: int = 2, capacity: int = 8) -> float:
+  """Bytes of the KV cache `llama.prefill` returns, per cached token (batch x capacity slots),
+  from its traced shapes: nothing is allocated, so the 405B shape costs nothing."""
+  tokens_BT = jnp.ones((batch, capacity // 2), jnp.int32)
+  _, cache = jax.eval_shape(lambda p: llama.prefill(p, tokens_BT, cfg, capacity=capacity), llama.param_shapes(cfg))
+  return sum(x.size * x.dtype.itemsize for x in (cache.k_LBSGK, cache.v_LBSGK)) / (batch * capacity)
+
+
 def _kv_bytes(ctx: Context):
-  records = []
-  for name, published in (("llama3_8b", 8.0), ("llama3_70b", 70.0), ("llama3_405b", 405.0)):
-    gqa = llama.PRESETS[name]
+  records, ratio_errors, formula_errors = [], [], []
+  for name, published in zip(LLAMA3_SHAPES, (8.0, 70.0, 405.0)):
+    gqa = dataclasses.replace(llama.PRESETS[name], dtype="bfloat16")
     mha = dataclasses.replace(gqa, n_kv_heads=gqa.n_heads)
+    gqa_bytes, mha_bytes = cache_bytes_per_token(gqa), cache_bytes_per_token(mha)
+    formula = 2 * gqa.n_layers * gqa.n_kv_heads * gqa.k * 2  # K and V, bfloat16
+    ratio_errors.append(abs(mha_bytes / gqa_bytes - gqa.n_heads / gqa.n_kv_heads))
+    formula_errors.append(abs(gqa_bytes - formula) / formula)
     size = name.split("_")[1].upper()
     records += [
       ctx.record(f"{size} parameters", gqa.num_params() / 1e9, "billion", published, f"{REPORT}, model name"),
-      ctx.record(f"{size} KV cache per token, GQA G=8, bf16", gqa.kv_cache_bytes_per_token() / 1024, "KiB"),
+      ctx.record(f"{size} KV cache per token, GQA G=8, bf16", gqa_bytes / 1024, "KiB"),
       ctx.record(
         f"{size} KV cache MHA / GQA",
-        mha.kv_cache_bytes_per_token() / gqa.kv_cache_bytes_per_token(),
+        mha_bytes / gqa_bytes,
         "x",
         gqa.n_heads / gqa.n_kv_heads,
         f"{REPORT}, H/G from Table 3 shapes",
       ),
     ]
+  ctx.claim(
+    CLAIMS[0],
+    {"ratio_error": max(ratio_errors), "formula_error": max(formula_errors)},
+    note=(
+      "A deterministic count, the same at every scale and seed: the bytes of the cache llama.prefill returns "
+      "(bfloat16, traced with jax.eval_shape) for the 8B, 70B and 405B shapes and their MHA twins (G = H). "
+      "ratio_error is the largest |MHA bytes / GQA bytes - H/G| over the three shapes, formula_error the largest "
+      "relative difference of the GQA bytes from 2 L G K x 2 bytes."
+    ),
+  )
   return records
 
 
@@ -454,4 +510,4 @@ def _checked(ctx: Context, cfg: Config, params: dict):
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for({"llama": Benchmark(run, PARTS)}))
+  app.run(cli.main_for({"llama": Benchmark(run, PARTS, claims=CLAIMS)}))
