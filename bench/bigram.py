@@ -19,7 +19,7 @@ the split is fixed by file names, so there are no seeds to vary): the bigram's t
 perplexity is below the unigram's; the bytes of the order-k table fitted here grow as
 V^(k+1) (the exponent fitted over V in `TABLE_VOCABS`, in log-log, within 0.05 of k + 1).
 
-Shapes: N tokens in a stream.
+Shapes: N tokens in a stream, C contexts (a table row), V vocabulary.
 """
 
 from __future__ import annotations

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from paperjax.bench.harness import REASONS, SCALES
+from paperjax.ops import files
 
 COLUMNS = ("paper", "claim", "rule", "measured", "verdict", "scale", "reproduce")
 
@@ -36,7 +38,7 @@ def _strength(claim: dict[str, Any]) -> tuple[bool, int]:
 
 def merge(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
   """One claim per key, the strongest (module docstring), with "others": the other runs'
-  "<scale>: <verdict>" in the order given; sorted by paper, then benchmark and name."""
+  "<scale>: <verdict>" in the order given; sorted by benchmark, paper and name."""
   by_key: dict[str, list[dict[str, Any]]] = {}
   for claims in runs:
     for claim in claims:
@@ -46,13 +48,19 @@ def merge(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
     best = max(rows, key=_strength)  # max keeps the first of equals: the earlier run
     others = [f"{row['scale']}: {verdict_text(row)}" for row in rows if row is not best]
     merged.append({**best, "others": others})
-  return sorted(merged, key=lambda c: (c["source"], c["benchmark"], c["name"]))
+  return sorted(merged, key=lambda c: (c["benchmark"], paper(c["source"]), c["name"]))
+
+
+def paper(source: str) -> str:
+  """The paper a source names: its arXiv id when it gives one, else the text before the first comma."""
+  found = re.search(r"arXiv:? ?(\d{4}\.\d{4,5})", source)
+  return found.group(1) if found else source.split(",")[0].strip()
 
 
 def counts(claims: Sequence[dict[str, Any]]) -> str:
   """'N claims from P papers: H hold, F fail, U undecided'."""
   verdicts = [c["verdict"] for c in claims]
-  papers = {c["source"].split(",")[0] for c in claims}
+  papers = {paper(c["source"]) for c in claims}
   return (
     f"{len(claims)} claims from {len(papers)} papers: {verdicts.count('holds')} hold, "
     f"{verdicts.count('fails')} fail, {verdicts.count('undecided')} undecided"
@@ -100,9 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("directories", nargs="+", help="results folders, e.g. results results_full results_gpu")
   parser.add_argument("--out", help="also write ledger.md and ledger.json into this folder")
   args = parser.parse_args(argv)
-  from paperjax.bench import report
-
-  out = report.check_out(args.out) if args.out is not None else None
+  out = pathlib.Path(args.out) if args.out is not None else None
+  if out is not None and out.exists() and not out.is_dir():
+    parser.error(f"--out: expected a folder, got the file {args.out!r}")
   try:
     claims = merge([read(d) for d in args.directories])
   except (FileNotFoundError, ValueError) as e:
@@ -111,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(text)
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
-    report.atomic_write(out / "ledger.md", lambda f: f.write(text))
-    report.atomic_write(out / "ledger.json", lambda f: json.dump(claims, f, indent=2))
+    files.atomic_write(out / "ledger.md", lambda f: f.write(text))
+    files.atomic_write(out / "ledger.json", lambda f: json.dump(claims, f, indent=2))
     print(f"wrote {out / 'ledger.md'} and {out / 'ledger.json'}", file=sys.stderr)
   return 0
 

@@ -20,7 +20,8 @@ Parts:
   id and index checks compiled in) against the same forward under a plain jax.jit, and a
   training step with its host batch check (`lm.check_batch`) against its jitted core alone.
 
-Shapes: B batch, T time, N tokens in a stream.
+Shapes: B batch, T time, N tokens in a stream, L layers, S cache slots, G kv heads, K head
+dim (a KV cache is [L, B, S, G, K]).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Parts:
 - flops: FLOPs per query-document pair of MaxSim vs a BERT-base cross-encoder on the same
   32 + 128 tokens, and per query when re-ranking 1000 documents (the paper's 10^4).
 
-Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim.
+Shapes: Q queries, T query tokens, N documents, S document tokens, K embedding dim (a top-K
+list too), I packed uint32 words of a binary code.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from paperjax.bench import ledger
 from paperjax.bench.harness import Environment, Image, Plot, Record, Result
+from paperjax.ops import files
 
 COLUMNS = ("benchmark", "metric", "value", "unit", "paper", "paper source", "ours / paper")
 
@@ -114,7 +115,7 @@ def render_png(plot: Plot, path: pathlib.Path) -> None:
   if len(plot.series) > 1:
     ax.legend()
   fig.tight_layout()
-  atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+  files.atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
   plt.close(fig)
 
 
@@ -134,7 +135,7 @@ def render_image(image: Image, path: pathlib.Path) -> None:
     ax.plot(xs[-1:], ys[-1:], marker="o", markersize=3, color="white", path_effects=outline)
   ax.set(title=image.title, xticks=[], yticks=[])
   fig.tight_layout()
-  atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+  files.atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
   plt.close(fig)
 
 
@@ -207,8 +208,8 @@ def write(results: Sequence[Result], env: Environment, out: str | os.PathLike) -
     "wall_s": {result.benchmark: result.wall_s for result in results if result.wall_s is not None},
   }
   paths = {"markdown": out / "report.md", "json": out / "results.json"}
-  atomic_write(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))
-  atomic_write(paths["json"], lambda f: json.dump(payload, f, indent=2, allow_nan=False))
+  files.atomic_write(paths["markdown"], lambda f: f.write(render_markdown(results, env, plot_files)))
+  files.atomic_write(paths["json"], lambda f: json.dump(payload, f, indent=2, allow_nan=False))
   return {**paths, **{key: out / name for key, name in plot_files.items()}}
 
 
@@ -221,15 +222,3 @@ def _json_safe(tree):
   if isinstance(tree, (list, tuple)):
     return [_json_safe(v) for v in tree]
   return tree
-
-
-def atomic_write(path: pathlib.Path, write_fn, binary: bool = False) -> None:
-  """Calls write_fn on a temporary file beside `path`, then renames it to `path`."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
-      write_fn(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise

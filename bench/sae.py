@@ -313,8 +313,8 @@ def _frontier(ctx, cfg, trained, acts_ND, test_ND, test_BT, saes):
         ctx.record(
           f"{arch} vs standard on L0-{metric}: {above_n} of {comparable} comparable points above the standard "
           f"frontier ({len(points[arch]) - comparable} denser than every standard point)",
-          values[above(metric)],
-          "fraction of points above",
+          above_n,  # a count: the share is undefined when nothing is comparable
+          "comparable points above",
         )
       )
     values[COMPARABLE] = comparable  # the same on both frontiers: it depends on L0 alone

@@ -1,4 +1,7 @@
-"""Directories written whole or not at all.
+"""Files and directories written whole or not at all.
+
+`atomic_write(path, write_fn)` calls write_fn on a temporary file beside `path`, then
+renames it to `path`: a reader sees the old file or the new one, never half of one.
 
 `atomic_directory(target)` yields a fresh hidden directory beside `target`; when the block
 ends without an error it is renamed to `target`, so a reader never sees half a save. An
@@ -56,3 +59,17 @@ def link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> N
     os.link(source, destination)
   except OSError:
     shutil.copy2(source, destination)
+
+
+def atomic_write(path: str | os.PathLike, write_fn, binary: bool = False) -> None:
+  """Calls write_fn(f) on a temporary file beside `path` (text unless `binary`), then
+  renames it to `path`; on an error the temporary file is removed and `path` is untouched."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+      write_fn(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise

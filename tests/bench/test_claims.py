@@ -147,7 +147,7 @@ def _modules():
 
 
 def test_every_registered_claim_is_declared_properly():
-  names = []
+  sources: list[str] = []
   for module in _modules():
     claims = getattr(module, "CLAIMS", ())
     own = [c.name for c in claims]
@@ -155,8 +155,15 @@ def test_every_registered_claim_is_declared_properly():
     for c in claims:
       assert isinstance(c, ClaimSpec) and c.part in module.PARTS, (module.__name__, c.name)
       assert ", " in c.source, f"{c.name}: the source names the paper, then where in it ('Paper (arXiv id), Table 2')"
-    names += own
-  assert names, "no benchmark registers claims"
+    sources += [c.source for c in claims]
+  papers = {ledger.paper(source) for source in sources}
+  assert len(sources) >= 25 and len(papers) >= 9, (len(sources), sorted(papers))  # the coverage
+
+
+def test_the_paper_of_a_source_is_its_arxiv_id():
+  assert ledger.paper("Llama 3 report (arXiv 2407.21783), Sec. 6.2") == "2407.21783"
+  assert ledger.paper("Llama 3 (arXiv:2407.21783), Table 3") == "2407.21783"
+  assert ledger.paper("LLM explainer article, Sec. 2") == "LLM explainer article"
 
 
 def _row(key, scale, verdict, reason=None, source="P (arXiv 1), Table 1"):

@@ -63,6 +63,11 @@ def test_suite_writes_a_well_formed_report(tmp_path, group):
   for plot in payload["plots"]:
     assert (tmp_path / plot["file"]).read_bytes()[:4] == b"\x89PNG"
   assert f"| {group[0]} |" in proc.stdout  # the table is printed too
+  registered = {f"{name}/{c.name}" for name in group for c in registry.load(name).claims}
+  assert {c["key"] for c in payload["claims"]} == registered  # every registered claim, at ci too
+  assert all(c["scale"] == "ci" and c["command"].endswith("--seed=0") for c in payload["claims"])
+  if registered:
+    assert md.index("## Claims") < md.index("## Measurements")
 
 
 def test_every_benchmark_configures_every_scale():
