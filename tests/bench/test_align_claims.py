@@ -3,19 +3,11 @@
 import pytest
 
 from paperjax.bench import align as bench_align
-from paperjax.bench import registry
 
 DPO = bench_align.DPO_BEATS_SFT
 BEST = bench_align.BEST_OF_K_BEATS_SFT
 MASK = bench_align.MASK_HELPS_DPO
 MASK_STAT = "chat DPO win rate, masked - kept"
-
-
-def test_claims_are_registered_unique_and_in_declared_parts():
-  names = [c.name for c in bench_align.CLAIMS]
-  assert len(set(names)) == len(names) == 3
-  assert all(c.part in bench_align.PARTS for c in bench_align.CLAIMS)
-  assert registry.load("align").claims == bench_align.CLAIMS
 
 
 def test_every_scale_runs_dpo_and_the_full_decision_has_seeds():

@@ -1,18 +1,10 @@
 """bench/excp's claim: declared once, its statistic and rule on crafted sweeps."""
 
 from paperjax.bench import excp as bench_excp
-from paperjax.bench import registry
 
 CLAIM = bench_excp.EXCP_70X
 RATIO = "highest alpha-sweep ratio within 1% held-out loss"
 DROP = "held-out loss drop, first to last checkpoint"
-
-
-def test_claims_are_registered_unique_and_in_declared_parts():
-  names = [c.name for c in bench_excp.CLAIMS]
-  assert len(set(names)) == len(names) == 1
-  assert all(c.part in bench_excp.PARTS for c in bench_excp.CLAIMS)
-  assert registry.load("excp").claims == bench_excp.CLAIMS
 
 
 def test_full_sweeps_alpha_past_the_cap_over_seeds():

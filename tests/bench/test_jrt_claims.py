@@ -15,20 +15,6 @@ def _decide(name, values, scale="full", gpu=False):
   return SPEC[name].rule.decide(values, scale=scale, gpu=gpu)
 
 
-def test_claims_are_unique_and_belong_to_declared_parts():
-  names = [c.name for c in jrt.CLAIMS]
-  assert len(names) == len(set(names))
-  assert {c.part for c in jrt.CLAIMS} <= set(jrt.PARTS)
-  assert set(names) == {
-    "Based order gap",
-    "JRT-RNN order gap",
-    "JRT-Prompt gain, set disjointness (large set first)",
-    "JRT-Prompt gain, MQAR",
-    "JRT-Prompt prefill speed-up",
-    "JRT-RNN prefill speed-up",
-  }
-
-
 @pytest.mark.parametrize(
   "gap, reference, scale, expected",
   [

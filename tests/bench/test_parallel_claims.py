@@ -10,11 +10,6 @@ from paperjax.bench.harness import Context, Environment
 (MICRO,) = bench.CLAIMS
 
 
-def test_claims_are_unique_and_name_parts():
-  assert len({c.name for c in bench.CLAIMS}) == len(bench.CLAIMS)
-  assert all(c.part in bench.PARTS for c in bench.CLAIMS)
-
-
 @pytest.mark.parametrize(
   "prefill, decode, scale, expected",
   [
