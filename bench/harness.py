@@ -241,7 +241,8 @@ class Rule:
   is undecided instead, whatever the tests say, when a `requires` test does not pass (for the
   reason `unmet`: the reference model did not learn the task, so a comparison means nothing,
   or the run produced nothing to compare),
-  below the scale `decided_at` (the budget), and off a GPU when `gpu`.
+  below the scale `decided_at` (the budget), off a GPU when `gpu`, and when a test's
+  statistic has no values (nothing to compare: the measurement could not be made).
   """
 
   tests: tuple[Test, ...]
@@ -287,6 +288,8 @@ class Rule:
       return "undecided", "budget"
     if any(t.outcome(values[t.statistic]) != "pass" for t in self.requires):
       return "undecided", self.unmet
+    if any(not len(values[t.statistic]) for t in self.tests):  # a measurement that could not be made
+      return "undecided", "nothing to compare"
     outcomes = [t.outcome(values[t.statistic]) for t in self.tests]
     if all(o == "pass" for o in outcomes):
       return "holds", None

@@ -597,7 +597,7 @@ def _analyse(ctx: Context, cfg: Config, tag: str, slug: str, task: Task, params,
     INIT_OFFSET: mean_orders[0] - (n + 1) / 2,
     PHASE1_FALL: mean_orders[0] - mean_orders[start],
     PHASE2_RISE: mean_orders[-1] - mean_orders[start],
-    LAG: overfit_at - start,
+    LAG: overfit_at - start if grown.any() else float("nan"),  # a gap that never grows: no over-fitting to meet
   }
   for spec in CLAIMS_OF[tag]:
     ctx.claim(

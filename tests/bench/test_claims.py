@@ -58,6 +58,7 @@ LEARNED = {"reference accuracy": [0.9]}
     ([0.3, -0.2, 0.4], {}, "small", False, ("undecided", "margin")),  # mean 0.17 > 0.05, spread too wide
     ([0.2, 0.25, 0.22], {"reference accuracy": [0.3]}, "small", False, ("undecided", "reference did not learn")),
     ([0.2, 0.25, 0.22], {}, "ci", False, ("undecided", "budget")),
+    ([], {}, "small", False, ("undecided", "nothing to compare")),  # a measurement that could not be made
   ],
 )
 def test_rule_decides(gain, extra, scale, gpu, expected):

@@ -24,7 +24,10 @@ def test_two_phases():
   assert bench.RULES["phases"].decide(PHASES, scale="ci", gpu=False) == ("undecided", "budget")
 
 
-@pytest.mark.parametrize("lag, verdict", [(0, "holds"), (1, "holds"), (-1, "holds"), (2, "fails"), (-3, "fails")])
+@pytest.mark.parametrize(
+  "lag, verdict",
+  [(0, "holds"), (1, "holds"), (-1, "holds"), (2, "fails"), (-3, "fails"), (float("nan"), "fails")],  # nan: no growth
+)
 def test_phase_two_starts_with_overfitting(lag, verdict):
   assert decide("overfitting", **{bench.LAG: lag})[0] == verdict
 

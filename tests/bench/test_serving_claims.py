@@ -37,15 +37,16 @@ def test_sharing_rule(savings, scale, expected):
 
 
 @pytest.mark.parametrize(
-  "speedup, scale, expected",
+  "speedup, bound, scale, expected",
   [
-    (2.5, "small", ("holds", None)),
-    (1.049, "small", ("fails", None)),  # README's small row
-    (2.5, "ci", ("undecided", "budget")),
+    (2.5, 3.0, "small", ("holds", None)),
+    (1.5, 3.0, "small", ("fails", None)),
+    (1.049, 1.654, "small", ("undecided", "margin")),  # README's small row: the trace cannot show 2x
+    (2.5, 3.0, "ci", ("undecided", "budget")),
   ],
 )
-def test_throughput_rule(speedup, scale, expected):
-  values = {"speedup": [speedup], "padding_bound": [1.7]}
+def test_throughput_rule(speedup, bound, scale, expected):
+  values = {"speedup": [speedup], "padding_bound": [bound]}
   assert THROUGHPUT.rule.decide(values, scale=scale, gpu=False) == expected
 
 
