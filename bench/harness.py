@@ -162,6 +162,13 @@ REASONS = {
 }
 Reason = Literal["budget", "needs a GPU", "margin", "reference did not learn", "nothing to compare"]
 Op = Literal[">", "<", "|x| <="]
+
+
+def verdict_text(verdict: str, reason: str | None) -> str:
+  """ "holds", "fails" or "undecided: <the reason in words>", as the ledger prints it."""
+  return verdict if reason is None else f"undecided: {REASONS[reason]}"
+
+
 Over = Literal["each seed", "mean", "mean ± k sd"]
 _Outcome = Literal["pass", "fail", "unresolved"]
 
@@ -358,7 +365,7 @@ class Claim:
     return "; ".join(f"{name} {one(x)}" for name, x in self.values.items())
 
   def verdict_text(self) -> str:
-    return self.verdict if self.reason is None else f"undecided: {REASONS[self.reason]}"
+    return verdict_text(self.verdict, self.reason)
 
   def to_json(self) -> dict[str, Any]:
     finite = lambda v: v if math.isfinite(v) else str(v)

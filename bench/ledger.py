@@ -21,15 +21,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from paperjax.bench.harness import REASONS, SCALES
+from paperjax.bench.harness import REASONS, SCALES, verdict_text
 from paperjax.ops import files
 
 COLUMNS = ("paper", "claim", "rule", "measured", "verdict", "scale", "reproduce")
-
-
-def verdict_text(claim: dict[str, Any]) -> str:
-  reason = claim.get("reason")
-  return claim["verdict"] if reason is None else f"undecided: {REASONS[reason]}"
 
 
 def _strength(claim: dict[str, Any]) -> tuple[bool, int]:
@@ -46,7 +41,7 @@ def merge(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
   merged = []
   for rows in by_key.values():
     best = max(rows, key=_strength)  # max keeps the first of equals: the earlier run
-    others = [f"{row['scale']}: {verdict_text(row)}" for row in rows if row is not best]
+    others = [f"{row['scale']}: {verdict_text(row['verdict'], row.get('reason'))}" for row in rows if row is not best]
     merged.append({**best, "others": others})
   return sorted(merged, key=lambda c: (c["benchmark"], paper(c["source"]), c["name"]))
 
@@ -71,7 +66,7 @@ def markdown(claims: Sequence[dict[str, Any]]) -> str:
   """The ledger as a markdown table, one row per claim."""
   rows = [COLUMNS, ("---",) * len(COLUMNS)]
   for c in claims:
-    verdict = f"**{verdict_text(c)}**"
+    verdict = f"**{verdict_text(c['verdict'], c.get('reason'))}**"
     if c.get("others"):
       verdict += f" (also {'; '.join(c['others'])})"
     claim = c["claim"] + (f" — {c['note']}" if c.get("note") else "")
