@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 import jax
 import numpy as np
 
+from paperjax.ops import checks
+
 # ci: seconds (the smoke test); small: the default, the whole suite within 15 minutes on 2 CPU
 # cores; full: the longer CPU experiments (tens of minutes each); paper: the papers' shapes (a GPU).
 Scale = Literal["ci", "small", "full", "paper"]
@@ -173,7 +175,7 @@ Over = Literal["each seed", "mean", "mean ± k sd"]
 _Outcome = Literal["pass", "fail", "unresolved"]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Test:
   """One condition on one statistic's per-seed values x_1..x_n, as data.
 
@@ -192,21 +194,11 @@ class Test:
   op: Op
   bound: float
   over: Over = "each seed"
-  k: float = 2.0
+  k: checks.PositiveFloat = 2.0
 
-  def __post_init__(self):
-    if not isinstance(self.statistic, str) or not self.statistic.strip():
-      raise ValueError(f"test: statistic must be a non-empty name, got {self.statistic!r}")
-    if self.op not in (">", "<", "|x| <="):
-      raise ValueError(f"test {self.statistic!r}: op must be '>', '<' or '|x| <=', got {self.op!r}")
-    if self.over not in ("each seed", "mean", "mean ± k sd"):
-      raise ValueError(f"test {self.statistic!r}: over must be 'each seed', 'mean' or 'mean ± k sd', got {self.over!r}")
-    for name in ("bound", "k"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"test {self.statistic!r}: {name} must be a finite number, got {value!r}")
-    if self.k <= 0:
-      raise ValueError(f"test {self.statistic!r}: k must be > 0, got {self.k!r}")
+  def __post_init__(self):  # after checks.config's type, range and Literal checks
+    if not self.statistic.strip():
+      raise ValueError(f"Test.statistic: expected a non-empty name, got {self.statistic!r}")
 
   @property
   def text(self) -> str:
@@ -240,7 +232,7 @@ class Test:
     return np.abs(x) <= self.bound
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class Rule:
   """How a claim is decided, fixed before the run: `decide` is the one interpreter.
 
@@ -258,13 +250,9 @@ class Rule:
   decided_at: Scale = "small"
   gpu: bool = False
 
-  def __post_init__(self):
-    if not self.tests or not all(isinstance(t, Test) for t in (*self.tests, *self.requires)):
-      raise ValueError(f"rule: expected at least one Test in tests (and Tests in requires), got {self.tests!r}")
-    if self.unmet not in REASONS:
-      raise ValueError(f"rule: unmet must be one of {list(REASONS)}, got {self.unmet!r}")
-    if self.decided_at not in SCALES:
-      raise ValueError(f"rule: decided_at must be one of {SCALES}, got {self.decided_at!r}")
+  def __post_init__(self):  # after checks.config's checks of each field
+    if not self.tests:
+      raise ValueError("Rule.tests: expected at least one Test, got ()")
 
   @property
   def statistics(self) -> tuple[str, ...]:
@@ -305,7 +293,7 @@ class Rule:
     return "undecided", "margin"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@checks.config
 class ClaimSpec:
   """A paper's claim and its rule, declared in a benchmark module's CLAIMS before any run.
 
@@ -319,12 +307,10 @@ class ClaimSpec:
   claim: str
   rule: Rule
 
-  def __post_init__(self):
+  def __post_init__(self):  # after checks.config's checks of each field
     for field in ("name", "part", "source", "claim"):
-      if not isinstance(getattr(self, field), str) or not getattr(self, field).strip():
-        raise ValueError(f"claim {self.name!r}: {field} must be a non-empty string, got {getattr(self, field)!r}")
-    if not isinstance(self.rule, Rule):
-      raise ValueError(f"claim {self.name!r}: rule must be a Rule, got {self.rule!r}")
+      if not getattr(self, field).strip():
+        raise ValueError(f"ClaimSpec.{field}: expected a non-empty string, got {getattr(self, field)!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -488,13 +474,18 @@ class Context:
     note: str = "",
   ) -> Claim:
     """Decides `spec` on the per-seed `values` of its rule's statistics (a number: one
-    measurement) and keeps the claim for the run's Result. The command reruns its part at
+    measurement; given `seeds`, each statistic has one value per seed, one, or none) and keeps
+    the claim for the run's Result. The command reruns its part at
     this scale and seed."""
     if self.parts is not None and spec.part not in self.parts:
       raise ValueError(f"claim {spec.name!r}: part {spec.part!r} is not among {self.benchmark}'s PARTS {self.parts}")
     per_seed = {
       k: tuple(float(x) for x in (v if isinstance(v, Sequence | np.ndarray) else [v])) for k, v in values.items()
     }
+    if seeds:  # a per-seed statistic with another count of values would pair values with the wrong seeds
+      wrong = {k: len(v) for k, v in per_seed.items() if len(v) not in (0, 1, len(seeds))}
+      if wrong:
+        raise ValueError(f"claim {spec.name!r}: {len(seeds)} seeds, but statistics with other counts {wrong}")
     verdict, reason = spec.rule.decide(per_seed, scale=self.scale, gpu=self.environment.backend == "gpu")
     command = f"python -m paperjax.bench.{self.benchmark} --scale={self.scale} --only={self.benchmark}.{spec.part}"
     command += f" --seed={self.seed}"

@@ -80,20 +80,22 @@ def test_rule_text_comes_from_its_data_and_its_gates_apply():
 
 
 @pytest.mark.parametrize(
-  "build, message",
+  "build, error, message",
   [
-    (lambda: Test(statistic="", op=">", bound=0.0), "statistic must be a non-empty name"),
-    (lambda: Test(statistic="x", op=">=", bound=0.0), "op must be"),
-    (lambda: Test(statistic="x", op=">", bound=float("nan")), "bound must be a finite number"),
-    (lambda: Test(statistic="x", op=">", bound=0.0, over="median"), "over must be"),
-    (lambda: Rule(tests=()), "at least one Test"),
-    (lambda: Rule(tests=(GAIN,), decided_at="huge"), "decided_at must be one of"),
-    (lambda: ClaimSpec(name="a", part="p", source="", claim="c", rule=RULE), "source must be a non-empty string"),
-    (lambda: ClaimSpec(name="a", part="p", source="s", claim="c", rule="gain > 0"), "rule must be a Rule"),
+    (lambda: Test(statistic="", op=">", bound=0.0), ValueError, "Test.statistic: expected a non-empty name"),
+    (lambda: Test(statistic="x", op=">=", bound=0.0), ValueError, "Test.op: expected one of"),
+    (lambda: Test(statistic="x", op=">", bound=float("nan")), ValueError, "Test.bound: expected float, got float nan"),
+    (lambda: Test(statistic="x", op=">", bound=0.0, over="median"), ValueError, "Test.over: expected one of"),
+    (lambda: Test(statistic="x", op=">", bound=0.0, k=0.0), ValueError, "Test.k: expected float > 0"),
+    (lambda: Rule(tests=()), ValueError, "Rule.tests: expected at least one Test"),
+    (lambda: Rule(tests=(GAIN,), decided_at="huge"), ValueError, "Rule.decided_at: expected one of"),
+    (lambda: Rule(tests=(GAIN,), unmet="bad"), ValueError, "Rule.unmet: expected one of"),
+    (lambda: ClaimSpec(name="a", part="p", source="", claim="c", rule=RULE), ValueError, "ClaimSpec.source: expected"),
+    (lambda: ClaimSpec(name="a", part="p", source="s", claim="c", rule="gain > 0"), TypeError, "ClaimSpec.rule"),
   ],
 )
-def test_malformed_rules_and_claims_are_errors(build, message):
-  with pytest.raises(ValueError, match=message):
+def test_malformed_rules_and_claims_are_errors(build, error, message):
+  with pytest.raises(error, match=message):
     build()
 
 
@@ -108,6 +110,10 @@ def test_context_decides_a_claim_with_its_command():
   assert claim.measured() == "gain 0.2233 ± 0.025 (n=3); reference accuracy 0.9"
   row = claim.to_json()
   assert row["key"] == "demo/demo gain" and row["rule"] == RULE.text and row["values"]["gain"] == [0.2, 0.25, 0.22]
+  with pytest.raises(ValueError, match=r"3 seeds, but statistics with other counts \{'gain': 2\}"):
+    Context("demo", "small", 3, 1, (), ENV, parts=("a",)).claim(
+      SPEC, {"gain": [0.2, 0.25], "reference accuracy": 0.9}, seeds=[3, 4, 5]
+    )
   with pytest.raises(ValueError, match="decided twice"):
     ctx.claim(SPEC, {"gain": [1.0], "reference accuracy": 0.9})
   with pytest.raises(ValueError, match="part 'a' is not among demo's PARTS"):
