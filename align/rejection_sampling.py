@@ -1,8 +1,14 @@
-"""Rejection sampling (Llama 2/3 post-training): best-of-Y samples per prompt by reward.
+"""Rejection sampling: Llama 2/3's best-of-Y samples per prompt by reward, and RSO's statistical
+rejection sampling from the optimal policy.
 
 Shapes: B prompts, Y sampled responses per prompt (the argument `k`, the papers' K), T prompt
 width, N new tokens (or page copies), L layers, S page slots, G kv heads, K head dim, V vocabulary,
 P pages (a block table's entries).
+
+RSO (Liu et al. 2023, arXiv 2309.06657): from Y samples of the SFT policy per prompt and their
+rewards, `rso_accept` draws samples of the optimal-policy estimate
+pi*(y|x) ∝ pi_sft(y|x) exp(r(x, y) / beta) by the paper's Algorithm 1, and `rso_pairs` makes
+one (chosen, rejected) preference pair of each prompt's accepted samples.
 
 Each prompt is prefilled once into pages of a paged KV cache (`models.serving.blocks`,
 `ops.paged_attention`); the block manager then forks it Y times, so the Y samples read one
@@ -209,3 +215,121 @@ def _sample(
   return generate.decode(
     key, params, cfg, cache, jnp.repeat(logits_BV, k, axis=0), max_new_tokens, stop_ids, temperature, top_k, top_p
   )
+
+
+# ---- RSO: statistical rejection sampling (arXiv 2309.06657) ----
+
+
+class Accepted(NamedTuple):
+  accepted_BY: jax.Array  # bool: the samples Algorithm 1 accepted
+  round_BY: jax.Array  # int32: the pass over the candidates that accepted each sample (from 0), -1 where none did
+
+
+class RSOPairs(NamedTuple):
+  chosen_B: jax.Array  # int32 index in [0, Y): the highest-reward accepted sample; -1 where not valid_B
+  rejected_B: jax.Array  # int32: the lowest-reward accepted sample; -1 where not valid_B
+  valid_B: jax.Array  # bool: 2 or more samples accepted, with different rewards
+  accepted_BY: jax.Array
+  round_BY: jax.Array
+
+  @property
+  def pairs(self) -> jax.Array:
+    """int32 [B, 2]: (chosen, rejected) indices into each prompt's Y samples."""
+    return jnp.stack([self.chosen_B, self.rejected_B], axis=1)
+
+
+def rso_accept(
+  key: jax.Array, rewards_BY: jax.Array, *, num_samples: int, beta: float, valid_BY: jax.Array | None = None
+) -> Accepted:
+  """Statistical rejection sampling (RSO's Algorithm 1): num_samples of each prompt's Y SFT samples,
+  drawn without replacement towards pi*(y|x) ∝ pi_sft(y|x) exp(r(x, y) / beta).
+
+  Each pass over the samples not yet accepted computes their max reward r_max and accepts
+  each in turn with probability exp((r - r_max) / beta) (so the best remaining one always),
+  stopping as soon as num_samples are accepted; passes repeat until then (at most
+  num_samples passes). The visiting order is a random permutation of each prompt's samples,
+  drawn from `key` once and kept for every pass: the paper walks them in their given order,
+  which for i.i.d. samples is such an order, and the permutation makes beta -> inf a uniform
+  choice of num_samples whatever order the caller's samples are in. beta -> 0 keeps the
+  num_samples best. Samples with valid_BY False (bool [B, Y], default all valid; e.g. a
+  failed generation) are never accepted and their rewards never read; a prompt with fewer
+  valid samples than num_samples accepts them all.
+
+  Checks rewards (float [B, Y], finite where valid), num_samples (1 .. Y) and beta (> 0, finite)
+  eagerly; the sampling is one jitted program."""
+  rewards_BY, valid_BY = _check_rso(rewards_BY, num_samples, beta, valid_BY)
+  accepted_BY, round_BY = _rso_accept(key, rewards_BY, valid_BY, jnp.float32(beta), num_samples)
+  return Accepted(accepted_BY, round_BY)
+
+
+def rso_pairs(
+  key: jax.Array, rewards_BY: jax.Array, *, beta: float, num_samples: int = 2, valid_BY: jax.Array | None = None
+) -> RSOPairs:
+  """One preference pair per prompt from RSO's accepted samples (`rso_accept`): chosen = the
+  accepted sample of highest reward, rejected = the one of lowest (with num_samples = 2, the two
+  accepted ones ranked by reward; ties go to the lower index).
+
+  The paper pairs its 8 accepted samples up and labels each pair with a pairwise reward-ranking
+  model; this keeps one pair per prompt ranked by the given pointwise rewards. valid_B is False
+  for a prompt with fewer than 2 accepted samples (fewer than 2 valid ones) or whose accepted
+  rewards are all equal (no preference); its indices are -1, so select rows with valid_B first."""
+  rewards_BY, valid_BY = _check_rso(rewards_BY, num_samples, beta, valid_BY)
+  if num_samples < 2:
+    raise ValueError(f"num_samples: expected an int >= 2 (a pair needs two accepted samples), got {num_samples}")
+  accepted_BY, round_BY = _rso_accept(key, rewards_BY, valid_BY, jnp.float32(beta), num_samples)
+  chosen_B, rejected_B, valid_B = _rank_pairs(rewards_BY, valid_BY, accepted_BY)
+  return RSOPairs(chosen_B, rejected_B, valid_B, accepted_BY, round_BY)
+
+
+def _check_rso(rewards_BY, num_samples, beta, valid_BY) -> tuple[jax.Array, jax.Array]:
+  checks.check_array("rewards_BY", rewards_BY, 2, shape="[B, Y]")
+  if not jnp.issubdtype(rewards_BY.dtype, jnp.floating):
+    raise TypeError(f"rewards_BY: expected float rewards [B, Y], got {rewards_BY.dtype}")
+  num_samples = checks.check_int("num_samples", num_samples, 1, rewards_BY.shape[1])
+  checks.check_scalar("beta", beta, checks.Range(low=0, low_open=True))
+  if valid_BY is None:
+    valid_BY = np.ones(rewards_BY.shape, bool)
+  checks.check_array("valid_BY", valid_BY, 2, shape="[B, Y]")
+  if valid_BY.dtype != jnp.bool_:
+    raise TypeError(f"valid_BY: expected a bool mask [B, Y] (True at usable samples), got {valid_BY.dtype}")
+  if tuple(valid_BY.shape) != tuple(rewards_BY.shape):
+    raise ValueError(f"valid_BY: expected shape {tuple(rewards_BY.shape)} like rewards_BY, got {tuple(valid_BY.shape)}")
+  xp, (r_BY, v_BY) = checks.on_host(rewards_BY, valid_BY)
+  checks.check_finite("rewards_BY", xp.where(v_BY, r_BY, 0.0))  # a NaN would never be accepted, or always
+  return jnp.asarray(rewards_BY), jnp.asarray(valid_BY)
+
+
+@jax.jit
+def _rank_pairs(rewards_BY, valid_BY, accepted_BY):
+  r_BY = jnp.where(valid_BY, rewards_BY.astype(jnp.float32), 0.0)
+  chosen_B = jnp.argmax(jnp.where(accepted_BY, r_BY, -jnp.inf), axis=1)
+  rejected_B = jnp.argmin(jnp.where(accepted_BY, r_BY, jnp.inf), axis=1)
+  rows = jnp.arange(r_BY.shape[0])
+  valid_B = (accepted_BY.sum(axis=1) >= 2) & (r_BY[rows, chosen_B] > r_BY[rows, rejected_B])
+  chosen_B, rejected_B = (jnp.where(valid_B, i, -1).astype(jnp.int32) for i in (chosen_B, rejected_B))
+  return chosen_B, rejected_B, valid_B
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _rso_accept(key, rewards_BY, valid_BY, beta, num_samples):
+  batch, width = rewards_BY.shape
+  order_key, pass_key = jax.random.split(key)
+  order_BY = jnp.argsort(jax.random.uniform(order_key, (batch, width)), axis=1)  # each prompt's visiting order
+  # In visiting order from here on: a pass's early stop is then a cumulative count along Y.
+  r_BY = jnp.take_along_axis(jnp.where(valid_BY, rewards_BY.astype(jnp.float32), 0.0), order_BY, axis=1)
+  remaining_BY = jnp.take_along_axis(valid_BY, order_BY, axis=1)
+
+  def one_pass(i, carry):
+    remaining_BY, round_BY = carry
+    need_B = num_samples - jnp.sum(round_BY >= 0, axis=1)
+    top_B = jnp.max(jnp.where(remaining_BY, r_BY, -jnp.inf), axis=1, keepdims=True)
+    u_BY = jax.random.uniform(jax.random.fold_in(pass_key, i), (batch, width))
+    passes_BY = remaining_BY & (u_BY < jnp.exp(jnp.where(remaining_BY, r_BY - top_B, 0.0) / beta))
+    take_BY = passes_BY & (jnp.cumsum(passes_BY, axis=1) <= need_B[:, None])
+    return remaining_BY & ~take_BY, jnp.where(take_BY, i, round_BY)
+
+  # Each pass accepts the best remaining sample, so num_samples passes always suffice.
+  start = (remaining_BY, jnp.full((batch, width), -1, jnp.int32))
+  _, round_BY = jax.lax.fori_loop(0, num_samples, one_pass, start)
+  round_BY = jnp.take_along_axis(round_BY, jnp.argsort(order_BY, axis=1), axis=1)  # back to the given order
+  return round_BY >= 0, round_BY
