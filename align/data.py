@@ -1,6 +1,7 @@
 """Preference data in TRL's formats, read from JSON lines into padded token batches.
 
-Shapes: B pairs (or unpaired completions), T padded length.
+Shapes: B pairs (or unpaired completions, or prompts of a listwise batch), Y completions per
+prompt, T padded length.
 
 One format per file, as TRL defines them:
   standard         {"prompt": str, "chosen": str, "rejected": str} (+ "margin" or "rating")
@@ -9,6 +10,9 @@ One format per file, as TRL defines them:
   implicit prompt  {"chosen": [...], "rejected": [...]}: whole conversations whose common
                    leading messages are the prompt
   unpaired (KTO)   {"prompt", "completion", "label": bool}, standard or conversational
+  listwise (ours)  {"prompt", "completions": [...]} ranked best first, or with "scores": [float, ...]
+                   beside the completions (any order, ties allowed; higher is better); standard
+                   (strings) or conversational (each completion a list of assistant-first messages)
 
 Standard text is tokenized as prompt (after BOS) + completion (before EOS). Messages are
 rendered in Llama 3's chat format (`models.data.chat`): the prompt ends with the assistant
@@ -37,8 +41,10 @@ FORMATS = {
   "paired": frozenset({"prompt", "chosen", "rejected"}),
   "implicit": frozenset({"chosen", "rejected"}),
   "unpaired": frozenset({"prompt", "completion", "label"}),
+  "listwise": frozenset({"prompt", "completions"}),
 }
 _PAIR_EXTRAS = frozenset({"margin", "rating"})
+_EXTRAS = {"paired": _PAIR_EXTRAS, "listwise": frozenset({"scores"})}
 
 
 class PreferenceBatch(NamedTuple):
@@ -62,8 +68,20 @@ class UnpairedBatch(NamedTuple):
   label_B: np.ndarray  # bool: desirable
 
 
+class ListwiseBatch(NamedTuple):
+  """Y completions of each of B prompts, each row prompt + completion, right-padded to T.
+
+  A ranked list (best first) has scores Y-1 .. 0; scores read from a file keep their values."""
+
+  tokens_BYT: np.ndarray  # int32
+  mask_BYT: np.ndarray  # bool, completion tokens
+  lengths_BY: np.ndarray  # int32
+  prompt_lengths_B: np.ndarray  # int32
+  scores_BY: np.ndarray  # float32, higher is better
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """Parsed and validated records of one TRL format; errors name the file and line.
+  """Parsed and validated records of one format (TRL's, or listwise); errors name the file and line.
 
   Implicit-prompt records come back split into prompt, chosen and rejected messages. Blank
   lines may end the file but not sit between records (a gap is a record lost on the way);
@@ -103,14 +121,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def _check_record(record: dict, where: str) -> tuple[str, str, dict]:
   keys = set(record)
-  kind = "unpaired" if keys & {"completion", "label"} else "paired" if "prompt" in keys else "implicit"
+  if "completions" in keys:
+    kind = "listwise"
+  else:
+    kind = "unpaired" if keys & {"completion", "label"} else "paired" if "prompt" in keys else "implicit"
   required = FORMATS[kind]
-  unknown = keys - required - (_PAIR_EXTRAS if kind == "paired" else frozenset())
+  unknown = keys - required - _EXTRAS.get(kind, frozenset())
   if unknown:
     raise ValueError(f"{where}: unknown fields {sorted(unknown)} in a {kind} record (fields: {sorted(required)})")
   missing = sorted(required - keys)
   if missing:
     raise ValueError(f"{where}: missing fields {missing} in a {kind} record (fields: {sorted(required)})")
+  if kind == "listwise":
+    return _check_listwise(record, where)
   texts = [k for k in ("prompt", "chosen", "rejected", "completion") if k in required]
   for field in texts:
     if not isinstance(record[field], (str, list)):
@@ -144,6 +167,48 @@ def _check_record(record: dict, where: str) -> tuple[str, str, dict]:
     if k in messages and (not messages[k] or messages[k][0]["role"] != "assistant"):
       raise ValueError(f"{where}: {k} must start with an assistant message, got {messages[k][:1]}")
   return kind, "conversational", {**record, **messages}
+
+
+def _check_listwise(record: dict, where: str) -> tuple[str, str, dict]:
+  """A listwise record: at least 2 completions, all strings or all message lists like the
+  prompt, and, if given, one finite score per completion."""
+  prompt, completions = record["prompt"], record["completions"]
+  if not isinstance(completions, list) or len(completions) < 2:
+    got = f"{len(completions)} completion(s)" if isinstance(completions, list) else repr(completions)
+    raise ValueError(f"{where}: field 'completions' must be a list of at least 2 completions, got {got:.200}")
+  if "scores" in record:
+    scores = record["scores"]
+    if not isinstance(scores, list) or len(scores) != len(completions):
+      got = f"{len(scores)} scores" if isinstance(scores, list) else repr(scores)
+      raise ValueError(
+        f"{where}: field 'scores' must be a list of {len(completions)} numbers (one per completion), got {got}"
+      )
+    bad = [i for i, v in enumerate(scores) if not _finite_number(v)]
+    if bad:
+      raise ValueError(f"{where}: field 'scores' must hold finite numbers, got {scores[bad[0]]!r} at index {bad[0]}")
+  if isinstance(prompt, str):
+    bad = [i for i, c in enumerate(completions) if not isinstance(c, str)]
+    if bad:
+      raise ValueError(
+        f"{where}: a standard (text) prompt needs text completions, got {type(completions[bad[0]]).__name__} "
+        f"at completions[{bad[0]}]"
+      )
+    return "listwise", "standard", record
+  if not isinstance(prompt, list):
+    raise ValueError(f"{where}: field 'prompt' must be a string or a list of messages, got {prompt!r:.100}")
+  messages = chat.check_messages(prompt, where=f"{where}: prompt")
+  replies = []
+  for i, c in enumerate(completions):
+    name = f"completions[{i}]"
+    if not isinstance(c, list):
+      raise ValueError(
+        f"{where}: a conversational prompt needs message-list completions, got {type(c).__name__} at {name}"
+      )
+    reply = chat.check_messages(c, where=f"{where}: {name}")
+    if not reply or reply[0]["role"] != "assistant":
+      raise ValueError(f"{where}: {name} must start with an assistant message, got {reply[:1]}")
+    replies.append(reply)
+  return "listwise", "conversational", {**record, "prompt": messages, "completions": replies}
 
 
 def _finite_number(value: object) -> bool:
@@ -186,6 +251,8 @@ def tokenize(
   for where, record in _checked(records, tok, max_len):
     if "completion" in record:
       raise ValueError(f"{where}: an unpaired record; read unpaired files with tokenize_unpaired")
+    if "completions" in record:
+      raise ValueError(f"{where}: a listwise record; read listwise files with tokenize_listwise")
     prompt_len, rows = _rows(record, ("chosen", "rejected"), tok, max_len, where)
     prompts.append(prompt_len)
     chosen.append(rows[0])
@@ -212,6 +279,8 @@ def tokenize_unpaired(
   """Rows of prompt + completion ids with their labels (unpaired files)."""
   prompts, rows, labels = [], [], []
   for where, record in _checked(records, tok, max_len):
+    if "completions" in record:
+      raise ValueError(f"{where}: a listwise record; read listwise files with tokenize_listwise")
     if "completion" not in record:
       raise ValueError(f"{where}: a paired record; read paired files with tokenize")
     prompt_len, (row,) = _rows(record, ("completion",), tok, max_len, where)
@@ -231,6 +300,54 @@ def load_unpaired(
   path: str | os.PathLike, tok: Tokenizer, *, max_len: int, mask_formatting: bool = True
 ) -> UnpairedBatch:
   return tokenize_unpaired(read_jsonl(path), tok, max_len=max_len, mask_formatting=mask_formatting)
+
+
+def tokenize_listwise(
+  records: Sequence[dict], tok: Tokenizer | chat.ChatFormat, *, max_len: int, mask_formatting: bool = True
+) -> ListwiseBatch:
+  """Rows of prompt + completion ids, [B, Y, T], with a score per completion.
+
+  Every record holds the same number Y of completions (a batch is a [B, Y] grid; a record of
+  another Y raises with its line). Without "scores" the completions are ranked best first and
+  score Y-1 .. 0; with them the scores are read as given. A row over max_len raises."""
+  prompts, rows, scores = [], [], []
+  size: tuple[int, str] | None = None  # (Y, where) of the first record
+  for where, record in _checked(records, tok, max_len):
+    if "completions" not in record:
+      kind = "an unpaired" if "completion" in record else "a paired"
+      reader = "tokenize_unpaired" if "completion" in record else "tokenize"
+      raise ValueError(f"{where}: {kind} record; read those files with {reader}")
+    completions = record["completions"]
+    if size is None:
+      size = (len(completions), where)
+    elif len(completions) != size[0]:
+      raise ValueError(
+        f"{where}: {len(completions)} completions, but {size[1]} has {size[0]} (a batch holds one Y per prompt)"
+      )
+    keys = tuple(f"completions[{i}]" for i in range(len(completions)))
+    flat = {"prompt": record["prompt"], **dict(zip(keys, completions))}
+    prompt_len, record_rows = _rows(flat, keys, tok, max_len, where)
+    prompts.append(prompt_len)
+    rows.extend(record_rows)
+    given = record.get("scores")
+    scores.append(given if given is not None else list(range(len(completions) - 1, -1, -1)))
+  assert size is not None  # _checked refuses an empty list
+  batch, y = len(prompts), size[0]
+  prompt_lengths = np.asarray(prompts, np.int32)
+  ids, mask, lengths = _pad_rows(rows, np.repeat(prompt_lengths, y), tok.pad_id, mask_formatting)
+  return ListwiseBatch(
+    ids.reshape(batch, y, -1),
+    mask.reshape(batch, y, -1),
+    lengths.reshape(batch, y).astype(np.int32),
+    prompt_lengths,
+    np.asarray(scores, np.float32),
+  )
+
+
+def load_listwise(
+  path: str | os.PathLike, tok: Tokenizer, *, max_len: int, mask_formatting: bool = True
+) -> ListwiseBatch:
+  return tokenize_listwise(read_jsonl(path), tok, max_len=max_len, mask_formatting=mask_formatting)
 
 
 def _rows(record: dict, keys: tuple[str, ...], tok: Tokenizer | chat.ChatFormat, max_len: int, where: str):
@@ -291,6 +408,45 @@ def from_token_arrays(prompts: np.ndarray, chosen: np.ndarray, rejected: np.ndar
     lengths,
     prompt_lengths,
     np.zeros((batch,), np.float32),
+  )
+
+
+def listwise_from_token_arrays(
+  prompts: np.ndarray, completions: np.ndarray, scores: np.ndarray | None = None
+) -> ListwiseBatch:
+  """A listwise batch from already-tokenized, equal-width prompts [B, P] and completions
+  [B, Y, C] (synthetic tasks); scores [B, Y] (finite, higher is better) or None for lists
+  ranked best first (scores Y-1 .. 0)."""
+  prompts, completions = np.asarray(prompts), np.asarray(completions)
+  for name, x, ndim in (("prompts", prompts, 2), ("completions", completions, 3)):
+    if x.ndim != ndim or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"{name}: expected a {ndim}-D integer id array, got shape {x.shape} dtype {x.dtype}")
+  batch, y = completions.shape[:2]
+  if prompts.shape[0] != batch or y < 2:
+    raise ValueError(
+      f"prompts, completions: expected [B, prompt length] and [B, Y >= 2, completion length], "
+      f"got {prompts.shape}, {completions.shape}"
+    )
+  if scores is None:
+    scores = np.broadcast_to(np.arange(y - 1, -1, -1, dtype=np.float32), (batch, y))
+  scores = np.asarray(scores)
+  if scores.shape != (batch, y) or not np.issubdtype(scores.dtype, np.number) or scores.dtype == np.bool_:
+    raise ValueError(
+      f"scores: expected numbers of shape ({batch}, {y}) like completions, got {scores.dtype} {scores.shape}"
+    )
+  if not np.isfinite(scores).all():
+    raise ValueError(f"scores: expected finite values, got {scores[~np.isfinite(scores)][:6].tolist()}")
+  width = prompts.shape[1] + completions.shape[2]
+  prompt_lengths = np.full((batch,), prompts.shape[1], np.int32)
+  lengths = np.full((batch * y,), width, np.int32)
+  mask = _completion_mask((batch * y, width), np.repeat(prompt_lengths, y), lengths)
+  tokens = np.concatenate([np.broadcast_to(prompts[:, None], (batch, y, prompts.shape[1])), completions], 2)
+  return ListwiseBatch(
+    tokens.astype(np.int32),
+    mask.reshape(batch, y, width),
+    lengths.reshape(batch, y),
+    prompt_lengths,
+    scores.astype(np.float32),
   )
 
 
