@@ -29,8 +29,15 @@ def _check_logits(logits_BTV: jax.Array) -> None:
 
 
 class SequenceLogProbs(NamedTuple):
+  """A completion's masked log-prob sum and token count per row; with `per_token=True`
+  (`sequence_logprobs`) also the per-token pieces LD-DPO and WPO read (`dpo.PreferenceConfig`'s
+  ld_alpha and use_weighting). Built from two arrays, as before, the per-token fields are None."""
+
   sum_B: jax.Array  # float32
   count_B: jax.Array  # float32, kept tokens
+  token_BT: jax.Array | None = None  # m_t log pi(y_t), 0 off the mask (float32)
+  mask_BT: jax.Array | None = None  # m_t (float32)
+  log_sum_sq_BT: jax.Array | None = None  # m_t log sum_v pi(v)^2 at the same position (WPO), 0 off the mask
 
   @property
   def mean_B(self) -> jax.Array:
@@ -76,8 +83,15 @@ def completion_mask(
   return mask_BT
 
 
-def sequence_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array) -> SequenceLogProbs:
+def sequence_logprobs(
+  logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array, *, per_token: bool = False
+) -> SequenceLogProbs:
   """Masked sum (and count, for the averaged form) of token log-probs per row.
+
+  per_token: also keep token_BT = m_t log pi(y_t | y_<t), mask_BT = m_t and
+  log_sum_sq_BT = m_t log sum_v pi(v | y_<t)^2 (WPO's alignment term), each [B, T] float32 and
+  0 at position 0 and off the mask, as `dpo.preference_loss` needs them for ld_alpha and
+  use_weighting.
 
   Value checks (ids in [0, V), mask False at position 0) run on concrete inputs, or inside
   `ops.checks.checked`."""
@@ -90,10 +104,18 @@ def sequence_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.
     "mask_BT", mask_BT[:, 0], lambda v: v, "False at position 0 (it has no prediction: the prompt must come first)"
   )
   mask = mask_BT.astype(jnp.float32)
-  return SequenceLogProbs(jnp.sum(token_logprobs(logits_BTV, tokens_BT) * mask, axis=1), mask.sum(axis=1))
+  token_BT = token_logprobs(logits_BTV, tokens_BT) * mask
+  if not per_token:
+    return SequenceLogProbs(jnp.sum(token_BT, axis=1), mask.sum(axis=1))
+  # log sum_v p_v^2 = logsumexp(2 log p): logits t - 1 score token t, as in token_logprobs.
+  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+  log_sum_sq_BT = jnp.pad(jax.nn.logsumexp(2 * logp_BTV, axis=-1), ((0, 0), (1, 0))) * mask
+  return SequenceLogProbs(jnp.sum(token_BT, axis=1), mask.sum(axis=1), token_BT, mask, log_sum_sq_BT)
 
 
-def model_logprobs(params: Any, cfg: Any, tokens_BT: jax.Array, mask_BT: jax.Array) -> SequenceLogProbs:
+def model_logprobs(
+  params: Any, cfg: Any, tokens_BT: jax.Array, mask_BT: jax.Array, *, per_token: bool = False
+) -> SequenceLogProbs:
   """`sequence_logprobs` of any protocol model's logits on tokens_BT (`models.protocol`)."""
   logits_BTV, _ = protocol.model_for(cfg).forward(params, tokens_BT, cfg)
-  return sequence_logprobs(logits_BTV, tokens_BT, mask_BT)
+  return sequence_logprobs(logits_BTV, tokens_BT, mask_BT, per_token=per_token)

@@ -49,3 +49,49 @@ def test_reward_step_learns_to_rank(np_rng):
   for _ in range(60):
     state, metrics = step(state, pairs)
   assert float(metrics["accuracy"]) > 0.8
+
+
+def test_kto_mismatched_pairs_each_prompt_with_the_next_rows_completion():
+  batch = data.UnpairedBatch(
+    tokens_BT=np.array([[1, 5, 2, 7, 3, 0], [1, 6, 6, 2, 8, 3]]),
+    mask_BT=np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]], bool),
+    lengths_B=np.array([5, 6]),
+    prompt_lengths_B=np.array([3, 4]),
+    label_B=np.array([True, False]),
+  )
+  kl = align_train.kto_mismatched(batch)
+  assert [list(r[:n]) for r, n in zip(kl.tokens_BT, kl.lengths_B)] == [[1, 5, 2, 8, 3], [1, 6, 6, 2, 7, 3]]
+  assert kl.mask_BT.tolist() == [[False, False, False, True, True, False], [False, False, False, False, True, True]]
+  assert kl.prompt_lengths_B.tolist() == [3, 4]
+
+
+def test_kto_step_raises_desirable_and_lowers_undesirable_completions(np_rng):
+  prompts = TASK.prompts(np_rng, 16)
+  good = TASK.demonstrations(np_rng, prompts, 0.0)
+  desirable = np.arange(16) % 2 == 0
+  completions = np.where(desirable[:, None], good, TASK.demonstrations(np_rng, prompts, 1.0))
+  tokens = np.concatenate([prompts, completions], axis=1).astype(np.int32)
+  batch = data.UnpairedBatch(
+    tokens,
+    np.broadcast_to(np.arange(tokens.shape[1]) >= TASK.prompt_len, tokens.shape).copy(),
+    np.full(16, tokens.shape[1], np.int32),
+    np.full(16, TASK.prompt_len, np.int32),
+    desirable,
+  )
+  tcfg = train.TrainConfig(batch_size=16, peak_lr=3e-3, total_steps=20, warmup_steps=0)
+  params = llama.init(jax.random.key(2), MODEL)
+  reference = align_train.kto_reference_logprobs(params, MODEL, batch)
+  step = align_train.make_kto_step(MODEL, tcfg, beta=0.5)
+  state, first = step(train.start_state(params, tcfg), batch, reference)
+  assert float(first["loss"]) == pytest.approx(0.5, abs=1e-6)  # policy == reference: z = 0, rho = 0, 1 - sig(0)
+  for _ in range(8):
+    state, metrics = step(state, batch, reference)
+  assert float(metrics["loss"]) < 0.45
+  rho = np.asarray(align_train.kto_reference_logprobs(state.params, MODEL, batch)[0].sum_B - reference[0].sum_B)
+  assert rho[desirable].mean() > 0 > rho[~desirable].mean()
+  with pytest.raises(TypeError, match="batch.label_B: expected bool labels"):
+    step(state, batch._replace(label_B=desirable.astype(np.float32)), reference)
+  leaky = batch.mask_BT.copy()
+  leaky[0, 1] = True  # a prompt token scored as completion
+  with pytest.raises(ValueError, match="batch.mask_BT: expected False in the prompt"):
+    step(state, batch._replace(mask_BT=leaky), reference)
