@@ -25,13 +25,17 @@ Shapes: B prompts, T prompt width, N new tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
 
-from paperjax.align import data, dpo, rejection_sampling, reward, tasks
+from paperjax.align import data, dpo, listwise, online, rejection_sampling, reward, tasks
 from paperjax.align import train as align_train
 from paperjax.align.data import PreferenceBatch
 from paperjax.bench import cli
@@ -55,6 +59,10 @@ class Config:
   eval_prompts: int
   best_of: int
   policies: tuple[str, ...] = ("DPO", "DPO+NLL", "IPO", "SimPO")  # names in POLICIES
+  # part online: each method's budget is online_iterations x online_batch completions
+  online_iterations: checks.PositiveInt = 40
+  online_batch: checks.PositiveInt = 64
+  idpo_rounds: checks.PositiveInt = 4
   seeds: checks.PositiveInt = 1  # the claims' seeds: ctx.seed, ctx.seed + 1, ...
 
   def __post_init__(self):
@@ -74,10 +82,21 @@ CONFIGS = {
     eval_prompts=16,
     best_of=2,
     policies=("DPO", "SimPO"),
+    online_iterations=2,
+    online_batch=8,
+    idpo_rounds=2,
   ),
   "small": Config(sft_steps=400, rm_steps=250, po_steps=150, batch=64, num_pairs=4096, eval_prompts=512, best_of=8),
   "full": Config(
-    sft_steps=600, rm_steps=400, po_steps=300, batch=64, num_pairs=8192, eval_prompts=1024, best_of=8, seeds=3
+    sft_steps=600,
+    rm_steps=400,
+    po_steps=300,
+    batch=64,
+    num_pairs=8192,
+    eval_prompts=1024,
+    best_of=8,
+    seeds=3,
+    online_iterations=80,
   ),
   "paper": Config(
     sft_steps=2000, rm_steps=1500, po_steps=1000, batch=128, num_pairs=32768, eval_prompts=4096, best_of=16, seeds=3
@@ -92,9 +111,12 @@ POLICIES = {
   "DPO+NLL": dpo.PreferenceConfig(loss="sigmoid", beta=0.1, rpo_alpha=1.0),  # Llama 3's recipe (RPO)
   "IPO": dpo.PreferenceConfig(loss="ipo", beta=0.5),
   "SimPO": dpo.PreferenceConfig(loss="simpo", beta=2.5, gamma=1.375),  # the SimPO paper's recipe
+  # f-DPO (arXiv 2309.16240): DPO's loss with the reverse KL replaced, TRL's f_divergence_type
+  "f-DPO forward KL": dpo.PreferenceConfig(loss="sigmoid", beta=0.1, f_divergence_type="forward_kl"),
+  "f-DPO JS": dpo.PreferenceConfig(loss="sigmoid", beta=0.1, f_divergence_type="js_divergence"),
 }
 SFT_LR, RM_LR, PO_LR = 3e-3, 1e-3, 5e-4  # peak learning rates (warm-up, then cosine)
-PARTS = ("pipeline", "chat")  # --only=align.<part>
+PARTS = ("pipeline", "chat", "online")  # --only=align.<part>
 TIMED = False  # it times nothing: --repeats is a usage error (bench/cli.py)
 
 # The claims and their rules, fixed before the runs that decide them. A win rate is over the
@@ -142,7 +164,62 @@ MASK_HELPS_DPO = ClaimSpec(
     decided_at="full",
   ),
 )
-CLAIMS = (DPO_BEATS_SFT, BEST_OF_K_BEATS_SFT, MASK_HELPS_DPO)
+XU_2024 = "Xu et al. 2024, Is DPO Superior to PPO for LLM Alignment? (arXiv 2404.10719)"
+PPO_BEATS_DPO = ClaimSpec(
+  name="PPO beats offline DPO",
+  part="online",
+  source=f"{XU_2024}, Sec. 6 (Tables 3-5); the survey (arXiv 2407.16216) quotes PPO > iterative DPO > DPO",
+  claim="PPO is able to surpass other alignment methods in all cases (with its key factors: advantage "
+  "normalisation, large batches, a moving average of the reference)",
+  rule=Rule(
+    tests=(Test(statistic="PPO minus DPO gold score", op=">", bound=0.0),),
+    requires=(Test(statistic="SFT gold score", op=">", bound=CHANCE),),
+    decided_at="full",
+  ),
+)
+ITERATIVE_BEATS_OFFLINE = ClaimSpec(
+  name="iterative DPO beats offline DPO",
+  part="online",
+  source="Xiong et al. 2024, Iterative Preference Learning from Human Feedback (arXiv 2312.11456), Sec. 5; "
+  f"{XU_2024}, Sec. 5",
+  claim="online iterative DPO with on-policy samples labelled by the reward model outperforms offline DPO",
+  rule=Rule(
+    tests=(Test(statistic="iterative DPO minus DPO gold score", op=">", bound=0.0),),
+    requires=(Test(statistic="SFT gold score", op=">", bound=CHANCE),),
+    decided_at="full",
+  ),
+)
+DPO_DRIFTS = ClaimSpec(
+  name="DPO drifts out of distribution",
+  part="online",
+  source=f"{XU_2024}, Sec. 4 (Theorem 4.1 and the synthetic study)",
+  claim="DPO may find biased solutions that exploit out-of-distribution responses, where PPO stays near the "
+  "reference (here: KL to SFT on the policy's own samples, DPO above PPO at the same budget)",
+  rule=Rule(tests=(Test(statistic="DPO minus PPO KL to SFT", op=">", bound=0.0),), decided_at="full"),
+)
+F_DPO_DIVERSITY = ClaimSpec(
+  name="forward KL trades alignment for diversity",
+  part="online",
+  source="Wang et al. 2023, Beyond Reverse KL: f-DPO (arXiv 2309.16240), Sec. 5 (Fig. 3, Table 2)",
+  claim="as the divergence moves from reverse KL to JS to forward KL, generation diversity increases while "
+  "alignment performance decreases",
+  rule=Rule(
+    tests=(
+      Test(statistic="f-DPO forward KL minus DPO distinct outputs", op=">", bound=0.0),
+      Test(statistic="DPO minus f-DPO forward KL gold score", op=">", bound=0.0),
+    ),
+    decided_at="full",
+  ),
+)
+CLAIMS = (
+  DPO_BEATS_SFT,
+  BEST_OF_K_BEATS_SFT,
+  MASK_HELPS_DPO,
+  PPO_BEATS_DPO,
+  ITERATIVE_BEATS_OFFLINE,
+  DPO_DRIFTS,
+  F_DPO_DIVERSITY,
+)
 
 
 def _train(name: str, step, state, batches, steps: int, *extra_fns):
@@ -176,7 +253,7 @@ def _win_rate(scores: np.ndarray, ref_scores: np.ndarray) -> float:
 
 def _tcfg(cfg: Config, steps: int, lr: float) -> train.TrainConfig:
   return train.TrainConfig(
-    batch_size=cfg.batch, seq_len=16, peak_lr=lr, total_steps=steps, warmup_steps=max(1, steps // 10)
+    batch_size=cfg.batch, seq_len=16, peak_lr=lr, total_steps=steps, warmup_steps=min(max(1, steps // 10), steps - 1)
   )
 
 
@@ -191,16 +268,19 @@ def _label(name: str, seed: int, seeds: list[int]) -> str:
 def run(ctx: Context) -> Result:
   cfg = CONFIGS[ctx.scale]
   parts = []
+  cache: dict = {}  # (cfg, seed) -> Foundation: SFT and reward model once per seed
   if ctx.wants("pipeline"):
-    parts.append(_pipeline(ctx, cfg))
+    parts.append(_pipeline(ctx, cfg, cache))
   if ctx.wants("chat"):
     parts.append(_chat(ctx, cfg))
+  if ctx.wants("online"):
+    parts.append(_online(ctx, cfg, cache))
   return Result.from_parts(ctx.benchmark, parts)
 
 
-def _pipeline(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:
+def _pipeline(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
   seeds = _seeds(ctx, cfg)
-  runs = [_pipeline_seed(cfg, seed, lambda name, s=seed: _label(name, s, seeds)) for seed in seeds]
+  runs = [_pipeline_seed(cfg, seed, lambda name, s=seed: _label(name, s, seeds), cache) for seed in seeds]
   first, curves = runs[0]
   records = [
     ctx.record(
@@ -288,11 +368,25 @@ def _dpo_diagnosis(cfg: Config, column, per_seed) -> str:
   )
 
 
-def _pipeline_seed(cfg: Config, seed: int, label) -> tuple[dict[str, float], list[Series]]:
-  """One seed's SFT, reward model, policies and best-of-K: its numbers and loss curves."""
+class Foundation(NamedTuple):
+  """One seed's SFT model and reward model, shared by the parts that start from them."""
+
+  sft_params: dict
+  rm_params: dict
+  rm_accuracy: float
+  pairs: PreferenceBatch  # the reward model's training pairs (demonstrations)
+  held: PreferenceBatch
+  curves: tuple[Series, ...]
+
+
+def _foundation(cfg: Config, seed: int, label, cache: dict) -> Foundation:
+  """SFT on noisy demonstrations, then a reward model on preference pairs (trunk from SFT);
+  computed once per (scale, seed) and run, whichever parts ask."""
+  if (cfg, seed) in cache:
+    return cache[cfg, seed]
   rng = np.random.default_rng(seed)
   pick = lambda n, i: np.random.default_rng([seed, i]).integers(0, n, cfg.batch)
-  out, curves = {}, []
+  curves = []
 
   # 1. SFT on noisy demonstrations.
   tcfg = lambda steps, lr: _tcfg(cfg, steps, lr)
@@ -317,10 +411,24 @@ def _pipeline_seed(cfg: Config, seed: int, label) -> tuple[dict[str, float], lis
   rm_step = align_train.make_reward_step(MODEL, rm_cfg)
   rm_state, losses = _train(label("reward model"), rm_step, rm_state, take, cfg.rm_steps)
   curves.append(Series(label("reward model (BT)"), tuple(range(len(losses))), tuple(losses)))
-  score_rows = jax.jit(lambda p, t, n: reward.rewards(p, t, n, MODEL))
-  r_c = score_rows(rm_state.params, held.chosen_BT, held.chosen_lengths_B)
-  r_r = score_rows(rm_state.params, held.rejected_BT, held.rejected_lengths_B)
-  out["rm accuracy"] = float(jnp.mean(r_c > r_r))
+  r_c = _rewards(rm_state.params, held.chosen_BT, held.chosen_lengths_B)
+  r_r = _rewards(rm_state.params, held.rejected_BT, held.rejected_lengths_B)
+  found = Foundation(sft_params, rm_state.params, float(jnp.mean(r_c > r_r)), pairs, held, tuple(curves))
+  cache[cfg, seed] = found
+  return found
+
+
+_rewards = jax.jit(lambda p, t, n: reward.rewards(p, t, n, MODEL))
+
+
+def _pipeline_seed(cfg: Config, seed: int, label, cache: dict) -> tuple[dict[str, float], list[Series]]:
+  """One seed's SFT, reward model, policies and best-of-K: its numbers and loss curves."""
+  found = _foundation(cfg, seed, label, cache)
+  sft_params, pairs, held = found.sft_params, found.pairs, found.held
+  pick = lambda n, i: np.random.default_rng([seed, i]).integers(0, n, cfg.batch)
+  tcfg = lambda steps, lr: _tcfg(cfg, steps, lr)
+  take = lambda i: PreferenceBatch(*(x[pick(cfg.num_pairs, i)] for x in pairs))
+  out, curves = {"rm accuracy": found.rm_accuracy}, list(found.curves)
 
   # 3. Preference optimisation from the SFT model, reference = SFT.
   eval_prompts = TASK.prompts(np.random.default_rng([seed, 99]), cfg.eval_prompts)
@@ -332,7 +440,7 @@ def _pipeline_seed(cfg: Config, seed: int, label) -> tuple[dict[str, float], lis
     po_cfg = tcfg(cfg.po_steps, PO_LR)
     po_state = train.start_state(sft_params, po_cfg)
     step = align_train.make_preference_step(MODEL, po_cfg, pcfg)
-    ref_fn = reference if dpo.LOSSES[pcfg.loss].reference else (lambda batch: (None, None))
+    ref_fn = reference if pcfg.reference else (lambda batch: (None, None))
     po_state, losses = _train(label(name), step, po_state, take, cfg.po_steps, ref_fn)
     curves.append(Series(label(f"{name} loss"), tuple(range(len(losses))), tuple(losses)))
     scores = TASK.score(eval_prompts, _sample(jax.random.key(8), po_state.params, eval_prompts))
@@ -348,7 +456,7 @@ def _pipeline_seed(cfg: Config, seed: int, label) -> tuple[dict[str, float], lis
   # 4. Rejection sampling: best of K SFT samples by the reward model.
   def rm_reward(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B):
     tokens, lengths = rejection_sampling.concat(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B)
-    return score_rows(rm_state.params, tokens, lengths)
+    return _rewards(found.rm_params, tokens, lengths)
 
   best = rejection_sampling.best_of_k(
     jax.random.key(9),
@@ -364,6 +472,285 @@ def _pipeline_seed(cfg: Config, seed: int, label) -> tuple[dict[str, float], lis
   )
   out["best score"] = float(TASK.score(eval_prompts, np.asarray(best.best_BN)).mean())
   return out, curves
+
+
+# --- part online: PPO, RLOO and iterative DPO beside the offline methods -------------------------
+
+ONLINE_LR = 5e-4  # PO_LR: every method from SFT at one peak learning rate
+PPO = online.PPOConfig(kl_coef=0.05, whiten_rewards=True, epochs=4, minibatches=2)
+RLOO = online.RLOOConfig(kl_coef=0.05)
+DIVERSITY_SAMPLES = 4  # samples per prompt for "distinct outputs per prompt"
+KTO_DESIRABLE = 4  # KTO's binary label: a demonstration with at least 4 of 6 positions right
+LIST_SIZE = 4  # LiPO: Y demonstrations per list
+LIPO = listwise.ListwiseConfig(loss="lipo_lambda", beta=0.1)
+
+
+def _rollout_cfg(samples: int) -> online.RolloutConfig:
+  return online.RolloutConfig(max_new_tokens=TASK.completion_len, stop_ids=(tasks.EOS,), samples_per_prompt=samples)
+
+
+def _gold(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B) -> jax.Array:
+  """The checker's score: the gold reward."""
+  return jnp.asarray(TASK.score(np.asarray(prompts_BT), np.asarray(completions_BN)), jnp.float32)
+
+
+class Trained(NamedTuple):
+  params: dict
+  samples: int  # completions the method consumed (sampled or read)
+  seconds: float  # its training time, rollouts included
+  proxy: tuple[float, ...] = ()  # per iteration: mean reward-model reward of the rollout
+  gold: tuple[float, ...] = ()  # per iteration: mean checker score of the same samples
+
+
+def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
+  """One seed: every method from the same SFT model at the same sample budget, then each
+  policy's gold score, win rate over SFT, KL to SFT and diversity on held-out prompts."""
+  found = _foundation(cfg, seed, label, cache)
+  sft = found.sft_params
+  budget = cfg.online_iterations * cfg.online_batch
+  rng = np.random.default_rng([seed, 3])
+  gold_log: list[float] = []
+
+  def proxy(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B):
+    """The reward model's reward (what the policy sees), logging the checker's mean beside it."""
+    gold_log.append(float(_gold(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B).mean()))
+    tokens, lengths = rejection_sampling.concat(prompts_BT, prompt_lengths_B, completions_BN, completion_lengths_B)
+    return _rewards(found.rm_params, tokens, lengths)
+
+  def prompts(rows: int):
+    def fn(i: int):
+      p = TASK.prompts(np.random.default_rng([seed, 4, i]), rows)
+      return p, np.full(rows, TASK.prompt_len)
+
+    return fn
+
+  tcfg = lambda steps, batch=cfg.batch: dataclasses.replace(_tcfg(cfg, steps, ONLINE_LR), batch_size=batch)
+  offline_pairs = data.from_token_arrays(*TASK.preference_pairs(rng, budget // 2))
+
+  def offline(name: str, pcfg: dpo.PreferenceConfig) -> Trained:
+    pick = lambda i: np.random.default_rng([seed, 5, i]).integers(0, budget // 2, cfg.batch)
+    take = lambda i: PreferenceBatch(*(x[pick(i)] for x in offline_pairs))
+    step = align_train.make_preference_step(MODEL, tcfg(cfg.po_steps), pcfg)
+    reference = lambda batch: align_train.reference_logprobs(sft, MODEL, batch)
+    start = time.perf_counter()
+    state, _ = _train(label(name), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
+    return Trained(state.params, budget, time.perf_counter() - start)
+
+  def timed_online(run_fn) -> Trained:
+    gold_log.clear()
+    start = time.perf_counter()
+    state, history = run_fn()
+    seconds = time.perf_counter() - start
+    params = state.train.params
+    return Trained(params.get("policy", params), budget, seconds, tuple(h["reward"] for h in history), tuple(gold_log))
+
+  def kto() -> Trained:
+    """KTO on `budget` unpaired demonstrations, desirable when they get 2/3 of the positions right."""
+    krng = np.random.default_rng([seed, 8])
+    p = TASK.prompts(krng, budget)
+    completions = TASK.demonstrations(krng, p, krng.uniform(0.1, 0.9, budget))
+    tokens = np.concatenate([p, completions], axis=1)
+    unpaired = data.UnpairedBatch(
+      tokens,
+      np.broadcast_to(np.arange(tokens.shape[1]) >= TASK.prompt_len, tokens.shape).copy(),
+      np.full(budget, tokens.shape[1], np.int32),
+      np.full(budget, TASK.prompt_len, np.int32),
+      TASK.score(p, completions) >= KTO_DESIRABLE,
+    )
+    take = lambda i: data.UnpairedBatch(
+      *(x[np.random.default_rng([seed, 6, i]).integers(0, budget, cfg.batch)] for x in unpaired)
+    )
+    step = align_train.make_kto_step(MODEL, tcfg(cfg.po_steps), beta=0.1)
+    reference = lambda batch: align_train.kto_reference_logprobs(sft, MODEL, batch)
+    start = time.perf_counter()
+    state, _ = _train(label("KTO"), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
+    return Trained(state.params, budget, time.perf_counter() - start)
+
+  def lipo() -> Trained:
+    """LiPO-lambda on budget / Y lists of Y demonstrations, scored by the checker (ties allowed)."""
+    y = LIST_SIZE
+    lrng = np.random.default_rng([seed, 9])
+    p = TASK.prompts(lrng, budget // y)
+    completions = np.stack([TASK.demonstrations(lrng, p, lrng.uniform(0.1, 0.9, len(p))) for _ in range(y)], axis=1)
+    scores = np.stack([TASK.score(p, completions[:, i]) for i in range(y)], axis=1).astype(np.float32)
+    lists = data.listwise_from_token_arrays(p, completions, scores)
+    take = lambda i: data.ListwiseBatch(
+      *(x[np.random.default_rng([seed, 7, i]).integers(0, len(p), cfg.batch // y)] for x in lists)
+    )
+    step = listwise.make_listwise_step(MODEL, tcfg(cfg.po_steps), LIPO)
+    reference = lambda batch: listwise.reference_logprobs(sft, MODEL, batch)
+    start = time.perf_counter()
+    state, _ = _train(label("LiPO"), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
+    return Trained(state.params, budget, time.perf_counter() - start)
+
+  iterations, rows = cfg.online_iterations, cfg.online_batch
+  methods: dict[str, Callable[[], Trained]] = {
+    "DPO": lambda: offline("DPO", POLICIES["DPO"]),
+    "DPO+NLL": lambda: offline("DPO+NLL", POLICIES["DPO+NLL"]),
+    "f-DPO forward KL": lambda: offline("f-DPO forward KL", POLICIES["f-DPO forward KL"]),
+    "f-DPO JS": lambda: offline("f-DPO JS", POLICIES["f-DPO JS"]),
+    "KTO": lambda: kto(),
+    "LiPO": lambda: lipo(),
+    "PPO": lambda: timed_online(
+      lambda: online.train_ppo(
+        jax.random.key(seed + 10),
+        sft,
+        found.rm_params,  # InstructGPT: the value model starts from the reward model
+        MODEL,
+        prompts(rows),
+        proxy,
+        rcfg=_rollout_cfg(1),
+        pcfg=PPO,
+        tcfg=tcfg(iterations * PPO.epochs * PPO.minibatches, rows // PPO.minibatches),
+        iterations=iterations,
+      )
+    ),
+    "RLOO": lambda: timed_online(
+      lambda: online.train_rloo(
+        jax.random.key(seed + 11),
+        sft,
+        MODEL,
+        prompts(rows // 2),
+        proxy,
+        rcfg=_rollout_cfg(2),
+        lcfg=RLOO,
+        tcfg=tcfg(iterations, rows),
+        iterations=iterations,
+      )
+    ),
+  }
+
+  def iterative(loss: dpo.PreferenceConfig, key: int) -> Callable[[], Trained]:
+    return lambda: timed_online(
+      lambda: online.train_iterative_dpo(
+        jax.random.key(key),
+        sft,
+        MODEL,
+        prompts(budget // (2 * cfg.idpo_rounds)),
+        proxy,
+        rcfg=_rollout_cfg(2),
+        icfg=online.IterativeDPOConfig(steps=cfg.po_steps // cfg.idpo_rounds, loss=loss),
+        tcfg=tcfg(cfg.po_steps // cfg.idpo_rounds),
+        rounds=cfg.idpo_rounds,
+      )
+    )
+
+  # Iterative DPO with each offline loss: plain DPO (the claim's pair) and DPO+NLL (Llama 3's rounds).
+  methods["iterative DPO"] = iterative(POLICIES["DPO"], seed + 12)
+  methods["iterative DPO+NLL"] = iterative(POLICIES["DPO+NLL"], seed + 13)
+  eval_prompts = TASK.prompts(np.random.default_rng([seed, 99]), cfg.eval_prompts)
+  eval_lengths = np.full(len(eval_prompts), TASK.prompt_len)
+  few = slice(0, min(64, len(eval_prompts)))
+
+  def evaluate(params: dict) -> dict[str, Any]:
+    ro = online.rollout(jax.random.key(8), params, sft, MODEL, eval_prompts, eval_lengths, _gold, _rollout_cfg(1))
+    many = online.rollout(
+      jax.random.key(9),
+      params,
+      sft,
+      MODEL,
+      eval_prompts[few],
+      eval_lengths[few],
+      _gold,
+      _rollout_cfg(DIVERSITY_SAMPLES),
+    )
+    completions = np.asarray(many.completions[0]).reshape(-1, DIVERSITY_SAMPLES, many.completions[0].shape[1])
+    distinct = np.mean([len({row.tobytes() for row in group}) for group in completions])
+    return {"scores": np.asarray(ro.rewards_B), "kl": float(ro.kl_B().mean()), "distinct": float(distinct)}
+
+  out: dict[str, Any] = {"SFT": {**evaluate(sft), "samples/s": math.nan}}
+  for name, fit in methods.items():
+    trained = fit()
+    out[name] = {**evaluate(trained.params), "samples/s": trained.samples / trained.seconds}
+    if trained.proxy:
+      out[name] |= {"proxy curve": trained.proxy, "gold curve": trained.gold}
+  ref = out["SFT"]["scores"]
+  for m in out.values():
+    m["gold"] = float(m["scores"].mean())
+    m["win"] = _win_rate(m["scores"], ref)
+  return out
+
+
+def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
+  seeds = _seeds(ctx, cfg)
+  runs = [_online_seed(cfg, seed, lambda name, s=seed: _label(name, s, seeds), cache) for seed in seeds]
+  first = runs[0]
+  records = []
+  for name, m in first.items():
+    records += [
+      ctx.record(f"online: {name} gold score (of 6)", m["gold"], "positions"),
+      ctx.record(f"online: {name} win rate over SFT (checker, T=1)", m["win"], "fraction"),
+      ctx.record(f"online: {name} KL to SFT (k1, per completion)", m["kl"], "nats"),
+      ctx.record(f"online: {name} distinct outputs of {DIVERSITY_SAMPLES} per prompt", m["distinct"], "count"),
+    ]
+    if name != "SFT":
+      records.append(ctx.record(f"online: {name} training samples/s (compiles included)", m["samples/s"], "samples/s"))
+    if "proxy curve" in m:  # reward hacking: the proxy keeps rising after the checker's peak
+      peak = int(np.argmax(m["gold curve"]))
+      gold_drop = m["gold curve"][peak] - m["gold curve"][-1]
+      proxy_gain = m["proxy curve"][-1] - m["proxy curve"][peak]
+      records += [
+        ctx.record(f"online: {name} checker score, peak minus final rollout", gold_drop, "positions"),
+        ctx.record(f"online: {name} reward-model reward, final minus at the checker's peak", proxy_gain, "reward"),
+      ]
+  curves = []
+  for name, m in first.items():
+    if "proxy curve" in m:
+      x = tuple(range(len(m["proxy curve"])))
+      curves += [Series(f"{name}: reward model", x, m["proxy curve"]), Series(f"{name}: checker", x, m["gold curve"])]
+  column = lambda method, key: [r[method][key] for r in runs]
+  per_seed = lambda method, key: ", ".join(f"{x:.3g}" for x in column(method, key))
+  diff = lambda a, b, key: [x - y for x, y in zip(column(a, key), column(b, key))]
+  ctx.claim(
+    PPO_BEATS_DPO,
+    {"PPO minus DPO gold score": diff("PPO", "DPO", "gold"), "SFT gold score": column("SFT", "gold")},
+    seeds=seeds,
+    note=f"Gold scores per seed: PPO {per_seed('PPO', 'gold')}, DPO {per_seed('DPO', 'gold')}.",
+  )
+  ctx.claim(
+    ITERATIVE_BEATS_OFFLINE,
+    {
+      "iterative DPO minus DPO gold score": diff("iterative DPO", "DPO", "gold"),
+      "SFT gold score": column("SFT", "gold"),
+    },
+    seeds=seeds,
+    note=f"Gold scores per seed: iterative DPO {per_seed('iterative DPO', 'gold')}, DPO {per_seed('DPO', 'gold')}.",
+  )
+  ctx.claim(
+    DPO_DRIFTS,
+    {"DPO minus PPO KL to SFT": diff("DPO", "PPO", "kl")},
+    seeds=seeds,
+    note=f"KL to SFT (nats per completion) per seed: DPO {per_seed('DPO', 'kl')}, PPO {per_seed('PPO', 'kl')}, "
+    f"iterative DPO {per_seed('iterative DPO', 'kl')}, RLOO {per_seed('RLOO', 'kl')}.",
+  )
+  ctx.claim(
+    F_DPO_DIVERSITY,
+    {
+      "f-DPO forward KL minus DPO distinct outputs": diff("f-DPO forward KL", "DPO", "distinct"),
+      "DPO minus f-DPO forward KL gold score": diff("DPO", "f-DPO forward KL", "gold"),
+    },
+    seeds=seeds,
+    note=f"Distinct outputs of {DIVERSITY_SAMPLES} T=1 samples per prompt (64 held-out prompts) per seed: DPO "
+    f"(reverse KL) {per_seed('DPO', 'distinct')}, JS {per_seed('f-DPO JS', 'distinct')}, forward KL "
+    f"{per_seed('f-DPO forward KL', 'distinct')}; gold scores: DPO {per_seed('DPO', 'gold')}, JS "
+    f"{per_seed('f-DPO JS', 'gold')}, forward KL {per_seed('f-DPO forward KL', 'gold')}. Same pairs, beta 0.1 and lr.",
+  )
+  plot = Plot(
+    "online",
+    "Online methods: reward-model reward and checker score of each rollout",
+    "iteration",
+    "mean",
+    tuple(curves),
+  )
+  note = (
+    f"Online part: every method starts from the same SFT model at the same budget of "
+    f"{cfg.online_iterations * cfg.online_batch} completions (sampled, or read from demonstrations for the offline "
+    f"methods) at peak lr {ONLINE_LR:g}. PPO, RLOO and iterative DPO see the reward model (the proxy); the "
+    "checker is the gold reward. Evaluation: one T=1 sample per held-out prompt (gold score, win rate over SFT's "
+    f"sample, KL to SFT by the k1 estimate on the policy's own samples) and {DIVERSITY_SAMPLES} samples on 64 prompts "
+    f"(distinct outputs). Rows: seed {seeds[0]}; the claims: seeds {seeds}."
+  )
+  return records, plot, note
 
 
 def _chat(ctx: Context, cfg: Config) -> tuple[list, Plot, str]:

@@ -58,3 +58,21 @@ def test_mask_rule_is_readmes_decision():
   assert decide([0.005, -0.009, 0.002]) == ("undecided", "margin")
   assert decide([0.02], scale="small") == ("undecided", "budget")  # one seed at small: not the decision
   assert decide([0.02]) == ("undecided", "margin")  # one seed has no spread
+
+
+def test_online_claims_rules():
+  ppo = lambda d, sft=(3.0, 3.0, 3.0), scale="full": bench_align.PPO_BEATS_DPO.rule.decide(
+    {"PPO minus DPO gold score": d, "SFT gold score": sft}, scale=scale, gpu=False
+  )
+  assert ppo([1.5, 0.8, 1.2]) == ("holds", None)
+  assert ppo([-0.2, -0.5, -0.1]) == ("fails", None)
+  assert ppo([0.5, -0.3, 0.2]) == ("undecided", "margin")
+  assert ppo([1.5, 0.8, 1.2], sft=(0.4, 3.0, 3.0)) == ("undecided", "reference did not learn")
+  assert ppo([1.5], scale="small") == ("undecided", "budget")
+  iterative = lambda d: bench_align.ITERATIVE_BEATS_OFFLINE.rule.decide(
+    {"iterative DPO minus DPO gold score": d, "SFT gold score": (3.0,) * len(d)}, scale="full", gpu=False
+  )
+  assert iterative([0.3, 0.1, 0.2]) == ("holds", None) and iterative([-1.0, -0.9, -1.2]) == ("fails", None)
+  drift = lambda d: bench_align.DPO_DRIFTS.rule.decide({"DPO minus PPO KL to SFT": d}, scale="full", gpu=False)
+  assert drift([11.8, 9.0, 10.0]) == ("holds", None) and drift([-1.0, -2.0, -0.5]) == ("fails", None)
+  assert bench_align.CONFIGS["full"].seeds >= 3 and "online" in bench_align.PARTS
