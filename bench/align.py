@@ -1,6 +1,6 @@
-"""Post-training pipeline on a task a program can check: SFT -> reward model -> DPO/IPO/SimPO.
+"""Post-training on a task a program can check: SFT -> reward model -> offline and online alignment.
 
-  python -m paperjax.bench.align --scale=small [--only=align.pipeline,align.chat]
+  python -m paperjax.bench.align --scale=small [--only=align.pipeline,align.chat,align.online]
 
 Task (`align.tasks.SortTask`): sort 6 digits; a completion's score is the number of
 positions it gets right. The SFT model learns from noisy demonstrations; preference pairs
@@ -14,9 +14,19 @@ digits the assistant's reply ending in <|eot_id|>): SFT, then DPO from the same 
 twice, with Llama 3's formatting-token mask (headers and <|eot_id|> out of both
 log-probs) and without it; win rates over SFT and the difference.
 
+Part `online`: from one SFT model and one budget of completions (`online_iterations` x
+`online_batch`), offline methods on demonstrations (DPO, DPO+NLL, f-DPO with forward KL and
+JS, KTO on unpaired demonstrations labelled by the checker, LiPO on scored lists) and online
+ones that sample from the policy and see the reward model as a proxy (PPO, RLOO, iterative DPO
+and iterative DPO+NLL); each policy's checker score, win rate over SFT, KL to SFT, distinct
+outputs per prompt, and samples/s, and per rollout the proxy's reward beside the checker's
+score (reward hacking: the proxy rising while the checker falls).
+
 Claims (`CLAIMS`, decided over `Config.seeds` seeds ctx.seed, ctx.seed + 1, ...; each seed
 trains its own SFT model, reward model and policies): DPO beats its SFT start and best-of-K
-beats SFT (part pipeline), and the formatting-token mask helps DPO (part chat). The long
+beats SFT (part pipeline), the formatting-token mask helps DPO (part chat), and PPO beats
+DPO, iterative DPO beats offline DPO, DPO drifts from SFT more than PPO, and forward KL trades
+alignment for diversity (part online). The long
 table's rows are the first seed's.
 
 Shapes: B prompts, T prompt width, N new tokens.

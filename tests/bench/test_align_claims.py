@@ -76,3 +76,11 @@ def test_online_claims_rules():
   drift = lambda d: bench_align.DPO_DRIFTS.rule.decide({"DPO minus PPO KL to SFT": d}, scale="full", gpu=False)
   assert drift([11.8, 9.0, 10.0]) == ("holds", None) and drift([-1.0, -2.0, -0.5]) == ("fails", None)
   assert bench_align.CONFIGS["full"].seeds >= 3 and "online" in bench_align.PARTS
+  f_dpo = lambda diversity, gold: bench_align.F_DPO_DIVERSITY.rule.decide(
+    {"f-DPO forward KL minus DPO distinct outputs": diversity, "DPO minus f-DPO forward KL gold score": gold},
+    scale="full",
+    gpu=False,
+  )
+  assert f_dpo([0.4, 0.3, 0.5], [0.2, 0.1, 0.3]) == ("holds", None)
+  assert f_dpo([0.4, 0.3, 0.5], [-0.2, -0.1, -0.3]) == ("fails", None)  # more diverse, but not less aligned
+  assert f_dpo([-0.4, -0.3, -0.5], [0.2, 0.1, 0.3]) == ("fails", None)
