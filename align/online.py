@@ -1,7 +1,7 @@
 """Online alignment: rollouts, PPO, RLOO and iterative DPO.
 
-Shapes: B rows (prompt x sample), T time (prompt width + N), N new tokens, Y samples per
-prompt, D width.
+Shapes: B rows (prompt x sample; prompts in the [B, Y] views), T time (prompt width + N), N new
+tokens, Y samples per prompt, D width, V vocabulary.
 
 A rollout samples each row with its own key, key_b = fold_in(key, b), so a row's sample does
 not depend on the other rows; it scores the samples with a reward function (a reward model,
@@ -341,9 +341,9 @@ def rloo_advantages(ro: Rollout, samples_per_prompt: int, rcfg: RLOOConfig) -> j
     raise ValueError(
       f"samples_per_prompt: RLOO needs Y >= 2 samples per prompt dividing the {ro.rewards_B.shape[0]} rows, got {y}"
     )
-  r_PY = (ro.rewards_B - rcfg.kl_coef * ro.kl_B()).reshape(-1, y)
-  baseline_PY = (r_PY.sum(axis=1, keepdims=True) - r_PY) / (y - 1)
-  adv_B = (r_PY - baseline_PY).reshape(-1)
+  r_BY = (ro.rewards_B - rcfg.kl_coef * ro.kl_B()).reshape(-1, y)
+  baseline_BY = (r_BY.sum(axis=1, keepdims=True) - r_BY) / (y - 1)
+  adv_B = (r_BY - baseline_BY).reshape(-1)
   return masked_whiten(adv_B, jnp.ones_like(adv_B, bool)) if rcfg.whiten_advantages else adv_B
 
 
@@ -382,10 +382,10 @@ def best_worst_pairs(ro: Rollout, samples_per_prompt: int) -> tuple[PreferenceBa
   y = samples_per_prompt
   if y < 2 or ro.rewards_B.shape[0] % y:
     raise ValueError(f"samples_per_prompt: expected Y >= 2 dividing {ro.rewards_B.shape[0]} rows, got {y}")
-  r_PY = np.asarray(ro.rewards_B).reshape(-1, y)
-  best, worst = r_PY.argmax(axis=1), r_PY.argmin(axis=1)
-  keep = r_PY.max(axis=1) > r_PY.min(axis=1)
-  base = np.arange(r_PY.shape[0]) * y
+  r_BY = np.asarray(ro.rewards_B).reshape(-1, y)
+  best, worst = r_BY.argmax(axis=1), r_BY.argmin(axis=1)
+  keep = r_BY.max(axis=1) > r_BY.min(axis=1)
+  base = np.arange(r_BY.shape[0]) * y
   win, lose = (base + best)[keep], (base + worst)[keep]
   tokens, mask, lengths = (np.asarray(x) for x in (ro.tokens_BT, ro.mask_BT, ro.lengths_B))
   batch = PreferenceBatch(
@@ -521,7 +521,7 @@ def train_iterative_dpo(
   best-vs-worst pairs by reward, then icfg.steps DPO steps (minibatches of tcfg.batch_size pairs
   drawn with fold_in(key, r)) from a fresh optimizer state. Rounds whose prompts all tie train
   nothing."""
-  if not dpo.LOSSES[icfg.loss.loss].reference:
+  if not icfg.loss.reference:
     raise ValueError(f"icfg.loss: iterative DPO expects a loss with a reference, got {icfg.loss.loss!r}")
   step = align_train.make_preference_step(cfg, tcfg, icfg.loss)
   state = OnlineState(jnp.int32(0), train.start_state(policy_params, tcfg))
@@ -537,7 +537,8 @@ def train_iterative_dpo(
     for i in range(icfg.steps if n else 0):
       rows = np.asarray(jax.random.randint(jax.random.fold_in(round_key, i + 1), (tcfg.batch_size,), 0, n))
       batch = PreferenceBatch(*(x[rows] for x in pairs))
-      trained, metrics = step(trained, batch, align_train.reference_logprobs(reference, cfg, batch))
+      ref_logps = align_train.reference_logprobs(reference, cfg, batch, per_token=icfg.loss.per_token)
+      trained, metrics = step(trained, batch, ref_logps)
     metrics = {k: v for k, v in metrics.items() if k in ("loss", "reward_accuracy")}
     return OnlineState(s.step, trained), {**_rollout_metrics(ro), "pairs": n, "dropped": dropped, **metrics}
 
