@@ -6,7 +6,8 @@ With policy and reference log-probs of the chosen (w) and rejected (l) completio
   rho_w = log pi(y_w) - log pi_ref(y_w),  rho_l likewise,  Delta = rho_w - rho_l,
 and sig the logistic function, the per-pair losses (spec: shared/papers/alignment.md) are
 
-  sigmoid       -(1 - eps) log sig(b Delta) - eps log sig(-b Delta)        (DPO; cDPO for eps > 0)
+  sigmoid       -log sig(b Delta)                                        (DPO; TRL's: no label smoothing)
+  cdpo          -(1 - eps) log sig(b Delta) - eps log sig(-b Delta)        (conservative DPO, cDPO)
   robust        [-(1 - eps) log sig(b Delta) + eps log sig(-b Delta)] / (1 - 2 eps)
   hinge         relu(1 - b Delta)                                        (TRL's SLiC: the hinge alone)
   ipo           (Delta - 1 / (2 b))^2                                    (averaged log-probs)
@@ -19,13 +20,15 @@ and sig the logistic function, the per-pair losses (spec: shared/papers/alignmen
   apo_zero      1 - sig(b rho_w) + sig(b rho_l)
   apo_down      sig(b rho_w) + 1 - sig(b Delta)
   discopop      (1 - m)(-log sig z) + m e^{-z},  z = b Delta, m = sig(z / tau)
-  rdpo          -log sig(b Delta - alpha (|y_w| - |y_l|))                (R-DPO)
+  rdpo          -(1 - eps) log sig(z) - eps log sig(-z),  z = b Delta - alpha (|y_w| - |y_l|)
+                (R-DPO; not in TRL: the paper's loss for eps = 0, smoothed as cdpo for eps > 0)
   sigmoid_norm  -log sig(b Delta)                                        (TRL; averaged log-probs)
   sft           -sum_b sum_t m log pi(y_w,t) / sum_b |y_w|                (TRL; one token mean per batch)
   dpop          -log sig(b (Delta - lambda max(0, -rho_w)))                (DPO-Positive, Smaug)
   beta_dpo      -log sig(b_batch Delta),  b_batch = b (1 + alpha (mean_batch Delta - M0))  (beta-DPO)
   npo           -(2 / b) log sig(-b rho_l)                                (NPO: the rejected side only)
-  simpo         -log sig(b (a_w - a_l) - gamma)                          (reference-free, averaged)
+  simpo         -(1 - eps) log sig(u) - eps log sig(-u),  u = b (a_w - a_l) - gamma  (ref-free, averaged;
+                label smoothing as TRL's CPOTrainer applies it, the paper's loss for eps = 0)
   orpo          -a_w - lambda log sig((a_w - a_l) - [log(1 - e^{a_w}) - log(1 - e^{a_l})])  (ref-free, averaged)
   cpo           -(1 - eps) log sig(b (lp_w - lp_l)) - eps log sig(-b (lp_w - lp_l)) + alpha_cpo * sft  (ref-free)
   slic          max(0, delta - lp_w + lp_l) - lambda_slic lp_w           (SLiC-HF, reference-free)
@@ -33,15 +36,16 @@ and sig the logistic function, the per-pair losses (spec: shared/papers/alignmen
 where a_* are length-averaged and lp_* summed policy log-probs. Every loss may add rpo_alpha
 times the chosen response's length-normalised NLL (RPO; Llama 3's DPO recipe). Losses are
 chosen by name from one registry (`LOSSES`) that also records which need a reference model,
-which use averaged log-probs, which accept an f-divergence and which sort the batch. KTO
-takes unpaired completions: `kto_loss`.
+which use averaged log-probs, which accept an f-divergence, which sort the batch and which
+read label_smoothing (eps). KTO takes unpaired completions: `kto_loss`.
 
 TRL 1.16's DPOConfig options are `PreferenceConfig` fields under TRL's names and act as TRL's
 DPOTrainer does: a tuple of losses with `loss_weights` (MPO), `ld_alpha` (LD-DPO),
 `f_divergence_type` (f-DPO), `use_weighting` (WPO) and the TR-DPO reference updates
 (`train.mix_reference`, `train.sync_reference`). Where TRL departs from a paper, the
-departure is said at the field or the loss. One departure from TRL is ours: `sigmoid`
-applies label_smoothing as cDPO, where TRL 1.16's sigmoid ignores it.
+departure is said at the field or the loss. TRL 1.16's sigmoid ignores label_smoothing; we
+refuse label_smoothing > 0 with `sigmoid` (and with any set of losses none of which reads it)
+rather than ignore it, and offer cDPO under its own name, `cdpo`.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.align.logprobs import SequenceLogProbs
+from paperjax.align.logprobs import SequenceLogProbs, check_sequence
 from paperjax.ops import checks
 
 log_sig = jax.nn.log_sigmoid
@@ -116,9 +120,14 @@ class PreferenceConfig:
   - ld_alpha (LD-DPO, arXiv 2409.06411): every reference-based loss reads
     log pi(y) = sum_{t <= n_s} lp_t + alpha sum_{t > n_s} lp_t for policy and reference, with
     t counting completion tokens and n_s = min(|y_w|, |y_l|) of the pair; lengths stay |y|.
-    Reference-free losses (sft, simpo, orpo, cpo, slic) read the plain sums. Needs per-token
-    log-probs (`logprobs.sequence_logprobs(..., per_token=True)`). We refuse alpha outside [0, 1]
+    Reference-free losses (sft, simpo, orpo, cpo, slic) read the plain sums, so ld_alpha with
+    only those is refused (it would have no effect). Needs per-token log-probs
+    (`logprobs.sequence_logprobs(..., per_token=True)`). We refuse alpha outside [0, 1]
     (TRL accepts it silently).
+  - label_smoothing (eps): read by robust, exo_pair, aot and aot_unpaired as in TRL's DPOTrainer,
+    by cpo and simpo as in TRL's CPOTrainer, and by our cdpo and rdpo (`LossSpec.smoothing`).
+    TRL's sigmoid ignores it: eps > 0 with sigmoid is refused (use cdpo), as is eps > 0 when
+    no loss of the config reads it.
   - f_divergence_type (f-DPO, arXiv 2309.16240): rho is replaced by TRL's shifted f'(pi/pi_ref),
     f'(1) = 0: forward_kl 1 - e^{-rho}; js_divergence log 2 + log sig(rho); alpha_divergence
     (e^{(c-1) rho} - 1) / (c - 1) with c = f_alpha_divergence_coef (the paper's alpha is 1 - c;
@@ -180,6 +189,24 @@ class PreferenceConfig:
       raise ValueError(f"label_smoothing: exo_pair needs 0 < eps < 1 (the EXO paper recommends 1e-3), got {eps}")
     if any(n != "exo_pair" for n in names) and not 0 <= eps < 0.5:
       raise ValueError(f"label_smoothing: expected 0 <= eps < 0.5, got {eps}")
+    if eps > 0 and "sigmoid" in names:
+      raise ValueError(
+        f"label_smoothing: TRL 1.16's sigmoid ignores label_smoothing (no cDPO), and we refuse a key rather "
+        f"than ignore it; for conservative DPO, -(1 - eps) log sig(b Delta) - eps log sig(-b Delta), use "
+        f"loss='cdpo'. Got label_smoothing={eps} with loss {self.loss!r}"
+      )
+    if eps > 0 and not any(LOSSES[n].smoothing for n in names):
+      readers = sorted(n for n, spec in LOSSES.items() if spec.smoothing and n not in ALIASES)
+      raise ValueError(
+        f"label_smoothing: none of loss {self.loss!r} reads it (as in TRL 1.16), so {eps} would have no "
+        f"effect; the losses that read it: {readers}"
+      )
+    if self.ld_alpha is not None and not any(LOSSES[n].reference for n in names):
+      raise ValueError(
+        f"ld_alpha: LD-DPO weights the log-probs of reference-based losses only, and loss {self.loss!r} is "
+        f"reference-free (it reads the plain sums, as TRL's sft does), so ld_alpha={self.ld_alpha} would have "
+        f"no effect; set ld_alpha=None or add a reference-based loss"
+      )
     if self.f_divergence_type != "reverse_kl":
       refused = [n for n in names if not LOSSES[n].f_divergence]
       if refused:
@@ -226,6 +253,7 @@ class LossSpec:
   averaged: bool  # reads length-averaged log-probs
   f_divergence: bool = False  # built on Delta alone: accepts a non-default f_divergence_type
   sorts: bool = False  # sorts over the batch: per-pair weights (WPO) would be misaligned
+  smoothing: bool = False  # reads label_smoothing (eps)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -234,10 +262,18 @@ ALIASES: dict[str, str] = {"aot_pair": "aot_unpaired"}
 
 
 def _register(
-  name: str, *, reference: bool = True, averaged: bool = False, f_divergence: bool = False, sorts: bool = False
+  name: str,
+  *,
+  reference: bool = True,
+  averaged: bool = False,
+  f_divergence: bool = False,
+  sorts: bool = False,
+  smoothing: bool = False,
 ):
   def add(fn):
-    LOSSES[name] = LossSpec(fn=fn, reference=reference, averaged=averaged, f_divergence=f_divergence, sorts=sorts)
+    LOSSES[name] = LossSpec(
+      fn=fn, reference=reference, averaged=averaged, f_divergence=f_divergence, sorts=sorts, smoothing=smoothing
+    )
     return fn
 
   return add
@@ -249,11 +285,17 @@ def _smoothed_sigmoid(logits_B: jax.Array, eps: float) -> jax.Array:
 
 @_register("sigmoid", f_divergence=True)
 def _sigmoid(t: Terms, c: PreferenceConfig):
-  # cDPO for eps > 0: TRL 1.16's sigmoid ignores label_smoothing.
+  # TRL 1.16's sigmoid: no label smoothing (PreferenceConfig refuses eps > 0 with it; cDPO is cdpo).
+  return -log_sig(c.beta * t.delta)
+
+
+@_register("cdpo", f_divergence=True, smoothing=True)
+def _cdpo(t: Terms, c: PreferenceConfig):
+  # Conservative DPO (Mitchell 2023): labels flipped with probability eps; not a TRL loss type.
   return _smoothed_sigmoid(c.beta * t.delta, c.label_smoothing)
 
 
-@_register("robust", f_divergence=True)
+@_register("robust", f_divergence=True, smoothing=True)
 def _robust(t, c):
   z, eps = c.beta * t.delta, c.label_smoothing
   return (-(1 - eps) * log_sig(z) + eps * log_sig(-z)) / (1 - 2 * eps)
@@ -269,7 +311,7 @@ def _ipo(t, c):
   return (t.delta - 1 / (2 * c.beta)) ** 2
 
 
-@_register("exo_pair", f_divergence=True)
+@_register("exo_pair", f_divergence=True, smoothing=True)
 def _exo_pair(t, c):
   z, eps = c.beta * t.delta, c.label_smoothing
   return sig(z) * (log_sig(z) - math.log(1 - eps)) + sig(-z) * (log_sig(-z) - math.log(eps))
@@ -291,7 +333,7 @@ def _sppo_hard(t, c):
   return (t.rho_w - 1 / (2 * c.beta)) ** 2 + (t.rho_l + 1 / (2 * c.beta)) ** 2
 
 
-@_register("aot_unpaired", sorts=True)
+@_register("aot_unpaired", sorts=True, smoothing=True)
 def _aot_unpaired(t, c):
   # TRL adds label smoothing to the paper's logistic loss.
   return _smoothed_sigmoid(c.beta * (jnp.sort(t.rho_w) - jnp.sort(t.rho_l)), c.label_smoothing)
@@ -300,7 +342,7 @@ def _aot_unpaired(t, c):
 LOSSES["aot_pair"] = LOSSES["aot_unpaired"]
 
 
-@_register("aot", sorts=True)
+@_register("aot", sorts=True, smoothing=True)
 def _aot(t, c):
   policy = jnp.sort(t.chosen_B - t.rejected_B)
   reference = jnp.sort(t.ref_chosen_B - t.ref_rejected_B)
@@ -324,8 +366,9 @@ def _discopop(t, c):
   return (1 - m) * -log_sig(z) + m * jnp.exp(-z)
 
 
-@_register("rdpo", f_divergence=True)  # the length term sits outside the log-ratios
+@_register("rdpo", f_divergence=True, smoothing=True)  # the length term sits outside the log-ratios
 def _rdpo(t, c):
+  # R-DPO is not a TRL loss type: the paper's loss for eps = 0, smoothed as cdpo for eps > 0.
   z = c.beta * t.delta - c.length_alpha * (t.chosen_len_B - t.rejected_len_B)
   return _smoothed_sigmoid(z, c.label_smoothing)
 
@@ -367,7 +410,7 @@ def _npo(t, c):
   return -(2 / c.beta) * log_sig(-c.beta * t.rho_l)
 
 
-@_register("simpo", reference=False, averaged=True)
+@_register("simpo", reference=False, averaged=True, smoothing=True)
 def _simpo(t, c):
   return _smoothed_sigmoid(c.beta * (t.chosen_B - t.rejected_B) - c.gamma, c.label_smoothing)
 
@@ -381,7 +424,7 @@ def _orpo(t, c):
   return -t.chosen_B - c.orpo_lambda * log_sig(log_odds)
 
 
-@_register("cpo", reference=False)
+@_register("cpo", reference=False, smoothing=True)
 def _cpo(t, c):
   # TRL's CPOTrainer: summed log-probs with label smoothing; its NLL is one token mean over the batch.
   return _smoothed_sigmoid(c.beta * (t.chosen_B - t.rejected_B), c.label_smoothing) + c.cpo_alpha * _batch_nll(t)
@@ -469,8 +512,8 @@ def preference_loss(lp: PairLogProbs, cfg: PreferenceConfig) -> tuple[jax.Array,
   (summed, as the losses read them), nll_chosen (length-normalised), and wpo_weight (mean
   pair weight) under use_weighting.
 
-  Value checks (log-probs finite and <= 0, counts >= 0) run on concrete inputs, or inside
-  `ops.checks.checked`.
+  Value checks (`logprobs.check_sequence`: log-probs finite and <= 0, counts finite and >= 0)
+  run on concrete inputs, or inside `ops.checks.checked`.
   """
   if not isinstance(cfg, PreferenceConfig):
     raise TypeError(f"cfg: expected a dpo.PreferenceConfig, got {type(cfg).__name__}")
@@ -585,7 +628,7 @@ def kto_loss(
       f"kl_policy, kl_reference: expected one shape, got {kl_policy.sum_B.shape}, {kl_reference.sum_B.shape}"
     )
   for name, s in parts.items():
-    _check_values(name, s)
+    check_sequence(name, s)
   z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_policy.sum_B - kl_reference.sum_B), 0.0))
   rho_B = policy.sum_B - reference.sum_B
   losses_B = jnp.where(
@@ -611,7 +654,7 @@ def _check(lp: PairLogProbs, cfg: PreferenceConfig) -> None:
     for name in ("chosen", "rejected"):
       needs[name] = tuple(dict.fromkeys((*needs[name], "token_BT", "log_sum_sq_BT")))
   for name, s in parts.items():
-    _check_values(f"lp.{name}", s)
+    check_sequence(f"lp.{name}", s)
     missing = [f for f in needs[name] if getattr(s, f) is None]
     if missing:
       why = " and ".join(
@@ -627,11 +670,3 @@ def _check(lp: PairLogProbs, cfg: PreferenceConfig) -> None:
       x = getattr(s, field)
       if x.ndim != 2 or x.shape[0] != s.sum_B.shape[0]:
         raise ValueError(f"lp.{name}.{field}: expected shape [B, T] with B = {s.sum_B.shape[0]}, got {x.shape}")
-
-
-def _check_values(name: str, s: SequenceLogProbs) -> None:
-  """Log-probs are finite and <= 0 (a positive one is a logit or a probability passed by
-  mistake), counts >= 0."""
-  checks.check_finite(f"{name}.sum_B", s.sum_B)
-  checks.check_in(f"{name}.sum_B", s.sum_B, -np.inf, 0, what="log-probs")
-  checks.check_in(f"{name}.count_B", s.count_B, 0, np.inf, what="token counts")

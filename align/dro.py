@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from paperjax.align.logprobs import SequenceLogProbs
+from paperjax.align.logprobs import SequenceLogProbs, check_sequence
 from paperjax.ops import checks
 
 
@@ -57,7 +56,7 @@ def dro_loss(
   log-probs get no gradient. Metrics: value_error (mean r - V - tau rho), rewards (mean r),
   values (mean V), log_ratio (mean rho).
 
-  Value checks (finite, log-probs <= 0, counts >= 0) run on concrete inputs, or inside
+  Value checks (finite, log-probs <= 0, counts >= 0: `logprobs.check_sequence`) run on concrete inputs, or inside
   `ops.checks.checked`."""
   if not isinstance(cfg, DROConfig):
     raise TypeError(f"cfg: expected a dro.DROConfig, got {type(cfg).__name__}")
@@ -76,8 +75,7 @@ def dro_loss(
   if len(set(shapes.values())) != 1 or len(rewards_B.shape) != 1:
     raise ValueError(f"policy, reference, rewards_B, values_B: expected one shape [B], got {shapes}")
   for name, s in (("policy", policy), ("reference", reference)):
-    checks.check_finite(f"{name}.sum_B", s.sum_B)
-    checks.check_in(f"{name}.sum_B", s.sum_B, -np.inf, 0, what="log-probs")
+    check_sequence(name, s)
   checks.check_finite("rewards_B", rewards_B)
   checks.check_finite("values_B", values_B)
   sg = jax.lax.stop_gradient

@@ -192,8 +192,10 @@ def listwise_loss(
   of strictly ordered pairs whose model score, s for LiPO and p otherwise, is ordered alike),
   logps (mean summed log-prob).
 
-  Shapes always; value checks (log-probs finite and <= 0, counts >= 0, scores finite) run on
-  concrete inputs, or inside `ops.checks.checked`, not under a plain jit."""
+  lp.reference must be given for lipo_lambda and None for the reference-free rrhf and pro.
+
+  Shapes always; value checks (log-probs finite and <= 0, counts finite and >= 0, scores finite)
+  run on concrete inputs, or inside `ops.checks.checked`, not under a plain jit."""
   if not isinstance(cfg, ListwiseConfig):
     raise TypeError(f"cfg: expected a listwise.ListwiseConfig, got {type(cfg).__name__}")
   if not isinstance(lp, ListwiseLogProbs):
@@ -201,6 +203,8 @@ def listwise_loss(
   spec = LOSSES[cfg.loss]
   if spec.reference and lp.reference is None:
     raise ValueError(f"lp: loss {cfg.loss!r} needs reference log-probs (lp.reference)")
+  if not spec.reference and lp.reference is not None:
+    raise ValueError(f"lp.reference: loss {cfg.loss!r} reads no reference log-probs; pass reference=None")
   shape = _check_logprobs("lp.policy", lp.policy)
   if spec.reference:
     assert lp.reference is not None
@@ -228,7 +232,7 @@ def listwise_loss(
 
 
 def _check_logprobs(name: str, s: Any) -> tuple[int, int]:
-  """(B, Y) of a ListLogProbs whose sums are finite and <= 0 and counts >= 0."""
+  """(B, Y) of a ListLogProbs whose sums are finite and <= 0 and counts finite and >= 0."""
   if not isinstance(s, ListLogProbs):
     raise TypeError(f"{name}: expected a listwise.ListLogProbs, got {type(s).__name__}")
   for field in ("sum_BY", "count_BY"):
@@ -240,10 +244,7 @@ def _check_logprobs(name: str, s: Any) -> tuple[int, int]:
     raise ValueError(f"{name}.count_BY: expected shape {tuple(s.sum_BY.shape)} like sum_BY, got {s.count_BY.shape}")
   if s.sum_BY.shape[1] < 2:
     raise ValueError(f"{name}.sum_BY: expected Y >= 2 completions per prompt, got shape {tuple(s.sum_BY.shape)}")
-  checks.check_finite(f"{name}.sum_BY", s.sum_BY)
-  # A positive log-prob is a logit or a probability passed by mistake.
-  checks.check_in(f"{name}.sum_BY", s.sum_BY, -np.inf, 0, what="log-probs")
-  checks.check_in(f"{name}.count_BY", s.count_BY, 0, np.inf, what="token counts")
+  logprobs.check_sequence(name, s, fields=("sum_BY", "count_BY"))
   return (int(s.sum_BY.shape[0]), int(s.sum_BY.shape[1]))
 
 
@@ -264,7 +265,7 @@ def check_scores(scores_BY: Any, shape: tuple[int, int]) -> jax.Array:
 def check_batch(batch: ListwiseBatch, vocab_size: int) -> None:
   """Raises unless `batch` is a ListwiseBatch of one [B, Y, T] grid (Y >= 2) whose ids are in
   [0, vocab_size), lengths in 1 .. T, prompt lengths in 1 .. each row's length, masks bool and
-  False at position 0 and past each row's length, scores float and finite. Shapes always;
+  False in the prompt (so at position 0) and past each row's length, scores float and finite. Shapes always;
   values when concrete (the step checks on the host before its jitted core)."""
   if not isinstance(batch, ListwiseBatch):
     raise TypeError(f"batch: expected an align.data.ListwiseBatch, got {type(batch).__name__}")
@@ -290,11 +291,13 @@ def check_batch(batch: ListwiseBatch, vocab_size: int) -> None:
   checks.check_values(
     "batch.lengths_BY", lengths_BY - prompts_B[:, None], lambda v: v < 0, "lengths >= the prompt's length"
   )
-  # True at position 0 (no prediction) or past the row's length (padding) would score a token
-  # that is not part of the completion.
+  # True in the prompt (position 0, which has no prediction, included) or past the row's length
+  # (padding) would score a token that is not part of the completion.
   slots_T = xp.arange(t)
-  scored = mask_BYT & ((slots_T >= lengths_BY[:, :, None]) | (slots_T == 0))
-  checks.check_values("batch.mask_BYT", scored, lambda v: v, "False at position 0 and past each row's length")
+  scored = mask_BYT & ((slots_T >= lengths_BY[:, :, None]) | (slots_T < prompts_B[:, None, None]))
+  checks.check_values(
+    "batch.mask_BYT", scored, lambda v: v, "False at position 0, in the prompt and past each row's length"
+  )
   scores = batch.scores_BY
   checks.check_array("batch.scores_BY", scores, 2, shape=f"[{b}, {y}]")
   if not jnp.issubdtype(scores.dtype, jnp.floating):
@@ -328,7 +331,7 @@ def reference_logprobs(ref_params: Any, cfg: Any, batch: ListwiseBatch) -> ListL
 
 def check_reference(reference: Any, shape: tuple[int, int], *, loss: str = "") -> None:
   """Raises unless `reference` is a ListLogProbs of shape [B, Y] = shape (what
-  `reference_logprobs` returns), log-probs finite and <= 0, counts >= 0 (values when concrete)."""
+  `reference_logprobs` returns), log-probs finite and <= 0, counts finite and >= 0 (values when concrete)."""
   if not isinstance(reference, ListLogProbs):
     for_loss = f" (loss {loss!r} compares against a frozen reference)" if loss else ""
     raise TypeError(
@@ -342,7 +345,8 @@ def check_reference(reference: Any, shape: tuple[int, int], *, loss: str = "") -
 def make_listwise_step(cfg: Any, tcfg: train.TrainConfig, lcfg: ListwiseConfig) -> Callable:
   """(state, ListwiseBatch, reference ListLogProbs or None) -> (state, metrics) minimising
   `listwise_loss`. The batch (`check_batch`) and the reference (`check_reference`; None for a
-  reference-free loss) are checked on the host before the jitted step (`step.jitted`) runs."""
+  reference-free loss, which refuses one) are checked on the host before the jitted step
+  (`step.jitted`) runs."""
   if not isinstance(lcfg, ListwiseConfig):
     raise TypeError(f"lcfg: expected a listwise.ListwiseConfig, got {type(lcfg).__name__}")
   needs_reference = LOSSES[lcfg.loss].reference
@@ -353,13 +357,18 @@ def make_listwise_step(cfg: Any, tcfg: train.TrainConfig, lcfg: ListwiseConfig) 
 
   def check_args(batch: ListwiseBatch, reference=None) -> None:
     check_batch(batch, cfg.vocab_size)
-    if needs_reference or reference is not None:
+    if needs_reference:
       check_reference(reference, tuple(np.shape(batch.scores_BY)), loss=lcfg.loss)
+    elif reference is not None:
+      raise ValueError(
+        f"reference: loss {lcfg.loss!r} reads no reference log-probs (it is reference-free), got "
+        f"{type(reference).__name__}; pass reference=None"
+      )
 
   step = train.make_step(loss_fn, tcfg, check_args=check_args)
 
   def listwise_step(state: train.TrainState, batch: ListwiseBatch, reference: ListLogProbs | None = None):
-    return step(state, batch, reference if needs_reference else None)
+    return step(state, batch, reference)
 
   listwise_step.jitted = step.jitted  # type: ignore[attr-defined]
   return listwise_step

@@ -22,10 +22,38 @@ from paperjax.models import protocol
 from paperjax.ops import checks
 
 
-def _check_logits(logits_BTV: jax.Array) -> None:
-  checks.check_array("logits_BTV", logits_BTV, 3, shape="[B, T, V]")
+def check_logits(logits_BTV: Any, name: str = "logits_BTV") -> None:
+  """Raises unless logits_BTV is a floating array [B, T, V] (`name` in the message)."""
+  checks.check_array(name, logits_BTV, 3, shape="[B, T, V]")
   if not jnp.issubdtype(logits_BTV.dtype, jnp.floating):
-    raise TypeError(f"logits_BTV: expected a floating dtype, got {logits_BTV.dtype}")
+    raise TypeError(f"{name}: expected a floating dtype, got {logits_BTV.dtype}")
+
+
+def check_mask(name: str, mask_BT: Any, shape: Sequence[int], *, position_0: bool = False) -> None:
+  """Raises unless mask_BT is a bool array [B, T] of the tokens' `shape`; with position_0, also
+  unless it is False at position 0 (no logits predict token 0). Values when concrete."""
+  checks.check_array(name, mask_BT, 2, shape="[B, T]")
+  if mask_BT.dtype != np.bool_:
+    raise TypeError(f"{name}: expected a bool mask (True at completion tokens), got {mask_BT.dtype}")
+  if tuple(mask_BT.shape) != tuple(shape):
+    raise ValueError(f"{name}: expected shape {tuple(shape)} like the tokens, got {tuple(mask_BT.shape)}")
+  if position_0:
+    checks.check_values(
+      name, mask_BT[:, 0], lambda v: v, "False at position 0 (it has no prediction: the prompt must come first)"
+    )
+
+
+def check_sequence(name: str, s: Any, *, fields: tuple[str, str] = ("sum_B", "count_B")) -> None:
+  """Raises unless the summed log-probs of `s` (a SequenceLogProbs; `fields` names the sum and
+  count fields of another such tuple, e.g. listwise.ListLogProbs's ("sum_BY", "count_BY")) are
+  finite and <= 0 (a positive one is a logit or a probability passed by mistake) and its token
+  counts finite and >= 0. Messages name `name`.field. Values when concrete, or inside
+  `ops.checks.checked`."""
+  total, count = (getattr(s, f) for f in fields)
+  checks.check_finite(f"{name}.{fields[0]}", total)
+  checks.check_in(f"{name}.{fields[0]}", total, -np.inf, 0, what="log-probs")
+  checks.check_finite(f"{name}.{fields[1]}", count)
+  checks.check_in(f"{name}.{fields[1]}", count, 0, np.inf, what="token counts")
 
 
 class SequenceLogProbs(NamedTuple):
@@ -48,12 +76,22 @@ def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
   """lp[b, t] = log softmax(logits[b, t - 1])[tokens[b, t]] for t >= 1, lp[b, 0] = 0 (float32).
 
   Value checks (ids in [0, V)) run on concrete inputs, or inside `ops.checks.checked`."""
-  _check_logits(logits_BTV)
+  return _pick(_checked_log_softmax(logits_BTV, tokens_BT), tokens_BT)
+
+
+def _checked_log_softmax(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """log softmax of logits 0 .. T - 2 (float32 [B, T - 1, V]), the ones that score tokens 1 .. T - 1,
+  after checking logits_BTV and tokens_BT (ids in [0, V) when concrete)."""
+  check_logits(logits_BTV)
   checks.check_array("tokens_BT", tokens_BT, 2, integer=True, shape="[B, T]")
   if logits_BTV.shape[:2] != tokens_BT.shape:
     raise ValueError(f"tokens_BT: expected shape {logits_BTV.shape[:2]}, got {tokens_BT.shape}")
   checks.check_tokens(tokens_BT, logits_BTV.shape[2])
-  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+  return jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+
+
+def _pick(logp_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """lp[b, t] = logp[b, t - 1, tokens[b, t]] for t >= 1, lp[b, 0] = 0."""
   picked = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
@@ -95,20 +133,15 @@ def sequence_logprobs(
 
   Value checks (ids in [0, V), mask False at position 0) run on concrete inputs, or inside
   `ops.checks.checked`."""
-  checks.check_array("mask_BT", mask_BT, 2, shape="[B, T]")
-  if mask_BT.shape != tokens_BT.shape:
-    raise ValueError(f"mask_BT: expected shape {tokens_BT.shape}, got {mask_BT.shape}")
-  if mask_BT.dtype != jnp.bool_:
-    raise TypeError(f"mask_BT: expected a bool mask (True at completion tokens), got {mask_BT.dtype}")
-  checks.check_values(
-    "mask_BT", mask_BT[:, 0], lambda v: v, "False at position 0 (it has no prediction: the prompt must come first)"
-  )
+  checks.check_array("tokens_BT", tokens_BT, 2, integer=True, shape="[B, T]")
+  check_mask("mask_BT", mask_BT, tokens_BT.shape, position_0=True)
   mask = mask_BT.astype(jnp.float32)
-  token_BT = token_logprobs(logits_BTV, tokens_BT) * mask
   if not per_token:
+    token_BT = token_logprobs(logits_BTV, tokens_BT) * mask
     return SequenceLogProbs(jnp.sum(token_BT, axis=1), mask.sum(axis=1))
+  logp_BTV = _checked_log_softmax(logits_BTV, tokens_BT)
+  token_BT = _pick(logp_BTV, tokens_BT) * mask
   # log sum_v p_v^2 = logsumexp(2 log p): logits t - 1 score token t, as in token_logprobs.
-  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
   log_sum_sq_BT = jnp.pad(jax.nn.logsumexp(2 * logp_BTV, axis=-1), ((0, 0), (1, 0))) * mask
   return SequenceLogProbs(jnp.sum(token_BT, axis=1), mask.sum(axis=1), token_BT, mask, log_sum_sq_BT)
 

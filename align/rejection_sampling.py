@@ -324,7 +324,10 @@ def _rso_accept(key, rewards_BY, valid_BY, beta, num_samples):
     need_B = num_samples - jnp.sum(round_BY >= 0, axis=1)
     top_B = jnp.max(jnp.where(remaining_BY, r_BY, -jnp.inf), axis=1, keepdims=True)
     u_BY = jax.random.uniform(jax.random.fold_in(pass_key, i), (batch, width))
-    passes_BY = remaining_BY & (u_BY < jnp.exp(jnp.where(remaining_BY, r_BY - top_B, 0.0) / beta))
+    # The best remaining sample gets exp(0) whatever beta: a beta that rounds (or flushes) to 0 in
+    # float32 would make its (r - r_max) / beta = 0 / 0 = NaN and accept nothing.
+    log_p_BY = jnp.where(remaining_BY & (r_BY < top_B), (r_BY - top_B) / beta, 0.0)
+    passes_BY = remaining_BY & (u_BY < jnp.exp(log_p_BY))
     take_BY = passes_BY & (jnp.cumsum(passes_BY, axis=1) <= need_B[:, None])
     return remaining_BY & ~take_BY, jnp.where(take_BY, i, round_BY)
 

@@ -78,26 +78,9 @@ class TokenTerms(NamedTuple):
   count_B: jax.Array  # kept tokens
 
 
-def _check_logits(name: str, logits_BTV: Any) -> None:
-  checks.check_array(name, logits_BTV, 3, shape="[B, T, V]")
-  if not jnp.issubdtype(logits_BTV.dtype, jnp.floating):
-    raise TypeError(f"{name}: expected a floating dtype, got {logits_BTV.dtype}")
-
-
-def _check_mask(mask_BT: Any, shape: tuple[int, ...]) -> None:
-  checks.check_array("mask_BT", mask_BT, 2, shape="[B, T]")
-  if mask_BT.dtype != jnp.bool_:
-    raise TypeError(f"mask_BT: expected a bool mask (True at completion tokens), got {mask_BT.dtype}")
-  if tuple(mask_BT.shape) != tuple(shape):
-    raise ValueError(f"mask_BT: expected shape {tuple(shape)} like the tokens, got {tuple(mask_BT.shape)}")
-  checks.check_values(
-    "mask_BT", mask_BT[:, 0], lambda v: v, "False at position 0 (it has no prediction: the prompt must come first)"
-  )
-
-
 def _check_pair_logits(policy_logits_BTV: Any, ref_logits_BTV: Any) -> None:
-  _check_logits("policy_logits_BTV", policy_logits_BTV)
-  _check_logits("ref_logits_BTV", ref_logits_BTV)
+  logprobs.check_logits(policy_logits_BTV, "policy_logits_BTV")
+  logprobs.check_logits(ref_logits_BTV, "ref_logits_BTV")
   if policy_logits_BTV.shape != ref_logits_BTV.shape:
     raise ValueError(
       f"ref_logits_BTV: expected shape {tuple(policy_logits_BTV.shape)} like policy_logits_BTV, "
@@ -121,7 +104,7 @@ def sequential_kl(policy_logits_BTV: jax.Array, ref_logits_BTV: jax.Array, mask_
 
   Value checks (mask False at position 0) run on concrete inputs, or inside `ops.checks.checked`."""
   _check_pair_logits(policy_logits_BTV, ref_logits_BTV)
-  _check_mask(mask_BT, policy_logits_BTV.shape[:2])
+  logprobs.check_mask("mask_BT", mask_BT, policy_logits_BTV.shape[:2], position_0=True)
   return jnp.sum(_kl_BT(policy_logits_BTV, ref_logits_BTV) * mask_BT, axis=1)
 
 
@@ -134,7 +117,7 @@ def token_terms(
   Value checks (ids in [0, V), mask False at position 0) run on concrete inputs, or inside
   `ops.checks.checked`."""
   _check_pair_logits(policy_logits_BTV, ref_logits_BTV)
-  _check_mask(mask_BT, policy_logits_BTV.shape[:2])
+  logprobs.check_mask("mask_BT", mask_BT, policy_logits_BTV.shape[:2], position_0=True)
   mask = mask_BT.astype(jnp.float32)
   lp_BT = logprobs.token_logprobs(policy_logits_BTV, tokens_BT)
   ref_lp_BT = logprobs.token_logprobs(ref_logits_BTV, tokens_BT)
@@ -259,7 +242,7 @@ def cringe_positives(key: jax.Array, logits_BTV: jax.Array, tokens_BT: jax.Array
   (k + 1)-th when token t is not among them); -1 at t = 0, which has no prediction.
 
   Value checks (ids in [0, V)) run on concrete inputs, or inside `ops.checks.checked`."""
-  _check_logits("logits_BTV", logits_BTV)
+  logprobs.check_logits(logits_BTV)
   _check_tokens_like(logits_BTV, tokens_BT)
   k = checks.check_int("k", k, 1)
   vocab = logits_BTV.shape[2]
@@ -295,9 +278,9 @@ def cringe_loss(
   `ops.checks.checked`."""
   if not isinstance(cfg, CringeConfig):
     raise TypeError(f"cfg: expected a token_level.CringeConfig, got {type(cfg).__name__}")
-  _check_logits("logits_BTV", logits_BTV)
+  logprobs.check_logits(logits_BTV)
   _check_tokens_like(logits_BTV, tokens_BT)
-  _check_mask(mask_BT, tokens_BT.shape)
+  logprobs.check_mask("mask_BT", mask_BT, tokens_BT.shape, position_0=True)
   if not hasattr(desirable_B, "dtype") or desirable_B.dtype != jnp.bool_:
     # Labels of +-1 or 0/1 floats would pass through jnp.where as "desirable" wherever nonzero.
     raise TypeError(

@@ -27,7 +27,7 @@ def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> lm.Batch
   """A next-token `lm.Batch` whose loss counts completion tokens only."""
   checks.check_array("tokens_BT", tokens_BT, 2, integer=True, shape="[B, T]")
   checks.check_array("completion_mask_BT", completion_mask_BT, 2, shape="[B, T]")
-  _check_mask("completion_mask_BT", completion_mask_BT, tokens_BT.shape)
+  logprobs.check_mask("completion_mask_BT", completion_mask_BT, tokens_BT.shape)
   if tokens_BT.shape[1] < 2:
     raise ValueError(f"tokens_BT: expected T >= 2 (inputs and next-token targets), got shape {tokens_BT.shape}")
   checks.check_values(
@@ -45,9 +45,10 @@ def sft_batch(tokens_BT: np.ndarray, completion_mask_BT: np.ndarray) -> lm.Batch
 
 def check_batch(batch: PreferenceBatch, vocab_size: int) -> None:
   """Raises unless `batch` is a PreferenceBatch of one batch size whose ids are in [0, vocab_size),
-  lengths in 1 .. T, masks bool, False at position 0 and past each row's length, and margins
-  finite. Shapes always; values when concrete (the steps check on the host before the jitted
-  step, so a bad batch raises instead of being clamped or gathered out of range)."""
+  lengths and prompt lengths in 1 .. T, masks bool, False in the prompt (so at position 0) and
+  past each row's length, and margins finite. Shapes always; values when concrete (the steps
+  check on the host before the jitted step, so a bad batch raises instead of being clamped or
+  gathered out of range)."""
   if not isinstance(batch, PreferenceBatch):
     raise TypeError(f"batch: expected an align.data.PreferenceBatch, got {type(batch).__name__}")
   size = np.shape(batch.chosen_BT)[0] if np.ndim(batch.chosen_BT) == 2 else None
@@ -57,16 +58,19 @@ def check_batch(batch: PreferenceBatch, vocab_size: int) -> None:
     rows, time = tokens.shape
     if rows != size:
       raise ValueError(f"batch.{side}_BT: expected {size} rows like batch.chosen_BT, got shape {tokens.shape}")
+    if side == "chosen":
+      prompts = checks.check_lengths(batch.prompt_lengths_B, rows, time, name="batch.prompt_lengths_B")
     lengths = checks.check_lengths(getattr(batch, f"{side}_lengths_B"), rows, time, name=f"batch.{side}_lengths_B")
     mask = getattr(batch, f"{side}_mask_BT")
-    _check_mask(f"batch.{side}_mask_BT", mask, tokens.shape)
-    # True at position 0 (no prediction) or past the row's length (padding) would score a token
-    # that is not part of the completion.
-    xp, (mask_BT, lengths_B) = checks.on_host(mask, lengths)
+    logprobs.check_mask(f"batch.{side}_mask_BT", mask, tokens.shape)
+    # True in the prompt (position 0, which has no prediction, included) or past the row's length
+    # (padding) would score a token that is not part of the completion.
+    xp, (mask_BT, lengths_B, prompts_B) = checks.on_host(mask, lengths, prompts)
     slots_T = xp.arange(time)
-    scored = mask_BT & ((slots_T[None, :] >= lengths_B[:, None]) | (slots_T[None, :] == 0))
-    checks.check_values(f"batch.{side}_mask_BT", scored, lambda v: v, "False at position 0 and past each row's length")
-  checks.check_lengths(batch.prompt_lengths_B, size or 0, np.shape(batch.chosen_BT)[1], name="batch.prompt_lengths_B")
+    scored = mask_BT & ((slots_T[None, :] >= lengths_B[:, None]) | (slots_T[None, :] < prompts_B[:, None]))
+    checks.check_values(
+      f"batch.{side}_mask_BT", scored, lambda v: v, "False in the prompt, at position 0 and past each row's length"
+    )
   margin = batch.margin_B
   checks.check_array("batch.margin_B", margin, 1, shape=f"[{size}]")
   if not jnp.issubdtype(margin.dtype, jnp.floating):  # jnp: numpy does not count ml_dtypes' bfloat16
@@ -74,14 +78,6 @@ def check_batch(batch: PreferenceBatch, vocab_size: int) -> None:
   if margin.shape != (size,):
     raise ValueError(f"batch.margin_B: expected shape ({size},), got {tuple(margin.shape)}")
   checks.check_finite("batch.margin_B", margin)
-
-
-def _check_mask(name: str, mask, shape) -> None:
-  checks.check_array(name, mask, 2, shape="[B, T]")
-  if mask.dtype != np.bool_:
-    raise TypeError(f"{name}: expected a bool mask (True at completion tokens), got {mask.dtype}")
-  if tuple(mask.shape) != tuple(shape):
-    raise ValueError(f"{name}: expected shape {tuple(shape)} like the tokens, got {tuple(mask.shape)}")
 
 
 def make_reward_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, *, centering: float = 0.0) -> Callable:
@@ -137,7 +133,9 @@ def make_preference_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, pcfg: 
   def check_args(batch: PreferenceBatch, reference) -> None:
     check_batch(batch, cfg.vocab_size)
     absent = reference is None or (isinstance(reference, tuple) and all(r is None for r in reference))
-    if needs_reference or not absent:
+    if not needs_reference and not absent:
+      raise ValueError(f"reference: loss {pcfg.loss!r} reads no reference log-probs (they would be ignored); pass None")
+    if needs_reference:
       per_token = pcfg.ld_alpha is not None and needs_reference
       check_reference(reference, np.shape(batch.chosen_BT)[0], loss=str(pcfg.loss), per_token=per_token)
 
@@ -146,7 +144,7 @@ def make_preference_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, pcfg: 
 
 def check_reference(reference, batch: int, *, loss: str = "", per_token: bool = False) -> None:
   """Raises unless `reference` is a (chosen, rejected) pair of `logprobs.SequenceLogProbs`
-  (what `reference_logprobs` returns) of shape [batch], log-probs finite and <= 0, counts >= 0,
+  (what `reference_logprobs` returns) of shape [batch], log-probs finite and <= 0, counts finite and >= 0,
   and, with per_token (ld_alpha), per-token fields token_BT and mask_BT of B = batch rows.
   Shapes always; values when concrete."""
   if not isinstance(reference, (tuple, list)) or len(reference) != 2:
@@ -167,10 +165,7 @@ def check_reference(reference, batch: int, *, loss: str = "", per_token: bool = 
         raise TypeError(f"{name}.{field}: expected floats, got {x.dtype}")
       if tuple(x.shape) != (batch,):
         raise ValueError(f"{name}.{field}: expected shape ({batch},) like the batch, got {tuple(x.shape)}")
-      checks.check_finite(f"{name}.{field}", x)
-    # A positive log-prob is a logit or a probability passed by mistake.
-    checks.check_in(f"{name}.sum_B", s.sum_B, -np.inf, 0, what="log-probs")
-    checks.check_in(f"{name}.count_B", s.count_B, 0, np.inf, what="token counts")
+    logprobs.check_sequence(name, s)
     for field in ("token_BT", "mask_BT") if per_token else ():
       x = getattr(s, field)
       if x is None:
@@ -230,13 +225,22 @@ def sync_reference(ref_params, state: train.TrainState, pcfg: dpo.PreferenceConf
 
 
 def kto_mismatched(batch: UnpairedBatch) -> UnpairedBatch:
-  """KTO's KL rows: prompt i with the completion of row (i + 1) mod B (the mismatched pairs
-  TRL's KTOTrainer scores for the reference point z), right-padded; masks follow the completion."""
+  """KTO's KL rows: prompt i with the completion of row (i - 1) mod B, as TRL 1.16's KTOTrainer
+  rotates them ((x_1, y_B), (x_2, y_1), ..., (x_B, y_{B-1})) for the reference point z,
+  right-padded; masks follow the completion. B must be >= 2 (TRL refuses 1 too: each prompt
+  would keep its own completion and z would be the implied reward)."""
+  if not isinstance(batch, UnpairedBatch):
+    raise TypeError(f"batch: expected an align.data.UnpairedBatch, got {type(batch).__name__}")
   tokens, mask = np.asarray(batch.tokens_BT), np.asarray(batch.mask_BT)
   lengths, prompt_lengths = np.asarray(batch.lengths_B), np.asarray(batch.prompt_lengths_B)
+  if tokens.ndim != 2 or len(tokens) < 2:
+    raise ValueError(
+      f"batch.tokens_BT: expected [B, T] with B >= 2 (KTO's KL rows pair each prompt with another row's "
+      f"completion), got shape {tokens.shape}"
+    )
   rows, masks = [], []
   for i in range(len(tokens)):
-    j = (i + 1) % len(tokens)
+    j = (i - 1) % len(tokens)
     completion = slice(int(prompt_lengths[j]), int(lengths[j]))
     rows.append(np.concatenate([tokens[i, : prompt_lengths[i]], tokens[j, completion]]))
     masks.append(np.concatenate([np.zeros(prompt_lengths[i], bool), mask[j, completion]]))
@@ -261,7 +265,7 @@ def check_unpaired(batch: UnpairedBatch, vocab_size: int) -> None:
   lengths = checks.check_lengths(batch.lengths_B, rows, time, name="batch.lengths_B")
   prompts = checks.check_lengths(batch.prompt_lengths_B, rows, time, name="batch.prompt_lengths_B")
   checks.check_in("batch.lengths_B", lengths - prompts, 0, time, what="lengths - prompt_lengths_B")
-  _check_mask("batch.mask_BT", batch.mask_BT, (rows, time))
+  logprobs.check_mask("batch.mask_BT", batch.mask_BT, (rows, time))
   xp, (mask_BT, lengths_B, prompts_B) = checks.on_host(batch.mask_BT, lengths, prompts)
   slots_T = xp.arange(time)
   outside = mask_BT & ((slots_T[None, :] >= lengths_B[:, None]) | (slots_T[None, :] < prompts_B[:, None]))
@@ -299,8 +303,9 @@ def make_kto_step(
   undesirable_weight: float = 1.0,
 ) -> Callable:
   """(state, UnpairedBatch, reference from `kto_reference_logprobs`) -> (state, metrics)
-  minimising `dpo.kto_loss`, with z from the mismatched rows (`kto_mismatched`). The batch is
-  checked on the host before the jitted step; the loss's arguments are checked now."""
+  minimising `dpo.kto_loss`, with z from the mismatched rows (`kto_mismatched`). The batch
+  (`check_unpaired`, before its mismatched rows are built) and the reference are checked on
+  the host before the jitted step; the loss's arguments are checked now."""
   probe = logprobs.SequenceLogProbs(jnp.zeros(1), jnp.ones(1))
   weights = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
   dpo.kto_loss(probe, probe, jnp.ones(1, bool), probe, probe, **weights)  # refuses bad weights now
@@ -310,19 +315,19 @@ def make_kto_step(
     return dpo.kto_loss(policy, reference[0], jnp.asarray(batch.label_B), kl_policy, reference[1], **weights)
 
   def check_args(batch: UnpairedBatch, mismatched: UnpairedBatch, reference) -> None:
-    check_unpaired(batch, cfg.vocab_size)
+    # kto_step has checked the batch (check_unpaired) before building the mismatched rows.
     rows = np.shape(batch.tokens_BT)[0]
     if not isinstance(reference, tuple) or len(reference) != 2:
       raise TypeError(f"reference: expected the pair kto_reference_logprobs returns, got {type(reference).__name__}")
     for name, s in zip(("reference[0]", "reference[1]"), reference):
       if not isinstance(s, logprobs.SequenceLogProbs) or tuple(s.sum_B.shape) != (rows,):
         raise ValueError(f"{name}: expected logprobs.SequenceLogProbs of shape ({rows},) like the batch, got {s!r:.80}")
-      checks.check_finite(f"{name}.sum_B", s.sum_B)
-      checks.check_in(f"{name}.sum_B", s.sum_B, -np.inf, 0, what="log-probs")
+      logprobs.check_sequence(name, s)
 
   step = train.make_step(loss_fn, tcfg, check_args=check_args)
 
   def kto_step(state: train.TrainState, batch: UnpairedBatch, reference):
+    check_unpaired(batch, cfg.vocab_size)  # first: kto_mismatched indexes by the batch's lengths
     return step(state, batch, kto_mismatched(batch), reference)
 
   kto_step.jitted = step.jitted  # type: ignore[attr-defined]

@@ -29,6 +29,14 @@ TCFG = train.TrainConfig(batch_size=1, total_steps=2, warmup_steps=1)
 HEAD_ONLY = {"model": {}, "head": {"w": np.zeros(8, np.float32), "b": np.zeros((), np.float32)}}
 # One pair: prompt BOS 5 SEP, chosen 4 EOS, rejected 6 EOS (T = 5, completion tokens 3 and 4).
 PAIR = data.from_token_arrays(np.array([[1, 5, 2]]), np.array([[4, 3]]), np.array([[6, 3]]))
+# Two unpaired rows (KTO needs B >= 2): prompt BOS 5 SEP, completions 4 EOS and 6 EOS.
+UNPAIRED = data.UnpairedBatch(
+  np.array([[1, 5, 2, 4, 3], [1, 5, 2, 6, 3]], np.int32),
+  np.array([[0, 0, 0, 1, 1]] * 2, bool),
+  np.array([5, 5], np.int32),
+  np.array([3, 3], np.int32),
+  np.array([True, False]),
+)
 
 
 def _logits(batch=1, time=3, vocab=8) -> np.ndarray:
@@ -377,8 +385,39 @@ CASES = [
   pytest.param(
     lambda: align_train.check_batch(PAIR._replace(chosen_lengths_B=np.array([4], np.int32)), 8),
     ValueError,
-    r"batch.chosen_mask_BT: expected False at position 0 and past each row's length, got \[True\] at index \[\(0, 4",
+    r"batch.chosen_mask_BT: expected False in the prompt, at position 0 and past each row's length, got \[True\] "
+    r"at index \[\(0, 4",
     id="batch-mask-past-length",
+  ),
+  pytest.param(
+    lambda: align_train.check_batch(PAIR._replace(rejected_mask_BT=PAIR.rejected_mask_BT | (np.arange(5) == 2)), 8),
+    ValueError,
+    r"batch.rejected_mask_BT: expected False in the prompt, .*got \[True\] at index \[\(0, 2\)\]",
+    id="batch-mask-in-prompt",
+  ),
+  pytest.param(
+    lambda: align_train.check_batch(PAIR._replace(prompt_lengths_B=np.array([6], np.int32)), 8),
+    ValueError,
+    r"batch.prompt_lengths_B: expected lengths in \[1, 5\], got \[6\]",
+    id="batch-prompt-length-6",
+  ),
+  pytest.param(
+    lambda: align_train.make_kto_step(MODEL, TCFG)(None, UNPAIRED._replace(prompt_lengths_B=np.array([-1, 3])), None),
+    ValueError,
+    r"batch.prompt_lengths_B: expected lengths in \[1, 5\], got \[-1\]",
+    id="kto-step-negative-prompt-length",
+  ),
+  pytest.param(
+    lambda: align_train.make_kto_step(MODEL, TCFG)(None, UNPAIRED._replace(lengths_B=np.array([9, 5])), None),
+    ValueError,
+    r"batch.lengths_B: expected lengths in \[1, 5\], got \[9\]",
+    id="kto-step-length-past-t",
+  ),
+  pytest.param(
+    lambda: align_train.make_kto_step(MODEL, TCFG)(None, UNPAIRED, (_seq([-1.0, -2.0]), _seq([-1.0, -2.0], [1, -1]))),
+    ValueError,
+    r"reference\[1\].count_B: expected token counts in \[0, inf\], got \[-1.0\]",
+    id="kto-step-reference-negative-count",
   ),
   pytest.param(
     lambda: align_train.check_batch(PAIR._replace(margin_B=np.array([NAN], np.float32)), 8),
@@ -444,6 +483,12 @@ CASES = [
     id="preference-step-reference-nan",
   ),
   pytest.param(
+    lambda: _preference_step()(None, PAIR, (_seq([-1.0], [-2.0]), _seq([-1.0]))),
+    ValueError,
+    r"reference.chosen.count_B: expected token counts in \[0, inf\], got \[-2.0\]",
+    id="preference-step-reference-negative-count",
+  ),
+  pytest.param(
     lambda: _preference_step()(None, PAIR, (_seq([-1.0, -2.0]), _seq([-1.0, -2.0]))),
     ValueError,
     r"reference.chosen.sum_B: expected shape \(1,\) like the batch, got \(2,\)",
@@ -486,6 +531,7 @@ def test_the_batch_this_file_corrupts_is_valid():
   # Each batch case changes one field of PAIR: PAIR itself passes.
   align_train.check_batch(PAIR, 8)
   assert PAIR.chosen_mask_BT.tolist() == [[False, False, False, True, True]]
+  align_train.check_unpaired(UNPAIRED, 8)
 
 
 def test_batch_takes_bfloat16_margins():

@@ -34,7 +34,9 @@ def slow(name, w, l, rw, rl, nw, nl, b, eps, c):
   d = rho_w - rho_l
   aw, al = _avg(w, nw), _avg(l, nl)
   d_avg = (aw - _avg(rw, nw)) - (al - _avg(rl, nl))
-  if name == "sigmoid":
+  if name == "sigmoid":  # TRL 1.16's: no label smoothing (the config refuses eps > 0)
+    return -ls(b * d)
+  if name == "cdpo":  # conservative DPO
     return -(1 - eps) * ls(b * d) - eps * ls(-b * d)
   if name == "robust":
     return (-(1 - eps) * ls(b * d) + eps * ls(-b * d)) / (1 - 2 * eps)
@@ -101,7 +103,7 @@ def _pair(w, l, rw, rl, nw, nl):
 
 
 def _config(name, **kw):
-  eps = 0.1 if name in ("sigmoid", "robust", "exo_pair", "rdpo", "simpo", "cpo") else 0.0
+  eps = 0.1 if dpo.LOSSES[name].smoothing else 0.0
   return dpo.PreferenceConfig(loss=name, beta=0.7, label_smoothing=eps, length_alpha=0.05, bco_shift=0.2, **kw)
 
 
@@ -122,7 +124,9 @@ def test_aot_sorts_over_the_batch(name, np_rng):
     deltas = np.sort(w - rw) - np.sort(l - rl)
   else:
     deltas = np.sort(w - l) - np.sort(rw - rl)
-  expected = np.mean([-ls(cfg.beta * float(x)) for x in deltas])
+  eps, b = cfg.label_smoothing, cfg.beta
+  assert eps > 0  # TRL smooths both
+  expected = np.mean([-(1 - eps) * ls(b * float(x)) - eps * ls(-b * float(x)) for x in deltas])
   loss, _ = dpo.preference_loss(_pair(w, l, rw, rl, nw, nl), cfg)
   assert float(loss) == pytest.approx(expected, rel=1e-5)
 
@@ -319,6 +323,33 @@ def test_kto_matches_transcription(np_rng):
   ]
   assert float(loss) == pytest.approx(np.mean(per), rel=1e-5)
   assert float(metrics["kl"]) == pytest.approx(z, rel=1e-5)
+
+
+def test_smoothing_flags_name_the_losses_that_read_eps():
+  readers = {n for n in NAMES if dpo.LOSSES[n].smoothing}
+  assert readers == {"cdpo", "robust", "exo_pair", "aot", "aot_unpaired", "rdpo", "simpo", "cpo"}
+
+
+def test_sigmoid_is_trls_and_cdpo_smooths(np_rng):
+  """TRL 1.16's sigmoid ignores label_smoothing: ours refuses it there (pointing to cdpo) rather
+  than apply cDPO or ignore it; cdpo at eps 0 is sigmoid, and at eps > 0 differs from it."""
+  with pytest.raises(ValueError, match=r"label_smoothing: TRL 1.16's sigmoid ignores label_smoothing .*loss='cdpo'"):
+    dpo.PreferenceConfig(loss="sigmoid", label_smoothing=0.1)
+  with pytest.raises(ValueError, match=r"label_smoothing: TRL 1.16's sigmoid ignores"):
+    dpo.PreferenceConfig(loss=("sigmoid", "robust"), label_smoothing=0.1)
+  lp = _pair(*_batch(np_rng))
+  plain, _ = dpo.preference_loss(lp, dpo.PreferenceConfig(beta=0.7))
+  zero, _ = dpo.preference_loss(lp, dpo.PreferenceConfig(loss="cdpo", beta=0.7))
+  smoothed, _ = dpo.preference_loss(lp, dpo.PreferenceConfig(loss="cdpo", beta=0.7, label_smoothing=0.1))
+  assert float(zero) == pytest.approx(float(plain), rel=1e-6)
+  assert abs(float(smoothed) - float(plain)) > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["hinge", "ipo", "sigmoid_norm", "orpo", "slic", ("hinge", "sft")])
+def test_label_smoothing_no_loss_reads_is_refused(loss):
+  with pytest.raises(ValueError, match=r"label_smoothing: none of loss .* reads it .*'cdpo'"):
+    dpo.PreferenceConfig(loss=loss, label_smoothing=0.1)
+  dpo.PreferenceConfig(loss=("hinge", "robust"), label_smoothing=0.1)  # robust reads it (hinge ignores it, as TRL)
 
 
 def test_errors(np_rng):

@@ -200,9 +200,19 @@ def test_ld_alpha_one_is_plain_and_zero_drops_the_verbose_tail(sides, np_rng):
 
 
 def test_sft_ignores_ld_weighting(sides):
+  """In MPO with a reference-based loss, the sft term reads the plain sums (TRL)."""
   cw = sides[0]
-  loss, _ = dpo.preference_loss(_pair(sides), dpo.PreferenceConfig(loss="sft", ld_alpha=0.0))
-  assert float(loss) == pytest.approx(-sum(cw.total(b) for b in range(B)) / int(CHOSEN_MASK.sum()), rel=1e-5)
+  mixed, _ = dpo.preference_loss(_pair(sides), dpo.PreferenceConfig(loss=("sigmoid", "sft"), ld_alpha=0.0))
+  alone, _ = dpo.preference_loss(_pair(sides), dpo.PreferenceConfig(ld_alpha=0.0))
+  sft = -sum(cw.total(b) for b in range(B)) / int(CHOSEN_MASK.sum())
+  assert float(mixed) - float(alone) == pytest.approx(sft, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["sft", "simpo", "orpo", "cpo", "slic", ("simpo", "sft")])
+def test_ld_alpha_with_reference_free_losses_only_is_refused(loss):
+  """They read plain sums: ld_alpha would have no effect (TRL accepts it silently)."""
+  with pytest.raises(ValueError, match=r"ld_alpha: LD-DPO weights the log-probs of reference-based losses only"):
+    dpo.PreferenceConfig(loss=loss, ld_alpha=0.5)
 
 
 # ---- f-DPO ----
@@ -356,10 +366,6 @@ def test_options_refuse_missing_per_token_log_probs(sides):
     dpo.preference_loss(_pair(sides)._replace(ref_chosen=plain.ref_chosen), dpo.PreferenceConfig(ld_alpha=0.5))
   with pytest.raises(ValueError, match=r"lp.chosen: use_weighting needs per-token log-probs \(token_BT, log_sum_sq_BT"):
     dpo.preference_loss(plain, dpo.PreferenceConfig(use_weighting=True))
-  # A reference-free loss under ld_alpha needs no reference at all.
-  dpo.preference_loss(
-    _pair(sides)._replace(ref_chosen=None, ref_rejected=None), dpo.PreferenceConfig(loss="simpo", ld_alpha=0.5)
-  )
 
 
 # ---- TR-DPO ----

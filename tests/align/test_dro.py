@@ -128,6 +128,12 @@ BAD = [
     r"reference.sum_B: expected log-probs in",
     id="positive-log-prob",
   ),
+  pytest.param(
+    lambda: dro.dro_loss(SequenceLogProbs(np.float32([-1.0, -2.0]), np.float32([1.0, -1.0])), SEQ, F2, F2, DROConfig()),
+    ValueError,
+    r"policy.count_B: expected token counts in \[0, inf\], got \[-1.0\]",
+    id="negative-count",
+  ),
 ]
 
 

@@ -103,6 +103,11 @@ def _lp(w, w_ref=None, counts=None):
   return listwise.ListwiseLogProbs(policy, ref)
 
 
+def _ref(name, w_ref):
+  """w_ref for a loss that reads a reference, None for a reference-free one (which refuses one)."""
+  return w_ref if listwise.LOSSES[name].reference else None
+
+
 OPTIONS = [
   ("lipo_lambda", {}),
   ("lipo_lambda", {"ndcg_normalized": False, "beta": 0.5}),
@@ -117,7 +122,7 @@ OPTIONS = [
 def test_losses_match_slow_loops(np_rng, name, options, integer_scores):
   w, w_ref, counts, scores = _lists(np_rng, 5, 4, integer_scores=integer_scores)
   cfg = listwise.ListwiseConfig(loss=name, **options)
-  loss, metrics = listwise.listwise_loss(_lp(w, w_ref, counts), jnp.asarray(scores), cfg)
+  loss, metrics = listwise.listwise_loss(_lp(w, _ref(name, w_ref), counts), jnp.asarray(scores), cfg)
   kw = {
     "beta": cfg.beta,
     "normalized": cfg.ndcg_normalized,
@@ -169,7 +174,7 @@ def test_ordered_list_is_near_the_floor_and_reversal_costs(name):
   # compares p_k max_i(psi_k - psi_i) with p_i (psi_k - psi_i): with negative p the margins must be
   # ratios (-20, -40, -60 would tie its second term: -20 x 2 = -40 x 1).
   w = np.array([[-0.1, -20.0, -100.0, -400.0]], np.float32)
-  lp = _lp(w, np.full_like(w, -30.0))
+  lp = _lp(w, _ref(name, np.full_like(w, -30.0)))
   cfg = listwise.ListwiseConfig(loss=name, beta=1.0, sft_weight=0.0)
   ordered, _ = listwise.listwise_loss(lp, jnp.array([[3.0, 2.0, 1.0, 0.0]]), cfg)
   reversed_, metrics = listwise.listwise_loss(lp, jnp.array([[0.0, 1.0, 2.0, 3.0]]), cfg)
@@ -188,6 +193,7 @@ def test_two_completions_reduce_to_dpo_and_a_two_way_softmax(np_rng):
   dpo_loss, _ = dpo.preference_loss(pair, dpo.PreferenceConfig(loss="sigmoid", beta=0.3))
   # Y = 2: one pair, whose Lambda weight is |1 - 1/log2 3| (normalised or not, for scores 1, 0).
   assert float(lipo) == pytest.approx((1 - 1 / math.log2(3)) * float(dpo_loss), rel=1e-5)
+  lp = lp._replace(reference=None)  # pro and rrhf read none
   pro, _ = listwise.listwise_loss(lp, scores, listwise.ListwiseConfig(loss="pro", pro_temperature=1.0, sft_weight=0))
   softmax = -jax.nn.log_softmax(jnp.asarray(w / counts), axis=1)[:, 0]
   assert float(pro) == pytest.approx(float(softmax.mean()), rel=1e-5)
@@ -199,13 +205,15 @@ def test_two_completions_reduce_to_dpo_and_a_two_way_softmax(np_rng):
 def test_ties_contribute_nothing(np_rng, name):
   cfg = listwise.ListwiseConfig(loss=name, sft_weight=0.0)
   w, w_ref, counts, _ = _lists(np_rng, 3, 4, integer_scores=False)
+  w_ref = _ref(name, w_ref)
   tied, _ = listwise.listwise_loss(_lp(w, w_ref, counts), jnp.zeros((3, 4)), cfg)
   assert float(tied) == 0.0
   # Swapping two completions tied in score (with their log-probs) leaves the loss unchanged.
   scores = jnp.array([[2.0, 1.0, 1.0, 0.0]] * 3)
   swap = [0, 2, 1, 3]
   a, _ = listwise.listwise_loss(_lp(w, w_ref, counts), scores, cfg)
-  b, _ = listwise.listwise_loss(_lp(w[:, swap], w_ref[:, swap], counts[:, swap]), scores, cfg)
+  swapped_ref = None if w_ref is None else w_ref[:, swap]
+  b, _ = listwise.listwise_loss(_lp(w[:, swap], swapped_ref, counts[:, swap]), scores, cfg)
   assert float(a) == pytest.approx(float(b), rel=1e-6) and float(a) > 0
 
 
@@ -221,7 +229,7 @@ def test_a_tied_pair_adds_nothing_to_the_pairwise_sums():
 def test_gradient_raises_the_best_and_lowers_the_worst(name):
   # Policy ranks the list backwards, so every loss has work to do (RRHF's hinge is active).
   w = np.array([[-30.0, -20.0, -10.0, -5.0]], np.float32)
-  lp = _lp(w, np.full_like(w, -15.0))
+  lp = _lp(w, _ref(name, np.full_like(w, -15.0)))
   cfg = listwise.ListwiseConfig(loss=name, sft_weight=0.0)
   scores = jnp.array([[3.0, 2.0, 1.0, 0.0]])
 
@@ -255,6 +263,12 @@ W = np.array([[-1.0, -2.0, -3.0]], np.float32)
      r"lp: loss 'lipo_lambda' needs reference log-probs"),
     (lambda: listwise.listwise_loss(_lp(W, W[:, :2]), jnp.zeros((1, 3)), listwise.ListwiseConfig()), ValueError,
      r"lp.reference.count_BY: expected shape"),
+    (lambda: listwise.listwise_loss(_lp(W, W), jnp.zeros((1, 3)), listwise.ListwiseConfig(loss="rrhf")), ValueError,
+     r"lp.reference: loss 'rrhf' reads no reference log-probs; pass reference=None"),
+    (lambda: listwise.listwise_loss(_lp(W, W, -np.ones_like(W)), jnp.zeros((1, 3)), listwise.ListwiseConfig()),
+     ValueError, r"lp.policy.count_BY: expected token counts in \[0, inf\]"),
+    (lambda: listwise.listwise_loss(_lp(W, W, np.full_like(W, np.nan)), jnp.zeros((1, 3)), listwise.ListwiseConfig()),
+     ValueError, r"lp.policy.count_BY: expected finite values"),
     (lambda: listwise.listwise_loss(_lp(W), jnp.zeros((1, 4)), listwise.ListwiseConfig(loss="rrhf")), ValueError,
      r"scores_BY: expected shape \(1, 3\)"),
     (lambda: listwise.listwise_loss(_lp(W), jnp.array([[0.0, math.nan, 1.0]]), listwise.ListwiseConfig(loss="pro")),
@@ -293,6 +307,8 @@ LIST = data.listwise_from_token_arrays(np.array([[1, 5, 2]]), np.array([[[4, 3],
   [
     (LIST._replace(tokens_BYT=LIST.tokens_BYT + 5), ValueError, r"batch.tokens_BYT: expected ids in \[0, 8\)"),
     (LIST._replace(mask_BYT=np.ones_like(LIST.mask_BYT)), ValueError, r"batch.mask_BYT: expected False at position 0"),
+    (LIST._replace(mask_BYT=LIST.mask_BYT | (np.arange(5) == 1)), ValueError,
+     r"batch.mask_BYT: expected False at position 0, in the prompt .* at index \[\(0, 0, 1\)"),
     (LIST._replace(mask_BYT=LIST.mask_BYT.astype(np.int32)), TypeError, r"batch.mask_BYT: expected a bool mask"),
     (LIST._replace(lengths_BY=np.array([[2, 5]], np.int32)), ValueError,
      r"batch.lengths_BY: expected lengths >= the prompt's length"),
@@ -325,6 +341,11 @@ def test_step_refuses_a_missing_reference_before_compiling():
   state = train.TrainState(jnp.int32(0), params, train.optimizer(tcfg).init(params))
   with pytest.raises(TypeError, match=r"reference: expected listwise.ListLogProbs .*'lipo_lambda'"):
     step(state, LIST, None)
+  # A reference-free loss refuses a reference rather than drop it.
+  free = listwise.make_listwise_step(TINY, tcfg, listwise.ListwiseConfig(loss="rrhf"))
+  reference = listwise.ListLogProbs(jnp.full((1, 2), -1.0), jnp.ones((1, 2)))
+  with pytest.raises(ValueError, match=r"reference: loss 'rrhf' reads no reference log-probs \(it is reference-free\)"):
+    free(state, LIST, reference)
   with pytest.raises(TypeError, match=r"lcfg: expected a listwise.ListwiseConfig"):
     listwise.make_listwise_step(TINY, tcfg, dpo.PreferenceConfig())
 

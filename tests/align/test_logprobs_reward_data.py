@@ -43,6 +43,60 @@ def test_mask_on_position_zero_is_an_error():
     logprobs.sequence_logprobs(jnp.zeros((1, 3, 4)), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool))
 
 
+def test_per_token_logprobs_take_one_log_softmax(monkeypatch):
+  """per_token=True reuses the one [B, T - 1, V] log_softmax for the token log-probs and WPO's
+  log sum_v p_v^2 (the V-wide pass is the costly one), with the same values as two passes."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(0, 2, (2, 5, 7)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 7, (2, 5)))
+  mask = jnp.asarray(np.arange(5) >= np.array([[1], [2]]))
+  calls = []
+  log_softmax = jax.nn.log_softmax
+
+  def counted(*args, **kw):
+    calls.append(args[0].shape)
+    return log_softmax(*args, **kw)
+
+  monkeypatch.setattr(jax.nn, "log_softmax", counted)
+  got = logprobs.sequence_logprobs(logits, tokens, mask, per_token=True)
+  assert calls == [(2, 4, 7)]
+  monkeypatch.undo()
+  logp = np.asarray(jax.nn.log_softmax(logits[:, :-1], axis=-1), np.float64)
+  token = np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+  m = np.asarray(mask, np.float64)[:, 1:]
+  np.testing.assert_allclose(got.token_BT[:, 1:], token * m, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.sum_B, (token * m).sum(1), rtol=1e-5)
+  sq = np.log(np.exp(2 * logp).sum(-1))
+  np.testing.assert_allclose(got.log_sum_sq_BT[:, 1:], sq * m, rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(got.token_BT[:, 0])) and not np.any(np.asarray(got.log_sum_sq_BT[:, 0]))
+
+
+@pytest.mark.parametrize(
+  "s, message",
+  [
+    (logprobs.SequenceLogProbs(np.float32([-1.0, 0.5]), np.float32([1, 1])), r"x.sum_B: expected log-probs in"),
+    (logprobs.SequenceLogProbs(np.float32([-1.0, math.nan]), np.float32([1, 1])), r"x.sum_B: expected finite"),
+    (
+      logprobs.SequenceLogProbs(np.float32([-1.0, -1.0]), np.float32([1, -1])),
+      r"x.count_B: expected token counts",
+    ),
+    (
+      logprobs.SequenceLogProbs(np.float32([-1.0, -1.0]), np.float32([1, math.nan])),
+      r"x.count_B: expected finite",
+    ),
+    (
+      logprobs.SequenceLogProbs(np.float32([-1.0, -1.0]), np.float32([1, math.inf])),
+      r"x.count_B: expected finite",
+    ),
+  ],
+)
+def test_check_sequence(s, message):
+  """The one check of summed log-probs and counts that dpo, train, listwise and dro share."""
+  with pytest.raises(ValueError, match=message):
+    logprobs.check_sequence("x", s)
+  logprobs.check_sequence("x", logprobs.SequenceLogProbs(np.float32([-1.0, 0.0]), np.float32([0, 3])))
+
+
 def test_model_logprobs_match_a_numpy_loop(key):
   params = llama.init(key, CFG)
   tokens = jax.random.randint(key, (1, 7), 0, CFG.vocab_size)

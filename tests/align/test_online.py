@@ -80,6 +80,7 @@ def test_rollout_rows_have_their_own_keys_and_masks(policy, ro):
   np.testing.assert_array_equal(np.asarray(ro.logps_BT), np.asarray(ro.ref_logps_BT))
   assert (np.asarray(ro.logps_BT)[mask] < 0).all() and not np.asarray(ro.logps_BT)[~mask].any()
   completions, n_B = ro.completions
+  np.testing.assert_array_equal(np.asarray(n_B), n)
   np.testing.assert_allclose(np.asarray(ro.rewards_B), TASK.score(np.repeat(prompts, 2, 0), np.asarray(completions)))
 
 
@@ -109,6 +110,7 @@ def test_ppo_loss_at_the_old_policy_and_its_clip(policy, ro):
   assert float(m["policy_loss"]) == pytest.approx(-adv[mask].mean(), rel=1e-5, abs=1e-6)
   assert float(m["value_loss"]) == pytest.approx(0.5 * (adv[mask] ** 2).mean(), rel=1e-5, abs=1e-6)
   assert float(m["approx_kl"]) == pytest.approx(0.0, abs=1e-6) and float(m["clip_fraction"]) == 0.0
+  assert float(loss) == pytest.approx(float(m["policy_loss"]) + pcfg.vf_coef * float(m["value_loss"]), rel=1e-6)
   # Old log-probs 1 nat lower and positive advantages: the ratio e > 1 + eps is clipped, so the
   # policy gets no gradient.
   clipped = batch._replace(logps_BT=batch.logps_BT - 1.0 * batch.mask_BT, advantages_BT=1.0 * batch.mask_BT)

@@ -82,6 +82,9 @@ def test_small_beta_keeps_the_best():
   out = rs.rso_pairs(jax.random.key(3), rewards, beta=1e-30, num_samples=2)
   assert np.asarray(out.pairs).tolist() == [[1, 3], [2, 0]]  # the best two, ranked
   assert np.asarray(out.round_BY).tolist() == [[-1, 0, -1, 1], [1, -1, 0, -1]]  # the best remaining, pass by pass
+  # A beta that is 0 (or subnormal, flushed to 0) in float32 is the same limit, not 0 / 0 for the best.
+  tiny = rs.rso_pairs(jax.random.key(3), rewards, beta=1e-46, num_samples=2)
+  assert np.asarray(tiny.pairs).tolist() == [[1, 3], [2, 0]] and np.all(np.asarray(tiny.valid_B))
 
 
 def test_pairs_rank_the_accepted_samples_and_mark_what_cannot_pair(np_rng):

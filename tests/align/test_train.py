@@ -51,18 +51,28 @@ def test_reward_step_learns_to_rank(np_rng):
   assert float(metrics["accuracy"]) > 0.8
 
 
-def test_kto_mismatched_pairs_each_prompt_with_the_next_rows_completion():
+def test_kto_mismatched_pairs_each_prompt_with_the_previous_rows_completion():
+  """TRL 1.16's rotation: (x_1, y_3), (x_2, y_1), (x_3, y_2); with B = 3 the direction matters."""
   batch = data.UnpairedBatch(
-    tokens_BT=np.array([[1, 5, 2, 7, 3, 0], [1, 6, 6, 2, 8, 3]]),
-    mask_BT=np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]], bool),
-    lengths_B=np.array([5, 6]),
-    prompt_lengths_B=np.array([3, 4]),
-    label_B=np.array([True, False]),
+    tokens_BT=np.array([[1, 5, 2, 7, 3, 0], [1, 6, 6, 2, 8, 3], [1, 4, 2, 9, 0, 0]]),
+    mask_BT=np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0]], bool),
+    lengths_B=np.array([5, 6, 4]),
+    prompt_lengths_B=np.array([3, 4, 3]),
+    label_B=np.array([True, False, True]),
   )
   kl = align_train.kto_mismatched(batch)
-  assert [list(r[:n]) for r, n in zip(kl.tokens_BT, kl.lengths_B)] == [[1, 5, 2, 8, 3], [1, 6, 6, 2, 7, 3]]
-  assert kl.mask_BT.tolist() == [[False, False, False, True, True, False], [False, False, False, False, True, True]]
-  assert kl.prompt_lengths_B.tolist() == [3, 4]
+  rows = [list(r[:n]) for r, n in zip(kl.tokens_BT, kl.lengths_B)]
+  assert rows == [[1, 5, 2, 9], [1, 6, 6, 2, 7, 3], [1, 4, 2, 8, 3]]
+  assert kl.mask_BT.tolist() == [
+    [False, False, False, True, False, False],
+    [False, False, False, False, True, True],
+    [False, False, False, True, True, False],
+  ]
+  assert kl.prompt_lengths_B.tolist() == [3, 4, 3]
+  with pytest.raises(ValueError, match=r"batch.tokens_BT: expected \[B, T\] with B >= 2"):
+    align_train.kto_mismatched(data.UnpairedBatch(*(x[:1] for x in batch)))
+  with pytest.raises(TypeError, match=r"batch: expected an align.data.UnpairedBatch, got tuple"):
+    align_train.kto_mismatched(tuple(batch))  # type: ignore[arg-type]
 
 
 def test_kto_step_raises_desirable_and_lowers_undesirable_completions(np_rng):
@@ -95,3 +105,13 @@ def test_kto_step_raises_desirable_and_lowers_undesirable_completions(np_rng):
   leaky[0, 1] = True  # a prompt token scored as completion
   with pytest.raises(ValueError, match="batch.mask_BT: expected False in the prompt"):
     step(state, batch._replace(mask_BT=leaky), reference)
+
+
+def test_a_reference_free_step_refuses_reference_logprobs(np_rng):
+  pairs = data.from_token_arrays(*TASK.preference_pairs(np_rng, 4))
+  tcfg = train.TrainConfig(batch_size=4, total_steps=2, warmup_steps=0)
+  params = llama.init(jax.random.key(0), MODEL)
+  step = align_train.make_preference_step(MODEL, tcfg, dpo.PreferenceConfig(loss="simpo"))
+  reference = align_train.reference_logprobs(params, MODEL, pairs)
+  with pytest.raises(ValueError, match="reference: loss 'simpo' reads no reference log-probs"):
+    step(train.start_state(params, tcfg), pairs, reference)
