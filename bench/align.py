@@ -775,7 +775,12 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
     f"methods) at peak lr {ONLINE_LR:g}. PPO, RLOO and iterative DPO see the reward model (the proxy); the "
     "checker is the gold reward. Evaluation: one T=1 sample per held-out prompt (gold score, win rate over SFT's "
     f"sample, KL to SFT by the k1 estimate on the policy's own samples) and {DIVERSITY_SAMPLES} samples on 64 prompts "
-    f"(distinct outputs). Rows: seed {seeds[0]}; the claims: seeds {seeds}."
+    f"(distinct outputs). Rows: seed {seeds[0]}; the claims: seeds {seeds}. Per seed, gold score / KL to SFT / "
+    "distinct outputs: "
+    + "; ".join(
+      f"{name} {per_seed(name, 'gold')} / {per_seed(name, 'kl')} / {per_seed(name, 'distinct')}" for name in first
+    )
+    + "."
   )
   return records, plot, note
 
