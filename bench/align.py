@@ -59,6 +59,23 @@ from paperjax.ops import checks
 DPO_PAPER = "DPO (arXiv 2305.18290): beats the SFT model it starts from"
 
 
+# Part online's methods, and those its claims compare (run at every scale).
+ONLINE_METHODS = (
+  "DPO",
+  "DPO+NLL",
+  "f-DPO forward KL",
+  "f-DPO JS",
+  "KTO",
+  "LiPO",
+  "PPO",
+  "PPO, KL 0.2",
+  "RLOO",
+  "iterative DPO",
+  "iterative DPO+NLL",
+)
+CLAIMED_METHODS = ("DPO", "f-DPO forward KL", "PPO", "iterative DPO")
+
+
 @checks.config
 class Config:
   sft_steps: int
@@ -73,11 +90,19 @@ class Config:
   online_iterations: checks.PositiveInt = 40
   online_batch: checks.PositiveInt = 64
   idpo_rounds: checks.PositiveInt = 4
+  online_methods: tuple[str, ...] = ()  # names in ONLINE_METHODS; () runs them all
   seeds: checks.PositiveInt = 1  # the claims' seeds: ctx.seed, ctx.seed + 1, ...
 
   def __post_init__(self):
     if "DPO" not in self.policies:
       raise ValueError(f"policies: expected 'DPO' among them (its claim is decided every run), got {self.policies}")
+    unknown = set(self.online_methods) - set(ONLINE_METHODS)
+    missing = set(CLAIMED_METHODS) - set(self.online_methods or ONLINE_METHODS)
+    if unknown or missing:
+      raise ValueError(
+        f"online_methods: expected names in {ONLINE_METHODS} including the claims' {CLAIMED_METHODS}, got "
+        f"{self.online_methods}"
+      )
 
 
 # small: the default suite's budget (about 3 minutes); full: the longer runs of the same study,
@@ -92,6 +117,7 @@ CONFIGS = {
     eval_prompts=16,
     best_of=2,
     policies=("DPO", "SimPO"),
+    online_methods=CLAIMED_METHODS,  # the others' steps have unit tests; the smoke run decides the claims
     online_iterations=2,
     online_batch=8,
     idpo_rounds=2,
@@ -676,8 +702,10 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
     distinct = np.mean([len({row.tobytes() for row in group}) for group in completions])
     return {"scores": np.asarray(ro.rewards_B), "kl": float(ro.kl_B().mean()), "distinct": float(distinct)}
 
+  assert tuple(methods) == ONLINE_METHODS
   out: dict[str, Any] = {"SFT": {**evaluate(sft), "samples/s": math.nan}}
-  for name, fit in methods.items():
+  for name in cfg.online_methods or ONLINE_METHODS:
+    fit = methods[name]
     trained = fit()
     out[name] = {**evaluate(trained.params), "samples/s": trained.samples / trained.seconds}
     if trained.proxy:
@@ -722,7 +750,9 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
       x = tuple(range(len(m["proxy curve"])))
       curves += [Series(f"{name}: reward model", x, m["proxy curve"]), Series(f"{name}: checker", x, m["gold curve"])]
   column = lambda method, key: [r[method][key] for r in runs]
-  per_seed = lambda method, key: ", ".join(f"{x:.3g}" for x in column(method, key))
+  per_seed = lambda method, key: (
+    ", ".join(f"{x:.3g}" for x in column(method, key)) if method in first else "not run at this scale"
+  )
   diff = lambda a, b, key: [x - y for x, y in zip(column(a, key), column(b, key))]
   ctx.claim(
     PPO_BEATS_DPO,

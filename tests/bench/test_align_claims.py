@@ -84,3 +84,12 @@ def test_online_claims_rules():
   assert f_dpo([0.4, 0.3, 0.5], [0.2, 0.1, 0.3]) == ("holds", None)
   assert f_dpo([0.4, 0.3, 0.5], [-0.2, -0.1, -0.3]) == ("fails", None)  # more diverse, but not less aligned
   assert f_dpo([-0.4, -0.3, -0.5], [0.2, 0.1, 0.3]) == ("fails", None)
+
+
+def test_online_methods_must_include_the_claims_ones():
+  base = dict(sft_steps=1, rm_steps=1, po_steps=1, batch=2, num_pairs=4, eval_prompts=2, best_of=2)
+  assert set(bench_align.CONFIGS["ci"].online_methods) == set(bench_align.CLAIMED_METHODS)
+  with pytest.raises(ValueError, match="online_methods: expected names"):
+    bench_align.Config(**base, online_methods=("DPO", "PPO"))  # the iterative and f-DPO claims need theirs
+  with pytest.raises(ValueError, match="online_methods: expected names"):
+    bench_align.Config(**base, online_methods=(*bench_align.CLAIMED_METHODS, "GRPO"))
