@@ -163,7 +163,9 @@ def rollout(
 ) -> Rollout:
   """Y = rcfg.samples_per_prompt samples per prompt (row b * Y + y, key fold_in(key, row)), their
   rewards and the log-probs of policy and reference. Prompts are checked on the host; the
-  reward function must return finite floats [B * Y]."""
+  reward function must return finite floats [B * Y]. The log-probs are at temperature 1: they
+  are the sampling distribution's only when rcfg.temperature is 1 (`train_ppo` and `train_rloo`,
+  whose updates read them as pi_old's, refuse any other)."""
   if not isinstance(rcfg, RolloutConfig):
     raise TypeError(f"rcfg: expected an online.RolloutConfig, got {type(rcfg).__name__}")
   prompts = generate.as_prompts(prompts_BT)
@@ -412,6 +414,18 @@ class OnlineState:
   train: train.TrainState
 
 
+def _check_on_policy(rcfg: RolloutConfig) -> None:
+  """PPO's ratio and RLOO's score function need the sampling policy's log-probs; a rollout's are
+  at temperature 1 (TRL divides the logits by the temperature everywhere instead)."""
+  if not isinstance(rcfg, RolloutConfig):
+    raise TypeError(f"rcfg: expected an online.RolloutConfig, got {type(rcfg).__name__}")
+  if rcfg.temperature != 1.0:
+    raise ValueError(
+      f"rcfg.temperature: expected 1.0 (the log-probs PPO and RLOO read as pi_old's are the policy's at "
+      f"temperature 1, so other samples would be off-policy), got {rcfg.temperature}"
+    )
+
+
 def _run(
   state: OnlineState,
   iterations: int,
@@ -426,6 +440,11 @@ def _run(
   try:
     if manager is not None and manager.latest_step() is not None:
       state = checkpoints.restore(manager, state)
+      if int(state.step) > iterations:
+        raise ValueError(
+          f"iterations: expected at least the {int(state.step)} iterations already saved in {checkpoint_dir}, got "
+          f"{iterations} (its state would be returned as if trained for {iterations})"
+        )
     while int(state.step) < iterations:
       state, metrics = body(state, int(state.step))
       state = OnlineState(state.step + 1, state.train)
@@ -460,6 +479,7 @@ def train_ppo(
   ({"model", "head"}, e.g. the reward model's): per iteration i, a rollout of prompt_fn(i) with
   key fold_in(key, i), then `ppo_update`. Returns the state ({"policy", "value"}) and per-
   iteration metrics (reward, kl, and the last minibatch's losses)."""
+  _check_on_policy(rcfg)
   step = make_ppo_step(cfg, tcfg, pcfg)
   state = OnlineState(jnp.int32(0), train.start_state({"policy": policy_params, "value": value_params}, tcfg))
 
@@ -489,6 +509,7 @@ def train_rloo(
 ) -> tuple[OnlineState, list[dict]]:
   """RLOO from `policy_params` (also the frozen reference): per iteration, a rollout of Y =
   rcfg.samples_per_prompt samples per prompt and one `rloo_loss` step."""
+  _check_on_policy(rcfg)
   if rcfg.samples_per_prompt < 2:
     raise ValueError(f"rcfg.samples_per_prompt: RLOO needs Y >= 2 samples per prompt, got {rcfg.samples_per_prompt}")
   step = make_rloo_step(cfg, tcfg)
@@ -518,8 +539,8 @@ def train_iterative_dpo(
   checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[OnlineState, list[dict]]:
   """Iterative DPO: per round r, Y samples per prompt of prompt_fn(r) from the current policy,
-  best-vs-worst pairs by reward, then icfg.steps DPO steps (minibatches of tcfg.batch_size pairs
-  drawn with fold_in(key, r)) from a fresh optimizer state. Rounds whose prompts all tie train
+  best-vs-worst pairs by reward, then icfg.steps DPO steps (minibatches of tcfg.batch_size pairs,
+  drawn with a key split from the rollout's) from a fresh optimizer state. Rounds whose prompts all tie train
   nothing."""
   if not icfg.loss.reference:
     raise ValueError(f"icfg.loss: iterative DPO expects a loss with a reference, got {icfg.loss.loss!r}")
@@ -527,15 +548,16 @@ def train_iterative_dpo(
   state = OnlineState(jnp.int32(0), train.start_state(policy_params, tcfg))
 
   def body(s: OnlineState, r: int):
-    policy, round_key = s.train.params, jax.random.fold_in(key, r)
+    policy = s.train.params
+    rollout_key, pick_key = jax.random.split(jax.random.fold_in(key, r))  # sampling and minibatches apart
     prompts, lengths = prompt_fn(r)
-    ro = rollout(round_key, policy, policy_params, cfg, prompts, lengths, reward_fn, rcfg)
+    ro = rollout(rollout_key, policy, policy_params, cfg, prompts, lengths, reward_fn, rcfg)
     pairs, dropped = best_worst_pairs(ro, rcfg.samples_per_prompt)
     reference = policy if icfg.reference == "round" else policy_params
     trained, metrics = train.start_state(policy, tcfg), {}
     n = pairs.chosen_BT.shape[0]
     for i in range(icfg.steps if n else 0):
-      rows = np.asarray(jax.random.randint(jax.random.fold_in(round_key, i + 1), (tcfg.batch_size,), 0, n))
+      rows = np.asarray(jax.random.randint(jax.random.fold_in(pick_key, i), (tcfg.batch_size,), 0, n))
       batch = PreferenceBatch(*(x[rows] for x in pairs))
       ref_logps = align_train.reference_logprobs(reference, cfg, batch, per_token=icfg.loss.per_token)
       trained, metrics = step(trained, batch, ref_logps)

@@ -19,8 +19,8 @@ Part `online`: from one SFT model and one budget of completions (`online_iterati
 JS, KTO on unpaired demonstrations labelled by the checker, LiPO on scored lists) and online
 ones that sample from the policy and see the reward model as a proxy (PPO, RLOO, iterative DPO
 and iterative DPO+NLL); each policy's checker score, win rate over SFT, KL to SFT, distinct
-outputs per prompt, and samples/s, and per rollout the proxy's reward beside the checker's
-score (reward hacking: the proxy rising while the checker falls).
+outputs per prompt and budget completions per training second, and per rollout the proxy's
+reward beside the checker's score (reward hacking: the proxy rising while the checker falls).
 
 Claims (`CLAIMS`, decided over `Config.seeds` seeds ctx.seed, ctx.seed + 1, ...; each seed
 trains its own SFT model, reward model and policies): DPO beats its SFT start and best-of-K
@@ -517,6 +517,12 @@ PPO = online.PPOConfig(kl_coef=0.05, whiten_rewards=True, epochs=4, minibatches=
 PPO_STRONG_KL = dataclasses.replace(PPO, kl_coef=0.2)
 RLOO = online.RLOOConfig(kl_coef=0.05)
 DIVERSITY_SAMPLES = 4  # samples per prompt for "distinct outputs per prompt"
+DIVERSITY_PROMPTS = 64  # on the first 64 held-out prompts (all of them at ci)
+SUPERVISION = (
+  "Supervision differs by design: the offline methods' pairs, lists and labels are demonstrations labelled by the "
+  "checker (the gold reward), while PPO, RLOO and iterative DPO see only the reward model (trained on other pairs, "
+  "held-out accuracy about 0.92); this favours the offline methods."
+)
 KTO_DESIRABLE = 4  # KTO's binary label: a demonstration with at least 4 of 6 positions right
 LIST_SIZE = 4  # LiPO: Y demonstrations per list
 LIPO = listwise.ListwiseConfig(loss="lipo_lambda", beta=0.1)
@@ -684,7 +690,7 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
   methods["iterative DPO+NLL"] = iterative(POLICIES["DPO+NLL"], seed + 13)
   eval_prompts = TASK.prompts(np.random.default_rng([seed, 99]), cfg.eval_prompts)
   eval_lengths = np.full(len(eval_prompts), TASK.prompt_len)
-  few = slice(0, min(64, len(eval_prompts)))
+  few = slice(0, min(DIVERSITY_PROMPTS, len(eval_prompts)))
 
   def evaluate(params: dict) -> dict[str, Any]:
     ro = online.rollout(jax.random.key(8), params, sft, MODEL, eval_prompts, eval_lengths, _gold, _rollout_cfg(1))
@@ -712,7 +718,7 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
       out[name] |= {"proxy curve": trained.proxy, "gold curve": trained.gold}
       out[name] |= {
         "gold peak": max(trained.gold),
-        "peak at": int(np.argmax(trained.gold)),
+        "peak at": int(np.argmax(trained.gold)) + 1,  # counted from 1
         "proxy final": trained.proxy[-1],
       }
   ref = out["SFT"]["scores"]
@@ -725,6 +731,7 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
 def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
   seeds = _seeds(ctx, cfg)
   runs = [_online_seed(cfg, seed, lambda name, s=seed: _label(name, s, seeds), cache) for seed in seeds]
+  few = min(DIVERSITY_PROMPTS, cfg.eval_prompts)
   first = runs[0]
   records = []
   for name, m in first.items():
@@ -735,7 +742,9 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
       ctx.record(f"online: {name} distinct outputs of {DIVERSITY_SAMPLES} per prompt", m["distinct"], "count"),
     ]
     if name != "SFT":
-      records.append(ctx.record(f"online: {name} training samples/s (compiles included)", m["samples/s"], "samples/s"))
+      records.append(
+        ctx.record(f"online: {name} budget completions per training second", m["samples/s"], "completions/s")
+      )
     if "proxy curve" in m:  # reward hacking: the proxy keeps rising after the checker's peak
       peak = int(np.argmax(m["gold curve"]))
       gold_drop = m["gold curve"][peak] - m["gold curve"][-1]
@@ -762,7 +771,8 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
     f"peaked at a checker score of {per_seed('PPO', 'gold peak')} (iteration {per_seed('PPO', 'peak at')} of "
     f"{cfg.online_iterations}) while the reward model's reward kept rising to {per_seed('PPO', 'proxy final')}: "
     f"over-optimisation of the proxy. PPO with KL coefficient 0.2 (a row added after the first full run): "
-    f"{per_seed('PPO, KL 0.2', 'gold')}.",
+    f"{per_seed('PPO, KL 0.2', 'gold')}. Of the paper's key factors this PPO has advantage normalisation; its batch "
+    f"is {cfg.online_batch} samples and its reference the frozen SFT model (no moving average). {SUPERVISION}",
   )
   ctx.claim(
     ITERATIVE_BEATS_OFFLINE,
@@ -771,7 +781,9 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
       "SFT gold score": column("SFT", "gold"),
     },
     seeds=seeds,
-    note=f"Gold scores per seed: iterative DPO {per_seed('iterative DPO', 'gold')}, DPO {per_seed('DPO', 'gold')}.",
+    note=f"Gold scores per seed: iterative DPO {per_seed('iterative DPO', 'gold')}, DPO {per_seed('DPO', 'gold')}; "
+    f"with the NLL term: iterative {per_seed('iterative DPO+NLL', 'gold')}, offline {per_seed('DPO+NLL', 'gold')}. "
+    f"{SUPERVISION}",
   )
   ctx.claim(
     DPO_DRIFTS,
@@ -787,10 +799,11 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
       "DPO minus f-DPO forward KL gold score": diff("DPO", "f-DPO forward KL", "gold"),
     },
     seeds=seeds,
-    note=f"Distinct outputs of {DIVERSITY_SAMPLES} T=1 samples per prompt (64 held-out prompts) per seed: DPO "
+    note=f"Distinct outputs of {DIVERSITY_SAMPLES} T=1 samples per prompt ({few} held-out prompts) per seed: DPO "
     f"(reverse KL) {per_seed('DPO', 'distinct')}, JS {per_seed('f-DPO JS', 'distinct')}, forward KL "
     f"{per_seed('f-DPO forward KL', 'distinct')}; gold scores: DPO {per_seed('DPO', 'gold')}, JS "
-    f"{per_seed('f-DPO JS', 'gold')}, forward KL {per_seed('f-DPO forward KL', 'gold')}. Same pairs, beta 0.1 and lr.",
+    f"{per_seed('f-DPO JS', 'gold')}, forward KL {per_seed('f-DPO forward KL', 'gold')}. Same pairs, beta 0.1 and lr. "
+    "The rule compares forward KL with reverse KL only; JS's place in the ordering is reported, not tested.",
   )
   plot = Plot(
     "online",
@@ -804,8 +817,8 @@ def _online(ctx: Context, cfg: Config, cache: dict) -> tuple[list, Plot, str]:
     f"{cfg.online_iterations * cfg.online_batch} completions (sampled, or read from demonstrations for the offline "
     f"methods) at peak lr {ONLINE_LR:g}. PPO, RLOO and iterative DPO see the reward model (the proxy); the "
     "checker is the gold reward. Evaluation: one T=1 sample per held-out prompt (gold score, win rate over SFT's "
-    f"sample, KL to SFT by the k1 estimate on the policy's own samples) and {DIVERSITY_SAMPLES} samples on 64 prompts "
-    f"(distinct outputs). Rows: seed {seeds[0]}; the claims: seeds {seeds}. Per seed, gold score / KL to SFT / "
+    f"sample, KL to SFT by the k1 estimate on the policy's own samples) and {DIVERSITY_SAMPLES} samples on {few} "
+    f"prompts (distinct outputs). Rows: seed {seeds[0]}; the claims: seeds {seeds}. Per seed, gold score / KL to SFT / "
     "distinct outputs: "
     + "; ".join(
       f"{name} {per_seed(name, 'gold')} / {per_seed(name, 'kl')} / {per_seed(name, 'distinct')}" for name in first

@@ -199,6 +199,46 @@ def test_ppo_loop_trains_and_resumes(policy, tmp_path):
   assert len(rest) == 1 and int(resumed.step) == 2
   for a, b in zip(jax.tree.leaves(straight.train.params), jax.tree.leaves(resumed.train.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  # Fewer iterations than the directory already holds: refused, not the 2-iteration state returned as 1's.
+  with pytest.raises(ValueError, match="iterations: expected at least the 2 iterations already saved"):
+    run(1, tmp_path)
+
+
+def test_ppo_and_rloo_refuse_samples_off_their_log_probs(policy):
+  # A rollout's log-probs are the policy's at temperature 1; samples at another temperature would
+  # make PPO's ratio and RLOO's score function off-policy without a correction.
+  hot = online.RolloutConfig(
+    max_new_tokens=TASK.completion_len, stop_ids=(tasks.EOS,), samples_per_prompt=2, temperature=0.7
+  )
+  with pytest.raises(ValueError, match="rcfg.temperature: expected 1.0"):
+    online.train_rloo(
+      jax.random.key(0), policy, MODEL, _prompts, _gold, rcfg=hot, lcfg=online.RLOOConfig(), tcfg=TCFG, iterations=1
+    )
+  value_params = reward.init(jax.random.key(3), MODEL)
+  with pytest.raises(ValueError, match="rcfg.temperature: expected 1.0"):
+    online.train_ppo(
+      jax.random.key(0),
+      policy,
+      value_params,
+      MODEL,
+      _prompts,
+      _gold,
+      rcfg=hot,
+      pcfg=online.PPOConfig(),
+      tcfg=TCFG,
+      iterations=1,
+    )
+
+
+def test_values_read_the_prefix_before_each_token(ro):
+  # V_t scores tokens_<t, the state log pi(y_t) is drawn from: the reward model's reward of that prefix.
+  value_params = reward.init(jax.random.key(2), MODEL)
+  value_params["head"] = {"w": jax.random.normal(jax.random.key(7), (MODEL.dim,)), "b": jnp.float32(0.3)}
+  v = np.asarray(online.values(value_params, ro.tokens_BT, MODEL))
+  assert not v[:, 0].any()
+  for t in range(1, ro.tokens_BT.shape[1]):
+    prefix = np.asarray(reward.rewards(value_params, ro.tokens_BT, jnp.full(ro.tokens_BT.shape[0], t), MODEL))
+    np.testing.assert_allclose(v[:, t], prefix, rtol=1e-5, atol=1e-5)
 
 
 def test_rloo_and_iterative_dpo_loops_move_the_policy(policy):
