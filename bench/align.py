@@ -570,14 +570,18 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
   tcfg = lambda steps, batch=cfg.batch: dataclasses.replace(_tcfg(cfg, steps, ONLINE_LR), batch_size=batch)
   offline_pairs = data.from_token_arrays(*TASK.preference_pairs(rng, budget // 2))
 
+  def timed_offline(name: str, step, take, reference) -> Trained:
+    """cfg.po_steps steps of `step` from SFT on batches take(i), each with reference(batch)."""
+    start = time.perf_counter()
+    state, _ = _train(label(name), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
+    return Trained(state.params, budget, time.perf_counter() - start)
+
   def offline(name: str, pcfg: dpo.PreferenceConfig) -> Trained:
     pick = lambda i: np.random.default_rng([seed, 5, i]).integers(0, budget // 2, cfg.batch)
     take = lambda i: PreferenceBatch(*(x[pick(i)] for x in offline_pairs))
     step = align_train.make_preference_step(MODEL, tcfg(cfg.po_steps), pcfg)
     reference = lambda batch: align_train.reference_logprobs(sft, MODEL, batch)
-    start = time.perf_counter()
-    state, _ = _train(label(name), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
-    return Trained(state.params, budget, time.perf_counter() - start)
+    return timed_offline(name, step, take, reference)
 
   def timed_online(run_fn) -> Trained:
     gold_log.clear()
@@ -605,9 +609,7 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
     )
     step = align_train.make_kto_step(MODEL, tcfg(cfg.po_steps), beta=0.1)
     reference = lambda batch: align_train.kto_reference_logprobs(sft, MODEL, batch)
-    start = time.perf_counter()
-    state, _ = _train(label("KTO"), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
-    return Trained(state.params, budget, time.perf_counter() - start)
+    return timed_offline("KTO", step, take, reference)
 
   def lipo() -> Trained:
     """LiPO-lambda on budget / Y lists of Y demonstrations, scored by the checker (ties allowed)."""
@@ -622,9 +624,7 @@ def _online_seed(cfg: Config, seed: int, label, cache: dict) -> dict[str, Any]:
     )
     step = listwise.make_listwise_step(MODEL, tcfg(cfg.po_steps), LIPO)
     reference = lambda batch: listwise.reference_logprobs(sft, MODEL, batch)
-    start = time.perf_counter()
-    state, _ = _train(label("LiPO"), step, train.start_state(sft, tcfg(cfg.po_steps)), take, cfg.po_steps, reference)
-    return Trained(state.params, budget, time.perf_counter() - start)
+    return timed_offline("LiPO", step, take, reference)
 
   iterations, rows = cfg.online_iterations, cfg.online_batch
 
