@@ -540,8 +540,9 @@ def train_iterative_dpo(
 ) -> tuple[OnlineState, list[dict]]:
   """Iterative DPO: per round r, Y samples per prompt of prompt_fn(r) from the current policy,
   best-vs-worst pairs by reward, then icfg.steps DPO steps (minibatches of tcfg.batch_size pairs,
-  drawn with a key split from the rollout's) from a fresh optimizer state. Rounds whose prompts all tie train
-  nothing."""
+  drawn with a key split from the rollout's) from a fresh optimizer state; with
+  icfg.loss.sync_ref_model, TR-DPO's updates (`align.train.sync_reference`) move the reference
+  within a round. Rounds whose prompts all tie train nothing."""
   if not icfg.loss.reference:
     raise ValueError(f"icfg.loss: iterative DPO expects a loss with a reference, got {icfg.loss.loss!r}")
   step = align_train.make_preference_step(cfg, tcfg, icfg.loss)
@@ -561,6 +562,7 @@ def train_iterative_dpo(
       batch = PreferenceBatch(*(x[rows] for x in pairs))
       ref_logps = align_train.reference_logprobs(reference, cfg, batch, per_token=icfg.loss.per_token)
       trained, metrics = step(trained, batch, ref_logps)
+      reference = align_train.sync_reference(reference, trained, icfg.loss)  # TR-DPO, when configured
     metrics = {k: v for k, v in metrics.items() if k in ("loss", "reward_accuracy")}
     return OnlineState(s.step, trained), {**_rollout_metrics(ro), "pairs": n, "dropped": dropped, **metrics}
 

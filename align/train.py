@@ -136,7 +136,7 @@ def make_preference_step(cfg: llama.LlamaConfig, tcfg: train.TrainConfig, pcfg: 
     if not needs_reference and not absent:
       raise ValueError(f"reference: loss {pcfg.loss!r} reads no reference log-probs (they would be ignored); pass None")
     if needs_reference:
-      per_token = pcfg.ld_alpha is not None and needs_reference
+      per_token = pcfg.ld_alpha is not None
       check_reference(reference, np.shape(batch.chosen_BT)[0], loss=str(pcfg.loss), per_token=per_token)
 
   return train.make_step(loss_fn, tcfg, check_args=check_args)

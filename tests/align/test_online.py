@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paperjax.align import online, reward, tasks
+from paperjax.align import dpo, online, reward, tasks
 from paperjax.models.training import train
 from paperjax.models.transformer import llama
 
@@ -255,3 +255,17 @@ def test_rloo_and_iterative_dpo_loops_move_the_policy(policy):
   # Step 1 starts at the reference (loss ln 2); the second step's loss on the same pairs is lower.
   assert history[0]["pairs"] == 2 and history[0]["loss"] < np.log(2) - 0.01
   assert _changed(idpo.train.params, policy)
+  # TR-DPO's hard update after every step: step 2 starts with the reference equal to the policy,
+  # so its loss is ln 2 again (the config key is applied, not ignored).
+  synced = dpo.PreferenceConfig(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=1.0)
+  _, history = online.train_iterative_dpo(
+    jax.random.key(6),
+    policy,
+    MODEL,
+    _prompts,
+    distinct,
+    icfg=online.IterativeDPOConfig(steps=2, loss=synced),
+    rounds=1,
+    **common,
+  )
+  assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
