@@ -108,6 +108,46 @@ def select(
   return jnp.minimum(token_B, last_B).astype(jnp.int32)
 
 
+def select_rows(
+  keys_B: jax.Array,
+  logits_BV: jax.Array,
+  temperature_B: jax.Array,
+  top_k_B: jax.Array,
+  top_p_B: jax.Array,
+) -> jax.Array:
+  """`select` with each row's own key and settings, in one traced call: row b's token is
+  select(keys_B[b], logits_BV[b:b+1], temperature_B[b], top_k=top_k_B[b], top_p=top_p_B[b])[0]
+  (a serving step samples rows of different requests together, on the device).
+
+  Settings are arrays (traced, not static): temperature 0 is greedy; top_k = V keeps every
+  token (select's None); top_p > 1 keeps every token (select's None). keys_B are typed keys
+  [B]. No value checks: the serving engine checks each request's settings on the host.
+  Returns int32 [B].
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  vocab = logits_BV.shape[1]
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  safe_B1 = jnp.where(temperature_B > 0, temperature_B, 1.0).astype(jnp.float32)[:, None]
+  shifted_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
+  scaled_BV = jnp.where(shifted_BV == 0, 0.0, shifted_BV / safe_B1)
+  # top-k as a rank threshold: the same tokens as lax.top_k's (ties: the lower id first).
+  order_BV = jnp.argsort(-scaled_BV, axis=-1, stable=True)
+  rank_BV = jnp.zeros_like(order_BV).at[jnp.arange(logits_BV.shape[0])[:, None], order_BV].set(jnp.arange(vocab))
+  scaled_BV = jnp.where(rank_BV < top_k_B[:, None], scaled_BV, _NEG_INF)
+  kept_BV = jax.vmap(lambda x_V, p: _top_p(x_V[None], p)[0])(scaled_BV, top_p_B.astype(jnp.float32))
+  scaled_BV = jnp.where((top_p_B <= 1.0)[:, None], kept_BV, scaled_BV)
+
+  def draw(key, x_V):
+    probs_V = jax.nn.softmax(x_V)
+    cdf_V = jnp.cumsum(probs_V)
+    u = jax.random.uniform(key, (1, 1))[0, 0] * cdf_V[-1]
+    last = vocab - 1 - jnp.argmax(probs_V[::-1] > 0)
+    return jnp.minimum(jnp.sum(cdf_V <= u), last).astype(jnp.int32)
+
+  sampled_B = jax.vmap(draw)(keys_B, scaled_BV)
+  return jnp.where(temperature_B > 0, sampled_B, greedy_B)
+
+
 def _scale(logits_BV: jax.Array, temperature: float) -> jax.Array:
   """(logits - max_v logits) / T per row: every entry <= 0 (-inf at worst), the max exactly 0.
   Dividing raw logits by a tiny T overflows to inf (and under jit XLA:CPU gives NaN near

@@ -1,24 +1,38 @@
-"""Continuous batching over a paged KV cache (vLLM / Orca) for the Llama model.
+"""Continuous batching over a paged KV cache (vLLM / Orca, with Sarathi-Serve's chunked
+prefill) for the Llama model.
 
-Shapes: B rows of one model call, T tokens per row (a prefill chunk, or 1 when decoding),
-V vocabulary, L layers, G kv heads, P pages, S page slots, K head dim.
+Shapes: R rows of a model call, N tokens of a packed call, W prompt-chunk width, J decode
+steps of a window, V vocabulary, P block-table entries, L layers, G kv heads, S page slots,
+K head dim.
 
 Requests join and leave the running batch at step granularity. Each `step()`:
 1. admits waiting requests (first come, first served) while a row is free and the block
    manager can hold their context, reusing prefix-cached blocks (`models.serving.blocks`);
-2. feeds every running sequence the tokens whose K/V are not in the pool yet: sequences
-   with one such token (decoding) in one [max_batch, 1] call, those with more (prefilling a
-   prompt, in chunks of `prefill_chunk`) in one [prefill_rows, prefill_chunk] call;
-3. samples the next token of every sequence whose tokens are all fed, streams it, and
-   finishes the sequence on a stop id or after max_new_tokens (its blocks are freed).
-Before a decode step each sequence reserves a slot for its token; when blocks run out the
-most recently admitted sequence is preempted (its blocks freed) and later recomputed from
-its prompt plus the tokens it had generated, which it keeps. Padded rows of a call write
-nothing (`num_new_B` = 0). Every call has one of two row counts and one of
-log2(max_seq_len / block_size) + 1 table widths, so it compiles a few times.
+2. makes one model call:
+   - while some running sequence has prompt tokens left to feed, a packed call
+     (`llama.PackedPagedKVCache`): every decoding sequence's token first, then prompt chunks
+     of at most prefill_chunk tokens from at most prefill_rows sequences, token_budget tokens
+     in all (vLLM's scheduler; Sarathi-Serve's chunked prefill). Decode rows are one token
+     wide, so a chunk does not pad them;
+   - otherwise a decode window: J = min(decode_steps, the fewest tokens any running sequence
+     may still generate) decode steps in one jitted loop on the device, each step feeding
+     the token the previous one sampled;
+3. samples on the device, each request's token i drawn with fold_in(key(seed), i) (so an
+   output depends neither on its batch-mates nor on J), reads back the token ids only, and
+   streams them; a sequence finishes on a stop id (its later tokens in a window are
+   discarded) or at max_new_tokens, and its blocks are freed.
+Before a call each sequence reserves the slots the call writes. When blocks run out, the
+window shrinks to one step, and then the most recently admitted sequence is preempted (its
+blocks freed) and later recomputed from its prompt plus the tokens it had generated. Padded
+rows of a call write nothing (num_new = 0).
+
+Call shapes are bucketed so that a trace compiles a handful of programs: row counts and
+chunk widths to powers of two, block tables to a power-of-two width (attention reads every
+slot a table names). `Stats` counts the signatures and splits a step's wall time into host
+work, model calls and transfers.
 
 Greedy outputs equal `generate.generate` of each request alone; `tests/models/serving`
-checks this with requests of mixed lengths, chunked prefill and preemption.
+checks this with requests of mixed lengths, chunked prefill, windows, stops and preemption.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Annotated, Any, NamedTuple
 
@@ -34,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paperjax.models.serving import blocks
+from paperjax.models.serving import blocks, placement
 from paperjax.models.transformer import llama
 from paperjax.ops import checks, paged_attention, sampling
 
@@ -49,10 +64,17 @@ class EngineConfig:
   prefill_rows: checks.PositiveInt = 2  # sequences prefilled per step
   prefill_chunk: checks.PositiveInt = 64  # prompt tokens per prefill row per step
   prefix_caching: bool = True
+  token_budget: checks.PositiveInt = 256  # tokens fed per packed call: decode tokens first, then prompt chunks
+  decode_steps: checks.PositiveInt = 8  # most decode steps of one call (a window on the device)
 
   def __post_init__(self):
     if self.block_size & (self.block_size - 1):  # the decode kernel's page tiles are powers of two
       raise ValueError(f"block_size: expected a power of two, got {self.block_size}")
+    if self.token_budget < self.max_batch:
+      raise ValueError(
+        f"token_budget: expected >= max_batch={self.max_batch} (every running sequence's decode token, with "
+        f"room for a prompt chunk whenever a row is free), got {self.token_budget}"
+      )
 
 
 _Temperature = Annotated[float, checks.Range(low=0, high=math.inf, high_open=True)]  # finite, >= 0
@@ -119,51 +141,79 @@ class _Sequence:
   tokens: list[int]  # prompt then generated tokens
   computed: int = 0  # leading tokens whose K/V are in the pool
   admitted: int = 0  # admission order (the newest is preempted first)
+  key_data: np.ndarray | None = None  # key(seed)'s data, for sampled requests
 
   @property
   def generated(self) -> int:
     return len(self.tokens) - len(self.request.prompt)
 
-
-class _Ready(NamedTuple):
-  """A sequence whose tokens are all fed: its greedy next token, and its logits' row."""
-
-  seq: _Sequence
-  greedy: int
-  logits_BV: jax.Array
-  row: int
+  @property
+  def unfed(self) -> int:
+    return len(self.tokens) - self.computed
 
 
 @dataclasses.dataclass
 class Stats:
+  """Counts and wall seconds over the engine's life (`step` adds to them)."""
+
   steps: int = 0
   preemptions: int = 0
   prompt_tokens: int = 0  # prompt tokens admitted (recomputations included)
   cached_tokens: int = 0  # of which found in the prefix cache
   peak_blocks: int = 0  # most blocks referenced at once
+  model_calls: int = 0  # jitted model calls (one per step; a decode window is one call)
+  decode_steps: int = 0  # decode iterations run on the device (a window of J counts J)
+  fed_tokens: int = 0  # real tokens fed to the model (decode and prefill; padding excluded)
+  padded_tokens: int = 0  # token rows computed, padding included
+  host_s: float = 0.0  # wall seconds in step() outside model calls and transfers: scheduling, block tables, events
+  model_s: float = 0.0  # wall seconds from a call's dispatch until its outputs are ready (compiling calls excluded)
+  transfer_s: float = 0.0  # wall seconds copying ready outputs to the host
+  shapes: int = 0  # distinct call signatures (kind, rows, widths, table width) this engine used
+  compiles: int = 0  # calls that compiled a program (a signature new to this process)
+  compile_s: float = 0.0  # wall seconds of those calls (the compile and one run)
+
+
+class _Sampling(NamedTuple):
+  """Per-row sampling settings of a call (`ops.sampling.select_rows`), numpy on the host and
+  arrays in the call; padded rows are greedy."""
+
+  key_data_R: Any  # uint32 [R, ...]: key(seed)'s data
+  generated_R: Any  # int32: the index of the row's next token
+  temperature_R: Any  # float32, 0 greedy
+  top_k_R: Any  # int32, V for none
+  top_p_R: Any  # float32, 2 for none
 
 
 class Engine:
   """Continuous batching over `llama` with a paged KV cache (module docstring).
 
   State: the device pools, the block manager, the waiting queue and the running sequences.
+  `place` puts the weights, the pools and every call's inputs on devices
+  (`models.serving.placement`; default: one device).
   """
 
-  def __init__(self, params: dict, cfg: llama.LlamaConfig, engine_cfg: EngineConfig):
+  def __init__(
+    self, params: dict, cfg: llama.LlamaConfig, engine_cfg: EngineConfig, *, place: placement.Placement | None = None
+  ):
     if not isinstance(cfg, llama.LlamaConfig):
       raise TypeError(f"cfg: the engine serves Llama (a paged KV cache), got {type(cfg).__name__}")
     if not isinstance(engine_cfg, EngineConfig):
       raise TypeError(f"engine_cfg: expected an EngineConfig, got {type(engine_cfg).__name__}")
     llama.check_params(params, cfg)
-    self.params, self.cfg, self.ecfg = params, cfg, engine_cfg
+    self.place = placement.Placement() if place is None else place
+    self.params, self.cfg, self.ecfg = self.place.params(params), cfg, engine_cfg
     self.manager = blocks.BlockManager(num_blocks=engine_cfg.num_blocks, block_size=engine_cfg.block_size)
-    self.k_pages_GPSK, self.v_pages_GPSK = llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
+    self.k_pages_GPSK, self.v_pages_GPSK = self.place.pools(
+      *llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
+    )
     self.max_pages = -(-cfg.max_seq_len // engine_cfg.block_size)  # block-table width
     self.waiting: collections.deque[_Sequence] = collections.deque()
     self.running: list[_Sequence] = []
     self.stats = Stats()
     self._admissions = 0
     self._ids: set[Hashable] = set()
+    self._signatures: set[tuple] = set()
+    self._key_shape = jax.random.key_data(jax.random.key(0)).shape
 
   def add(self, request: Request) -> None:
     """Queues a request; a bad one raises ValueError (TypeError: not a Request) here and leaves
@@ -172,7 +222,8 @@ class Engine:
     if request.id in self._ids:
       raise ValueError(f"request.id: {request.id!r} is already queued or running")
     self._ids.add(request.id)
-    self.waiting.append(_Sequence(request, list(request.prompt)))
+    key_data = None if request.temperature == 0 else np.asarray(jax.random.key_data(jax.random.key(request.seed)))
+    self.waiting.append(_Sequence(request, list(request.prompt), key_data=key_data))
 
   @property
   def idle(self) -> bool:
@@ -197,18 +248,31 @@ class Engine:
     return out
 
   def step(self) -> list[Event]:
+    """Admits, makes one model call (a packed prefill+decode call or a decode window), and
+    returns the streamed tokens, each request's in order."""
+    start = time.perf_counter()
+    device_s = 0.0
     self.stats.steps += 1
     self._admit()
-    decoding = [s for s in self.running if len(s.tokens) - s.computed == 1]
-    decoding = self._reserve(decoding)
-    prefilling = [s for s in self.running if len(s.tokens) - s.computed > 1][: self.ecfg.prefill_rows]
-    ready: list[_Ready] = []
-    if decoding:
-      ready += self._feed(decoding, 1)
-    if prefilling:
-      ready += self._feed(prefilling, self.ecfg.prefill_chunk)
+    decoding = [s for s in self.running if s.unfed == 1]
+    if any(s.unfed > 1 for s in self.running):
+      decoding = self._reserve(decoding, 1)
+      chunks = self._chunks(decoding)
+      rows: list[tuple[_Sequence, int]] = [(s, 1) for s in decoding] + chunks
+      tokens_JR, device_s = self._packed(decoding, chunks)
+    elif decoding:
+      window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated for s in decoding))
+      if window > 1 and not self._fits(decoding, window):
+        window = 1
+      decoding = self._reserve(decoding, window)
+      rows = [(s, 1) for s in decoding]
+      tokens_JR, device_s = self._window(decoding, window) if decoding else (np.zeros((0, 0), np.int32), 0.0)
+    else:
+      rows, tokens_JR = [], np.zeros((0, 0), np.int32)
     self.stats.peak_blocks = max(self.stats.peak_blocks, self.ecfg.num_blocks - self.manager.num_free_blocks)
-    return self._sample(ready)
+    events = self._advance(rows, tokens_JR)
+    self.stats.host_s += time.perf_counter() - start - device_s
+    return events
 
   # ---- scheduling
 
@@ -225,14 +289,37 @@ class Engine:
       self.stats.prompt_tokens += len(seq.tokens)
       self.stats.cached_tokens += seq.computed
 
-  def _reserve(self, decoding: list[_Sequence]) -> list[_Sequence]:
-    """A slot for each decoding sequence's token, preempting the newest sequences when the
-    pool runs out; applies the copy-on-write copies. Returns the sequences still running."""
+  def _chunks(self, decoding: list[_Sequence]) -> list[tuple[_Sequence, int]]:
+    """Prompt chunks (sequence, tokens) after the decode tokens, in admission order: at most
+    prefill_rows chunks of at most prefill_chunk tokens, token_budget tokens in all."""
+    budget = self.ecfg.token_budget - len(decoding)
+    chunks: list[tuple[_Sequence, int]] = []
+    for seq in self.running:
+      if seq.unfed > 1 and budget > 0 and len(chunks) < self.ecfg.prefill_rows:
+        take = min(seq.unfed, self.ecfg.prefill_chunk, budget)
+        chunks.append((seq, take))
+        budget -= take
+    return chunks
+
+  def _fits(self, decoding: list[_Sequence], window: int) -> bool:
+    """Whether the free blocks hold every sequence's slots for a window of J steps."""
+    size = self.ecfg.block_size
+    need = 0
+    for seq in decoding:
+      table = self.manager.tables[seq.request.id]
+      need += -(-(len(seq.tokens) + window - 1) // size) - len(table) + 1  # + 1: a copy-on-write of the last block
+    return need <= self.manager.num_free_blocks
+
+  def _reserve(self, decoding: list[_Sequence], window: int) -> list[_Sequence]:
+    """Slots for the tokens a window of J steps feeds each decoding sequence (its last token
+    and the J - 1 it samples before the last), preempting the newest sequences when the pool
+    runs out; applies the copy-on-write copies. Returns the sequences still running."""
     copies: list[tuple[int, int]] = []
     for seq in sorted(decoding, key=lambda s: s.admitted):
-      while seq in self.running and self.manager.num_tokens[seq.request.id] < len(seq.tokens):
+      target = len(seq.tokens) + window - 1
+      while seq in self.running and self.manager.num_tokens[seq.request.id] < target:
         try:
-          copies += self.manager.append(seq.request.id, 1)
+          copies += self.manager.append(seq.request.id, target - self.manager.num_tokens[seq.request.id])
         except MemoryError:
           self._preempt(max(self.running, key=lambda s: s.admitted))
     if copies:
@@ -241,8 +328,9 @@ class Engine:
       dst: Any
       src, dst = (np.asarray(x, np.int32) for x in zip(*copies))
       layers = self.cfg.n_layers
-      self.k_pages_GPSK = paged_attention.copy_pages(self.k_pages_GPSK, src, dst, layers=layers)
-      self.v_pages_GPSK = paged_attention.copy_pages(self.v_pages_GPSK, src, dst, layers=layers)
+      with self.place.context():
+        self.k_pages_GPSK = paged_attention.copy_pages(self.k_pages_GPSK, src, dst, layers=layers)
+        self.v_pages_GPSK = paged_attention.copy_pages(self.v_pages_GPSK, src, dst, layers=layers)
     return [s for s in decoding if s in self.running]
 
   def _preempt(self, seq: _Sequence) -> None:
@@ -254,78 +342,204 @@ class Engine:
     self.waiting.appendleft(seq)
     self.stats.preemptions += 1
 
-  # ---- model calls
-
-  def _feed(self, seqs: list[_Sequence], width: int) -> list[_Ready]:
-    """Feeds each sequence up to `width` of its unfed tokens in one call of fixed rows; the
-    block tables are as wide as the longest one rounded up to a power of two (attention reads
-    every slot a table names, so a few compiled widths beat one of max_seq_len)."""
-    rows = self.ecfg.max_batch if width == 1 else self.ecfg.prefill_rows
-    tables = [self.manager.block_table(seq.request.id) for seq in seqs]
-    pages = min(self.max_pages, 1 << (max(map(len, tables)) - 1).bit_length())
-    tokens_BT = np.zeros((rows, width), np.int32)
-    tables_BP = np.zeros((rows, pages), np.int32)
-    lengths_B, new_B = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    for row, (seq, table) in enumerate(zip(seqs, tables)):
-      chunk = seq.tokens[seq.computed : seq.computed + width]
-      tokens_BT[row, : len(chunk)] = chunk
-      tables_BP[row, : len(table)] = table
-      lengths_B[row], new_B[row] = seq.computed, len(chunk)
-    logits_BV, greedy_B, self.k_pages_GPSK, self.v_pages_GPSK = _feed(
-      self.params, self.k_pages_GPSK, self.v_pages_GPSK, tokens_BT, tables_BP, lengths_B, new_B, self.cfg
-    )
-    greedy = np.asarray(greedy_B)  # one transfer; logits stay on the device unless a row samples
-    ready = []
-    for row, seq in enumerate(seqs):
-      seq.computed += int(new_B[row])
-      if self.ecfg.prefix_caching:
-        self.manager.commit(seq.request.id, seq.tokens[: seq.computed])
-      if seq.computed == len(seq.tokens):
-        ready.append(_Ready(seq, int(greedy[row]), logits_BV, row))
-    return ready
-
-  def _sample(self, ready: list[_Ready]) -> list[Event]:
-    tokens = [  # every token first, then the state changes
-      greedy
-      if seq.request.temperature == 0
-      else int(
-        _select(
-          jax.random.fold_in(jax.random.key(seq.request.seed), seq.generated),
-          logits_BV[row],
-          seq.request.temperature,
-          seq.request.top_k,
-          seq.request.top_p,
-        )
-      )
-      for seq, greedy, logits_BV, row in ready
-    ]
+  def _advance(self, rows: list[tuple[_Sequence, int]], tokens_JR: np.ndarray) -> list[Event]:
+    """Books what a call fed and streams what it sampled. Row r of the call fed `fed` tokens
+    at its first step (a decode token, or a prompt chunk) and one at each later step of a
+    window; tokens_JR[j, r] is what row r sampled at step j. A chunk that does not end its
+    prompt samples nothing; a finished sequence's later tokens are discarded."""
     events = []
-    for (seq, *_), token in zip(ready, tokens):
-      r = seq.request
-      seq.tokens.append(token)
-      finished = token in r.stop_ids or seq.generated == r.max_new_tokens
-      events.append(Event(r.id, token, finished))
-      if finished:
-        self.manager.free_sequence(r.id)
-        self.running.remove(seq)
-        self._ids.discard(r.id)
+    live = [(r, seq, fed) for r, (seq, fed) in enumerate(rows)]
+    for j in range(tokens_JR.shape[0]):
+      going = []
+      for r, seq, fed in live:
+        seq.computed += fed
+        if seq.unfed:
+          continue
+        request, token = seq.request, int(tokens_JR[j, r])
+        seq.tokens.append(token)
+        finished = token in request.stop_ids or seq.generated == request.max_new_tokens
+        events.append(Event(request.id, token, finished))
+        if finished:
+          self.manager.free_sequence(request.id)
+          self.running.remove(seq)
+          self._ids.discard(request.id)
+        else:
+          going.append((r, seq, 1))
+      live = going
+    if self.ecfg.prefix_caching:
+      for seq, _ in rows:
+        if seq in self.running:
+          self.manager.commit(seq.request.id, seq.tokens[: seq.computed])
     return events
 
+  # ---- model calls
 
-@functools.partial(jax.jit, static_argnums=7, donate_argnums=(1, 2))
-def _feed(params, k_pages_GPSK, v_pages_GPSK, tokens_BT, tables_BP, lengths_B, new_B, cfg):
-  """One model call over the pool: the logits [B, V] after each row's last new token, their
-  argmax (greedy rows need nothing else on the host), and the pools."""
-  state = llama.PagedKVCache(k_pages_GPSK, v_pages_GPSK, tables_BP, lengths_B)
-  logits_BTV, after = llama.forward(params, tokens_BT, cfg, state=state, num_new_B=new_B)
-  assert isinstance(after, llama.PagedKVCache)
-  last_BV = logits_BTV[jnp.arange(tokens_BT.shape[0]), jnp.maximum(new_B - 1, 0)]
-  return last_BV, jnp.argmax(last_BV, axis=-1), after.k_pages_GPSK, after.v_pages_GPSK  # = select at T=0
+  def _packed(self, decoding: list[_Sequence], chunks: list[tuple[_Sequence, int]]) -> tuple[np.ndarray, float]:
+    """One packed call: the decode rows [Rd, 1], then the chunks [Rp, W]. Returns the sampled
+    tokens [1, len(decoding) + len(chunks)] in that order, and the call's wall seconds."""
+    seqs = decoding + [seq for seq, _ in chunks]
+    pages = self._pages(seqs)
+    groups: list[tuple[np.ndarray, ...]] = []
+    placed: list[int] = []
+    if decoding:
+      rows = _bucket(len(decoding), self.ecfg.max_batch)
+      groups.append(self._group([(s, 1) for s in decoding], rows, 1, pages))
+      placed += range(len(decoding))
+    if chunks:
+      width = _bucket(max(take for _, take in chunks), self.ecfg.prefill_chunk)
+      start = groups[0][0].shape[0] if groups else 0
+      groups.append(self._group(chunks, _bucket(len(chunks), self.ecfg.prefill_rows), width, pages))
+      placed += range(start, start + len(chunks))
+    total = sum(g[0].shape[0] for g in groups)
+    sample, sampled = self._sampling(seqs, placed, total)
+    signature = ("packed", tuple(g[0].shape for g in groups), pages, sampled)
+    out_1R, seconds = self._call(signature, _packed_call, tuple(groups), sample, sampled=sampled)
+    self.stats.decode_steps += bool(decoding)
+    self.stats.fed_tokens += len(decoding) + sum(take for _, take in chunks)
+    self.stats.padded_tokens += sum(g[0].size for g in groups)
+    return out_1R[:, np.asarray(placed)], seconds
+
+  def _window(self, decoding: list[_Sequence], window: int) -> tuple[np.ndarray, float]:
+    """J decode steps of every decoding sequence in one call. Returns the sampled tokens
+    [J, len(decoding)] and the call's wall seconds."""
+    pages = self._pages(decoding)
+    rows = _bucket(len(decoding), self.ecfg.max_batch)
+    tokens_R1, tables_RP, lengths_R, new_R = self._group([(s, 1) for s in decoding], rows, 1, pages)
+    sample, sampled = self._sampling(decoding, range(len(decoding)), rows)
+    signature = ("window", rows, pages, sampled)
+    args = (tokens_R1[:, 0], tables_RP, lengths_R, new_R, np.int32(window), sample)
+    out_JR, seconds = self._call(signature, _window_call, *args, sampled=sampled, window=self.ecfg.decode_steps)
+    self.stats.decode_steps += window
+    self.stats.fed_tokens += window * len(decoding)
+    self.stats.padded_tokens += window * rows
+    return out_JR[:window, : len(decoding)], seconds
+
+  def _call(self, signature: tuple, fn: Any, *args: Any, **static: Any) -> tuple[np.ndarray, float]:
+    """Runs a jitted call over the pools (donated and replaced) and reads its tokens back,
+    timing the model (dispatch to ready) apart from the transfer; a call that compiles is
+    timed apart from both."""
+    inputs = jax.tree.map(self.place.host, args)
+    programs = _programs(fn)
+    start = time.perf_counter()
+    with self.place.context():
+      out, self.k_pages_GPSK, self.v_pages_GPSK = fn(
+        self.params, self.k_pages_GPSK, self.v_pages_GPSK, *inputs, cfg=self.cfg, **static
+      )
+      jax.block_until_ready(out)
+    ready = time.perf_counter()
+    tokens = self.place.fetch(out)
+    done = time.perf_counter()
+    new = signature not in self._signatures
+    self._signatures.add(signature)
+    self.stats.shapes = len(self._signatures)
+    if new if programs is None else (_programs(fn) or 0) > programs:
+      self.stats.compiles += 1
+      self.stats.compile_s += ready - start
+    else:
+      self.stats.model_s += ready - start
+    self.stats.transfer_s += done - ready
+    self.stats.model_calls += 1
+    return tokens, done - start
+
+  def _pages(self, seqs: list[_Sequence]) -> int:
+    """The call's block-table width: the longest table rounded up to a power of two."""
+    longest = max(len(self.manager.tables[s.request.id]) for s in seqs)
+    return min(self.max_pages, 1 << (longest - 1).bit_length())
+
+  def _group(self, feeds: list[tuple[_Sequence, int]], rows: int, width: int, pages: int) -> tuple[np.ndarray, ...]:
+    """Host arrays of one group of a call: tokens [R, W], tables [R, P], lengths [R] and new
+    tokens [R] (0 on padded rows), feeding each sequence `count` tokens from its first unfed."""
+    tokens_RW = np.zeros((rows, width), np.int32)
+    tables_RP = np.zeros((rows, pages), np.int32)
+    lengths_R, new_R = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    for row, (seq, count) in enumerate(feeds):
+      table = self.manager.tables[seq.request.id]
+      tokens_RW[row, :count] = seq.tokens[seq.computed : seq.computed + count]
+      tables_RP[row, : len(table)] = table
+      lengths_R[row], new_R[row] = seq.computed, count
+    return tokens_RW, tables_RP, lengths_R, new_R
+
+  def _sampling(self, seqs: list[_Sequence], placed: Iterable[int], rows: int) -> tuple[_Sampling, bool]:
+    """The call's per-row sampling settings (sequence i at row placed[i]) and whether any row samples."""
+    sample = _Sampling(
+      np.zeros((rows, *self._key_shape), np.uint32),
+      np.zeros(rows, np.int32),
+      np.zeros(rows, np.float32),
+      np.full(rows, self.cfg.vocab_size, np.int32),
+      np.full(rows, 2.0, np.float32),
+    )
+    sampled = False
+    for seq, row in zip(seqs, placed):
+      r = seq.request
+      sample.generated_R[row] = seq.generated
+      if r.temperature > 0:
+        sampled = True
+        assert seq.key_data is not None
+        sample.key_data_R[row] = seq.key_data
+        sample.temperature_R[row] = r.temperature
+        sample.top_k_R[row] = self.cfg.vocab_size if r.top_k is None else r.top_k
+        sample.top_p_R[row] = 2.0 if r.top_p is None else r.top_p
+    return sample, sampled
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _select(key, logits_V, temperature, top_k, top_p):
-  return sampling.select(key, logits_V[None], temperature, top_k=top_k, top_p=top_p)[0]
+def _programs(fn: Any) -> int | None:
+  """Programs a jitted function has compiled in this process (None where jax does not say)."""
+  size = getattr(fn, "_cache_size", None)
+  return None if size is None else size()
+
+
+def _bucket(count: int, cap: int) -> int:
+  """count rounded up to a power of two, at most cap (count <= cap)."""
+  return min(cap, 1 << (count - 1).bit_length())
+
+
+def _choose(sample: _Sampling, logits_RV: jax.Array, step: Any, sampled: bool) -> jax.Array:
+  """Each row's next token: argmax, or (some row samples) `ops.sampling.select_rows` with row
+  r's key fold_in(key(seed_r), generated_r + step)."""
+  if not sampled:
+    return jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)  # = select at T=0
+  keys_R = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sample.key_data_R), sample.generated_R + step)
+  return sampling.select_rows(keys_R, logits_RV, sample.temperature_R, sample.top_k_R, sample.top_p_R)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampled"), donate_argnums=(1, 2))
+def _packed_call(params, k_pages_GPSK, v_pages_GPSK, groups, sample, *, cfg, sampled):
+  """One packed model call (`llama.PackedPagedKVCache`) over groups of (tokens [R, W], tables,
+  lengths, new); unembeds only each row's last new token. Returns the next tokens [1, R] of
+  the groups' rows in order, and the pools."""
+  rows = tuple(llama.PagedRows(tables, lengths, new, tokens.shape[1]) for tokens, tables, lengths, new in groups)
+  tokens_1N = jnp.concatenate([tokens.reshape(-1) for tokens, *_ in groups])[None]
+  state = llama.PackedPagedKVCache(k_pages_GPSK, v_pages_GPSK, rows)
+  hidden_1ND, after = llama.forward_hidden(params, tokens_1N, cfg, state=state)
+  assert isinstance(after, llama.PackedPagedKVCache)
+  last, start = [], 0
+  for tokens, _, _, new in groups:
+    rows_, width = tokens.shape
+    last.append(start + jnp.arange(rows_) * width + jnp.maximum(new - 1, 0))
+    start += rows_ * width
+  logits_1RV = llama.unembed(params, hidden_1ND[:, jnp.concatenate(last)], cfg)
+  return _choose(sample, logits_1RV[0], 0, sampled)[None], after.k_pages_GPSK, after.v_pages_GPSK
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampled", "window"), donate_argnums=(1, 2))
+def _window_call(
+  params, k_pages_GPSK, v_pages_GPSK, token_R, tables_RP, lengths_R, new_R, steps, sample, *, cfg, sampled, window
+):
+  """`steps` (<= window, traced) decode steps in one loop on the device: step j feeds each
+  row's token at slot lengths + j and samples the next. Padded rows (new 0) write nothing.
+  Returns the sampled tokens [window, R] (rows past `steps` are 0) and the pools."""
+
+  def body(j, carry):
+    token_R, k_pages, v_pages, out_JR = carry
+    state = llama.PagedKVCache(k_pages, v_pages, tables_RP, lengths_R + j * new_R)
+    hidden_R1D, after = llama.forward_hidden(params, token_R[:, None], cfg, state=state, num_new_B=new_R)
+    assert isinstance(after, llama.PagedKVCache)
+    token_R = _choose(sample, llama.unembed(params, hidden_R1D, cfg)[:, 0], j, sampled)
+    return token_R, after.k_pages_GPSK, after.v_pages_GPSK, out_JR.at[j].set(token_R)
+
+  init = (token_R, k_pages_GPSK, v_pages_GPSK, jnp.zeros((window, token_R.shape[0]), jnp.int32))
+  _, k_pages_GPSK, v_pages_GPSK, out_JR = jax.lax.fori_loop(0, steps, body, init)
+  return out_JR, k_pages_GPSK, v_pages_GPSK
 
 
 def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineConfig) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -173,7 +174,37 @@ class PagedKVCache:
     return self.block_tables_BP.shape[1] * self.k_pages_GPSK.shape[2]
 
 
-Cache = KVCache | PagedKVCache
+@struct.dataclass
+class PagedRows:
+  """Rows of one width in a `PackedPagedKVCache`: block tables [B, P] (per-layer page ids),
+  lengths [B] before the call, and num_new_B [B] <= width real tokens per row (the rest is
+  padding, never written)."""
+
+  block_tables_BP: jax.Array  # int32
+  lengths_B: jax.Array  # int32
+  num_new_B: jax.Array  # int32
+  width: int = struct.field(pytree_node=False)  # T of these rows
+
+
+@struct.dataclass
+class PackedPagedKVCache:
+  """A paged pool (as `PagedKVCache`) fed rows of different widths in one call: a serving
+  step's decode rows (width 1) and prompt chunks (width T) together, with no padding of one
+  kind to the other. The call's tokens are [1, N], N = sum over groups of B * width: group
+  after group, each group's rows in order, row-major. Every per-token computation (the
+  projections, the MLP) runs on the N tokens at once; attention runs group by group over
+  each row's pages."""
+
+  k_pages_GPSK: jax.Array
+  v_pages_GPSK: jax.Array
+  groups: tuple[PagedRows, ...]
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(g.block_tables_BP.shape[0] * g.width for g in self.groups)
+
+
+Cache = KVCache | PagedKVCache | PackedPagedKVCache
 
 
 def init_pages(cfg: LlamaConfig, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
@@ -424,24 +455,33 @@ def _blocks(
   segments' layers. Returns the hidden states, the updated cache and the stacked sites."""
   edit_by_kind = stack.parse_edits(edits, cfg.n_layers, SITE_KINDS)
   batch, time = x_BTD.shape[:2]
+  added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
+  pool_cache = cache if isinstance(cache, (PagedKVCache, PackedPagedKVCache)) else None
+  paged = pool_cache is not None
+  groups: tuple[PagedRows, ...] = ()
+  mask_BTS = None
+  if isinstance(cache, PagedKVCache):
+    groups = (PagedRows(cache.block_tables_BP, cache.lengths_B, added_B, time),)
+  elif isinstance(cache, PackedPagedKVCache):
+    groups = cache.groups
   if cache is None:
     index_BT = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-    positions_BT = index_BT if positions_BT is None else positions_BT
     mask_BTS = attention.make_mask(
       index_BT, index_BT, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT
     )
-  else:
+  elif groups:
+    index_BT = jnp.concatenate(
+      [(g.lengths_B[:, None] + jnp.arange(g.width, dtype=jnp.int32)).reshape(-1) for g in groups]
+    ).reshape(batch, time)
+  elif isinstance(cache, KVCache):
     index_BT = cache.lengths_B[:, None] + jnp.arange(time, dtype=jnp.int32)
-    positions_BT = index_BT if positions_BT is None else positions_BT
     slots_BS = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (batch, cache.capacity))
     mask_BTS = attention.make_mask(index_BT, slots_BS)
-  added_B = jnp.full((batch,), time, jnp.int32) if num_new_B is None else num_new_B.astype(jnp.int32)
-  valid_BT = jnp.arange(time)[None, :] < added_B[:, None]  # padding past a row's new tokens is never written
+  positions_BT = index_BT if positions_BT is None else positions_BT
   inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
   constrain = lambda x, *names: sharding.shard(x, names, cfg.axis_rules)
 
-  paged = isinstance(cache, PagedKVCache)
-  layer_pages = cache.k_pages_GPSK.shape[1] // cfg.n_layers if isinstance(cache, PagedKVCache) else 0
+  layer_pages = 0 if pool_cache is None else pool_cache.k_pages_GPSK.shape[1] // cfg.n_layers
 
   def layer(carry, xs):
     # A paged pool rides in the scan carry with the layer's page offset and is written in
@@ -460,12 +500,10 @@ def _blocks(
       q_BTHK = constrain(q_BTHK, "act_batch", "act_length", "act_heads", None)
       k_BTGK = constrain(k_BTGK, "act_batch", "act_length", "act_kv_heads", None)
       v_BTGK = constrain(v_BTGK, "act_batch", "act_length", "act_kv_heads", None)
-      if isinstance(cache, PagedKVCache):  # write the new tokens into their pages, attend over the row's pages
+      if paged:  # write the new tokens into their pages, attend over the row's pages
         assert pool is not None
         k_pool, v_pool, offset = pool
-        tables_BP = cache.block_tables_BP + offset  # this layer's pages
-        k_pool, v_pool = paged_attention.write(k_pool, v_pool, k_BTGK, v_BTGK, tables_BP, index_BT, valid_BT)
-        attn_BTHK = _paged_attend(q_BTHK, (k_pool, v_pool), tables_BP, index_BT, cache.lengths_B + added_B)
+        k_pool, v_pool, attn_BTHK = _paged_layer(q_BTHK, k_BTGK, v_BTGK, k_pool, v_pool, groups, offset)
         pool = (k_pool, v_pool, offset + layer_pages)
       else:
         if kv is not None:  # write the new keys/values at their slots, then read the whole cache
@@ -495,8 +533,8 @@ def _blocks(
     return ((x_BTD, pool) if paged else x_BTD), kv, acts
 
   k_out, v_out, acts = [], [], []
-  if isinstance(cache, PagedKVCache):
-    pool = (cache.k_pages_GPSK, cache.v_pages_GPSK, jnp.int32(0))
+  if pool_cache is not None:
+    pool = (pool_cache.k_pages_GPSK, pool_cache.v_pages_GPSK, jnp.int32(0))
     for start, stop, segment in segments:
       (x_BTD, pool), _, stacked = stack.scan_layers(
         layer, (x_BTD, pool), (segment, None, jnp.arange(start, stop)), remat=cfg.remat, unroll=cfg.unroll, kinds=kinds
@@ -504,7 +542,7 @@ def _blocks(
       acts.append(stacked)
   else:
     for start, stop, segment in segments:
-      kv_in = None if cache is None else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
+      kv_in = None if not isinstance(cache, KVCache) else (cache.k_LBSGK[start:stop], cache.v_LBSGK[start:stop])
       x_BTD, kv_out, stacked = stack.scan_layers(
         layer, x_BTD, (segment, kv_in, jnp.arange(start, stop)), remat=cfg.remat, unroll=cfg.unroll, kinds=kinds
       )
@@ -516,9 +554,33 @@ def _blocks(
   stacked = {kind: join([a[kind] for a in acts]) for kind in kinds}
   if isinstance(cache, PagedKVCache):
     cache = PagedKVCache(pool[0], pool[1], cache.block_tables_BP, cache.lengths_B + added_B)
+  elif isinstance(cache, PackedPagedKVCache):
+    after = tuple(dataclasses.replace(g, lengths_B=g.lengths_B + g.num_new_B) for g in groups)
+    cache = PackedPagedKVCache(pool[0], pool[1], after)
   elif cache is not None:
     cache = KVCache(join(k_out), join(v_out), cache.lengths_B + added_B)
   return x_BTD, cache, stacked
+
+
+def _paged_layer(q_BTHK, k_BTGK, v_BTGK, k_pool, v_pool, groups, offset):
+  """One layer's paged attention over row groups: the call's tokens taken group by group
+  (`PackedPagedKVCache`), each group's new K/V written to its rows' pages (padding past a
+  row's num_new is dropped), then its queries attend over those pages. Returns the pools and
+  the attention output, shaped like q_BTHK. A `PagedKVCache` is one group of the call's rows."""
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  q_NHK, k_NGK, v_NGK = flat(q_BTHK), flat(k_BTGK), flat(v_BTGK)
+  outs, start = [], 0
+  for g in groups:
+    rows, width = g.block_tables_BP.shape[0], g.width
+    q, k, v = (x_N[start : start + rows * width].reshape(rows, width, *x_N.shape[1:]) for x_N in (q_NHK, k_NGK, v_NGK))
+    index_BT = g.lengths_B[:, None] + jnp.arange(width, dtype=jnp.int32)
+    valid_BT = jnp.arange(width)[None, :] < g.num_new_B[:, None]
+    tables_BP = g.block_tables_BP + offset  # this layer's pages
+    k_pool, v_pool = paged_attention.write(k_pool, v_pool, k, v, tables_BP, index_BT, valid_BT)
+    out_BTHK = _paged_attend(q, (k_pool, v_pool), tables_BP, index_BT, g.lengths_B + g.num_new_B)
+    outs.append(out_BTHK.reshape(rows * width, *out_BTHK.shape[2:]))
+    start += rows * width
+  return k_pool, v_pool, jnp.concatenate(outs).reshape(q_BTHK.shape)
 
 
 def _paged_attend(q_BTHK, kv, block_tables_BP, index_BT, lengths_B) -> jax.Array:
@@ -564,24 +626,22 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
     if positions_BT is None and time > cfg.max_seq_len:
       raise ValueError(f"tokens_BT: {time} tokens exceed max_seq_len={cfg.max_seq_len}")
     return batch, time
-  if not isinstance(cache, (KVCache, PagedKVCache)):
+  if not isinstance(cache, (KVCache, PagedKVCache, PackedPagedKVCache)):
     raise TypeError(
-      f"state: expected a llama.KVCache or PagedKVCache (init_state, prefill), got {type(cache).__name__}"
+      f"state: expected a llama.KVCache, PagedKVCache or PackedPagedKVCache (init_state, prefill), got "
+      f"{type(cache).__name__}"
     )
   if segment_ids_BT is not None:
     raise ValueError("segment_ids_BT: document masks are for training without a cache")
+  if isinstance(cache, PackedPagedKVCache):
+    _check_packed(cache, cfg, batch, time, num_new_B)
+    return batch, time
   checks.check_array("state.lengths_B", cache.lengths_B, 1, integer=True, shape=f"[{batch}]")
   if cache.lengths_B.shape != (batch,):
     raise ValueError(f"state: cache built for batch {cache.lengths_B.shape[0]}, got tokens for batch {batch}")
   if isinstance(cache, PagedKVCache):
-    shape = cache.k_pages_GPSK.shape
-    if shape[0] != cfg.n_kv_heads or shape[1] % cfg.n_layers or shape[3] != cfg.k:
-      raise ValueError(f"state: page pool shape {shape} does not fit the config ([G, L * P, S, K])")
-    if cache.block_tables_BP.shape[0] != batch or cache.block_tables_BP.dtype != jnp.int32:
-      raise ValueError(
-        f"state: expected int32 block tables [{batch}, P], got {cache.block_tables_BP.dtype} "
-        f"{cache.block_tables_BP.shape}"
-      )
+    _check_pool(cache.k_pages_GPSK, cfg)
+    _check_tables("state", cache.block_tables_BP, batch)
   elif cache.k_LBSGK.shape[3:] != (cfg.n_kv_heads, cfg.k) or cache.k_LBSGK.shape[0] != cfg.n_layers:
     raise ValueError(f"state: cache shape {cache.k_LBSGK.shape} does not fit the config (L, G, K)")
   if num_new_B is not None:
@@ -593,3 +653,43 @@ def _check_inputs(tokens_BT, cfg, positions_BT, segment_ids_BT, cache, num_new_B
   end_B = cache.lengths_B + (time if num_new_B is None else num_new_B)
   checks.check_values("state", end_B, lambda end: end > cache.capacity, f"row lengths <= capacity {cache.capacity}")
   return batch, time
+
+
+def _check_pool(k_pages_GPSK: jax.Array, cfg: LlamaConfig) -> None:
+  shape = k_pages_GPSK.shape
+  if len(shape) != 4 or shape[0] != cfg.n_kv_heads or shape[1] % cfg.n_layers or shape[3] != cfg.k:
+    raise ValueError(f"state: page pool shape {shape} does not fit the config ([G, L * P, S, K])")
+
+
+def _check_tables(name: str, block_tables_BP: jax.Array, batch: int) -> None:
+  if block_tables_BP.ndim != 2 or block_tables_BP.shape[0] != batch or block_tables_BP.dtype != jnp.int32:
+    raise ValueError(
+      f"{name}: expected int32 block tables [{batch}, P], got {block_tables_BP.dtype} {block_tables_BP.shape}"
+    )
+
+
+def _check_packed(cache: PackedPagedKVCache, cfg: LlamaConfig, batch: int, time: int, num_new_B) -> None:
+  """A packed call's tokens are [1, N] with N the groups' B * width; each group's counts fit."""
+  if num_new_B is not None:
+    raise ValueError("num_new_B: a PackedPagedKVCache carries each group's num_new_B")
+  if not cache.groups:
+    raise ValueError("state.groups: expected at least one group of rows, got none")
+  if batch != 1 or time != cache.num_tokens:
+    raise ValueError(
+      f"tokens_BT: a packed call takes [1, N] tokens, N = {cache.num_tokens} (its groups' rows x widths), got "
+      f"shape {(batch, time)}"
+    )
+  _check_pool(cache.k_pages_GPSK, cfg)
+  for i, g in enumerate(cache.groups):
+    rows, where = g.block_tables_BP.shape[0], f"state.groups[{i}]"
+    _check_tables(f"{where}.block_tables_BP", g.block_tables_BP, rows)
+    for name in ("lengths_B", "num_new_B"):
+      x = getattr(g, name)
+      checks.check_array(f"{where}.{name}", x, 1, integer=True, shape=f"[{rows}]")
+      if x.shape != (rows,):
+        raise ValueError(f"{where}.{name}: expected shape ({rows},), got {x.shape}")
+    capacity = g.block_tables_BP.shape[1] * cache.k_pages_GPSK.shape[2]
+    checks.check_in(f"{where}.num_new_B", g.num_new_B, 0, g.width, what="counts of new tokens")
+    checks.check_in(f"{where}.lengths_B", g.lengths_B, 0, capacity, what="lengths")
+    end_B = g.lengths_B + g.num_new_B
+    checks.check_values(where, end_B, functools.partial(operator.lt, capacity), f"row lengths <= capacity {capacity}")

@@ -196,7 +196,7 @@ CASES = [
   pytest.param(
     lambda: llama.decode(PARAMS, jnp.array([1]), (full_cache().k_LBSGK, full_cache().v_LBSGK), CFG),
     TypeError,
-    r"state: expected a llama.KVCache or PagedKVCache",
+    r"state: expected a llama.KVCache, PagedKVCache or PackedPagedKVCache",
     id="decode-tuple-state",
   ),
   pytest.param(

@@ -106,6 +106,66 @@ def test_sampled_tokens_do_not_depend_on_batch_mates(params):
   assert reseeded["s"] != alone["s"]
 
 
+def test_outputs_do_not_depend_on_the_decode_window(params):
+  # Greedy and sampled requests with decode windows of 1, 3 and 8 steps on the device: the same
+  # tokens (each sampled token i uses fold_in(key(seed), i), whatever window it falls in).
+  requests = _requests(6, count=6) + [
+    engine.Request(id="s1", prompt=(3, 1, 4), max_new_tokens=12, temperature=1.0, seed=1),
+    engine.Request(id="s2", prompt=(2, 7, 1, 8), max_new_tokens=9, temperature=0.7, top_k=20, top_p=0.9, seed=2),
+  ]
+  runs = {}
+  for steps in (1, 3, 8):
+    eng = engine.Engine(params, CFG, engine.EngineConfig(**{**vars(SMALL), "decode_steps": steps}))
+    runs[steps] = (eng.generate(requests), eng.stats)
+  assert runs[1][0] == runs[3][0] == runs[8][0]
+  assert runs[8][1].model_calls < runs[3][1].model_calls < runs[1][1].model_calls  # windows ran
+  _assert_matches_alone(params, requests[:6], {r.id: runs[8][0][r.id] for r in requests[:6]})
+
+
+def test_a_stop_inside_a_window_ends_the_request_there(params):
+  # One request alone: its prompt's call samples token 0, then a window of min(8, 11) = 8 steps.
+  # Its stop id is its own greedy token 4 (or the first earlier occurrence): the window's
+  # later tokens are discarded and every block is freed.
+  prompt = (5, 9, 2, 6, 5, 3)
+  free = engine.Request(id="free", prompt=prompt, max_new_tokens=MAX_NEW)
+  greedy = _alone(params, free)
+  stop = greedy[4]
+  end = greedy.index(stop) + 1
+  eng = engine.Engine(params, CFG, SMALL)
+  events = list(eng.run([engine.Request(id="r", prompt=prompt, max_new_tokens=MAX_NEW, stop_ids=(stop,))]))
+  assert [e.token for e in events] == greedy[:end]
+  assert [e.finished for e in events] == [False] * (end - 1) + [True]
+  assert eng.stats.model_calls == 2 and eng.stats.decode_steps == 8  # the stop fell inside the window
+  assert eng.manager.num_free_blocks == SMALL.num_blocks and eng.idle
+
+
+def test_one_model_call_per_step_packs_decode_and_prefill_under_the_token_budget(params):
+  # A budget of 10 tokens with 4 rows: decode tokens first, then prompt chunks of at most 8
+  # from at most 2 sequences. Every step is one call, and some call packs both kinds.
+  ecfg = engine.EngineConfig(**{**vars(SMALL), "token_budget": 10})
+  requests = _requests(7, count=8)
+  eng = engine.Engine(params, CFG, ecfg)
+  for r in requests:
+    eng.add(r)
+  outputs: dict = {}
+  mixed = 0
+  while not eng.idle:
+    fed, calls, steps = eng.stats.fed_tokens, eng.stats.model_calls, eng.stats.decode_steps
+    decoding = sum(s.unfed == 1 for s in eng.running)
+    for event in eng.step():
+      outputs.setdefault(event.id, []).append(event.token)
+    assert eng.stats.model_calls == calls + 1
+    if eng.stats.decode_steps - steps <= 1:  # a packed call (or a window of one step)
+      assert eng.stats.fed_tokens - fed <= ecfg.token_budget
+      mixed += decoding > 0 and eng.stats.fed_tokens - fed > decoding
+  assert mixed > 0
+  assert eng.stats.padded_tokens < 2 * eng.stats.fed_tokens  # decode rows are not padded to a chunk's width
+  _assert_matches_alone(params, requests, outputs)
+  # Signatures: rows and widths in powers of two up to 4 rows, 2 chunk rows of width <= 8, and
+  # power-of-two table widths: a handful of programs, not one per step.
+  assert eng.stats.shapes <= 12 < eng.stats.steps
+
+
 def test_events_stream_in_order_and_finish_once(params):
   requests = _requests(4, count=6)
   events = list(engine.Engine(params, CFG, SMALL).run(requests))
@@ -141,6 +201,10 @@ def test_bad_requests_raise_and_the_rest_finish_unharmed(params):
     engine.Engine(params, object(), SMALL)  # type: ignore[arg-type]
   with pytest.raises(ValueError, match="block_size: expected a power of two, got 12"):
     engine.EngineConfig(num_blocks=2, block_size=12)
+  with pytest.raises(ValueError, match="token_budget: expected >= max_batch=8 .*, got 4"):
+    engine.EngineConfig(num_blocks=2, token_budget=4)
+  with pytest.raises(ValueError, match="EngineConfig.decode_steps"):
+    engine.EngineConfig(num_blocks=2, decode_steps=0)
   tiny_pool = engine.Engine(params, CFG, engine.EngineConfig(num_blocks=2, block_size=4))
   with pytest.raises(ValueError, match="more than the whole pool .* even alone"):
     tiny_pool.add(engine.Request(**{**ok, "prompt": (1,) * 8}))

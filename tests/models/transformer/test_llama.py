@@ -209,3 +209,38 @@ def test_edit_errors(params):
     llama.forward(params, tokens, CFG, edits={"blocks.0.hook_mlp_out": 1.0})
   with pytest.raises(ValueError, match="returned shape"):
     llama.forward(params, tokens, CFG, edits={"blocks.0.hook_mlp_out": lambda x: x[:, :1]})
+
+
+def test_packed_paged_call_equals_the_model_row_by_row(params, forward, key):
+  # Rows of different widths in one call (llama.PackedPagedKVCache): A decodes its 10th token
+  # beside a padded decode row whose table names A's pages, while B prefills 5 of its prompt
+  # tokens in a chunk of width 8; then B's next 2. Pages start as NaN: a read of an unwritten
+  # slot, or a padded row's write, would show.
+  a = jax.random.randint(key, (1, 10), 0, CFG.vocab_size)
+  b = jax.random.randint(jax.random.fold_in(key, 1), (1, 7), 0, CFG.vocab_size)
+  k, v = (jnp.full_like(x, jnp.nan) for x in llama.init_pages(CFG, 8, 4))
+  table_a, table_b = jnp.array([[0, 1, 2, 0]], jnp.int32), jnp.array([[5, 6, 0, 0]], jnp.int32)
+  _, cache = forward(params, a[:, :9], CFG, state=llama.PagedKVCache(k, v, table_a, jnp.zeros(1, jnp.int32)))
+  decode = llama.PagedRows(
+    jnp.concatenate([table_a, table_a]), jnp.array([9, 0], jnp.int32), jnp.array([1, 0], jnp.int32), 1
+  )
+  chunk = llama.PagedRows(table_b, jnp.array([0], jnp.int32), jnp.array([5], jnp.int32), 8)
+  tokens = jnp.concatenate([a[0, 9:], jnp.zeros(1, jnp.int32), b[0, :5], jnp.zeros(3, jnp.int32)])[None]
+  state = llama.PackedPagedKVCache(cache.k_pages_GPSK, cache.v_pages_GPSK, (decode, chunk))
+  out, after = forward(params, tokens, CFG, state=state)
+  full_a, full_b = forward(params, a, CFG)[0], forward(params, b, CFG)[0]
+  np.testing.assert_allclose(out[0, 0], full_a[0, 9], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out[0, 2:7], full_b[0, :5], rtol=1e-4, atol=1e-4)
+  assert [g.lengths_B.tolist() for g in after.groups] == [[10, 0], [5]]
+  rest = llama.PackedPagedKVCache(
+    after.k_pages_GPSK, after.v_pages_GPSK, (dataclasses.replace(after.groups[1], num_new_B=jnp.array([2], jnp.int32)),)
+  )
+  again, _ = forward(params, jnp.concatenate([b[0, 5:], jnp.zeros(6, jnp.int32)])[None], CFG, state=rest)
+  np.testing.assert_allclose(again[0, :2], full_b[0, 5:], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match=r"a packed call takes \[1, N\] tokens, N = 10"):
+    llama.forward(params, tokens[:, :9], CFG, state=state)
+  with pytest.raises(ValueError, match="num_new_B: a PackedPagedKVCache carries"):
+    llama.forward(params, tokens, CFG, state=state, num_new_B=jnp.ones(1, jnp.int32))
+  bad = dataclasses.replace(chunk, num_new_B=jnp.array([9], jnp.int32))
+  with pytest.raises(ValueError, match=r"state.groups\[1\].num_new_B"):
+    llama.forward(params, tokens, CFG, state=dataclasses.replace(state, groups=(decode, bad)))
