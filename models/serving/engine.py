@@ -66,6 +66,7 @@ class EngineConfig:
   prefix_caching: bool = True
   token_budget: checks.PositiveInt = 256  # tokens fed per packed call: decode tokens first, then prompt chunks
   decode_steps: checks.PositiveInt = 8  # most decode steps of one call (a window on the device)
+  overlap: bool = True  # dispatch a window's continuation before reading its tokens
 
   def __post_init__(self):
     if self.block_size & (self.block_size - 1):  # the decode kernel's page tiles are powers of two
@@ -135,7 +136,7 @@ class Event(NamedTuple):
   finished: bool
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: `in self.running` compares objects, not tokens
 class _Sequence:
   request: Request
   tokens: list[int]  # prompt then generated tokens
@@ -162,6 +163,7 @@ class Stats:
   cached_tokens: int = 0  # of which found in the prefix cache
   peak_blocks: int = 0  # most blocks referenced at once
   model_calls: int = 0  # jitted model calls (one per step; a decode window is one call)
+  overlapped: int = 0  # of which dispatched before the call before them was read (`overlap`)
   decode_steps: int = 0  # decode iterations run on the device (a window of J counts J)
   fed_tokens: int = 0  # real tokens fed to the model (decode and prefill; padding excluded)
   padded_tokens: int = 0  # token rows computed, padding included
@@ -171,6 +173,16 @@ class Stats:
   shapes: int = 0  # distinct call signatures (kind, rows, widths, table width) this engine used
   compiles: int = 0  # calls that compiled a program (a signature new to this process)
   compile_s: float = 0.0  # wall seconds of those calls (the compile and one run)
+
+
+class _Pending(NamedTuple):
+  """A dispatched call whose tokens the host has not read."""
+
+  kind: str  # "packed" or "window"
+  rows: list[tuple[_Sequence, int]]  # each row's sequence and the tokens it fed at the first step (0: sat out)
+  placed: np.ndarray  # the output column of each row
+  steps: int  # J
+  out: jax.Array  # int32 [window, R] tokens on the device
 
 
 class _Sampling(NamedTuple):
@@ -213,6 +225,8 @@ class Engine:
     self._admissions = 0
     self._ids: set[Hashable] = set()
     self._signatures: set[tuple] = set()
+    self._pending: _Pending | None = None  # a dispatched window not read yet (overlap)
+    self._device_s = 0.0  # this step's seconds waiting on the device (compiles, model, transfers)
     self._key_shape = jax.random.key_data(jax.random.key(0)).shape
 
   def add(self, request: Request) -> None:
@@ -248,30 +262,31 @@ class Engine:
     return out
 
   def step(self) -> list[Event]:
-    """Admits, makes one model call (a packed prefill+decode call or a decode window), and
-    returns the streamed tokens, each request's in order."""
-    start = time.perf_counter()
-    device_s = 0.0
+    """One model call: a packed prefill+decode call, or a decode window. With `overlap`, a
+    window's continuation is dispatched before the window's tokens are read, so the host
+    books one window while the device runs the next. Returns the streamed tokens, each
+    request's in order."""
+    start, self._device_s = time.perf_counter(), 0.0
     self.stats.steps += 1
-    self._admit()
-    decoding = [s for s in self.running if s.unfed == 1]
-    if any(s.unfed > 1 for s in self.running):
-      decoding = self._reserve(decoding, 1)
-      chunks = self._chunks(decoding)
-      rows: list[tuple[_Sequence, int]] = [(s, 1) for s in decoding] + chunks
-      tokens_JR, device_s = self._packed(decoding, chunks)
-    elif decoding:
-      window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated for s in decoding))
-      if window > 1 and not self._fits(decoding, window):
-        window = 1
-      decoding = self._reserve(decoding, window)
-      rows = [(s, 1) for s in decoding]
-      tokens_JR, device_s = self._window(decoding, window) if decoding else (np.zeros((0, 0), np.int32), 0.0)
-    else:
-      rows, tokens_JR = [], np.zeros((0, 0), np.int32)
+    pending = self._pending
+    if pending is None:
+      self._admit()
+      decoding = [s for s in self.running if s.unfed == 1]
+      if any(s.unfed > 1 for s in self.running):
+        decoding = self._reserve(decoding, 1)
+        pending = self._packed(decoding, self._chunks(decoding))
+      elif decoding:
+        window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated for s in decoding))
+        if window > 1 and not self._fits([(s, len(s.tokens) + window - 1) for s in decoding]):
+          window = 1
+        decoding = self._reserve(decoding, window)
+        pending = self._window(decoding, window) if decoding else None
+    events = []
+    if pending is not None:
+      self._pending = self._continue(pending) if self.ecfg.overlap else None
+      events = self._advance(pending.rows, self._read(pending))
     self.stats.peak_blocks = max(self.stats.peak_blocks, self.ecfg.num_blocks - self.manager.num_free_blocks)
-    events = self._advance(rows, tokens_JR)
-    self.stats.host_s += time.perf_counter() - start - device_s
+    self.stats.host_s += time.perf_counter() - start - self._device_s
     return events
 
   # ---- scheduling
@@ -301,13 +316,13 @@ class Engine:
         budget -= take
     return chunks
 
-  def _fits(self, decoding: list[_Sequence], window: int) -> bool:
-    """Whether the free blocks hold every sequence's slots for a window of J steps."""
+  def _fits(self, targets: list[tuple[_Sequence, int]]) -> bool:
+    """Whether the free blocks hold every sequence's slots up to its target count."""
     size = self.ecfg.block_size
     need = 0
-    for seq in decoding:
+    for seq, target in targets:
       table = self.manager.tables[seq.request.id]
-      need += -(-(len(seq.tokens) + window - 1) // size) - len(table) + 1  # + 1: a copy-on-write of the last block
+      need += -(-target // size) - len(table) + 1  # + 1: a copy-on-write of the last block
     return need <= self.manager.num_free_blocks
 
   def _reserve(self, decoding: list[_Sequence], window: int) -> list[_Sequence]:
@@ -322,6 +337,11 @@ class Engine:
           copies += self.manager.append(seq.request.id, target - self.manager.num_tokens[seq.request.id])
         except MemoryError:
           self._preempt(max(self.running, key=lambda s: s.admitted))
+    self._copy(copies)
+    return [s for s in decoding if s in self.running]
+
+  def _copy(self, copies: list[tuple[int, int]]) -> None:
+    """Applies the block manager's copy-on-write copies to the pools."""
     if copies:
       # numpy, not jnp: copy_pages checks the page ids on the host, and a device array would be copied back.
       src: Any
@@ -331,7 +351,33 @@ class Engine:
       with self.place.context():
         self.k_pages_GPSK = paged_attention.copy_pages(self.k_pages_GPSK, src, dst, layers=layers)
         self.v_pages_GPSK = paged_attention.copy_pages(self.v_pages_GPSK, src, dst, layers=layers)
-    return [s for s in decoding if s in self.running]
+
+  def _continue(self, pending: _Pending) -> _Pending | None:
+    """Dispatches the window after an unread one (host/device overlap), when the next step
+    would be a window of the same rows anyway: nothing to admit, and every slot it needs free
+    without preempting. It assumes no row stops in the unread window; a row that does is
+    dropped when that window is read, and its tokens in this one are discarded. Rows that
+    reach max_new_tokens in the unread window sit this one out (new 0)."""
+    if pending.kind != "window" or (self.waiting and len(self.running) < self.ecfg.max_batch):
+      return None
+    ahead, running = pending.steps, set(map(id, self.running))
+    live = [s for s, fed in pending.rows if fed and id(s) in running]
+    going = [s for s in live if s.request.max_new_tokens - s.generated - ahead > 0]
+    if not going or (self.waiting and len(going) < len(live)):  # a row frees up: admit instead
+      return None
+    window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated - ahead for s in going))
+    targets = [(s, len(s.tokens) + ahead + window - 1) for s in going]
+    if not self._fits(targets):
+      return None
+    copies: list[tuple[int, int]] = []
+    for seq, target in targets:
+      copies += self.manager.append(seq.request.id, target - self.manager.num_tokens[seq.request.id])
+    self._copy(copies)
+    active = set(map(id, going))
+    rows = [(s, 1 if id(s) in active else 0) for s, _ in pending.rows]
+    last_R = pending.out[pending.steps - 1]  # the unread window's last tokens, on the device
+    self.stats.overlapped += 1
+    return self._window([s for s, _ in rows], window, ahead=ahead, active=[n > 0 for _, n in rows], tokens_R=last_R)
 
   def _preempt(self, seq: _Sequence) -> None:
     """Frees the sequence's blocks; it waits at the front and is recomputed (prompt plus the
@@ -348,7 +394,8 @@ class Engine:
     window; tokens_JR[j, r] is what row r sampled at step j. A chunk that does not end its
     prompt samples nothing; a finished sequence's later tokens are discarded."""
     events = []
-    live = [(r, seq, fed) for r, (seq, fed) in enumerate(rows)]
+    running = set(map(id, self.running))  # a continuation's rows may have finished in the window before
+    live = [(r, seq, fed) for r, (seq, fed) in enumerate(rows) if fed and id(seq) in running]
     for j in range(tokens_JR.shape[0]):
       going = []
       for r, seq, fed in live:
@@ -374,9 +421,9 @@ class Engine:
 
   # ---- model calls
 
-  def _packed(self, decoding: list[_Sequence], chunks: list[tuple[_Sequence, int]]) -> tuple[np.ndarray, float]:
-    """One packed call: the decode rows [Rd, 1], then the chunks [Rp, W]. Returns the sampled
-    tokens [1, len(decoding) + len(chunks)] in that order, and the call's wall seconds."""
+  def _packed(self, decoding: list[_Sequence], chunks: list[tuple[_Sequence, int]]) -> _Pending:
+    """Dispatches one packed call: the decode rows [Rd, 1], then the chunks [Rp, W]; it
+    samples one token [1, R] per row."""
     seqs = decoding + [seq for seq, _ in chunks]
     pages = self._pages(seqs)
     groups: list[tuple[np.ndarray, ...]] = []
@@ -391,76 +438,118 @@ class Engine:
       groups.append(self._group(chunks, _bucket(len(chunks), self.ecfg.prefill_rows), width, pages))
       placed += range(start, start + len(chunks))
     total = sum(g[0].shape[0] for g in groups)
-    sample, sampled = self._sampling(seqs, placed, total)
+    sample, sampled = self._sampling(seqs, placed, total, [0] * len(seqs))
     signature = ("packed", tuple(g[0].shape for g in groups), pages, sampled)
-    out_1R, seconds = self._call(signature, _packed_call, tuple(groups), sample, sampled=sampled)
     self.stats.decode_steps += bool(decoding)
     self.stats.fed_tokens += len(decoding) + sum(take for _, take in chunks)
     self.stats.padded_tokens += sum(g[0].size for g in groups)
-    return out_1R[:, np.asarray(placed)], seconds
+    rows_fed = [(s, 1) for s in decoding] + chunks
+    return self._dispatch(
+      "packed", rows_fed, placed, 1, signature, _packed_call, tuple(groups), sample, sampled=sampled
+    )
 
-  def _window(self, decoding: list[_Sequence], window: int) -> tuple[np.ndarray, float]:
-    """J decode steps of every decoding sequence in one call. Returns the sampled tokens
-    [J, len(decoding)] and the call's wall seconds."""
-    pages = self._pages(decoding)
+  def _window(
+    self,
+    decoding: list[_Sequence],
+    window: int,
+    *,
+    ahead: int = 0,
+    active: list[bool] | None = None,
+    tokens_R: jax.Array | None = None,
+  ) -> _Pending:
+    """Dispatches J decode steps of the sequences in one call ([J, R] tokens). A continuation
+    (`_continue`) starts `ahead` tokens past what the host has booked, from tokens_R on the
+    device, with the inactive rows padded."""
+    active = [True] * len(decoding) if active is None else active
+    pages = self._pages([s for s, on in zip(decoding, active) if on])
     rows = _bucket(len(decoding), self.ecfg.max_batch)
-    tokens_R1, tables_RP, lengths_R, new_R = self._group([(s, 1) for s in decoding], rows, 1, pages)
-    sample, sampled = self._sampling(decoding, range(len(decoding)), rows)
+    feeds = [(s, 1) for s, on in zip(decoding, active) if on]
+    columns = [r for r, on in enumerate(active) if on]
+    tokens_R1, tables_RP, lengths_R, new_R = self._group(feeds, rows, 1, pages, columns=columns, ahead=ahead)
+    sample, sampled = self._sampling(decoding, range(len(decoding)), rows, [ahead] * len(decoding))
+    token_R: Any = tokens_R1[:, 0] if tokens_R is None else jnp.pad(tokens_R, (0, rows - tokens_R.shape[0]))
     signature = ("window", rows, pages, sampled)
-    args = (tokens_R1[:, 0], tables_RP, lengths_R, new_R, np.int32(window), sample)
-    out_JR, seconds = self._call(signature, _window_call, *args, sampled=sampled, window=self.ecfg.decode_steps)
+    args = (token_R, tables_RP, lengths_R, new_R, np.int32(window), sample)
     self.stats.decode_steps += window
-    self.stats.fed_tokens += window * len(decoding)
+    self.stats.fed_tokens += window * len(feeds)
     self.stats.padded_tokens += window * rows
-    return out_JR[:window, : len(decoding)], seconds
+    fed = [(s, int(on)) for s, on in zip(decoding, active)]
+    placed = list(range(len(decoding)))
+    return self._dispatch(
+      "window", fed, placed, window, signature, _window_call, *args, sampled=sampled, window=self.ecfg.decode_steps
+    )
 
-  def _call(self, signature: tuple, fn: Any, *args: Any, **static: Any) -> tuple[np.ndarray, float]:
-    """Runs a jitted call over the pools (donated and replaced) and reads its tokens back,
-    timing the model (dispatch to ready) apart from the transfer; a call that compiles is
-    timed apart from both."""
-    inputs = jax.tree.map(self.place.host, args)
+  def _dispatch(
+    self, kind: str, rows: list, placed: list[int], steps: int, signature: tuple, fn: Any, *args: Any, **static: Any
+  ) -> _Pending:
+    """Dispatches a jitted call over the pools (donated and replaced) without waiting for it;
+    a call that compiles is timed here."""
+    inputs = jax.tree.map(lambda x: self.place.host(x) if isinstance(x, np.ndarray) else x, args)
     programs = _programs(fn)
     start = time.perf_counter()
     with self.place.context():
       out, self.k_pages_GPSK, self.v_pages_GPSK = fn(
         self.params, self.k_pages_GPSK, self.v_pages_GPSK, *inputs, cfg=self.cfg, **static
       )
-      jax.block_until_ready(out)
-    ready = time.perf_counter()
-    tokens = self.place.fetch(out)
-    done = time.perf_counter()
     new = signature not in self._signatures
     self._signatures.add(signature)
     self.stats.shapes = len(self._signatures)
     if new if programs is None else (_programs(fn) or 0) > programs:
       self.stats.compiles += 1
-      self.stats.compile_s += ready - start
-    else:
-      self.stats.model_s += ready - start
-    self.stats.transfer_s += done - ready
+      self.stats.compile_s += time.perf_counter() - start
+      self._device_s += time.perf_counter() - start
     self.stats.model_calls += 1
-    return tokens, done - start
+    return _Pending(kind, rows, np.asarray(placed), steps, out)
+
+  def _read(self, pending: _Pending) -> np.ndarray:
+    """Waits for a call's tokens (model time) and copies them to the host (transfer time):
+    [J, len(rows)] in the rows' order."""
+    start = time.perf_counter()
+    jax.block_until_ready(pending.out)
+    ready = time.perf_counter()
+    tokens = self.place.fetch(pending.out)
+    done = time.perf_counter()
+    self.stats.model_s += ready - start
+    self.stats.transfer_s += done - ready
+    self._device_s += done - start
+    return tokens[: pending.steps, pending.placed]
 
   def _pages(self, seqs: list[_Sequence]) -> int:
     """The call's block-table width: the longest table rounded up to a power of two."""
     longest = max(len(self.manager.tables[s.request.id]) for s in seqs)
     return min(self.max_pages, 1 << (longest - 1).bit_length())
 
-  def _group(self, feeds: list[tuple[_Sequence, int]], rows: int, width: int, pages: int) -> tuple[np.ndarray, ...]:
+  def _group(
+    self,
+    feeds: list[tuple[_Sequence, int]],
+    rows: int,
+    width: int,
+    pages: int,
+    *,
+    columns: list[int] | None = None,
+    ahead: int = 0,
+  ) -> tuple[np.ndarray, ...]:
     """Host arrays of one group of a call: tokens [R, W], tables [R, P], lengths [R] and new
-    tokens [R] (0 on padded rows), feeding each sequence `count` tokens from its first unfed."""
+    tokens [R] (0 on padded rows), feeding each sequence `count` tokens from its first unfed
+    (`ahead` tokens further on, whose ids the host does not know yet: their tokens stay 0),
+    in row `columns[i]` (default i)."""
     tokens_RW = np.zeros((rows, width), np.int32)
     tables_RP = np.zeros((rows, pages), np.int32)
     lengths_R, new_R = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    for row, (seq, count) in enumerate(feeds):
+    for i, (seq, count) in enumerate(feeds):
+      row = i if columns is None else columns[i]
       table = self.manager.tables[seq.request.id]
-      tokens_RW[row, :count] = seq.tokens[seq.computed : seq.computed + count]
+      if not ahead:
+        tokens_RW[row, :count] = seq.tokens[seq.computed : seq.computed + count]
       tables_RP[row, : len(table)] = table
-      lengths_R[row], new_R[row] = seq.computed, count
+      lengths_R[row], new_R[row] = seq.computed + ahead, count
     return tokens_RW, tables_RP, lengths_R, new_R
 
-  def _sampling(self, seqs: list[_Sequence], placed: Iterable[int], rows: int) -> tuple[_Sampling, bool]:
-    """The call's per-row sampling settings (sequence i at row placed[i]) and whether any row samples."""
+  def _sampling(
+    self, seqs: list[_Sequence], placed: Iterable[int], rows: int, ahead: list[int]
+  ) -> tuple[_Sampling, bool]:
+    """The call's per-row sampling settings (sequence i at row placed[i], its next token
+    ahead[i] past those booked) and whether any row samples."""
     sample = _Sampling(
       np.zeros((rows, *self._key_shape), np.uint32),
       np.zeros(rows, np.int32),
@@ -469,9 +558,9 @@ class Engine:
       np.full(rows, 2.0, np.float32),
     )
     sampled = False
-    for seq, row in zip(seqs, placed):
+    for seq, row, skip in zip(seqs, placed, ahead):
       r = seq.request
-      sample.generated_R[row] = seq.generated
+      sample.generated_R[row] = seq.generated + skip
       if r.temperature > 0:
         sampled = True
         assert seq.key_data is not None

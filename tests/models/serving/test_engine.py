@@ -109,7 +109,8 @@ def test_sampled_tokens_do_not_depend_on_batch_mates(params):
 def test_outputs_do_not_depend_on_the_decode_window(params):
   # Greedy and sampled requests with decode windows of 1, 3 and 8 steps on the device: the same
   # tokens (each sampled token i uses fold_in(key(seed), i), whatever window it falls in).
-  requests = _requests(6, count=6) + [
+  requests = [
+    *_requests(6, count=6),
     engine.Request(id="s1", prompt=(3, 1, 4), max_new_tokens=12, temperature=1.0, seed=1),
     engine.Request(id="s2", prompt=(2, 7, 1, 8), max_new_tokens=9, temperature=0.7, top_k=20, top_p=0.9, seed=2),
   ]
@@ -122,27 +123,30 @@ def test_outputs_do_not_depend_on_the_decode_window(params):
   _assert_matches_alone(params, requests[:6], {r.id: runs[8][0][r.id] for r in requests[:6]})
 
 
-def test_a_stop_inside_a_window_ends_the_request_there(params):
-  # One request alone: its prompt's call samples token 0, then a window of min(8, 11) = 8 steps.
-  # Its stop id is its own greedy token 4 (or the first earlier occurrence): the window's
-  # later tokens are discarded and every block is freed.
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_stop_inside_a_window_ends_the_request_there(params, overlap):
+  # One request alone: its prompt's call samples token 0, then a window of min(8, 11) = 8 steps
+  # (with overlap, also its continuation of the last 3, dispatched before the window is read).
+  # Its stop id is its own greedy token 4 (or the first earlier occurrence): the later tokens
+  # are discarded and every block is freed.
   prompt = (5, 9, 2, 6, 5, 3)
   free = engine.Request(id="free", prompt=prompt, max_new_tokens=MAX_NEW)
   greedy = _alone(params, free)
   stop = greedy[4]
   end = greedy.index(stop) + 1
-  eng = engine.Engine(params, CFG, SMALL)
+  eng = engine.Engine(params, CFG, engine.EngineConfig(**{**vars(SMALL), "overlap": overlap}))
   events = list(eng.run([engine.Request(id="r", prompt=prompt, max_new_tokens=MAX_NEW, stop_ids=(stop,))]))
   assert [e.token for e in events] == greedy[:end]
   assert [e.finished for e in events] == [False] * (end - 1) + [True]
-  assert eng.stats.model_calls == 2 and eng.stats.decode_steps == 8  # the stop fell inside the window
+  assert eng.stats.steps == 2
+  assert (eng.stats.model_calls, eng.stats.decode_steps) == ((3, 11) if overlap else (2, 8))
   assert eng.manager.num_free_blocks == SMALL.num_blocks and eng.idle
 
 
 def test_one_model_call_per_step_packs_decode_and_prefill_under_the_token_budget(params):
   # A budget of 10 tokens with 4 rows: decode tokens first, then prompt chunks of at most 8
   # from at most 2 sequences. Every step is one call, and some call packs both kinds.
-  ecfg = engine.EngineConfig(**{**vars(SMALL), "token_budget": 10})
+  ecfg = engine.EngineConfig(**{**vars(SMALL), "token_budget": 10, "overlap": False})
   requests = _requests(7, count=8)
   eng = engine.Engine(params, CFG, ecfg)
   for r in requests:
@@ -164,6 +168,23 @@ def test_one_model_call_per_step_packs_decode_and_prefill_under_the_token_budget
   # Signatures: rows and widths in powers of two up to 4 rows, 2 chunk rows of width <= 8, and
   # power-of-two table widths: a handful of programs, not one per step.
   assert eng.stats.shapes <= 12 < eng.stats.steps
+
+
+def test_overlapped_windows_give_the_same_tokens(params):
+  # Continuations dispatched before their window is read, over a trace with stops, preemption
+  # (a 12-block pool) and a sampled request: the same tokens as without overlap.
+  requests = [*_requests(8, count=8), engine.Request(id="s", prompt=(4, 4, 2), max_new_tokens=12, temperature=1.0)]
+  # Also 4 of them alone (no queue): continuations then run back to back.
+  runs = {}
+  for blocks, served in ((12, requests), (64, requests[-4:])):
+    for overlap in (False, True):
+      ecfg = engine.EngineConfig(**{**vars(SMALL), "num_blocks": blocks, "overlap": overlap})
+      eng = engine.Engine(params, CFG, ecfg)
+      runs[blocks, overlap] = (eng.generate(served), eng.stats)
+    assert runs[blocks, True][0] == runs[blocks, False][0]
+  assert all(stats.overlapped == 0 for (_, overlap), (_, stats) in runs.items() if not overlap)
+  assert runs[64, True][1].overlapped >= 2  # continuations ran
+  assert runs[12, True][1].preemptions > 0
 
 
 def test_events_stream_in_order_and_finish_once(params):
