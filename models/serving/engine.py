@@ -179,7 +179,7 @@ class _Pending(NamedTuple):
   """A dispatched call whose tokens the host has not read."""
 
   kind: str  # "packed" or "window"
-  rows: list[tuple[_Sequence, int]]  # each row's sequence and the tokens it fed at the first step (0: sat out)
+  rows: list[tuple[_Sequence, int]]  # each row's sequence and the tokens it fed at the first step
   placed: np.ndarray  # the output column of each row
   steps: int  # J
   out: jax.Array  # int32 [window, R] tokens on the device
@@ -357,27 +357,26 @@ class Engine:
     would be a window of the same rows anyway: nothing to admit, and every slot it needs free
     without preempting. It assumes no row stops in the unread window; a row that does is
     dropped when that window is read, and its tokens in this one are discarded. Rows that
-    reach max_new_tokens in the unread window sit this one out (new 0)."""
+    reach max_new_tokens in the unread window are left out."""
     if pending.kind != "window" or (self.waiting and len(self.running) < self.ecfg.max_batch):
       return None
     ahead, running = pending.steps, set(map(id, self.running))
-    live = [s for s, fed in pending.rows if fed and id(s) in running]
-    going = [s for s in live if s.request.max_new_tokens - s.generated - ahead > 0]
+    live = [(r, s) for r, (s, _) in enumerate(pending.rows) if id(s) in running]
+    going = [(r, s) for r, s in live if s.request.max_new_tokens - s.generated - ahead > 0]
     if not going or (self.waiting and len(going) < len(live)):  # a row frees up: admit instead
       return None
-    window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated - ahead for s in going))
-    targets = [(s, len(s.tokens) + ahead + window - 1) for s in going]
+    window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated - ahead for _, s in going))
+    targets = [(s, len(s.tokens) + ahead + window - 1) for _, s in going]
     if not self._fits(targets):
       return None
     copies: list[tuple[int, int]] = []
     for seq, target in targets:
       copies += self.manager.append(seq.request.id, target - self.manager.num_tokens[seq.request.id])
     self._copy(copies)
-    active = set(map(id, going))
-    rows = [(s, 1 if id(s) in active else 0) for s, _ in pending.rows]
-    last_R = pending.out[pending.steps - 1]  # the unread window's last tokens, on the device
+    columns = np.asarray([pending.placed[r] for r, _ in going])
+    last_R = pending.out[pending.steps - 1][columns]  # the unread window's last tokens, on the device
     self.stats.overlapped += 1
-    return self._window([s for s, _ in rows], window, ahead=ahead, active=[n > 0 for _, n in rows], tokens_R=last_R)
+    return self._window([s for _, s in going], window, ahead=ahead, tokens_R=last_R)
 
   def _preempt(self, seq: _Sequence) -> None:
     """Frees the sequence's blocks; it waits at the front and is recomputed (prompt plus the
@@ -395,7 +394,7 @@ class Engine:
     prompt samples nothing; a finished sequence's later tokens are discarded."""
     events = []
     running = set(map(id, self.running))  # a continuation's rows may have finished in the window before
-    live = [(r, seq, fed) for r, (seq, fed) in enumerate(rows) if fed and id(seq) in running]
+    live = [(r, seq, fed) for r, (seq, fed) in enumerate(rows) if id(seq) in running]
     for j in range(tokens_JR.shape[0]):
       going = []
       for r, seq, fed in live:
@@ -449,34 +448,25 @@ class Engine:
     )
 
   def _window(
-    self,
-    decoding: list[_Sequence],
-    window: int,
-    *,
-    ahead: int = 0,
-    active: list[bool] | None = None,
-    tokens_R: jax.Array | None = None,
+    self, decoding: list[_Sequence], window: int, *, ahead: int = 0, tokens_R: jax.Array | None = None
   ) -> _Pending:
     """Dispatches J decode steps of the sequences in one call ([J, R] tokens). A continuation
     (`_continue`) starts `ahead` tokens past what the host has booked, from tokens_R on the
-    device, with the inactive rows padded."""
-    active = [True] * len(decoding) if active is None else active
-    pages = self._pages([s for s, on in zip(decoding, active) if on])
+    device."""
+    pages = self._pages(decoding)
     rows = _bucket(len(decoding), self.ecfg.max_batch)
-    feeds = [(s, 1) for s, on in zip(decoding, active) if on]
-    columns = [r for r, on in enumerate(active) if on]
-    tokens_R1, tables_RP, lengths_R, new_R = self._group(feeds, rows, 1, pages, columns=columns, ahead=ahead)
+    feeds = [(s, 1) for s in decoding]
+    tokens_R1, tables_RP, lengths_R, new_R = self._group(feeds, rows, 1, pages, ahead=ahead)
     sample, sampled = self._sampling(decoding, range(len(decoding)), rows, [ahead] * len(decoding))
     token_R: Any = tokens_R1[:, 0] if tokens_R is None else jnp.pad(tokens_R, (0, rows - tokens_R.shape[0]))
     signature = ("window", rows, pages, sampled)
-    args = (token_R, tables_RP, lengths_R, new_R, np.int32(window), sample)
+    args = (token_R, tables_RP, lengths_R, new_R, np.asarray(window, np.int32), sample)
     self.stats.decode_steps += window
     self.stats.fed_tokens += window * len(feeds)
     self.stats.padded_tokens += window * rows
-    fed = [(s, int(on)) for s, on in zip(decoding, active)]
     placed = list(range(len(decoding)))
     return self._dispatch(
-      "window", fed, placed, window, signature, _window_call, *args, sampled=sampled, window=self.ecfg.decode_steps
+      "window", feeds, placed, window, signature, _window_call, *args, sampled=sampled, window=self.ecfg.decode_steps
     )
 
   def _dispatch(
@@ -526,18 +516,15 @@ class Engine:
     width: int,
     pages: int,
     *,
-    columns: list[int] | None = None,
     ahead: int = 0,
   ) -> tuple[np.ndarray, ...]:
     """Host arrays of one group of a call: tokens [R, W], tables [R, P], lengths [R] and new
     tokens [R] (0 on padded rows), feeding each sequence `count` tokens from its first unfed
-    (`ahead` tokens further on, whose ids the host does not know yet: their tokens stay 0),
-    in row `columns[i]` (default i)."""
+    (`ahead` tokens further on, whose ids the host does not know yet: their tokens stay 0)."""
     tokens_RW = np.zeros((rows, width), np.int32)
     tables_RP = np.zeros((rows, pages), np.int32)
     lengths_R, new_R = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    for i, (seq, count) in enumerate(feeds):
-      row = i if columns is None else columns[i]
+    for row, (seq, count) in enumerate(feeds):
       table = self.manager.tables[seq.request.id]
       if not ahead:
         tokens_RW[row, :count] = seq.tokens[seq.computed : seq.computed + count]
