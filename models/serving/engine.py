@@ -212,11 +212,15 @@ class Engine:
     if not isinstance(engine_cfg, EngineConfig):
       raise TypeError(f"engine_cfg: expected an EngineConfig, got {type(engine_cfg).__name__}")
     llama.check_params(params, cfg)
+    if place is not None and getattr(place, "cfg", cfg) != cfg:
+      raise ValueError(
+        "place: built for another model config than cfg (the engine's calls must constrain by its rules)"
+      )
     self.place = placement.Placement() if place is None else place
     self.params, self.cfg, self.ecfg = self.place.params(params), cfg, engine_cfg
     self.manager = blocks.BlockManager(num_blocks=engine_cfg.num_blocks, block_size=engine_cfg.block_size)
-    self.k_pages_GPSK, self.v_pages_GPSK = self.place.pools(
-      *llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size)
+    self.k_pages_GPSK, self.v_pages_GPSK = self.place.pools(  # shapes: each device makes its own shard
+      *jax.eval_shape(lambda: llama.init_pages(cfg, engine_cfg.num_blocks, engine_cfg.block_size))
     )
     self.max_pages = -(-cfg.max_seq_len // engine_cfg.block_size)  # block-table width
     self.waiting: collections.deque[_Sequence] = collections.deque()

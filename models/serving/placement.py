@@ -12,33 +12,38 @@ mesh spanning several processes (each process runs the same engine on the same r
 
 One device (`Placement`): every method is the identity (numpy inputs go to the default device).
 
-A mesh (`MeshPlacement`, Megatron tensor parallelism over kv heads): with T the size of the
+A mesh (`MeshPlacement`, Megatron tensor parallelism over kv heads): with M the size of the
 mesh axes that `cfg.axis_rules` map "kv_heads" to (`sharding.RULES["tp"]`: the "tensor" axis),
-device t holds
+device m holds
 
-  the pools' kv heads    g in [t G / T, (t + 1) G / T)        [G / T, L * P, S, K] each
-  wq, wk, wv (columns)   heads (wq: H / T, wk and wv: G / T)  Megatron: attention is local to
-  wo (rows)              heads H / T                          a device's heads, one all-reduce
-  w1, w3 / w2            ffn columns / rows E / T             after wo and one after w2
-  embed, unembed         vocab rows / columns V / T
+  the pools' kv heads    g in [m G / M, (m + 1) G / M)        [G / M, L * P, S, K] each
+  wq, wk, wv (columns)   heads (wq: H / M, wk and wv: G / M)  attention is local to a device's
+  wo (rows)              heads H / M                          kv groups (H / G query heads each)
+  w1, w3 / w2            ffn columns / rows E / M
+  embed, unembed         vocab rows / columns V / M
   norms                  replicated
 
-so a device holds 1/T of the pools and about 1/T of the weights (`device_bytes`). The mesh
-context (`jax.set_mesh`) turns on the activation constraints of `cfg.axis_rules`; inputs are
-replicated global arrays, built with `sharding.put` (each process fills its own devices'
-copies), and outputs are read from a process's own copy, so the same program runs across
-processes (`models.serving.spmd`). The donated pools come back with the same sharding
-(tests/models/serving/test_engine_mesh.py checks it), so no call reshards them.
+so a device holds 1/M of the pools and about 1/M of the weights (`device_bytes`), and a model
+call's collectives are all-reduces of [N, D] token activations (after wo and w2 in every
+layer, and the vocab-split embedding lookup) and the vocab-split argmax's all-gather of each
+shard's best; K/V pages never cross devices. The mesh context (`jax.set_mesh`) turns on the
+activation constraints of `cfg.axis_rules`; inputs are replicated global arrays built with
+`sharding.put` (each process fills its own devices' copies), and outputs are read from a
+process's own copy, so the same program runs across processes (`models.serving.spmd`). The
+donated pools come back with the sharding they went in with, so no call reshards them or
+compiles twice (tests/models/serving/test_engine_mesh.py checks all of this).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -47,6 +52,7 @@ from paperjax.models import sharding
 from paperjax.models.transformer import llama
 
 POOL_AXES = ("kv_heads", None, None, None)  # [G, L * P, S, K]: split by kv head only
+Pool = jax.Array | jax.ShapeDtypeStruct  # a pool, or the shape and dtype of an empty (zero) one
 
 
 class Placement:
@@ -55,8 +61,9 @@ class Placement:
   def params(self, params: dict) -> dict:
     return params
 
-  def pools(self, k_pages_GPSK: jax.Array, v_pages_GPSK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return k_pages_GPSK, v_pages_GPSK
+  def pools(self, k_pages_GPSK: Pool, v_pages_GPSK: Pool) -> tuple[jax.Array, jax.Array]:
+    """The pools on the device; a jax.ShapeDtypeStruct stands for zeros of its shape and dtype."""
+    return _zeros(k_pages_GPSK, None), _zeros(v_pages_GPSK, None)
 
   def host(self, x: np.ndarray) -> Any:
     """A host input of a model call (the same value on every process)."""
@@ -131,15 +138,21 @@ class MeshPlacement(Placement):
       )
     return sharding.put(params, self._param_shardings)
 
-  def pools(self, k_pages_GPSK: jax.Array, v_pages_GPSK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The pools [G, L * P, S, K] split over G (each device holds its kv heads' pages)."""
+  def pools(self, k_pages_GPSK: Pool, v_pages_GPSK: Pool) -> tuple[jax.Array, jax.Array]:
+    """The pools [G, L * P, S, K] split over G (each device holds its kv heads' pages). A
+    jax.ShapeDtypeStruct stands for zeros, made on each device as its own shard: no device
+    or host ever holds the whole pool (an array is copied through the host)."""
     for name, pool in (("k_pages_GPSK", k_pages_GPSK), ("v_pages_GPSK", v_pages_GPSK)):
-      if np.ndim(pool) != 4 or np.shape(pool)[0] != self.cfg.n_kv_heads:
+      if len(pool.shape) != 4 or pool.shape[0] != self.cfg.n_kv_heads:
         raise ValueError(
-          f"{name}: expected a pool [G={self.cfg.n_kv_heads}, L * P, S, K] (llama.init_pages), got shape "
-          f"{np.shape(pool)}"
+          f"{name}: expected a pool [G={self.cfg.n_kv_heads}, L * P, S, K] (llama.init_pages), got shape {pool.shape}"
         )
-    return sharding.put(k_pages_GPSK, self.pool_sharding), sharding.put(v_pages_GPSK, self.pool_sharding)
+    return self._pool(k_pages_GPSK), self._pool(v_pages_GPSK)
+
+  def _pool(self, pool: Pool) -> jax.Array:
+    if isinstance(pool, jax.ShapeDtypeStruct):
+      return _zeros(pool, self.pool_sharding)
+    return sharding.put(pool, self.pool_sharding)
 
   def host(self, x: np.ndarray) -> jax.Array:
     """x replicated on every device of the mesh; each process fills its own devices' copies
@@ -160,9 +173,11 @@ class MeshPlacement(Placement):
     return jax.set_mesh(self.mesh)
 
 
-def on_mesh(mesh: Mesh, cfg: llama.LlamaConfig) -> MeshPlacement:
-  """`MeshPlacement(mesh, cfg)`."""
-  return MeshPlacement(mesh, cfg)
+def _zeros(pool: Pool, where: NamedSharding | None) -> jax.Array:
+  """`pool` itself, or zeros for a ShapeDtypeStruct (each device making its own shard)."""
+  if not isinstance(pool, jax.ShapeDtypeStruct):
+    return pool
+  return jax.jit(functools.partial(jnp.zeros, pool.shape, pool.dtype), out_shardings=where)()
 
 
 def device_bytes(tree: Any) -> dict[jax.Device, int]:
