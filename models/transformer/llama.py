@@ -564,12 +564,14 @@ def _blocks(
 
 def _paged_layer(q_BTHK, k_BTGK, v_BTGK, k_pool, v_pool, groups, offset):
   """One layer's paged attention over row groups: the call's tokens taken group by group
-  (`PackedPagedKVCache`), each group's new K/V written to its rows' pages (padding past a
-  row's num_new is dropped), then its queries attend over those pages. Returns the pools and
-  the attention output, shaped like q_BTHK. A `PagedKVCache` is one group of the call's rows."""
+  (`PackedPagedKVCache`), every group's new K/V written to its rows' pages (padding past a
+  row's num_new is dropped), then each group's queries attend over those pages. Returns the
+  pools and the attention output, shaped like q_BTHK. A `PagedKVCache` is one group of the
+  call's rows. All writes come before any read: a read between two writes of a pool would
+  make XLA copy the whole pool to keep the version it reads."""
   flat = lambda x: x.reshape(-1, *x.shape[2:])
   q_NHK, k_NGK, v_NGK = flat(q_BTHK), flat(k_BTGK), flat(v_BTGK)
-  outs, start = [], 0
+  reads, start = [], 0
   for g in groups:
     rows, width = g.block_tables_BP.shape[0], g.width
     q, k, v = (x_N[start : start + rows * width].reshape(rows, width, *x_N.shape[1:]) for x_N in (q_NHK, k_NGK, v_NGK))
@@ -577,9 +579,12 @@ def _paged_layer(q_BTHK, k_BTGK, v_BTGK, k_pool, v_pool, groups, offset):
     valid_BT = jnp.arange(width)[None, :] < g.num_new_B[:, None]
     tables_BP = g.block_tables_BP + offset  # this layer's pages
     k_pool, v_pool = paged_attention.write(k_pool, v_pool, k, v, tables_BP, index_BT, valid_BT)
-    out_BTHK = _paged_attend(q, (k_pool, v_pool), tables_BP, index_BT, g.lengths_B + g.num_new_B)
-    outs.append(out_BTHK.reshape(rows * width, *out_BTHK.shape[2:]))
+    reads.append((q, tables_BP, index_BT, g.lengths_B + g.num_new_B))
     start += rows * width
+  outs = []
+  for q, tables_BP, index_BT, lengths_B in reads:
+    out_BTHK = _paged_attend(q, (k_pool, v_pool), tables_BP, index_BT, lengths_B)
+    outs.append(out_BTHK.reshape(-1, *out_BTHK.shape[2:]))
   return k_pool, v_pool, jnp.concatenate(outs).reshape(q_BTHK.shape)
 
 
