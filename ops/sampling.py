@@ -121,9 +121,15 @@ def select_rows(
 
   Settings are arrays (traced, not static): temperature 0 is greedy; top_k = V keeps every
   token (select's None); top_p > 1 keeps every token (select's None). keys_B are typed keys
-  [B]. No value checks: the serving engine checks each request's settings on the host.
+  [B]. Shapes are checked (every setting one per row); no value checks: the serving engine
+  checks each request's settings on the host.
   Returns int32 [B].
   """
+  checks.check_array("logits_BV", logits_BV, 2, shape="[B, V]")
+  rows = logits_BV.shape[0]
+  for name, x in (("keys_B", keys_B), ("temperature_B", temperature_B), ("top_k_B", top_k_B), ("top_p_B", top_p_B)):
+    if getattr(x, "shape", None) != (rows,):
+      raise ValueError(f"{name}: expected shape ({rows},), one per row of logits_BV, got {getattr(x, 'shape', x)}")
   logits_BV = logits_BV.astype(jnp.float32)
   vocab = logits_BV.shape[1]
   greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)

@@ -156,9 +156,8 @@ class BlockManager:
     table, used = self._table(seq_id), self.num_tokens[seq_id]
     if not isinstance(count, (int, np.integer)) or isinstance(count, (bool, np.bool_)) or count < 1:
       raise ValueError(f"count: expected an int >= 1, got {count!r}")
-    partial = used % self.block_size != 0
-    shared = partial and self.ref_counts[table[-1]] > 1
-    needed = self.blocks_for(used + count) - len(table) + shared
+    shared = self._shared_tail(seq_id)
+    needed = self.blocks_needed(seq_id, count)
     if needed > self.num_free_blocks:
       raise MemoryError(f"seq_id: {seq_id!r} needs {needed} more blocks, {self.num_free_blocks} free")
     copies = []
@@ -170,6 +169,16 @@ class BlockManager:
     table.extend(self._take() for _ in range(self.blocks_for(used + count) - len(table)))
     self.num_tokens[seq_id] = used + count
     return copies
+
+  def blocks_needed(self, seq_id: Hashable, count: int) -> int:
+    """Free blocks `append(seq_id, count)` takes: new blocks, plus a copy of a shared,
+    partly filled last block."""
+    table = self._table(seq_id)
+    return self.blocks_for(self.num_tokens[seq_id] + count) - len(table) + self._shared_tail(seq_id)
+
+  def _shared_tail(self, seq_id: Hashable) -> bool:
+    table = self._table(seq_id)
+    return self.num_tokens[seq_id] % self.block_size != 0 and self.ref_counts[table[-1]] > 1
 
   def fork(self, parent: Hashable, child: Hashable) -> None:
     """The child shares every block of the parent (copy-on-write later)."""

@@ -27,9 +27,10 @@ blocks freed) and later recomputed from its prompt plus the tokens it had genera
 rows of a call write nothing (num_new = 0).
 
 Call shapes are bucketed so that a trace compiles a handful of programs: row counts and
-chunk widths to powers of two, block tables to a power-of-two width (attention reads every
-slot a table names). `Stats` counts the signatures and splits a step's wall time into host
-work, model calls and transfers.
+chunk widths to powers of two from a quarter of max_batch / prefill_chunk up, block tables
+to a power-of-two width of at least MIN_PAGES (attention reads every slot a table names).
+`Stats` counts the signatures and splits a step's wall time into host work, model calls,
+transfers and compiles.
 
 Greedy outputs equal `generate.generate` of each request alone; `tests/models/serving`
 checks this with requests of mixed lengths, chunked prefill, windows, stops and preemption.
@@ -77,6 +78,8 @@ class EngineConfig:
         f"room for a prompt chunk whenever a row is free), got {self.token_budget}"
       )
 
+
+MIN_PAGES = 4  # the narrowest block table of a call
 
 _Temperature = Annotated[float, checks.Range(low=0, high=math.inf, high_open=True)]  # finite, >= 0
 _TopP = Annotated[float, checks.Range(low=0, high=1, low_open=True)]
@@ -289,6 +292,9 @@ class Engine:
     if pending is not None:
       self._pending = self._continue(pending) if self.ecfg.overlap else None
       events = self._advance(pending.rows, self._read(pending))
+      running = set(map(id, self.running))
+      if self._pending is not None and not any(id(s) in running for s, _ in self._pending.rows):
+        self._pending = None  # every row stopped in the window read: nothing to wait for
     self.stats.peak_blocks = max(self.stats.peak_blocks, self.ecfg.num_blocks - self.manager.num_free_blocks)
     self.stats.host_s += time.perf_counter() - start - self._device_s
     return events
@@ -322,12 +328,12 @@ class Engine:
 
   def _fits(self, targets: list[tuple[_Sequence, int]]) -> bool:
     """Whether the free blocks hold every sequence's slots up to its target count."""
-    size = self.ecfg.block_size
+    manager = self.manager
     need = 0
     for seq, target in targets:
-      table = self.manager.tables[seq.request.id]
-      need += -(-target // size) - len(table) + 1  # + 1: a copy-on-write of the last block
-    return need <= self.manager.num_free_blocks
+      more = target - manager.num_tokens[seq.request.id]
+      need += manager.blocks_needed(seq.request.id, more) if more > 0 else 0
+    return need <= manager.num_free_blocks
 
   def _reserve(self, decoding: list[_Sequence], window: int) -> list[_Sequence]:
     """Slots for the tokens a window of J steps feeds each decoding sequence (its last token
@@ -367,7 +373,8 @@ class Engine:
     ahead, running = pending.steps, set(map(id, self.running))
     live = [(r, s) for r, (s, _) in enumerate(pending.rows) if id(s) in running]
     going = [(r, s) for r, s in live if s.request.max_new_tokens - s.generated - ahead > 0]
-    if not going or (self.waiting and len(going) < len(live)):  # a row frees up: admit instead
+    # A row that frees up (max_new_tokens), or may (a stop id), lets a waiting request in: admit instead.
+    if not going or (self.waiting and (len(going) < len(live) or any(s.request.stop_ids for _, s in live))):
       return None
     window = min(self.ecfg.decode_steps, min(s.request.max_new_tokens - s.generated - ahead for _, s in going))
     targets = [(s, len(s.tokens) + ahead + window - 1) for _, s in going]
@@ -377,10 +384,8 @@ class Engine:
     for seq, target in targets:
       copies += self.manager.append(seq.request.id, target - self.manager.num_tokens[seq.request.id])
     self._copy(copies)
-    columns = np.asarray([pending.placed[r] for r, _ in going])
-    last_R = pending.out[pending.steps - 1][columns]  # the unread window's last tokens, on the device
     self.stats.overlapped += 1
-    return self._window([s for _, s in going], window, ahead=ahead, tokens_R=last_R)
+    return self._window([s for _, s in going], window, after=pending)
 
   def _preempt(self, seq: _Sequence) -> None:
     """Frees the sequence's blocks; it waits at the front and is recomputed (prompt plus the
@@ -432,11 +437,11 @@ class Engine:
     groups: list[tuple[np.ndarray, ...]] = []
     placed: list[int] = []
     if decoding:
-      rows = _bucket(len(decoding), self.ecfg.max_batch)
+      rows = _bucket(len(decoding), self.ecfg.max_batch, self.ecfg.max_batch // 4)
       groups.append(self._group([(s, 1) for s in decoding], rows, 1, pages))
       placed += range(len(decoding))
     if chunks:
-      width = _bucket(max(take for _, take in chunks), self.ecfg.prefill_chunk)
+      width = _bucket(max(take for _, take in chunks), self.ecfg.prefill_chunk, self.ecfg.prefill_chunk // 4)
       start = groups[0][0].shape[0] if groups else 0
       groups.append(self._group(chunks, _bucket(len(chunks), self.ecfg.prefill_rows), width, pages))
       placed += range(start, start + len(chunks))
@@ -451,20 +456,30 @@ class Engine:
       "packed", rows_fed, placed, 1, signature, _packed_call, tuple(groups), sample, sampled=sampled
     )
 
-  def _window(
-    self, decoding: list[_Sequence], window: int, *, ahead: int = 0, tokens_R: jax.Array | None = None
-  ) -> _Pending:
+  def _window(self, decoding: list[_Sequence], window: int, *, after: _Pending | None = None) -> _Pending:
     """Dispatches J decode steps of the sequences in one call ([J, R] tokens). A continuation
-    (`_continue`) starts `ahead` tokens past what the host has booked, from tokens_R on the
-    device."""
+    (`_continue`) starts where the unread window `after` ends: its tokens are that window's
+    last ones, picked on the device, and the rows keep that window's row count (one program
+    for both)."""
     pages = self._pages(decoding)
-    rows = _bucket(len(decoding), self.ecfg.max_batch)
+    if after is None:
+      rows, ahead = _bucket(len(decoding), self.ecfg.max_batch, self.ecfg.max_batch // 4), 0
+    else:
+      rows, ahead = after.out.shape[1], after.steps
     feeds = [(s, 1) for s in decoding]
     tokens_R1, tables_RP, lengths_R, new_R = self._group(feeds, rows, 1, pages, ahead=ahead)
     sample, sampled = self._sampling(decoding, range(len(decoding)), rows, [ahead] * len(decoding))
-    token_R: Any = tokens_R1[:, 0] if tokens_R is None else jnp.pad(tokens_R, (0, rows - tokens_R.shape[0]))
+    if after is None:  # the tokens as a window of one step: the same input a continuation has
+      last_JR: Any = np.zeros((self.ecfg.decode_steps, rows), np.int32)
+      last_JR[0], last, columns_R = tokens_R1[:, 0], 1, np.arange(rows, dtype=np.int32)
+    else:
+      running = {id(s): r for r, (s, _) in enumerate(after.rows)}
+      last_JR, last = after.out, after.steps
+      columns_R = np.zeros(rows, np.int32)
+      columns_R[: len(decoding)] = [after.placed[running[id(s)]] for s in decoding]
     signature = ("window", rows, pages, sampled)
-    args = (token_R, tables_RP, lengths_R, new_R, np.asarray(window, np.int32), sample)
+    steps = np.asarray(window, np.int32)
+    args = (last_JR, np.asarray(last, np.int32), columns_R, tables_RP, lengths_R, new_R, steps, sample)
     self.stats.decode_steps += window
     self.stats.fed_tokens += window * len(feeds)
     self.stats.padded_tokens += window * rows
@@ -509,9 +524,10 @@ class Engine:
     return tokens[: pending.steps, pending.placed]
 
   def _pages(self, seqs: list[_Sequence]) -> int:
-    """The call's block-table width: the longest table rounded up to a power of two."""
+    """The call's block-table width: the longest table rounded up to a power of two, at least
+    MIN_PAGES (reading a few unused slots costs less than a program per short width)."""
     longest = max(len(self.manager.tables[s.request.id]) for s in seqs)
-    return min(self.max_pages, 1 << (longest - 1).bit_length())
+    return _bucket(longest, self.max_pages, MIN_PAGES)
 
   def _group(
     self,
@@ -568,9 +584,11 @@ def _programs(fn: Any) -> int | None:
   return None if size is None else size()
 
 
-def _bucket(count: int, cap: int) -> int:
-  """count rounded up to a power of two, at most cap (count <= cap)."""
-  return min(cap, 1 << (count - 1).bit_length())
+def _bucket(count: int, cap: int, floor: int = 1) -> int:
+  """count rounded up to a power of two, at least floor and at most cap (count <= cap): call
+  shapes come from a few sizes, so a trace compiles a handful of programs. The floors (a
+  quarter of the rows or of the chunk width) keep short calls from adding programs."""
+  return min(cap, max(floor, 1 << (count - 1).bit_length()))
 
 
 def _choose(sample: _Sampling, logits_RV: jax.Array, step: Any, sampled: bool) -> jax.Array:
@@ -603,11 +621,28 @@ def _packed_call(params, k_pages_GPSK, v_pages_GPSK, groups, sample, *, cfg, sam
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampled", "window"), donate_argnums=(1, 2))
 def _window_call(
-  params, k_pages_GPSK, v_pages_GPSK, token_R, tables_RP, lengths_R, new_R, steps, sample, *, cfg, sampled, window
+  params,
+  k_pages_GPSK,
+  v_pages_GPSK,
+  last_JR,
+  last,
+  columns_R,
+  tables_RP,
+  lengths_R,
+  new_R,
+  steps,
+  sample,
+  *,
+  cfg,
+  sampled,
+  window,
 ):
-  """`steps` (<= window, traced) decode steps in one loop on the device: step j feeds each
-  row's token at slot lengths + j and samples the next. Padded rows (new 0) write nothing.
-  Returns the sampled tokens [window, R] (rows past `steps` are 0) and the pools."""
+  """`steps` (<= window, traced) decode steps in one loop on the device: row r starts from
+  token last_JR[last - 1, columns_R[r]] (the previous window's output, or the host's tokens
+  as a window of one step), and step j feeds each row's token at slot lengths + j and samples
+  the next. Padded rows (new 0) write nothing. Returns the sampled tokens [window, R] (rows
+  past `steps` are 0) and the pools."""
+  token_R = last_JR[last - 1][columns_R]
 
   def body(j, carry):
     token_R, k_pages, v_pages, out_JR = carry

@@ -193,7 +193,8 @@ class PackedPagedKVCache:
   kind to the other. The call's tokens are [1, N], N = sum over groups of B * width: group
   after group, each group's rows in order, row-major. Every per-token computation (the
   projections, the MLP) runs on the N tokens at once; attention runs group by group over
-  each row's pages."""
+  each row's pages. A sequence has one row in one group: every group writes before any
+  attends, but a row reads only its own row's tokens of this call."""
 
   k_pages_GPSK: jax.Array
   v_pages_GPSK: jax.Array
@@ -687,6 +688,8 @@ def _check_packed(cache: PackedPagedKVCache, cfg: LlamaConfig, batch: int, time:
   _check_pool(cache.k_pages_GPSK, cfg)
   for i, g in enumerate(cache.groups):
     rows, where = g.block_tables_BP.shape[0], f"state.groups[{i}]"
+    if not checks.is_int(g.width) or g.width < 1:
+      raise ValueError(f"{where}.width: expected an int >= 1, got {g.width!r}")
     _check_tables(f"{where}.block_tables_BP", g.block_tables_BP, rows)
     for name in ("lengths_B", "num_new_B"):
       x = getattr(g, name)

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,8 +92,6 @@ def test_select_rows_equals_select_row_by_row(key):
   # Each row with its own key, temperature (0: greedy), top-k and top-p, one traced call; the
   # reference is `select` on the row alone with python settings. Row 3 has -inf logits and
   # row 5 a tie, where top-k must keep the lower id.
-  import jax
-
   rows, vocab = 40, 64
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 3, jnp.float32)
@@ -122,3 +121,5 @@ def test_select_rows_equals_select_row_by_row(key):
   )
   assert got.tolist() == want
   assert len(set(want)) > 10  # the rows really differ
+  with pytest.raises(ValueError, match=r"top_p_B: expected shape \(40,\), one per row"):
+    sampling.select_rows(keys, logits, jnp.ones(rows), jnp.ones(rows, jnp.int32), jnp.ones(1))

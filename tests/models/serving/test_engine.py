@@ -141,6 +141,8 @@ def test_a_stop_inside_a_window_ends_the_request_there(params, overlap):
   assert eng.stats.steps == 2
   assert (eng.stats.model_calls, eng.stats.decode_steps) == ((3, 11) if overlap else (2, 8))
   assert eng.manager.num_free_blocks == SMALL.num_blocks and eng.idle
+  # A continuation whose every row stopped is dropped: the engine serves the next request at once.
+  assert eng.generate([engine.Request(id="next", prompt=prompt, max_new_tokens=2)])["next"] == greedy[:2]
 
 
 def test_one_model_call_per_step_packs_decode_and_prefill_under_the_token_budget(params):
@@ -182,9 +184,23 @@ def test_overlapped_windows_give_the_same_tokens(params):
       eng = engine.Engine(params, CFG, ecfg)
       runs[blocks, overlap] = (eng.generate(served), eng.stats)
     assert runs[blocks, True][0] == runs[blocks, False][0]
+    _assert_matches_alone(params, served[:-1], {r.id: runs[blocks, True][0][r.id] for r in served[:-1]})
   assert all(stats.overlapped == 0 for (_, overlap), (_, stats) in runs.items() if not overlap)
   assert runs[64, True][1].overlapped >= 2  # continuations ran
   assert runs[12, True][1].preemptions > 0
+
+
+def test_windows_need_free_blocks_only_for_new_slots(params):
+  # Three 2-token prompts with 9 new tokens each fit one 16-slot block apiece: a pool with one
+  # block to spare runs the same windows as a roomy one (no copy-on-write is charged).
+  requests = [engine.Request(id=i, prompt=(i + 1, 2), max_new_tokens=9) for i in range(3)]
+  calls = []
+  for blocks in (4, 6):
+    ecfg = engine.EngineConfig(num_blocks=blocks, block_size=16, max_batch=3, overlap=False)
+    eng = engine.Engine(params, CFG, ecfg)
+    eng.generate(requests)
+    calls.append(eng.stats.model_calls)
+  assert calls[0] == calls[1] < 9
 
 
 def test_events_stream_in_order_and_finish_once(params):

@@ -232,6 +232,8 @@ def test_packed_paged_call_equals_the_model_row_by_row(params, forward, key):
   np.testing.assert_allclose(out[0, 0], full_a[0, 9], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out[0, 2:7], full_b[0, :5], rtol=1e-4, atol=1e-4)
   assert [g.lengths_B.tolist() for g in after.groups] == [[10, 0], [5]]
+  # The chunk's padding (B's positions 5-7: page 6, slots 1-3) was not written in any layer.
+  assert jnp.isnan(after.k_pages_GPSK[:, jnp.array([6, 14]), 1:]).all()
   rest = llama.PackedPagedKVCache(
     after.k_pages_GPSK, after.v_pages_GPSK, (dataclasses.replace(after.groups[1], num_new_B=jnp.array([2], jnp.int32)),)
   )
