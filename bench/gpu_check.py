@@ -15,9 +15,11 @@ On a CUDA backend it runs, and writes `results_gpu/` like the suite writes `resu
   of the roofline, where FP8's dense peak is twice BF16's on H100/H200).
 - gpu_paged_attention: the paged decode kernel compiled and checked against its reference
   over the CPU tests' grid plus Llama 3 8B's attention shapes, with NaN in unreadable slots.
-- maxsim.throughput, quant.throughput, serving.kernel and jrt.prefill at `--scale=paper`: the
-  suite's kernel parts (serving.kernel times the paged kernel against the reference and jax's
-  bundled paged attention, and reports its HBM bandwidth). Their GPU claims (the rules with
+- maxsim.throughput, quant.throughput, serving.kernel, serving.trace and jrt.prefill at
+  `--scale=paper`: the suite's kernel parts (serving.kernel times the paged kernel against the
+  reference and jax's bundled paged attention, and reports its HBM bandwidth; serving.trace
+  serves the heavy-tailed trace with the engine, whose decode attention is then the Pallas
+  kernel, against static batching, beside the trace's padding bound). Their GPU claims (the rules with
   gpu=True: FP8 prefill, JRT's prefill speed-ups) are decided here, into the same claims
   ledger as the CPU runs (`python -m paperjax.bench.ledger results results_full results_gpu`).
 The defaults (`--scale=paper --only=<the above>`) are sized for a few minutes on one H200;
@@ -269,7 +271,7 @@ RUNS = {
 SUITE = ("maxsim", "quant", "serving", "jrt")
 # The suite's kernel parts at --scale=paper; their GPU claims (gpu=True rules) are decided here,
 # into results_gpu/results.json, which `python -m paperjax.bench.ledger` merges with the CPU runs.
-SUITE_PARTS = ("maxsim.throughput", "quant.throughput", "serving.kernel", "jrt.prefill")
+SUITE_PARTS = ("maxsim.throughput", "quant.throughput", "serving.kernel", "serving.trace", "jrt.prefill")
 
 
 def main(argv: Sequence[str]) -> int:

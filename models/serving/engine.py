@@ -417,13 +417,15 @@ class Engine:
         if finished:
           self.manager.free_sequence(request.id)
           self.running.remove(seq)
+          running.discard(id(seq))
           self._ids.discard(request.id)
         else:
           going.append((r, seq, 1))
       live = going
-    if self.ecfg.prefix_caching:
+    if self.ecfg.prefix_caching:  # each block that filled up in this call
+      size, hashes = self.ecfg.block_size, self.manager.prefix_hashes
       for seq, _ in rows:
-        if seq in self.running:
+        if id(seq) in running and seq.computed // size > len(hashes[seq.request.id]):
           self.manager.commit(seq.request.id, seq.tokens[: seq.computed])
     return events
 
@@ -554,9 +556,12 @@ class Engine:
 
   def _sampling(
     self, seqs: list[_Sequence], placed: Iterable[int], rows: int, ahead: list[int]
-  ) -> tuple[_Sampling, bool]:
+  ) -> tuple[_Sampling | None, bool]:
     """The call's per-row sampling settings (sequence i at row placed[i], its next token
-    ahead[i] past those booked) and whether any row samples."""
+    ahead[i] past those booked) and whether any row samples; None when every row is greedy
+    (fewer inputs to hand the device)."""
+    if all(seq.request.temperature == 0 for seq in seqs):
+      return None, False
     sample = _Sampling(
       np.zeros((rows, *self._key_shape), np.uint32),
       np.zeros(rows, np.int32),
@@ -564,18 +569,16 @@ class Engine:
       np.full(rows, self.cfg.vocab_size, np.int32),
       np.full(rows, 2.0, np.float32),
     )
-    sampled = False
     for seq, row, skip in zip(seqs, placed, ahead):
       r = seq.request
       sample.generated_R[row] = seq.generated + skip
       if r.temperature > 0:
-        sampled = True
         assert seq.key_data is not None
         sample.key_data_R[row] = seq.key_data
         sample.temperature_R[row] = r.temperature
         sample.top_k_R[row] = self.cfg.vocab_size if r.top_k is None else r.top_k
         sample.top_p_R[row] = 2.0 if r.top_p is None else r.top_p
-    return sample, sampled
+    return sample, True
 
 
 def _programs(fn: Any) -> int | None:
@@ -591,10 +594,10 @@ def _bucket(count: int, cap: int, floor: int = 1) -> int:
   return min(cap, max(floor, 1 << (count - 1).bit_length()))
 
 
-def _choose(sample: _Sampling, logits_RV: jax.Array, step: Any, sampled: bool) -> jax.Array:
+def _choose(sample: _Sampling | None, logits_RV: jax.Array, step: Any, sampled: bool) -> jax.Array:
   """Each row's next token: argmax, or (some row samples) `ops.sampling.select_rows` with row
   r's key fold_in(key(seed_r), generated_r + step)."""
-  if not sampled:
+  if sample is None or not sampled:
     return jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)  # = select at T=0
   keys_R = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sample.key_data_R), sample.generated_R + step)
   return sampling.select_rows(keys_R, logits_RV, sample.temperature_R, sample.top_k_R, sample.top_p_R)
