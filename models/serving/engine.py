@@ -27,8 +27,9 @@ blocks freed) and later recomputed from its prompt plus the tokens it had genera
 rows of a call write nothing (num_new = 0).
 
 Call shapes are bucketed so that a trace compiles a handful of programs: row counts and
-chunk widths to powers of two from a quarter of max_batch / prefill_chunk up, block tables
-to a power-of-two width of at least MIN_PAGES (attention reads every slot a table names).
+chunk widths to multiples of a quarter of max_batch / prefill_rows / prefill_chunk, block
+tables to a power-of-two width of at least MIN_PAGES (attention reads every slot a table
+names).
 `Stats` counts the signatures and splits a step's wall time into host work, model calls,
 transfers and compiles.
 
@@ -439,13 +440,13 @@ class Engine:
     groups: list[tuple[np.ndarray, ...]] = []
     placed: list[int] = []
     if decoding:
-      rows = _bucket(len(decoding), self.ecfg.max_batch, self.ecfg.max_batch // 4)
+      rows = _quarters(len(decoding), self.ecfg.max_batch)
       groups.append(self._group([(s, 1) for s in decoding], rows, 1, pages))
       placed += range(len(decoding))
     if chunks:
-      width = _bucket(max(take for _, take in chunks), self.ecfg.prefill_chunk, self.ecfg.prefill_chunk // 4)
+      width = _quarters(max(take for _, take in chunks), self.ecfg.prefill_chunk)
       start = groups[0][0].shape[0] if groups else 0
-      groups.append(self._group(chunks, _bucket(len(chunks), self.ecfg.prefill_rows), width, pages))
+      groups.append(self._group(chunks, _quarters(len(chunks), self.ecfg.prefill_rows), width, pages))
       placed += range(start, start + len(chunks))
     total = sum(g[0].shape[0] for g in groups)
     sample, sampled = self._sampling(seqs, placed, total, [0] * len(seqs))
@@ -459,29 +460,25 @@ class Engine:
     )
 
   def _window(self, decoding: list[_Sequence], window: int, *, after: _Pending | None = None) -> _Pending:
-    """Dispatches J decode steps of the sequences in one call ([J, R] tokens). A continuation
-    (`_continue`) starts where the unread window `after` ends: its tokens are that window's
-    last ones, picked on the device, and the rows keep that window's row count (one program
-    for both)."""
+    """Dispatches J decode steps of the sequences in one call ([J, max_batch] tokens). A
+    continuation (`_continue`) starts where the unread window `after` ends: its tokens are
+    that window's last ones, picked on the device."""
     pages = self._pages(decoding)
-    if after is None:
-      rows, ahead = _bucket(len(decoding), self.ecfg.max_batch, self.ecfg.max_batch // 4), 0
-    else:
-      rows, ahead = after.out.shape[1], after.steps
+    rows, ahead = _quarters(len(decoding), self.ecfg.max_batch), 0 if after is None else after.steps
     feeds = [(s, 1) for s in decoding]
     tokens_R1, tables_RP, lengths_R, new_R = self._group(feeds, rows, 1, pages, ahead=ahead)
     sample, sampled = self._sampling(decoding, range(len(decoding)), rows, [ahead] * len(decoding))
     if after is None:  # the tokens as a window of one step: the same input a continuation has
-      last_JR: Any = np.zeros((self.ecfg.decode_steps, rows), np.int32)
-      last_JR[0], last, columns_R = tokens_R1[:, 0], 1, np.arange(rows, dtype=np.int32)
+      last_JM: Any = np.zeros((self.ecfg.decode_steps, self.ecfg.max_batch), np.int32)
+      last_JM[0, :rows], last, columns_R = tokens_R1[:, 0], 1, np.arange(rows, dtype=np.int32)
     else:
       running = {id(s): r for r, (s, _) in enumerate(after.rows)}
-      last_JR, last = after.out, after.steps
+      last_JM, last = after.out, after.steps
       columns_R = np.zeros(rows, np.int32)
       columns_R[: len(decoding)] = [after.placed[running[id(s)]] for s in decoding]
     signature = ("window", rows, pages, sampled)
     steps = np.asarray(window, np.int32)
-    args = (last_JR, np.asarray(last, np.int32), columns_R, tables_RP, lengths_R, new_R, steps, sample)
+    args = (last_JM, np.asarray(last, np.int32), columns_R, tables_RP, lengths_R, new_R, steps, sample)
     self.stats.decode_steps += window
     self.stats.fed_tokens += window * len(feeds)
     self.stats.padded_tokens += window * rows
@@ -587,10 +584,16 @@ def _programs(fn: Any) -> int | None:
   return None if size is None else size()
 
 
+def _quarters(count: int, cap: int) -> int:
+  """count (<= cap) rounded up to a multiple of a quarter of cap: a call's rows or chunk width
+  take one of four sizes, so a trace compiles a handful of programs, and padding adds at most
+  a quarter of cap."""
+  quarter = -(-cap // 4)
+  return min(cap, -(-count // quarter) * quarter)
+
+
 def _bucket(count: int, cap: int, floor: int = 1) -> int:
-  """count rounded up to a power of two, at least floor and at most cap (count <= cap): call
-  shapes come from a few sizes, so a trace compiles a handful of programs. The floors (a
-  quarter of the rows or of the chunk width) keep short calls from adding programs."""
+  """count rounded up to a power of two, at least floor and at most cap (count <= cap)."""
   return min(cap, max(floor, 1 << (count - 1).bit_length()))
 
 
@@ -627,7 +630,7 @@ def _window_call(
   params,
   k_pages_GPSK,
   v_pages_GPSK,
-  last_JR,
+  last_JM,
   last,
   columns_R,
   tables_RP,
@@ -641,23 +644,25 @@ def _window_call(
   window,
 ):
   """`steps` (<= window, traced) decode steps in one loop on the device: row r starts from
-  token last_JR[last - 1, columns_R[r]] (the previous window's output, or the host's tokens
-  as a window of one step), and step j feeds each row's token at slot lengths + j and samples
-  the next. Padded rows (new 0) write nothing. Returns the sampled tokens [window, R] (rows
-  past `steps` are 0) and the pools."""
-  token_R = last_JR[last - 1][columns_R]
+  token last_JM[last - 1, columns_R[r]] (the previous window's output, or the host's tokens
+  as a window of one step; M = max_batch columns, so any two windows chain through one
+  program), and step j feeds each row's token at slot lengths + j and samples the next.
+  Padded rows (new 0) write nothing. Returns the sampled tokens [window, M] (rows past R and
+  steps past `steps` are 0) and the pools."""
+  token_R = last_JM[last - 1][columns_R]
+  rows = token_R.shape[0]
 
   def body(j, carry):
-    token_R, k_pages, v_pages, out_JR = carry
+    token_R, k_pages, v_pages, out_JM = carry
     state = llama.PagedKVCache(k_pages, v_pages, tables_RP, lengths_R + j * new_R)
     hidden_R1D, after = llama.forward_hidden(params, token_R[:, None], cfg, state=state, num_new_B=new_R)
     assert isinstance(after, llama.PagedKVCache)
     token_R = _choose(sample, llama.unembed(params, hidden_R1D, cfg)[:, 0], j, sampled)
-    return token_R, after.k_pages_GPSK, after.v_pages_GPSK, out_JR.at[j].set(token_R)
+    return token_R, after.k_pages_GPSK, after.v_pages_GPSK, out_JM.at[j, :rows].set(token_R)
 
-  init = (token_R, k_pages_GPSK, v_pages_GPSK, jnp.zeros((window, token_R.shape[0]), jnp.int32))
-  _, k_pages_GPSK, v_pages_GPSK, out_JR = jax.lax.fori_loop(0, steps, body, init)
-  return out_JR, k_pages_GPSK, v_pages_GPSK
+  init = (token_R, k_pages_GPSK, v_pages_GPSK, jnp.zeros((window, last_JM.shape[1]), jnp.int32))
+  _, k_pages_GPSK, v_pages_GPSK, out_JM = jax.lax.fori_loop(0, steps, body, init)
+  return out_JM, k_pages_GPSK, v_pages_GPSK
 
 
 def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineConfig) -> None:
