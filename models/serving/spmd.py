@@ -138,7 +138,7 @@ def start(*, num_processes: int = 2, local_devices: int = 4, seed: int = 0, coun
   if num_processes > 1:
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   command = [sys.executable, "-m", "paperjax.models.serving.spmd", f"--coordinator=127.0.0.1:{multihost._free_port()}"]
-  command += [f"--num_processes={num_processes}", f"--seed={seed}", f"--requests={count}"]
+  command += [f"--num_processes={num_processes}", f"--engine_seed={seed}", f"--engine_requests={count}"]
   return Job(
     [
       subprocess.Popen(
@@ -173,8 +173,8 @@ def launch(
 
 # --coordinator, --process_id, --num_processes and --local_devices are multihost's flags
 # (imported above; one process cannot define a flag twice).
-_SEED = flags.DEFINE_integer("seed", 0, "Model and request seed.")
-_REQUESTS = flags.DEFINE_integer("requests", 6, "Requests served.")
+_SEED = flags.DEFINE_integer("engine_seed", 0, "Model and request seed (not --seed: bench.cli owns it).")
+_REQUESTS = flags.DEFINE_integer("engine_requests", 6, "Requests served.")
 
 
 def main(argv: list[str]) -> None:
