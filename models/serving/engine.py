@@ -1,9 +1,9 @@
 """Continuous batching over a paged KV cache (vLLM / Orca, with Sarathi-Serve's chunked
 prefill) for the Llama model.
 
-Shapes: R rows of a model call, N tokens of a packed call, W prompt-chunk width, J decode
-steps of a window, V vocabulary, P block-table entries, L layers, G kv heads, S page slots,
-K head dim.
+Shapes: B rows of a model call (at most max_batch), T tokens per row (a prompt chunk's
+width, or a decode window's steps), N tokens of a packed call, V vocabulary, D model width,
+P block-table entries, L layers, G kv heads, S page slots, K head dim.
 
 Requests join and leave the running batch at step granularity. Each `step()`:
 1. admits waiting requests (first come, first served) while a row is free and the block
@@ -14,11 +14,11 @@ Requests join and leave the running batch at step granularity. Each `step()`:
      of at most prefill_chunk tokens from at most prefill_rows sequences, token_budget tokens
      in all (vLLM's scheduler; Sarathi-Serve's chunked prefill). Decode rows are one token
      wide, so a chunk does not pad them;
-   - otherwise a decode window: J = min(decode_steps, the fewest tokens any running sequence
+   - otherwise a decode window: T = min(decode_steps, the fewest tokens any running sequence
      may still generate) decode steps in one jitted loop on the device, each step feeding
      the token the previous one sampled;
 3. samples on the device, each request's token i drawn with fold_in(key(seed), i) (so an
-   output depends neither on its batch-mates nor on J), reads back the token ids only, and
+   output depends neither on its batch-mates nor on T), reads back the token ids only, and
    streams them; a sequence finishes on a stop id (its later tokens in a window are
    discarded) or at max_new_tokens, and its blocks are freed.
 Before a call each sequence reserves the slots the call writes. When blocks run out, the
@@ -168,7 +168,7 @@ class Stats:
   peak_blocks: int = 0  # most blocks referenced at once
   model_calls: int = 0  # jitted model calls (one per step; a decode window is one call)
   overlapped: int = 0  # of which dispatched before the call before them was read (`overlap`)
-  decode_steps: int = 0  # decode iterations run on the device (a window of J counts J)
+  decode_steps: int = 0  # decode iterations run on the device (a window of T steps counts T)
   fed_tokens: int = 0  # real tokens fed to the model (decode and prefill; padding excluded)
   padded_tokens: int = 0  # token rows computed, padding included
   host_s: float = 0.0  # wall seconds in step() outside model calls and transfers: scheduling, block tables, events
@@ -185,19 +185,19 @@ class _Pending(NamedTuple):
   kind: str  # "packed" or "window"
   rows: list[tuple[_Sequence, int]]  # each row's sequence and the tokens it fed at the first step
   placed: np.ndarray  # the output column of each row
-  steps: int  # J
-  out: jax.Array  # int32 [window, R] tokens on the device
+  steps: int  # T
+  out: jax.Array  # int32 [decode_steps, max_batch] tokens on the device
 
 
 class _Sampling(NamedTuple):
   """Per-row sampling settings of a call (`ops.sampling.select_rows`), numpy on the host and
   arrays in the call; padded rows are greedy."""
 
-  key_data_R: Any  # uint32 [R, ...]: key(seed)'s data
-  generated_R: Any  # int32: the index of the row's next token
-  temperature_R: Any  # float32, 0 greedy
-  top_k_R: Any  # int32, V for none
-  top_p_R: Any  # float32, 2 for none
+  key_data_B: Any  # uint32 [B, ...]: key(seed)'s data
+  generated_B: Any  # int32: the index of the row's next token
+  temperature_B: Any  # float32, 0 greedy
+  top_k_B: Any  # int32, V for none
+  top_p_B: Any  # float32, 2 for none
 
 
 class Engine:
@@ -337,8 +337,8 @@ class Engine:
     return need <= manager.num_free_blocks
 
   def _reserve(self, decoding: list[_Sequence], window: int) -> list[_Sequence]:
-    """Slots for the tokens a window of J steps feeds each decoding sequence (its last token
-    and the J - 1 it samples before the last), preempting the newest sequences when the pool
+    """Slots for the tokens a window of T steps feeds each decoding sequence (its last token
+    and the T - 1 it samples before the last), preempting the newest sequences when the pool
     runs out; applies the copy-on-write copies. Returns the sequences still running."""
     copies: list[tuple[int, int]] = []
     for seq in sorted(decoding, key=lambda s: s.admitted):
@@ -397,21 +397,21 @@ class Engine:
     self.waiting.appendleft(seq)
     self.stats.preemptions += 1
 
-  def _advance(self, rows: list[tuple[_Sequence, int]], tokens_JR: np.ndarray) -> list[Event]:
+  def _advance(self, rows: list[tuple[_Sequence, int]], tokens_TB: np.ndarray) -> list[Event]:
     """Books what a call fed and streams what it sampled. Row r of the call fed `fed` tokens
     at its first step (a decode token, or a prompt chunk) and one at each later step of a
-    window; tokens_JR[j, r] is what row r sampled at step j. A chunk that does not end its
+    window; tokens_TB[j, r] is what row r sampled at step j. A chunk that does not end its
     prompt samples nothing; a finished sequence's later tokens are discarded."""
     events = []
     running = set(map(id, self.running))  # a continuation's rows may have finished in the window before
     live = [(r, seq, fed) for r, (seq, fed) in enumerate(rows) if id(seq) in running]
-    for j in range(tokens_JR.shape[0]):
+    for j in range(tokens_TB.shape[0]):
       going = []
       for r, seq, fed in live:
         seq.computed += fed
         if seq.unfed:
           continue
-        request, token = seq.request, int(tokens_JR[j, r])
+        request, token = seq.request, int(tokens_TB[j, r])
         seq.tokens.append(token)
         finished = token in request.stop_ids or seq.generated == request.max_new_tokens
         events.append(Event(request.id, token, finished))
@@ -433,8 +433,8 @@ class Engine:
   # ---- model calls
 
   def _packed(self, decoding: list[_Sequence], chunks: list[tuple[_Sequence, int]]) -> _Pending:
-    """Dispatches one packed call: the decode rows [Rd, 1], then the chunks [Rp, W]; it
-    samples one token [1, R] per row."""
+    """Dispatches one packed call: the decode rows [B, 1], then the chunks [B', T]; it
+    samples one token [1, B + B'] per row."""
     seqs = decoding + [seq for seq, _ in chunks]
     pages = self._pages(seqs)
     groups: list[tuple[np.ndarray, ...]] = []
@@ -460,25 +460,25 @@ class Engine:
     )
 
   def _window(self, decoding: list[_Sequence], window: int, *, after: _Pending | None = None) -> _Pending:
-    """Dispatches J decode steps of the sequences in one call ([J, max_batch] tokens). A
+    """Dispatches T decode steps of the sequences in one call ([T, max_batch] tokens). A
     continuation (`_continue`) starts where the unread window `after` ends: its tokens are
     that window's last ones, picked on the device."""
     pages = self._pages(decoding)
     rows, ahead = _quarters(len(decoding), self.ecfg.max_batch), 0 if after is None else after.steps
     feeds = [(s, 1) for s in decoding]
-    tokens_R1, tables_RP, lengths_R, new_R = self._group(feeds, rows, 1, pages, ahead=ahead)
+    tokens_B1, tables_BP, lengths_B, new_B = self._group(feeds, rows, 1, pages, ahead=ahead)
     sample, sampled = self._sampling(decoding, range(len(decoding)), rows, [ahead] * len(decoding))
     if after is None:  # the tokens as a window of one step: the same input a continuation has
-      last_JM: Any = np.zeros((self.ecfg.decode_steps, self.ecfg.max_batch), np.int32)
-      last_JM[0, :rows], last, columns_R = tokens_R1[:, 0], 1, np.arange(rows, dtype=np.int32)
+      last_TB: Any = np.zeros((self.ecfg.decode_steps, self.ecfg.max_batch), np.int32)
+      last_TB[0, :rows], last, columns_B = tokens_B1[:, 0], 1, np.arange(rows, dtype=np.int32)
     else:
       running = {id(s): r for r, (s, _) in enumerate(after.rows)}
-      last_JM, last = after.out, after.steps
-      columns_R = np.zeros(rows, np.int32)
-      columns_R[: len(decoding)] = [after.placed[running[id(s)]] for s in decoding]
+      last_TB, last = after.out, after.steps
+      columns_B = np.zeros(rows, np.int32)
+      columns_B[: len(decoding)] = [after.placed[running[id(s)]] for s in decoding]
     signature = ("window", rows, pages, sampled)
     steps = np.asarray(window, np.int32)
-    args = (last_JM, np.asarray(last, np.int32), columns_R, tables_RP, lengths_R, new_R, steps, sample)
+    args = (last_TB, np.asarray(last, np.int32), columns_B, tables_BP, lengths_B, new_B, steps, sample)
     self.stats.decode_steps += window
     self.stats.fed_tokens += window * len(feeds)
     self.stats.padded_tokens += window * rows
@@ -511,7 +511,7 @@ class Engine:
 
   def _read(self, pending: _Pending) -> np.ndarray:
     """Waits for a call's tokens (model time) and copies them to the host (transfer time):
-    [J, len(rows)] in the rows' order."""
+    [T, len(rows)] in the rows' order."""
     start = time.perf_counter()
     jax.block_until_ready(pending.out)
     ready = time.perf_counter()
@@ -537,19 +537,19 @@ class Engine:
     *,
     ahead: int = 0,
   ) -> tuple[np.ndarray, ...]:
-    """Host arrays of one group of a call: tokens [R, W], tables [R, P], lengths [R] and new
-    tokens [R] (0 on padded rows), feeding each sequence `count` tokens from its first unfed
+    """Host arrays of one group of a call: tokens [B, T], tables [B, P], lengths [B] and new
+    tokens [B] (0 on padded rows), feeding each sequence `count` tokens from its first unfed
     (`ahead` tokens further on, whose ids the host does not know yet: their tokens stay 0)."""
-    tokens_RW = np.zeros((rows, width), np.int32)
-    tables_RP = np.zeros((rows, pages), np.int32)
-    lengths_R, new_R = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    tokens_BT = np.zeros((rows, width), np.int32)
+    tables_BP = np.zeros((rows, pages), np.int32)
+    lengths_B, new_B = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
     for row, (seq, count) in enumerate(feeds):
       table = self.manager.tables[seq.request.id]
       if not ahead:
-        tokens_RW[row, :count] = seq.tokens[seq.computed : seq.computed + count]
-      tables_RP[row, : len(table)] = table
-      lengths_R[row], new_R[row] = seq.computed + ahead, count
-    return tokens_RW, tables_RP, lengths_R, new_R
+        tokens_BT[row, :count] = seq.tokens[seq.computed : seq.computed + count]
+      tables_BP[row, : len(table)] = table
+      lengths_B[row], new_B[row] = seq.computed + ahead, count
+    return tokens_BT, tables_BP, lengths_B, new_B
 
   def _sampling(
     self, seqs: list[_Sequence], placed: Iterable[int], rows: int, ahead: list[int]
@@ -568,13 +568,13 @@ class Engine:
     )
     for seq, row, skip in zip(seqs, placed, ahead):
       r = seq.request
-      sample.generated_R[row] = seq.generated + skip
+      sample.generated_B[row] = seq.generated + skip
       if r.temperature > 0:
         assert seq.key_data is not None
-        sample.key_data_R[row] = seq.key_data
-        sample.temperature_R[row] = r.temperature
-        sample.top_k_R[row] = self.cfg.vocab_size if r.top_k is None else r.top_k
-        sample.top_p_R[row] = 2.0 if r.top_p is None else r.top_p
+        sample.key_data_B[row] = seq.key_data
+        sample.temperature_B[row] = r.temperature
+        sample.top_k_B[row] = self.cfg.vocab_size if r.top_k is None else r.top_k
+        sample.top_p_B[row] = 2.0 if r.top_p is None else r.top_p
     return sample, True
 
 
@@ -597,19 +597,19 @@ def _bucket(count: int, cap: int, floor: int = 1) -> int:
   return min(cap, max(floor, 1 << (count - 1).bit_length()))
 
 
-def _choose(sample: _Sampling | None, logits_RV: jax.Array, step: Any, sampled: bool) -> jax.Array:
+def _choose(sample: _Sampling | None, logits_BV: jax.Array, step: Any, sampled: bool) -> jax.Array:
   """Each row's next token: argmax, or (some row samples) `ops.sampling.select_rows` with row
   r's key fold_in(key(seed_r), generated_r + step)."""
   if sample is None or not sampled:
-    return jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)  # = select at T=0
-  keys_R = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sample.key_data_R), sample.generated_R + step)
-  return sampling.select_rows(keys_R, logits_RV, sample.temperature_R, sample.top_k_R, sample.top_p_R)
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)  # = select at T=0
+  keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sample.key_data_B), sample.generated_B + step)
+  return sampling.select_rows(keys_B, logits_BV, sample.temperature_B, sample.top_k_B, sample.top_p_B)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampled"), donate_argnums=(1, 2))
 def _packed_call(params, k_pages_GPSK, v_pages_GPSK, groups, sample, *, cfg, sampled):
-  """One packed model call (`llama.PackedPagedKVCache`) over groups of (tokens [R, W], tables,
-  lengths, new); unembeds only each row's last new token. Returns the next tokens [1, R] of
+  """One packed model call (`llama.PackedPagedKVCache`) over groups of (tokens [B, T], tables,
+  lengths, new); unembeds only each row's last new token. Returns the next tokens [1, B] of
   the groups' rows in order, and the pools."""
   rows = tuple(llama.PagedRows(tables, lengths, new, tokens.shape[1]) for tokens, tables, lengths, new in groups)
   tokens_1N = jnp.concatenate([tokens.reshape(-1) for tokens, *_ in groups])[None]
@@ -621,8 +621,8 @@ def _packed_call(params, k_pages_GPSK, v_pages_GPSK, groups, sample, *, cfg, sam
     rows_, width = tokens.shape
     last.append(start + jnp.arange(rows_) * width + jnp.maximum(new - 1, 0))
     start += rows_ * width
-  logits_1RV = llama.unembed(params, hidden_1ND[:, jnp.concatenate(last)], cfg)
-  return _choose(sample, logits_1RV[0], 0, sampled)[None], after.k_pages_GPSK, after.v_pages_GPSK
+  logits_1BV = llama.unembed(params, hidden_1ND[:, jnp.concatenate(last)], cfg)
+  return _choose(sample, logits_1BV[0], 0, sampled)[None], after.k_pages_GPSK, after.v_pages_GPSK
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampled", "window"), donate_argnums=(1, 2))
@@ -630,12 +630,12 @@ def _window_call(
   params,
   k_pages_GPSK,
   v_pages_GPSK,
-  last_JM,
+  last_TB,
   last,
-  columns_R,
-  tables_RP,
-  lengths_R,
-  new_R,
+  columns_B,
+  tables_BP,
+  lengths_B,
+  new_B,
   steps,
   sample,
   *,
@@ -644,25 +644,25 @@ def _window_call(
   window,
 ):
   """`steps` (<= window, traced) decode steps in one loop on the device: row r starts from
-  token last_JM[last - 1, columns_R[r]] (the previous window's output, or the host's tokens
-  as a window of one step; M = max_batch columns, so any two windows chain through one
+  token last_TB[last - 1, columns_B[r]] (the previous window's output, or the host's tokens
+  as a window of one step; max_batch columns, so any two windows chain through one
   program), and step j feeds each row's token at slot lengths + j and samples the next.
-  Padded rows (new 0) write nothing. Returns the sampled tokens [window, M] (rows past R and
+  Padded rows (new 0) write nothing. Returns the sampled tokens [window, max_batch] (rows past B and
   steps past `steps` are 0) and the pools."""
-  token_R = last_JM[last - 1][columns_R]
-  rows = token_R.shape[0]
+  token_B = last_TB[last - 1][columns_B]
+  rows = token_B.shape[0]
 
   def body(j, carry):
-    token_R, k_pages, v_pages, out_JM = carry
-    state = llama.PagedKVCache(k_pages, v_pages, tables_RP, lengths_R + j * new_R)
-    hidden_R1D, after = llama.forward_hidden(params, token_R[:, None], cfg, state=state, num_new_B=new_R)
+    token_B, k_pages, v_pages, out_TB = carry
+    state = llama.PagedKVCache(k_pages, v_pages, tables_BP, lengths_B + j * new_B)
+    hidden_B1D, after = llama.forward_hidden(params, token_B[:, None], cfg, state=state, num_new_B=new_B)
     assert isinstance(after, llama.PagedKVCache)
-    token_R = _choose(sample, llama.unembed(params, hidden_R1D, cfg)[:, 0], j, sampled)
-    return token_R, after.k_pages_GPSK, after.v_pages_GPSK, out_JM.at[j, :rows].set(token_R)
+    token_B = _choose(sample, llama.unembed(params, hidden_B1D, cfg)[:, 0], j, sampled)
+    return token_B, after.k_pages_GPSK, after.v_pages_GPSK, out_TB.at[j, :rows].set(token_B)
 
-  init = (token_R, k_pages_GPSK, v_pages_GPSK, jnp.zeros((window, last_JM.shape[1]), jnp.int32))
-  _, k_pages_GPSK, v_pages_GPSK, out_JM = jax.lax.fori_loop(0, steps, body, init)
-  return out_JM, k_pages_GPSK, v_pages_GPSK
+  init = (token_B, k_pages_GPSK, v_pages_GPSK, jnp.zeros((window, last_TB.shape[1]), jnp.int32))
+  _, k_pages_GPSK, v_pages_GPSK, out_TB = jax.lax.fori_loop(0, steps, body, init)
+  return out_TB, k_pages_GPSK, v_pages_GPSK
 
 
 def check_request(request: Request, cfg: llama.LlamaConfig, engine_cfg: EngineConfig) -> None:

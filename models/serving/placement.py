@@ -32,6 +32,8 @@ activation constraints of `cfg.axis_rules`; inputs are replicated global arrays 
 process's own copy, so the same program runs across processes (`models.serving.spmd`). The
 donated pools come back with the sharding they went in with, so no call reshards them or
 compiles twice (tests/models/serving/test_engine_mesh.py checks all of this).
+
+Shapes: G kv heads, P pages (L * pages of the pool), S page slots, K head dim.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ launches 2 processes of 4 CPU devices each, serves `requests()` with `CFG` on a 
 tensor size 8 over their 8 devices, checks that both processes' outputs are equal and equal
 to this process's one-device engine, and prints them with each process's per-device pool
 and weight bytes as JSON (tests/models/serving/test_engine_mesh.py runs it).
+
+Shapes: G kv heads, P pages (L * pages of the pool), S page slots, K head dim.
 """
 
 from __future__ import annotations

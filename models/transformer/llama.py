@@ -6,7 +6,8 @@
 
 Shapes: B batch, T time (new tokens), S cache slots (of a row, or of a page), D model width,
 H query heads, G kv heads, K head dim, E MLP hidden width, V vocabulary, L layers, A = K / 2
-RoPE angles, P pages (of a paged cache's pool, or a row's block-table entries).
+RoPE angles, P pages (of a paged cache's pool, or a row's block-table entries), N tokens of
+a packed call (`PackedPagedKVCache`).
 
 A `models.protocol.DecodingModel`: one code path (`models.stack.scan_layers` over the L
 stacked layers) serves training (no state), prefill and decode (a `KVCache` in and out):
