@@ -24,7 +24,9 @@ Requests join and leave the running batch at step granularity. Each `step()`:
 Before a call each sequence reserves the slots the call writes. When blocks run out, the
 window shrinks to one step, and then the most recently admitted sequence is preempted (its
 blocks freed) and later recomputed from its prompt plus the tokens it had generated. Padded
-rows of a call write nothing (num_new = 0).
+rows of a call write nothing (num_new = 0). With `overlap`, a window's continuation is
+dispatched before the window's tokens are read (`Engine._continue`), so the host books one
+window while the device runs the next.
 
 Call shapes are bucketed so that a trace compiles a handful of programs: row counts and
 chunk widths to multiples of a quarter of max_batch / prefill_rows / prefill_chunk, block
@@ -66,7 +68,7 @@ class EngineConfig:
   prefill_rows: checks.PositiveInt = 2  # sequences prefilled per step
   prefill_chunk: checks.PositiveInt = 64  # prompt tokens per prefill row per step
   prefix_caching: bool = True
-  token_budget: checks.PositiveInt = 256  # tokens fed per packed call: decode tokens first, then prompt chunks
+  token_budget: checks.PositiveInt = 256  # real tokens per packed call (decode first, then chunks); padding on top
   decode_steps: checks.PositiveInt = 8  # most decode steps of one call (a window on the device)
   overlap: bool = True  # dispatch a window's continuation before reading its tokens
 
