@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from absl import app
@@ -442,6 +443,53 @@ def training_programs(model: llama.LlamaConfig, batch_size: int, seq_len: int, s
   }
 
 
+Gemm = tuple[tuple[int, ...], tuple[int, ...], tuple]  # lhs shape, rhs shape, lax dimension_numbers
+
+
+def traced_gemms(fn: Callable, *args) -> dict[Gemm, int]:
+  """Every dot_general in the jaxpr of fn(*args) (arrays or jax.ShapeDtypeStruct), with how
+  many times it runs (a scan body's GEMMs times the scan's length): the matmuls a program
+  does, to time on their own with `time_gemms`."""
+  counts: dict[Gemm, int] = {}
+
+  def walk(jaxpr, times: int) -> None:
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
+        key = (lhs, rhs, eqn.params["dimension_numbers"])
+        counts[key] = counts.get(key, 0) + times
+      if eqn.primitive.name == "while":
+        raise ValueError(f"fn: a while loop runs its GEMMs an unknown number of times ({eqn.primitive})")
+      inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, tuple) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr, inner)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub, inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+  return counts
+
+
+def time_gemms(gemms: dict[Gemm, int], repeats: int) -> float:
+  """Seconds to run each GEMM of `gemms` as many times as it counts: every distinct one as
+  its own jitted float32 dot_general, its median over `repeats` calls times its count."""
+  total = 0.0
+  for (lhs, rhs, dims), count in gemms.items():
+    dot = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=dims))
+    total += count * time_fn(dot, jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32), repeats=repeats).median_s
+  return total
+
+
+def training_gemms(model: llama.LlamaConfig, batch_size: int, seq_len: int) -> dict[Gemm, int]:
+  """The GEMMs of one gradient of the loss (the training step's only matmuls; AdamW has none),
+  traced on shapes alone."""
+  params = jax.eval_shape(lambda: llama.init(jax.random.key(0), model))
+  windows = np.zeros((batch_size, seq_len + 1), np.int32)
+  return traced_gemms(jax.grad(functools.partial(lm.loss_fn, cfg=model)), params, lm.packed_batch(windows, windows))
+
+
 def _train_speed(ctx: Context, speed: Speed):
   """One AdamW step of each model, scanned and unrolled, against a GEMM timed in the same run."""
   a = jnp.ones((speed.gemm, speed.gemm), jnp.float32)
@@ -455,8 +503,10 @@ def _train_speed(ctx: Context, speed: Speed):
       programs = training_programs(model, speed.batch, speed.seq_len, ctx.seed)
       times = {name: time_fn(fn, repeats=ctx.repeats).median_s for name, fn in programs.items()}
       tokens_per_s = speed.batch * speed.seq_len / times["step"]
+      gemms_s = time_gemms(training_gemms(model, speed.batch, speed.seq_len), ctx.repeats)
       layout = "unrolled" if unroll else "scanned"
       records += [
+        ctx.record(f"the step's GEMMs alone / the step ({label}), {layout}", gemms_s / times["step"], "fraction"),
         ctx.record(f"training tokens/s ({label}), {layout}", tokens_per_s, "tokens/s"),
         ctx.record(
           f"backward / forward time ({label}), {layout}",

@@ -68,27 +68,49 @@ def inv_frequencies(head_dim: int, theta: float = 500_000.0, scaling: RopeScalin
 
 
 def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_A: jax.Array) -> jax.Array:
-  """Rotates each pair (x_2i, x_2i+1) by angle positions[b, t] * inv_freq_i.
+  """Rotates each pair (x_2i, x_2i+1) by angle positions[b, t] * inv_freq_i:
+  `rotate(x, *tables(positions, inv_freq))`.
 
   (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), in float32, cast back
   to x's dtype. Explicit integer positions make packed documents, decode steps and
-  left-padded rows work alike.
+  left-padded rows work alike. A model that rotates several tensors at the same positions
+  (q and k of every layer) computes `tables` once and calls `rotate`.
   """
+  checks.check_array("x_BTHK", x_BTHK, 4, shape="[B, T, H, K]")
+  batch, time, _, head_dim = x_BTHK.shape
+  if inv_freq_A.shape != (head_dim // 2,):
+    raise ValueError(f"inv_freq_A: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_A.shape}")
+  if positions_BT.shape != (batch, time):
+    raise ValueError(f"positions_BT: expected shape {(batch, time)}, got {positions_BT.shape}")
+  return rotate(x_BTHK, *tables(positions_BT, inv_freq_A))
+
+
+def tables(positions_BT: jax.Array, inv_freq_A: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of angle[b, t, i] = positions[b, t] * inv_freq_i, each [B, T, A] float32."""
+  checks.check_array("positions_BT", positions_BT, 2, shape="[B, T]")
+  if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
+    raise TypeError(f"positions_BT: expected integer positions, got {positions_BT.dtype}")
+  checks.check_array("inv_freq_A", inv_freq_A, 1, shape="[A]")
+  angle_BTA = positions_BT.astype(jnp.float32)[..., None] * inv_freq_A
+  return jnp.cos(angle_BTA), jnp.sin(angle_BTA)
+
+
+def rotate(x_BTHK: jax.Array, cos_BTA: jax.Array, sin_BTA: jax.Array) -> jax.Array:
+  """`apply_rope` from precomputed `tables`: pair (x_2i, x_2i+1) of row [b, t] of every head
+  rotated by the angle whose cos and sin are cos_BTA[b, t, i], sin_BTA[b, t, i]."""
   checks.check_array("x_BTHK", x_BTHK, 4, shape="[B, T, H, K]")
   if not jnp.issubdtype(x_BTHK.dtype, jnp.floating):
     raise TypeError(f"x_BTHK: expected a floating dtype, got {x_BTHK.dtype}")
   batch, time, _, head_dim = x_BTHK.shape
   if head_dim % 2:
     raise ValueError(f"x_BTHK: expected an even head dim K (pairs rotate together), got shape {x_BTHK.shape}")
-  if inv_freq_A.shape != (head_dim // 2,):
-    raise ValueError(f"inv_freq_A: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_A.shape}")
-  if positions_BT.shape != (batch, time):
-    raise ValueError(f"positions_BT: expected shape {(batch, time)}, got {positions_BT.shape}")
-  if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
-    raise TypeError(f"positions_BT: expected integer positions, got {positions_BT.dtype}")
-  angle_BTA = positions_BT.astype(jnp.float32)[..., None] * inv_freq_A
-  cos_BT1F, sin_BT1F = jnp.cos(angle_BTA)[:, :, None], jnp.sin(angle_BTA)[:, :, None]
+  want = (batch, time, head_dim // 2)
+  if cos_BTA.shape != want or sin_BTA.shape != want:
+    raise ValueError(
+      f"cos_BTA, sin_BTA: expected shape {want} for x of shape {x_BTHK.shape}, got {cos_BTA.shape}, {sin_BTA.shape}"
+    )
+  cos_BT1A, sin_BT1A = cos_BTA[:, :, None], sin_BTA[:, :, None]
   pairs = x_BTHK.astype(jnp.float32).reshape(*x_BTHK.shape[:-1], head_dim // 2, 2)
   even, odd = pairs[..., 0], pairs[..., 1]
-  rotated = jnp.stack([even * cos_BT1F - odd * sin_BT1F, even * sin_BT1F + odd * cos_BT1F], axis=-1)
+  rotated = jnp.stack([even * cos_BT1A - odd * sin_BT1A, even * sin_BT1A + odd * cos_BT1A], axis=-1)
   return rotated.reshape(x_BTHK.shape).astype(x_BTHK.dtype)

@@ -10,6 +10,12 @@ Prints one JSON line: the median seconds of a forward (the loss), of a forward a
 and of a training step (forward, backward, clip, AdamW), each over `--steps` timed calls after
 two warm-up calls, on random tokens. The model has paperjax's shapes (untied embeddings,
 RoPE theta 500000, eps 1e-5) and runs eagerly in float32 with torch's default threads.
+
+`--gemms FILE` (a JSON list of [lhs shape, rhs shape, lax dimension numbers, count], what
+`bench.llama.training_gemms` traces from paperjax's gradient) adds "gemms_s": the seconds torch
+takes for those GEMMs alone, each as `torch.matmul` of operand views permuted to (batch, free,
+contracted) and (batch, contracted, free), as autograd's mm calls on transposed views: the
+medians of `--steps` calls, times their counts, summed.
 """
 
 import argparse
@@ -25,6 +31,7 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   for name in ("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "batch", "seq", "steps", "seed"):
     ap.add_argument(f"--{name}", type=int, required=True)
+  ap.add_argument("--gemms", help="JSON file of GEMMs to time alone (see the docstring)")
   args = ap.parse_args()
   torch.manual_seed(args.seed)
   cfg = transformers.LlamaConfig(
@@ -63,8 +70,7 @@ def main() -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
-  out = {"params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
-  for name, fn in (("forward_s", forward), ("grad_s", grad), ("step_s", step)):
+  def median_s(fn) -> float:
     fn()
     fn()
     times = []
@@ -72,8 +78,28 @@ def main() -> None:
       start = time.perf_counter()
       fn()
       times.append(time.perf_counter() - start)
-    out[name] = statistics.median(times)
+    return statistics.median(times)
+
+  out = {"params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
+  for name, fn in (("forward_s", forward), ("grad_s", grad), ("step_s", step)):
+    out[name] = median_s(fn)
+  if args.gemms:
+    with open(args.gemms) as f:
+      out["gemms_s"] = sum(count * median_s(_gemm(lhs, rhs, dims)) for lhs, rhs, dims, count in json.load(f))
   print(json.dumps(out))
+
+
+def _gemm(lhs_shape, rhs_shape, dims):
+  """lax.dot_general(lhs, rhs, dims) as torch.matmul of permuted views of random operands."""
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = dims
+  lhs, rhs = torch.randn(*lhs_shape), torch.randn(*rhs_shape)
+  lhs_f = [d for d in range(lhs.ndim) if d not in lhs_c and d not in lhs_b]
+  rhs_f = [d for d in range(rhs.ndim) if d not in rhs_c and d not in rhs_b]
+  size = lambda shape, ds: int(torch.tensor([shape[d] for d in ds], dtype=torch.int64).prod())
+  batch = [lhs_shape[d] for d in lhs_b]
+  a = lhs.permute(*lhs_b, *lhs_f, *lhs_c).reshape(*batch, size(lhs_shape, lhs_f), size(lhs_shape, lhs_c))
+  b = rhs.permute(*rhs_b, *rhs_c, *rhs_f).reshape(*batch, size(rhs_shape, rhs_c), size(rhs_shape, rhs_f))
+  return lambda: torch.matmul(a, b)
 
 
 if __name__ == "__main__":

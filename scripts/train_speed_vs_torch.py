@@ -11,6 +11,11 @@ process (compiled once, `--unroll` chooses the layout), then `scripts/torch_trai
 times the same shapes in a fresh process. Each side's figure is the median over rounds of
 each round's median; the ratio's range is over the rounds. Both sides use the machine's
 cores as their libraries do by default, one side at a time.
+
+"GEMMs alone" is the gradient's matmuls (`bench.llama.training_gemms`: every dot_general of
+paperjax's gradient, traced) timed on their own in each round: by XLA, each as its own jitted
+dot_general, and by torch (`torch_train_speed.py --gemms`), each as `torch.matmul` of
+transposed views; "rest" is the step's time less its GEMMs'.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -53,7 +59,7 @@ def _check_torch_can_build(model) -> None:
     raise ValueError(f"model: the torch side cannot build {wrong}; it builds {expected}")
 
 
-def _torch_round(model, batch: int, seq_len: int) -> dict[str, float]:
+def _torch_round(model, batch: int, seq_len: int, gemms_file: str) -> dict[str, float]:
   shape = dict(
     vocab=model.vocab_size,
     dim=model.dim,
@@ -66,7 +72,7 @@ def _torch_round(model, batch: int, seq_len: int) -> dict[str, float]:
     steps=STEPS.value,
     seed=cli.SEED.value,
   )
-  args = [TORCH_PYTHON.value, str(TORCH_SCRIPT), *(f"--{k}={v}" for k, v in shape.items())]
+  args = [TORCH_PYTHON.value, str(TORCH_SCRIPT), *(f"--{k}={v}" for k, v in shape.items()), f"--gemms={gemms_file}"]
   proc = subprocess.run(args, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f"{TORCH_SCRIPT.name} failed:\n{proc.stderr[-2000:]}")
@@ -80,28 +86,41 @@ def main(argv: list[str]) -> None:
   if ignored:
     raise app.UsageError(f"{ignored}: the benchmarks' flags this script has no use for (it takes --scale and --seed)")
   speed = bench_llama.CONFIGS[cli.SCALE.value].speed
-  print("| model | side | forward ms | grad ms | step ms | tokens/s | paperjax / torch tokens/s (range over rounds) |")
-  print("| --- | --- | --- | --- | --- | --- | --- |")
+  print(
+    "| model | side | forward ms | grad ms | step ms | GEMMs alone ms | rest ms | tokens/s "
+    "| paperjax / torch tokens/s (range over rounds) | torch / paperjax GEMM time (range) |"
+  )
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for base in speed.models:
     _check_torch_can_build(base)
   for base in speed.models:
     model = dataclasses.replace(base, unroll=UNROLL.value)
     programs = bench_llama.training_programs(model, speed.batch, speed.seq_len, cli.SEED.value)
+    gemms = bench_llama.training_gemms(model, speed.batch, speed.seq_len)
     rounds: dict[str, list[dict[str, float]]] = {"paperjax": [], "torch": []}
-    for _ in range(ROUNDS.value):
-      ours = {f"{name}_s": time_fn(fn, repeats=STEPS.value, warmup=2).median_s for name, fn in programs.items()}
-      rounds["paperjax"].append(ours)
-      rounds["torch"].append(_torch_round(model, speed.batch, speed.seq_len))
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as gemms_file:
+      json.dump([[lhs, rhs, dims, count] for (lhs, rhs, dims), count in gemms.items()], gemms_file)
+      gemms_file.flush()
+      for _ in range(ROUNDS.value):
+        ours = {f"{name}_s": time_fn(fn, repeats=STEPS.value, warmup=2).median_s for name, fn in programs.items()}
+        ours["gemms_s"] = bench_llama.time_gemms(gemms, STEPS.value)
+        rounds["paperjax"].append(ours)
+        rounds["torch"].append(_torch_round(model, speed.batch, speed.seq_len, gemms_file.name))
     tokens = speed.batch * speed.seq_len
-    ratios = [t["step_s"] / p["step_s"] for p, t in zip(rounds["paperjax"], rounds["torch"])]
+    spread = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} .. {max(xs):.2f})"
+    pairs = list(zip(rounds["paperjax"], rounds["torch"]))
     label = f"{model.num_params() / 1e6:.1f}M, B={speed.batch}, T={speed.seq_len}"
     for side, runs in rounds.items():
-      med = {key: statistics.median(r[key] for r in runs) for key in ("forward_s", "grad_s", "step_s")}
-      ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f} .. {max(ratios):.2f})" if side == "paperjax" else ""
+      med = {key: statistics.median(r[key] for r in runs) for key in ("forward_s", "grad_s", "step_s", "gemms_s")}
+      ratios = " | "
+      if side == "paperjax":
+        steps, gemm_times = ([t[key] / p[key] for p, t in pairs] for key in ("step_s", "gemms_s"))
+        ratios = f"{spread(steps)} | {spread(gemm_times)}"
       print(
         f"| {label} | {side}{' (unrolled)' if side == 'paperjax' and model.unroll else ''} | "
         f"{med['forward_s'] * 1e3:.0f} | {med['grad_s'] * 1e3:.0f} | {med['step_s'] * 1e3:.0f} | "
-        f"{tokens / med['step_s']:.0f} | {ratio} |",
+        f"{med['gemms_s'] * 1e3:.0f} | {(med['step_s'] - med['gemms_s']) * 1e3:.0f} | "
+        f"{tokens / med['step_s']:.0f} | {ratios} |",
         flush=True,
       )
 

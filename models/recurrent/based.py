@@ -342,7 +342,7 @@ def _blocks(
   positions_BT = jnp.where(real_BT, state.length_B[:, None] + jnp.cumsum(real_BT, axis=1) - 1, -1)
   real_B = real_BT.sum(axis=1)
   keep_BT1 = None if key_mask_BT is None else key_mask_BT[:, :, None]
-  inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta))
+  cos_BTA, sin_BTA = rope.tables(positions_BT, jnp.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_theta)))
   n = cfg.window
   window_positions_BS = state.length_B[:, None] - n + jnp.arange(n)
 
@@ -384,8 +384,8 @@ def _blocks(
 
     with jax.named_scope("window_attention"):
       h = norms.rms_norm(x, pw["norm"], cfg.norm_eps)
-      q = rope.apply_rope(dense(h, pw["wq"]), positions_BT, inv_freq_A)
-      k = rope.apply_rope(dense(h, pw["wk"]), positions_BT, inv_freq_A)
+      q = rope.rotate(dense(h, pw["wq"]), cos_BTA, sin_BTA)
+      k = rope.rotate(dense(h, pw["wk"]), cos_BTA, sin_BTA)
       v = dense(h, pw["wv"])
       keys, values = jnp.concatenate([window_k, k], axis=1), jnp.concatenate([window_v, v], axis=1)  # [B, N + T]
       y = attention.sliding_window_attention(

@@ -480,7 +480,10 @@ def _blocks(
     slots_BS = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (batch, cache.capacity))
     mask_BTS = attention.make_mask(index_BT, slots_BS)
   positions_BT = index_BT if positions_BT is None else positions_BT
-  inv_freq_A = jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
+  # cos/sin once for all layers' q and k (XLA:CPU recomputed them inside every rotation's fusion).
+  cos_BTA, sin_BTA = rope.tables(
+    positions_BT, jnp.asarray(rope.inv_frequencies(cfg.k, cfg.rope_theta, cfg.rope_scaling))
+  )
   constrain = lambda x, *names: sharding.shard(x, names, cfg.axis_rules)
 
   layer_pages = 0 if pool_cache is None else pool_cache.k_pages_GPSK.shape[1] // cfg.n_layers
@@ -496,8 +499,8 @@ def _blocks(
     x_BTD = hook("hook_resid_pre", x_BTD)
     with jax.named_scope("attention"):
       h_BTD = norms.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
-      q_BTHK = rope.apply_rope(dense(h_BTD, p["wq"]), positions_BT, inv_freq_A)
-      k_BTGK = rope.apply_rope(dense(h_BTD, p["wk"]), positions_BT, inv_freq_A)
+      q_BTHK = rope.rotate(dense(h_BTD, p["wq"]), cos_BTA, sin_BTA)
+      k_BTGK = rope.rotate(dense(h_BTD, p["wk"]), cos_BTA, sin_BTA)
       v_BTGK = dense(h_BTD, p["wv"])
       q_BTHK = constrain(q_BTHK, "act_batch", "act_length", "act_heads", None)
       k_BTGK = constrain(k_BTGK, "act_batch", "act_length", "act_kv_heads", None)

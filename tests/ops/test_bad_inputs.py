@@ -272,6 +272,20 @@ CASES = [
     r"x_BTHK: expected a floating dtype",
     id="rope-int-x",
   ),
+  pytest.param(
+    lambda: rope.rotate(
+      np.zeros((1, 2, 1, 4), np.float32), np.ones((1, 3, 2), np.float32), np.ones((1, 3, 2), np.float32)
+    ),
+    ValueError,
+    r"cos_BTA, sin_BTA: expected shape \(1, 2, 2\) for x of shape \(1, 2, 1, 4\), got \(1, 3, 2\)",
+    id="rope-tables-wrong-length",
+  ),
+  pytest.param(
+    lambda: rope.tables(np.zeros((1, 2), np.int32), np.ones((2, 1), np.float32)),
+    ValueError,
+    r"inv_freq_A: expected \[A\]",
+    id="rope-tables-inv-freq-rank",
+  ),
   # ---- norms, mlp, dense ----
   pytest.param(
     lambda: norms.rms_norm(np.zeros((1, 4), np.float32), np.ones(4, np.float32), 0.0),
