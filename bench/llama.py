@@ -449,7 +449,8 @@ Gemm = tuple[tuple[int, ...], tuple[int, ...], tuple]  # lhs shape, rhs shape, l
 def traced_gemms(fn: Callable, *args) -> dict[Gemm, int]:
   """Every dot_general in the jaxpr of fn(*args) (arrays or jax.ShapeDtypeStruct), with how
   many times it runs (a scan body's GEMMs times the scan's length): the matmuls a program
-  does, to time on their own with `time_gemms`."""
+  does, to time on their own with `time_gemms`. Raises on a while loop or a cond, whose
+  counts depend on values."""
   counts: dict[Gemm, int] = {}
 
   def walk(jaxpr, times: int) -> None:
@@ -458,8 +459,8 @@ def traced_gemms(fn: Callable, *args) -> dict[Gemm, int]:
         lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
         key = (lhs, rhs, eqn.params["dimension_numbers"])
         counts[key] = counts.get(key, 0) + times
-      if eqn.primitive.name == "while":
-        raise ValueError(f"fn: a while loop runs its GEMMs an unknown number of times ({eqn.primitive})")
+      if eqn.primitive.name in ("while", "cond"):
+        raise ValueError(f"fn: a {eqn.primitive.name} runs its GEMMs a number of times known only at run time")
       inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
       for param in eqn.params.values():
         for sub in param if isinstance(param, tuple) else (param,):

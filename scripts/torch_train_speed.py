@@ -20,6 +20,7 @@ medians of `--steps` calls, times their counts, summed.
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -95,7 +96,7 @@ def _gemm(lhs_shape, rhs_shape, dims):
   lhs, rhs = torch.randn(*lhs_shape), torch.randn(*rhs_shape)
   lhs_f = [d for d in range(lhs.ndim) if d not in lhs_c and d not in lhs_b]
   rhs_f = [d for d in range(rhs.ndim) if d not in rhs_c and d not in rhs_b]
-  size = lambda shape, ds: int(torch.tensor([shape[d] for d in ds], dtype=torch.int64).prod())
+  size = lambda shape, ds: math.prod(shape[d] for d in ds)
   batch = [lhs_shape[d] for d in lhs_b]
   a = lhs.permute(*lhs_b, *lhs_f, *lhs_c).reshape(*batch, size(lhs_shape, lhs_f), size(lhs_shape, lhs_c))
   b = rhs.permute(*rhs_b, *rhs_c, *rhs_f).reshape(*batch, size(rhs_shape, rhs_c), size(rhs_shape, rhs_f))
