@@ -449,9 +449,17 @@ Gemm = tuple[tuple[int, ...], tuple[int, ...], tuple]  # lhs shape, rhs shape, l
 def traced_gemms(fn: Callable, *args) -> dict[Gemm, int]:
   """Every dot_general in the jaxpr of fn(*args) (arrays or jax.ShapeDtypeStruct), with how
   many times it runs (a scan body's GEMMs times the scan's length): the matmuls a program
-  does, to time on their own with `time_gemms`. Raises on a while loop or a cond, whose
-  counts depend on values."""
+  does, to time on their own with `time_gemms`. Raises on a while loop or a cond with GEMMs
+  inside, whose counts depend on values; a shard_map body counts once, not once per shard."""
   counts: dict[Gemm, int] = {}
+
+  def subjaxprs(eqn):
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield sub.jaxpr
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield sub
 
   def walk(jaxpr, times: int) -> None:
     for eqn in jaxpr.eqns:
@@ -459,15 +467,12 @@ def traced_gemms(fn: Callable, *args) -> dict[Gemm, int]:
         lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
         key = (lhs, rhs, eqn.params["dimension_numbers"])
         counts[key] = counts.get(key, 0) + times
-      if eqn.primitive.name in ("while", "cond"):
-        raise ValueError(f"fn: a {eqn.primitive.name} runs its GEMMs a number of times known only at run time")
       inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, tuple) else (param,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            walk(sub.jaxpr, inner)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            walk(sub, inner)
+      for sub in subjaxprs(eqn):
+        before = sum(counts.values())
+        walk(sub, inner)
+        if eqn.primitive.name in ("while", "cond") and sum(counts.values()) > before:
+          raise ValueError(f"fn: a {eqn.primitive.name} runs its GEMMs a number of times known only at run time")
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
   return counts

@@ -76,8 +76,7 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq_A: jax.Array
   left-padded rows work alike. A model that rotates several tensors at the same positions
   (q and k of every layer) computes `tables` once and calls `rotate`.
   """
-  checks.check_array("x_BTHK", x_BTHK, 4, shape="[B, T, H, K]")
-  batch, time, _, head_dim = x_BTHK.shape
+  batch, time, head_dim = _check_x(x_BTHK)
   if inv_freq_A.shape != (head_dim // 2,):
     raise ValueError(f"inv_freq_A: expected shape ({head_dim // 2},) for K={head_dim}, got {inv_freq_A.shape}")
   if positions_BT.shape != (batch, time):
@@ -98,12 +97,11 @@ def tables(positions_BT: jax.Array, inv_freq_A: jax.Array) -> tuple[jax.Array, j
 def rotate(x_BTHK: jax.Array, cos_BTA: jax.Array, sin_BTA: jax.Array) -> jax.Array:
   """`apply_rope` from precomputed `tables`: pair (x_2i, x_2i+1) of row [b, t] of every head
   rotated by the angle whose cos and sin are cos_BTA[b, t, i], sin_BTA[b, t, i]."""
-  checks.check_array("x_BTHK", x_BTHK, 4, shape="[B, T, H, K]")
-  if not jnp.issubdtype(x_BTHK.dtype, jnp.floating):
-    raise TypeError(f"x_BTHK: expected a floating dtype, got {x_BTHK.dtype}")
-  batch, time, _, head_dim = x_BTHK.shape
-  if head_dim % 2:
-    raise ValueError(f"x_BTHK: expected an even head dim K (pairs rotate together), got shape {x_BTHK.shape}")
+  batch, time, head_dim = _check_x(x_BTHK)
+  for name, table in (("cos_BTA", cos_BTA), ("sin_BTA", sin_BTA)):
+    checks.check_array(name, table, 3, shape="[B, T, A]")
+    if not jnp.issubdtype(table.dtype, jnp.floating):
+      raise TypeError(f"{name}: expected a floating dtype (rope.tables), got {table.dtype}")
   want = (batch, time, head_dim // 2)
   if cos_BTA.shape != want or sin_BTA.shape != want:
     raise ValueError(
@@ -114,3 +112,14 @@ def rotate(x_BTHK: jax.Array, cos_BTA: jax.Array, sin_BTA: jax.Array) -> jax.Arr
   even, odd = pairs[..., 0], pairs[..., 1]
   rotated = jnp.stack([even * cos_BT1A - odd * sin_BT1A, even * sin_BT1A + odd * cos_BT1A], axis=-1)
   return rotated.reshape(x_BTHK.shape).astype(x_BTHK.dtype)
+
+
+def _check_x(x_BTHK: jax.Array) -> tuple[int, int, int]:
+  """x's rank, floating dtype and even head dim; returns B, T, K."""
+  checks.check_array("x_BTHK", x_BTHK, 4, shape="[B, T, H, K]")
+  if not jnp.issubdtype(x_BTHK.dtype, jnp.floating):
+    raise TypeError(f"x_BTHK: expected a floating dtype, got {x_BTHK.dtype}")
+  batch, time, _, head_dim = x_BTHK.shape
+  if head_dim % 2:
+    raise ValueError(f"x_BTHK: expected an even head dim K (pairs rotate together), got shape {x_BTHK.shape}")
+  return batch, time, head_dim

@@ -62,5 +62,6 @@ def test_traced_gemms_refuse_loops_and_branches_of_unknown_count():
   x = np.eye(2, dtype=np.float32)
   with pytest.raises(ValueError, match="a cond runs its GEMMs"):
     bench_llama.traced_gemms(lambda x: jax.lax.cond(x.sum() > 0, lambda: x @ x, lambda: x), x)
+  assert bench_llama.traced_gemms(lambda x: jax.lax.cond(x.sum() > 0, lambda: x + 1, lambda: x), x) == {}
   with pytest.raises(ValueError, match="a while runs its GEMMs"):
     bench_llama.traced_gemms(lambda x: jax.lax.while_loop(lambda c: c.sum() < 9, lambda c: c @ c, x), x)

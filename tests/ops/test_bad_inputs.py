@@ -281,6 +281,18 @@ CASES = [
     id="rope-tables-wrong-length",
   ),
   pytest.param(
+    lambda: rope.rotate(np.zeros((1, 2, 1, 4), np.float32), np.ones((1, 2, 2), np.int32), np.ones((1, 2, 2), np.int32)),
+    TypeError,
+    r"cos_BTA: expected a floating dtype \(rope.tables\), got int32",
+    id="rope-tables-int",
+  ),
+  pytest.param(
+    lambda: rope.apply_rope(np.zeros((1, 2, 1, 5), np.float32), np.zeros((1, 2), np.int32), np.ones(3, np.float32)),
+    ValueError,
+    r"x_BTHK: expected an even head dim K",
+    id="rope-odd-head-dim",
+  ),
+  pytest.param(
     lambda: rope.tables(np.zeros((1, 2), np.int32), np.ones((2, 1), np.float32)),
     ValueError,
     r"inv_freq_A: expected \[A\]",
