@@ -62,6 +62,14 @@ class Settings:
   selected: tuple[str, ...]  # the benchmarks to run, in order
 
 
+def refuse_unused(names: Sequence[str], script: str) -> None:
+  """A usage error naming those of the benchmarks' flags `names` given on the command line: a
+  script that imports `bench` has them defined but does not read them."""
+  given = [f"--{name}" for name in names if flags.FLAGS[name].present]
+  if given:
+    raise app.UsageError(f"{given}: the benchmarks' flags {script} has no use for")
+
+
 def check_flags(runs: Mapping[str, Benchmark]) -> Settings:
   """Checks every shared flag against `runs` (the benchmarks this binary can run); raises
   `app.UsageError` naming the flag, the expectation and the value. Starts no work: it

@@ -478,13 +478,21 @@ def traced_gemms(fn: Callable, *args) -> dict[Gemm, int]:
   return counts
 
 
-def time_gemms(gemms: dict[Gemm, int], repeats: int) -> float:
-  """Seconds to run each GEMM of `gemms` as many times as it counts: every distinct one as
-  its own jitted float32 dot_general, its median over `repeats` calls times its count."""
+def jitted_dot(**jit_options) -> Callable:
+  """jax.lax.dot_general jitted with its dimension numbers static (`time_gemms`'s `dot`);
+  `jit_options` go to jax.jit (e.g. compiler_options=)."""
+  return jax.jit(jax.lax.dot_general, static_argnames=("dimension_numbers", "precision"), **jit_options)
+
+
+def time_gemms(gemms: dict[Gemm, int], repeats: int, dot: Callable | None = None) -> float:
+  """Seconds to run each GEMM of `gemms` as many times as it counts: every distinct one alone
+  through `dot` (default `jitted_dot()`; pass one to reuse its compiled programs), float32
+  operands, its median over `repeats` calls times its count."""
+  dot = jitted_dot() if dot is None else dot
   total = 0.0
   for (lhs, rhs, dims), count in gemms.items():
-    dot = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=dims))
-    total += count * time_fn(dot, jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32), repeats=repeats).median_s
+    operands = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
+    total += count * time_fn(dot, *operands, dimension_numbers=dims, repeats=repeats).median_s
   return total
 
 
@@ -504,12 +512,12 @@ def _train_speed(ctx: Context, speed: Speed):
   records = [ctx.record(f"float32 GEMM {speed.gemm}^3 (the MFU peak)", peak / 1e9, "GFLOP/s")]
   for base in speed.models:
     label = f"{base.num_params() / 1e6:.1f}M params, B={speed.batch}, T={speed.seq_len}"
+    gemms_s = time_gemms(training_gemms(base, speed.batch, speed.seq_len), ctx.repeats)  # the same for both layouts
     for unroll in (False, True):
       model = dataclasses.replace(base, unroll=unroll)
       programs = training_programs(model, speed.batch, speed.seq_len, ctx.seed)
       times = {name: time_fn(fn, repeats=ctx.repeats).median_s for name, fn in programs.items()}
       tokens_per_s = speed.batch * speed.seq_len / times["step"]
-      gemms_s = time_gemms(training_gemms(model, speed.batch, speed.seq_len), ctx.repeats)
       layout = "unrolled" if unroll else "scanned"
       records += [
         ctx.record(f"the step's GEMMs alone / the step ({label}), {layout}", gemms_s / times["step"], "fraction"),

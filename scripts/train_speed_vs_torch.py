@@ -82,9 +82,7 @@ def _torch_round(model, batch: int, seq_len: int, gemms_file: str) -> dict[str, 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  ignored = [f"--{name}" for name in ("out", "only", "repeats") if flags.FLAGS[name].present]
-  if ignored:
-    raise app.UsageError(f"{ignored}: the benchmarks' flags this script has no use for (it takes --scale and --seed)")
+  cli.refuse_unused(("out", "only", "repeats"), "this script (it takes --scale and --seed)")
   speed = bench_llama.CONFIGS[cli.SCALE.value].speed
   print(
     "| model | side | forward ms | grad ms | step ms | GEMMs alone ms | rest ms | tokens/s "
@@ -96,14 +94,14 @@ def main(argv: list[str]) -> None:
   for base in speed.models:
     model = dataclasses.replace(base, unroll=UNROLL.value)
     programs = bench_llama.training_programs(model, speed.batch, speed.seq_len, cli.SEED.value)
-    gemms = bench_llama.training_gemms(model, speed.batch, speed.seq_len)
+    gemms, dot = bench_llama.training_gemms(model, speed.batch, speed.seq_len), bench_llama.jitted_dot()
     rounds: dict[str, list[dict[str, float]]] = {"paperjax": [], "torch": []}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as gemms_file:
       json.dump([[lhs, rhs, dims, count] for (lhs, rhs, dims), count in gemms.items()], gemms_file)
       gemms_file.flush()
       for _ in range(ROUNDS.value):
         ours = {f"{name}_s": time_fn(fn, repeats=STEPS.value, warmup=2).median_s for name, fn in programs.items()}
-        ours["gemms_s"] = bench_llama.time_gemms(gemms, STEPS.value)
+        ours["gemms_s"] = bench_llama.time_gemms(gemms, STEPS.value, dot)
         rounds["paperjax"].append(ours)
         rounds["torch"].append(_torch_round(model, speed.batch, speed.seq_len, gemms_file.name))
     tokens = speed.batch * speed.seq_len

@@ -480,3 +480,14 @@ def test_check_out_takes_folders_and_leaves_no_trace(tmp_path):
   assert report.check_out(tmp_path / "existing") == tmp_path / "existing"
   assert report.check_out(tmp_path / "a" / "b") == tmp_path / "a" / "b"
   assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
+
+
+def test_scripts_refuse_the_benchmark_flags_they_do_not_read():
+  """`cli.refuse_unused` names the given flags among those a script does not read, and no others."""
+  try:
+    flags.FLAGS(["script", "--out=/tmp/unused", "--seed=1"])
+    with pytest.raises(app.UsageError, match=r"\['--seed', '--out'\]: the benchmarks' flags my script has no use for"):
+      cli.refuse_unused(("scale", "seed", "out"), "my script")
+    cli.refuse_unused(("scale", "only", "repeats"), "my script")  # none of these given
+  finally:
+    flags.FLAGS.unparse_flags()
